@@ -1,0 +1,1 @@
+"""gridtrade: peer-to-peer energy trading for micro-grids, settled on Ethereum."""

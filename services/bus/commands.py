@@ -1,0 +1,348 @@
+"""Requests and their replies (request/reply over DEALER -> ROUTER), defined once.
+
+A request class names its reply model in ``Reply``. On the wire a request is
+``{"v", "type", "cmd_id", "body"}``; the client chooses ``cmd_id`` and the server runs a
+command id at most once, answering a retry with the stored reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer
+
+from .envelope import PROTOCOL_MAJOR, cause_of, tagged_union
+from .errors import DecodeError
+from .events import Address, Id, Message, Name, TxStatus, Wei, Wh
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Ok(Reply):
+    ok: bool = True
+
+
+class Request(Message):
+    Reply: ClassVar[type[Reply]] = Ok
+    READ_ONLY: ClassVar[bool] = False
+    """Queries are not remembered by command id: they change nothing."""
+
+
+REQUESTS: dict[str, type[Request]] = {}
+
+
+def request(cls: type[Request]) -> type[Request]:
+    if cls.TYPE in REQUESTS:
+        raise TypeError(f"request type {cls.TYPE!r} defined twice")
+    REQUESTS[cls.TYPE] = cls
+    return cls
+
+
+# --- any service ----------------------------------------------------------------------
+
+
+class Pong(Reply):
+    node: str
+    uptime_s: float
+
+
+@request
+class Ping(Request):
+    TYPE: ClassVar[str] = "ping"
+    Reply: ClassVar[type[Reply]] = Pong
+    READ_ONLY: ClassVar[bool] = True
+
+
+# --- chain ----------------------------------------------------------------------------
+
+
+class AccountInfo(Reply):
+    address: Address
+    name: str = ""
+    site: str = ""
+    unlocked: bool = False
+
+
+class Accounts(Reply):
+    accounts: list[AccountInfo]
+
+
+@request
+class ListAccounts(Request):
+    TYPE: ClassVar[str] = "chain.accounts"
+    Reply: ClassVar[type[Reply]] = Accounts
+    READ_ONLY: ClassVar[bool] = True
+
+
+class Unlocked(Reply):
+    address: Address
+    expires_at: float
+
+
+@request
+class Unlock(Request):
+    """Unlock an account's keystore for a session. The passphrase is never logged or stored."""
+
+    TYPE: ClassVar[str] = "chain.unlock"
+    Reply: ClassVar[type[Reply]] = Unlocked
+    READ_ONLY: ClassVar[bool] = True  # never remember a reply to a passphrase
+    address: Address
+    passphrase: SecretStr = Field(min_length=1, max_length=1024)
+    ttl_s: float = Field(default=3600, gt=0, le=7 * 86400)
+
+    @field_serializer("passphrase", when_used="json")
+    def _reveal_on_the_wire(self, v: SecretStr) -> str:
+        return v.get_secret_value()
+
+
+@request
+class Lock(Request):
+    TYPE: ClassVar[str] = "chain.lock"
+    address: Address
+
+
+class Balances(Reply):
+    address: Address
+    ether_wei: Wei
+    escrow_free_wei: Wei = 0
+    escrow_locked_wei: Wei = 0
+    credit_wei: Wei = Field(default=0, description="paid to this seller, not yet withdrawn")
+    tokens_wh: Wh = 0
+    tokens_locked_wh: Wh = 0
+    generated_wh: Wh = 0
+
+
+@request
+class GetBalances(Request):
+    TYPE: ClassVar[str] = "chain.balances"
+    Reply: ClassVar[type[Reply]] = Balances
+    READ_ONLY: ClassVar[bool] = True
+    address: Address
+
+
+class TxSent(Reply):
+    tx_hash: str
+
+
+@request
+class Transfer(Request):
+    TYPE: ClassVar[str] = "chain.transfer"
+    Reply: ClassVar[type[Reply]] = TxSent
+    sender: Address
+    to: Address
+    amount_wei: Wei = Field(gt=0)
+
+
+@request
+class Escrow(Request):
+    TYPE: ClassVar[str] = "chain.escrow"
+    Reply: ClassVar[type[Reply]] = TxSent
+    account: Address
+    action: Literal["deposit", "withdraw", "withdraw_credit"]
+    amount_wei: Wei = Field(gt=0)
+
+
+@request
+class Approve(Request):
+    """Let the market contract lock this many Wh of the seller's tokens."""
+
+    TYPE: ClassVar[str] = "chain.approve"
+    Reply: ClassVar[type[Reply]] = TxSent
+    account: Address
+    wh: Wh
+
+
+class Mining(Reply):
+    mining: bool
+    supported: bool
+    detail: str = ""
+
+
+@request
+class SetMining(Request):
+    TYPE: ClassVar[str] = "chain.mining"
+    Reply: ClassVar[type[Reply]] = Mining
+    action: Literal["start", "stop", "status"]
+
+
+class TxInfo(Reply):
+    tx_hash: str
+    kind: str
+    ref: str = ""
+    account: Address
+    status: TxStatus
+    reason: str = ""
+
+
+class Pending(Reply):
+    txs: list[TxInfo]
+
+
+@request
+class ListPending(Request):
+    TYPE: ClassVar[str] = "chain.pending"
+    Reply: ClassVar[type[Reply]] = Pending
+    READ_ONLY: ClassVar[bool] = True
+    account: Address | None = None
+
+
+# --- auction --------------------------------------------------------------------------
+
+
+class OfferView(Reply):
+    offer_id: Id
+    market: Literal["english", "double"] = "english"
+    seller: Address
+    seller_site: Name
+    wh: Wh
+    start_price_wei_per_kwh: Wei
+    opened_at: float
+    ends_at: float
+    state: Literal["open", "sold", "expired", "cancelled", "filled"]
+    highest_bid_wei_per_kwh: Wei | None = None
+    highest_bidder: Address | None = None
+    bids: int = 0
+
+
+class OfferPlaced(Reply):
+    offer_id: Id
+    ends_at: float
+
+
+@request
+class PlaceOffer(Request):
+    TYPE: ClassVar[str] = "auction.offer"
+    Reply: ClassVar[type[Reply]] = OfferPlaced
+    seller: Address
+    seller_site: Name
+    wh: Wh = Field(gt=0, le=10**9)
+    start_price_wei_per_kwh: Wei = Field(gt=0)
+    duration_s: float = Field(gt=0, le=7 * 86400)
+
+
+class BidAccepted(Reply):
+    bid_id: Id
+
+
+@request
+class PlaceBid(Request):
+    TYPE: ClassVar[str] = "auction.bid"
+    Reply: ClassVar[type[Reply]] = BidAccepted
+    offer_id: Id
+    buyer: Address
+    buyer_site: Name
+    price_wei_per_kwh: Wei = Field(gt=0)
+
+
+@request
+class CancelOffer(Request):
+    TYPE: ClassVar[str] = "auction.cancel"
+    offer_id: Id
+    seller: Address
+
+
+@request
+class CloseTrade(Request):
+    """Close Connection: the buyer (or the operator) ends a live trade."""
+
+    TYPE: ClassVar[str] = "auction.close"
+    trade_id: Id
+    by: Address
+
+
+class Offers(Reply):
+    offers: list[OfferView]
+
+
+@request
+class ListOffers(Request):
+    TYPE: ClassVar[str] = "auction.offers"
+    Reply: ClassVar[type[Reply]] = Offers
+    READ_ONLY: ClassVar[bool] = True
+    include_closed: bool = False
+
+
+class TradeView(Reply):
+    trade_id: Id
+    offer_id: Id
+    seller: Address
+    buyer: Address
+    seller_site: Name
+    buyer_site: Name
+    wh: Wh
+    price_wei_per_kwh: Wei
+    state: str
+    delivered_wh: Wh = 0
+    paid_wei: Wei = 0
+
+
+class Trades(Reply):
+    trades: list[TradeView]
+
+
+@request
+class ListTrades(Request):
+    TYPE: ClassVar[str] = "auction.trades"
+    Reply: ClassVar[type[Reply]] = Trades
+    READ_ONLY: ClassVar[bool] = True
+    account: Address | None = None
+
+
+class OrderPlaced(Reply):
+    order_id: Id
+
+
+@request
+class PlaceOrder(Request):
+    """An order for the double auction (pay-as-clear call market)."""
+
+    TYPE: ClassVar[str] = "auction.order"
+    Reply: ClassVar[type[Reply]] = OrderPlaced
+    side: Literal["sell", "buy"]
+    account: Address
+    site: Name
+    wh: Wh = Field(gt=0, le=10**9)
+    limit_price_wei_per_kwh: Wei = Field(gt=0)
+
+
+# --- wire -----------------------------------------------------------------------------
+
+
+class RequestEnvelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: int = PROTOCOL_MAJOR
+    type: str
+    cmd_id: str = Field(min_length=1, max_length=128)
+    body: Request
+
+
+REQUEST, _REQ_BY_TYPE = tagged_union(RequestEnvelope, REQUESTS)
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ReplyEnvelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cmd_id: str
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+def wrap(req: Request, cmd_id: str) -> RequestEnvelope:
+    return _REQ_BY_TYPE[req.TYPE](type=req.TYPE, cmd_id=cmd_id, body=req)
+
+
+def decode_request(data: bytes) -> RequestEnvelope:
+    try:
+        env: RequestEnvelope = REQUEST.validate_json(data)
+    except ValidationError as err:
+        raise DecodeError(cause_of(err), str(err.errors(include_url=False, include_input=False)[:3])) from None
+    if env.v > PROTOCOL_MAJOR:
+        raise DecodeError("version", f"newer major version {env.v}")
+    return env

@@ -1,0 +1,127 @@
+"""The wire: ``[topic, envelope]`` frames, encoded and decoded through one TypeAdapter.
+
+The envelope is JSON: ``v`` (the protocol's major version, separate from the package's),
+``type``, ``id``, ``source`` (``site/service``), ``seq`` (strictly increasing per topic
+of a source, surviving restarts), ``ts`` and ``body``. The topic is ``type.site`` so
+subscribers filter by prefix.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
+
+from .errors import DecodeError
+from .events import EVENTS, Message
+
+PROTOCOL_MAJOR = 1
+
+
+class Envelope(BaseModel):
+    """One event with its metadata. ``body`` is the typed event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: int = PROTOCOL_MAJOR
+    type: str
+    id: str = Field(min_length=1, max_length=64)
+    source: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}/[a-z0-9][a-z0-9_.-]{0,62}$")
+    seq: int = Field(ge=1)
+    ts: float
+    body: Message
+
+    @field_validator("v")
+    @classmethod
+    def _known_major(cls, v: int) -> int:
+        if v > PROTOCOL_MAJOR:
+            raise ValueError(f"newer major version {v} (this decoder speaks {PROTOCOL_MAJOR})")
+        if v < 1:
+            raise ValueError(f"unknown version {v}")
+        return v
+
+    @property
+    def site(self) -> str:
+        return self.source.split("/", 1)[0]
+
+    @property
+    def topic(self) -> str:
+        return topic_of(self.type, self.site)
+
+
+def topic_of(type_: str, site: str) -> str:
+    return f"{type_}.{site}"
+
+
+def tagged_union(base: type[BaseModel], bodies: dict[str, type[Message]]) -> tuple[TypeAdapter[Any], dict[str, Any]]:
+    """One envelope class per body type (``type`` a Literal, ``body`` the model) and the
+    discriminated-union adapter over them: the one place a wire union is built."""
+    classes = {
+        name: create_model(  # type: ignore[call-overload]
+            f"{cls.__name__}{base.__name__}", __base__=base,
+            type=(Literal[name], ...), body=(cls, ...),  # type: ignore[valid-type]
+        )
+        for name, cls in bodies.items()
+    }
+    union = Annotated[Union[tuple(classes.values())], Field(discriminator="type")]  # type: ignore[valid-type]
+    return TypeAdapter(union), classes
+
+
+ENVELOPE, _BY_TYPE = tagged_union(Envelope, EVENTS)
+"""The one adapter every subscriber decodes through."""
+
+
+def make(body: Message, *, source: str, seq: int, ts: float | None = None, id: str | None = None) -> Envelope:
+    """Wrap an event body in its envelope."""
+    cls = _BY_TYPE[body.TYPE]
+    return cls(type=body.TYPE, id=id or uuid.uuid4().hex, source=source, seq=seq,
+               ts=time.time() if ts is None else ts, body=body)
+
+
+def encode(env: Envelope) -> list[bytes]:
+    return [env.topic.encode(), env.model_dump_json().encode()]
+
+
+def cause_of(err: ValidationError) -> str:
+    for e in err.errors():
+        if e["type"] == "json_invalid" or e["type"] == "json_type" or e["type"] == "model_type" and not e["loc"]:
+            return "garbage"
+        if e["type"] in ("union_tag_invalid",):
+            return "unknown_type"
+        if e["type"] == "union_tag_not_found":
+            return "invalid"
+        if e["loc"] and e["loc"][-1] == "v" and "newer major" in e["msg"]:
+            return "version"
+    return "invalid"
+
+
+def decode_json(data: bytes | str) -> Envelope:
+    """Decode an envelope, or raise :class:`DecodeError` with a countable cause."""
+    try:
+        return ENVELOPE.validate_json(data)
+    except ValidationError as err:
+        raise DecodeError(cause_of(err), str(err.errors(include_url=False, include_input=False)[:2])) from None
+
+
+def decode(frames: list[bytes]) -> Envelope:
+    """Decode ``[topic, envelope]``; the topic must be the envelope's own."""
+    if len(frames) != 2:
+        raise DecodeError("frames", f"expected 2 frames, got {len(frames)}")
+    env = decode_json(frames[1])
+    if frames[0] != env.topic.encode():
+        raise DecodeError("topic", f"topic {frames[0][:80]!r} does not match {env.topic!r}")
+    return env
+
+
+def parse_body(type_: str, body: Any) -> Message:
+    """Validate a body given as JSON text or a dict for ``type_`` (``gridtrade bus publish``)."""
+    cls = EVENTS.get(type_)
+    if cls is None:
+        raise DecodeError("unknown_type", f"no event type {type_!r}; known: {', '.join(sorted(EVENTS))}")
+    try:
+        if isinstance(body, (str, bytes)):
+            return cls.model_validate_json(body)
+        return cls.model_validate(body)
+    except ValidationError as err:
+        raise DecodeError("invalid", str(err.errors(include_url=False))) from None

@@ -1,0 +1,40 @@
+"""One root exception for the project; each package subclasses it."""
+
+from __future__ import annotations
+
+
+class GridtradeError(Exception):
+    """Root of every error gridtrade raises on purpose."""
+
+
+class BusError(GridtradeError, RuntimeError):
+    """The bus could not do what was asked (socket, store, configuration)."""
+
+
+class DecodeError(GridtradeError, ValueError):
+    """A frame could not be decoded into a known message.
+
+    ``cause`` is a short, stable word used to count drops: ``garbage``, ``frames``,
+    ``version``, ``unknown_type``, ``invalid``, ``topic``.
+    """
+
+    def __init__(self, cause: str, detail: str = "") -> None:
+        super().__init__(f"{cause}: {detail}" if detail else cause)
+        self.cause = cause
+        self.detail = detail
+
+
+class RequestError(GridtradeError, RuntimeError):
+    """A request was answered with an error (``code`` is stable, ``message`` is for people)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RequestTimeout(RequestError, TimeoutError):
+    """No reply came within the request's timeout."""
+
+    def __init__(self, message: str = "no reply in time") -> None:
+        super().__init__("timeout", message)

@@ -1,0 +1,293 @@
+"""Every event on the bus, defined once and imported by producer and consumer alike.
+
+An event class is a pydantic model of the event's body with a ``TYPE`` class variable;
+``@event`` registers it, and :mod:`services.bus.envelope` builds the one discriminated
+union (keyed on the envelope's ``type``) that every subscriber decodes through.
+
+Units: energy in integer Wh, Ether in integer wei, prices in wei per kWh, times in Unix
+seconds, accounts as 0x-prefixed checksummed or lowercase hex addresses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _address(value: str) -> str:
+    if not _ADDRESS.match(value):
+        raise ValueError("not a 20-byte hex address (0x followed by 40 hex digits)")
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("names are 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+"""An Ethereum account address."""
+Name = Annotated[str, AfterValidator(_name)]
+"""A site, meter or service name: safe in topics, file names and URLs."""
+Wei = Annotated[int, Field(ge=0, lt=2**256)]
+Wh = Annotated[int, Field(ge=0, lt=2**63)]
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Message(BaseModel):
+    """Base of every bus body: strict about unknown fields, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    TYPE: ClassVar[str]
+
+
+EVENTS: dict[str, type[Message]] = {}
+
+
+def event(cls: type[Message]) -> type[Message]:
+    """Register an event class under its ``TYPE``."""
+    if cls.TYPE in EVENTS:
+        raise TypeError(f"event type {cls.TYPE!r} defined twice")
+    EVENTS[cls.TYPE] = cls
+    return cls
+
+
+# --- the bus itself -------------------------------------------------------------------
+
+
+@event
+class Heartbeat(Message):
+    """A publisher's pulse: the last seq of each of its topics and where to replay them."""
+
+    TYPE: ClassVar[str] = "bus.heartbeat"
+    node: str
+    replay: str
+    site: Name
+    last: dict[str, int]
+
+
+# --- meters ---------------------------------------------------------------------------
+
+Role = Literal["producer", "consumer"]
+
+
+@event
+class MeterReading(Message):
+    """One sample of a meter's counters."""
+
+    TYPE: ClassVar[str] = "meter.reading"
+    site: Name
+    meter: Name
+    role: Role
+    energy_wh: Wh = Field(description="cumulative energy counter")
+    power_w: float
+    voltage_v: float
+    current_a: float
+    relay_closed: bool
+    soc: float | None = Field(default=None, ge=0, le=1, description="battery state of charge")
+    load_w: float | None = Field(default=None, description="consumption at the site, if known")
+    pv_w: float | None = Field(default=None, description="PV generation at the site, if known")
+
+
+@event
+class EnergyProduced(Message):
+    """A whole kWh went into the producer's batteries: mint one token for it, once."""
+
+    TYPE: ClassVar[str] = "meter.energy_produced"
+    reading_id: Id = Field(description="stable id: '<site>/<meter>/<kwh_index>'")
+    site: Name
+    meter: Name
+    account: Address
+    kwh_index: int = Field(ge=0)
+    wh: Wh = 1000
+
+
+@event
+class RelayChanged(Message):
+    TYPE: ClassVar[str] = "meter.relay"
+    site: Name
+    meter: Name
+    closed: bool
+    trade_id: Id | None = None
+    reason: str = ""
+
+
+@event
+class Delivery(Message):
+    """Wh measured at a meter since the trade started (cumulative)."""
+
+    TYPE: ClassVar[str] = "meter.delivery"
+    trade_id: Id
+    site: Name
+    meter: Name
+    role: Role
+    delivered_wh: Wh
+
+
+@event
+class DeliveryMismatch(Message):
+    TYPE: ClassVar[str] = "meter.mismatch"
+    trade_id: Id
+    buyer_wh: Wh
+    seller_wh: Wh
+    tolerance: float
+
+
+# --- market ---------------------------------------------------------------------------
+
+
+@event
+class OfferOpened(Message):
+    TYPE: ClassVar[str] = "market.offer_opened"
+    offer_id: Id
+    market: Literal["english", "double"] = "english"
+    seller: Address
+    seller_site: Name
+    wh: Wh
+    start_price_wei_per_kwh: Wei
+    opened_at: float
+    ends_at: float
+
+
+@event
+class BidPlaced(Message):
+    TYPE: ClassVar[str] = "market.bid_placed"
+    offer_id: Id
+    bid_id: Id
+    buyer: Address
+    buyer_site: Name
+    price_wei_per_kwh: Wei
+    wh: Wh | None = None
+    placed_at: float
+
+
+@event
+class OfferClosed(Message):
+    TYPE: ClassVar[str] = "market.offer_closed"
+    offer_id: Id
+    outcome: Literal["sold", "expired", "cancelled", "filled"]
+    winner: Address | None = None
+    price_wei_per_kwh: Wei | None = None
+
+
+@event
+class MarketCleared(Message):
+    """One call of the double auction: one price, the fills it made."""
+
+    TYPE: ClassVar[str] = "market.cleared"
+    round: int = Field(ge=0)
+    price_wei_per_kwh: Wei | None
+    volume_wh: Wh
+    trade_ids: list[Id] = Field(default_factory=list)
+
+
+# --- trades ---------------------------------------------------------------------------
+
+TradeState = Literal["agreed", "recorded", "delivering", "fulfilled", "closed", "settled", "failed"]
+
+
+@event
+class TradeAgreed(Message):
+    TYPE: ClassVar[str] = "trade.agreed"
+    trade_id: Id
+    offer_id: Id
+    seller: Address
+    buyer: Address
+    seller_site: Name
+    buyer_site: Name
+    wh: Wh
+    price_wei_per_kwh: Wei
+
+
+@event
+class TradeStatus(Message):
+    """A step of the trade lifecycle (see DESIGN section 4)."""
+
+    TYPE: ClassVar[str] = "trade.status"
+    trade_id: Id
+    state: TradeState
+    seller: Address
+    buyer: Address
+    seller_site: Name
+    buyer_site: Name
+    wh: Wh
+    price_wei_per_kwh: Wei
+    delivered_wh: Wh = 0
+    reason: str = ""
+
+
+@event
+class TradeHeartbeat(Message):
+    """The trades that are live right now; meters keep relays closed only while they hear it."""
+
+    TYPE: ClassVar[str] = "trade.heartbeat"
+    live: list[Id]
+    sites: dict[Id, list[Name]] = Field(default_factory=dict)
+
+
+# --- chain ----------------------------------------------------------------------------
+
+TxStatus = Literal["pending", "confirmed", "failed"]
+
+
+@event
+class TxUpdate(Message):
+    """A transaction the chain service sent, from hash to receipt."""
+
+    TYPE: ClassVar[str] = "chain.tx"
+    tx_hash: str
+    kind: str = Field(description="mint, open, settle, close, transfer, deposit, withdraw, approve")
+    ref: str = Field(default="", description="what it is for: reading id, trade id, ...")
+    account: Address
+    status: TxStatus
+    block: int | None = None
+    reason: str = ""
+
+
+@event
+class Minted(Message):
+    TYPE: ClassVar[str] = "chain.minted"
+    reading_id: Id
+    account: Address
+    wh: Wh
+    tx_hash: str
+
+
+@event
+class TradeRecorded(Message):
+    """The trade is in the market contract: funds and tokens are locked."""
+
+    TYPE: ClassVar[str] = "chain.trade_recorded"
+    trade_id: Id
+    tx_hash: str
+
+
+@event
+class Settled(Message):
+    TYPE: ClassVar[str] = "chain.settled"
+    trade_id: Id
+    delivered_wh: Wh
+    paid_wei: Wei = Field(description="cumulative paid to the seller for this trade")
+    tx_hash: str
+
+
+@event
+class TradeClosedOnChain(Message):
+    TYPE: ClassVar[str] = "chain.trade_closed"
+    trade_id: Id
+    delivered_wh: Wh
+    paid_wei: Wei
+    refunded_wei: Wei
+    tx_hash: str
+
+
+@event
+class MiningChanged(Message):
+    TYPE: ClassVar[str] = "chain.mining"
+    mining: bool
