@@ -1,0 +1,165 @@
+"""The trade lifecycle as a state machine (pure, no I/O).
+
+::
+
+    agreed ──TradeRecorded──▶ recorded ──(at once)──▶ delivering ──delivered ≥ wh──▶ fulfilled ─┐
+      │                          │                       │                                     ├─TradeClosedOnChain─▶ settled
+      └──────────── CloseTrade (buyer or operator) ──────┴──────────────▶ closed ──────────────┘
+
+``failed`` is reached from ``agreed`` when the chain could not record the trade.
+A trade is *live* (relays closed, listed in the heartbeat) while ``recorded`` or
+``delivering``. Each function returns the new trade and the list of steps it went
+through (each one a ``TradeStatus`` to publish), or raises :class:`InvalidTransition`.
+Inputs that repeat what already happened (a second TradeRecorded, an older delivery
+count) are no-ops returning no steps, so event handlers stay idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from .errors import Rejected
+
+State = Literal["agreed", "recorded", "delivering", "fulfilled", "closed", "settled", "failed"]
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "agreed": frozenset({"recorded", "closed", "failed"}),
+    "recorded": frozenset({"delivering", "closed"}),
+    "delivering": frozenset({"fulfilled", "closed"}),
+    "fulfilled": frozenset({"settled"}),
+    "closed": frozenset({"settled"}),
+    "settled": frozenset(),
+    "failed": frozenset(),
+}
+LIVE: frozenset[str] = frozenset({"recorded", "delivering"})
+FINAL: frozenset[str] = frozenset({"settled", "failed"})
+
+
+class InvalidTransition(Rejected):
+    def __init__(self, trade_id: str, from_state: str, to_state: str, why: str = "") -> None:
+        super().__init__("invalid_transition",
+                         f"trade {trade_id}: cannot go from {from_state} to {to_state}" + (f" ({why})" if why else ""))
+        self.trade_id = trade_id
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Trade:
+    trade_id: str
+    offer_id: str
+    seller: str
+    buyer: str
+    seller_site: str
+    buyer_site: str
+    wh: int
+    price_wei_per_kwh: int
+    state: State = "agreed"
+    delivered_wh: int = 0
+    paid_wei: int = 0
+    reason: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Step:
+    state: State
+    delivered_wh: int
+    reason: str = ""
+
+
+def _go(trade: Trade, to: State, reason: str = "", **changes: int) -> tuple[Trade, Step]:
+    if to not in TRANSITIONS[trade.state]:
+        raise InvalidTransition(trade.trade_id, trade.state, to)
+    new = dataclasses.replace(trade, state=to, reason=reason, **changes)  # type: ignore[arg-type]
+    return new, Step(state=to, delivered_wh=new.delivered_wh, reason=reason)
+
+
+def recorded(trade: Trade) -> tuple[Trade, list[Step]]:
+    """The chain service recorded the trade: funds and tokens locked, relays may close.
+    Delivery starts right away."""
+    if trade.state in ("recorded", "delivering", "fulfilled", "closed", "settled"):
+        return trade, []  # already past this point: a repeated (or late) event
+    trade, a = _go(trade, "recorded")
+    trade, b = _go(trade, "delivering")
+    return _check_fulfilled(trade, [a, b])
+
+
+def failed(trade: Trade, reason: str) -> tuple[Trade, list[Step]]:
+    """The chain could not record the trade."""
+    if trade.state == "failed":
+        return trade, []
+    trade, a = _go(trade, "failed", reason)
+    return trade, [a]
+
+
+def delivery(trade: Trade, delivered_wh: int) -> tuple[Trade, list[Step]]:
+    """The buyer's meter reports cumulative Wh delivered for this trade."""
+    if delivered_wh < 0:
+        raise InvalidTransition(trade.trade_id, trade.state, trade.state, "negative delivery")
+    steps: list[Step] = []
+    if trade.state == "recorded":
+        trade, a = _go(trade, "delivering")
+        steps.append(a)
+    if trade.state in ("fulfilled", "closed"):
+        # readings after the end (the relay takes a moment to open) only raise the count
+        return dataclasses.replace(trade, delivered_wh=max(trade.delivered_wh, delivered_wh)), steps
+    if trade.state == "settled":
+        return trade, steps
+    if trade.state != "delivering":
+        raise InvalidTransition(trade.trade_id, trade.state, "delivering", "no delivery before it is recorded")
+    if delivered_wh > trade.delivered_wh:
+        trade = dataclasses.replace(trade, delivered_wh=delivered_wh)
+    return _check_fulfilled(trade, steps)
+
+
+def _check_fulfilled(trade: Trade, steps: list[Step]) -> tuple[Trade, list[Step]]:
+    if trade.state == "delivering" and trade.delivered_wh >= trade.wh:
+        trade, s = _go(trade, "fulfilled")
+        steps.append(s)
+    return trade, steps
+
+
+def may_close(trade: Trade, by: str, operator: str | None) -> bool:
+    who = by.lower()
+    return who == trade.buyer.lower() or (operator is not None and who == operator.lower())
+
+
+def close(trade: Trade, *, by: str, operator: str | None = None, reason: str = "closed by the buyer") -> tuple[Trade, list[Step]]:
+    """Close Connection: only the buyer or the operator, only while not yet ended."""
+    if not may_close(trade, by, operator):
+        raise Rejected("not_allowed", "only the buyer or the operator can close a trade")
+    if trade.state not in ("agreed", "recorded", "delivering"):
+        raise Rejected("closed", f"trade {trade.trade_id} is already {trade.state}")
+    trade, a = _go(trade, "closed", reason)
+    return trade, [a]
+
+
+def closed_on_chain(trade: Trade, *, delivered_wh: int, paid_wei: int) -> tuple[Trade, list[Step]]:
+    """The market contract closed the trade (last kWh settled, escrow refunded).
+
+    From ``fulfilled`` or ``closed`` this is the expected last step. If the chain closed
+    a trade that was still ``recorded`` or ``delivering`` (the chain is the record), the
+    trade goes through ``closed`` first, so every step is a valid transition.
+    """
+    if trade.state == "settled":
+        return trade, []
+    steps: list[Step] = []
+    if trade.state in ("recorded", "delivering", "agreed"):
+        trade, a = _go(trade, "closed", "closed on chain")
+        steps.append(a)
+    trade = dataclasses.replace(trade, delivered_wh=max(trade.delivered_wh, delivered_wh),
+                                paid_wei=max(trade.paid_wei, paid_wei))
+    trade, b = _go(trade, "settled", trade.reason)
+    steps.append(b)
+    return trade, steps
+
+
+def paid(trade: Trade, *, delivered_wh: int, paid_wei: int) -> Trade:
+    """A settlement on chain (cumulative): only updates the counters we show."""
+    return dataclasses.replace(trade, delivered_wh=max(trade.delivered_wh, delivered_wh),
+                               paid_wei=max(trade.paid_wei, paid_wei))
