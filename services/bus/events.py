@@ -177,6 +177,22 @@ class OfferClosed(Message):
 
 
 @event
+class OrderPlaced(Message):
+    """A limit order for the double auction's call ``round`` (cleared at ``clears_at``)."""
+
+    TYPE: ClassVar[str] = "market.order_placed"
+    order_id: Id
+    round: int = Field(ge=0)
+    side: Literal["sell", "buy"]
+    account: Address
+    site: Name
+    wh: Wh
+    limit_price_wei_per_kwh: Wei
+    placed_at: float
+    clears_at: float
+
+
+@event
 class MarketCleared(Message):
     """One call of the double auction: one price, the fills it made."""
 
