@@ -1,0 +1,53 @@
+"""The chain service's settings (``GRIDTRADE_*`` environment variables)."""
+
+from __future__ import annotations
+
+import pathlib
+
+from pydantic import Field
+
+from services.bus.config import BusSettings
+
+
+class ChainSettings(BusSettings):
+    """Everything ``gridtrade chain`` reads from the environment, on top of the bus settings."""
+
+    chain_url: str = Field(
+        default="embedded",
+        description="'embedded' (in-process py-evm through eth-tester: a dev/demo chain whose state is lost "
+                    "when the process stops) or an http(s):// / ws(s):// JSON-RPC URL (anvil, geth, any EVM chain)")
+    chain_bind: str | None = Field(
+        default=None, description="where the request server binds; default: the bus setting chain_rpc")
+    token_address: str | None = Field(
+        default=None, description="attach to an EnergyToken already deployed here (with market_address)")
+    market_address: str | None = Field(
+        default=None, description="attach to an EnergyMarket already deployed here (with token_address)")
+    operator_address: str | None = Field(
+        default=None, description="keystore account that deploys, mints, opens, settles and closes; "
+                                  "default on dev chains: the chain's prefunded account")
+    operator_passphrase_file: pathlib.Path | None = Field(
+        default=None, description="file holding the operator keystore's passphrase (never logged)")
+    keystore_dir: pathlib.Path | None = Field(default=None, description="default <data_dir>/keystore")
+    scrypt_n: int = Field(default=2**18, ge=2**10, le=2**20,
+                          description="scrypt work factor of new keystore files (a power of two)")
+    unlock_ttl_s: float = Field(default=3600.0, gt=0, description="default unlock session length")
+    dev_fund_wei: int = Field(default=100 * 10**18, ge=0,
+                              description="dev chains: Ether given once to each new or unlocked account (0: off)")
+    poll_s: float = Field(default=0.2, gt=0, description="how often pending transactions are checked")
+    settle_window_s: float = Field(default=0.3, ge=0,
+                                   description="deliveries are collected this long, then settled in one batch")
+    settle_max_batch: int = Field(default=50, ge=1, le=500)
+    resend_after_s: float = Field(default=3.0, gt=0,
+                                  description="re-send a pending transaction the node does not know after this")
+    backoff_max_s: float = Field(default=10.0, gt=0, description="cap of the reconnect backoff")
+    gas_margin: float = Field(default=1.25, ge=1.0, description="gas limit = estimate x this")
+    block_interval_s: float = Field(default=0.0, ge=0,
+                                    description="dev chains: mine a block this often when mining is on (0: per tx)")
+
+    @property
+    def keystore(self) -> pathlib.Path:
+        return self.keystore_dir if self.keystore_dir is not None else self.data_dir / "keystore"
+
+    @property
+    def bind(self) -> str:
+        return self.chain_bind or self.chain_rpc

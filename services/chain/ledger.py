@@ -1,0 +1,89 @@
+"""The chain service's tables in its store (``<data_dir>/chain.sqlite``).
+
+Plain functions over a sqlite3 connection, called inside the store's transactions so
+that a state change, the transactions it causes and the events it publishes commit
+together. Wei amounts are kept as decimal text (they exceed SQLite's 64-bit integers).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chain_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chain_txs (
+    tx_hash TEXT PRIMARY KEY, chain TEXT NOT NULL, account TEXT NOT NULL, nonce INTEGER NOT NULL,
+    kind TEXT NOT NULL, ref TEXT NOT NULL, raw BLOB NOT NULL, status TEXT NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0, block INTEGER, reason TEXT NOT NULL DEFAULT '',
+    meta TEXT NOT NULL DEFAULT '{}', gas_used INTEGER, created REAL NOT NULL, last_sent REAL NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS chain_txs_status ON chain_txs (status, account, nonce);
+CREATE TABLE IF NOT EXISTS chain_nonces (chain TEXT NOT NULL, account TEXT NOT NULL, next INTEGER NOT NULL,
+                                         PRIMARY KEY (chain, account));
+CREATE TABLE IF NOT EXISTS chain_funded (chain TEXT NOT NULL, account TEXT NOT NULL, tx_hash TEXT NOT NULL,
+                                         PRIMARY KEY (chain, account));
+CREATE TABLE IF NOT EXISTS chain_mints (
+    reading_id TEXT PRIMARY KEY, account TEXT NOT NULL, wh INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued', tx_hash TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+    seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS chain_trades (
+    trade_id TEXT PRIMARY KEY, seller TEXT NOT NULL, buyer TEXT NOT NULL, wh INTEGER NOT NULL,
+    price TEXT NOT NULL, seq INTEGER NOT NULL,
+    open_state TEXT NOT NULL DEFAULT 'queued', open_tx TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+    delivered_wh INTEGER NOT NULL DEFAULT 0, settled_wh INTEGER NOT NULL DEFAULT 0,
+    settle_tx TEXT NOT NULL DEFAULT '', settle_target INTEGER NOT NULL DEFAULT 0,
+    close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0, close_tx TEXT NOT NULL DEFAULT '',
+    closed_published INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+def init(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM chain_meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT INTO chain_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                 (key, value))
+
+
+def next_seq(conn: sqlite3.Connection, table: str) -> int:
+    row = conn.execute(f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}").fetchone()  # noqa: S608 - fixed names
+    return int(row[0])
+
+
+# --- transactions ---------------------------------------------------------------------
+
+TX_COLUMNS = ("tx_hash", "chain", "account", "nonce", "kind", "ref", "raw", "status", "sent", "block", "reason",
+              "meta", "gas_used", "created", "last_sent")
+
+
+def tx_row(row: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    d = dict(zip(TX_COLUMNS, row, strict=True))
+    d["meta"] = json.loads(d["meta"])
+    return d
+
+
+def get_tx(conn: sqlite3.Connection, tx_hash: str) -> dict[str, Any] | None:
+    return tx_row(conn.execute(f"SELECT {', '.join(TX_COLUMNS)} FROM chain_txs WHERE tx_hash = ?", (tx_hash,)).fetchone())
+
+
+def pending_txs(conn: sqlite3.Connection, account: str | None = None) -> list[dict[str, Any]]:
+    q = f"SELECT {', '.join(TX_COLUMNS)} FROM chain_txs WHERE status = 'pending'"
+    args: tuple[Any, ...] = ()
+    if account is not None:
+        q += " AND lower(account) = lower(?)"
+        args = (account,)
+    rows = conn.execute(q + " ORDER BY account, nonce", args).fetchall()
+    return [r for r in (tx_row(x) for x in rows) if r is not None]
+
+
+def count_pending(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM chain_txs WHERE status = 'pending'").fetchone()[0])

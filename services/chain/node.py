@@ -1,0 +1,301 @@
+"""The edge to Ethereum: one JSON-RPC node (or the in-process embedded chain).
+
+``Node`` hides what differs between backends: how a raw transaction is sent, whether
+the node knows a hash, mining control, the prefunded dev account, and how errors look.
+Every call that cannot reach the node raises :class:`ChainUnavailable`; a node that
+refuses a transaction raises :class:`TxRejected` with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from eth_account import Account
+from eth_utils import keccak
+from eth_tester.exceptions import TransactionFailed
+from eth_utils.exceptions import ValidationError as EthValidationError
+from hexbytes import HexBytes
+from web3 import AsyncWeb3
+from web3.exceptions import (
+    ContractLogicError,
+    ProviderConnectionError,
+    TimeExhausted,
+    TransactionNotFound,
+    Web3RPCError,
+)
+from web3.providers import AsyncHTTPProvider
+
+from .contracts import close_provider, revert_reason
+from .errors import ChainUnavailable, NotSupported, TxRejected
+
+log = logging.getLogger(__name__)
+
+# anvil's (and hardhat's) first prefunded account: a public, well-known test key.
+ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, aiohttp.ClientError, asyncio.TimeoutError, ProviderConnectionError, TimeExhausted,
+)
+
+
+def _reason(e: BaseException) -> str:
+    """A short human reason out of web3 / eth-tester / node errors."""
+    if isinstance(e, Web3RPCError):
+        msg = e.message or str(e)
+        if isinstance(e.rpc_response, dict):
+            err = e.rpc_response.get("error")
+            if isinstance(err, dict) and err.get("message"):
+                msg = str(err["message"])
+    else:
+        msg = str(e) or type(e).__name__
+    return msg.removeprefix("execution reverted: ").removeprefix("execution reverted:").strip()[:500]
+
+
+@contextlib.asynccontextmanager
+async def guard() -> AsyncIterator[None]:
+    """Map "cannot reach the node" to ChainUnavailable, and refusals to TxRejected."""
+    try:
+        yield
+    except (ChainUnavailable, TxRejected, NotSupported):
+        raise
+    except _UNAVAILABLE as e:
+        raise ChainUnavailable(f"chain node unreachable: {type(e).__name__}") from e
+    except (ContractLogicError, TransactionFailed) as e:
+        raise TxRejected(revert_reason(e) or "reverted") from e
+    except EthValidationError as e:
+        raise TxRejected(_reason(e)) from e
+    except TransactionNotFound:
+        raise
+    except Web3RPCError as e:
+        raise TxRejected(_reason(e)) from e
+
+
+class Node:
+    """A JSON-RPC node. ``kind`` is 'embedded', 'anvil' or 'rpc'."""
+
+    kind = "rpc"
+
+    def __init__(self, w3: AsyncWeb3, url: str) -> None:
+        self.w3 = w3
+        self.url = url
+        self.client = ""
+        self.dev_key: bytes | None = None
+
+    @property
+    def is_dev(self) -> bool:
+        return self.dev_key is not None
+
+    async def probe(self) -> None:
+        """Reach the node once (raises ChainUnavailable)."""
+        async with guard():
+            self.client = str(await self.w3.client_version)
+
+    async def identity(self) -> tuple[int, str]:
+        async with guard():
+            chain_id = int(await self.w3.eth.chain_id)
+            genesis = await self.w3.eth.get_block(0)
+        return chain_id, HexBytes(genesis["hash"]).to_0x_hex()
+
+    async def has_code(self, address: str) -> bool:
+        async with guard():
+            return len(await self.w3.eth.get_code(AsyncWeb3.to_checksum_address(address))) > 0
+
+    async def send_raw(self, raw: bytes) -> str:
+        async with guard():
+            h = await self.w3.eth.send_raw_transaction(raw)
+        return HexBytes(h).to_0x_hex()
+
+    async def known(self, tx_hash: str) -> bool:
+        """Whether the node has this transaction (pending or mined)."""
+        async with guard():
+            try:
+                await self.w3.eth.get_transaction(tx_hash)
+            except TransactionNotFound:
+                return False
+        return True
+
+    async def receipt(self, tx_hash: str) -> Any | None:
+        async with guard():
+            try:
+                return await self.w3.eth.get_transaction_receipt(tx_hash)
+            except TransactionNotFound:
+                return None
+
+    async def nonce(self, address: str, block: str = "pending") -> int:
+        async with guard():
+            return int(await self.w3.eth.get_transaction_count(AsyncWeb3.to_checksum_address(address), block))
+
+    # mining ---------------------------------------------------------------------------
+
+    supports_mining = False
+
+    async def mining(self) -> bool:
+        return True  # someone else's network produces blocks
+
+    async def set_mining(self, on: bool, interval_s: float = 0.0) -> None:
+        raise NotSupported(f"mining control is not supported on this chain ({self.client or self.url})")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await close_provider(self.w3)
+
+
+class AnvilNode(Node):
+    kind = "anvil"
+    supports_mining = True
+
+    async def _rpc(self, method: str, params: list[Any]) -> Any:
+        async with guard():
+            resp = await self.w3.provider.make_request(method, params)  # type: ignore[arg-type]
+        if "error" in resp:
+            raise TxRejected(str(resp["error"].get("message", resp["error"])))
+        return resp.get("result")
+
+    async def mining(self) -> bool:
+        return bool(await self._rpc("anvil_getAutomine", []))
+
+    async def set_mining(self, on: bool, interval_s: float = 0.0) -> None:
+        if on:
+            await self._rpc("evm_setAutomine", [True])  # mines what is pending right away
+            if interval_s > 0:
+                await self._rpc("evm_setIntervalMining", [max(1, round(interval_s))])
+        else:
+            await self._rpc("evm_setIntervalMining", [0])
+            await self._rpc("evm_setAutomine", [False])
+
+
+class EmbeddedNode(Node):
+    """The in-process py-evm chain (eth-tester). A dev/demo chain: its state lives in this
+    process and is gone when it stops.
+
+    eth-tester's own "pending" mode keeps at most one pending transaction per sender, so
+    with mining stopped this node holds raw transactions in its own pool, in order, and
+    sends them (one block each) when mining starts again.
+    """
+
+    kind = "embedded"
+    supports_mining = True
+
+    def __init__(self, w3: AsyncWeb3, url: str = "embedded") -> None:
+        super().__init__(w3, url)
+        self.tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
+        self.dev_key = self.tester.backend.account_keys[0].to_bytes()
+        self._pool: list[tuple[str, bytes]] = []
+        self._mining = True
+        self._interval_task: asyncio.Task[None] | None = None
+
+    async def send_raw(self, raw: bytes) -> str:
+        if self._mining:
+            return await super().send_raw(raw)
+        tx_hash = HexBytes(keccak(raw)).to_0x_hex()
+        async with guard():
+            sender = Account.recover_transaction(raw)
+        pool_nonces = {n for h, r in self._pool if (n := self._nonce_of(r, sender)) is not None}
+        nonce = self._nonce_of(raw, sender)
+        if nonce is not None and (nonce < await super().nonce(sender, "latest") or nonce in pool_nonces):
+            raise TxRejected("nonce too low")
+        if all(h != tx_hash for h, _ in self._pool):
+            self._pool.append((tx_hash, raw))
+        return tx_hash
+
+    @staticmethod
+    def _nonce_of(raw: bytes, sender: str) -> int | None:
+        from eth_account.typed_transactions import TypedTransaction
+        from eth_account._utils.legacy_transactions import Transaction
+        try:
+            if raw[0] <= 0x7F:
+                d = TypedTransaction.from_bytes(HexBytes(raw)).as_dict()
+            else:
+                d = Transaction.from_bytes(raw).as_dict()
+            return int(d["nonce"])
+        except Exception:  # noqa: BLE001 - not decodable: the node will say so
+            return None
+
+    async def known(self, tx_hash: str) -> bool:
+        if any(h == tx_hash for h, _ in self._pool):
+            return True
+        return await super().known(tx_hash)
+
+    async def nonce(self, address: str, block: str = "pending") -> int:
+        n = await super().nonce(address, "latest")
+        if block == "pending":
+            addr = AsyncWeb3.to_checksum_address(address)
+            for _, raw in self._pool:
+                if Account.recover_transaction(raw) == addr:
+                    n += 1
+        return n
+
+    async def mining(self) -> bool:
+        return self._mining
+
+    async def set_mining(self, on: bool, interval_s: float = 0.0) -> None:
+        self._mining = on
+        if on:
+            pool, self._pool = self._pool, []
+            for tx_hash, raw in pool:
+                try:
+                    await super().send_raw(raw)
+                except TxRejected as e:
+                    log.warning("embedded chain: dropped pending %s: %s", tx_hash, e.reason)
+            if interval_s > 0 and self._interval_task is None:
+                self._interval_task = asyncio.create_task(self._mine_every(interval_s), name="embedded-miner")
+        elif self._interval_task is not None:
+            self._interval_task.cancel()
+            await asyncio.gather(self._interval_task, return_exceptions=True)
+            self._interval_task = None
+
+    async def _mine_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.tester.mine_blocks(1)
+
+    async def close(self) -> None:
+        if self._interval_task is not None:
+            self._interval_task.cancel()
+            await asyncio.gather(self._interval_task, return_exceptions=True)
+            self._interval_task = None
+
+
+async def connect(url: str, *, timeout_s: float = 10.0) -> Node:
+    """Build the node for ``url`` ('embedded' or an http(s)/ws(s) URL) and reach it once.
+
+    Raises ChainUnavailable when an RPC node cannot be reached (the caller retries).
+    """
+    if url == "embedded":
+        from web3.providers.eth_tester import AsyncEthereumTesterProvider
+
+        node: Node = EmbeddedNode(AsyncWeb3(AsyncEthereumTesterProvider()))
+        await node.probe()
+        return node
+    if url.startswith(("http://", "https://")):
+        w3 = AsyncWeb3(AsyncHTTPProvider(url, request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},
+                                          exception_retry_configuration=None))
+    elif url.startswith(("ws://", "wss://")):
+        from web3.providers.persistent import WebSocketProvider
+
+        w3 = AsyncWeb3(WebSocketProvider(url))
+        async with guard():
+            await w3.provider.connect()
+    else:
+        raise ValueError(f"unknown chain URL {url!r}: use 'embedded' or an http(s):// or ws(s):// URL")
+    probe = Node(w3, url)
+    try:
+        await probe.probe()
+    except ChainUnavailable:
+        await probe.close()
+        raise
+    if probe.client.lower().startswith(("anvil", "hardhat")):
+        node = AnvilNode(w3, url)
+        node.client = probe.client
+        with contextlib.suppress(ChainUnavailable, TxRejected):
+            acct = Account.from_key(ANVIL_DEV_KEY)
+            async with guard():
+                if await w3.eth.get_balance(acct.address) > 0:
+                    node.dev_key = bytes(acct.key)
+        return node
+    return probe
