@@ -1,0 +1,84 @@
+"""The meter service's settings: ``GRIDTRADE_*`` environment variables (pydantic-settings).
+
+``GRIDTRADE_METERS`` is a JSON list of meters, e.g.::
+
+    [{"name": "pv", "role": "producer", "driver": "sim"},
+     {"name": "grid", "role": "consumer", "driver": "line", "port": "/dev/ttyUSB0"},
+     {"name": "dc", "role": "producer", "driver": "modbus", "port": "/dev/ttyUSB1", "device_id": 1}]
+
+The simulated site (used by ``sim`` meters) is ``GRIDTRADE_SIM`` (JSON) or field by
+field with ``__``: ``GRIDTRADE_SIM__TIME_SCALE=720``, ``GRIDTRADE_SIM__LATITUDE=48.1``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.bus.config import BusSettings
+from services.bus.events import Address, Name, Role
+
+from .sim import SimParams
+
+DriverName = Literal["sim", "line", "modbus"]
+
+
+class MeterConfig(BaseModel):
+    """One meter of the site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Name
+    role: Role
+    driver: DriverName = "sim"
+    port: str | None = Field(default=None, description="serial device or pyserial URL (line, modbus)")
+    baudrate: int = Field(default=9600, gt=0)
+    device_id: int = Field(default=1, ge=1, le=247, description="Modbus slave address")
+    export_registers: bool = Field(default=False, description="modbus: read the export extension 0x0008-0x0009")
+    timeout_s: float = Field(default=1.0, gt=0, description="how long to wait for one reply")
+    mint: bool | None = Field(default=None, description="announce EnergyProduced per kWh; default: producers do")
+    trade: bool = Field(default=True, description="relay follows the site's trades, Delivery is published")
+
+    @model_validator(mode="after")
+    def _port_needed(self) -> MeterConfig:
+        if self.driver != "sim" and not self.port:
+            raise ValueError(f"meter {self.name!r}: the {self.driver} driver needs a port")
+        return self
+
+    @property
+    def mints(self) -> bool:
+        return self.role == "producer" if self.mint is None else self.mint
+
+
+class MeterSettings(BusSettings):
+    """Settings of ``gridtrade meter``."""
+
+    model_config = SettingsConfigDict(env_prefix="GRIDTRADE_", extra="ignore", env_nested_delimiter="__")
+
+    role: Role = Field(default="producer", description="role of the default meter when GRIDTRADE_METERS is unset")
+    meters: list[MeterConfig] = Field(default_factory=list, description="JSON list of meters (see module doc)")
+    account: Address | None = Field(default=None, description="account credited with the mints of this site")
+    sim: SimParams = SimParams()
+    reading_interval_s: float = Field(default=1.0, gt=0, description="wall seconds between MeterReading events")
+    delivery_granularity_wh: int = Field(default=10, ge=0, description="publish Delivery every N Wh; 0: each reading")
+    mismatch_tolerance: float = Field(default=0.05, ge=0, le=1, description="allowed (seller-buyer)/seller")
+    mismatch_slack_wh: int = Field(default=20, ge=0, description="absolute Wh allowed on top of the tolerance")
+    trade_timeout_s: float = Field(default=5.0, gt=0, description="open the relay after this long without a trade heartbeat")
+    backoff_initial_s: float = Field(default=0.2, gt=0)
+    backoff_max_s: float = Field(default=10.0, gt=0)
+    store_path: pathlib.Path | None = Field(default=None, description="default <data_dir>/meter.sqlite")
+
+    @model_validator(mode="after")
+    def _default_meter(self) -> MeterSettings:
+        if not self.meters:
+            self.meters = [MeterConfig(name="main", role=self.role, driver="sim")]
+        names = [m.name for m in self.meters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"meter names must be unique: {names}")
+        return self
+
+    @property
+    def store_file(self) -> pathlib.Path:
+        return self.store_path if self.store_path is not None else self.data_dir / "meter.sqlite"
