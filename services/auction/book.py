@@ -1,0 +1,254 @@
+"""The auction's tables in its own SQLite store: offers, bids, orders, rounds, trades.
+
+Plain functions over an open ``sqlite3`` connection (the caller holds the transaction).
+Amounts of wei are stored as decimal text (they exceed SQLite's 64-bit integers); Wh
+as integers. Deadlines are absolute Unix times, so a restart keeps them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+
+from . import double, lifecycle
+from .english import Bid, Offer, cost_wei
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS auction_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS offers (
+    offer_id TEXT PRIMARY KEY, seller TEXT NOT NULL, seller_site TEXT NOT NULL, wh INTEGER NOT NULL,
+    start_price TEXT NOT NULL, opened_at REAL NOT NULL, ends_at REAL NOT NULL, state TEXT NOT NULL,
+    highest_bid TEXT, bids INTEGER NOT NULL DEFAULT 0, closed_at REAL);
+CREATE INDEX IF NOT EXISTS offers_by_state ON offers (state, ends_at);
+CREATE TABLE IF NOT EXISTS bids (
+    bid_id TEXT PRIMARY KEY, offer_id TEXT NOT NULL, seq INTEGER NOT NULL, buyer TEXT NOT NULL,
+    buyer_site TEXT NOT NULL, price TEXT NOT NULL, placed_at REAL NOT NULL, UNIQUE (offer_id, seq));
+CREATE TABLE IF NOT EXISTS orders (
+    order_id TEXT PRIMARY KEY, round INTEGER NOT NULL, side TEXT NOT NULL, account TEXT NOT NULL,
+    site TEXT NOT NULL, wh INTEGER NOT NULL, limit_price TEXT NOT NULL, placed_at REAL NOT NULL,
+    state TEXT NOT NULL, filled_wh INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS orders_by_state ON orders (state, round);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, cleared_at REAL NOT NULL, price TEXT, volume_wh INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS trades (
+    trade_id TEXT PRIMARY KEY, offer_id TEXT NOT NULL, market TEXT NOT NULL, seller TEXT NOT NULL,
+    buyer TEXT NOT NULL, seller_site TEXT NOT NULL, buyer_site TEXT NOT NULL, wh INTEGER NOT NULL,
+    price TEXT NOT NULL, state TEXT NOT NULL, delivered_wh INTEGER NOT NULL DEFAULT 0,
+    paid_wei TEXT NOT NULL DEFAULT '0', reason TEXT NOT NULL DEFAULT '', agreed_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS trades_by_state ON trades (state);
+"""
+
+
+def create(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+
+
+def next_number(conn: sqlite3.Connection, counter: str) -> int:
+    row = conn.execute("SELECT value FROM auction_meta WHERE key = ?", (counter,)).fetchone()
+    n = int(row[0]) + 1 if row else 1
+    conn.execute("INSERT INTO auction_meta (key, value) VALUES (?, ?) "
+                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (counter, str(n)))
+    return n
+
+
+# --- english offers and bids ----------------------------------------------------------
+
+
+def _bid(row: tuple) -> Bid:  # type: ignore[type-arg]
+    bid_id, offer_id, seq, buyer, buyer_site, price, placed_at = row
+    return Bid(bid_id=bid_id, offer_id=offer_id, buyer=buyer, buyer_site=buyer_site,
+               price_wei_per_kwh=int(price), placed_at=placed_at, seq=seq)
+
+
+_BID_COLS = "bid_id, offer_id, seq, buyer, buyer_site, price, placed_at"
+_OFFER_COLS = "offer_id, seller, seller_site, wh, start_price, opened_at, ends_at, state, highest_bid, bids"
+
+
+def _offer(conn: sqlite3.Connection, row: tuple) -> Offer:  # type: ignore[type-arg]
+    offer_id, seller, seller_site, wh, start, opened_at, ends_at, state, highest_bid, bids = row
+    highest = None
+    if highest_bid is not None:
+        highest = _bid(conn.execute(f"SELECT {_BID_COLS} FROM bids WHERE bid_id = ?", (highest_bid,)).fetchone())
+    return Offer(offer_id=offer_id, seller=seller, seller_site=seller_site, wh=wh, start_price_wei_per_kwh=int(start),
+                 opened_at=opened_at, ends_at=ends_at, state=state, highest=highest, bids=bids)
+
+
+def get_offer(conn: sqlite3.Connection, offer_id: str) -> Offer | None:
+    row = conn.execute(f"SELECT {_OFFER_COLS} FROM offers WHERE offer_id = ?", (offer_id,)).fetchone()
+    return _offer(conn, row) if row else None
+
+
+def offers(conn: sqlite3.Connection, *, include_closed: bool) -> list[Offer]:
+    where = "" if include_closed else "WHERE state = 'open'"
+    rows = conn.execute(f"SELECT {_OFFER_COLS} FROM offers {where} ORDER BY opened_at, offer_id").fetchall()
+    return [_offer(conn, r) for r in rows]
+
+
+def due_offers(conn: sqlite3.Connection, now: float) -> list[Offer]:
+    rows = conn.execute(f"SELECT {_OFFER_COLS} FROM offers WHERE state = 'open' AND ends_at <= ? "
+                        "ORDER BY ends_at, offer_id", (now,)).fetchall()
+    return [_offer(conn, r) for r in rows]
+
+
+def next_deadline(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute("SELECT MIN(ends_at) FROM offers WHERE state = 'open'").fetchone()
+    return row[0] if row else None
+
+
+def insert_offer(conn: sqlite3.Connection, o: Offer) -> None:
+    conn.execute("INSERT INTO offers (offer_id, seller, seller_site, wh, start_price, opened_at, ends_at, state, bids) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                 (o.offer_id, o.seller, o.seller_site, o.wh, str(o.start_price_wei_per_kwh), o.opened_at, o.ends_at,
+                  o.state))
+
+
+def save_bid(conn: sqlite3.Connection, o: Offer, b: Bid) -> None:
+    conn.execute(f"INSERT INTO bids ({_BID_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (b.bid_id, b.offer_id, b.seq, b.buyer, b.buyer_site, str(b.price_wei_per_kwh), b.placed_at))
+    conn.execute("UPDATE offers SET highest_bid = ?, bids = ? WHERE offer_id = ?",
+                 (o.highest.bid_id if o.highest else None, o.bids, o.offer_id))
+
+
+def close_offer(conn: sqlite3.Connection, o: Offer, now: float) -> None:
+    conn.execute("UPDATE offers SET state = ?, closed_at = ? WHERE offer_id = ?", (o.state, now, o.offer_id))
+
+
+def bids_of(conn: sqlite3.Connection, offer_id: str) -> list[Bid]:
+    return [_bid(r) for r in conn.execute(f"SELECT {_BID_COLS} FROM bids WHERE offer_id = ? ORDER BY seq", (offer_id,))]
+
+
+# --- double auction orders ------------------------------------------------------------
+
+_ORDER_COLS = "order_id, side, account, site, wh, limit_price"
+
+
+def insert_order(conn: sqlite3.Connection, o: double.Order, round_: int, now: float) -> None:
+    conn.execute("INSERT INTO orders (order_id, round, side, account, site, wh, limit_price, placed_at, state) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+                 (o.order_id, round_, o.side, o.account, o.site, o.wh, str(o.limit_price_wei_per_kwh), now))
+
+
+def orders_of_round(conn: sqlite3.Connection, round_: int) -> list[double.Order]:
+    rows = conn.execute(f"SELECT {_ORDER_COLS} FROM orders WHERE round = ? AND state = 'open'", (round_,))
+    return [double.Order(order_id=r[0], side=r[1], account=r[2], site=r[3], wh=r[4], limit_price_wei_per_kwh=int(r[5]))
+            for r in rows]
+
+
+def open_order_rounds(conn: sqlite3.Connection) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT DISTINCT round FROM orders WHERE state = 'open' ORDER BY round")]
+
+
+def has_opposite_order(conn: sqlite3.Connection, account: str, side: str, round_: int) -> bool:
+    other = "buy" if side == "sell" else "sell"
+    return conn.execute("SELECT 1 FROM orders WHERE round = ? AND state = 'open' AND side = ? AND lower(account) = ?",
+                        (round_, other, account.lower())).fetchone() is not None
+
+
+def finish_round(conn: sqlite3.Connection, round_: int, result: double.Clearing, now: float) -> None:
+    filled = result.filled()
+    for (order_id, wh) in conn.execute("SELECT order_id, wh FROM orders WHERE round = ? AND state = 'open'",
+                                       (round_,)).fetchall():
+        got = filled.get(order_id, 0)
+        state = "filled" if got >= wh else ("partial" if got else "expired")
+        conn.execute("UPDATE orders SET state = ?, filled_wh = ? WHERE order_id = ?", (state, got, order_id))
+    conn.execute("INSERT INTO rounds (round, cleared_at, price, volume_wh) VALUES (?, ?, ?, ?)",
+                 (round_, now, None if result.price_wei_per_kwh is None else str(result.price_wei_per_kwh),
+                  result.volume_wh))
+
+
+def round_cleared(conn: sqlite3.Connection, round_: int) -> bool:
+    return conn.execute("SELECT 1 FROM rounds WHERE round = ?", (round_,)).fetchone() is not None
+
+
+def open_sell_orders(conn: sqlite3.Connection, include_closed: bool) -> list[tuple]:  # type: ignore[type-arg]
+    where = "side = 'sell'" + ("" if include_closed else " AND state = 'open'")
+    return conn.execute(f"SELECT order_id, account, site, wh, limit_price, placed_at, round, state, filled_wh "
+                        f"FROM orders WHERE {where} ORDER BY placed_at, order_id").fetchall()
+
+
+# --- trades ---------------------------------------------------------------------------
+
+_TRADE_COLS = ("trade_id, offer_id, seller, buyer, seller_site, buyer_site, wh, price, state, delivered_wh, "
+               "paid_wei, reason")
+
+
+def _trade(row: tuple) -> lifecycle.Trade:  # type: ignore[type-arg]
+    (trade_id, offer_id, seller, buyer, seller_site, buyer_site, wh, price, state, delivered, paid, reason) = row
+    return lifecycle.Trade(trade_id=trade_id, offer_id=offer_id, seller=seller, buyer=buyer, seller_site=seller_site,
+                           buyer_site=buyer_site, wh=wh, price_wei_per_kwh=int(price), state=state,
+                           delivered_wh=delivered, paid_wei=int(paid), reason=reason)
+
+
+def get_trade(conn: sqlite3.Connection, trade_id: str) -> lifecycle.Trade | None:
+    row = conn.execute(f"SELECT {_TRADE_COLS} FROM trades WHERE trade_id = ?", (trade_id,)).fetchone()
+    return _trade(row) if row else None
+
+
+def insert_trade(conn: sqlite3.Connection, t: lifecycle.Trade, market: str, now: float) -> bool:
+    """False if a trade with this id exists already (nothing is agreed twice)."""
+    cur = conn.execute(
+        "INSERT INTO trades (trade_id, offer_id, market, seller, buyer, seller_site, buyer_site, wh, price, state, "
+        "agreed_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trade_id) DO NOTHING",
+        (t.trade_id, t.offer_id, market, t.seller, t.buyer, t.seller_site, t.buyer_site, t.wh,
+         str(t.price_wei_per_kwh), t.state, now, now))
+    return cur.rowcount == 1
+
+
+def save_trade(conn: sqlite3.Connection, t: lifecycle.Trade, now: float) -> None:
+    conn.execute("UPDATE trades SET state = ?, delivered_wh = ?, paid_wei = ?, reason = ?, updated_at = ? "
+                 "WHERE trade_id = ?", (t.state, t.delivered_wh, str(t.paid_wei), t.reason, now, t.trade_id))
+
+
+def trades(conn: sqlite3.Connection, account: str | None = None) -> list[lifecycle.Trade]:
+    if account is None:
+        rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades ORDER BY agreed_at, trade_id")
+    else:
+        a = account.lower()
+        rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades WHERE lower(seller) = ? OR lower(buyer) = ? "
+                            "ORDER BY agreed_at, trade_id", (a, a))
+    return [_trade(r) for r in rows]
+
+
+def live_trades(conn: sqlite3.Connection) -> list[lifecycle.Trade]:
+    states = tuple(sorted(lifecycle.LIVE))
+    marks = ",".join("?" * len(states))
+    rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades WHERE state IN ({marks}) ORDER BY trade_id", states)
+    return [_trade(r) for r in rows]
+
+
+# --- what an account has promised but the chain does not lock yet -----------------------
+
+
+def _rows(conn: sqlite3.Connection, sql: str, args: tuple) -> Iterator[tuple]:  # type: ignore[type-arg]
+    yield from conn.execute(sql, args)
+
+
+def reserved_wei(conn: sqlite3.Connection, buyer: str, *, except_offer: str | None = None) -> int:
+    """Escrow the buyer's leading bids, open buy orders and not-yet-recorded trades claim."""
+    b = buyer.lower()
+    total = 0
+    for wh, price in _rows(conn, "SELECT o.wh, bd.price FROM offers o JOIN bids bd ON bd.bid_id = o.highest_bid "
+                                 "WHERE o.state = 'open' AND lower(bd.buyer) = ? AND o.offer_id != ?",
+                           (b, except_offer or "")):
+        total += cost_wei(wh, int(price))
+    for wh, price in _rows(conn, "SELECT wh, limit_price FROM orders WHERE state = 'open' AND side = 'buy' "
+                                 "AND lower(account) = ?", (b,)):
+        total += cost_wei(wh, int(price))
+    for wh, price in _rows(conn, "SELECT wh, price FROM trades WHERE state = 'agreed' AND lower(buyer) = ?", (b,)):
+        total += cost_wei(wh, int(price))
+    return total
+
+
+def reserved_wh(conn: sqlite3.Connection, seller: str) -> int:
+    """Tokens the seller's open offers, open sell orders and not-yet-recorded trades claim."""
+    s = seller.lower()
+    total = 0
+    for (wh,) in _rows(conn, "SELECT wh FROM offers WHERE state = 'open' AND lower(seller) = ?", (s,)):
+        total += wh
+    for (wh,) in _rows(conn, "SELECT wh FROM orders WHERE state = 'open' AND side = 'sell' AND lower(account) = ?",
+                       (s,)):
+        total += wh
+    for (wh,) in _rows(conn, "SELECT wh FROM trades WHERE state = 'agreed' AND lower(seller) = ?", (s,)):
+        total += wh
+    return total

@@ -1,0 +1,405 @@
+"""The auction service: the wiring between the pure engines, the store and the bus.
+
+- Request/reply: PlaceOffer, PlaceBid, CancelOffer, CloseTrade, ListOffers, ListTrades,
+  PlaceOrder. Every command runs inside one store transaction together with the events
+  it publishes (the outbox lives in the same SQLite file) and the stored reply of its
+  command id, so a command is applied, announced and answered all at once or not at all.
+- The market clock (english): sleeps until the earliest open deadline, then closes every
+  due offer in one transaction; on start it first settles whatever fell due while the
+  service was down. Deadlines are absolute Unix times in the store.
+- The call clock (double): clears every round whose end has passed, once (a round is
+  recorded when cleared).
+- Trade lifecycle: follows the chain's and the meters' events; announces each step as
+  ``TradeStatus`` and the live trades as ``TradeHeartbeat`` every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+from services.bus import Envelope, RequestError, RequestTimeout, Service
+from services.bus import commands as cmd
+from services.bus import events as ev
+
+from . import book, double, english, lifecycle
+from .config import AuctionSettings
+from .errors import Rejected
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req", bound=cmd.Request)
+
+
+def _answers(fn: Callable[[Any, Req], Awaitable[cmd.Reply]]) -> Callable[[Any, Req], Awaitable[cmd.Reply]]:
+    """Turn the rules' refusals into request errors with their stable code."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, req: Req) -> cmd.Reply:
+        try:
+            return await fn(self, req)
+        except Rejected as e:
+            raise RequestError(e.code, e.message) from None
+
+    return wrapper
+
+
+def trade_status(t: lifecycle.Trade, step: lifecycle.Step | None = None) -> ev.TradeStatus:
+    return ev.TradeStatus(trade_id=t.trade_id, state=step.state if step else t.state, seller=t.seller, buyer=t.buyer,
+                          seller_site=t.seller_site, buyer_site=t.buyer_site, wh=t.wh,
+                          price_wei_per_kwh=t.price_wei_per_kwh,
+                          delivered_wh=step.delivered_wh if step else t.delivered_wh,
+                          reason=step.reason if step else t.reason)
+
+
+class AuctionService(Service):
+    name: ClassVar[str] = "auction"
+    settings: AuctionSettings
+
+    def __init__(self, settings: AuctionSettings) -> None:
+        super().__init__(settings)
+        self._deadline_changed = asyncio.Event()
+        self.settled_offers = 0
+        self.cleared_rounds = 0
+
+    # --- wiring ---------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        s = self.settings
+        book.create(self.store.conn)  # executescript commits on its own: outside any transaction
+        self.bus = self.publisher()
+        self.chain = self.client(s.chain_rpc, s.chain_site)
+        self.rpc = self.serve(s.bind)
+        for req_cls, fn in ((cmd.PlaceOffer, self.place_offer), (cmd.PlaceBid, self.place_bid),
+                            (cmd.CancelOffer, self.cancel_offer), (cmd.CloseTrade, self.close_trade),
+                            (cmd.ListOffers, self.list_offers), (cmd.ListTrades, self.list_trades),
+                            (cmd.PlaceOrder, self.place_order), (cmd.Ping, self.ping)):
+            self.rpc.handle(req_cls, fn)
+        self.subscribe([ev.TradeRecorded.TYPE, ev.TradeClosedOnChain.TYPE, ev.Settled.TYPE, ev.TxUpdate.TYPE,
+                        ev.Delivery.TYPE], self.on_event)
+        if s.english:
+            self.spawn(self._market_clock(), "auction-clock")
+        if s.double:
+            self.spawn(self._call_clock(), "auction-calls")
+        self.spawn(self._heartbeats(), "auction-trade-heartbeat")
+
+    def health(self) -> dict[str, Any]:
+        h = super().health()
+        h.update(market=self.settings.auction_market, settled_offers=self.settled_offers,
+                 cleared_rounds=self.cleared_rounds)
+        return h
+
+    async def ping(self, req: cmd.Ping) -> cmd.Pong:
+        return cmd.Pong(node=self.source, uptime_s=time.time() - self.started_at)
+
+    def _need(self, market: str) -> None:
+        if not getattr(self.settings, market):
+            raise Rejected("unsupported", f"this market does not run the {market} auction "
+                                          f"(GRIDTRADE_AUCTION_MARKET={self.settings.auction_market})")
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.store.conn
+
+    async def balances(self, address: str, what: str) -> cmd.Balances:
+        try:
+            reply: cmd.Balances = await self.chain.request(cmd.GetBalances(address=address),
+                                                           timeout=self.settings.auction_balance_timeout_s)
+        except RequestTimeout:
+            raise Rejected("unavailable", f"cannot check {what} now: the chain service does not answer") from None
+        except RequestError as e:
+            raise Rejected("unavailable", f"cannot check {what} now: the chain service says {e.code}: {e.message}") \
+                from None
+        return reply
+
+    # --- english --------------------------------------------------------------------
+
+    @_answers
+    async def place_offer(self, req: cmd.PlaceOffer) -> cmd.OfferPlaced:
+        self._need("english")
+        if req.duration_s > self.settings.auction_max_duration_s:
+            raise Rejected("invalid", f"the longest auction is {self.settings.auction_max_duration_s:g} s")
+        bal = await self.balances(req.seller, "tokens")
+        now = time.time()
+        reserved = book.reserved_wh(self.conn, req.seller)
+        offer_id = f"o-{book.next_number(self.conn, 'offer')}"
+        try:
+            offer = english.open_offer(offer_id=offer_id, seller=req.seller, seller_site=req.seller_site, wh=req.wh,
+                                       start_price_wei_per_kwh=req.start_price_wei_per_kwh, duration_s=req.duration_s,
+                                       now=now, tokens_free_wh=bal.tokens_wh - reserved)
+        except Rejected as e:
+            if e.code == "no_tokens" and reserved:
+                raise Rejected(e.code, f"{e.message} ({reserved} Wh already held by open offers and trades)") from None
+            raise
+        book.insert_offer(self.conn, offer)
+        await self.bus.publish(ev.OfferOpened(offer_id=offer.offer_id, seller=offer.seller,
+                                              seller_site=offer.seller_site, wh=offer.wh,
+                                              start_price_wei_per_kwh=offer.start_price_wei_per_kwh,
+                                              opened_at=offer.opened_at, ends_at=offer.ends_at))
+        self.store.on_commit(self._deadline_changed.set)
+        return cmd.OfferPlaced(offer_id=offer.offer_id, ends_at=offer.ends_at)
+
+    @_answers
+    async def place_bid(self, req: cmd.PlaceBid) -> cmd.BidAccepted:
+        self._need("english")
+        now = time.time()  # when it reached us (inside the lock: the clock cannot close it meanwhile)
+        inc = self.settings.auction_min_increment_wei_per_kwh
+        offer = book.get_offer(self.conn, req.offer_id)
+        needed = english.check_bid(offer, buyer=req.buyer, price_wei_per_kwh=req.price_wei_per_kwh, now=now,
+                                   min_increment_wei_per_kwh=inc)
+        assert offer is not None
+        bal = await self.balances(req.buyer, "escrow")
+        english.check_funds(needed_wei=needed, escrow_free_wei=bal.escrow_free_wei,
+                            reserved_wei=book.reserved_wei(self.conn, req.buyer, except_offer=offer.offer_id))
+        bid_id = f"b-{book.next_number(self.conn, 'bid')}"
+        offer, bid = english.place_bid(offer, bid_id=bid_id, buyer=req.buyer, buyer_site=req.buyer_site,
+                                       price_wei_per_kwh=req.price_wei_per_kwh, now=now, min_increment_wei_per_kwh=inc)
+        book.save_bid(self.conn, offer, bid)
+        await self.bus.publish(ev.BidPlaced(offer_id=offer.offer_id, bid_id=bid.bid_id, buyer=bid.buyer,
+                                            buyer_site=bid.buyer_site, price_wei_per_kwh=bid.price_wei_per_kwh,
+                                            wh=offer.wh, placed_at=bid.placed_at))
+        return cmd.BidAccepted(bid_id=bid.bid_id)
+
+    @_answers
+    async def cancel_offer(self, req: cmd.CancelOffer) -> cmd.Ok:
+        now = time.time()
+        offer = english.cancel(book.get_offer(self.conn, req.offer_id), seller=req.seller, now=now)
+        book.close_offer(self.conn, offer, now)
+        await self.bus.publish(ev.OfferClosed(offer_id=offer.offer_id, outcome="cancelled"))
+        self.store.on_commit(self._deadline_changed.set)
+        return cmd.Ok()
+
+    async def settle_due(self) -> int:
+        """Close every offer whose deadline has passed, in one transaction; returns how many."""
+        async with self.store.atomic() as conn:
+            now = time.time()
+            due = book.due_offers(conn, now)
+            for offer in due:
+                await self._settle(conn, offer, now)
+        self.settled_offers += len(due)
+        return len(due)
+
+    async def _settle(self, conn: sqlite3.Connection, offer: english.Offer, now: float) -> None:
+        done = english.settle(offer, now)
+        book.close_offer(conn, done, now)
+        win = done.highest
+        await self.bus.publish(ev.OfferClosed(offer_id=done.offer_id, outcome=done.state,  # type: ignore[arg-type]
+                                              winner=win.buyer if win else None,
+                                              price_wei_per_kwh=win.price_wei_per_kwh if win else None))
+        if win is None:
+            log.info("offer %s expired without bids", done.offer_id)
+            return
+        trade = lifecycle.Trade(trade_id=english.trade_id_for(done.offer_id), offer_id=done.offer_id,
+                                seller=done.seller, buyer=win.buyer, seller_site=done.seller_site,
+                                buyer_site=win.buyer_site, wh=done.wh, price_wei_per_kwh=win.price_wei_per_kwh)
+        await self._agree(conn, trade, "english", now)
+        log.info("offer %s sold to %s at %s wei/kWh", done.offer_id, win.buyer, win.price_wei_per_kwh)
+
+    async def _agree(self, conn: sqlite3.Connection, trade: lifecycle.Trade, market: str, now: float) -> bool:
+        if not book.insert_trade(conn, trade, market, now):
+            log.warning("trade %s exists already; not agreed twice", trade.trade_id)
+            return False
+        await self.bus.publish(ev.TradeAgreed(trade_id=trade.trade_id, offer_id=trade.offer_id, seller=trade.seller,
+                                              buyer=trade.buyer, seller_site=trade.seller_site,
+                                              buyer_site=trade.buyer_site, wh=trade.wh,
+                                              price_wei_per_kwh=trade.price_wei_per_kwh))
+        await self.bus.publish(trade_status(trade))
+        return True
+
+    async def _market_clock(self) -> None:
+        """Sleep until the next deadline (or a change of deadlines), settle what is due."""
+        while True:
+            try:
+                await self.settle_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the clock keeps ticking; logged
+                log.exception("settling due offers failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            async with self.store.atomic() as conn:
+                nd = book.next_deadline(conn)
+            self._deadline_changed.clear()
+            timeout = None if nd is None else max(0.0, nd - time.time())
+            try:
+                await asyncio.wait_for(self._deadline_changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    # --- double auction -------------------------------------------------------------
+
+    def _round_of(self, t: float) -> int:
+        return int(t // self.settings.auction_clear_interval_s)
+
+    def _clears_at(self, round_: int) -> float:
+        return (round_ + 1) * self.settings.auction_clear_interval_s
+
+    @_answers
+    async def place_order(self, req: cmd.PlaceOrder) -> cmd.OrderPlaced:
+        self._need("double")
+        now = time.time()
+        round_ = self._round_of(now)
+        while book.round_cleared(self.conn, round_):
+            round_ += 1
+        if book.has_opposite_order(self.conn, req.account, req.side, round_):
+            raise Rejected("own_offer", f"this account has a {'buy' if req.side == 'sell' else 'sell'} order "
+                                        "in the same call; it would trade with itself")
+        if req.side == "buy":
+            bal = await self.balances(req.account, "escrow")
+            english.check_funds(needed_wei=english.cost_wei(req.wh, req.limit_price_wei_per_kwh),
+                                escrow_free_wei=bal.escrow_free_wei,
+                                reserved_wei=book.reserved_wei(self.conn, req.account))
+        else:
+            bal = await self.balances(req.account, "tokens")
+            free = bal.tokens_wh - book.reserved_wh(self.conn, req.account)
+            if free < req.wh:
+                raise Rejected("no_tokens", f"the seller has {max(free, 0)} Wh of free tokens, the order needs {req.wh} Wh")
+        order = double.Order(order_id=f"d-{book.next_number(self.conn, 'order'):010d}", side=req.side,
+                             account=req.account, site=req.site, wh=req.wh,
+                             limit_price_wei_per_kwh=req.limit_price_wei_per_kwh)
+        book.insert_order(self.conn, order, round_, now)
+        await self.bus.publish(ev.OrderPlaced(order_id=order.order_id, round=round_, side=order.side,
+                                              account=order.account, site=order.site, wh=order.wh,
+                                              limit_price_wei_per_kwh=order.limit_price_wei_per_kwh, placed_at=now,
+                                              clears_at=self._clears_at(round_)))
+        return cmd.OrderPlaced(order_id=order.order_id)
+
+    async def clear_due_rounds(self) -> int:
+        """Clear every round whose end has passed and that was not cleared yet."""
+        n = 0
+        async with self.store.atomic() as conn:
+            now = time.time()
+            for round_ in book.open_order_rounds(conn):
+                if self._clears_at(round_) > now or book.round_cleared(conn, round_):
+                    continue
+                await self._clear(conn, round_, now)
+                n += 1
+        self.cleared_rounds += n
+        return n
+
+    async def _clear(self, conn: sqlite3.Connection, round_: int, now: float) -> None:
+        orders = book.orders_of_round(conn, round_)
+        by_id = {o.order_id: o for o in orders}
+        result = double.clear(orders)
+        book.finish_round(conn, round_, result, now)
+        trade_ids = []
+        for f in result.fills:
+            b, s = by_id[f.buy_id], by_id[f.sell_id]
+            assert result.price_wei_per_kwh is not None
+            trade = lifecycle.Trade(trade_id=double.trade_id_for(round_, f), offer_id=s.order_id, seller=s.account,
+                                    buyer=b.account, seller_site=s.site, buyer_site=b.site, wh=f.wh,
+                                    price_wei_per_kwh=result.price_wei_per_kwh)
+            if await self._agree(conn, trade, "double", now):
+                trade_ids.append(trade.trade_id)
+        await self.bus.publish(ev.MarketCleared(round=round_, price_wei_per_kwh=result.price_wei_per_kwh,
+                                                volume_wh=result.volume_wh, trade_ids=trade_ids))
+        log.info("round %s cleared: %s Wh at %s wei/kWh, %s trades", round_, result.volume_wh,
+                 result.price_wei_per_kwh, len(trade_ids))
+
+    async def _call_clock(self) -> None:
+        interval = self.settings.auction_clear_interval_s
+        while True:
+            try:
+                await self.clear_due_rounds()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged, retried at the next tick
+                log.exception("clearing the double auction failed; retrying")
+            now = time.time()
+            await asyncio.sleep(max(0.0, self._clears_at(self._round_of(now)) - now) + min(0.01, interval / 10))
+
+    # --- listings -------------------------------------------------------------------
+
+    async def list_offers(self, req: cmd.ListOffers) -> cmd.Offers:
+        views: list[cmd.OfferView] = []
+        async with self.store.atomic() as conn:
+            for o in book.offers(conn, include_closed=req.include_closed):
+                views.append(cmd.OfferView(
+                    offer_id=o.offer_id, seller=o.seller, seller_site=o.seller_site, wh=o.wh,
+                    start_price_wei_per_kwh=o.start_price_wei_per_kwh, opened_at=o.opened_at, ends_at=o.ends_at,
+                    state=o.state, highest_bid_wei_per_kwh=o.highest.price_wei_per_kwh if o.highest else None,
+                    highest_bidder=o.highest.buyer if o.highest else None, bids=o.bids))
+            for (order_id, account, site, wh, limit, placed_at, round_, state, _filled) in \
+                    book.open_sell_orders(conn, req.include_closed):
+                views.append(cmd.OfferView(
+                    offer_id=order_id, market="double", seller=account, seller_site=site, wh=wh,
+                    start_price_wei_per_kwh=int(limit), opened_at=placed_at, ends_at=self._clears_at(round_),
+                    state="filled" if state in ("filled", "partial") else state))
+        return cmd.Offers(offers=views)
+
+    async def list_trades(self, req: cmd.ListTrades) -> cmd.Trades:
+        async with self.store.atomic() as conn:
+            ts = book.trades(conn, req.account)
+        return cmd.Trades(trades=[cmd.TradeView(trade_id=t.trade_id, offer_id=t.offer_id, seller=t.seller,
+                                                buyer=t.buyer, seller_site=t.seller_site, buyer_site=t.buyer_site,
+                                                wh=t.wh, price_wei_per_kwh=t.price_wei_per_kwh, state=t.state,
+                                                delivered_wh=t.delivered_wh, paid_wei=t.paid_wei) for t in ts])
+
+    # --- trade lifecycle ------------------------------------------------------------
+
+    @_answers
+    async def close_trade(self, req: cmd.CloseTrade) -> cmd.Ok:
+        trade = book.get_trade(self.conn, req.trade_id)
+        if trade is None:
+            raise Rejected("not_found", "no such trade")
+        operator = self.settings.auction_operator
+        reason = "closed by the operator" if operator and req.by.lower() == operator.lower() and \
+            req.by.lower() != trade.buyer.lower() else "closed by the buyer"
+        trade, steps = lifecycle.close(trade, by=req.by, operator=operator, reason=reason)
+        await self._steps(self.conn, trade, steps)
+        return cmd.Ok()
+
+    async def _steps(self, conn: sqlite3.Connection, trade: lifecycle.Trade, steps: list[lifecycle.Step]) -> None:
+        book.save_trade(conn, trade, time.time())
+        for step in steps:
+            await self.bus.publish(trade_status(trade, step))
+
+    async def on_event(self, env: Envelope, conn: sqlite3.Connection) -> None:
+        """Chain and meter events move trades along (runs inside the subscriber's transaction)."""
+        body = env.body
+        trade_id = getattr(body, "trade_id", None) or getattr(body, "ref", None)
+        if not trade_id:
+            return
+        trade = book.get_trade(conn, trade_id)
+        if trade is None:
+            return  # not one of ours (or not a trade at all)
+        try:
+            if isinstance(body, ev.TradeRecorded):
+                trade, steps = lifecycle.recorded(trade)
+            elif isinstance(body, ev.Delivery):
+                if body.role != "consumer":
+                    return  # the buyer's meter counts; the seller's cross-checks elsewhere
+                trade, steps = lifecycle.delivery(trade, body.delivered_wh)
+            elif isinstance(body, ev.TradeClosedOnChain):
+                trade, steps = lifecycle.closed_on_chain(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei)
+            elif isinstance(body, ev.Settled):
+                trade, steps = lifecycle.paid(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei), []
+            elif isinstance(body, ev.TxUpdate):
+                if body.kind != "open" or body.status != "failed" or trade.state != "agreed":
+                    return
+                trade, steps = lifecycle.failed(trade, body.reason or "the chain could not record the trade")
+            else:
+                return
+        except lifecycle.InvalidTransition as e:
+            log.warning("ignoring %s for trade %s: %s", env.type, trade_id, e.message)
+            return
+        await self._steps(conn, trade, steps)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                async with self.store.atomic() as conn:
+                    live = book.live_trades(conn)
+                    await self.bus.publish(ev.TradeHeartbeat(
+                        live=[t.trade_id for t in live],
+                        sites={t.trade_id: [t.seller_site, t.buyer_site] for t in live}))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next beat tries again
+                log.exception("trade heartbeat failed")
+            await asyncio.sleep(self.settings.auction_trade_heartbeat_s)

@@ -1,0 +1,145 @@
+"""A real hub with CURVE keys, a stand-in chain service answering GetBalances on a real
+socket, and the auction service itself (in-process or as a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import zmq.asyncio
+
+from services.auction.config import AuctionSettings
+from services.auction.service import AuctionService
+from services.bus import RpcClient, RpcServer, Security, Store, ensure_keys
+from services.bus import commands as cmd
+from services.bus.errors import RequestError
+from services.bus.hub import Hub
+
+SITES = ("market", "solar-1", "home-7")
+SELLER = "0x" + "5e" * 20
+BUYERS = ["0x" + c * 40 for c in "bcd"]
+OPERATOR = "0x" + "f" * 40
+
+
+@dataclass
+class Grid:
+    keys: pathlib.Path
+    hub_pub: str
+    hub_sub: str
+    root: pathlib.Path
+
+    def security(self, site: str) -> Security:
+        return Security(self.keys, site)
+
+
+@pytest.fixture
+def grid(tmp_path: pathlib.Path) -> Iterator[Grid]:
+    keys = tmp_path / "keys"
+    for site in SITES:
+        ensure_keys(keys, site)
+    hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
+    pub, sub = hub.start()
+    yield Grid(keys=keys, hub_pub=pub, hub_sub=sub, root=tmp_path)
+    hub.stop()
+
+
+@dataclass
+class FakeChain:
+    """STAND-IN for the chain service (built in parallel): a real RpcServer on a real
+    socket that answers GetBalances from a dict and nothing else."""
+
+    balances: dict[str, cmd.Balances] = field(default_factory=dict)
+    asked: int = 0
+    endpoint: str = ""
+
+    def set(self, address: str, *, escrow_free_wei: int = 0, tokens_wh: int = 0) -> None:
+        self.balances[address.lower()] = cmd.Balances(address=address, ether_wei=10**18,
+                                                      escrow_free_wei=escrow_free_wei, tokens_wh=tokens_wh)
+
+    async def get_balances(self, req: cmd.GetBalances) -> cmd.Balances:
+        self.asked += 1
+        bal = self.balances.get(req.address.lower())
+        if bal is None:
+            raise RequestError("not_found", f"unknown account {req.address}")
+        return bal
+
+
+@pytest.fixture
+async def fake_chain(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[FakeChain]:
+    ctx = zmq.asyncio.Context()
+    sec = grid.security("market")
+    sec.start(ctx)
+    store = Store(tmp_path / "fake-chain.sqlite")
+    chain = FakeChain()
+    server = RpcServer(ctx, sec, store, bind="tcp://127.0.0.1:*", name="fake-chain")
+    server.handle(cmd.GetBalances, chain.get_balances)
+    await server.start()
+    chain.endpoint = server.endpoint
+    chain.set(SELLER, tokens_wh=100_000)
+    for b in BUYERS:
+        chain.set(b, escrow_free_wei=10**15)
+    chain.server = server  # type: ignore[attr-defined]
+    yield chain
+    await server.stop()
+    sec.stop()
+    store.close()
+    ctx.destroy(linger=0)
+
+
+def settings(grid: Grid, chain_rpc: str, **kw: object) -> AuctionSettings:
+    base: dict[str, object] = dict(site="market", data_dir=grid.root / "market", keys_dir=grid.keys,
+                                   hub_pub=grid.hub_pub, hub_sub=grid.hub_sub, heartbeat_s=0.2,
+                                   chain_rpc=chain_rpc, auction_bind="tcp://127.0.0.1:*",
+                                   auction_balance_timeout_s=1.0, auction_operator=OPERATOR)
+    base.update(kw)
+    return AuctionSettings(**base)  # type: ignore[arg-type]
+
+
+class Running:
+    """An in-process auction service and a client of it (a buyer site's keys)."""
+
+    def __init__(self, grid: Grid, s: AuctionSettings) -> None:
+        self.grid, self.settings = grid, s
+        self.service = AuctionService(s)
+        self.ctx = zmq.asyncio.Context()
+        self.sec = grid.security("home-7")
+
+    async def __aenter__(self) -> Running:
+        await self.service.start()
+        self.endpoint = self.service.rpc.endpoint
+        self.client = RpcClient(self.ctx, self.sec, self.endpoint, server_site="market", timeout_s=10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+        await self.service.stop()
+        self.ctx.destroy(linger=0)
+
+    async def call(self, req: cmd.Request, **kw: object) -> cmd.Reply:
+        return await self.client.request(req, **kw)  # type: ignore[arg-type]
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.settings.data_dir / "auction.sqlite")
+
+
+def outbox(db_path: pathlib.Path, type_: str) -> list[dict]:  # type: ignore[type-arg]
+    """The bodies of the events of one type in the service's durable outbox, in order."""
+    import json
+
+    with sqlite3.connect(db_path) as c:
+        rows = c.execute("SELECT data FROM bus_outbox WHERE topic LIKE ? ORDER BY seq", (type_ + ".%",)).fetchall()
+    c.close()
+    return [json.loads(r[0])["body"] for r in rows]
+
+
+async def until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,372 @@
+"""The auction service on real sockets: a real hub, a stand-in chain (FakeChain) on a
+real RpcServer, the service's own SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from services.bus import Publisher, RequestError, Store, Subscriber
+from services.bus import commands as cmd
+from services.bus import events as ev
+
+from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, outbox, settings, until
+
+B1, B2, B3 = BUYERS
+
+
+def offer(wh: int = 2000, price: int = 1000, duration: float = 30.0) -> cmd.PlaceOffer:
+    return cmd.PlaceOffer(seller=SELLER, seller_site="solar-1", wh=wh, start_price_wei_per_kwh=price,
+                          duration_s=duration)
+
+
+def bid(offer_id: str, buyer: str, price: int) -> cmd.PlaceBid:
+    return cmd.PlaceBid(offer_id=offer_id, buyer=buyer, buyer_site="home-7", price_wei_per_kwh=price)
+
+
+class Watcher:
+    """What a marketplace page sees: every market and trade event through the hub."""
+
+    def __init__(self, grid: Grid, ctx: zmq.asyncio.Context, store: Store) -> None:
+        self.seen: list[ev.Message] = []
+        self.sub = Subscriber(ctx, grid.security("home-7"), store, hub_sub=grid.hub_sub,
+                              prefixes=["market.", "trade."], handler=self.handler, name="page")
+
+    def handler(self, env, conn) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append(env.body)
+
+    def of(self, cls: type) -> list:  # type: ignore[type-arg]
+        return [b for b in self.seen if isinstance(b, cls)]
+
+
+async def test_english_auction_live_on_the_bus(grid: Grid, fake_chain: FakeChain, tmp_path) -> None:
+    ctx = zmq.asyncio.Context()
+    sec = grid.security("home-7")
+    sec.start(ctx)
+    page = Watcher(grid, ctx, Store(tmp_path / "page.sqlite"))
+    await page.sub.start()
+    try:
+        async with Running(grid, settings(grid, fake_chain.endpoint, auction_min_increment_wei_per_kwh=10)) as m:
+            placed = await m.call(offer(wh=2500, price=1000, duration=1.5))
+            await m.call(bid(placed.offer_id, B1, 1000))
+            await m.call(bid(placed.offer_id, B2, 1010))
+            listed = (await m.call(cmd.ListOffers())).offers
+            assert [(o.offer_id, o.highest_bidder, o.highest_bid_wei_per_kwh, o.bids) for o in listed] == \
+                [(placed.offer_id, B2, 1010, 2)]
+            await until(lambda: page.of(ev.TradeAgreed), what="trade agreed on the bus")
+            agreed = page.of(ev.TradeAgreed)
+            assert [(a.trade_id, a.buyer, a.price_wei_per_kwh, a.wh) for a in agreed] == \
+                [(f"t-{placed.offer_id}", B2, 1010, 2500)]
+            assert [(c.outcome, c.winner) for c in page.of(ev.OfferClosed)] == [("sold", B2)]
+            assert [b.buyer for b in page.of(ev.BidPlaced)] == [B1, B2]
+            assert page.of(ev.OfferOpened)[0].ends_at == pytest.approx(placed.ends_at)
+            trades = (await m.call(cmd.ListTrades(account=B2))).trades
+            assert [(t.trade_id, t.state) for t in trades] == [(f"t-{placed.offer_id}", "agreed")]
+            assert (await m.call(cmd.ListTrades(account=B1))).trades == []
+            assert (await m.call(cmd.ListOffers())).offers == []
+            assert (await m.call(cmd.ListOffers(include_closed=True))).offers[0].state == "sold"
+    finally:
+        await page.sub.stop()
+        page.sub.store.close()
+        sec.stop()
+        ctx.destroy(linger=0)
+
+
+def snapshot(m: Running) -> dict[str, list]:  # type: ignore[type-arg]
+    with m.db() as c:
+        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        out = {t: sorted(map(repr, c.execute(f"SELECT * FROM {t}"))) for t in tables}
+        # the trade heartbeat ticks on its own, whatever the commands do
+        out["bus_outbox"] = sorted(map(repr, c.execute(
+            "SELECT * FROM bus_outbox WHERE topic NOT LIKE 'trade.heartbeat.%'")))
+    c.close()
+    return out
+
+
+async def raw(endpoint: str, grid: Grid, data: bytes) -> dict:  # type: ignore[type-arg]
+    """Send bytes that no typed client would send; return the decoded reply."""
+    ctx = zmq.asyncio.Context()
+    sec = grid.security("home-7")
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sec.connect_to(sock, endpoint, "market")
+    sock.connect(endpoint)
+    try:
+        await sock.send(data)
+        assert await sock.poll(10_000), "no reply to a malformed request"
+        return json.loads(await sock.recv())
+    finally:
+        sock.close(0)
+        ctx.destroy(linger=0)
+
+
+async def test_every_invalid_bid_gets_a_reason_and_changes_nothing(grid: Grid, fake_chain: FakeChain) -> None:
+    fake_chain.set(B3, escrow_free_wei=1999)  # 2000 Wh at 1000 wei/kWh costs 2000 wei
+    async with Running(grid, settings(grid, fake_chain.endpoint, auction_min_increment_wei_per_kwh=10,
+                                      auction_max_duration_s=3600)) as m:
+        live = (await m.call(offer(wh=2000, price=1000))).offer_id
+        await m.call(bid(live, B1, 1000))
+        cancelled = (await m.call(offer(wh=10))).offer_id
+        await m.call(cmd.CancelOffer(offer_id=cancelled, seller=SELLER))
+        expired = (await m.call(offer(wh=10, duration=0.2))).offer_id
+        await until(lambda: any(o["outcome"] == "expired" for o in outbox(m.settings.data_dir / "auction.sqlite",
+                                                                          "market.offer_closed")))
+        before = snapshot(m)
+        cases = [
+            (bid(live, B2, 1009), "too_low", "1010"),
+            (bid(live, B2, 999), "too_low", ""),
+            (bid(live, B3, 1000 + 10), "unfunded", "2020"),
+            (bid(cancelled, B2, 5000), "closed", "cancelled"),
+            (bid(expired, B2, 5000), "closed", "expired"),
+            (bid(live, SELLER, 5000), "own_offer", ""),
+            (bid(live, SELLER.upper().replace("0X", "0x"), 5000), "own_offer", ""),
+            (bid("o-999", B2, 5000), "not_found", ""),
+            (cmd.CancelOffer(offer_id=live, seller=SELLER), "has_bids", ""),
+            (cmd.CancelOffer(offer_id=live, seller=B1), "not_allowed", ""),
+            (offer(wh=200_000), "no_tokens", ""),
+            (offer(duration=3601), "invalid", "longest"),
+            (cmd.CloseTrade(trade_id="t-nope", by=B1), "not_found", ""),
+        ]
+        for req, code, words in cases:
+            with pytest.raises(RequestError) as e:
+                await m.call(req)
+            assert e.value.code == code, (req, e.value)
+            assert words in e.value.message and e.value.message
+        # malformed: bad price, missing field, unknown field, not JSON at all
+        good = cmd.wrap(bid(live, B2, 2000), "c1").model_dump(mode="json")
+        for mutate in (lambda d: d["body"].update(price_wei_per_kwh=-5), lambda d: d["body"].pop("buyer"),
+                       lambda d: d["body"].update(extra=1), lambda d: d["body"].update(buyer="0x12")):
+            d = json.loads(json.dumps(good))
+            mutate(d)
+            rep = await raw(m.endpoint, grid, json.dumps(d).encode())
+            assert rep["ok"] is False and rep["error"]["code"] == "bad_request" and rep["error"]["message"]
+        rep = await raw(m.endpoint, grid, b"\xff not json")
+        assert rep["ok"] is False and rep["error"]["code"] == "bad_request"
+        assert snapshot(m) == before
+        # and a valid bid after all that still works
+        assert (await m.call(bid(live, B2, 1010))).bid_id
+
+
+async def test_escrow_held_by_other_leading_bids_counts(grid: Grid, fake_chain: FakeChain) -> None:
+    fake_chain.set(B3, escrow_free_wei=3000)
+    async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+        a = (await m.call(offer(wh=2000, price=1000))).offer_id
+        b = (await m.call(offer(wh=2000, price=1000))).offer_id
+        await m.call(bid(a, B3, 1000))  # holds 2000 of 3000
+        with pytest.raises(RequestError) as e:
+            await m.call(bid(b, B3, 1000))
+        assert e.value.code == "unfunded" and "already held" in e.value.message
+        await m.call(bid(a, B3, 1500))  # raising one's own bid replaces what it holds: 3000 of 3000
+        await m.call(bid(a, B1, 1600))  # outbid: B3's escrow is free again
+        assert (await m.call(bid(b, B3, 1000))).bid_id
+        # the seller's tokens: 100 000 Wh, 4000 held by the two offers
+        with pytest.raises(RequestError) as e:
+            await m.call(offer(wh=96_001))
+        assert e.value.code == "no_tokens" and "4000 Wh already held" in e.value.message
+        assert (await m.call(offer(wh=96_000))).offer_id
+
+
+async def test_a_chain_that_does_not_answer_is_a_clear_error(grid: Grid, fake_chain: FakeChain) -> None:
+    async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+        live = (await m.call(offer())).offer_id
+        await fake_chain.server.stop()  # type: ignore[attr-defined]
+        before = snapshot(m)
+        with pytest.raises(RequestError) as e:
+            await m.call(bid(live, B1, 1000))
+        assert e.value.code == "unavailable" and "cannot check escrow now" in e.value.message
+        with pytest.raises(RequestError) as e:
+            await m.call(offer())
+        assert e.value.code == "unavailable" and "cannot check tokens now" in e.value.message
+        assert snapshot(m) == before
+
+
+async def test_seller_cancels_an_offer_without_bids(grid: Grid, fake_chain: FakeChain) -> None:
+    async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+        o = (await m.call(offer())).offer_id
+        assert await m.call(cmd.CancelOffer(offer_id=o, seller=SELLER)) == cmd.Ok()
+        with pytest.raises(RequestError) as e:
+            await m.call(cmd.CancelOffer(offer_id=o, seller=SELLER))
+        assert e.value.code == "closed"
+        closed = outbox(m.settings.data_dir / "auction.sqlite", "market.offer_closed")
+        assert closed == [{"offer_id": o, "outcome": "cancelled", "winner": None, "price_wei_per_kwh": None}]
+
+
+async def test_a_retried_command_id_runs_once(grid: Grid, fake_chain: FakeChain) -> None:
+    async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+        o = (await m.call(offer())).offer_id
+        first = await m.call(bid(o, B1, 1000), cmd_id="same")
+        again = await m.call(bid(o, B1, 1000), cmd_id="same")
+        assert first == again
+        assert len(outbox(m.settings.data_dir / "auction.sqlite", "market.bid_placed")) == 1
+
+
+async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_chain: FakeChain, tmp_path) -> None:
+    ctx = zmq.asyncio.Context()
+    sec = grid.security("market")
+    sec.start(ctx)
+    chain_store = Store(tmp_path / "chain-events.sqlite")
+    # events as the chain service and the buyer's meter would publish them
+    chain = Publisher(ctx, sec, chain_store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
+    await chain.start()
+    try:
+        async with Running(grid, settings(grid, fake_chain.endpoint, auction_trade_heartbeat_s=0.1)) as m:
+            db = m.settings.data_dir / "auction.sqlite"
+            o = (await m.call(offer(wh=2000, duration=0.5))).offer_id
+            await m.call(bid(o, B1, 1000))
+            tid = f"t-{o}"
+            await until(lambda: outbox(db, "trade.agreed"))
+
+            def states() -> list[str]:
+                return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == tid]
+
+            def heard_live() -> bool:
+                return any(tid in h["live"] for h in outbox(db, "trade.heartbeat"))
+
+            assert states() == ["agreed"] and not heard_live()
+            with pytest.raises(RequestError) as e:
+                await m.call(cmd.CloseTrade(trade_id=tid, by=SELLER))
+            assert e.value.code == "not_allowed"
+            await chain.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))
+            await until(lambda: states() == ["agreed", "recorded", "delivering"], what="recorded")
+            await until(heard_live, what="heartbeat lists the live trade")
+            hb = [h for h in outbox(db, "trade.heartbeat") if tid in h["live"]][-1]
+            assert hb["sites"][tid] == ["solar-1", "home-7"]
+            await chain.publish(ev.Delivery(trade_id=tid, site="solar-1", meter="m1", role="producer", delivered_wh=900))
+            await chain.publish(ev.Delivery(trade_id=tid, site="home-7", meter="m1", role="consumer", delivered_wh=800))
+            await until(lambda: (m.db().execute("SELECT delivered_wh FROM trades").fetchone() or [0])[0] == 800)
+            await m.call(cmd.CloseTrade(trade_id=tid, by=B1))
+            assert states()[-1] == "closed"
+            with pytest.raises(RequestError) as e:
+                await m.call(cmd.CloseTrade(trade_id=tid, by=B1))
+            assert e.value.code == "closed"
+            await chain.publish(ev.TradeClosedOnChain(trade_id=tid, delivered_wh=850, paid_wei=850, refunded_wei=1150,
+                                                      tx_hash="0x02"))
+            await until(lambda: states()[-1] == "settled", what="settled")
+            trade = (await m.call(cmd.ListTrades())).trades[0]
+            assert (trade.state, trade.delivered_wh, trade.paid_wei) == ("settled", 850, 850)
+            await chain.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))  # late repeat: a no-op
+            await asyncio.sleep(0.5)
+            assert states() == ["agreed", "recorded", "delivering", "closed", "settled"]
+            last = outbox(db, "trade.heartbeat")[-1]
+            assert tid not in last["live"]
+    finally:
+        await chain.stop()
+        chain_store.close()
+        sec.stop()
+        ctx.destroy(linger=0)
+
+
+async def test_delivery_fulfils_and_operator_may_close(grid: Grid, fake_chain: FakeChain, tmp_path) -> None:
+    ctx = zmq.asyncio.Context()
+    sec = grid.security("market")
+    sec.start(ctx)
+    store = Store(tmp_path / "chain-events.sqlite")
+    chain = Publisher(ctx, sec, store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
+    await chain.start()
+    try:
+        async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+            db = m.settings.data_dir / "auction.sqlite"
+            o1 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
+            o2 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
+            await m.call(bid(o1, B1, 1000))
+            await m.call(bid(o2, B2, 1000))
+            await until(lambda: len(outbox(db, "trade.agreed")) == 2)
+            for o in (o1, o2):
+                await chain.publish(ev.TradeRecorded(trade_id=f"t-{o}", tx_hash="0x01"))
+            await chain.publish(ev.Delivery(trade_id=f"t-{o1}", site="home-7", meter="m1", role="consumer",
+                                            delivered_wh=1000))
+
+            def state(tid: str) -> str:
+                return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == tid][-1]
+
+            await until(lambda: state(f"t-{o1}") == "fulfilled", what="fulfilled")
+            await until(lambda: state(f"t-{o2}") == "delivering")
+            await m.call(cmd.CloseTrade(trade_id=f"t-{o2}", by=OPERATOR))
+            closed = [s for s in outbox(db, "trade.status") if s["state"] == "closed"]
+            assert [(c["trade_id"], c["reason"]) for c in closed] == [(f"t-{o2}", "closed by the operator")]
+    finally:
+        await chain.stop()
+        store.close()
+        sec.stop()
+        ctx.destroy(linger=0)
+
+
+async def test_deadlines_survive_a_restart(grid: Grid, fake_chain: FakeChain) -> None:
+    s = settings(grid, fake_chain.endpoint)
+    db = s.data_dir / "auction.sqlite"
+    async with Running(grid, s) as m:
+        short = await m.call(offer(duration=1.0))
+        long = await m.call(offer(duration=120.0))
+        await m.call(bid(short.offer_id, B1, 1200))
+        await m.call(bid(long.offer_id, B2, 1300))
+    assert outbox(db, "trade.agreed") == []  # stopped before the first deadline
+    while time.time() < short.ends_at + 0.2:  # the deadline passes while the service is down
+        await asyncio.sleep(0.05)
+    async with Running(grid, s) as m:
+        await until(lambda: len(outbox(db, "trade.agreed")) == 1, what="overdue auction settled on start")
+        offers = {o.offer_id: o for o in (await m.call(cmd.ListOffers(include_closed=True))).offers}
+        assert offers[short.offer_id].state == "sold"
+        assert offers[long.offer_id].state == "open"
+        assert offers[long.offer_id].ends_at == long.ends_at  # keeps its remaining time
+    async with Running(grid, s) as m:  # and a second restart settles nothing again
+        await m.call(cmd.Ping())
+        assert (await m.call(cmd.ListOffers())).offers[0].offer_id == long.offer_id
+    agreed = outbox(db, "trade.agreed")
+    assert [(a["trade_id"], a["buyer"], a["price_wei_per_kwh"]) for a in agreed] == \
+        [(f"t-{short.offer_id}", B1, 1200)]
+    assert [c["offer_id"] for c in outbox(db, "market.offer_closed")] == [short.offer_id]
+
+
+async def test_double_auction_clears_each_call(grid: Grid, fake_chain: FakeChain) -> None:
+    sellers = ["0x" + c * 40 for c in "12"]
+    for a in sellers:
+        fake_chain.set(a, tokens_wh=10_000)
+    s = settings(grid, fake_chain.endpoint, auction_market="double", auction_clear_interval_s=0.5)
+    db = s.data_dir / "auction.sqlite"
+    async with Running(grid, s) as m:
+        with pytest.raises(RequestError) as e:
+            await m.call(offer())
+        assert e.value.code == "unsupported"
+
+        def order(side: str, account: str, wh: int, price: int) -> cmd.PlaceOrder:
+            return cmd.PlaceOrder(side=side, account=account, site="home-7" if side == "buy" else "solar-1", wh=wh,
+                                  limit_price_wei_per_kwh=price)  # type: ignore[arg-type]
+
+        ids = [(await m.call(order("sell", sellers[0], 3000, 100))).order_id,
+               (await m.call(order("sell", sellers[1], 3000, 300))).order_id,
+               (await m.call(order("buy", B1, 2000, 500))).order_id,
+               (await m.call(order("buy", B2, 2500, 200))).order_id]
+        try:
+            await m.call(order("buy", sellers[0], 10, 500))
+        except RequestError as e:
+            assert e.code == "own_offer"
+        else:  # only possible if a call boundary fell between the two orders
+            placed = outbox(db, "market.order_placed")
+            assert placed[-1]["account"] == sellers[0] and placed[-1]["round"] != placed[0]["round"]
+        with pytest.raises(RequestError) as e:
+            await m.call(order("sell", sellers[0], 10_001, 100))
+        assert e.value.code == "no_tokens"
+        with pytest.raises(RequestError) as e:
+            await m.call(order("buy", B3, 10**9, 10**10))
+        assert e.value.code == "unfunded"
+        await until(lambda: outbox(db, "market.cleared"), what="a call cleared")
+        cleared = outbox(db, "market.cleared")
+        rounds = {o["order_id"]: o["round"] for o in outbox(db, "market.order_placed") if o["order_id"] in ids}
+        if len(set(rounds.values())) == 1 and len(outbox(db, "market.order_placed")) == 4:  # all four orders landed in one call
+            assert len(cleared) == 1
+            c = cleared[0]
+            # buys 500 (2000 Wh), 200 (2500 Wh); sells 100 (3000 Wh), 300 (3000 Wh):
+            # seller 1 fills buyer 1 and 1000 Wh of buyer 2 at a price in [200, 300]
+            assert c["volume_wh"] == 3000 and 200 <= c["price_wei_per_kwh"] <= 300
+            agreed = outbox(db, "trade.agreed")
+            assert sorted((a["buyer"], a["wh"]) for a in agreed) == sorted([(B1, 2000), (B2, 1000)])
+            assert {a["trade_id"] for a in agreed} == set(c["trade_ids"])
+            assert all(a["price_wei_per_kwh"] == c["price_wei_per_kwh"] and a["offer_id"] == ids[0] for a in agreed)
+        else:  # the call boundary fell between the orders: each call still cleared once
+            await until(lambda: len(outbox(db, "market.cleared")) == len(set(rounds.values())))
+            assert sorted(c["round"] for c in outbox(db, "market.cleared")) == sorted(set(rounds.values()))
