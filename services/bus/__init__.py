@@ -1,0 +1,16 @@
+"""The shared contract between services: typed events and commands, the wire, pub/sub
+through the hub with replay, request/reply, CURVE keys, the service base."""
+
+from .config import BusSettings
+from .envelope import Envelope
+from .errors import BusError, DecodeError, GridtradeError, RequestError, RequestTimeout
+from .keys import Security, ensure_keys
+from .service import Service, configure_logging, run_service
+from .store import Store
+from .transport import Publisher, RpcClient, RpcServer, Subscriber
+
+__all__ = [
+    "BusError", "BusSettings", "DecodeError", "Envelope", "GridtradeError", "Publisher", "RequestError",
+    "RequestTimeout", "RpcClient", "RpcServer", "Security", "Service", "Store", "Subscriber",
+    "configure_logging", "ensure_keys", "run_service",
+]

@@ -1,0 +1,37 @@
+"""Settings every service shares, from ``GRIDTRADE_*`` environment variables."""
+
+from __future__ import annotations
+
+import pathlib
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BusSettings(BaseSettings):
+    """How a service joins its micro-grid's bus. Each service subclasses this."""
+
+    model_config = SettingsConfigDict(env_prefix="GRIDTRADE_", extra="ignore")
+
+    site: str = Field(default="market", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+                      description="this site's name; topics end with it, keys are named by it")
+    data_dir: pathlib.Path = Field(default=pathlib.Path("data"), description="where this site keeps its state")
+    hub_pub: str = Field(default="tcp://127.0.0.1:5550", description="the hub's XSUB endpoint: publishers connect here")
+    hub_sub: str = Field(default="tcp://127.0.0.1:5551", description="the hub's XPUB endpoint: subscribers connect here")
+    hub_site: str = Field(default="market", description="the site whose key the hub serves with")
+    keys_dir: pathlib.Path | None = Field(default=None, description="CURVE keys; default <data_dir>/keys")
+    insecure: bool = Field(default=False, description="run TCP sockets without CURVE (logs a warning)")
+    heartbeat_s: float = Field(default=1.0, gt=0, description="publisher heartbeat interval")
+    replay_bind: str = Field(default="tcp://127.0.0.1:*", description="where a publisher serves replays")
+    rpc_timeout_s: float = Field(default=5.0, gt=0)
+    chain_rpc: str = Field(default="tcp://127.0.0.1:5560", description="the chain service's request endpoint")
+    chain_site: str = "market"
+    auction_rpc: str = Field(default="tcp://127.0.0.1:5561", description="the auction service's request endpoint")
+    auction_site: str = "market"
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="/healthz and /metrics port; 0 = off")
+    metrics_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+
+    @property
+    def keys(self) -> pathlib.Path:
+        return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"

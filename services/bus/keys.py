@@ -1,0 +1,103 @@
+"""CurveZMQ on every TCP socket, with an allow-list of public keys.
+
+A site's keys folder holds its own key pair (``<site>.key``, ``<site>.key_secret``) and
+``allowed/``: the public keys (``<site>.key``) of every site it trusts, itself included.
+A client looks up the server's public key there by the server's site name. ``ipc://``
+and ``inproc://`` endpoints are local to the machine and go without CURVE.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+
+import zmq
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.thread import ThreadAuthenticator
+
+from .errors import BusError
+
+log = logging.getLogger(__name__)
+
+
+def ensure_keys(keys_dir: pathlib.Path, site: str) -> pathlib.Path:
+    """Create ``site``'s key pair if missing and allow it; return the secret key file."""
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    allowed = keys_dir / "allowed"
+    allowed.mkdir(exist_ok=True)
+    secret = keys_dir / f"{site}.key_secret"
+    if not secret.exists():
+        zmq.auth.create_certificates(keys_dir, site)
+        secret.chmod(0o600)
+        log.info("created CURVE key pair for site %s in %s", site, keys_dir)
+    public = keys_dir / f"{site}.key"
+    if not (allowed / public.name).exists():
+        shutil.copy(public, allowed / public.name)
+    return secret
+
+
+def _tcp(endpoint: str) -> bool:
+    return endpoint.startswith("tcp://")
+
+
+class Security:
+    """Applies CURVE (or, only when ``insecure``, nothing) to the sockets of one process."""
+
+    def __init__(self, keys_dir: pathlib.Path, site: str, *, insecure: bool = False) -> None:
+        self.keys_dir = keys_dir
+        self.site = site
+        self.insecure = insecure
+        self._auth: AsyncioAuthenticator | ThreadAuthenticator | None = None
+        if insecure:
+            log.warning("CURVE is OFF (GRIDTRADE_INSECURE): anyone who reaches the TCP ports can read and send")
+            self.public = self.secret = b""
+            return
+        secret_file = keys_dir / f"{site}.key_secret"
+        if not secret_file.exists():
+            raise BusError(f"no CURVE key for site {site!r} in {keys_dir}: run `gridtrade keys --site {site}`")
+        public, secret = zmq.auth.load_certificate(secret_file)
+        assert secret is not None
+        self.public, self.secret = public, secret
+
+    def server_key(self, site: str) -> bytes:
+        path = self.keys_dir / "allowed" / f"{site}.key"
+        if not path.exists():
+            raise BusError(f"no public key for site {site!r} in {path.parent} (not on the allow-list)")
+        return zmq.auth.load_certificate(path)[0]
+
+    def start(self, ctx: zmq.Context) -> None:  # type: ignore[type-arg]
+        """Start the ZAP handler that checks clients against ``allowed/`` (once per context)."""
+        if self.insecure or self._auth is not None:
+            return
+        import zmq.asyncio
+
+        auth_cls = AsyncioAuthenticator if isinstance(ctx, zmq.asyncio.Context) else ThreadAuthenticator
+        self._auth = auth_cls(ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="gridtrade", location=str(self.keys_dir / "allowed"))
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def serve(self, sock: zmq.Socket, endpoint: str) -> None:  # type: ignore[type-arg]
+        """Make ``sock`` a CURVE server if it binds a TCP endpoint."""
+        if self.insecure or not _tcp(endpoint):
+            return
+        if self._auth is None:
+            raise BusError("Security.start(ctx) must run before serving")
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+        sock.zap_domain = b"gridtrade"
+
+    def connect_to(self, sock: zmq.Socket, endpoint: str, server_site: str) -> None:  # type: ignore[type-arg]
+        """Make ``sock`` a CURVE client of ``server_site`` if it connects over TCP."""
+        if self.insecure or not _tcp(endpoint):
+            return
+        sock.curve_serverkey = self.server_key(server_site)
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret

@@ -1,0 +1,208 @@
+"""The small base every service stands on: settings, logging, signals, ordered shutdown,
+the bus parts it asks for, and a ``/healthz`` + ``/metrics`` endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any, ClassVar
+
+import zmq.asyncio
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .config import BusSettings
+from .errors import GridtradeError
+from .keys import Security
+from .store import Store
+from .transport import Handler, Publisher, RpcClient, RpcServer, Subscriber
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Only ``main()`` configures handlers; modules just use ``logging.getLogger``."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class Service:
+    """Subclasses set ``name``, override ``setup`` (ask for bus parts, spawn tasks) and
+    optionally ``stopping`` (stop taking input) and ``health``."""
+
+    name: ClassVar[str] = "service"
+
+    def __init__(self, settings: BusSettings) -> None:
+        self.settings = settings
+        self.source = f"{settings.site}/{self.name}"
+        self.ctx = zmq.asyncio.Context()
+        self.security = Security(settings.keys, settings.site, insecure=settings.insecure)
+        self.store = Store(settings.data_dir / f"{self.name}.sqlite")
+        self.registry = CollectorRegistry()
+        self.m_events = Counter("gridtrade_events_published", "events published", registry=self.registry)
+        self.m_applied = Gauge("gridtrade_events_applied", "events applied by subscribers", registry=self.registry)
+        self.m_dropped = Gauge("gridtrade_frames_dropped", "frames dropped", ["cause"], registry=self.registry)
+        self.m_up = Gauge("gridtrade_up", "1 while the service runs", registry=self.registry)
+        self.pub: Publisher | None = None
+        self.subscribers: list[Subscriber] = []
+        self.servers: list[RpcServer] = []
+        self.clients: list[RpcClient] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self.started_at = time.time()
+        self.ready = False
+
+    # --- parts a subclass asks for in setup() ----------------------------------------
+
+    def publisher(self) -> Publisher:
+        if self.pub is None:
+            s = self.settings
+            self.pub = Publisher(self.ctx, self.security, self.store, source=self.source, hub_pub=s.hub_pub,
+                                 hub_site=s.hub_site, replay_bind=s.replay_bind, heartbeat_s=s.heartbeat_s)
+        return self.pub
+
+    def subscribe(self, prefixes: Iterable[str], handler: Handler, *, start: str = "earliest") -> Subscriber:
+        sub = Subscriber(self.ctx, self.security, self.store, hub_sub=self.settings.hub_sub,
+                         hub_site=self.settings.hub_site, prefixes=prefixes, handler=handler, start=start,
+                         name=f"{self.source} sub")
+        self.subscribers.append(sub)
+        return sub
+
+    def serve(self, bind: str) -> RpcServer:
+        srv = RpcServer(self.ctx, self.security, self.store, bind=bind, name=f"{self.source} rpc")
+        self.servers.append(srv)
+        return srv
+
+    def client(self, endpoint: str, server_site: str) -> RpcClient:
+        c = RpcClient(self.ctx, self.security, endpoint, server_site=server_site,
+                      timeout_s=self.settings.rpc_timeout_s)
+        self.clients.append(c)
+        return c
+
+    def spawn(self, coro: Awaitable[Any], name: str = "") -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        if name:
+            task.set_name(name)
+        self._tasks.append(task)
+        return task
+
+    # --- hooks ------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Ask for bus parts and spawn background tasks here."""
+
+    async def stopping(self) -> None:
+        """Called first on shutdown: stop taking new input."""
+
+    async def teardown(self) -> None:
+        """Called after the bus parts stopped: close clients of other things."""
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "service": self.name, "site": self.settings.site, "ready": self.ready,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "published": self.pub.sent if self.pub else 0,
+            "applied": sum(s.applied for s in self.subscribers),
+            "dropped": {c: n for s in self.subscribers for c, n in s.drops.counts.items()},
+            "rpc": [s.endpoint for s in self.servers if hasattr(s, "endpoint")],
+        }
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            return  # a second signal is ignored: shutdown is already under way
+        log.info("%s: stopping", self.source)
+        self._stop.set()
+
+    async def start(self) -> None:
+        self.security.start(self.ctx)
+        await self.setup()
+        for srv in self.servers:
+            await srv.start()
+        if self.pub:
+            await self.pub.start()
+        for sub in self.subscribers:
+            await sub.start()
+        if self.settings.metrics_port:
+            await self._start_http()
+        self.ready = True
+        self.m_up.set(1)
+        log.info("%s: ready", self.source)
+
+    async def stop(self) -> None:
+        """Ordered: stop input, finish in-flight work, close sockets. Twice is harmless."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.ready = False
+        with contextlib.suppress(Exception):
+            await self.stopping()
+        for sub in self.subscribers:
+            await sub.stop()
+        for srv in self.servers:
+            await srv.stop()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.pub:
+            await self.pub.stop()
+        for c in self.clients:
+            await c.close()
+        with contextlib.suppress(Exception):
+            await self.teardown()
+        if hasattr(self, "_runner"):
+            await self._runner.cleanup()
+        self.security.stop()
+        await asyncio.sleep(0)
+        self.store.close()
+        self.ctx.term()
+        self.m_up.set(0)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def _start_http(self) -> None:
+        async def healthz(_: web.Request) -> web.Response:
+            h = self.health()
+            return web.json_response(h, status=200 if h.get("ready") else 503)
+
+        async def metrics(_: web.Request) -> web.Response:
+            self.m_applied.set(sum(s.applied for s in self.subscribers))
+            for s in self.subscribers:
+                for cause, n in s.drops.counts.items():
+                    self.m_dropped.labels(cause).set(n)
+            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.settings.metrics_host, self.settings.metrics_port).start()
+
+
+def run_service(cls: type[Service], settings: BusSettings) -> int:
+    """Entry point for ``python -m services.<name>``: run until SIGINT/SIGTERM."""
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(cls(settings).run())
+    except GridtradeError as e:
+        log.error("%s: %s", cls.name, e)
+        return 2
+    return 0

@@ -1,0 +1,176 @@
+"""Request/reply and CURVE on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq
+import zmq.asyncio
+import zmq.auth
+
+from services.bus import RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
+from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
+
+from .conftest import Grid
+from .test_pubsub import Recorder, reading, until
+
+ADDR = "0x" + "ab" * 20
+
+
+@pytest.fixture
+async def server(grid: Grid, actx: zmq.asyncio.Context, tmp_path):  # type: ignore[no-untyped-def]
+    sec = grid.security("market")
+    sec.start(actx)
+    store = Store(tmp_path / "srv.sqlite")
+    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
+    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+
+    async def cancel(req: CancelOffer) -> Ok:
+        if req.offer_id == "bad":
+            raise RequestError("not_found", "no offer 'bad'")
+        store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
+        if req.offer_id == "boom":
+            raise RequestError("closed", "changed my mind")  # rolls back the insert above
+        await asyncio.sleep(0.05)
+        return Ok()
+
+    async def ping(req: Ping) -> Pong:
+        return Pong(node="market/test", uptime_s=1.0)
+
+    srv.handle(CancelOffer, cancel)
+    srv.handle(Ping, ping)
+    await srv.start()
+    yield srv, store
+    await srv.stop()
+    sec.stop()
+
+
+def cancels(store: Store) -> list[str]:
+    return [r[0] for r in store.conn.execute("SELECT offer FROM cancels")]
+
+
+async def test_request_reply_typed(server, grid: Grid, actx) -> None:  # type: ignore[no-untyped-def]
+    srv, store = server
+    client = RpcClient(actx, grid.security("home-7"), srv.endpoint)
+    pong = await client.request(Ping())
+    assert isinstance(pong, Pong) and pong.node == "market/test"
+    await client.close()
+
+
+async def test_a_retried_command_executes_once(server, grid: Grid, actx) -> None:  # type: ignore[no-untyped-def]
+    srv, store = server
+    client = RpcClient(actx, grid.security("home-7"), srv.endpoint)
+    req = CancelOffer(offer_id="o-1", seller=ADDR)
+    first, again, concurrent = await asyncio.gather(
+        client.request(req, cmd_id="cmd-1"), client.request(req, cmd_id="cmd-1"), client.request(req, cmd_id="cmd-1"))
+    assert first == again == concurrent == Ok()
+    assert await client.request(req, cmd_id="cmd-1") == Ok()
+    assert cancels(store) == ["o-1"]
+    await client.request(req, cmd_id="cmd-2")  # a new command id is a new command
+    assert cancels(store) == ["o-1", "o-1"]
+    await client.close()
+
+
+async def test_errors_are_clear_and_change_nothing(server, grid: Grid, actx) -> None:  # type: ignore[no-untyped-def]
+    srv, store = server
+    client = RpcClient(actx, grid.security("home-7"), srv.endpoint)
+    with pytest.raises(RequestError) as e:
+        await client.request(CancelOffer(offer_id="bad", seller=ADDR))
+    assert e.value.code == "not_found" and "bad" in e.value.message
+    with pytest.raises(RequestError) as e:
+        await client.request(CancelOffer(offer_id="boom", seller=ADDR))
+    assert e.value.code == "closed"
+    assert cancels(store) == []
+    raw = actx.socket(zmq.DEALER)
+    raw.linger = 0
+    grid.security("home-7").connect_to(raw, srv.endpoint, "market")
+    raw.connect(srv.endpoint)
+    for junk in (b"not json", b'{"v":1,"type":"auction.cancel","cmd_id":"x","body":{"offer_id":"o"}}',
+                 b'{"v":1,"type":"nope","cmd_id":"y","body":{}}', b'{"v":7,"type":"ping","cmd_id":"z","body":{}}'):
+        await raw.send(junk)
+        rep = ReplyEnvelope.model_validate_json(await asyncio.wait_for(raw.recv(), 10))
+        assert not rep.ok and rep.error is not None and rep.error.code == "bad_request"
+    raw.close(0)
+    assert await client.request(Ping())  # still serving
+    assert cancels(store) == []
+    await client.close()
+
+
+async def test_timeout_then_retry_with_the_same_id_executes_once(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sec = grid.security("market")
+    sec.start(actx)
+    store = Store(tmp_path / "srv.sqlite")
+    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
+    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+    gate = asyncio.Event()
+
+    async def slow_cancel(req: CancelOffer) -> Ok:
+        store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
+        await gate.wait()
+        return Ok()
+
+    srv.handle(CancelOffer, slow_cancel)
+    await srv.start()
+    client = RpcClient(actx, grid.security("home-7"), srv.endpoint)
+    with pytest.raises(RequestTimeout):
+        await client.request(CancelOffer(offer_id="o-9", seller=ADDR), cmd_id="slow", timeout=0.3)
+    gate.set()
+    assert await client.request(CancelOffer(offer_id="o-9", seller=ADDR), cmd_id="slow", timeout=10) == Ok()
+    assert cancels(store) == ["o-9"]
+    await client.close()
+    await srv.stop()
+    sec.stop()
+
+
+def stranger_keys(tmp_path):  # type: ignore[no-untyped-def]
+    """A key pair that is not on the hub's allow-list."""
+    d = tmp_path / "stranger"
+    d.mkdir()
+    pub, sec = zmq.auth.create_certificates(d, "stranger")
+    return zmq.auth.load_certificate(sec)
+
+
+async def test_a_peer_without_an_allowed_key_gets_nothing_and_sends_nothing(grid: Grid, actx, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv, _ = server
+    public, secret = stranger_keys(tmp_path)
+    hub_key = grid.security("market").server_key("market")
+
+    def stranger(kind: int) -> zmq.asyncio.Socket:
+        s = actx.socket(kind)
+        s.linger = 0
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = hub_key, public, secret
+        return s
+
+    # a legitimate subscriber and a legitimate publisher
+    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
+                     handler=rec.handler)
+    await sub.start()
+    legit = actx.socket(zmq.PUB)
+    legit.linger = 0
+    grid.security("solar-1").connect_to(legit, grid.hub_pub, "market")
+    legit.connect(grid.hub_pub)
+    # the stranger listens on the hub and tries to publish and to call the server
+    spy = stranger(zmq.SUB)
+    spy.subscribe(b"")
+    spy.connect(grid.hub_sub)
+    forger = stranger(zmq.PUB)
+    forger.connect(grid.hub_pub)
+    caller = stranger(zmq.DEALER)
+    caller.connect(srv.endpoint)
+    from services.bus import envelope
+    good = envelope.encode(envelope.make(reading(7), source="solar-1/meter", seq=1))
+    forged = envelope.encode(envelope.make(reading(666), source="solar-1/meter", seq=1))
+    await caller.send(wrap(Ping(), "spy").model_dump_json().encode())
+    for _ in range(40):
+        await forger.send_multipart(forged)
+        await legit.send_multipart(good)
+        await asyncio.sleep(0.05)
+    await until(lambda: rec.values() == [7])
+    assert await spy.poll(500) == 0, "the stranger received an event"
+    assert await caller.poll(500) == 0, "the stranger got a reply"
+    assert rec.values() == [7]
+    for s in (spy, forger, caller, legit):
+        s.close(0)
+    await sub.stop()
