@@ -28,13 +28,16 @@ CREATE TABLE IF NOT EXISTS chain_mints (
     state TEXT NOT NULL DEFAULT 'queued', tx_hash TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
     seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS chain_trades (
-    trade_id TEXT PRIMARY KEY, seller TEXT NOT NULL, buyer TEXT NOT NULL, wh INTEGER NOT NULL,
+    trade_id TEXT PRIMARY KEY, seller TEXT NOT NULL, buyer TEXT NOT NULL, buyer_site TEXT NOT NULL,
+    wh INTEGER NOT NULL,
     price TEXT NOT NULL, seq INTEGER NOT NULL,
     open_state TEXT NOT NULL DEFAULT 'queued', open_tx TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
     delivered_wh INTEGER NOT NULL DEFAULT 0, settled_wh INTEGER NOT NULL DEFAULT 0,
     settle_tx TEXT NOT NULL DEFAULT '', settle_target INTEGER NOT NULL DEFAULT 0,
     close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0, close_tx TEXT NOT NULL DEFAULT '',
     closed_published INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS chain_deliveries (trade_id TEXT NOT NULL, site TEXT NOT NULL, delivered_wh INTEGER NOT NULL,
+                                             PRIMARY KEY (trade_id, site));
 """
 
 

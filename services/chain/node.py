@@ -79,6 +79,8 @@ class Node:
     """A JSON-RPC node. ``kind`` is 'embedded', 'anvil' or 'rpc'."""
 
     kind = "rpc"
+    pending_tag = "pending"
+    """The block tag that sees pending transactions (estimates, balances)."""
 
     def __init__(self, w3: AsyncWeb3, url: str) -> None:
         self.w3 = w3
@@ -180,6 +182,7 @@ class EmbeddedNode(Node):
 
     kind = "embedded"
     supports_mining = True
+    pending_tag = "latest"
 
     def __init__(self, w3: AsyncWeb3, url: str = "embedded") -> None:
         super().__init__(w3, url)

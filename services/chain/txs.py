@@ -83,13 +83,13 @@ class TxManager:
             tx["data"] = HexBytes(data).to_0x_hex()
         if gas is None:
             async with guard():
-                estimate = int(await self.w3.eth.estimate_gas(tx, "pending"))  # type: ignore[arg-type]
+                estimate = int(await self.w3.eth.estimate_gas(tx, self.node.pending_tag))  # type: ignore[arg-type]
             gas = estimate if estimate == 21000 else int(estimate * self.gas_margin) + 10_000
         tx["gas"] = gas
         tx.update(await self.fees())
         price = tx.get("maxFeePerGas", tx.get("gasPrice", 0))
         async with guard():
-            balance = int(await self.w3.eth.get_balance(sender, "pending"))  # type: ignore[arg-type]
+            balance = int(await self.w3.eth.get_balance(sender, self.node.pending_tag))  # type: ignore[arg-type]
         need = value + gas * price
         if need > balance:
             raise TxRejected(f"insufficient funds: {sender} has {balance} wei, needs {need} wei "

@@ -1,0 +1,131 @@
+"""Chain service fixtures: a real hub with CURVE keys, the chain service in-process (embedded
+chain or the session's anvil node), a request client and a bus listener."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import zmq.asyncio
+
+from services.bus import Security, ensure_keys
+from services.bus.hub import Hub
+from services.bus.transport import Publisher, RpcClient, Subscriber
+from services.bus.store import Store
+from services.chain.config import ChainSettings
+from services.chain.service import ChainService
+from tests.chain_fixtures import anvil_url, start_anvil, stop_anvil  # noqa: F401 - fixtures
+
+SITES = ("market", "solar-1", "home-7", "tester")
+PASS = "correct horse battery staple"
+
+
+@dataclass
+class Bus:
+    keys: pathlib.Path
+    hub_pub: str
+    hub_sub: str
+    root: pathlib.Path
+
+    def env(self, site: str = "market") -> dict[str, str]:
+        return {"GRIDTRADE_SITE": site, "GRIDTRADE_KEYS_DIR": str(self.keys), "GRIDTRADE_HUB_PUB": self.hub_pub,
+                "GRIDTRADE_HUB_SUB": self.hub_sub, "GRIDTRADE_HEARTBEAT_S": "0.2"}
+
+
+@pytest.fixture
+def bus(tmp_path: pathlib.Path) -> Iterator[Bus]:
+    keys = tmp_path / "keys"
+    for site in SITES:
+        ensure_keys(keys, site)
+    hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
+    pub, sub = hub.start()
+    yield Bus(keys, pub, sub, tmp_path)
+    hub.stop()
+
+
+def chain_settings(bus: Bus, data_dir: pathlib.Path, url: str, **kw: Any) -> ChainSettings:
+    return ChainSettings(site="market", data_dir=data_dir, keys_dir=bus.keys, hub_pub=bus.hub_pub,
+                         hub_sub=bus.hub_sub, heartbeat_s=0.2, chain_url=url, chain_bind="tcp://127.0.0.1:*",
+                         scrypt_n=2**10, poll_s=0.05, settle_window_s=0.2, resend_after_s=0.5, backoff_max_s=1.0,
+                         **kw)
+
+
+async def start_chain(settings: ChainSettings, timeout: float = 60) -> ChainService:
+    svc = ChainService(settings)
+    await svc.start()
+    await asyncio.wait_for(svc.connected.wait(), timeout)
+    return svc
+
+
+@dataclass
+class Listener:
+    """Everything published on the bus with the given prefixes, as typed bodies."""
+
+    events: list[Any] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def of(self, cls: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, cls)]
+
+    async def wait_for(self, pred: Callable[[], Any], timeout: float = 60) -> Any:
+        async def loop() -> Any:
+            while not (r := pred()):
+                self.changed.clear()
+                await self.changed.wait()
+            return r
+        return await asyncio.wait_for(loop(), timeout)
+
+
+@dataclass
+class Peer:
+    """A test participant on the bus: a publisher (as site 'tester'), a listener and a client."""
+
+    ctx: zmq.asyncio.Context
+    pub: Publisher
+    sub: Subscriber
+    listener: Listener
+    client: RpcClient
+    store: Store
+
+    async def request(self, req: Any, **kw: Any) -> Any:
+        return await self.client.request(req, timeout=30, **kw)
+
+
+@pytest.fixture
+async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Peer] = []
+
+    async def make(endpoint: str, site: str = "tester") -> Peer:
+        ctx = zmq.asyncio.Context()
+        sec = Security(bus.keys, site)
+        sec.start(ctx)
+        store = Store(tmp_path / f"peer-{site}-{len(made)}.sqlite")
+        listener = Listener()
+
+        def handler(env: Any, conn: Any) -> None:
+            listener.events.append(env.body)
+            listener.changed.set()
+
+        pub = Publisher(ctx, sec, store, source=f"{site}/test", hub_pub=bus.hub_pub, heartbeat_s=0.2)
+        sub = Subscriber(ctx, sec, store, hub_sub=bus.hub_sub, prefixes=["chain."], handler=handler)
+        await pub.start()
+        await sub.start()
+        client = RpcClient(ctx, sec, endpoint, server_site="market")
+        p = Peer(ctx, pub, sub, listener, client, store)
+        p.security = sec  # type: ignore[attr-defined]
+        made.append(p)
+        await asyncio.wait_for(sub.connected.wait(), 10)
+        return p
+
+    yield make
+    for p in made:
+        await p.client.close()
+        await p.sub.stop()
+        await p.pub.stop()
+        p.store.close()
+        p.security.stop()  # type: ignore[attr-defined]
+        p.ctx.destroy(linger=0)
