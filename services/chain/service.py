@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import time
@@ -104,6 +105,8 @@ class ChainService(Service):
         self._settle_due_since: float | None = None
         self._settle_skip: dict[str, int] = {}
         self.reconnects = 0
+        self.job_rounds = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-scrypt")
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class ChainService(Service):
 
     async def teardown(self) -> None:
         self.sessions.clear()
+        self._pool.shutdown(wait=True)
         if self.node is not None:
             await self.node.close()
 
@@ -334,6 +338,7 @@ class ChainService(Service):
         await self._opens()
         await self._settlements()
         await self._closes()
+        self.job_rounds += 1
 
     def _have_pending(self) -> bool:
         return ledger.count_pending(self.store.conn) > 0
@@ -572,7 +577,8 @@ class ChainService(Service):
     @_errors
     async def unlock(self, req: C.Unlock) -> C.Unlocked:
         self.keystore.find(req.address)  # UnknownAccount before any work
-        key = await asyncio.to_thread(self.keystore.decrypt, req.address, req.passphrase.get_secret_value())
+        key = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.keystore.decrypt, req.address, req.passphrase.get_secret_value())
         session = self.sessions.unlock(key, req.ttl_s)
         del key
         log.info("unlocked %s for %.0fs", session.address, req.ttl_s)

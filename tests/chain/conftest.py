@@ -48,10 +48,11 @@ def bus(tmp_path: pathlib.Path) -> Iterator[Bus]:
 
 
 def chain_settings(bus: Bus, data_dir: pathlib.Path, url: str, **kw: Any) -> ChainSettings:
-    return ChainSettings(site="market", data_dir=data_dir, keys_dir=bus.keys, hub_pub=bus.hub_pub,
-                         hub_sub=bus.hub_sub, heartbeat_s=0.2, chain_url=url, chain_bind="tcp://127.0.0.1:*",
-                         scrypt_n=2**10, poll_s=0.05, settle_window_s=0.2, resend_after_s=0.5, backoff_max_s=1.0,
-                         **kw)
+    opts: dict[str, Any] = dict(site="market", data_dir=data_dir, keys_dir=bus.keys, hub_pub=bus.hub_pub,
+                                hub_sub=bus.hub_sub, heartbeat_s=0.2, chain_url=url, chain_bind="tcp://127.0.0.1:*",
+                                scrypt_n=2**10, poll_s=0.05, settle_window_s=0.2, resend_after_s=0.5,
+                                backoff_max_s=1.0)
+    return ChainSettings(**(opts | kw))
 
 
 async def start_chain(settings: ChainSettings, timeout: float = 60) -> ChainService:
@@ -59,6 +60,16 @@ async def start_chain(settings: ChainSettings, timeout: float = 60) -> ChainServ
     await svc.start()
     await asyncio.wait_for(svc.connected.wait(), timeout)
     return svc
+
+
+async def rounds(svc: ChainService, n: int = 2, timeout: float = 30) -> None:
+    """Wait until the service's job worker has gone round ``n`` more times."""
+    start = svc.job_rounds
+
+    async def loop() -> None:
+        while svc.job_rounds < start + n:
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(loop(), timeout)
 
 
 @dataclass
@@ -129,3 +140,11 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
         p.store.close()
         p.security.stop()  # type: ignore[attr-defined]
         p.ctx.destroy(linger=0)
+
+
+async def wait_until(pred: Callable[[], Any], timeout: float = 60, every: float = 0.05) -> Any:
+    async def loop() -> Any:
+        while not (r := pred()):
+            await asyncio.sleep(every)
+        return r
+    return await asyncio.wait_for(loop(), timeout)

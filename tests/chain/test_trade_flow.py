@@ -1,0 +1,155 @@
+"""A trade's whole on-chain path driven only by bus events, on the embedded chain and on anvil.
+
+Setup steps a user takes through the wallet (unlock, escrow deposit, token approval) go over
+request/reply; mint, open, settle and close are driven by events published with a real
+Publisher through a real hub. Balances are then read straight from the chain.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+from web3 import AsyncHTTPProvider, AsyncWeb3
+
+from services.bus import commands as C
+from services.bus import events as E
+from services.chain import contracts
+from services.chain.keystore import Keystore
+
+from .conftest import PASS, Bus, chain_settings, rounds, start_chain, wait_until
+
+PRICE = 10**16  # wei per kWh
+DEPOSIT = 10**18
+
+
+async def settled(peer: Any, hashes: list[str]) -> None:
+    await peer.listener.wait_for(lambda: all(
+        any(isinstance(e, E.TxUpdate) and e.tx_hash == h and e.status == "confirmed" for e in peer.listener.events)
+        for h in hashes))
+
+
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
+async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureRequest, bus: Bus,
+                                          tmp_path: pathlib.Path, peer_factory: Any) -> None:
+    url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
+    settings = chain_settings(bus, tmp_path / "chain", url)
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    seller, buyer = ks.new(PASS, name="solar").address, ks.new(PASS, name="home").address
+    svc = await start_chain(settings)
+    reader: AsyncWeb3 | None = None
+    try:
+        peer = await peer_factory(svc.servers[0].endpoint)
+        for a in (seller, buyer):
+            await peer.request(C.Unlock(address=a, passphrase=PASS))
+
+        # two kWh produced (one reading reported twice): two tokens, minted once each
+        for idx in (0, 1, 0):
+            await peer.pub.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
+                                                    account=seller, kwh_index=idx, wh=1000))
+        await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 2)
+
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT))
+        appr = await peer.request(C.Approve(account=seller, wh=1500))
+        await settled(peer, [dep.tx_hash, appr.tx_hash])
+
+        trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
+                     wh=1500, price_wei_per_kwh=PRICE)
+        await peer.pub.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        await peer.listener.wait_for(lambda: peer.listener.of(E.TradeRecorded))
+
+        # the buyer's meter pays; the seller's meter and another site's consumer meter do not
+        await peer.pub.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="m1", role="producer", delivered_wh=1400))
+        await peer.pub.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="x", role="consumer", delivered_wh=1400))
+        for wh in (400, 1000):
+            await peer.pub.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=wh))
+        await peer.listener.wait_for(lambda: any(s.delivered_wh == 1000 for s in peer.listener.of(E.Settled)))
+
+        await peer.pub.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
+        closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosedOnChain))
+
+        if backend == "embedded":
+            w3 = svc.node.w3  # the embedded chain lives inside the service's process
+        else:
+            reader = w3 = AsyncWeb3(AsyncHTTPProvider(url))
+        d = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address)
+        m, t = d.market.functions, d.token.functions
+        delivered = 1200
+        paid = contracts.cost(delivered, PRICE)
+        assert await t.totalSupply().call() == 2000
+        assert await t.balanceOf(seller).call() == 2000 - delivered
+        assert await t.balanceOf(buyer).call() == delivered
+        assert await t.balanceOf(d.market_address).call() == 0
+        assert await m.freeEscrow(buyer).call() == DEPOSIT - paid
+        assert await m.lockedEscrow(buyer).call() == 0
+        assert await m.credit(seller).call() == paid
+        status = await m.trades(contracts.id32("t-1")).call()
+        assert (status[2], status[4]) == (contracts.STATUS_CLOSED, delivered)
+
+        ev = peer.listener
+        assert sorted(x.reading_id for x in ev.of(E.Minted)) == ["solar-1/m1/0", "solar-1/m1/1"]
+        assert len(ev.of(E.TradeRecorded)) == 1
+        assert [(c.delivered_wh, c.paid_wei, c.refunded_wei) for c in closed] == [
+            (delivered, paid, contracts.cost(1500, PRICE) - paid)]
+        assert [s.delivered_wh for s in ev.of(E.Settled)][-1] == delivered
+        assert all(s.paid_wei == contracts.cost(s.delivered_wh, PRICE) for s in ev.of(E.Settled))
+
+        bal = await peer.request(C.GetBalances(address=seller))
+        assert (bal.tokens_wh, bal.generated_wh, bal.credit_wei) == (2000 - delivered, 2000, paid)
+        # every transaction sent went pending -> confirmed, once each
+        ups = ev.of(E.TxUpdate)
+        sent = {u.tx_hash for u in ups if u.status == "pending"}
+        assert sent and all(sum(1 for u in ups if u.tx_hash == h and u.status == "confirmed") == 1 for h in sent)
+    finally:
+        if reader is not None:
+            await contracts.close_provider(reader)
+        await svc.stop()
+
+
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
+async def test_batched_settlement_and_full_delivery_closes(backend: str, request: pytest.FixtureRequest, bus: Bus,
+                                                           tmp_path: pathlib.Path, peer_factory: Any) -> None:
+    url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
+    settings = chain_settings(bus, tmp_path / "chain", url, settle_window_s=0.5)
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    seller, buyer = ks.new(PASS).address, ks.new(PASS).address
+    svc = await start_chain(settings)
+    try:
+        peer = await peer_factory(svc.servers[0].endpoint)
+        for a in (seller, buyer):
+            await peer.request(C.Unlock(address=a, passphrase=PASS))
+        for idx in range(3):
+            await peer.pub.publish(E.EnergyProduced(reading_id=f"r/{idx}", site="solar-1", meter="m1",
+                                                    account=seller, kwh_index=idx))
+        await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 3)
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT))
+        appr = await peer.request(C.Approve(account=seller, wh=3000))
+        await settled(peer, [dep.tx_hash, appr.tx_hash])
+        ids = [f"b-{i}" for i in range(3)]
+        for tid in ids:
+            await peer.pub.publish(E.TradeAgreed(trade_id=tid, offer_id=tid, seller=seller, buyer=buyer,
+                                                 seller_site="solar-1", buyer_site="home-7", wh=1000,
+                                                 price_wei_per_kwh=PRICE))
+        await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeRecorded)) >= 3)
+        for tid in ids:  # full delivery on each: settled together, closed by the contract
+            await peer.pub.publish(E.Delivery(trade_id=tid, site="home-7", meter="m2", role="consumer",
+                                              delivered_wh=1000))
+        await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeClosedOnChain)) >= 3)
+        settles = [u for u in peer.listener.of(E.TxUpdate) if u.kind == "settle" and u.status == "confirmed"]
+        assert len(settles) < 3, "deliveries due together are settled in a batch"
+        for tid in ids:  # fulfilled afterwards: nothing left to close, nothing published twice
+            await peer.pub.publish(E.TradeStatus(trade_id=tid, state="fulfilled", seller=seller, buyer=buyer,
+                                                 seller_site="solar-1", buyer_site="home-7", wh=1000,
+                                                 price_wei_per_kwh=PRICE, delivered_wh=1000))
+        d = svc.dep
+        assert await d.market.functions.credit(seller).call() == 3 * contracts.cost(1000, PRICE)
+        assert await d.token.functions.balanceOf(buyer).call() == 3000
+        await peer.listener.wait_for(lambda: True)
+        await wait_until(lambda: svc.store.conn.execute(
+            "SELECT MAX(seq) FROM bus_offsets WHERE topic LIKE 'trade.status%'").fetchone()[0] == 3)
+        await rounds(svc)
+        assert len(peer.listener.of(E.TradeClosedOnChain)) == 3
+        assert not [u for u in peer.listener.of(E.TxUpdate) if u.kind == "close"]
+    finally:
+        await svc.stop()
