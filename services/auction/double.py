@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Literal
+from operator import attrgetter
+from typing import Literal, NamedTuple
 
 Side = Literal["sell", "buy"]
 
@@ -35,8 +36,7 @@ class Order:
     limit_price_wei_per_kwh: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Fill:
+class Fill(NamedTuple):
     buy_id: str
     sell_id: str
     wh: int
@@ -58,59 +58,62 @@ class Clearing:
         return out
 
 
-def _buy_key(o: Order) -> tuple[int, str]:
-    return (-o.limit_price_wei_per_kwh, o.order_id)
-
-
-def _sell_key(o: Order) -> tuple[int, str]:
-    return (o.limit_price_wei_per_kwh, o.order_id)
+_by_id = attrgetter("order_id")
+_by_price = attrgetter("limit_price_wei_per_kwh")
 
 
 def clear(orders: Iterable[Order]) -> Clearing:
     """Clear one call of the market. Order ids must be unique; amounts positive."""
-    buys: list[Order] = []
-    sells: list[Order] = []
-    for o in orders:
-        (buys if o.side == "buy" else sells).append(o)
-    buys.sort(key=_buy_key)
-    sells.sort(key=_sell_key)
+    # Best first, ties by lowest order id: sort everything by id once, then each side by
+    # price with a stable sort (descending for buys: ``reverse`` keeps stability, so ids
+    # stay ascending among equal prices).
+    ordered = sorted(orders, key=_by_id)
+    buys = [o for o in ordered if o.side == "buy"]
+    sells = [o for o in ordered if o.side != "buy"]
+    buys.sort(key=_by_price, reverse=True)
+    sells.sort(key=_by_price)
 
+    nb, ns = len(buys), len(sells)
+    if not nb or not ns:
+        return Clearing(price_wei_per_kwh=None, volume_wh=0, fills=())
+    bp = [o.limit_price_wei_per_kwh for o in buys]
+    sp = [o.limit_price_wei_per_kwh for o in sells]
     fills: list[Fill] = []
+    append, make = fills.append, Fill._make
     i = j = 0
-    buy_left = buys[0].wh if buys else 0
-    sell_left = sells[0].wh if sells else 0
-    last_buy = last_sell = None
-    while i < len(buys) and j < len(sells):
-        b, s = buys[i], sells[j]
-        if b.limit_price_wei_per_kwh < s.limit_price_wei_per_kwh:
-            break
+    buy_left, sell_left = buys[0].wh, sells[0].wh
+    volume = 0
+    while bp[i] >= sp[j]:
         q = buy_left if buy_left < sell_left else sell_left
-        fills.append(Fill(buy_id=b.order_id, sell_id=s.order_id, wh=q))
-        last_buy, last_sell = b, s
+        append(make((buys[i].order_id, sells[j].order_id, q)))
+        volume += q
         buy_left -= q
         sell_left -= q
-        if buy_left == 0:
+        if not buy_left:
             i += 1
-            if i < len(buys):
-                buy_left = buys[i].wh
-        if sell_left == 0:
+            if i == nb:
+                break
+            buy_left = buys[i].wh
+        if not sell_left:
             j += 1
-            if j < len(sells):
-                sell_left = sells[j].wh
+            if j == ns:
+                break
+            sell_left = sells[j].wh
 
-    if last_buy is None or last_sell is None:
+    if not fills:
         return Clearing(price_wei_per_kwh=None, volume_wh=0, fills=())
-    lo = last_sell.limit_price_wei_per_kwh
-    hi = last_buy.limit_price_wei_per_kwh
-    # The next unmatched orders (possibly the unfilled rest of the last matched one)
-    # narrow the band: an excluded buyer must not be willing to pay more than the price,
-    # an excluded seller must not accept less.
-    if i < len(buys):
-        lo = max(lo, buys[i].limit_price_wei_per_kwh)
-    if j < len(sells):
-        hi = min(hi, sells[j].limit_price_wei_per_kwh)
+    last = fills[-1]
+    # the last fill's orders are the marginal ones; the next unmatched orders (possibly
+    # the unfilled rest of a marginal one) narrow the band: an excluded buyer must not be
+    # willing to pay more than the price, an excluded seller must not accept less.
+    lo = sp[j] if j < ns and sells[j].order_id == last.sell_id else sp[j - 1]
+    hi = bp[i] if i < nb and buys[i].order_id == last.buy_id else bp[i - 1]
+    if i < nb:
+        lo = max(lo, bp[i])
+    if j < ns:
+        hi = min(hi, sp[j])
     price = (lo + hi) // 2
-    return Clearing(price_wei_per_kwh=price, volume_wh=sum(f.wh for f in fills), fills=tuple(fills))
+    return Clearing(price_wei_per_kwh=price, volume_wh=volume, fills=tuple(fills))
 
 
 def trade_id_for(round_: int, fill: Fill) -> str:
