@@ -214,6 +214,7 @@ class AuctionService(Service):
     async def _market_clock(self) -> None:
         """Sleep until the next deadline (or a change of deadlines), settle what is due."""
         while True:
+            self._deadline_changed.clear()  # before reading: a change from now on wakes us
             try:
                 await self.settle_due()
             except asyncio.CancelledError:
@@ -224,7 +225,6 @@ class AuctionService(Service):
                 continue
             async with self.store.atomic() as conn:
                 nd = book.next_deadline(conn)
-            self._deadline_changed.clear()
             timeout = None if nd is None else max(0.0, nd - time.time())
             try:
                 await asyncio.wait_for(self._deadline_changed.wait(), timeout)

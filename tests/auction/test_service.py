@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 
 import pytest
@@ -370,3 +371,60 @@ async def test_double_auction_clears_each_call(grid: Grid, fake_chain: FakeChain
         else:  # the call boundary fell between the orders: each call still cleared once
             await until(lambda: len(outbox(db, "market.cleared")) == len(set(rounds.values())))
             assert sorted(c["round"] for c in outbox(db, "market.cleared")) == sorted(set(rounds.values()))
+
+
+async def test_a_call_due_while_down_is_cleared_once_on_restart(grid: Grid, fake_chain: FakeChain) -> None:
+    seller = "0x" + "1" * 40
+    fake_chain.set(seller, tokens_wh=10_000)
+    s = settings(grid, fake_chain.endpoint, auction_market="double", auction_clear_interval_s=3600)
+    db = s.data_dir / "auction.sqlite"
+    async with Running(grid, s) as m:
+        await m.call(cmd.PlaceOrder(side="sell", account=seller, site="solar-1", wh=1000, limit_price_wei_per_kwh=10))
+        await m.call(cmd.PlaceOrder(side="buy", account=B1, site="home-7", wh=600, limit_price_wei_per_kwh=30))
+    assert outbox(db, "market.cleared") == []
+    # the call's end passes while the service is down
+    placed = outbox(db, "market.order_placed")
+    assert placed[0]["round"] == placed[1]["round"]
+    with sqlite3.connect(db) as c:  # move the orders to a call that ended long ago
+        c.execute("UPDATE orders SET round = 5")
+    c.close()
+    for _ in range(2):
+        async with Running(grid, s) as m:
+            await until(lambda: outbox(db, "market.cleared"), what="the overdue call cleared on start")
+            await m.call(cmd.Ping())
+    cleared = outbox(db, "market.cleared")
+    # 400 Wh of supply is left over at 10: the price is the seller's limit
+    assert [(c["round"], c["volume_wh"], c["price_wei_per_kwh"]) for c in cleared] == [(5, 600, 10)]
+    agreed = outbox(db, "trade.agreed")
+    assert [(a["trade_id"], a["seller"], a["buyer"], a["wh"]) for a in agreed] == \
+        [(cleared[0]["trade_ids"][0], seller, B1, 600)]
+
+
+async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain, tmp_path) -> None:
+    ctx = zmq.asyncio.Context()
+    sec = grid.security("market")
+    sec.start(ctx)
+    store = Store(tmp_path / "chain-events.sqlite")
+    chain = Publisher(ctx, sec, store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
+    await chain.start()
+    try:
+        async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+            db = m.settings.data_dir / "auction.sqlite"
+            fake_chain.set(B1, escrow_free_wei=2000)  # exactly one 2000 Wh trade at 1000 wei/kWh
+            o = (await m.call(offer(wh=2000, duration=0.3))).offer_id
+            await m.call(bid(o, B1, 1000))
+            await until(lambda: outbox(db, "trade.agreed"))
+            later = (await m.call(offer(wh=2000))).offer_id
+            with pytest.raises(RequestError) as e:  # the agreed trade holds the escrow until recorded
+                await m.call(bid(later, B1, 1000))
+            assert e.value.code == "unfunded"
+            await chain.publish(ev.TxUpdate(tx_hash="", kind="open", ref=f"t-{o}", account=B1, status="failed",
+                                            reason="insufficient escrow"))
+            await until(lambda: outbox(db, "trade.status")[-1]["state"] == "failed", what="failed")
+            assert outbox(db, "trade.status")[-1]["reason"] == "insufficient escrow"
+            assert (await m.call(bid(later, B1, 1000))).bid_id  # a failed trade holds nothing
+    finally:
+        await chain.stop()
+        store.close()
+        sec.stop()
+        ctx.destroy(linger=0)
