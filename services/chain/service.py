@@ -178,7 +178,8 @@ class ChainService(Service):
         assert self.txm is not None
         tasks = [asyncio.create_task(self._forever(self.txm.step, self.settings.poll_s, self.txm.wake), name="chain-tx"),
                  asyncio.create_task(self._forever(self.process_jobs, self.settings.poll_s, self.work),
-                                     name="chain-jobs")]
+                                     name="chain-jobs"),
+                 asyncio.create_task(self._watch(), name="chain-watch")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -187,6 +188,14 @@ class ChainService(Service):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        """Notice a node that went away even when there is nothing to send."""
+        assert self.node is not None
+        while True:
+            await asyncio.sleep(1.0)
+            await self.node.probe()
+            self.sessions.expire()
 
     async def _forever(self, step: Callable[[], Awaitable[None]], every: float, wake: asyncio.Event) -> None:
         failures = 0

@@ -1,0 +1,118 @@
+"""Requests: clear errors that send nothing, mining control with pending transactions,
+and secrets that never reach the logs. On the embedded chain and on anvil."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import pytest
+from eth_account import Account
+
+from services.bus import commands as C
+from services.bus import events as E
+from services.bus.errors import RequestError
+from services.chain import ledger
+from services.chain.keystore import Keystore
+
+from .conftest import PASS, Bus, chain_settings, start_chain
+
+
+async def error_of(peer: Any, req: Any) -> str:
+    with pytest.raises(RequestError) as ei:
+        await peer.request(req)
+    return ei.value.code
+
+
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
+async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
+        backend: str, request: pytest.FixtureRequest, bus: Bus, tmp_path: pathlib.Path, peer_factory: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
+    settings = chain_settings(bus, tmp_path / "chain", url)
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    key = Account.create().key
+    alice = ks.add(key, PASS, name="alice").address
+    bob = ks.new(PASS).address
+    stranger = Account.create().address
+    svc = await start_chain(settings)
+    try:
+        peer = await peer_factory(svc.servers[0].endpoint)
+        assert await error_of(peer, C.Unlock(address=alice, passphrase="not the passphrase")) == "bad_passphrase"
+        assert await error_of(peer, C.Unlock(address=stranger, passphrase=PASS)) == "unknown_account"
+        assert await error_of(peer, C.Transfer(sender=alice, to=bob, amount_wei=1)) == "locked"
+        assert await error_of(peer, C.Transfer(sender=stranger, to=bob, amount_wei=1)) == "unknown_account"
+        unlocked = await peer.request(C.Unlock(address=alice, passphrase=PASS, ttl_s=600))
+        assert unlocked.address == alice
+        listed = {a.address: a.unlocked for a in (await peer.request(C.ListAccounts())).accounts}
+        assert listed == {alice: True, bob: False}
+        await peer.listener.wait_for(lambda: not svc.txm.pending())  # the dev-chain funding
+        before = await peer.request(C.GetBalances(address=alice))
+        nonce_before = await svc.node.nonce(alice, "latest")
+
+        # beyond the balance, absurd, negative, zero: refused, nothing sent
+        assert await error_of(peer, C.Transfer(sender=alice, to=bob, amount_wei=before.ether_wei)) == "insufficient_funds"
+        assert await error_of(peer, C.Transfer(sender=alice, to=bob, amount_wei=10**40)) == "insufficient_funds"
+        for bad in (-1, 0, 2**256):
+            req = C.Transfer.model_construct(sender=alice, to=bob, amount_wei=bad)
+            assert await error_of(peer, req) == "bad_request"
+        assert await error_of(peer, C.Escrow(account=alice, action="withdraw", amount_wei=1)) == "insufficient_escrow"
+        assert await error_of(peer, C.Escrow(account=alice, action="withdraw_credit", amount_wei=1)) == "insufficient_credit"
+        assert await error_of(peer, C.Approve(account=alice, wh=1)) == "insufficient_tokens"
+        assert await error_of(peer, C.Escrow(account=alice, action="deposit", amount_wei=10**40)) == "insufficient_funds"
+
+        assert await svc.node.nonce(alice, "latest") == nonce_before
+        assert (await peer.request(C.ListPending(account=alice))).txs == []
+        assert svc.store.conn.execute("SELECT COUNT(*) FROM chain_txs WHERE account = ?", (alice,)).fetchone()[0] == 0
+        assert (await peer.request(C.GetBalances(address=alice))).ether_wei == before.ether_wei
+
+        # locked again: refused
+        await peer.request(C.Lock(address=alice))
+        assert await error_of(peer, C.Transfer(sender=alice, to=bob, amount_wei=1)) == "locked"
+    finally:
+        await svc.stop()
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert "alice" in text or alice in text  # the logs were captured
+    assert PASS not in text and "not the passphrase" not in text
+    assert key.hex() not in text.lower() and key.hex()[:16] not in text.lower()
+
+
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
+async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest.FixtureRequest, bus: Bus,
+                                                   tmp_path: pathlib.Path, peer_factory: Any) -> None:
+    if backend == "anvil":  # mining is switched on this node: use one of our own
+        from tests.chain_fixtures import start_anvil, stop_anvil
+        proc, url = start_anvil()
+    else:
+        proc, url = None, "embedded"
+    settings = chain_settings(bus, tmp_path / "chain", url)
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    alice, bob = ks.new(PASS).address, ks.new(PASS).address
+    svc = await start_chain(settings)
+    try:
+        peer = await peer_factory(svc.servers[0].endpoint)
+        await peer.request(C.Unlock(address=alice, passphrase=PASS))
+        await peer.listener.wait_for(lambda: not svc.txm.pending())
+        start = (await peer.request(C.GetBalances(address=bob))).ether_wei
+        assert (await peer.request(C.SetMining(action="status"))).mining is True
+        stopped = await peer.request(C.SetMining(action="stop"))
+        assert (stopped.mining, stopped.supported) == (False, True)
+        hashes = [(await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=n))).tx_hash for n in (5, 7)]
+        pending = await peer.request(C.ListPending())
+        assert [t.tx_hash for t in pending.txs] == hashes
+        await peer.listener.wait_for(lambda: peer.listener.of(E.MiningChanged))
+        assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start
+        await peer.request(C.SetMining(action="start"))
+        await peer.listener.wait_for(lambda: {u.tx_hash for u in peer.listener.of(E.TxUpdate)
+                                              if u.status == "confirmed"} >= set(hashes))
+        assert (await peer.request(C.ListPending())).txs == []
+        assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start + 12
+        assert [m.mining for m in peer.listener.of(E.MiningChanged)] == [False, True]
+        rows = ledger.pending_txs(svc.store.conn)
+        assert rows == []
+    finally:
+        await svc.stop()
+        if proc is not None:
+            stop_anvil(proc)

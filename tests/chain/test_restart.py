@@ -1,0 +1,223 @@
+"""Crash and outage: SIGKILL of the chain service (a subprocess on anvil) while its
+transactions are pending, and the anvil node stopped and started again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from web3 import AsyncHTTPProvider, AsyncWeb3
+
+from services.bus import commands as C
+from services.bus import events as E
+from services.bus.errors import RequestError
+from services.chain import contracts
+from services.chain.keystore import Keystore
+from tests.chain_fixtures import ROOT, _answers_rpc, _free_port, start_anvil, stop_anvil
+
+from .conftest import PASS, Bus, chain_settings, start_chain, wait_until
+
+pytestmark = pytest.mark.anvil
+PRICE = 10**16
+
+
+class ChainProcess:
+    def __init__(self, bus: Bus, data_dir: pathlib.Path, url: str, log: pathlib.Path) -> None:
+        self.port = _free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **bus.env("market"), "GRIDTRADE_DATA_DIR": str(data_dir),
+                    "GRIDTRADE_CHAIN_URL": url, "GRIDTRADE_CHAIN_BIND": self.endpoint, "GRIDTRADE_SCRYPT_N": "1024",
+                    "GRIDTRADE_POLL_S": "0.05", "GRIDTRADE_RESEND_AFTER_S": "0.5", "GRIDTRADE_SETTLE_WINDOW_S": "0.2",
+                    "GRIDTRADE_LOG_LEVEL": "INFO"}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.chain"], cwd=ROOT, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def up(peer: Any) -> None:
+    """Until the (re)started service answers and is connected to the chain."""
+    for _ in range(300):
+        try:
+            await peer.client.request(C.GetBalances(address="0x" + "00" * 20), timeout=1.0)
+            return
+        except RequestError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the chain service did not come up")
+
+
+async def txpool_size(w3: AsyncWeb3) -> int:
+    pool = (await w3.provider.make_request("txpool_content", []))["result"]["pending"]  # type: ignore[arg-type]
+    return sum(len(v) for v in pool.values())
+
+
+async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
+    anvil, url = start_anvil()
+    data = tmp_path / "chain"
+    ks = Keystore(data / "keystore", scrypt_n=1024)
+    seller, buyer, bob = ks.new(PASS).address, ks.new(PASS).address, ks.new(PASS).address
+    svc = ChainProcess(bus, data, url, tmp_path / "chain.log")
+    w3 = AsyncWeb3(AsyncHTTPProvider(url))
+    try:
+        svc.start()
+        peer = await peer_factory(svc.endpoint)
+        await up(peer)
+        ev = peer.listener
+        for a in (seller, buyer):
+            await peer.request(C.Unlock(address=a, passphrase=PASS))
+        await peer.pub.publish(E.EnergyProduced(reading_id="r/0", site="solar-1", meter="m1", account=seller,
+                                                kwh_index=0))
+        await ev.wait_for(lambda: ev.of(E.Minted))
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18))
+        appr = await peer.request(C.Approve(account=seller, wh=1000))
+        await ev.wait_for(lambda: {dep.tx_hash, appr.tx_hash} <= {u.tx_hash for u in ev.of(E.TxUpdate)
+                                                                 if u.status == "confirmed"})
+        bob_start = await w3.eth.get_balance(bob)
+
+        # 1) mining stopped: a mint, an open and a transfer are sent and stay pending; SIGKILL
+        await peer.request(C.SetMining(action="stop"))
+        await peer.pub.publish(E.EnergyProduced(reading_id="r/1", site="solar-1", meter="m1", account=seller,
+                                                kwh_index=1))
+        trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
+                     wh=1000, price_wei_per_kwh=PRICE)
+        await peer.pub.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        await peer.request(C.Transfer(sender=seller, to=bob, amount_wei=1))
+        for _ in range(600):
+            if await txpool_size(w3) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert await txpool_size(w3) == 3
+        svc.kill()
+
+        svc.start()
+        await up(peer)
+        assert len((await peer.request(C.ListPending())).txs) == 3
+        await peer.request(C.SetMining(action="start"))
+        await ev.wait_for(lambda: ev.of(E.TradeRecorded) and len(ev.of(E.Minted)) == 2)
+
+        # 2) a settlement pending at the kill; then the close
+        await peer.request(C.SetMining(action="stop"))
+        await peer.pub.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
+                                          delivered_wh=600))
+        for _ in range(600):
+            if await txpool_size(w3) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await txpool_size(w3) == 1
+        svc.kill()
+        svc.start()
+        await up(peer)
+        await peer.request(C.SetMining(action="start"))
+        await ev.wait_for(lambda: ev.of(E.Settled))
+        await peer.pub.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
+        await ev.wait_for(lambda: ev.of(E.TradeClosedOnChain))
+        await wait_until(lambda: all(
+            any(u.tx_hash == p.tx_hash and u.status != "pending" for u in ev.of(E.TxUpdate))
+            for p in ev.of(E.TxUpdate) if p.status == "pending"))
+    except BaseException:
+        print(svc.log.read_text()[-6000:])
+        raise
+    finally:
+        svc.stop()
+
+    try:
+        ups = ev.of(E.TxUpdate)
+        sent = [u.tx_hash for u in ups if u.status == "pending"]
+        assert len(sent) == len(set(sent))
+        for h in sent:  # confirmed and published once each
+            assert [u.status for u in ups if u.tx_hash == h and u.status != "pending"] == ["confirmed"], h
+        assert sorted(m.reading_id for m in ev.of(E.Minted)) == ["r/0", "r/1"]
+        assert len(ev.of(E.TradeRecorded)) == 1
+        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, contracts.cost(600, PRICE))]
+        assert len(ev.of(E.TradeClosedOnChain)) == 1
+
+        import sqlite3
+        db = sqlite3.connect(data / "chain.sqlite")
+        token, market = (db.execute("SELECT value FROM chain_meta WHERE key = ?", (k,)).fetchone()[0]
+                         for k in ("token", "market"))
+        op_rows = db.execute("SELECT account, COUNT(*) FROM chain_txs GROUP BY account").fetchall()
+        db.close()
+        d = contracts.attach(w3, token, market)
+        t, m = d.token.functions, d.market.functions
+        assert await t.totalSupply().call() == 2000
+        assert await t.balanceOf(seller).call() == 2000 - 600
+        assert await t.balanceOf(buyer).call() == 600
+        assert await m.credit(seller).call() == contracts.cost(600, PRICE)
+        assert await m.freeEscrow(buyer).call() == 10**18 - contracts.cost(600, PRICE)
+        assert await m.lockedEscrow(buyer).call() == 0
+        assert await w3.eth.get_balance(bob) == bob_start + 1
+        for account, n in op_rows:  # nothing sent beyond what the store knows (+2 deployments)
+            deployed = 2 if account == "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266" else 0
+            assert await w3.eth.get_transaction_count(account) == n + deployed
+    finally:
+        await contracts.close_provider(w3)
+        stop_anvil(anvil)
+
+
+async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
+    state = tmp_path / "anvil-state.json"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    anvil_bin = ROOT / "node_modules" / ".bin" / "anvil"
+
+    def run_anvil() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([str(anvil_bin), "--port", str(port), "--silent", "--state", str(state)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(300):
+            if _answers_rpc(url):
+                return p
+            import time
+            time.sleep(0.05)
+        raise AssertionError("anvil did not start")
+
+    anvil = run_anvil()
+    settings = chain_settings(bus, tmp_path / "chain", url)
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    alice, bob = ks.new(PASS).address, ks.new(PASS).address
+    svc = await start_chain(settings)
+    try:
+        peer = await peer_factory(svc.servers[0].endpoint)
+        await peer.request(C.Unlock(address=alice, passphrase=PASS))
+        market = svc.dep.market_address
+        h1 = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=3))).tx_hash
+        await peer.listener.wait_for(lambda: any(u.tx_hash == h1 and u.status == "confirmed"
+                                                 for u in peer.listener.of(E.TxUpdate)))
+        stop_anvil(anvil)  # SIGTERM: anvil dumps its state to the file
+        await wait_until(lambda: not svc.connected.is_set())
+        with pytest.raises(RequestError) as ei:
+            await peer.request(C.GetBalances(address=alice))
+        assert ei.value.code == "chain_unavailable"
+        await asyncio.sleep(1.5)  # a few backoff rounds against a closed port
+        anvil = run_anvil()
+        await asyncio.wait_for(svc.connected.wait(), 60)
+        assert svc.dep.market_address == market  # same chain (state kept): same contracts
+        h2 = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=4))).tx_hash
+        await peer.listener.wait_for(lambda: any(u.tx_hash == h2 and u.status == "confirmed"
+                                                 for u in peer.listener.of(E.TxUpdate)))
+        assert (await peer.request(C.GetBalances(address=bob))).ether_wei == 100 * 10**18 + 7
+        assert svc.reconnects >= 1
+    finally:
+        await svc.stop()
+        stop_anvil(anvil)
