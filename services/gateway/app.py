@@ -1,0 +1,491 @@
+"""The aiohttp application: REST API from the route table, the websocket feed, the web UI.
+
+Security model:
+- Sessions: ``POST /api/session`` asks the chain service to unlock the key; on success the
+  browser gets an HttpOnly, SameSite=Strict, Path=/ cookie holding a random token. Every
+  state-changing route needs it (401 without) and acts only for the session's account:
+  no request body can name the acting account (unknown fields are refused).
+- CSRF: SameSite=Strict keeps the cookie off cross-site requests, and every POST must
+  say ``Content-Type: application/json`` (a cross-site HTML form cannot send that without
+  a CORS preflight, which this server never grants). That is enough here; no CSRF token.
+- Failed logins are throttled per address and per client IP (429 with Retry-After).
+- Every error is JSON ``{"error": {"code", "message"}}``; a middleware turns anything
+  unexpected into a 500 with a generic message and logs the trace (never sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import pathlib
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from services.bus import RequestError, RequestTimeout, RpcClient
+from services.bus import commands as cmd
+from services.bus import events as ev
+
+from . import feed, models as m
+from .config import GatewaySettings
+from .openapi import ROUTES, Route, document, validation_message
+from .sessions import Session, SessionStore, LoginThrottle
+
+log = logging.getLogger(__name__)
+
+STATIC = pathlib.Path(__file__).resolve().parent / "static"
+COOKIE = "gridtrade_session"
+WS_QUEUE = 1000
+_ID = re.compile(m.ID_PATTERN)
+
+# request-error codes of the chain and auction services -> HTTP status
+STATUS_OF_CODE: dict[str, int] = {
+    "not_found": 404, "unknown_account": 404,
+    "not_allowed": 403,
+    "invalid": 422, "bad_request": 422, "bad_amount": 422,
+    "locked": 401,
+    "timeout": 503, "unavailable": 503, "chain_unavailable": 503,
+}
+CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer", "insufficient_escrow",
+            "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
+            "not_supported", "unsupported"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+def from_request_error(e: RequestError, service: str) -> ApiError:
+    if isinstance(e, RequestTimeout):
+        return ApiError(503, "unavailable", f"the {service} service does not answer; try again in a moment")
+    if e.code in STATUS_OF_CODE:
+        status = STATUS_OF_CODE[e.code]
+        if status == 503:
+            return ApiError(503, "unavailable", f"the {service} service cannot do this now: {e.message}")
+        return ApiError(status, e.code, e.message)
+    if e.code in CONFLICT:
+        return ApiError(409, e.code, e.message)
+    if e.code == "internal":
+        return ApiError(502, "upstream_error", f"the {service} service failed: {e.message}")
+    return ApiError(409, e.code, e.message)
+
+
+@dataclass
+class Client:
+    ws: web.WebSocketResponse
+    token: str
+    address: str
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(WS_QUEUE))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("gridtrade_gateway_http_requests", "HTTP requests", ["route", "status"],
+                                registry=registry)
+        self.logins = Counter("gridtrade_gateway_logins", "login attempts", ["outcome"], registry=registry)
+        self.ws_clients = Gauge("gridtrade_gateway_ws_clients", "connected websockets", registry=registry)
+        self.ws_sent = Counter("gridtrade_gateway_ws_messages", "events pushed to websockets", registry=registry)
+        self.ws_dropped = Counter("gridtrade_gateway_ws_slow_clients", "websockets closed for being too slow",
+                                  registry=registry)
+        self.sessions = Gauge("gridtrade_gateway_sessions", "live sessions", registry=registry)
+
+
+class Gateway:
+    """The gateway's state and handlers, independent of how the bus parts were made."""
+
+    def __init__(self, settings: GatewaySettings, *, chain: RpcClient, auction: RpcClient,
+                 registry: CollectorRegistry | None = None,
+                 health: Callable[[], dict[str, Any]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.site = settings.site
+        self.chain, self.auction = chain, auction
+        self.clock = clock
+        self.sessions = SessionStore(settings.session_ttl_s)
+        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s,
+                                      settings.login_max_delay_s)
+        self.parties = feed.Parties()
+        self.clients: set[Client] = set()
+        self._bg: set[asyncio.Future[Any]] = set()
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self._health = health or (lambda: {"service": "gateway", "site": self.site, "ready": True})
+        self.openapi = document()
+        self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
+            "list_accounts": self.list_accounts, "login": self.login, "whoami": self.whoami, "logout": self.logout,
+            "wallet": self.wallet, "pending": self.pending, "transfer": self.transfer,
+            "escrow_deposit": self.escrow_deposit, "escrow_withdraw": self.escrow_withdraw,
+            "mining": self.mining, "set_mining": self.set_mining, "list_offers": self.list_offers,
+            "sell": self.sell, "bid": self.bid, "cancel_offer": self.cancel_offer,
+            "list_trades": self.list_trades, "close_trade": self.close_trade,
+        }
+
+    # --- the app ---------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self.errors_middleware, self.headers_middleware],
+                              client_max_size=64 * 1024)
+        for r in ROUTES:
+            app.router.add_route(r.method, r.path, self._endpoint(r), name=r.name)
+        app.router.add_get("/api/openapi.json", self.openapi_json)
+        app.router.add_get("/api/ws", self.websocket)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/", self.index)
+        app.router.add_static("/static/", STATIC, follow_symlinks=False)
+        app.on_shutdown.append(self._close_websockets)
+        return app
+
+    @web.middleware
+    async def errors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        route = request.match_info.route.name or ("static" if request.path.startswith("/static/") else "other")
+        try:
+            resp = await handler(request)
+        except ApiError as e:
+            resp = error_response(e.status, e.code, e.message, e.headers)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status, "http_error")
+            msg = {404: "no such page or API route", 405: f"{request.method} is not allowed here",
+                   413: "the request body is too large"}.get(e.status, e.reason)
+            resp = error_response(e.status, code, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the person gets words, the log gets the trace
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            resp = error_response(500, "internal", "something went wrong inside the gateway; it has been logged")
+        self.metrics.requests.labels(route, str(resp.status)).inc()
+        return resp
+
+    @web.middleware
+    async def headers_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+            resp.headers.setdefault("X-Frame-Options", "DENY")
+            resp.headers.setdefault("Referrer-Policy", "same-origin")
+            resp.headers.setdefault("Content-Security-Policy",
+                                    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                                    "connect-src 'self'; frame-ancestors 'none'")
+            if request.path.startswith("/api/"):
+                resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    def _endpoint(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        handler = self._handlers[route.name]
+
+        async def endpoint(request: web.Request) -> web.StreamResponse:
+            session = self.session_of(request) if route.auth else None
+            if route.auth and session is None:
+                raise ApiError(401, "no_session", "log in first (no session, or it has expired)")
+            args: list[Any] = [request]
+            if route.auth:
+                args.append(session)
+            if route.body is not None:
+                args.append(await self.parse_body(request, route.body))
+            result = await handler(*args)
+            if isinstance(result, web.StreamResponse):
+                return result
+            assert isinstance(result, route.response), f"{route.name} returned {type(result).__name__}"
+            return web.json_response(text=result.model_dump_json(), status=route.status)
+
+        return endpoint
+
+    async def parse_body(self, request: web.Request, model: type[BaseModel]) -> Any:
+        if request.content_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+        raw = await request.read()
+        if not raw.strip() and model is m.Empty:
+            return m.Empty()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid", "the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise ApiError(422, "invalid", validation_message(e)) from None
+
+    def session_of(self, request: web.Request) -> Session | None:
+        return self.sessions.get(request.cookies.get(COOKIE), self.clock())
+
+    def cmd_id(self, request: web.Request, session: Session, what: str) -> str:
+        """An ``Idempotency-Key`` header makes a retried POST run once; otherwise a fresh id."""
+        key = request.headers.get("Idempotency-Key", "")
+        if key and len(key) <= 64 and key.isprintable():
+            return f"gw:{self.site}:{session.address.lower()}:{what}:{key}"[:128]
+        return uuid.uuid4().hex
+
+    async def ask(self, client: RpcClient, service: str, req: cmd.Request, cmd_id: str | None = None) -> Any:
+        try:
+            return await client.request(req, timeout=self.settings.gateway_rpc_timeout_s, cmd_id=cmd_id)
+        except RequestError as e:
+            raise from_request_error(e, service) from None
+
+    async def ask_chain(self, req: cmd.Request, cmd_id: str | None = None) -> Any:
+        return await self.ask(self.chain, "chain", req, cmd_id)
+
+    async def ask_auction(self, req: cmd.Request, cmd_id: str | None = None) -> Any:
+        return await self.ask(self.auction, "auction", req, cmd_id)
+
+    # --- pages and plumbing ----------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        self.metrics.sessions.set(len(self.sessions))
+        self.metrics.ws_clients.set(len(self.clients))
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        h = self._health()
+        return web.json_response(h, status=200 if h.get("ready") else 503)
+
+    # --- session -----------------------------------------------------------------------
+
+    async def list_accounts(self, request: web.Request) -> m.AccountsOut:
+        reply: cmd.Accounts = await self.ask_chain(cmd.ListAccounts())
+        return m.AccountsOut(accounts=[m.AccountOut(address=a.address, name=a.name, site=a.site)
+                                       for a in reply.accounts])
+
+    async def login(self, request: web.Request, body: m.Login) -> web.StreamResponse:
+        now = self.clock()
+        keys = [f"addr:{body.address.lower()}", f"ip:{request.remote or '?'}"]
+        wait = self.throttle.retry_after(keys, now)
+        if wait > 0:
+            self.metrics.logins.labels("throttled").inc()
+            raise ApiError(429, "too_many_attempts",
+                           f"too many failed logins; try again in {int(wait) + 1} s",
+                           {"Retry-After": str(int(wait) + 1)})
+        try:
+            unlocked: cmd.Unlocked = await self.chain.request(
+                cmd.Unlock(address=body.address, passphrase=body.passphrase, ttl_s=self.settings.session_ttl_s),
+                timeout=self.settings.gateway_rpc_timeout_s)
+        except RequestError as e:
+            if e.code in ("bad_passphrase", "unknown_account", "invalid", "bad_request", "keystore"):
+                self.throttle.failed(keys, self.clock())
+                self.metrics.logins.labels("failed").inc()
+                raise ApiError(401, "bad_credentials", "wrong account or passphrase") from None
+            raise from_request_error(e, "chain") from None
+        self.throttle.succeeded([keys[0]])
+        self.metrics.logins.labels("ok").inc()
+        token, session = self.sessions.create(unlocked.address, now, unlocked.expires_at)
+        resp = web.json_response(text=m.SessionOut(address=session.address, site=self.site,
+                                                   expires_at=session.expires_at).model_dump_json())
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
+                        max_age=int(session.expires_at - now), secure=self.settings.cookie_secure)
+        log.info("login %s", session.address)
+        return resp
+
+    async def whoami(self, request: web.Request, session: Session) -> m.SessionOut:
+        return m.SessionOut(address=session.address, site=self.site, expires_at=session.expires_at)
+
+    async def logout(self, request: web.Request, session: Session) -> web.StreamResponse:
+        token = request.cookies.get(COOKIE)
+        self.sessions.drop(token)
+        if not self.sessions.others_of(session.address, self.clock()):
+            try:
+                await self.chain.request(cmd.Lock(address=session.address), timeout=self.settings.gateway_rpc_timeout_s)
+            except RequestError as e:  # the session is gone here anyway; the key expires at the chain
+                log.warning("could not lock %s at logout: %s", session.address, e)
+        for c in [c for c in self.clients if c.token == token]:
+            await c.ws.close(code=4401, message=b"logged out")
+        resp = web.json_response(text=m.OkOut().model_dump_json())
+        resp.del_cookie(COOKIE, path="/")
+        log.info("logout %s", session.address)
+        return resp
+
+    # --- wallet ------------------------------------------------------------------------
+
+    async def _pending(self, address: str) -> list[m.TxOut]:
+        reply: cmd.Pending = await self.ask_chain(cmd.ListPending(account=address))
+        return [m.TxOut(tx_hash=t.tx_hash, kind=t.kind, ref=t.ref, status=t.status) for t in reply.txs]
+
+    async def wallet(self, request: web.Request, session: Session) -> m.WalletOut:
+        bal, pending = await asyncio.gather(self.ask_chain(cmd.GetBalances(address=session.address)),
+                                            self._pending(session.address))
+        return m.WalletOut(address=session.address, site=self.site, ether_wei=bal.ether_wei,
+                           escrow_free_wei=bal.escrow_free_wei, escrow_locked_wei=bal.escrow_locked_wei,
+                           credit_wei=bal.credit_wei, tokens_wh=bal.tokens_wh, tokens_locked_wh=bal.tokens_locked_wh,
+                           generated_wh=bal.generated_wh, pending=pending)
+
+    async def pending(self, request: web.Request, session: Session) -> m.PendingOut:
+        return m.PendingOut(txs=await self._pending(session.address))
+
+    async def transfer(self, request: web.Request, session: Session, body: m.TransferIn) -> m.TxSentOut:
+        if body.to.lower() == session.address.lower():
+            raise ApiError(422, "invalid", "to: that is your own account")
+        sent: cmd.TxSent = await self.ask_chain(
+            cmd.Transfer(sender=session.address, to=body.to, amount_wei=body.amount_wei),
+            self.cmd_id(request, session, "transfer"))
+        return m.TxSentOut(tx_hash=sent.tx_hash)
+
+    async def _escrow(self, request: web.Request, session: Session, action: str, amount: int) -> m.TxSentOut:
+        sent: cmd.TxSent = await self.ask_chain(
+            cmd.Escrow(account=session.address, action=action, amount_wei=amount),  # type: ignore[arg-type]
+            self.cmd_id(request, session, action))
+        return m.TxSentOut(tx_hash=sent.tx_hash)
+
+    async def escrow_deposit(self, request: web.Request, session: Session, body: m.EscrowIn) -> m.TxSentOut:
+        return await self._escrow(request, session, "deposit", body.amount_wei)
+
+    async def escrow_withdraw(self, request: web.Request, session: Session, body: m.EscrowIn) -> m.TxSentOut:
+        return await self._escrow(request, session, "withdraw", body.amount_wei)
+
+    async def mining(self, request: web.Request, session: Session) -> m.MiningOut:
+        r: cmd.Mining = await self.ask_chain(cmd.SetMining(action="status"))
+        return m.MiningOut(mining=r.mining, supported=r.supported, detail=r.detail)
+
+    async def set_mining(self, request: web.Request, session: Session, body: m.MiningIn) -> m.MiningOut:
+        r: cmd.Mining = await self.ask_chain(cmd.SetMining(action=body.action),
+                                             self.cmd_id(request, session, "mining"))
+        return m.MiningOut(mining=r.mining, supported=r.supported, detail=r.detail)
+
+    # --- market ------------------------------------------------------------------------
+
+    async def list_offers(self, request: web.Request, session: Session) -> m.OffersOut:
+        r: cmd.Offers = await self.ask_auction(cmd.ListOffers())
+        return m.OffersOut(offers=[m.OfferOut(**o.model_dump()) for o in r.offers], now=self.clock())
+
+    async def sell(self, request: web.Request, session: Session, body: m.SellIn) -> m.OfferPlacedOut:
+        wh = body.energy_wh
+        cid = self.cmd_id(request, session, "sell")
+        try:  # let the market contract lock these tokens once the auction is won
+            await self.chain.request(cmd.Approve(account=session.address, wh=wh),
+                                     timeout=self.settings.gateway_rpc_timeout_s, cmd_id=f"{cid}:approve"[:128])
+        except RequestError as e:
+            # insufficient_tokens: the allowance left by earlier offers already covers this one
+            # (the chain refuses to approve more than the balance); the auction checks the tokens.
+            if e.code != "insufficient_tokens":
+                raise from_request_error(e, "chain") from None
+        placed: cmd.OfferPlaced = await self.ask_auction(
+            cmd.PlaceOffer(seller=session.address, seller_site=self.site, wh=wh,
+                           start_price_wei_per_kwh=body.start_price_wei_per_kwh, duration_s=body.duration_s),
+            f"{cid}:offer"[:128])
+        return m.OfferPlacedOut(offer_id=placed.offer_id, ends_at=placed.ends_at, wh=wh)
+
+    async def bid(self, request: web.Request, session: Session, body: m.BidIn) -> m.BidOut:
+        offer_id = self._id(request, "offer_id")
+        r: cmd.BidAccepted = await self.ask_auction(
+            cmd.PlaceBid(offer_id=offer_id, buyer=session.address, buyer_site=self.site,
+                         price_wei_per_kwh=body.price_wei_per_kwh), self.cmd_id(request, session, "bid"))
+        return m.BidOut(bid_id=r.bid_id)
+
+    async def cancel_offer(self, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:
+        offer_id = self._id(request, "offer_id")
+        await self.ask_auction(cmd.CancelOffer(offer_id=offer_id, seller=session.address),
+                               self.cmd_id(request, session, "cancel"))
+        return m.OkOut()
+
+    async def list_trades(self, request: web.Request, session: Session) -> m.TradesOut:
+        r: cmd.Trades = await self.ask_auction(cmd.ListTrades())
+        for t in r.trades:
+            self.parties.learn(t.trade_id, t.seller, t.buyer)
+        return m.TradesOut(trades=[m.TradeOut(**t.model_dump()) for t in r.trades])
+
+    async def close_trade(self, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:
+        trade_id = self._id(request, "trade_id")
+        await self.ask_auction(cmd.CloseTrade(trade_id=trade_id, by=session.address),
+                               self.cmd_id(request, session, "close"))
+        return m.OkOut()
+
+    @staticmethod
+    def _id(request: web.Request, name: str) -> str:
+        value = request.match_info[name]
+        if not _ID.match(value):
+            raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
+        return value
+
+    # --- websocket ---------------------------------------------------------------------
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        token = request.cookies.get(COOKIE)
+        session = self.sessions.get(token, self.clock())
+        if session is None or token is None:
+            raise ApiError(401, "no_session", "log in first (no session, or it has expired)")
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=4096)
+        await ws.prepare(request)
+        client = Client(ws=ws, token=token, address=session.address)
+        self.clients.add(client)
+        self.metrics.ws_clients.set(len(self.clients))
+        reader = asyncio.create_task(self._ws_reader(client), name="gateway-ws-reader")
+        try:
+            await ws.send_json({"type": "hello", "ts": self.clock(),
+                                "body": {"address": session.address, "site": self.site}})
+            while not ws.closed:
+                getter = asyncio.ensure_future(client.queue.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+                    break
+                msg = getter.result()
+                if self.sessions.get(token, self.clock()) is None:
+                    await ws.close(code=4401, message=b"session expired")
+                    break
+                await ws.send_json(msg)
+                self.metrics.ws_sent.inc()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            self.clients.discard(client)
+            self.metrics.ws_clients.set(len(self.clients))
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    async def _ws_reader(self, client: Client) -> None:
+        """Incoming frames are only pings; the loop ends when the socket closes."""
+        async for msg in client.ws:
+            if msg.type == WSMsgType.TEXT and msg.data == "ping":
+                await client.ws.send_json({"type": "pong", "ts": self.clock(), "body": {}})
+
+    def on_event(self, type_: str, ts: float, body: ev.Message) -> None:
+        """Fan one bus event out to the websockets allowed to see it (never blocks)."""
+        self.parties.observe(body)
+        frame: dict[str, Any] | None = None
+        for c in list(self.clients):
+            if not feed.visible(body, account=c.address, site=self.site, parties=self.parties):
+                continue
+            frame = frame or feed.message(type_, ts, body)
+            try:
+                c.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                self.metrics.ws_dropped.inc()
+                self.clients.discard(c)
+                t = asyncio.ensure_future(c.ws.close(code=4408, message=b"too slow: reload to catch up"))
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
+
+    async def _close_websockets(self, app: web.Application) -> None:
+        for c in list(self.clients):
+            with contextlib.suppress(Exception):
+                await c.ws.close(code=1001, message=b"server shutting down")
+        if self._bg:
+            await asyncio.gather(*self._bg, return_exceptions=True)

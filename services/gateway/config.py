@@ -1,0 +1,23 @@
+"""The gateway's settings (``GRIDTRADE_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.bus.config import BusSettings
+
+
+class GatewaySettings(BusSettings):
+    """Everything in :class:`BusSettings` (``GRIDTRADE_SITE`` names this site: it is the
+    ``seller_site``/``buyer_site`` of every offer and bid placed here) plus the web side."""
+
+    http_host: str = Field(default="127.0.0.1", description="where the web UI and the API listen")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
+    session_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86400,
+                                 description="a login lasts this long (the chain unlocks the key for as long)")
+    cookie_secure: bool = Field(default=False, description="mark the session cookie Secure (serve over https)")
+    login_max_failures: int = Field(default=5, ge=1, description="failed logins per address or client IP in "
+                                                                 "login_window_s before logins are refused")
+    login_window_s: float = Field(default=60.0, gt=0)
+    login_max_delay_s: float = Field(default=300.0, gt=0, description="cap of the exponential back-off")
+    gateway_rpc_timeout_s: float = Field(default=5.0, gt=0, description="how long to wait for chain/auction")

@@ -1,0 +1,269 @@
+"""The HTTP API's request and response models (pure: no I/O).
+
+These models validate every request body and are the source of the OpenAPI document
+(:mod:`services.gateway.openapi`). Units: wei as decimal strings (JSON numbers lose
+precision above 2**53), energy as integer Wh, times as Unix seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema,
+                      model_validator)
+
+MAX_WEI = 2**256 - 1
+_DIGITS = re.compile(r"^[0-9]{1,78}$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_KWH = re.compile(r"^[0-9]{1,7}(\.[0-9]{1,3})?$")
+MAX_WH = 10**9  # the auction's limit for one offer
+
+
+def _wei_in(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError("an amount of wei is a decimal string of digits, e.g. \"1000000000000000000\"")
+    if not _DIGITS.match(value):
+        raise ValueError("an amount of wei is digits only: no sign, no decimal point, no spaces")
+    n = int(value)
+    if n > MAX_WEI:
+        raise ValueError("an amount of wei must be below 2**256")
+    return n
+
+
+_WEI_SCHEMA = {"type": "string", "pattern": r"^[0-9]{1,78}$",
+               "description": "wei as a decimal string (digits only, below 2**256)", "examples": ["1000000000000000"]}
+
+WeiIn = Annotated[int, BeforeValidator(_wei_in), WithJsonSchema(_WEI_SCHEMA, mode="validation")]
+"""Wei in a request: a decimal string, parsed to an int (0 allowed; routes add their own floor)."""
+
+WeiOut = Annotated[int, PlainSerializer(lambda v: str(v), return_type=str),
+                   WithJsonSchema(_WEI_SCHEMA, mode="serialization")]
+"""Wei in a response: an int here, a decimal string on the wire."""
+
+
+def _address_in(value: Any) -> str:
+    if not isinstance(value, str) or not _ADDRESS.match(value):
+        raise ValueError("not an account address (0x followed by 40 hex digits)")
+    return value
+
+
+AddressStr = Annotated[str, BeforeValidator(_address_in),
+                       WithJsonSchema({"type": "string", "pattern": r"^0x[0-9a-fA-F]{40}$"})]
+
+
+class In(BaseModel):
+    """A request body: unknown fields are an error, types are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+class Login(In):
+    address: AddressStr
+    passphrase: str = Field(min_length=1, max_length=1024)
+
+
+class TransferIn(In):
+    to: AddressStr
+    amount_wei: WeiIn = Field(description="wei to send, > 0")
+
+    @model_validator(mode="after")
+    def _positive(self) -> TransferIn:
+        if self.amount_wei <= 0:
+            raise ValueError("amount_wei must be more than 0")
+        return self
+
+
+class EscrowIn(In):
+    amount_wei: WeiIn
+
+    @model_validator(mode="after")
+    def _positive(self) -> EscrowIn:
+        if self.amount_wei <= 0:
+            raise ValueError("amount_wei must be more than 0")
+        return self
+
+
+class MiningIn(In):
+    action: Literal["start", "stop"]
+
+
+class SellIn(In):
+    """Sell energy tokens: give ``wh`` (integer Wh) or ``kwh`` (a decimal string with up to
+    3 decimals, e.g. ``"1.5"``), not both."""
+
+    wh: int | None = Field(default=None, gt=0, le=MAX_WH)
+    kwh: str | None = Field(default=None, pattern=r"^[0-9]{1,7}(\.[0-9]{1,3})?$",
+                            description="kWh with up to 3 decimals (1 token = 1 kWh = 1000 Wh)")
+    start_price_wei_per_kwh: WeiIn
+    duration_s: int = Field(gt=0, le=7 * 86400, description="how long the auction runs, in seconds")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> SellIn:
+        if (self.wh is None) == (self.kwh is None):
+            raise ValueError("give the energy as either wh or kwh")
+        if self.start_price_wei_per_kwh <= 0:
+            raise ValueError("start_price_wei_per_kwh must be more than 0")
+        if self.energy_wh <= 0 or self.energy_wh > MAX_WH:
+            raise ValueError(f"the energy must be between 1 Wh and {MAX_WH} Wh")
+        return self
+
+    @property
+    def energy_wh(self) -> int:
+        if self.wh is not None:
+            return self.wh
+        assert self.kwh is not None
+        return kwh_to_wh(self.kwh)
+
+
+def kwh_to_wh(kwh: str) -> int:
+    """``"1.5"`` -> 1500; at most 3 decimals (1 Wh), never a float on the way."""
+    if not _KWH.match(kwh):
+        raise ValueError("kWh is digits with up to 3 decimals")
+    try:
+        return int(Decimal(kwh) * 1000)
+    except InvalidOperation as e:  # pragma: no cover - the pattern rules it out
+        raise ValueError("not a number of kWh") from e
+
+
+class BidIn(In):
+    price_wei_per_kwh: WeiIn
+
+    @model_validator(mode="after")
+    def _positive(self) -> BidIn:
+        if self.price_wei_per_kwh <= 0:
+            raise ValueError("price_wei_per_kwh must be more than 0")
+        return self
+
+
+class Empty(In):
+    """No fields (an empty object or no body at all)."""
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+class ErrorDetail(Out):
+    code: str
+    message: str
+
+
+class ErrorOut(Out):
+    error: ErrorDetail
+
+
+class OkOut(Out):
+    ok: bool = True
+
+
+class AccountOut(Out):
+    address: str
+    name: str = ""
+    site: str = ""
+
+
+class AccountsOut(Out):
+    accounts: list[AccountOut]
+
+
+class SessionOut(Out):
+    address: str
+    site: str
+    expires_at: float
+
+
+class TxOut(Out):
+    tx_hash: str
+    kind: str = ""
+    ref: str = ""
+    status: Literal["pending", "confirmed", "failed"] = "pending"
+
+
+class WalletOut(Out):
+    address: str
+    site: str
+    ether_wei: WeiOut
+    escrow_free_wei: WeiOut
+    escrow_locked_wei: WeiOut
+    credit_wei: WeiOut
+    tokens_wh: int
+    tokens_locked_wh: int
+    generated_wh: int
+    pending: list[TxOut]
+
+
+class PendingOut(Out):
+    txs: list[TxOut]
+
+
+class TxSentOut(Out):
+    tx_hash: str
+
+
+class MiningOut(Out):
+    mining: bool
+    supported: bool
+    detail: str = ""
+
+
+class OfferOut(Out):
+    offer_id: str
+    market: str = "english"
+    seller: str
+    seller_site: str
+    wh: int
+    start_price_wei_per_kwh: WeiOut
+    opened_at: float
+    ends_at: float
+    state: str
+    highest_bid_wei_per_kwh: WeiOut | None = None
+    highest_bidder: str | None = None
+    bids: int = 0
+
+
+class OffersOut(Out):
+    offers: list[OfferOut]
+    now: float = Field(description="the gateway's clock, so pages can correct their countdowns")
+
+
+class OfferPlacedOut(Out):
+    offer_id: str
+    ends_at: float
+    wh: int
+
+
+class BidOut(Out):
+    bid_id: str
+
+
+class TradeOut(Out):
+    trade_id: str
+    offer_id: str
+    seller: str
+    buyer: str
+    seller_site: str
+    buyer_site: str
+    wh: int
+    price_wei_per_kwh: WeiOut
+    state: str
+    delivered_wh: int = 0
+    paid_wei: WeiOut = 0
+
+
+class TradesOut(Out):
+    trades: list[TradeOut]
+
+
+class HealthOut(Out):
+    service: str
+    site: str
+    ready: bool
