@@ -194,7 +194,13 @@ Handler = Callable[[Envelope, Any], "Awaitable[None] | None"]
 
 
 class Subscriber:
-    """Applies events matching ``prefixes`` exactly once, in order per (source, topic)."""
+    """Applies events matching ``prefixes`` exactly once, in order per (source, topic).
+
+    ``start="latest"`` (live views such as a websocket feed or ``bus tail``) applies only
+    events stamped after the subscriber started, still replaying those it missed.
+    """
+
+    LATEST_LOOKBACK = 200
 
     def __init__(self, ctx: zmq.asyncio.Context, security: Security, store: Store, *, hub_sub: str,
                  hub_site: str = "market", prefixes: Iterable[str], handler: Handler,
@@ -216,6 +222,7 @@ class Subscriber:
         self._replay_socks: dict[str, zmq.asyncio.Socket] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self.since = time.time() if start == "latest" else 0.0
 
     def wants(self, topic: str) -> bool:
         return any(topic.startswith(p) for p in self.prefixes)
@@ -266,15 +273,14 @@ class Subscriber:
                 continue
             key = (hb.node, topic)
             if key not in self.offsets and self.start_mode == "latest":
-                self.offsets[key] = last
-                continue
+                self.offsets[key] = max(0, last - self.LATEST_LOOKBACK)
             if last > self.offsets.get(key, 0):
                 await self._replay(hb.node, topic, last)
 
     async def _on_event(self, env: Envelope) -> None:
         key = (env.source, env.topic)
         if key not in self.offsets and self.start_mode == "latest":
-            self.offsets[key] = env.seq - 1
+            self.offsets[key] = max(0, env.seq - 1 - self.LATEST_LOOKBACK)
         have = self.offsets.get(key, 0)
         if env.seq <= have:
             self.drops.drop("duplicate", f"{env.topic} seq {env.seq}")
@@ -335,6 +341,9 @@ class Subscriber:
 
     async def _apply(self, env: Envelope) -> bool:
         key = (env.source, env.topic)
+        if env.ts < self.since:  # "latest": what came before this subscriber started is skipped
+            self.offsets[key] = env.seq
+            return True
         try:
             async with self.store.atomic() as conn:
                 result = self.handler(env, conn)
