@@ -1,0 +1,195 @@
+"""Settlement throughput of the chain service on anvil, against a named baseline.
+
+    .venv/bin/python bench/settlement.py [--trades 40] [--steps 4]
+
+Service: ``trades`` open trades of 1 kWh each; the buyer's meter reports ``steps``
+cumulative deliveries per trade as bus events (published through a real hub); the chain
+service settles them (batched: collected for ``settle_window_s``, then settleBatch).
+Measured from the first Delivery event published to the last trade settled in full:
+settlements (Settled events) per second, and gas per settled kWh (gas of every settle
+transaction / kWh settled).
+
+Baseline, same run, same node: as many pre-signed plain Ether transfers as there were
+settlements, sent straight to anvil with eth_sendRawTransaction, until the last receipt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import zmq.asyncio  # noqa: E402
+from eth_account import Account  # noqa: E402
+from web3 import AsyncHTTPProvider, AsyncWeb3  # noqa: E402
+
+from services.bus import Security, ensure_keys  # noqa: E402
+from services.bus import commands as C  # noqa: E402
+from services.bus import events as E  # noqa: E402
+from services.bus.hub import Hub  # noqa: E402
+from services.bus.store import Store  # noqa: E402
+from services.bus.transport import Publisher, RpcClient, Subscriber  # noqa: E402
+from services.chain import contracts  # noqa: E402
+from services.chain.config import ChainSettings  # noqa: E402
+from services.chain.keystore import Keystore  # noqa: E402
+from services.chain.node import ANVIL_DEV_KEY  # noqa: E402
+from services.chain.service import ChainService  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PASS = "bench passphrase"
+PRICE = 10**16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_anvil() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / "node_modules/.bin/anvil"), "--port", str(port), "--silent"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def wait_for(pred: Any, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("bench step did not finish")
+        await asyncio.sleep(0.01)
+
+
+async def baseline(url: str, n: int) -> float:
+    """Seconds to get n pre-signed plain transfers mined on anvil, straight over JSON-RPC."""
+    w3 = AsyncWeb3(AsyncHTTPProvider(url))
+    try:
+        src = Account.create()
+        dev = Account.from_key(ANVIL_DEV_KEY)
+        await w3.provider.make_request("anvil_setBalance", [src.address, hex(10**21)])  # type: ignore[arg-type]
+        chain_id = await w3.eth.chain_id
+        block = await w3.eth.get_block("latest")
+        fee = 2 * int(block["baseFeePerGas"]) + 10**9
+        raws = [src.sign_transaction({"to": dev.address, "value": 1, "nonce": i, "gas": 21000, "chainId": chain_id,
+                                      "maxFeePerGas": fee, "maxPriorityFeePerGas": 10**9}).raw_transaction
+                for i in range(n)]
+        t0 = time.perf_counter()
+        hashes = [await w3.eth.send_raw_transaction(r) for r in raws]
+        for h in hashes:
+            await w3.eth.wait_for_transaction_receipt(h, poll_latency=0.01)
+        return time.perf_counter() - t0
+    finally:
+        await contracts.close_provider(w3)
+
+
+async def run(trades: int, steps: int) -> None:
+    anvil, url = start_anvil()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="gridtrade-bench-"))
+    keys = tmp / "keys"
+    for site in ("market", "bench"):
+        ensure_keys(keys, site)
+    hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
+    hub_pub, hub_sub = hub.start()
+    settings = ChainSettings(site="market", data_dir=tmp / "chain", keys_dir=keys, hub_pub=hub_pub, hub_sub=hub_sub,
+                             chain_url=url, chain_bind="tcp://127.0.0.1:*", scrypt_n=2**10, poll_s=0.05,
+                             settle_window_s=0.2, settle_max_batch=100, heartbeat_s=0.2, log_level="WARNING")
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    seller, buyer = ks.new(PASS).address, ks.new(PASS).address
+    for _ in range(100):
+        try:
+            w3 = AsyncWeb3(AsyncHTTPProvider(url))
+            await w3.eth.chain_id
+            await contracts.close_provider(w3)
+            break
+        except OSError:
+            await contracts.close_provider(w3)
+            await asyncio.sleep(0.1)
+    svc = ChainService(settings)
+    await svc.start()
+    await asyncio.wait_for(svc.connected.wait(), 60)
+    ctx = zmq.asyncio.Context()
+    sec = Security(keys, "bench")
+    sec.start(ctx)
+    store = Store(tmp / "bench.sqlite")
+    seen: list[Any] = []
+    pub = Publisher(ctx, sec, store, source="bench/bench", hub_pub=hub_pub, heartbeat_s=0.2)
+    sub = Subscriber(ctx, sec, store, hub_sub=hub_sub, prefixes=["chain."],
+                     handler=lambda env, conn: seen.append(env.body))
+    await pub.start()
+    await sub.start()
+    client = RpcClient(ctx, sec, svc.servers[0].endpoint, server_site="market")
+    of = lambda cls: [e for e in seen if isinstance(e, cls)]  # noqa: E731
+    try:
+        for a in (seller, buyer):
+            await client.request(C.Unlock(address=a, passphrase=PASS), timeout=30)
+        for i in range(trades):
+            await pub.publish(E.EnergyProduced(reading_id=f"bench/{i}", site="bench", meter="m", account=seller,
+                                               kwh_index=i))
+        await wait_for(lambda: len(of(E.Minted)) >= trades)
+        await client.request(C.Escrow(account=buyer, action="deposit", amount_wei=trades * PRICE), timeout=30)
+        await client.request(C.Approve(account=seller, wh=trades * 1000), timeout=30)
+        await wait_for(lambda: not svc.txm.pending())
+        for i in range(trades):
+            await pub.publish(E.TradeAgreed(trade_id=f"t{i}", offer_id=f"o{i}", seller=seller, buyer=buyer,
+                                            seller_site="bench", buyer_site="bench", wh=1000, price_wei_per_kwh=PRICE))
+        await wait_for(lambda: len(of(E.TradeRecorded)) >= trades)
+
+        t0 = time.perf_counter()
+        for k in range(1, steps + 1):
+            for i in range(trades):
+                await pub.publish(E.Delivery(trade_id=f"t{i}", site="bench", meter="m", role="consumer",
+                                             delivered_wh=1000 * k // steps))
+            await asyncio.sleep(0.05)  # the meter reports over time, not all at once
+        await wait_for(lambda: len(of(E.TradeClosedOnChain)) >= trades)
+        elapsed = time.perf_counter() - t0
+        settled = of(E.Settled)
+        rows = svc.store.conn.execute(
+            "SELECT COUNT(*), SUM(gas_used) FROM chain_txs WHERE kind = 'settle' AND status = 'confirmed'").fetchone()
+        settle_txs, settle_gas = int(rows[0]), int(rows[1])
+        kwh = sum(1000 for _ in range(trades)) / 1000
+        base = await baseline(url, len(settled))
+    finally:
+        await client.close()
+        await sub.stop()
+        await pub.stop()
+        store.close()
+        sec.stop()
+        ctx.destroy(0)
+        await svc.stop()
+        hub.stop()
+        os.killpg(anvil.pid, signal.SIGTERM)
+        anvil.wait()
+
+    svc_rate = len(settled) / elapsed
+    base_rate = len(settled) / base
+    print(f"trades: {trades} x 1 kWh, {steps} delivery readings each ({trades * steps} Delivery events)")
+    print(f"service:  {len(settled)} settlements in {settle_txs} settle transactions, {elapsed:.2f} s "
+          f"-> {svc_rate:.1f} settlements/s, {kwh / elapsed:.2f} kWh/s")
+    print(f"          gas per settled kWh: {settle_gas / kwh:,.0f} (settle gas {settle_gas:,} for {kwh:.0f} kWh)")
+    print(f"baseline: {len(settled)} pre-signed plain transfers straight to anvil, {base:.2f} s "
+          f"-> {base_rate:.1f} tx/s, 21,000 gas each")
+    print(f"ratio service/baseline (per-second rate): {svc_rate / base_rate:.3f}")
+    print(f"ratio gas per settled kWh / gas per plain transfer: {settle_gas / kwh / 21000:.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trades", type=int, default=40)
+    p.add_argument("--steps", type=int, default=4)
+    a = p.parse_args()
+    asyncio.run(run(a.trades, a.steps))
+
+
+if __name__ == "__main__":
+    main()
