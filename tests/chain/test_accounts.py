@@ -1,0 +1,73 @@
+"""Keystore files, the account CLI and unlock sessions (no chain needed)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import stat
+
+import pytest
+from eth_account import Account
+
+from services.chain.__main__ import main
+from services.chain.errors import AccountLocked, BadPassphrase, KeystoreError, UnknownAccount
+from services.chain.keystore import Keystore
+from services.chain.sessions import Sessions
+
+
+def test_keystore_roundtrip_scrypt_and_errors(tmp_path: pathlib.Path) -> None:
+    ks = Keystore(tmp_path / "ks", scrypt_n=2**10)
+    key = Account.create().key
+    kf = ks.add(key, "pw", name="alice")
+    data = json.loads(kf.path.read_text())
+    assert data["version"] == 3 and data["crypto"]["kdf"] == "scrypt"
+    assert key.hex() not in kf.path.read_text()
+    assert stat.S_IMODE(kf.path.stat().st_mode) == 0o600
+    assert ks.decrypt(kf.address, "pw") == bytes(key)
+    with pytest.raises(BadPassphrase):
+        ks.decrypt(kf.address, "wrong")
+    with pytest.raises(UnknownAccount):
+        ks.decrypt(Account.create().address, "pw")
+    with pytest.raises(KeystoreError):
+        ks.add(key, "pw")  # already there
+    with pytest.raises(KeystoreError):
+        ks.add("0x1234", "pw")
+    assert [(k.address, k.name) for k in ks.list()] == [(kf.address, "alice")]
+
+
+def test_account_cli_new_import_list(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GRIDTRADE_SCRYPT_N", "1024")
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    assert main(["account", "--data-dir", str(tmp_path), "new", "--name", "bob", "--passphrase-file", str(pw)]) == 0
+    created = capsys.readouterr().out.strip()
+    key = Account.create().key
+    kfile = tmp_path / "key"
+    kfile.write_text(key.hex())
+    monkeypatch.setenv("GRIDTRADE_PASSPHRASE", "env-secret")
+    assert main(["account", "--data-dir", str(tmp_path), "import", "--key-file", str(kfile)]) == 0
+    imported = capsys.readouterr().out.strip()
+    assert imported == Account.from_key(key).address
+    assert main(["account", "--data-dir", str(tmp_path), "list"]) == 0
+    listed = {line.split("\t")[0] for line in capsys.readouterr().out.splitlines()}
+    assert listed == {created, imported}
+    ks = Keystore(tmp_path / "keystore")
+    assert ks.decrypt(created, "s3cret") and ks.decrypt(imported, "env-secret") == bytes(key)
+    assert main(["account", "--data-dir", str(tmp_path), "import", "--key-file", str(kfile)]) == 1  # twice
+
+
+def test_sessions_expire_and_lock() -> None:
+    now = [100.0]
+    s = Sessions(clock=lambda: now[0], wall=lambda: 1000 + now[0])
+    acct = Account.create()
+    sess = s.unlock(bytes(acct.key), ttl_s=10)
+    assert sess.address == acct.address and sess.expires_at == 1110
+    assert acct.key.hex() not in repr(sess) and s.account(acct.address).address == acct.address
+    now[0] = 109.9
+    assert s.is_unlocked(acct.address)
+    now[0] = 110.0
+    with pytest.raises(AccountLocked):
+        s.account(acct.address)
+    s.unlock(bytes(acct.key), ttl_s=10)
+    assert s.lock(acct.address) and not s.is_unlocked(acct.address) and not s.lock(acct.address)
