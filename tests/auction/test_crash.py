@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from services.bus import RequestError, RequestTimeout, RpcClient
 from services.bus import commands as cmd
 from tests.conftest import ROOT, free_port
 
-from .conftest import BUYERS, SELLER, FakeChain, Grid, until
+from .conftest import BUYERS, SELLER, FakeChain, Grid
 
 KILLS = 3
 
@@ -82,9 +83,7 @@ async def ready(client: RpcClient) -> None:
 
 
 async def bidder(client: RpcClient, buyer: str, s: Stream, rnd: random.Random, stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
     while not stop.is_set():
-        now = loop.time()
         live = [o for o, ends in s.offers.items() if ends > _wall() + 0.1]
         if not live:
             await asyncio.sleep(0.02)
@@ -102,13 +101,10 @@ async def bidder(client: RpcClient, buyer: str, s: Stream, rnd: random.Random, s
         else:
             s.accepted.append((cmd_id, rep.bid_id, offer_id, buyer, price))
             s.best[offer_id] = max(s.best.get(offer_id, 0), price)
-        del now
         await asyncio.sleep(rnd.uniform(0, 0.01))
 
 
 def _wall() -> float:
-    import time
-
     return time.time()
 
 
