@@ -1,0 +1,288 @@
+"""``gridtrade up``: the whole micro-grid on one machine.
+
+A hub, the auction, the chain service (the embedded chain unless ``--chain-url`` is
+given, or ``--chain-url anvil`` for a local anvil node), a producer site ``solar-1`` and
+a consumer site ``home-7``, each with its meter service (simulated, or ``--meters
+emulated``: serial meter emulators on pseudo-terminals read by the real line driver) and
+its own gateway. Creates the CURVE keys and two demo accounts on first start (their
+passphrases are printed once and stored nowhere), waits until every part is healthy,
+prints the two wallet URLs, restarts a part that dies, and stops everything on Ctrl-C.
+State is kept under ``--data`` for the next start; ``--reset`` starts afresh.
+
+The plan (which process, which environment) is pure and separate from running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+MARKET, PRODUCER, CONSUMER = "market", "solar-1", "home-7"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Options:
+    data: pathlib.Path = pathlib.Path("data")
+    chain_url: str = "embedded"
+    meters: str = "sim"
+    time_scale: float = 720.0
+    base_port: int = 5550
+    http_port: int = 8080
+    host: str = "127.0.0.1"
+    producer_account: str = ""
+    consumer_account: str = ""
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health_url: str | None = None
+    log: pathlib.Path | None = None
+    needs_pty: pathlib.Path | None = None
+    public_url: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _py(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def plan(o: Options) -> list[Proc]:
+    """Every process of the demo, in start order, with its environment."""
+    p = o.base_port
+    data = o.data.resolve()
+    common = {
+        "GRIDTRADE_KEYS_DIR": str(data / "keys"),
+        "GRIDTRADE_HUB_PUB": f"tcp://{o.host}:{p}",
+        "GRIDTRADE_HUB_SUB": f"tcp://{o.host}:{p + 1}",
+        "GRIDTRADE_HUB_SITE": MARKET,
+        "GRIDTRADE_CHAIN_RPC": f"tcp://{o.host}:{p + 10}",
+        "GRIDTRADE_CHAIN_SITE": MARKET,
+        "GRIDTRADE_AUCTION_RPC": f"tcp://{o.host}:{p + 11}",
+        "GRIDTRADE_AUCTION_SITE": MARKET,
+        "GRIDTRADE_METRICS_HOST": o.host,
+    }
+    procs: list[Proc] = []
+    metrics = iter(range(p + 20, p + 40))
+
+    def add(name: str, site: str, argv: list[str], env: dict[str, str], *, http: int | None = None) -> Proc:
+        port = http if http is not None else next(metrics)
+        e = {**common, "GRIDTRADE_SITE": site, "GRIDTRADE_DATA_DIR": str(data / site), **env}
+        if http is None:
+            e["GRIDTRADE_METRICS_PORT"] = str(port)
+        proc = Proc(name, argv, e, health_url=f"http://{o.host}:{port}/healthz", log=data / "logs" / f"{name}.log")
+        procs.append(proc)
+        return proc
+
+    add("hub", MARKET, _py("services.bus"), {"GRIDTRADE_PUB_BIND": common["GRIDTRADE_HUB_PUB"],
+                                             "GRIDTRADE_SUB_BIND": common["GRIDTRADE_HUB_SUB"]})
+    chain_url = f"http://{o.host}:{p + 45}" if o.chain_url == "anvil" else o.chain_url
+    if o.chain_url == "anvil":
+        anvil = shutil.which("anvil") or str(ROOT / "node_modules" / ".bin" / "anvil")
+        procs.append(Proc("anvil", [anvil, "--host", o.host, "--port", str(p + 45), "--silent",
+                                    "--state", str(data / "anvil-state.json")], {},
+                          health_url=None, log=data / "logs" / "anvil.log", extra={"rpc": chain_url}))
+    add("chain", MARKET, _py("services.chain"), {"GRIDTRADE_CHAIN_URL": chain_url})
+    add("auction", MARKET, _py("services.auction"), {})
+    for site, role, account in ((PRODUCER, "producer", o.producer_account), (CONSUMER, "consumer", o.consumer_account)):
+        env = {"GRIDTRADE_ROLE": role, "GRIDTRADE_SIM__TIME_SCALE": str(o.time_scale)}
+        if account:
+            env["GRIDTRADE_ACCOUNT"] = account
+        if o.meters == "emulated":
+            pty = data / site / "meter.pty"
+            emu = add(f"emulator-{site}", site, _py("services.meter", "emulate", "--driver", "line", "--role", role,
+                                                   "--link", str(pty), "--time-scale", str(o.time_scale)), {})
+            emu.health_url = None
+            env["GRIDTRADE_METERS"] = json.dumps([{"name": "main", "role": role, "driver": "line", "port": str(pty)}])
+            meter = add(f"meter-{site}", site, _py("services.meter"), env)
+            meter.needs_pty = pty
+        else:
+            add(f"meter-{site}", site, _py("services.meter"), env)
+    for i, site in enumerate((PRODUCER, CONSUMER)):
+        gw = add(f"gateway-{site}", site, _py("services.gateway"),
+                 {"GRIDTRADE_HTTP_HOST": o.host, "GRIDTRADE_HTTP_PORT": str(o.http_port + i)}, http=o.http_port + i)
+        gw.public_url = f"http://{o.host}:{o.http_port + i}/"
+    return procs
+
+
+# --- running the plan -----------------------------------------------------------------
+
+
+def say(msg: str) -> None:
+    print(f"gridtrade: {msg}", flush=True)
+
+
+def prepare(o: Options, reset: bool) -> tuple[Options, dict[str, str]]:
+    """Keys and demo accounts; returns the options with the accounts and new passphrases."""
+    from services.bus import ensure_keys
+    from services.chain.keystore import Keystore
+
+    if reset and o.data.exists():
+        shutil.rmtree(o.data)
+    data = o.data.resolve()
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    for site in (MARKET, PRODUCER, CONSUMER):
+        ensure_keys(data / "keys", site)
+    ks = Keystore(data / MARKET / "keystore")
+    have = {kf.name: kf.address for kf in ks.list()}
+    shown: dict[str, str] = {}
+    accounts = {}
+    for label in (f"{PRODUCER} producer", f"{CONSUMER} consumer"):
+        if label not in have:
+            passphrase = "-".join(secrets.token_urlsafe(4) for _ in range(3))
+            say(f"creating the demo account '{label}' (scrypt takes a moment) ...")
+            have[label] = ks.new(passphrase, name=label).address
+            shown[label] = passphrase
+        accounts[label] = have[label]
+    opts = Options(**{**o.__dict__, "producer_account": accounts[f"{PRODUCER} producer"],
+                      "consumer_account": accounts[f"{CONSUMER} consumer"]})
+    return opts, shown
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - our own loopback endpoint
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+class Runner:
+    def __init__(self, procs: list[Proc]) -> None:
+        self.procs = procs
+        self.running: dict[str, asyncio.subprocess.Process] = {}
+        self.restarts: dict[str, int] = {}
+        self.stopping = False
+
+    async def start(self, proc: Proc) -> None:
+        assert proc.log is not None
+        if proc.needs_pty is not None:
+            for _ in range(100):
+                if proc.needs_pty.exists():
+                    break
+                await asyncio.sleep(0.1)
+        log = open(proc.log, "ab")  # noqa: SIM115 - handed to the child
+        self.running[proc.name] = await asyncio.create_subprocess_exec(
+            *proc.argv, env={**os.environ, **proc.env}, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            cwd=ROOT, start_new_session=True)
+        log.close()
+
+    async def wait_healthy(self, proc: Proc, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while proc.health_url and not healthy(proc.health_url):
+            child = self.running[proc.name]
+            if child.returncode is not None:
+                raise RuntimeError(f"{proc.name} exited with {child.returncode}; see {proc.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} is not healthy after {timeout:.0f} s; see {proc.log}")
+            await asyncio.sleep(0.3)
+        if proc.name == "anvil":
+            await asyncio.sleep(1.0)
+
+    async def supervise(self) -> None:
+        """Restart a part that dies, with a growing pause; its state is in its store."""
+        while not self.stopping:
+            await asyncio.sleep(1)
+            for proc in self.procs:
+                child = self.running.get(proc.name)
+                if child is None or child.returncode is None or self.stopping:
+                    continue
+                n = self.restarts[proc.name] = self.restarts.get(proc.name, 0) + 1
+                say(f"{proc.name} exited ({child.returncode}); restarting (#{n}); log: {proc.log}")
+                await asyncio.sleep(min(30, 2 ** min(n, 5) / 4))
+                await self.start(proc)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for proc in reversed(self.procs):
+            child = self.running.get(proc.name)
+            if child is not None and child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(child.wait(), 15)
+                except asyncio.TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.kill()
+                    await child.wait()
+
+
+async def up(o: Options, reset: bool) -> int:
+    o, passphrases = prepare(o, reset)
+    procs = plan(o)
+    runner = Runner(procs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for i, proc in enumerate(procs, 1):
+            say(f"[{i}/{len(procs)}] starting {proc.name} ...")
+            await runner.start(proc)
+            waiter = asyncio.create_task(runner.wait_healthy(proc))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if stop.is_set():
+                waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
+                return 130
+            waiter.result()
+        say("all parts are healthy.\n")
+        for proc in procs:
+            if proc.public_url:
+                print(f"  wallet of {proc.env['GRIDTRADE_SITE']:8} {proc.public_url}")
+        print(f"\n  accounts: producer {o.producer_account}\n            consumer {o.consumer_account}")
+        if passphrases:
+            print("  passphrases (shown this once, stored nowhere; --reset makes new accounts):")
+            for label, pw in passphrases.items():
+                print(f"    {label:20} {pw}")
+        print(f"\n  logs in {o.data.resolve() / 'logs'}; Ctrl-C stops everything (state is kept).", flush=True)
+        watcher = asyncio.create_task(runner.supervise())
+        await stop.wait()
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        return 0
+    except RuntimeError as e:
+        say(f"start-up failed: {e}")
+        return 1
+    finally:
+        say("stopping ...")
+        await runner.stop()
+        say("stopped.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gridtrade up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(os.environ.get("GRIDTRADE_UP_DATA", "data")),
+                   help="where all state lives (default ./data)")
+    p.add_argument("--reset", action="store_true", help="delete the state and start afresh")
+    p.add_argument("--chain-url", default="embedded", help="'embedded' (default), 'anvil' (start a local anvil node) "
+                   "or a JSON-RPC URL")
+    p.add_argument("--meters", choices=["sim", "emulated"], default="sim",
+                   help="sim: simulated meters; emulated: serial emulators on pseudo-terminals, read by the line driver")
+    p.add_argument("--time-scale", type=float, default=720.0, help="simulated seconds per second (720: a day in 2 min)")
+    p.add_argument("--base-port", type=int, default=5550, help="bus ports start here")
+    p.add_argument("--http-port", type=int, default=8080, help="the producer's wallet; the consumer's is the next port")
+    a = p.parse_args(argv)
+    opts = Options(data=a.data, chain_url=a.chain_url, meters=a.meters, time_scale=a.time_scale,
+                   base_port=a.base_port, http_port=a.http_port)
+    return asyncio.run(up(opts, a.reset))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
