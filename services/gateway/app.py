@@ -43,7 +43,6 @@ from .sessions import Session, SessionStore, LoginThrottle
 log = logging.getLogger(__name__)
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
-COOKIE = "gridtrade_session"
 WS_QUEUE = 1000
 _ID = re.compile(m.ID_PATTERN)
 
@@ -58,6 +57,10 @@ STATUS_OF_CODE: dict[str, int] = {
 CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer", "insufficient_escrow",
             "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
             "not_supported", "unsupported"}
+
+
+def cookie_name(site: str) -> str:
+    return f"gridtrade_session_{site.replace('-', '_')}"
 
 
 class ApiError(Exception):
@@ -85,7 +88,7 @@ def from_request_error(e: RequestError, service: str) -> ApiError:
     return ApiError(409, e.code, e.message)
 
 
-@dataclass
+@dataclass(eq=False)
 class Client:
     ws: web.WebSocketResponse
     token: str
@@ -125,7 +128,9 @@ class Gateway:
         self._bg: set[asyncio.Future[Any]] = set()
         self.metrics = Metrics(registry or CollectorRegistry())
         self._health = health or (lambda: {"service": "gateway", "site": self.site, "ready": True})
-        self.openapi = document()
+        # one cookie name per site: two gateways on one host (gridtrade up) share cookies across ports
+        self.cookie = cookie_name(self.site)
+        self.openapi = document(cookie=self.cookie)
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             "list_accounts": self.list_accounts, "login": self.login, "whoami": self.whoami, "logout": self.logout,
             "wallet": self.wallet, "pending": self.pending, "transfer": self.transfer,
@@ -225,7 +230,7 @@ class Gateway:
             raise ApiError(422, "invalid", validation_message(e)) from None
 
     def session_of(self, request: web.Request) -> Session | None:
-        return self.sessions.get(request.cookies.get(COOKIE), self.clock())
+        return self.sessions.get(request.cookies.get(self.cookie), self.clock())
 
     def cmd_id(self, request: web.Request, session: Session, what: str) -> str:
         """An ``Idempotency-Key`` header makes a retried POST run once; otherwise a fresh id."""
@@ -294,7 +299,7 @@ class Gateway:
         token, session = self.sessions.create(unlocked.address, now, unlocked.expires_at)
         resp = web.json_response(text=m.SessionOut(address=session.address, site=self.site,
                                                    expires_at=session.expires_at).model_dump_json())
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
+        resp.set_cookie(self.cookie, token, httponly=True, samesite="Strict", path="/",
                         max_age=int(session.expires_at - now), secure=self.settings.cookie_secure)
         log.info("login %s", session.address)
         return resp
@@ -303,7 +308,7 @@ class Gateway:
         return m.SessionOut(address=session.address, site=self.site, expires_at=session.expires_at)
 
     async def logout(self, request: web.Request, session: Session) -> web.StreamResponse:
-        token = request.cookies.get(COOKIE)
+        token = request.cookies.get(self.cookie)
         self.sessions.drop(token)
         if not self.sessions.others_of(session.address, self.clock()):
             try:
@@ -313,7 +318,7 @@ class Gateway:
         for c in [c for c in self.clients if c.token == token]:
             await c.ws.close(code=4401, message=b"logged out")
         resp = web.json_response(text=m.OkOut().model_dump_json())
-        resp.del_cookie(COOKIE, path="/")
+        resp.del_cookie(self.cookie, path="/")
         log.info("logout %s", session.address)
         return resp
 
@@ -421,7 +426,7 @@ class Gateway:
     # --- websocket ---------------------------------------------------------------------
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        token = request.cookies.get(COOKIE)
+        token = request.cookies.get(self.cookie)
         session = self.sessions.get(token, self.clock())
         if session is None or token is None:
             raise ApiError(401, "no_session", "log in first (no session, or it has expired)")

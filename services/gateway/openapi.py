@@ -87,7 +87,7 @@ def _path_params(path: str) -> list[dict[str, Any]]:
 
 
 def document(routes: tuple[Route, ...] = ROUTES, *, title: str = "gridtrade gateway",
-             version: str = "0.1.0") -> dict[str, Any]:
+             version: str = "0.1.0", cookie: str = "gridtrade_session") -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``routes``."""
     pairs: list[tuple[type[BaseModel], Any]] = [(m.ErrorOut, "serialization")]
     for r in routes:
@@ -134,7 +134,7 @@ def document(routes: tuple[Route, ...] = ROUTES, *, title: str = "gridtrade gate
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "gridtrade_session"}},
+            "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": cookie}},
         },
     }
 
