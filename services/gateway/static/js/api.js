@@ -1,0 +1,35 @@
+// The gateway's REST API. Every failure becomes an ApiError whose message is for people.
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+export async function api(method, path, body) {
+  const init = { method, credentials: 'same-origin', headers: {} };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (e) {
+    throw new ApiError(0, 'offline', 'The gateway cannot be reached. Check your connection and try again.');
+  }
+  let data = null;
+  try {
+    data = await resp.json();
+  } catch (e) {
+    data = null;
+  }
+  if (!resp.ok) {
+    const err = data && data.error;
+    throw new ApiError(resp.status, err ? err.code : 'http_' + resp.status,
+      err ? err.message : `The gateway answered ${resp.status}.`);
+  }
+  return data;
+}
