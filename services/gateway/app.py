@@ -59,6 +59,20 @@ CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer
             "not_supported", "unsupported"}
 
 
+CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml",
+                 ".png": "image/png", ".ico": "image/x-icon", ".json": "application/json", ".txt": "text/plain"}
+
+
+def load_assets(root: pathlib.Path) -> dict[str, tuple[bytes, str]]:
+    """Every file under ``root`` by its relative path (no path from a request touches the disk)."""
+    out: dict[str, tuple[bytes, str]] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            ctype = CONTENT_TYPES.get(p.suffix, "text/plain" if "LICENSE" in p.name else "application/octet-stream")
+            out[p.relative_to(root).as_posix()] = (p.read_bytes(), ctype)
+    return out
+
+
 def cookie_name(site: str) -> str:
     return f"gridtrade_session_{site.replace('-', '_')}"
 
@@ -131,6 +145,7 @@ class Gateway:
         # one cookie name per site: two gateways on one host (gridtrade up) share cookies across ports
         self.cookie = cookie_name(self.site)
         self.openapi = document(cookie=self.cookie)
+        self.assets = load_assets(STATIC)
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             "list_accounts": self.list_accounts, "login": self.login, "whoami": self.whoami, "logout": self.logout,
             "wallet": self.wallet, "pending": self.pending, "transfer": self.transfer,
@@ -152,7 +167,7 @@ class Gateway:
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/", self.index)
-        app.router.add_static("/static/", STATIC, follow_symlinks=False)
+        app.router.add_get("/static/{path:.+}", self.static)
         app.on_shutdown.append(self._close_websockets)
         return app
 
@@ -254,7 +269,19 @@ class Gateway:
     # --- pages and plumbing ----------------------------------------------------------
 
     async def index(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return self._asset("index.html")
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        return self._asset(request.match_info["path"])
+
+    def _asset(self, name: str) -> web.Response:
+        """The UI's files, read once into memory (a few hundred kB; no executor threads)."""
+        found = self.assets.get(name)
+        if found is None:
+            raise ApiError(404, "not_found", "no such page or file")
+        body, ctype = found
+        return web.Response(body=body, content_type=ctype, charset="utf-8" if ctype.startswith("text/")
+                            or ctype.endswith("javascript") else None, headers={"Cache-Control": "no-cache"})
 
     async def openapi_json(self, request: web.Request) -> web.Response:
         return web.json_response(self.openapi)

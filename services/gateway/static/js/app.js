@@ -234,7 +234,8 @@ const etherPerKwh = (wei) => formatEther(wei, 9);
 
 function renderOffers() {
   const box = $('#offers');
-  const open = [...state.offers.values()].filter((o) => o.state === 'open');
+  // open offers, and those that closed while this page watched (their countdown shows how they ended)
+  const open = [...state.offers.values()].filter((o) => o.state === 'open' || o.closedHere);
   const cards = open.map((o) => {
     let card = box.querySelector(`[data-offer="${CSS.escape(o.offer_id)}"]`);
     if (!card) {
@@ -250,7 +251,9 @@ function renderOffers() {
     card.querySelector('.start').textContent = etherPerKwh(o.start_price_wei_per_kwh);
     card.querySelector('.highest').textContent = o.highest_bid_wei_per_kwh != null ? `${etherPerKwh(o.highest_bid_wei_per_kwh)} Ether/kWh` : 'none';
     card.querySelector('.bidder').textContent = o.highest_bidder ? `by ${short(o.highest_bidder)}${mine(o.highest_bidder) ? ' (you)' : ''}` : '';
-    card.querySelector('.bid-form').hidden = mine(o.seller);
+    card.querySelector('.bid-form').hidden = mine(o.seller) || o.state !== 'open';
+    card.classList.toggle('closed', o.state !== 'open');
+    card.dataset.state = o.state;
     card.dataset.endsAt = o.ends_at;
     return card;
   });
@@ -262,7 +265,8 @@ function tick() {
   const now = Date.now() / 1000 + state.clockSkew;
   for (const card of document.querySelectorAll('#offers [data-offer]')) {
     const left = Number(card.dataset.endsAt) - now;
-    card.querySelector('.countdown').textContent = countdown(left);
+    const st = card.dataset.state;
+    card.querySelector('.countdown').textContent = st && st !== 'open' ? `ended (${st})` : countdown(left);
     const form = card.querySelector('.bid-form');
     if (left <= 0) form.querySelector('button').disabled = true;
   }
@@ -376,7 +380,7 @@ function onEvent(msg) {
     }
     case 'market.offer_closed': {
       const o = state.offers.get(b.offer_id);
-      if (o) { o.state = b.outcome; renderOffers(); }
+      if (o) { o.state = b.outcome; o.closedHere = true; renderOffers(); }
       break;
     }
     case 'trade.agreed':
