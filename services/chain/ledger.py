@@ -14,10 +14,11 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chain_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chain_txs (
-    tx_hash TEXT PRIMARY KEY, chain TEXT NOT NULL, account TEXT NOT NULL, nonce INTEGER NOT NULL,
+    tx_hash TEXT NOT NULL, chain TEXT NOT NULL, account TEXT NOT NULL, nonce INTEGER NOT NULL,
     kind TEXT NOT NULL, ref TEXT NOT NULL, raw BLOB NOT NULL, status TEXT NOT NULL,
     sent INTEGER NOT NULL DEFAULT 0, block INTEGER, reason TEXT NOT NULL DEFAULT '',
-    meta TEXT NOT NULL DEFAULT '{}', gas_used INTEGER, created REAL NOT NULL, last_sent REAL NOT NULL DEFAULT 0);
+    meta TEXT NOT NULL DEFAULT '{}', gas_used INTEGER, created REAL NOT NULL, last_sent REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (chain, tx_hash));
 CREATE INDEX IF NOT EXISTS chain_txs_status ON chain_txs (status, account, nonce);
 CREATE TABLE IF NOT EXISTS chain_nonces (chain TEXT NOT NULL, account TEXT NOT NULL, next INTEGER NOT NULL,
                                          PRIMARY KEY (chain, account));

@@ -18,6 +18,7 @@ import concurrent.futures
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -173,6 +174,11 @@ class ChainService(Service):
                 log.error("chain: %s", e)
                 self.request_stop()
                 return
+            except Exception:  # noqa: BLE001 - a bug: log it, keep trying
+                self.connected.clear()
+                log.exception("chain: supervisor step failed; retrying")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.backoff_max_s)
 
     async def run_workers(self) -> None:
         assert self.txm is not None
@@ -239,7 +245,8 @@ class ChainService(Service):
         assert token and market
         self.dep = contracts.attach(node.w3, token, market)
         self.deploy_block = int(ledger.get_meta(conn, "deploy_block") or 0)
-        self.chain_key = f"{ident}:{market.lower()}"
+        deployment = ledger.get_meta(conn, "deployment") or "attached"
+        self.chain_key = f"{ident}:{market.lower()}:{deployment}"  # a redeploy starts a new key
         async with self.store.atomic() as c:
             ledger.set_meta(c, "identity", ident)
             ledger.set_meta(c, "token", token)
@@ -283,6 +290,7 @@ class ChainService(Service):
             block = int(await self.node.w3.eth.block_number)
         async with self.store.atomic() as c:
             ledger.set_meta(c, "deploy_block", str(block))
+            ledger.set_meta(c, "deployment", uuid.uuid4().hex)
         log.info("deployed EnergyToken at %s and EnergyMarket at %s", dep.token_address, dep.market_address)
         return dep.token_address, dep.market_address
 

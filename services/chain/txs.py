@@ -159,8 +159,8 @@ class TxManager:
                 await self._resync_nonce(row["account"])
                 return
         async with self.store.atomic() as conn:
-            conn.execute("UPDATE chain_txs SET sent = 1, last_sent = ? WHERE tx_hash = ?",
-                         (time.time(), row["tx_hash"]))
+            conn.execute("UPDATE chain_txs SET sent = 1, last_sent = ? WHERE tx_hash = ? AND chain = ?",
+                         (time.time(), row["tx_hash"], row["chain"]))
 
     async def _check(self, row: dict[str, Any]) -> None:
         if row["chain"] != self.chain:
@@ -198,9 +198,9 @@ class TxManager:
             status = "confirmed" if ok else "failed"
             cur = conn.execute(
                 "UPDATE chain_txs SET status = ?, block = ?, reason = ?, gas_used = ? "
-                "WHERE tx_hash = ? AND status = 'pending'",
+                "WHERE tx_hash = ? AND chain = ? AND status = 'pending'",
                 (status, None if receipt is None else int(receipt["blockNumber"]), reason[:500],
-                 None if receipt is None else int(receipt["gasUsed"]), row["tx_hash"]))
+                 None if receipt is None else int(receipt["gasUsed"]), row["tx_hash"], row["chain"]))
             if cur.rowcount != 1:
                 return  # someone else finished it
             await self.publish(TxUpdate(tx_hash=row["tx_hash"], kind=row["kind"], ref=row["ref"],
