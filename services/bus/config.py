@@ -23,6 +23,9 @@ class BusSettings(BaseSettings):
     insecure: bool = Field(default=False, description="run TCP sockets without CURVE (logs a warning)")
     heartbeat_s: float = Field(default=1.0, gt=0, description="publisher heartbeat interval")
     replay_bind: str = Field(default="tcp://127.0.0.1:*", description="where a publisher serves replays")
+    replay_advertise: str | None = Field(
+        default=None, description="host put in the replay endpoint that heartbeats announce (when replay_bind "
+                                  "binds 0.0.0.0: the address other hosts reach this one at)")
     rpc_timeout_s: float = Field(default=5.0, gt=0)
     chain_rpc: str = Field(default="tcp://127.0.0.1:5560", description="the chain service's request endpoint")
     chain_site: str = "market"

@@ -65,7 +65,8 @@ class Service:
         if self.pub is None:
             s = self.settings
             self.pub = Publisher(self.ctx, self.security, self.store, source=self.source, hub_pub=s.hub_pub,
-                                 hub_site=s.hub_site, replay_bind=s.replay_bind, heartbeat_s=s.heartbeat_s)
+                                 hub_site=s.hub_site, replay_bind=s.replay_bind, advertise_host=s.replay_advertise,
+                                 heartbeat_s=s.heartbeat_s)
         return self.pub
 
     def subscribe(self, prefixes: Iterable[str], handler: Handler, *, start: str = "earliest") -> Subscriber:
