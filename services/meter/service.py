@@ -231,7 +231,11 @@ class MeterRunner:
             return
         at = interpolate(list(samples), peer["buyer_ts"])
         assert at is not None
-        if mismatch(peer["buyer_wh"], round(at), s.mismatch_tolerance, s.mismatch_slack_wh):
+        # the two ends read at different moments and their relays closed a reading apart:
+        # one reading's worth of flow is timing, not loss
+        recent = list(samples)[-10:]
+        step = max((b[1] - a[1] for a, b in zip(recent, recent[1:])), default=0)
+        if mismatch(peer["buyer_wh"], round(at), s.mismatch_tolerance, s.mismatch_slack_wh + step):
             conn.execute("UPDATE meter_peer SET flagged = 1 WHERE trade_id = ?", (trade_id,))
             self.svc.stage(DeliveryMismatch(trade_id=trade_id, buyer_wh=peer["buyer_wh"], seller_wh=round(at),
                                             tolerance=s.mismatch_tolerance))
@@ -271,6 +275,10 @@ class MeterService(Service):
                 state = json.loads(row["sim_state"]) if row and row["sim_state"] else None
             driver = make_driver(cfg, s.sim, state=state, backoff=Backoff(s.backoff_initial_s, s.backoff_max_s))
             self.runners.append(MeterRunner(self, cfg, driver))
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await super().start()  # the publisher is up before the first reading is staged
         self._loops = [asyncio.create_task(r.run(), name=f"meter-{r.cfg.name}") for r in self.runners]
 
     def stage(self, body: Any) -> None:
@@ -278,17 +286,18 @@ class MeterService(Service):
         self.pub.stage(body)
 
     async def stopping(self) -> None:
-        for t in self._loops:
+        loops = getattr(self, "_loops", [])
+        for t in loops:
             t.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        for r in self.runners:  # a clean stop leaves no relay closed
+        await asyncio.gather(*loops, return_exceptions=True)
+        for r in getattr(self, "runners", []):  # a clean stop leaves no relay closed
             if r.cfg.trade:
                 with contextlib.suppress(MeterError, Exception):
                     await asyncio.wait_for(r.driver.set_relay(False), 2)
                     await r.note_relay(False, None, "meter service stopping")
 
     async def teardown(self) -> None:
-        for r in self.runners:
+        for r in getattr(self, "runners", []):
             await r.driver.close()
 
     # --- what we hear ---------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""The meter service on a real hub: kWh announcements, relays that follow trades and fail
+safe, delivery accounting and the seller's cross-check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+
+import pytest
+
+from services.bus.events import Delivery, EnergyProduced, MeterReading, TradeHeartbeat, TradeStatus
+from services.meter.config import MeterSettings
+from services.meter.emulator import LineEmulator
+from services.meter.service import MeterService
+from services.meter.sim import SimParams, SimSite
+
+from .conftest import ACCOUNT, Bus, Grid, until
+
+SELLER, BUYER = "0x" + "11" * 20, "0x" + "22" * 20
+NOON = "2024-06-21T10:00:00Z"
+
+
+def settings(grid: Grid, site: str, **kw: object) -> MeterSettings:
+    base = dict(site=site, data_dir=grid.root / site, keys_dir=grid.keys, hub_pub=grid.hub_pub,
+                hub_sub=grid.hub_sub, heartbeat_s=0.2, reading_interval_s=0.1, trade_timeout_s=1.0,
+                backoff_initial_s=0.05, backoff_max_s=0.4)
+    base.update(kw)
+    return MeterSettings(**base)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(s: MeterSettings):  # type: ignore[no-untyped-def]
+    svc = MeterService(s)
+    try:
+        await svc.start()
+        yield svc
+    finally:
+        await svc.stop()
+
+
+def status(trade_id: str, state: str, **kw: object) -> TradeStatus:
+    return TradeStatus(trade_id=trade_id, state=state, seller=SELLER, buyer=BUYER, seller_site="solar-1",  # type: ignore[arg-type]
+                       buyer_site="home-7", wh=5000, price_wei_per_kwh=10**15, **kw)
+
+
+class Heartbeats:
+    """The auction's trade heartbeat, switchable."""
+
+    def __init__(self, bus: Bus, live: list[str]) -> None:
+        self.bus, self.live, self.on = bus, live, True
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self.bus.pub is not None
+        while True:
+            if self.on:
+                await self.bus.pub.publish(TradeHeartbeat(live=list(self.live)))
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def test_producer_announces_each_whole_kwh_once_in_order(grid: Grid, bus: Bus) -> None:
+    sim = SimParams(time_scale=20000, start=NOON, battery={"capacity_wh": 200000, "soc": 0.1})
+    s = settings(grid, "solar-1", account=ACCOUNT, meters=[{"name": "pv", "role": "producer"}], sim=sim)
+    async with running(s) as svc:
+        await until(lambda: len(bus.of("meter.energy_produced")) >= 5, what="5 kWh announced")
+        await until(lambda: bus.of("meter.reading"), what="a reading")
+        health = svc.health()
+    produced: list[EnergyProduced] = bus.of("meter.energy_produced")
+    assert [p.kwh_index for p in produced] == list(range(len(produced)))
+    assert [p.reading_id for p in produced] == [f"solar-1/pv/{i}" for i in range(len(produced))]
+    assert all(p.account == ACCOUNT and p.wh == 1000 for p in produced)
+    readings: list[MeterReading] = bus.of("meter.reading", meter="pv")
+    # the counter the kWh were announced from covers every one of them
+    assert readings[-1].energy_wh >= 1000 * len(produced)
+    assert readings[-1].soc is not None and readings[-1].pv_w is not None and readings[-1].pv_w > 0
+    assert health["meters"]["pv"]["connected"] is True
+
+
+async def test_without_an_account_kwh_are_held_not_skipped(grid: Grid, bus: Bus) -> None:
+    sim = SimParams(time_scale=20000, start=NOON, battery={"capacity_wh": 200000, "soc": 0.1})
+    s = settings(grid, "solar-1", meters=[{"name": "pv", "role": "producer"}], sim=sim)
+    async with running(s):
+        await until(lambda: any(r.energy_wh > 2500 for r in bus.of("meter.reading")), what="2.5 kWh counted")
+    assert bus.of("meter.energy_produced") == []
+    async with running(settings(grid, "solar-1", account=ACCOUNT, meters=[{"name": "pv", "role": "producer"}],
+                                sim=sim)):
+        await until(lambda: len(bus.of("meter.energy_produced")) >= 3, what="the held kWh announced")
+    assert [p.kwh_index for p in bus.of("meter.energy_produced")][:3] == [0, 1, 2]
+
+
+async def test_consumer_relay_follows_the_trade_and_fails_safe(grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+    """A consumer meter on the real line protocol (emulator on a pty): the relay closes while
+    the trade is live, opens when its heartbeat stops, closes again when it is back, opens
+    when the trade ends; Delivery counts exactly what the meter measured."""
+    model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
+    emu = await LineEmulator(model, link=tmp_path / "home.tty").start()
+    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
+                                           "timeout_s": 0.5}], delivery_granularity_wh=10)
+    assert bus.pub is not None
+    hb = Heartbeats(bus, ["t1"])
+    try:
+        async with running(s) as svc:
+            await until(lambda: bus.of("meter.reading", meter="grid"), what="a reading")
+            assert model.site.state.relay_closed is False
+            await bus.pub.publish(status("t1", "recorded"))
+            await until(lambda: bus.of("meter.relay", closed=True), what="relay closed")
+            assert model.site.state.relay_closed is True
+            assert bus.of("meter.relay", closed=True)[0].trade_id == "t1"
+            await until(lambda: len(bus.of("meter.delivery", trade_id="t1")) >= 3, what="deliveries")
+            # the trade's heartbeat stops: the relay opens by itself
+            hb.on = False
+            await until(lambda: bus.of("meter.relay", closed=False), what="fail-safe open")
+            assert "heartbeat" in bus.of("meter.relay", closed=False)[0].reason
+            assert model.site.state.relay_closed is False
+            hb.on = True
+            await until(lambda: len(bus.of("meter.relay", closed=True)) >= 2, what="closed again")
+            await bus.pub.publish(status("t1", "fulfilled", delivered_wh=0))
+            await until(lambda: len(bus.of("meter.relay", closed=False)) >= 2, what="open at the end")
+            await asyncio.sleep(0.5)
+            assert model.site.state.relay_closed is False
+            assert svc.health()["meters"]["grid"]["relay_wanted"] is False
+    finally:
+        await hb.stop()
+        await emu.close()
+    deliveries: list[Delivery] = bus.of("meter.delivery", trade_id="t1")
+    values = [d.delivered_wh for d in deliveries]
+    assert values == sorted(values) and len(set(values)) == len(values)
+    assert all(d.role == "consumer" and d.site == "home-7" for d in deliveries)
+    # the consumer imports only through the closed relay, only during t1: the meter's
+    # counter is exactly what was delivered
+    assert values[-1] == model.site.energy_wh > 0
+    assert all(b - a >= 10 for a, b in zip(values, values[1:-1]))
+
+
+async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
+    """Two sites, two meter services: matching ends raise no flag; a buyer that measures
+    far less than the seller gave is flagged once, at the seller."""
+    assert bus.pub is not None
+    common = dict(time_scale=360, start=NOON, line_loss=0.03)
+    seller = settings(grid, "solar-1", meters=[{"name": "out", "role": "producer", "mint": False}],
+                      sim=SimParams(**common, line_w=500, battery={"capacity_wh": 50000, "soc": 0.9}),
+                      delivery_granularity_wh=0)
+    buyer = settings(grid, "home-7", meters=[{"name": "in", "role": "consumer"}],
+                     sim=SimParams(**common, line_w=500), delivery_granularity_wh=0)
+    hb = Heartbeats(bus, ["t1", "t2"])
+    try:
+        async with running(seller), running(buyer) as b:
+            await bus.pub.publish(status("t1", "recorded"))
+            await until(lambda: len(bus.of("meter.delivery", trade_id="t1", site="home-7")) >= 15
+                        and len(bus.of("meter.delivery", trade_id="t1", site="solar-1")) >= 15, what="deliveries")
+            assert bus.of("meter.mismatch") == []
+            await bus.pub.publish(status("t1", "closed"))
+            await until(lambda: len(bus.of("meter.relay", site="home-7", closed=False)) >= 1, what="buyer open")
+            # the buyer now draws twice what the seller gives
+            for r in b.runners:
+                r.driver.sim.site.line_w = 1000  # type: ignore[attr-defined]
+            await bus.pub.publish(status("t2", "recorded"))
+            await until(lambda: bus.of("meter.mismatch", trade_id="t2"), what="mismatch flagged")
+            await asyncio.sleep(0.5)
+            await bus.pub.publish(status("t2", "closed"))
+    finally:
+        await hb.stop()
+    assert bus.of("meter.mismatch", trade_id="t1") == []
+    flags = bus.of("meter.mismatch", trade_id="t2")
+    assert len(flags) == 1
+    assert flags[0].buyer_wh > flags[0].seller_wh
+    seller_t1 = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1", site="solar-1")]
+    buyer_t1 = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1", site="home-7")]
+    assert seller_t1[-1] > 0 and buyer_t1[-1] > 0
