@@ -105,6 +105,7 @@ class ChainService(Service):
         self._started = asyncio.Event()
         self._settle_due_since: float | None = None
         self._settle_skip: dict[str, int] = {}
+        self._close_seen: dict[str, float] = {}  # trade id -> when its early close was first seen
         self.reconnects = 0
         self.job_rounds = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-scrypt")
@@ -544,6 +545,12 @@ class ChainService(Service):
                 async with self.store.atomic() as conn:
                     conn.execute("UPDATE chain_trades SET close_state = 'done' WHERE trade_id = ?", (tid,))
                 continue
+            if int(want) < int(wh):  # closed early: wait for the buyer meter's reading as its relay opens
+                first = self._close_seen.setdefault(tid, time.monotonic())
+                left = first + self.settings.close_grace_s - time.monotonic()
+                if left > 0:
+                    asyncio.get_running_loop().call_later(left, self.work.set)
+                    continue
             status, on_chain = await self._trade_on_chain(tid)
             if status != contracts.STATUS_OPEN:
                 await self._sync_closed(tid, status, on_chain)
