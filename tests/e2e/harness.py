@@ -1,0 +1,375 @@
+"""End-to-end harness: the whole micro-grid from ``launcher.plan()`` as real subprocesses
+(anvil, hub, chain, auction, two meters, two gateways), a user per site talking to its
+gateway's REST API, a bus listener (a real CURVE subscriber) and a web3 reader of the
+anvil chain, so a test can check every balance straight from the contracts.
+
+Nothing here is timed: every wait is a bounded polling loop that fails with what it
+waited for and the tails of the service logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+import zmq.asyncio
+from eth_utils import keccak, to_checksum_address
+from web3 import HTTPProvider, Web3
+
+from services import launcher
+from services.bus import Security, ensure_keys
+from services.bus import events as E
+from services.bus.store import Store
+from services.bus.transport import Subscriber
+from services.chain.contracts import load_artifact
+
+TEST_SITE = "e2e-watch"
+SIM_START = "2024-06-21T07:00:00+00:00"  # a clear June morning: production starts at once
+SERVICES = ("hub", "chain", "auction", "meter-solar-1", "meter-home-7", "gateway-solar-1", "gateway-home-7")
+
+
+def cost(wh: int, price: int) -> int:
+    """EnergyMarket's rounding, written out again here: floor(wh * price / 1000)."""
+    return (wh * price) // 1000
+
+
+def reading_id32(reading_id: str) -> bytes:
+    return keccak(text=reading_id)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_ports() -> tuple[int, int]:
+    """A base port with p .. p+45 free, and two free HTTP ports right after."""
+    for _ in range(200):
+        p = random.randrange(20000, 60000, 50)
+        http = p + 46
+        if all(_port_free(q) for q in range(p, p + 48)):
+            return p, http
+    raise RuntimeError("no block of 48 free loopback ports found")
+
+
+class Timeout(AssertionError):
+    pass
+
+
+# --- the bus, as the test sees it -------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    source: str
+    ts: float
+    body: Any
+    at: float  # monotonic time the test applied it
+
+
+class Watch:
+    """Every event with the given prefixes, applied once each (a real Subscriber)."""
+
+    PREFIXES = ("meter.relay", "meter.delivery", "meter.energy_produced", "trade.", "chain.", "market.")
+
+    def __init__(self, keys: pathlib.Path, hub_sub: str, store_path: pathlib.Path) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.store = Store(store_path)
+        self.events: list[Seen] = []
+        self.changed = asyncio.Event()
+        self.sub = Subscriber(self.ctx, Security(keys, TEST_SITE), self.store, hub_sub=hub_sub,
+                              prefixes=self.PREFIXES, handler=self._handle, name="e2e-watch")
+        self.on_event: Callable[[Seen], None] | None = None
+
+    def _handle(self, env: Any, conn: Any) -> None:
+        seen = Seen(env.source, env.ts, env.body, time.monotonic())
+        self.events.append(seen)
+        if self.on_event is not None:
+            self.on_event(seen)
+        self.changed.set()
+
+    async def start(self) -> None:
+        await self.sub.start()
+
+    async def stop(self) -> None:
+        await self.sub.stop()
+        self.ctx.destroy(0)
+        self.store.conn.close()
+
+    def of(self, cls: type, **match: Any) -> list[Any]:
+        return [s.body for s in self.events if isinstance(s.body, cls)
+                and all(getattr(s.body, k) == v for k, v in match.items())]
+
+
+# --- one person at one gateway ------------------------------------------------------------
+
+
+class ApiError(AssertionError):
+    def __init__(self, status: int, body: Any, what: str) -> None:
+        super().__init__(f"{what}: HTTP {status}: {body}")
+        self.status, self.body = status, body
+
+
+class User:
+    """A person using one site's wallet through the REST API only."""
+
+    def __init__(self, base: str, address: str, passphrase: str) -> None:
+        self.base = base.rstrip("/")
+        self.address = address
+        self.passphrase = passphrase
+        self.http: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                          timeout=aiohttp.ClientTimeout(total=30))
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+
+    async def call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200, 201, 202),
+                   key: str | None = None) -> Any:
+        """One request; ``key`` (an Idempotency-Key) makes a retried POST run once."""
+        assert self.http is not None
+        kw: dict[str, Any] = {}
+        if body is not None:
+            kw["json"] = body
+        if key is not None:
+            kw["headers"] = {"Idempotency-Key": key}
+        async with self.http.request(method, self.base + path, **kw) as r:
+            text = await r.text()
+            try:
+                data = json.loads(text) if text else None
+            except ValueError:
+                data = text
+            if r.status not in ok:
+                raise ApiError(r.status, data, f"{method} {path}")
+            return data
+
+    async def login(self) -> None:
+        assert self.http is not None
+        self.http.cookie_jar.clear()
+        out = await self.call("POST", "/api/session", {"address": self.address, "passphrase": self.passphrase})
+        assert out["address"].lower() == self.address.lower(), out
+
+    async def wallet(self) -> dict[str, Any]:
+        return await self.call("GET", "/api/wallet")
+
+
+# --- the grid ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Grid:
+    data: pathlib.Path
+    options: launcher.Options
+    procs: list[launcher.Proc]
+    runner: launcher.Runner
+    passphrases: dict[str, str]
+    w3: Web3
+    http: requests.Session
+    watch: Watch
+    producer: User
+    consumer: User
+    token: Any = None
+    market: Any = None
+    kills: list[str] = field(default_factory=list)
+
+    # -- processes --
+
+    def proc(self, name: str) -> launcher.Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def health(self, name: str) -> dict[str, Any] | None:
+        url = self.proc(name).health_url
+        assert url is not None
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    async def kill(self, name: str) -> None:
+        """SIGKILL the process (its whole group) and reap it."""
+        child = self.runner.running[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        await child.wait()
+        self.kills.append(name)
+
+    async def start(self, name: str) -> None:
+        proc = self.proc(name)
+        await self.runner.start(proc)
+        try:
+            await self.runner.wait_healthy(proc, timeout=90)
+        except RuntimeError as e:
+            self.fail(str(e))
+
+    async def restart(self, name: str) -> None:
+        await self.kill(name)
+        await self.start(name)
+
+    # -- waiting and failing --
+
+    def log_tails(self, lines: int = 40) -> str:
+        out = []
+        for p in self.procs:
+            if p.log is None or not p.log.exists():
+                continue
+            tail = p.log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"----- {p.name} ({p.log}) -----\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def fail(self, msg: str) -> None:
+        pytest.fail(f"{msg}\n\nservice log tails:\n{self.log_tails()}", pytrace=False)
+
+    async def until(self, what: str, check: Callable[[], Awaitable[Any]] | Callable[[], Any],
+                    timeout: float = 60, every: float = 0.3) -> Any:
+        """Poll ``check`` until it returns something truthy (exceptions count as not yet)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            try:
+                r = check()
+                if asyncio.iscoroutine(r) or isinstance(r, Awaitable):
+                    r = await r
+                if r:
+                    return r
+                last = r
+            except (AssertionError, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+                last = e
+            if time.monotonic() > deadline:
+                self.fail(f"waited {timeout:.0f} s for {what}; last: {last!r}")
+            await asyncio.sleep(every)
+
+    # -- the chain, read straight --
+
+    def attach_contracts(self) -> None:
+        h = self.health("chain")
+        assert h and h.get("market"), h
+        m_art, t_art = load_artifact("EnergyMarket"), load_artifact("EnergyToken")
+        self.market = self.w3.eth.contract(address=to_checksum_address(h["market"]), abi=m_art["abi"])
+        self.token = self.w3.eth.contract(address=self.market.functions.token().call(), abi=t_art["abi"])
+
+    def onchain(self, address: str) -> dict[str, int]:
+        a = to_checksum_address(address)
+        m, t = self.market.functions, self.token.functions
+        return {"ether": self.w3.eth.get_balance(a), "free": m.freeEscrow(a).call(),
+                "locked": m.lockedEscrow(a).call(), "credit": m.credit(a).call(), "tokens": t.balanceOf(a).call()}
+
+    def trade(self, trade_id: str) -> dict[str, Any]:
+        seller, wh, status, buyer, delivered, price = self.market.functions.trades(keccak(text=trade_id)).call()
+        return {"seller": seller, "wh": wh, "status": status, "buyer": buyer, "delivered": delivered, "price": price}
+
+    def minted(self) -> list[dict[str, Any]]:
+        return [dict(ev["args"]) for ev in self.token.events.Minted().get_logs(from_block=0)]
+
+    def market_events(self, name: str) -> list[dict[str, Any]]:
+        return [dict(ev["args"]) for ev in getattr(self.market.events, name)().get_logs(from_block=0)]
+
+    def ether_from_history(self, address: str) -> int:
+        """An account's Ether recomputed from every transaction in every block: what it was
+        sent minus what it sent and paid in gas (none of these accounts is paid by contracts
+        here: nobody withdraws)."""
+        a = to_checksum_address(address)
+        total = 0
+        for n in range(self.w3.eth.block_number + 1):
+            block = self.w3.eth.get_block(n, full_transactions=True)
+            for tx in block["transactions"]:
+                if tx["to"] == a:
+                    total += tx["value"]
+                if tx["from"] == a:
+                    r = self.w3.eth.get_transaction_receipt(tx["hash"])
+                    total -= tx["value"] + r["gasUsed"] * r["effectiveGasPrice"]
+        return total
+
+
+async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env: dict[str, dict[str, str]] | None
+                     = None, service_env: dict[str, str] | None = None) -> Grid:
+    """Prepare keys and accounts, start every process of the plan, log both users in."""
+    data = tmp / "grid"
+    base, http = free_base_ports()
+    opts = launcher.Options(data=data, chain_url="anvil", time_scale=time_scale, base_port=base, http_port=http)
+    opts, passphrases = launcher.prepare(opts, reset=True)
+    assert set(passphrases) == {"solar-1 producer", "home-7 consumer"}, passphrases
+    ensure_keys(data.resolve() / "keys", TEST_SITE)  # before any process loads the allow-list
+    procs = launcher.plan(opts)
+    for p in procs:
+        if p.name.startswith("meter-"):
+            p.env["GRIDTRADE_SIM__START"] = SIM_START
+            p.env.update((meter_env or {}).get(p.name, {}))
+        if p.name != "anvil":
+            p.env.update(service_env or {})
+    runner = launcher.Runner(procs)
+    anvil = next(p for p in procs if p.name == "anvil")
+    session = requests.Session()
+    w3 = Web3(HTTPProvider(anvil.extra["rpc"], session=session))
+    common = next(p for p in procs if p.name == "hub").env
+    watch = Watch(data.resolve() / "keys", common["GRIDTRADE_HUB_SUB"], tmp / "watch.sqlite")
+    gw = {p.env["GRIDTRADE_SITE"]: p.public_url for p in procs if p.public_url}
+    grid = Grid(data=data, options=opts, procs=procs, runner=runner, passphrases=passphrases, w3=w3, http=session,
+                watch=watch,
+                producer=User(gw["solar-1"], opts.producer_account, passphrases["solar-1 producer"]),
+                consumer=User(gw["home-7"], opts.consumer_account, passphrases["home-7 consumer"]))
+    try:
+        for p in procs:
+            await runner.start(p)
+            if p.name == "anvil":
+                await grid.until("anvil to answer JSON-RPC", lambda: w3.is_connected(), timeout=30)
+            else:
+                try:
+                    await runner.wait_healthy(p, timeout=120)
+                except RuntimeError as e:
+                    grid.fail(str(e))
+            if p.name == "hub":
+                await watch.start()
+        await grid.until("the chain service to deploy the contracts",
+                         lambda: (grid.health("chain") or {}).get("market"), timeout=60)
+        grid.attach_contracts()
+        for u in (grid.producer, grid.consumer):
+            await u.open()
+            await u.login()
+    except BaseException:
+        await stop_grid(grid)
+        raise
+    return grid
+
+
+async def stop_grid(grid: Grid) -> None:
+    """Stop everything: SIGTERM in reverse order, then SIGKILL every process group left."""
+    for u in (grid.producer, grid.consumer):
+        await u.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(grid.runner.stop(), 60)
+    for child in grid.runner.running.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        if child.returncode is None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(child.wait(), 10)
+    await grid.watch.stop()
+    grid.http.close()
+
+
+def today_iso() -> str:  # pragma: no cover - handy when debugging
+    return dt.datetime.now(dt.timezone.utc).isoformat()
