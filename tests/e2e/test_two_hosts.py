@@ -406,6 +406,7 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     finally:
         net.cable("mkt", connected=True)
     assert all(why.values()), why
+    at_return = onchain_trade()["delivered"]
 
     # the link is back: the trade carries on (relays close again) and ends
     closed_again: list[str] = []
@@ -425,10 +426,12 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     block = w3.eth.block_number
     t = onchain_trade(block)
     delivered = t["delivered"]
-    assert t["status"] == STATUS_CLOSED and t_cut["delivered"] < delivered <= SELL_WH, (t_cut, t)
-    assert delivered == SELL_WH or final_row["state"] == "settled", final_row
-    assert closed_again or delivered == SELL_WH, "after the link came back the relays never closed again"
-    assert final_row["delivered_wh"] == delivered and int(final_row["paid_wei"]) == cost(delivered, PRICE), final_row
+    assert t["status"] == STATUS_CLOSED and at_return < delivered <= SELL_WH, ("no delivery after the cut", at_return, t)
+    assert closed_again, "after the link came back the relays never closed again"
+    # the gateway's row: paid exactly what the chain settled; its delivered_wh is the buyer's
+    # meter, which may count a few Wh past the trade while the relays open (the chain caps it)
+    assert int(final_row["paid_wei"]) == cost(delivered, PRICE), final_row
+    assert final_row["delivered_wh"] >= delivered, final_row
     mf, tf = market.functions, token.functions
     settled = market.events.Settled().get_logs(from_block=0, to_block=block)
     settled = [e["args"] for e in settled if e["args"]["tradeId"] == tid]
