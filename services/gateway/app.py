@@ -150,6 +150,7 @@ class Gateway:
             "list_accounts": self.list_accounts, "login": self.login, "whoami": self.whoami, "logout": self.logout,
             "wallet": self.wallet, "pending": self.pending, "transfer": self.transfer,
             "escrow_deposit": self.escrow_deposit, "escrow_withdraw": self.escrow_withdraw,
+            "withdraw_credit": self.withdraw_credit,
             "mining": self.mining, "set_mining": self.set_mining, "list_offers": self.list_offers,
             "sell": self.sell, "bid": self.bid, "cancel_offer": self.cancel_offer,
             "list_trades": self.list_trades, "close_trade": self.close_trade,
@@ -385,6 +386,9 @@ class Gateway:
 
     async def escrow_withdraw(self, request: web.Request, session: Session, body: m.EscrowIn) -> m.TxSentOut:
         return await self._escrow(request, session, "withdraw", body.amount_wei)
+
+    async def withdraw_credit(self, request: web.Request, session: Session, body: m.EscrowIn) -> m.TxSentOut:
+        return await self._escrow(request, session, "withdraw_credit", body.amount_wei)
 
     async def mining(self, request: web.Request, session: Session) -> m.MiningOut:
         r: cmd.Mining = await self.ask_chain(cmd.SetMining(action="status"))

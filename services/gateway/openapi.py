@@ -53,6 +53,8 @@ ROUTES: tuple[Route, ...] = (
           body=m.EscrowIn, status=202, errors=(400, 401, 409, 415, 422, *_BACKEND)),
     Route("POST", "/api/escrow/withdraw", "escrow_withdraw", "Take free escrow back", m.TxSentOut,
           body=m.EscrowIn, status=202, errors=(400, 401, 409, 415, 422, *_BACKEND)),
+    Route("POST", "/api/credit/withdraw", "withdraw_credit", "Take out what buyers paid this seller", m.TxSentOut,
+          body=m.EscrowIn, status=202, errors=(400, 401, 409, 415, 422, *_BACKEND)),
     Route("GET", "/api/mining", "mining", "Whether blocks are being produced", m.MiningOut,
           errors=(*_SESSION_ERRORS, 502)),
     Route("POST", "/api/mining", "set_mining", "Start or stop mining", m.MiningOut, body=m.MiningIn,

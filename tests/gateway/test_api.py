@@ -130,6 +130,10 @@ async def test_bad_input_gets_a_4xx_with_a_message(stack: Stack) -> None:
     assert not [q for q in stack.chain.requests if isinstance(q, cmd.Transfer)]
 
 
+def s_chain_pending(stack: Stack) -> list[str]:
+    return [f"{t.kind}:{t.ref}" for t in stack.chain.pending] + [f"mined {t.kind}:{t.ref}" for t in stack.chain.mined]
+
+
 async def test_one_user_cannot_act_for_another(stack: Stack) -> None:
     sell_base, buy_base = stack.url("solar-1"), stack.url("home-7")
     async with http() as seller, http() as buyer, http() as third:
@@ -168,7 +172,12 @@ async def test_one_user_cannot_act_for_another(stack: Stack) -> None:
                 ts = [t for t in (await r.json())["trades"] if t["offer_id"] == oid]
             return ts[0] if ts and ts[0]["state"] == "delivering" else None
 
-        await until(trade, what="the trade is recorded and delivering")
+        try:
+            await until(trade, what="the trade is recorded and delivering")
+        except AssertionError:
+            async with buyer.get(buy_base + "/api/offers") as r1, buyer.get(buy_base + "/api/trades") as r2:
+                raise AssertionError(f"offers {await r1.text()} trades {await r2.text()} "
+                                     f"chain pending {s_chain_pending(stack)}") from None
         t = await trade()
         assert t is not None and t["buyer"] == CONSUMER.address and t["price_wei_per_kwh"] == "2000"
         async with third.post(buy_base + f"/api/trades/{t['trade_id']}/close", json={}) as r:

@@ -140,6 +140,8 @@ async function loadWallet() {
     $('#generation').textContent = kwh(w.generated_wh);
     $('#balance').textContent = formatEther(w.ether_wei);
     $('#credit').textContent = formatEther(w.credit_wei);
+    state.credit = w.credit_wei;
+    $('#withdraw-credit').hidden = BigInt(w.credit_wei) === 0n;
     $('#escrow-free').textContent = formatEther(w.escrow_free_wei);
     $('#escrow-locked').textContent = formatEther(w.escrow_locked_wei);
     $('#market-tokens').textContent = kwh(w.tokens_wh);
@@ -431,6 +433,10 @@ async function start() {
   $('#sell-form').addEventListener('submit', sell);
   amountForm('#deposit-form', '#deposit-amount', '/api/escrow/deposit', (r) => addPending({ tx_hash: r.tx_hash, kind: 'deposit', status: 'pending' }));
   amountForm('#withdraw-form', '#withdraw-amount', '/api/escrow/withdraw', (r) => addPending({ tx_hash: r.tx_hash, kind: 'withdraw', status: 'pending' }));
+  $('#withdraw-credit').addEventListener('click', (e) => guarded(e.target, async () => {
+    const r = await api('POST', '/api/credit/withdraw', { amount_wei: state.credit });
+    addPending({ tx_hash: r.tx_hash, kind: 'withdraw_credit', status: 'pending' });
+  }));
   window.addEventListener('hashchange', route);
   setInterval(tick, 250);
   try {
