@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS meter_counters (
     kwh_index INTEGER NOT NULL DEFAULT 0,     -- index the next whole kWh gets
     accum_wh INTEGER NOT NULL DEFAULT 0,      -- Wh counted towards it
     last_energy INTEGER,                      -- counter baseline: the last energy_wh read
+    first_energy INTEGER,                     -- the counter when this store first saw the meter
     last_export INTEGER,                      -- the last export_wh read
     relay_closed INTEGER,                     -- the relay state last announced
     current_trade TEXT,                       -- the trade delivery is counted for
@@ -181,8 +182,10 @@ class MeterRunner:
             sim_state = self.driver.state_json() if isinstance(self.driver, SimDriver) else None
             conn.execute(
                 "UPDATE meter_counters SET kwh_index = ?, accum_wh = ?, last_energy = ?, last_export = ?,"
-                " current_trade = ?, resets = resets + ?, sim_state = COALESCE(?, sim_state) WHERE meter = ?",
-                (kwh.next_index, kwh.accum_wh, c.energy_wh, c.export_wh, current, int(reset), sim_state, name))
+                " first_energy = COALESCE(first_energy, ?), current_trade = ?, resets = resets + ?,"
+                " sim_state = COALESCE(?, sim_state) WHERE meter = ?",
+                (kwh.next_index, kwh.accum_wh, c.energy_wh, c.export_wh, c.energy_wh, current, int(reset),
+                 sim_state, name))
             self.svc.stage(MeterReading(
                 site=site, meter=name, role=self.cfg.role, energy_wh=c.energy_wh, power_w=c.power_w,
                 voltage_v=c.voltage_v, current_a=c.current_a, relay_closed=c.relay_closed,

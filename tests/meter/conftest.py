@@ -91,3 +91,6 @@ async def until(cond: Callable[[], object], timeout: float = 30.0, what: str = "
         if loop.time() > deadline:
             raise AssertionError(f"{what} not met in {timeout} s")
         await asyncio.sleep(0.05)
+
+
+ROOT_DIR = pathlib.Path(__file__).resolve().parents[2]
