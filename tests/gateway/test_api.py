@@ -131,7 +131,10 @@ async def test_bad_input_gets_a_4xx_with_a_message(stack: Stack) -> None:
 
 
 def s_chain_pending(stack: Stack) -> list[str]:
-    return [f"{t.kind}:{t.ref}" for t in stack.chain.pending] + [f"mined {t.kind}:{t.ref}" for t in stack.chain.mined]
+    sub = stack.chain.sub
+    return [f"{t.kind}:{t.ref}" for t in stack.chain.pending] + [f"mined {t.kind}:{t.ref}" for t in stack.chain.mined] \
+        + [f"stand-in subscriber applied={sub.applied} failed={sub.failed} drops={dict(sub.drops.counts)} "
+           f"offsets={sub.offsets} replay_at={sub.replay_at}"]
 
 
 async def test_one_user_cannot_act_for_another(stack: Stack) -> None:
