@@ -173,3 +173,42 @@ async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
     seller_t1 = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1", site="solar-1")]
     buyer_t1 = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1", site="home-7")]
     assert seller_t1[-1] > 0 and buyer_t1[-1] > 0
+
+
+async def test_a_failing_meter_publishes_nothing_wrong_and_keeps_the_relay_safe(
+        grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+    """During a live trade: damaged replies make the service command the relay open; an
+    unplugged port leaves it to the meter's watchdog; once the meter answers again the
+    relay follows the trade again. Readings stay exact and the service stays up."""
+    model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
+    emu = await LineEmulator(model, link=tmp_path / "home.tty", watchdog_s=0.6).start()
+    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
+                                           "timeout_s": 0.2}])
+    assert bus.pub is not None
+    hb = Heartbeats(bus, ["t1"])
+    try:
+        async with running(s) as svc:
+            await bus.pub.publish(status("t1", "recorded"))
+            await until(lambda: model.site.state.relay_closed, what="relay closed")
+            # every reply damaged for a while: after 3 failed reads the relay is commanded open
+            emu.corrupt("checksum", 3)
+            await until(lambda: any("meter errors" in r.reason for r in bus.of("meter.relay", closed=False)),
+                        what="relay opened on errors")
+            await until(lambda: len(bus.of("meter.relay", closed=True)) >= 2, what="closed again after recovery")
+            # the port disappears: nobody can command the meter, its watchdog opens the relay
+            emu.unplug()
+            await until(lambda: not model.site.state.relay_closed, what="watchdog opened the relay")
+            await asyncio.sleep(0.5)
+            assert svc.health()["meters"]["grid"]["connected"] is False
+            emu.replug()
+            await until(lambda: model.site.state.relay_closed, timeout=10, what="closed again after replug")
+            health = svc.health()["meters"]["grid"]
+            assert health["errors"]["checksum"] >= 3 and health["errors"]["io"] >= 1
+            assert health["connects"] >= 2
+    finally:
+        await hb.stop()
+        await emu.close()
+    readings = [r.energy_wh for r in bus.of("meter.reading", meter="grid")]
+    assert readings == sorted(readings)
+    deliveries = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1")]
+    assert deliveries == sorted(deliveries) and deliveries[-1] <= model.site.energy_wh
