@@ -24,6 +24,9 @@ class Outbox:
         self.source = source
         store.conn.executescript(_SCHEMA)
         self.last: dict[str, int] = dict(store.conn.execute("SELECT topic, MAX(seq) FROM bus_outbox GROUP BY topic"))
+        self.committed: dict[str, int] = dict(self.last)
+        """The last seq per topic that is committed: the only ones heartbeats announce and
+        replays serve (the store's connection would also see rows still in a transaction)."""
 
     def append(self, conn: sqlite3.Connection, body: Message) -> tuple[Envelope, list[bytes]]:
         """Write one event inside the caller's open transaction; seqs roll back with it."""
@@ -41,10 +44,16 @@ class Outbox:
             else:
                 self.last[topic] = previous
 
+        def done() -> None:
+            if seq > self.committed.get(topic, 0):
+                self.committed[topic] = seq
+
         self.store.on_rollback(undo)
+        self.store.on_commit(done)
         return env, frames
 
     def range(self, topic: str, after: int, upto: int, limit: int = 1000) -> list[bytes]:
+        upto = min(upto, self.committed.get(topic, 0))
         rows = self.store.conn.execute(
             "SELECT data FROM bus_outbox WHERE topic = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
             (topic, after, upto, limit),

@@ -168,7 +168,7 @@ class Publisher:
 
     def beat(self) -> None:
         self._hb_seq += 1
-        hb = Heartbeat(node=self.source, replay=self.replay_endpoint, site=self.site, last=dict(self.outbox.last))
+        hb = Heartbeat(node=self.source, replay=self.replay_endpoint, site=self.site, last=dict(self.outbox.committed))
         self._send(envelope.encode(envelope.make(hb, source=self.source, seq=self._hb_seq)))
 
     async def _replayer(self) -> None:
@@ -184,7 +184,7 @@ class Publisher:
                 continue
             rows = self.outbox.range(topic, after, upto)
             head = json.dumps({"topic": topic, "after": after, "upto": upto, "n": len(rows),
-                               "last": self.outbox.last.get(topic, 0)}).encode()
+                               "last": self.outbox.committed.get(topic, 0)}).encode()
             await self.router.send_multipart([ident, head, *rows])
 
 

@@ -224,3 +224,35 @@ async def test_bad_frames_are_dropped_and_counted_and_the_subscriber_keeps_worki
     raw.close(0)
     await pub.stop()
     await sub.stop()
+
+
+async def test_events_of_an_open_transaction_are_neither_announced_nor_replayed(grid: Grid, actx, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A publisher that awaits inside a transaction (a command asking another service)
+    heartbeats meanwhile: a subscriber must not see its staged events until COMMIT, must
+    never see them after a ROLLBACK, and must apply the event that reuses their seq."""
+    sec = secure("solar-1", actx)
+    store = Store(tmp_path / "pub.sqlite")
+    pub = Publisher(actx, sec, store, source="solar-1/meter", hub_pub=grid.hub_pub, heartbeat_s=0.1)
+    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
+                     handler=rec.handler)
+    await sub.start()
+    await pub.start()
+    await until(sub.connected.is_set)
+    await pub.publish(reading(0))
+    await until(lambda: rec.values() == [0])
+    with pytest.raises(RuntimeError):
+        async with store.atomic():
+            await pub.publish(reading(666))  # staged into the open transaction
+            await asyncio.sleep(1.0)  # ten heartbeats go out meanwhile
+            assert rec.values() == [0]
+            raise RuntimeError("the command fails: roll back")
+    async with store.atomic():
+        await pub.publish(reading(1))  # takes the seq the rolled-back event had
+        await asyncio.sleep(0.5)
+        assert rec.values() == [0]
+    await until(lambda: rec.values() == [0, 1])
+    await asyncio.sleep(0.5)
+    assert rec.values() == [0, 1]
+    await pub.stop()
+    await sub.stop()
