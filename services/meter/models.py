@@ -28,8 +28,8 @@ class BatteryConfig(BaseModel):
     """A lead-acid battery bank."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    capacity_wh: float = Field(default=2400.0, gt=0, description="usable capacity")
-    soc: float = Field(default=0.5, ge=0, le=1, description="state of charge at start")
+    capacity_wh: float = Field(default=7200.0, gt=0, description="usable capacity (600 Ah at 12 V)")
+    soc: float = Field(default=0.3, ge=0, le=1, description="state of charge at start")
     charge_eff: float = Field(default=0.85, gt=0, le=1, description="stored / energy in")
     discharge_eff: float = Field(default=0.9, gt=0, le=1, description="energy out / stored")
     nominal_v: float = Field(default=12.0, gt=0, description="12, 24 or 48 V banks")

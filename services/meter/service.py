@@ -172,7 +172,7 @@ class MeterRunner:
                     d_flow, _ = counter_delta(row["last_export"], c.export_wh)
                 else:
                     d_flow = d_energy
-                current = self._deliver(conn, current, d_flow, now)
+                current = self._deliver(conn, current, d_flow, now, c.relay_closed)
             # a relay that moved by itself (the meter's watchdog, a hand on the switch)
             if row["relay_closed"] is not None and bool(row["relay_closed"]) != c.relay_closed:
                 self._relay_changed(conn, c.relay_closed, self.decision.trade_id, "changed at the meter")
@@ -192,9 +192,15 @@ class MeterRunner:
                 soc=c.soc, load_w=c.load_w, pv_w=c.pv_w))
         self.svc.update_metrics(self, c)
 
-    def _deliver(self, conn: sqlite3.Connection, current: str | None, d_flow: int, now: float) -> str | None:
-        """Count ``d_flow`` for the trade being delivered; switch trades; publish Delivery."""
+    def _deliver(self, conn: sqlite3.Connection, current: str | None, d_flow: int, now: float,
+                 relay_closed: bool) -> str | None:
+        """Count ``d_flow`` for the trade being delivered; switch trades; publish Delivery.
+
+        A trade that ended keeps the meter until a reading shows the relay open, so the
+        energy that flowed between the last reading and the relay opening is counted too."""
         active = self.decision.trade_id if self.decision.closed else None
+        if current is not None and active is None and relay_closed:
+            active = current
         if current is not None:
             conn.execute("INSERT OR IGNORE INTO meter_delivery (trade_id, meter) VALUES (?, ?)", (current, self.cfg.name))
             conn.execute("UPDATE meter_delivery SET delivered_wh = delivered_wh + ? WHERE trade_id = ? AND meter = ?",
