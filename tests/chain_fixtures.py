@@ -58,7 +58,7 @@ def _answers_rpc(url: str) -> bool:
 def start_anvil() -> tuple[subprocess.Popen[bytes], str]:
     """Start anvil on a free port in its own process group; return it and its URL once it answers."""
     if not ANVIL.exists():
-        pytest.fail(f"{ANVIL} is missing; run `npm ci` in {ROOT}")
+        raise RuntimeError(f"{ANVIL} is missing; run `npm ci` in {ROOT}")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
