@@ -135,7 +135,9 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(grid: Grid, bus: 
     # the consumer imports only through the closed relay, only during t1: the meter's
     # counter is exactly what was delivered
     assert values[-1] == model.site.energy_wh > 0
-    assert all(b - a >= 10 for a, b in zip(values, values[1:-1]))
+    # granularity 10 Wh, except the last count each time the relay opened (twice)
+    small = [b - a for a, b in zip(values, values[1:]) if b - a < 10]
+    assert len(small) <= 2
 
 
 async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
