@@ -80,9 +80,19 @@ def start_anvil() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def stop_anvil(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate anvil's process group (SIGKILL if it lingers) and reap it."""
+    """Stop anvil and reap it, leaving no process behind.
+
+    node_modules/.bin/anvil is a node launcher that spawns the anvil binary; on SIGTERM the
+    launcher kills itself before its child exits, which would orphan the child as a zombie.
+    So the binary is terminated first (the launcher reaps it and exits); the whole process
+    group is killed only as a fallback."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        children = _children(proc.pid)
+        if children:
+            for pid in children:
+                os.kill(pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -91,6 +101,14 @@ def stop_anvil(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
     if proc.stderr:
         proc.stderr.close()
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of `pid` (Linux /proc; empty elsewhere)."""
+    try:
+        return [int(x) for x in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 @pytest.fixture(scope="session")
