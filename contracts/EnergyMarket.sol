@@ -21,7 +21,8 @@ import {IERC20} from "./IERC20.sol";
 ///         buyer's account; anyone may submit such a reading and nobody can forge or replay one.
 /// @dev Checks-effects-interactions throughout, plus a reentrancy guard on every state-changing
 ///      entry point. The token is trusted (set once at construction). Plain Ether sent without
-///      deposit() is rejected, so the contract's balance is free + locked escrow + unpaid credit.
+///      deposit() is rejected, so the contract's balance is free + locked escrow + unpaid credit
+///      (Ether forced in by selfdestruct or as a block reward could only add an unowned surplus).
 contract EnergyMarket is AccessControl {
     /// @notice Role allowed to open trades, settle, close any trade and register meters.
     bytes32 public constant OPERATOR_ROLE = keccak256("OPERATOR_ROLE");

@@ -68,7 +68,9 @@ def compile_contracts() -> dict[str, dict[str, Any]]:
         "sources": {name: {"content": text} for name, text in srcs.items()},
         "settings": {
             **settings,
-            "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
+            "outputSelection": {
+                "*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object", "metadata"]}
+            },
         },
     }
     try:
@@ -78,10 +80,10 @@ def compile_contracts() -> dict[str, dict[str, Any]]:
     warnings = [e["formattedMessage"] for e in output.get("errors", []) if e["severity"] != "info"]
     if warnings:
         raise BuildError("compiler warnings:\n" + "\n".join(warnings))
-    digests = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in srcs.items()}
     artifacts = {}
     for name, unit in CONTRACTS.items():
         out = output["contracts"][unit][name]
+        used = json.loads(out["metadata"])["sources"]  # the contract's source and what it imports
         artifacts[name] = {
             "contractName": name,
             "sourceName": unit,
@@ -90,7 +92,7 @@ def compile_contracts() -> dict[str, dict[str, Any]]:
             "deployedBytecode": "0x" + out["evm"]["deployedBytecode"]["object"],
             "compiler": {"name": "solc", "version": version},
             "settings": settings,
-            "sourceSha256": digests,
+            "sourceSha256": {u: hashlib.sha256(srcs[u].encode()).hexdigest() for u in sorted(used)},
         }
     return artifacts
 

@@ -103,6 +103,8 @@ async def send(w3: AsyncWeb3, call: Any, sender: Sender, value: int = 0) -> TxRe
     A call that would revert raises (ContractLogicError on JSON-RPC nodes, eth_tester's
     TransactionFailed on the embedded chain; `revert_reason` reads either) before anything is sent.
     A transaction mined with status 0 raises TransactionReverted.
+    A local account's nonce is the node's count of its mined transactions, so this is not for
+    concurrent sends from one key (the chain service keeps its own nonces for that).
     """
     if isinstance(sender, LocalAccount):
         tx = await call.build_transaction(
