@@ -101,6 +101,7 @@ def delivery(trade: Trade, delivered_wh: int) -> tuple[Trade, list[Step]]:
     """The buyer's meter reports cumulative Wh delivered for this trade."""
     if delivered_wh < 0:
         raise InvalidTransition(trade.trade_id, trade.state, trade.state, "negative delivery")
+    delivered_wh = min(delivered_wh, trade.wh)  # energy past the trade's Wh is not part of it
     steps: list[Step] = []
     if trade.state == "recorded":
         trade, a = _go(trade, "delivering")
@@ -152,8 +153,8 @@ def closed_on_chain(trade: Trade, *, delivered_wh: int, paid_wei: int) -> tuple[
     if trade.state in ("recorded", "delivering", "agreed"):
         trade, a = _go(trade, "closed", "closed on chain")
         steps.append(a)
-    trade = dataclasses.replace(trade, delivered_wh=max(trade.delivered_wh, delivered_wh),
-                                paid_wei=max(trade.paid_wei, paid_wei))
+    # the contract's figures are the record of what was delivered and paid
+    trade = dataclasses.replace(trade, delivered_wh=delivered_wh, paid_wei=paid_wei)
     trade, b = _go(trade, "settled", trade.reason)
     steps.append(b)
     return trade, steps

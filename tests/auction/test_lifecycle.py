@@ -85,3 +85,19 @@ def test_transition_table_is_closed():
     for src, dsts in lc.TRANSITIONS.items():
         assert dsts <= set(lc.TRANSITIONS), src
     assert all(not lc.TRANSITIONS[s] for s in lc.FINAL)
+
+
+def test_energy_past_the_trade_is_not_counted_and_the_chain_has_the_last_word():
+    """The relay takes a moment to open: what the buyer's meter counts past the trade's
+    Wh is not part of the trade, and the settled figure is the contract's."""
+    t, _ = lc.recorded(trade())
+    t, steps = lc.delivery(t, 2021)
+    assert states(steps) == ["fulfilled"] and t.delivered_wh == 2000
+    t, _ = lc.delivery(t, 2040)
+    assert t.delivered_wh == 2000
+    t, steps = lc.closed_on_chain(t, delivered_wh=2000, paid_wei=2000)
+    assert states(steps) == ["settled"] and t.delivered_wh == 2000
+    closed, _ = lc.recorded(trade(trade_id="t-o-2"))
+    closed, _ = lc.delivery(closed, 900)
+    closed, _ = lc.closed_on_chain(closed, delivered_wh=880, paid_wei=880)  # settled what the chain saw
+    assert closed.delivered_wh == 880 and closed.paid_wei == 880

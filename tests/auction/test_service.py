@@ -327,7 +327,7 @@ async def test_double_auction_clears_each_call(grid: Grid, fake_chain: FakeChain
     sellers = ["0x" + c * 40 for c in "12"]
     for a in sellers:
         fake_chain.set(a, tokens_wh=10_000)
-    s = settings(grid, fake_chain.endpoint, auction_market="double", auction_clear_interval_s=0.5)
+    s = settings(grid, fake_chain.endpoint, auction_market="double", auction_clear_interval_s=2.0)
     db = s.data_dir / "auction.sqlite"
     async with Running(grid, s) as m:
         with pytest.raises(RequestError) as e:
