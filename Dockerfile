@@ -20,7 +20,8 @@ ARG NODE_IMAGE=node:20-bookworm-slim
 FROM ${NODE_IMAGE} AS node-tools
 WORKDIR /opt/gridtrade
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --loglevel=error
+# npm install, not npm ci: ci refuses this lock file (it lacks the optional anvil builds of other platforms)
+RUN npm install --no-audit --no-fund --loglevel=error
 
 # --- the services (the default target is the last stage, `gridtrade`, built from this) -
 FROM ${PYTHON_IMAGE} AS runtime
