@@ -425,7 +425,7 @@ def test_dockerfile() -> None:
             "gridtrade"}
     assert targets <= set(by_name), targets - set(by_name)
     node = by_name["node-tools"]
-    assert ("RUN", "npm ci --no-audit --no-fund --loglevel=error") in node["ops"]
+    assert ("RUN", "npm install --no-audit --no-fund --loglevel=error") in node["ops"]
     assert "package-lock.json" in last([node], "COPY")  # type: ignore[operator]
     copied = [rest for o, rest in by_name["anvil"]["ops"] if o == "COPY"]
     assert any("@foundry-rs/anvil-linux-${TARGETARCH}/bin/anvil" in c for c in copied), copied
