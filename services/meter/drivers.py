@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from .config import MeterConfig
-from .errors import DriverError, MeterError, ProtocolError
+from .errors import DriverError, ProtocolError
 from .models import Counters
 from .sim import SimParams, SimSite
 
@@ -118,7 +118,7 @@ class SerialDriver(Driver):
             raise DriverError(f"port {self.cfg.port}: reconnect in {left:.2f} s")
         try:
             await self._open()
-        except (OSError, MeterError, Exception) as e:  # pyserial raises SerialException(IOError)
+        except Exception as e:  # noqa: BLE001 - pyserial/pymodbus raise many kinds; all mean "not now"
             self._failed("open", e)
             raise DriverError(f"cannot open {self.cfg.port}: {e}") from e
         self.connected = True

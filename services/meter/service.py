@@ -26,7 +26,7 @@ from services.bus.events import (Delivery, DeliveryMismatch, EnergyProduced, Met
                                  TradeHeartbeat, TradeStatus)
 from services.bus.service import Service
 
-from .accounting import (ENDED, LIVE, KwhState, RelayDecision, TradeView, counter_delta, interpolate, mismatch,
+from .accounting import (LIVE, KwhState, RelayDecision, TradeView, counter_delta, interpolate, mismatch,
                          relay_decision, whole_kwh)
 from .config import MeterConfig, MeterSettings
 from .drivers import Backoff, Driver, SimDriver, make_driver
@@ -313,7 +313,8 @@ class MeterService(Service):
 
     def trade_views(self) -> list[TradeView]:
         rows = self.store.conn.execute(
-            "SELECT trade_id, state, seller_site, buyer_site, heard, omitted FROM meter_trades")
+            "SELECT trade_id, state, seller_site, buyer_site, heard, omitted FROM meter_trades"
+            " WHERE state NOT IN ('fulfilled', 'closed', 'settled', 'failed')")
         return [TradeView(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
 
     async def on_event(self, env: Envelope, conn: sqlite3.Connection) -> None:
@@ -329,9 +330,9 @@ class MeterService(Service):
                  env.ts if body.state in LIVE else 0.0))
         elif isinstance(body, TradeHeartbeat):
             live = set(body.live)
-            for trade_id, state in conn.execute("SELECT trade_id, state FROM meter_trades").fetchall():
-                if state in ENDED:
-                    continue
+            for trade_id, state in conn.execute(
+                    "SELECT trade_id, state FROM meter_trades"
+                    " WHERE state NOT IN ('fulfilled', 'closed', 'settled', 'failed')").fetchall():
                 if trade_id in live:
                     conn.execute("UPDATE meter_trades SET heard = MAX(heard, ?), omitted = 0 WHERE trade_id = ?",
                                  (env.ts, trade_id))
