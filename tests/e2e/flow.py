@@ -42,7 +42,7 @@ async def retrying(grid: Grid, what: str, call: Callable[[], Awaitable[Any]], us
             return await call() or True
         except ApiError as e:
             if e.status == 401 and user is not None:
-                await user.login()
+                await grid.login(user)
             if e.status in (401, 502, 503):
                 raise AssertionError(f"{what}: {e}") from None
             raise

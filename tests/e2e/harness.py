@@ -262,6 +262,21 @@ class Grid:
                 self.fail(f"waited {timeout:.0f} s for {what}; last: {last!r}")
             await asyncio.sleep(every)
 
+    async def login(self, user: User, timeout: float = 90) -> None:
+        """Log in, again while the gateway or chain is busy or restarting (scrypt is slow on
+        a loaded machine: the gateway then answers 503 and a person tries again)."""
+
+        async def attempt() -> bool:
+            try:
+                await user.login()
+            except ApiError as e:
+                if e.status in (502, 503):
+                    raise AssertionError(f"login: {e}") from None
+                raise
+            return True
+
+        await self.until(f"{user.address} to log in at {user.base}", attempt, timeout=timeout, every=1.0)
+
     # -- the chain, read straight --
 
     def attach_contracts(self) -> None:
@@ -348,7 +363,7 @@ async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env
         grid.attach_contracts()
         for u in (grid.producer, grid.consumer):
             await u.open()
-            await u.login()
+            await grid.login(u)
     except BaseException:
         await stop_grid(grid)
         raise
