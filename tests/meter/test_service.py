@@ -11,7 +11,7 @@ import pytest
 
 from services.bus.events import Delivery, EnergyProduced, MeterReading, TradeHeartbeat, TradeStatus
 from services.meter.config import MeterSettings
-from services.meter.emulator import LineEmulator
+from services.meter.emulator import LineEmulator, make_emulator
 from services.meter.service import MeterService
 from services.meter.sim import SimParams, SimSite
 
@@ -94,13 +94,15 @@ async def test_without_an_account_kwh_are_held_not_skipped(grid: Grid, bus: Bus)
     assert [p.kwh_index for p in bus.of("meter.energy_produced")][:3] == [0, 1, 2]
 
 
-async def test_consumer_relay_follows_the_trade_and_fails_safe(grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
-    """A consumer meter on the real line protocol (emulator on a pty): the relay closes while
+@pytest.mark.parametrize("kind", ["line", "modbus"])
+async def test_consumer_relay_follows_the_trade_and_fails_safe(
+        kind: str, grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+    """A consumer meter on a real serial protocol (emulator on a pty): the relay closes while
     the trade is live, opens when its heartbeat stops, closes again when it is back, opens
     when the trade ends; Delivery counts exactly what the meter measured."""
     model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
-    emu = await LineEmulator(model, link=tmp_path / "home.tty").start()
-    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
+    emu = await make_emulator(kind, model, link=tmp_path / "home.tty").start()
+    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": kind, "port": emu.path,
                                            "timeout_s": 0.5}], delivery_granularity_wh=10)
     assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
