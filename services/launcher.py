@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import pathlib
@@ -43,6 +44,7 @@ class Options:
     host: str = "127.0.0.1"
     producer_account: str = ""
     consumer_account: str = ""
+    sim_start: str = ""
 
 
 @dataclass
@@ -99,13 +101,17 @@ def plan(o: Options) -> list[Proc]:
     add("chain", MARKET, _py("services.chain"), {"GRIDTRADE_CHAIN_URL": chain_url})
     add("auction", MARKET, _py("services.auction"), {})
     for site, role, account in ((PRODUCER, "producer", o.producer_account), (CONSUMER, "consumer", o.consumer_account)):
-        env = {"GRIDTRADE_ROLE": role, "GRIDTRADE_SIM__TIME_SCALE": str(o.time_scale)}
+        env = {"GRIDTRADE_ROLE": role, "GRIDTRADE_SIM__TIME_SCALE": str(o.time_scale),
+               # a first start begins at dawn (Berlin, the sim's default site), so the demo
+               # sees the sun soon; a restart continues from the meter's stored time
+               "GRIDTRADE_SIM__START": o.sim_start or f"{datetime.date.today()}T05:00:00+00:00"}
         if account:
             env["GRIDTRADE_ACCOUNT"] = account
         if o.meters == "emulated":
             pty = data / site / "meter.pty"
             emu = add(f"emulator-{site}", site, _py("services.meter", "emulate", "--driver", "line", "--role", role,
-                                                   "--link", str(pty), "--time-scale", str(o.time_scale)), {})
+                                                   "--link", str(pty), "--time-scale", str(o.time_scale)),
+                      {"GRIDTRADE_SIM__START": env["GRIDTRADE_SIM__START"]})
             emu.health_url = None
             env["GRIDTRADE_METERS"] = json.dumps([{"name": "main", "role": role, "driver": "line", "port": str(pty)}])
             meter = add(f"meter-{site}", site, _py("services.meter"), env)
