@@ -54,7 +54,8 @@ async def wallet(grid: Grid, user: User) -> dict[str, Any]:
     return await retrying(grid, f"the wallet of {user.address}", user.wallet, user)
 
 
-async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | None = None) -> Outcome:
+async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | None = None,
+                    close_at_wh: int = CLOSE_AT_WH) -> Outcome:
     """The whole trade. ``between(stage)`` runs at each stage (the kill test restarts
     services there): 'produced', 'funded', 'offered', 'bid', 'recorded', 'delivering'."""
     prod, cons = grid.producer, grid.consumer
@@ -142,8 +143,8 @@ async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | N
         credit = grid.market.functions.credit(seller).call(block_identifier=block)
         if not out.steps or out.steps[-1] != (delivered, credit):
             out.steps.append((delivered, credit))
-        assert status == STATUS_OPEN or delivered >= CLOSE_AT_WH, f"the trade closed early at {delivered} Wh"
-        return delivered >= CLOSE_AT_WH
+        assert status == STATUS_OPEN, f"the trade ended at {delivered} Wh before the consumer could close it"
+        return delivered >= close_at_wh
 
     middle = False
 
@@ -155,9 +156,9 @@ async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | N
             await stage("delivering")
         return done
 
-    await grid.until(f"{CLOSE_AT_WH} Wh to be delivered and settled", delivering, timeout=150, every=0.2)
-    paid_steps = [s for s in out.steps if s[0] > 0]
-    assert len(paid_steps) >= 2, f"payments should arrive in steps, saw {out.steps}"
+    await grid.until(f"{close_at_wh} Wh to be delivered and settled", delivering, timeout=150, every=0.2)
+    paid = [s.delivered_wh for s in grid.watch.of(E.Settled, trade_id=trade_id)]
+    assert len(paid) >= 2 and paid == sorted(paid), f"payments should arrive in growing steps, saw {paid}"
     for delivered, credit in out.steps:
         assert credit == cost(delivered, PRICE), f"credit {credit} for {delivered} Wh at {PRICE}"
     assert [s[0] for s in out.steps] == sorted(s[0] for s in out.steps)
