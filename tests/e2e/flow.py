@@ -6,7 +6,6 @@ straight on the chain against amounts computed here from the delivered Wh and th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,7 +294,3 @@ def relay_audit(grid: Grid, trade_ids: set[str]) -> None:
     for site in ("solar-1", "home-7"):
         last = grid.watch.of(E.RelayChanged, site=site)
         assert last and not last[-1].closed, f"{site}: relay left closed: {last[-1:]}"
-
-
-def now() -> float:
-    return time.monotonic()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import pathlib
@@ -33,7 +32,6 @@ from web3 import HTTPProvider, Web3
 
 from services import launcher
 from services.bus import Security, ensure_keys
-from services.bus import events as E
 from services.bus.store import Store
 from services.bus.transport import Subscriber
 from services.chain.contracts import load_artifact
@@ -384,7 +382,3 @@ async def stop_grid(grid: Grid) -> None:
                 await asyncio.wait_for(child.wait(), 10)
     await grid.watch.stop()
     grid.http.close()
-
-
-def today_iso() -> str:  # pragma: no cover - handy when debugging
-    return dt.datetime.now(dt.timezone.utc).isoformat()
