@@ -1,106 +1,134 @@
-"""A real hub with CURVE keys (tests/bus), the STAND-IN chain and meters
-(tests/gateway/standins.py), the real auction service, and gateways on loopback."""
+"""The gateway against the REAL services: one grid per test package (hub, chain service on
+the embedded chain, auction, two simulated meters: real subprocesses from
+``launcher.plan()``, see realstack.py), and per test fresh in-process gateways joined to
+it (their sessions, login throttle and metrics start empty; the leak guard sees them
+stopped)."""
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from services.auction.config import AuctionSettings
-from services.auction.service import AuctionService
 from services.gateway.config import GatewaySettings
 from services.gateway.service import GatewayService
-from tests.bus.conftest import Grid, grid  # noqa: F401 - the shared hub fixture
 
-from .standins import CONSUMER, PRODUCER, THIRD, ChainStandIn, MeterStandIn
+from .realstack import CONSUMER_SITE, Person, RealStack
 
-__all__ = ["CONSUMER", "PRODUCER", "THIRD", "Stack", "stack", "until"]
+__all__ = ["Person", "Stack", "http", "login", "stack"]
+
+ETHER = 10**18
+ESCROW = ETHER  # deposited once by the consumer and the third account
+MIN_TOKENS_WH = 3_000  # minted from the producer's sunny morning before the first test
+SERVICES = ("hub", "chain", "auction", "meter-solar-1", "meter-home-7")
+
+
+@pytest.fixture(scope="package")
+def real_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
+    grid = RealStack(tmp_path_factory.mktemp("gateway-grid"), chain_url="embedded", time_scale=1440,
+                     meter_env={"meter-home-7": CONSUMER_SITE}, env={"GRIDTRADE_HEARTBEAT_S": "0.5"},
+                     only=SERVICES, extra_accounts=[("third", "home-7 third")], scrypt_n=2**10)
+    grid.start()
+    grid.prepared = False  # type: ignore[attr-defined]
+    try:
+        yield grid
+    finally:
+        grid.stop()
+
+
+def http() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies from 127.0.0.1
+                                 timeout=aiohttp.ClientTimeout(total=30))
+
+
+async def login(h: aiohttp.ClientSession, base: str, who: Person) -> dict[str, Any]:
+    async with h.post(f"{base}/api/session", json={"address": who.address, "passphrase": who.passphrase}) as r:
+        assert r.status == 200, await r.text()
+        return dict(await r.json())
 
 
 class Stack:
-    """Chain stand-in + real auction + one gateway per site, all on real sockets."""
+    """The real grid plus in-process gateways (real aiohttp servers on loopback)."""
 
-    def __init__(self, grid: Grid, *, meters: bool = False, **gateway_kw: Any) -> None:
-        self.grid, self.meters_on, self.gateway_kw = grid, meters, gateway_kw
+    def __init__(self, grid: RealStack, root: pathlib.Path) -> None:
+        self.grid, self.root = grid, root
         self.gateways: dict[str, GatewayService] = {}
-
-    async def __aenter__(self) -> Stack:
-        try:
-            return await self._start()
-        except BaseException:
-            await self.__aexit__()
-            raise
-
-    async def _start(self) -> Stack:
-        g = self.grid
-        self.chain = self.auction = self.meters = None  # type: ignore[assignment]
-        self.chain = ChainStandIn(keys=g.keys, hub_pub=g.hub_pub, hub_sub=g.hub_sub, root=g.root)
-        await self.chain.start()
-        self.auction = AuctionService(AuctionSettings(
-            site="market", data_dir=g.root / "market", keys_dir=g.keys, hub_pub=g.hub_pub, hub_sub=g.hub_sub,
-            heartbeat_s=0.2, chain_rpc=self.chain.endpoint, auction_bind="tcp://127.0.0.1:*",
-            auction_balance_timeout_s=2.0))
-        await self.auction.start()
-        if self.meters_on:
-            self.meters = MeterStandIn(keys=g.keys, hub_pub=g.hub_pub, hub_sub=g.hub_sub, root=g.root)
-            await self.meters.start()
-        for site in ("solar-1", "home-7"):
-            await self.add_gateway(site, **self.gateway_kw)
-        return self
+        self.producer, self.consumer = grid.people["producer"], grid.people["consumer"]
+        self.third = grid.people["third"]
 
     async def add_gateway(self, site: str, name: str | None = None, **kw: Any) -> GatewayService:
-        g = self.grid
-        base: dict[str, Any] = dict(site=site, data_dir=g.root / f"{name or site}-gw", keys_dir=g.keys,
-                                    hub_pub=g.hub_pub, hub_sub=g.hub_sub, heartbeat_s=0.2,
-                                    chain_rpc=self.chain.endpoint, auction_rpc=self.auction.rpc.endpoint,
-                                    http_port=0, gateway_rpc_timeout_s=3.0)
+        env = self.grid.bus_env()
+        base: dict[str, Any] = dict(site=site, data_dir=self.root / f"{name or site}-gw",
+                                    keys_dir=env["GRIDTRADE_KEYS_DIR"], hub_pub=env["GRIDTRADE_HUB_PUB"],
+                                    hub_sub=env["GRIDTRADE_HUB_SUB"], heartbeat_s=0.5,
+                                    chain_rpc=env["GRIDTRADE_CHAIN_RPC"], auction_rpc=env["GRIDTRADE_AUCTION_RPC"],
+                                    http_port=0, gateway_rpc_timeout_s=5.0)
         base.update(kw)
         gw = GatewayService(GatewaySettings(**base))
-        await gw.start()
+        try:
+            await gw.start()
+        except BaseException:
+            await gw.stop()
+            raise
         self.gateways[name or site] = gw
         return gw
 
     def url(self, site: str) -> str:
         return self.gateways[site].url
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def until(self, what: str, check: Any, timeout: float = 60) -> Any:
+        return await self.grid.until(what, check, timeout=timeout)
+
+    async def wallet(self, h: aiohttp.ClientSession, site: str) -> dict[str, Any]:
+        async with h.get(self.url(site) + "/api/wallet") as r:
+            assert r.status == 200, await r.text()
+            return dict(await r.json())
+
+    async def settled_wallet(self, h: aiohttp.ClientSession, site: str) -> dict[str, Any]:
+        """The wallet once none of the account's transactions is pending."""
+        async def quiet() -> dict[str, Any] | None:
+            w = await self.wallet(h, site)
+            return w if not w["pending"] else None
+        return dict(await self.until(f"the transactions at {site} to be mined", quiet))
+
+    async def prepare(self) -> None:
+        """Once per grid: the consumer and the third account fund escrow; the producer has tokens."""
+        async with http() as c, http() as t, http() as p:
+            await login(c, self.url("home-7"), self.consumer)
+            await login(t, self.url("home-7"), self.third)
+            await login(p, self.url("solar-1"), self.producer)
+            for h in (c, t):
+                await self.settled_wallet(h, "home-7")  # the dev chain's funding of a new account
+                async with h.post(self.url("home-7") + "/api/escrow/deposit", json={"amount_wei": str(ESCROW)}) as r:
+                    assert r.status == 202, await r.text()
+            for h in (c, t):
+                w = await self.settled_wallet(h, "home-7")
+                assert int(w["escrow_free_wei"]) >= ESCROW, w
+
+            async def tokens() -> bool:
+                return int((await self.wallet(p, "solar-1"))["tokens_wh"]) >= MIN_TOKENS_WH
+            await self.until(f"the producer's meter to mint {MIN_TOKENS_WH} Wh of tokens", tokens, timeout=120)
+            for h, site in ((c, "home-7"), (t, "home-7"), (p, "solar-1")):
+                async with h.delete(self.url(site) + "/api/session") as r:
+                    assert r.status == 200
+
+    async def aclose(self) -> None:
         for gw in self.gateways.values():
             await gw.stop()
-        if self.meters:
-            await self.meters.stop()
-        if self.auction:
-            await self.auction.stop()
-        if self.chain:
-            await self.chain.stop()
 
 
 @pytest.fixture
-async def stack(grid: Grid) -> AsyncIterator[Stack]:  # noqa: F811
-    async with Stack(grid) as s:
+async def stack(real_grid: RealStack, tmp_path: pathlib.Path) -> AsyncIterator[Stack]:
+    s = Stack(real_grid, tmp_path)
+    try:
+        for site in ("solar-1", "home-7"):
+            await s.add_gateway(site)
+        if not real_grid.prepared:  # type: ignore[attr-defined]
+            await s.prepare()
+            real_grid.prepared = True  # type: ignore[attr-defined]
         yield s
-
-
-async def until(cond: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    """Wait for ``cond()`` (a deadline only so a broken run fails instead of hanging)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        r = cond()
-        if asyncio.iscoroutine(r):
-            r = await r
-        if r:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.05)
-
-
-async def login(http: aiohttp.ClientSession, base: str, who: Any) -> dict[str, Any]:
-    async with http.post(f"{base}/api/session", json={"address": who.address, "passphrase": who.passphrase}) as r:
-        assert r.status == 200, await r.text()
-        return await r.json()
+    finally:
+        await s.aclose()

@@ -1,0 +1,242 @@
+"""The real micro-grid for the gateway and browser tests: the processes of
+``launcher.plan()`` (hub, chain service on the embedded chain or on anvil, auction,
+simulated meters, and for the browser the two gateways) as real subprocesses on a random
+block of loopback ports, with their logs in ``<data>/logs``.
+
+Nothing is timed: every wait is bounded and fails with what it waited for and the tails
+of the service logs. ``stop()`` ends every process it started (its whole process group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from services import launcher
+from services.chain.keystore import Keystore
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# a clear June morning in Berlin (the sim's default site): the panel produces at once
+SUNNY = "2024-06-21T07:00:00+00:00"
+# the consumer site has no PV and a low battery: it takes what the line brings
+CONSUMER_SITE = {"GRIDTRADE_SIM__PANEL__AREA_M2": "0", "GRIDTRADE_SIM__BATTERY__SOC": "0.1"}
+
+
+@dataclass(frozen=True)
+class Person:
+    address: str
+    passphrase: str
+    name: str
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_block() -> int:
+    """A base port p with p .. p+47 free (the plan uses p..p+45 and the HTTP ports p+46, p+47)."""
+    for _ in range(200):
+        p = random.randrange(20000, 60000, 50)
+        if all(_port_free(q) for q in range(p, p + 48)):
+            return p
+    raise RuntimeError("no block of 48 free loopback ports found")
+
+
+def _answers_rpc(url: str) -> bool:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=1) as r:  # noqa: S310 - loopback
+            return "result" in json.loads(r.read())
+    except (OSError, ValueError):
+        return False
+
+
+class RealStack:
+    """Start the plan's processes (``only``: a subset by name), stop them all."""
+
+    def __init__(self, root: pathlib.Path, *, chain_url: str = "embedded", time_scale: float = 1440.0,
+                 meter_env: dict[str, dict[str, str]] | None = None, env: dict[str, str] | None = None,
+                 only: Iterable[str] | None = None, extra_accounts: Iterable[tuple[str, str]] = (),
+                 scrypt_n: int | None = None) -> None:
+        self.data = root / "data"
+        self.chain_url, self.time_scale = chain_url, time_scale
+        self.meter_env, self.env = meter_env or {}, env or {}
+        self.only = set(only) if only is not None else None
+        self.extra_accounts, self.scrypt_n = list(extra_accounts), scrypt_n
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: list[launcher.Proc] = []
+        self.people: dict[str, Person] = {}
+
+    # -- start and stop --
+
+    def start(self) -> RealStack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        base = free_block()
+        opts = launcher.Options(data=self.data, chain_url=self.chain_url, time_scale=self.time_scale,
+                                base_port=base, http_port=base + 46, sim_start=SUNNY)
+        ks_dir = self.data.resolve() / launcher.MARKET / "keystore"
+        made: dict[str, str] = {}
+        if self.scrypt_n is not None:  # tests log in often: accounts made with a cheap scrypt, before prepare()
+            ks = Keystore(ks_dir, scrypt_n=self.scrypt_n)
+            for label in (f"{launcher.PRODUCER} producer", f"{launcher.CONSUMER} consumer"):
+                made[label] = pw = f"{label.split()[1]}-passphrase"
+                ks.new(pw, name=label)
+        self.options, shown = launcher.prepare(opts, reset=False)
+        shown = {**made, **shown}
+        assert set(shown) == {"solar-1 producer", "home-7 consumer"}, shown
+        self.people["producer"] = Person(self.options.producer_account, shown["solar-1 producer"], "solar-1 producer")
+        self.people["consumer"] = Person(self.options.consumer_account, shown["home-7 consumer"], "home-7 consumer")
+        ks = Keystore(ks_dir, scrypt_n=self.scrypt_n or 2**18)
+        for key, label in self.extra_accounts:
+            pw = f"{key}-passphrase"
+            self.people[key] = Person(ks.new(pw, name=label).address, pw, label)
+        self.procs = launcher.plan(self.options)
+        for p in self.procs:
+            if p.name.startswith("meter-"):
+                p.env.update(self.meter_env.get(p.name, {}))
+            if p.name != "anvil":
+                p.env.update(self.env)
+        for p in self.procs:
+            if self.only is None or p.name in self.only:
+                self.spawn(p.name)
+                self.wait_healthy(p.name)
+        if "chain" in self.children:
+            self.wait("the chain service to deploy the contracts", lambda: (self.health("chain") or {}).get("market"),
+                      timeout=90)
+
+    def proc(self, name: str) -> launcher.Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def spawn(self, name: str) -> None:
+        p = self.proc(name)
+        assert p.log is not None
+        with open(p.log, "ab") as log:
+            self.children[name] = subprocess.Popen(p.argv, env={**os.environ, **p.env}, stdout=log, stderr=log,
+                                                   stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+
+    def wait_healthy(self, name: str, timeout: float = 120) -> None:
+        p, child = self.proc(name), self.children[name]
+
+        def up() -> bool:
+            if child.poll() is not None:
+                self.fail(f"{name} exited with {child.returncode} while starting")
+            if name == "anvil":
+                return _answers_rpc(p.extra["rpc"])
+            return p.health_url is None or self.health(name) is not None
+
+        self.wait(f"{name} to be healthy", up, timeout=timeout)
+
+    def terminate(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop one process and reap it (anvil: its binary first, so the node launcher reaps it)."""
+        child = self.children.pop(name, None)
+        if child is None:
+            return
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kids = _children(child.pid) if name == "anvil" else []
+                for pid in kids:
+                    os.kill(pid, sig)
+                if not kids:
+                    os.killpg(child.pid, sig)
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)  # anything left in its group
+        child.wait()
+
+    def stop(self) -> None:
+        for name in reversed(list(self.children)):
+            self.terminate(name)
+
+    # -- looking and waiting --
+
+    def url(self, site: str) -> str:
+        return next(p.public_url for p in self.procs if p.public_url and p.env["GRIDTRADE_SITE"] == site).rstrip("/")
+
+    def bus_env(self) -> dict[str, str]:
+        """Where the services are, for an in-process part (a gateway) joining this grid."""
+        return next(p for p in self.procs if p.name == "hub").env
+
+    def health(self, name: str) -> dict[str, Any] | None:
+        url = self.proc(name).health_url
+        if url is None:
+            return None
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
+                return dict(json.loads(r.read()))
+        except (OSError, ValueError):
+            return None
+
+    def log_tails(self, lines: int = 40) -> str:
+        out = []
+        for p in self.procs:
+            if p.log is not None and p.log.exists():
+                tail = p.log.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"----- {p.name} ({p.log}) -----\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def fail(self, msg: str) -> None:
+        pytest.fail(f"{msg}\n\nservice log tails:\n{self.log_tails()}", pytrace=False)
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (r := check()):
+            if time.monotonic() > deadline:
+                self.fail(f"waited {timeout:.0f} s for {what}")
+            time.sleep(every)
+        return r
+
+    async def until(self, what: str, check: Callable[[], Awaitable[Any] | Any], timeout: float = 60,
+                    every: float = 0.2) -> Any:
+        """Poll ``check`` (sync or async) until it returns something truthy; AssertionError counts as not yet."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            try:
+                r = check()
+                if asyncio.iscoroutine(r):
+                    r = await r
+                if r:
+                    return r
+                last = r
+            except AssertionError as e:
+                last = e
+            if time.monotonic() > deadline:
+                self.fail(f"waited {timeout:.0f} s for {what}; last: {last!r}")
+            await asyncio.sleep(every)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
