@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,37 +14,14 @@ import zmq.asyncio
 
 from services.auction.config import AuctionSettings
 from services.auction.service import AuctionService
-from services.bus import RpcClient, RpcServer, Security, Store, ensure_keys
+from services.bus import RpcClient, RpcServer, Store
 from services.bus import commands as cmd
 from services.bus.errors import RequestError
-from services.bus.hub import Hub
+from tests.conftest import Grid  # noqa: F401 - the shared hub fixture `grid` builds it
 
-SITES = ("market", "solar-1", "home-7")
 SELLER = "0x" + "5e" * 20
 BUYERS = ["0x" + c * 40 for c in "bcd"]
 OPERATOR = "0x" + "f" * 40
-
-
-@dataclass
-class Grid:
-    keys: pathlib.Path
-    hub_pub: str
-    hub_sub: str
-    root: pathlib.Path
-
-    def security(self, site: str) -> Security:
-        return Security(self.keys, site)
-
-
-@pytest.fixture
-def grid(tmp_path: pathlib.Path) -> Iterator[Grid]:
-    keys = tmp_path / "keys"
-    for site in SITES:
-        ensure_keys(keys, site)
-    hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
-    pub, sub = hub.start()
-    yield Grid(keys=keys, hub_pub=pub, hub_sub=sub, root=tmp_path)
-    hub.stop()
 
 
 @dataclass

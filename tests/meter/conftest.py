@@ -5,42 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
 import zmq.asyncio
 
-from services.bus import Publisher, Security, Store, Subscriber, ensure_keys
+from services.bus import Publisher, Security, Store, Subscriber
 from services.bus.envelope import Envelope
-from services.bus.hub import Hub
+from tests.conftest import Grid  # noqa: F401 - the shared hub fixture `grid` builds it
 
-SITES = ("market", "solar-1", "home-7", "probe")
 ACCOUNT = "0x" + "ab" * 20
-
-
-@dataclass
-class Grid:
-    keys: pathlib.Path
-    hub_pub: str
-    hub_sub: str
-    root: pathlib.Path
-
-    def env(self, site: str) -> dict[str, str]:
-        return {"GRIDTRADE_SITE": site, "GRIDTRADE_DATA_DIR": str(self.root / site),
-                "GRIDTRADE_KEYS_DIR": str(self.keys), "GRIDTRADE_HUB_PUB": self.hub_pub,
-                "GRIDTRADE_HUB_SUB": self.hub_sub, "GRIDTRADE_HEARTBEAT_S": "0.2"}
-
-
-@pytest.fixture
-def grid(tmp_path: pathlib.Path) -> Iterator[Grid]:
-    keys = tmp_path / "keys"
-    for site in SITES:
-        ensure_keys(keys, site)
-    hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
-    pub, sub = hub.start()
-    yield Grid(keys=keys, hub_pub=pub, hub_sub=sub, root=tmp_path)
-    hub.stop()
 
 
 @dataclass
