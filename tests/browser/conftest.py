@@ -1,18 +1,35 @@
-"""Debian's chromium driven by Playwright (async API), against gateways on loopback."""
+"""Debian's chromium driven by Playwright (async API), and the real micro-grid behind it:
+every process of ``launcher.plan()`` (anvil, hub, chain, auction, two simulated meters,
+two gateways) on a random block of loopback ports."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import pathlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
-from tests.bus.conftest import grid  # noqa: F401 - the shared hub fixture
+from tests.gateway.realstack import CONSUMER_SITE, RealStack
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update"]
+# power over the line while a trade's relays are closed, on both sites (their meters cross-check):
+# at 1440x a 1.5 kWh trade takes about a minute, so the buyer closes it part-way
+LINE = {"GRIDTRADE_SIM__LINE_W": "60"}
+
+
+@pytest.fixture
+def real_grid(tmp_path: pathlib.Path) -> Iterator[RealStack]:
+    grid = RealStack(tmp_path, chain_url="anvil", time_scale=1440,
+                     meter_env={"meter-solar-1": LINE, "meter-home-7": {**CONSUMER_SITE, **LINE}})
+    grid.start()
+    try:
+        yield grid
+    finally:
+        grid.stop()
 
 
 @pytest.fixture

@@ -61,11 +61,11 @@ class Stack:
 
     async def add_gateway(self, site: str, name: str | None = None, **kw: Any) -> GatewayService:
         env = self.grid.bus_env()
-        base: dict[str, Any] = dict(site=site, data_dir=self.root / f"{name or site}-gw",
-                                    keys_dir=env["GRIDTRADE_KEYS_DIR"], hub_pub=env["GRIDTRADE_HUB_PUB"],
-                                    hub_sub=env["GRIDTRADE_HUB_SUB"], heartbeat_s=0.5,
-                                    chain_rpc=env["GRIDTRADE_CHAIN_RPC"], auction_rpc=env["GRIDTRADE_AUCTION_RPC"],
-                                    http_port=0, gateway_rpc_timeout_s=5.0)
+        base: dict[str, Any] = {
+            "site": site, "data_dir": self.root / f"{name or site}-gw", "keys_dir": env["GRIDTRADE_KEYS_DIR"],
+            "hub_pub": env["GRIDTRADE_HUB_PUB"], "hub_sub": env["GRIDTRADE_HUB_SUB"], "heartbeat_s": 0.5,
+            "chain_rpc": env["GRIDTRADE_CHAIN_RPC"], "auction_rpc": env["GRIDTRADE_AUCTION_RPC"],
+            "http_port": 0, "gateway_rpc_timeout_s": 5.0}
         base.update(kw)
         gw = GatewayService(GatewaySettings(**base))
         try:
