@@ -128,6 +128,8 @@ class Delivery(Message):
     meter: Name
     role: Role
     delivered_wh: Wh
+    final: bool = Field(default=False, description="the meter stopped counting for this trade (its relay "
+                                                   "opened): this is its last Delivery for it")
 
 
 @event

@@ -37,10 +37,10 @@ class ChainSettings(BusSettings):
     settle_window_s: float = Field(default=0.3, ge=0,
                                    description="deliveries are collected this long, then settled in one batch")
     settle_max_batch: int = Field(default=50, ge=1, le=500)
-    close_grace_s: float = Field(default=3.0, ge=0,
-                                 description="a trade closed before it is fully delivered is closed on-chain this "
-                                             "long after the close, so the buyer meter's last reading (taken as its "
-                                             "relay opens) is settled too")
+    close_grace_s: float = Field(default=10.0, ge=0,
+                                 description="a trade closed before it is fully delivered is closed on-chain when the "
+                                             "buyer meter's last Delivery (final, sent as its relay opens) arrives, "
+                                             "or this long after the close if the meter stays silent")
     resend_after_s: float = Field(default=3.0, gt=0,
                                   description="re-send a pending transaction the node does not know after this")
     backoff_max_s: float = Field(default=10.0, gt=0, description="cap of the reconnect backoff")

@@ -38,12 +38,15 @@ CREATE TABLE IF NOT EXISTS chain_trades (
     close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0, close_tx TEXT NOT NULL DEFAULT '',
     closed_published INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS chain_deliveries (trade_id TEXT NOT NULL, site TEXT NOT NULL, delivered_wh INTEGER NOT NULL,
-                                             PRIMARY KEY (trade_id, site));
+                                             final INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (trade_id, site));
 """
 
 
 def init(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(chain_deliveries)")}
+    if "final" not in columns:  # a store from before the meters marked their last reading
+        conn.execute("ALTER TABLE chain_deliveries ADD COLUMN final INTEGER NOT NULL DEFAULT 0")
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:

@@ -326,9 +326,10 @@ class ChainService(Service):
         elif isinstance(body, E.Delivery):
             if body.role != "consumer":
                 return  # the seller's meter only cross-checks; the buyer's meter pays
-            conn.execute("INSERT INTO chain_deliveries (trade_id, site, delivered_wh) VALUES (?, ?, ?) "
-                         "ON CONFLICT (trade_id, site) DO UPDATE SET delivered_wh = MAX(delivered_wh, excluded.delivered_wh)",
-                         (body.trade_id, body.site, body.delivered_wh))
+            conn.execute("INSERT INTO chain_deliveries (trade_id, site, delivered_wh, final) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (trade_id, site) DO UPDATE SET delivered_wh = MAX(delivered_wh, excluded.delivered_wh), "
+                         "final = excluded.final",  # in order: a relay that closes again un-finals it
+                         (body.trade_id, body.site, body.delivered_wh, int(body.final)))
         elif isinstance(body, E.TradeStatus):
             if body.state not in ("closed", "fulfilled"):
                 return
@@ -536,16 +537,16 @@ class ChainService(Service):
     async def _closes(self) -> None:
         assert self.dep is not None and self.txm is not None and self.operator is not None
         rows = self.store.conn.execute(
-            "SELECT t.trade_id, t.wh, t.open_state, MAX(t.close_wh, COALESCE(d.delivered_wh, 0)) "
+            "SELECT t.trade_id, t.wh, t.open_state, MAX(t.close_wh, COALESCE(d.delivered_wh, 0)), COALESCE(d.final, 0) "
             "FROM chain_trades t LEFT JOIN chain_deliveries d ON d.trade_id = t.trade_id AND d.site = t.buyer_site "
             "WHERE t.close_state = 'queued' AND t.open_state IN ('done', 'failed') AND t.settle_tx = '' "
             "ORDER BY t.seq LIMIT 100").fetchall()
-        for tid, wh, open_state, want in rows:
+        for tid, wh, open_state, want, final in rows:
             if open_state == "failed":  # never opened: nothing to close on-chain
                 async with self.store.atomic() as conn:
                     conn.execute("UPDATE chain_trades SET close_state = 'done' WHERE trade_id = ?", (tid,))
                 continue
-            if int(want) < int(wh):  # closed early: wait for the buyer meter's reading as its relay opens
+            if int(want) < int(wh) and not final:  # closed early: wait for the buyer meter's last reading
                 first = self._close_seen.setdefault(tid, time.monotonic())
                 left = first + self.settings.close_grace_s - time.monotonic()
                 if left > 0:

@@ -217,12 +217,12 @@ class MeterRunner:
             "SELECT delivered_wh, published_wh FROM meter_delivery WHERE trade_id = ? AND meter = ?",
             (trade_id, self.cfg.name)).fetchone()
         step = s.delivery_granularity_wh
-        due = delivered > published and (final or step == 0 or delivered - published >= step)
+        due = final or (delivered > published and (step == 0 or delivered - published >= step))
         if due:
             conn.execute("UPDATE meter_delivery SET published_wh = ? WHERE trade_id = ? AND meter = ?",
                          (delivered, trade_id, self.cfg.name))
             self.svc.stage(Delivery(trade_id=trade_id, site=s.site, meter=self.cfg.name, role=self.cfg.role,
-                                    delivered_wh=delivered))
+                                    delivered_wh=delivered, final=final))
         if self.cfg.role == "producer":
             self._cross_check(conn, trade_id, delivered, now)
 

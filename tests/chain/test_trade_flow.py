@@ -7,6 +7,8 @@ Publisher through a real hub. Balances are then read straight from the chain.
 
 from __future__ import annotations
 
+import asyncio
+
 import pathlib
 from typing import Any
 
@@ -34,7 +36,8 @@ async def settled(peer: Any, hashes: list[str]) -> None:
 async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureRequest, bus: Bus,
                                           tmp_path: pathlib.Path, peer_factory: Any) -> None:
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
-    settings = chain_settings(bus, tmp_path / "chain", url)
+    # an early close waits for the buyer meter's final reading, not for a grace period
+    settings = chain_settings(bus, tmp_path / "chain", url, close_grace_s=600)
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
     seller, buyer = ks.new(PASS, name="solar").address, ks.new(PASS, name="home").address
     svc = await start_chain(settings)
@@ -67,6 +70,10 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         await peer.listener.wait_for(lambda: any(s.delivered_wh == 1000 for s in peer.listener.of(E.Settled)))
 
         await peer.pub.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
+        await asyncio.sleep(1.0)  # the buyer's relay opens a moment after the close ...
+        assert not peer.listener.of(E.TradeClosedOnChain)
+        await peer.pub.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
+                                          delivered_wh=1230, final=True))  # ... and its last reading is paid too
         closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosedOnChain))
 
         if backend == "embedded":
@@ -75,7 +82,7 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
             reader = w3 = AsyncWeb3(AsyncHTTPProvider(url))
         d = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address)
         m, t = d.market.functions, d.token.functions
-        delivered = 1200
+        delivered = 1230
         paid = contracts.cost(delivered, PRICE)
         assert await t.totalSupply().call() == 2000
         assert await t.balanceOf(seller).call() == 2000 - delivered

@@ -137,6 +137,8 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
     # the consumer imports only through the closed relay, only during t1: the meter's
     # counter is exactly what was delivered
     assert values[-1] == model.site.energy_wh > 0
+    # each time the relay opened, the count it had then was marked final; the last one too
+    assert deliveries[-1].final and 1 <= sum(d.final for d in deliveries) <= 2
     # granularity 10 Wh, except the last count each time the relay opened (twice)
     small = [b - a for a, b in zip(values, values[1:]) if b - a < 10]
     assert len(small) <= 2
