@@ -24,6 +24,7 @@ pytestmark = pytest.mark.browser
 WAIT = 60_000  # ms: how long a page may take to show what the grid does (a deadline, not a measurement)
 DOCS_SHOT = pathlib.Path(__file__).resolve().parents[2] / "docs" / "trade.png"
 ELSEWHERE = "0x" + "c3" * 20  # an account outside this grid
+TICK = Decimal("0.000001")  # the page shows Ether truncated to 6 decimals
 
 
 async def open_wallet(browser: Any, url: str, who: Person) -> tuple[Any, Page]:
@@ -156,7 +157,7 @@ async def test_sell_bid_trade_close_transfer_and_mining(browser: Any, real_grid:
         first = (await buyer.locator("#transfer-result").text_content() or "").removeprefix("sent: ")
         await expect(buyer.locator(f'#pending li[data-hash="{first}"]')).to_have_count(0, timeout=WAIT)
         after_first = await number(grid, buyer.locator("#balance"), "the balance to drop by 1.25 Ether and gas",
-                                   lambda n: start - Decimal("1.26") < n <= start - Decimal("1.25"))
+                                   lambda n: start - Decimal("1.26") < n <= start - Decimal("1.25") + TICK)
 
         # stop mining: the next transfer stays pending until mining starts again
         await seller.click("#mining-stop")
@@ -177,7 +178,7 @@ async def test_sell_bid_trade_close_transfer_and_mining(browser: Any, real_grid:
         await expect(buyer.locator("#mining-state")).to_have_text("on", timeout=WAIT)
         await expect(buyer.locator(f'#pending li[data-hash="{second}"]')).to_have_count(0, timeout=WAIT)
         await number(grid, buyer.locator("#balance"), "the balance to drop by 0.5 Ether and gas",
-                     lambda n: after_first - Decimal("0.51") < n <= after_first - Decimal("0.5"))
+                     lambda n: after_first - Decimal("0.51") < n <= after_first - Decimal("0.5") + TICK)
         await shot(buyer, artifacts_dir, "6-transfer-confirmed")
 
         # charts are drawn from the live meter readings

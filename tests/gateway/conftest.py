@@ -16,7 +16,7 @@ import pytest
 from services.gateway.config import GatewaySettings
 from services.gateway.service import GatewayService
 
-from .realstack import CONSUMER_SITE, Person, RealStack
+from .realstack import CONSUMER_SITE, Person, RealStack, attach_logs
 
 __all__ = ["Person", "Stack", "http", "login", "stack"]
 
@@ -132,3 +132,9 @@ async def stack(real_grid: RealStack, tmp_path: pathlib.Path) -> AsyncIterator[S
         yield s
     finally:
         await s.aclose()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    attach_logs(item, call, outcome.get_result())  # type: ignore[attr-defined]

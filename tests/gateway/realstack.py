@@ -240,3 +240,10 @@ def _children(pid: int) -> list[int]:
         return [int(x) for x in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def attach_logs(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
+    """On a failed test that used a real grid, add the tails of its service logs to the report."""
+    grid = getattr(item, "funcargs", {}).get("real_grid")
+    if report.failed and isinstance(grid, RealStack):
+        report.sections.append(("service log tails", grid.log_tails()))
