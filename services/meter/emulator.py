@@ -53,6 +53,7 @@ class Pty:
 
 def _point(link: pathlib.Path, target: str) -> None:
     tmp = link.with_name(link.name + ".tmp")
+    link.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     tmp.symlink_to(target)

@@ -82,10 +82,16 @@ def test_up_starts_everything_prints_the_wallets_and_stops_on_ctrl_c(tmp_path) -
     for pid in kids:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
 
-    # the next start keeps the state: the same accounts, no new passphrases
+    # the next start keeps the state: the same accounts, no new passphrases; this time the
+    # meters are serial emulators on pseudo-terminals, read by the real line driver
+    args += ["--meters", "emulated"]
     proc, out = start()
     try:
         assert "passphrases" not in out and accounts[0]["address"] in out
+        meter = next(p for p in plan(Options(base_port=base, meters="emulated")) if p.name == "meter-solar-1")
+        assert meter.health_url is not None
+        health = json.loads(get(meter.health_url)[1])["meters"]["main"]
+        assert health["driver"] == "line" and health["connected"] and not health["errors"], health
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
