@@ -25,7 +25,8 @@ def model(role: str = "producer", scale: float = 3600) -> SimSite:
 
 async def pair(kind: str, tmp_path: pathlib.Path, role: str = "producer", **cfg: object):  # type: ignore[no-untyped-def]
     m = model(role)
-    emu = await make_emulator(kind, m, link=tmp_path / f"{kind}.tty").start()
+    # the link's folder need not exist yet (a site's data dir on its first start)
+    emu = await make_emulator(kind, m, link=tmp_path / "site" / f"{kind}.tty").start()
     conf = {"name": "m", "role": role, "driver": kind, "port": emu.path, "timeout_s": 0.3,
             "export_registers": True, **cfg}
     drv = make_driver(MeterConfig(**conf), m.params, backoff=Backoff(0.05, 0.4))  # type: ignore[arg-type]
