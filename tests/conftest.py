@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import random
 import socket
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int = 48) -> int:
+    """A base port p with p .. p+size-1 free on loopback (``gridtrade up``'s plan uses
+    p..p+45 for the bus, the services and anvil; put the two wallets at p+46, p+47)."""
+    for _ in range(200):
+        p = random.randrange(20000, 60000, 50)
+        if all(_port_free(q) for q in range(p, p + size)):
+            return p
+    raise RuntimeError(f"no block of {size} free loopback ports found")
 
 
 SITES = ("market", "solar-1", "home-7", "probe", "tester")

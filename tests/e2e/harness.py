@@ -14,9 +14,7 @@ import contextlib
 import json
 import os
 import pathlib
-import random
 import signal
-import socket
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -35,6 +33,7 @@ from services.bus import Security, ensure_keys
 from services.bus.store import Store
 from services.bus.transport import Subscriber
 from services.chain.contracts import load_artifact
+from tests.conftest import free_port_block
 
 TEST_SITE = "e2e-watch"
 SIM_START = "2024-06-21T07:00:00+00:00"  # a clear June morning: production starts at once
@@ -50,23 +49,6 @@ def reading_id32(reading_id: str) -> bytes:
     return keccak(text=reading_id)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_ports() -> tuple[int, int]:
-    """A base port with p .. p+45 free, and two free HTTP ports right after."""
-    for _ in range(200):
-        p = random.randrange(20000, 60000, 50)
-        http = p + 46
-        if all(_port_free(q) for q in range(p, p + 48)):
-            return p, http
-    raise RuntimeError("no block of 48 free loopback ports found")
 
 
 class Timeout(AssertionError):
@@ -321,7 +303,8 @@ async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env
                      = None, service_env: dict[str, str] | None = None) -> Grid:
     """Prepare keys and accounts, start every process of the plan, log both users in."""
     data = tmp / "grid"
-    base, http = free_base_ports()
+    base = free_port_block()
+    http = base + 46
     opts = launcher.Options(data=data, chain_url="anvil", time_scale=time_scale, base_port=base, http_port=http)
     opts, passphrases = launcher.prepare(opts, reset=True)
     assert set(passphrases) == {"solar-1 producer", "home-7 consumer"}, passphrases

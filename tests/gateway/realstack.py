@@ -14,9 +14,7 @@ import contextlib
 import json
 import os
 import pathlib
-import random
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -28,6 +26,7 @@ import pytest
 
 from services import launcher
 from services.chain.keystore import Keystore
+from tests.conftest import free_port_block
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # a clear June morning in Berlin (the sim's default site): the panel produces at once
@@ -43,22 +42,6 @@ class Person:
     name: str
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_block() -> int:
-    """A base port p with p .. p+47 free (the plan uses p..p+45 and the HTTP ports p+46, p+47)."""
-    for _ in range(200):
-        p = random.randrange(20000, 60000, 50)
-        if all(_port_free(q) for q in range(p, p + 48)):
-            return p
-    raise RuntimeError("no block of 48 free loopback ports found")
 
 
 def _answers_rpc(url: str) -> bool:
@@ -98,7 +81,7 @@ class RealStack:
         return self
 
     def _start(self) -> None:
-        base = free_block()
+        base = free_port_block()
         opts = launcher.Options(data=self.data, chain_url=self.chain_url, time_scale=self.time_scale,
                                 base_port=base, http_port=base + 46, sim_start=SUNNY)
         ks_dir = self.data.resolve() / launcher.MARKET / "keystore"
