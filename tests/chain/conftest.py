@@ -5,46 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import zmq.asyncio
 
-from services.bus import Security, ensure_keys
-from services.bus.hub import Hub
-from services.bus.transport import Publisher, RpcClient, Subscriber
+from services.bus import Security
 from services.bus.store import Store
+from services.bus.transport import Publisher, RpcClient, Subscriber
 from services.chain.config import ChainSettings
 from services.chain.service import ChainService
 from tests.chain_fixtures import anvil_url, start_anvil, stop_anvil  # noqa: F401 - fixtures
+from tests.conftest import Grid
 
-SITES = ("market", "solar-1", "home-7", "tester")
 PASS = "correct horse battery staple"
 
 
-@dataclass
-class Bus:
-    keys: pathlib.Path
-    hub_pub: str
-    hub_sub: str
-    root: pathlib.Path
-
-    def env(self, site: str = "market") -> dict[str, str]:
-        return {"GRIDTRADE_SITE": site, "GRIDTRADE_KEYS_DIR": str(self.keys), "GRIDTRADE_HUB_PUB": self.hub_pub,
-                "GRIDTRADE_HUB_SUB": self.hub_sub, "GRIDTRADE_HEARTBEAT_S": "0.2"}
+Bus = Grid  # the shared hub of the root conftest; these tests call it `bus`
 
 
 @pytest.fixture
-def bus(tmp_path: pathlib.Path) -> Iterator[Bus]:
-    keys = tmp_path / "keys"
-    for site in SITES:
-        ensure_keys(keys, site)
-    hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
-    pub, sub = hub.start()
-    yield Bus(keys, pub, sub, tmp_path)
-    hub.stop()
+def bus(grid: Grid) -> Grid:
+    return grid
 
 
 def chain_settings(bus: Bus, data_dir: pathlib.Path, url: str, **kw: Any) -> ChainSettings:
