@@ -8,6 +8,7 @@ subscribers filter by prefix.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
@@ -97,11 +98,27 @@ def cause_of(err: ValidationError) -> str:
 
 
 def decode_json(data: bytes | str) -> Envelope:
-    """Decode an envelope, or raise :class:`DecodeError` with a countable cause."""
+    """Decode an envelope, or raise :class:`DecodeError` with a countable cause.
+
+    Within a major version a newer publisher may add optional body fields: a body whose
+    only fault is fields this decoder does not know is decoded without them (the models
+    stay strict for what this side builds and for ``gridtrade bus publish``).
+    """
     try:
         return ENVELOPE.validate_json(data)
     except ValidationError as err:
-        raise DecodeError(cause_of(err), str(err.errors(include_url=False, include_input=False)[:2])) from None
+        errors = err.errors(include_url=False, include_input=False)
+        unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 3
+                   and e["loc"][1] == "body"]
+        if unknown and len(unknown) == len(errors):
+            raw = json.loads(data)
+            for _, _, field in unknown:
+                raw["body"].pop(field, None)
+            try:
+                return ENVELOPE.validate_python(raw)
+            except ValidationError:
+                pass
+        raise DecodeError(cause_of(err), str(errors[:2])) from None
 
 
 def decode(frames: list[bytes]) -> Envelope:
