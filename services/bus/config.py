@@ -22,6 +22,7 @@ class BusSettings(BaseSettings):
     keys_dir: pathlib.Path | None = Field(default=None, description="CURVE keys; default <data_dir>/keys")
     insecure: bool = Field(default=False, description="run TCP sockets without CURVE (logs a warning)")
     heartbeat_s: float = Field(default=1.0, gt=0, description="publisher heartbeat interval")
+    outbox_keep: int = Field(default=100_000, ge=100, description="events kept per topic for replay")
     replay_bind: str = Field(default="tcp://127.0.0.1:*", description="where a publisher serves replays")
     replay_advertise: str | None = Field(
         default=None, description="host put in the replay endpoint that heartbeats announce (when replay_bind "

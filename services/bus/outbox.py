@@ -52,6 +52,15 @@ class Outbox:
         self.store.on_commit(done)
         return env, frames
 
+    def prune(self, conn: sqlite3.Connection, keep: int) -> int:
+        """Forget all but the last ``keep`` events of each topic; returns how many went.
+        A subscriber further behind than that is told so by its replay (it counts a
+        ``pruned`` drop) instead of waiting for events nobody has any more."""
+        gone = 0
+        for topic, last in self.committed.items():
+            gone += conn.execute("DELETE FROM bus_outbox WHERE topic = ? AND seq <= ?", (topic, last - keep)).rowcount
+        return gone
+
     def range(self, topic: str, after: int, upto: int, limit: int = 1000) -> list[bytes]:
         upto = min(upto, self.committed.get(topic, 0))
         rows = self.store.conn.execute(

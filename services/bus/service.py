@@ -66,7 +66,7 @@ class Service:
             s = self.settings
             self.pub = Publisher(self.ctx, self.security, self.store, source=self.source, hub_pub=s.hub_pub,
                                  hub_site=s.hub_site, replay_bind=s.replay_bind, advertise_host=s.replay_advertise,
-                                 heartbeat_s=s.heartbeat_s)
+                                 heartbeat_s=s.heartbeat_s, keep=s.outbox_keep)
         return self.pub
 
     def subscribe(self, prefixes: Iterable[str], handler: Handler, *, start: str = "earliest") -> Subscriber:

@@ -73,13 +73,14 @@ class Publisher:
 
     def __init__(self, ctx: zmq.asyncio.Context, security: Security, store: Store, *, source: str,
                  hub_pub: str, hub_site: str = "market", replay_bind: str = "tcp://127.0.0.1:*",
-                 advertise_host: str | None = None, heartbeat_s: float = 1.0) -> None:
+                 advertise_host: str | None = None, heartbeat_s: float = 1.0, keep: int = 100_000) -> None:
         self.ctx, self.security, self.store, self.source = ctx, security, store, source
         self.site = source.split("/", 1)[0]
         self.outbox = Outbox(store, source)
         self.hub_pub, self.hub_site = hub_pub, hub_site
         self.replay_bind, self.advertise_host = replay_bind, advertise_host
         self.heartbeat_s = heartbeat_s
+        self.keep = keep
         self.replay_endpoint = ""
         self._queue: list[tuple[Message, asyncio.Future[Envelope]]] = []
         self._wake = asyncio.Event()
@@ -162,8 +163,13 @@ class Publisher:
                     fut.set_result(env)
 
     async def _heartbeats(self) -> None:
+        beats = 0
         while True:
             self.beat()
+            beats += 1
+            if beats % 600 == 1:
+                async with self.store.atomic() as conn:
+                    self.outbox.prune(conn, self.keep)
             await asyncio.sleep(self.heartbeat_s)
 
     def beat(self) -> None:
@@ -308,6 +314,8 @@ class Subscriber:
                 except DecodeError as e:
                     self.drops.drop(e.cause, e.detail)
                     return False
+                if env.seq > self.offsets.get((source, topic), 0) + 1:  # the publisher pruned them
+                    self.drops.drop("pruned", f"{topic} seqs {self.offsets.get((source, topic), 0) + 1}..{env.seq - 1}")
                 if env.seq > self.offsets.get((source, topic), 0):
                     if not await self._apply(env):
                         return False

@@ -256,3 +256,25 @@ async def test_events_of_an_open_transaction_are_neither_announced_nor_replayed(
     assert rec.values() == [0, 1]
     await pub.stop()
     await sub.stop()
+
+
+async def test_a_subscriber_behind_a_pruned_outbox_is_told_and_carries_on(grid: Grid, actx, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sec = secure("solar-1", actx)
+    store = Store(tmp_path / "pub.sqlite")
+    pub = Publisher(actx, sec, store, source="solar-1/meter", hub_pub=grid.hub_pub, heartbeat_s=0.2, keep=100)
+    await pub.start()
+    for i in range(300):  # published while nobody listens
+        await pub.publish(reading(i))
+    with store.transaction() as conn:
+        assert pub.outbox.prune(conn, 100) == 200
+    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
+                     handler=rec.handler)
+    await sub.start()
+    await until(lambda: len(rec.values()) == 100)
+    await pub.publish(reading(300))
+    await until(lambda: len(rec.values()) == 101)
+    assert rec.values() == list(range(200, 301))
+    assert sub.drops.counts["pruned"] == 1
+    await pub.stop()
+    await sub.stop()
