@@ -111,6 +111,7 @@ class Service:
             "uptime_s": round(time.time() - self.started_at, 1),
             "published": self.pub.sent if self.pub else 0,
             "applied": sum(s.applied for s in self.subscribers),
+            "handler_failures": sum(s.failed for s in self.subscribers),  # retried from the outbox
             "dropped": {c: n for s in self.subscribers for c, n in s.drops.counts.items()},
             "rpc": [s.endpoint for s in self.servers if hasattr(s, "endpoint")],
         }
