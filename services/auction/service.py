@@ -40,9 +40,9 @@ def _answers(fn: Callable[[Any, Req], Awaitable[cmd.Reply]]) -> Callable[[Any, R
     """Turn the rules' refusals into request errors with their stable code."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, req: Req) -> cmd.Reply:
+    async def wrapper(self: Any, req: Req, *args: Any) -> cmd.Reply:
         try:
-            return await fn(self, req)
+            return await fn(self, req, *args)
         except Rejected as e:
             raise RequestError(e.code, e.message) from None
 
@@ -75,11 +75,15 @@ class AuctionService(Service):
         self.bus = self.publisher()
         self.chain = self.client(s.chain_rpc, s.chain_site)
         self.rpc = self.serve(s.bind)
-        for req_cls, fn in ((cmd.PlaceOffer, self.place_offer), (cmd.PlaceBid, self.place_bid),
-                            (cmd.CancelOffer, self.cancel_offer), (cmd.CloseTrade, self.close_trade),
+        for req_cls, fn in ((cmd.CancelOffer, self.cancel_offer), (cmd.CloseTrade, self.close_trade),
                             (cmd.ListOffers, self.list_offers), (cmd.ListTrades, self.list_trades),
-                            (cmd.PlaceOrder, self.place_order), (cmd.Ping, self.ping)):
+                            (cmd.Ping, self.ping)):
             self.rpc.handle(req_cls, fn)
+        # what the chain says is asked before the command's transaction: a slow chain holds
+        # up that command only, not the other commands and the market clock
+        self.rpc.handle(cmd.PlaceOffer, self.place_offer, prefetch=self.offer_balances)
+        self.rpc.handle(cmd.PlaceBid, self.place_bid, prefetch=self.bid_balances)
+        self.rpc.handle(cmd.PlaceOrder, self.place_order, prefetch=self.order_balances)
         self.subscribe([ev.TradeRecorded.TYPE, ev.TradeClosedOnChain.TYPE, ev.Settled.TYPE, ev.TxUpdate.TYPE,
                         ev.Delivery.TYPE], self.on_event)
         if s.english:
@@ -120,11 +124,14 @@ class AuctionService(Service):
     # --- english --------------------------------------------------------------------
 
     @_answers
-    async def place_offer(self, req: cmd.PlaceOffer) -> cmd.OfferPlaced:
+    async def offer_balances(self, req: cmd.PlaceOffer) -> cmd.Balances:
         self._need("english")
         if req.duration_s > self.settings.auction_max_duration_s:
             raise Rejected("invalid", f"the longest auction is {self.settings.auction_max_duration_s:g} s")
-        bal = await self.balances(req.seller, "tokens")
+        return await self.balances(req.seller, "tokens")
+
+    @_answers
+    async def place_offer(self, req: cmd.PlaceOffer, bal: cmd.Balances) -> cmd.OfferPlaced:
         now = time.time()
         reserved = book.reserved_wh(self.conn, req.seller)
         offer_id = f"o-{book.next_number(self.conn, 'offer')}"
@@ -145,15 +152,22 @@ class AuctionService(Service):
         return cmd.OfferPlaced(offer_id=offer.offer_id, ends_at=offer.ends_at)
 
     @_answers
-    async def place_bid(self, req: cmd.PlaceBid) -> cmd.BidAccepted:
+    async def bid_balances(self, req: cmd.PlaceBid) -> cmd.Balances:
+        """A bid the rules refuse anyway is refused without asking the chain."""
         self._need("english")
+        english.check_bid(book.get_offer(self.conn, req.offer_id), buyer=req.buyer,
+                          price_wei_per_kwh=req.price_wei_per_kwh, now=time.time(),
+                          min_increment_wei_per_kwh=self.settings.auction_min_increment_wei_per_kwh)
+        return await self.balances(req.buyer, "escrow")
+
+    @_answers
+    async def place_bid(self, req: cmd.PlaceBid, bal: cmd.Balances) -> cmd.BidAccepted:
         now = time.time()  # when it reached us (inside the lock: the clock cannot close it meanwhile)
         inc = self.settings.auction_min_increment_wei_per_kwh
         offer = book.get_offer(self.conn, req.offer_id)
         needed = english.check_bid(offer, buyer=req.buyer, price_wei_per_kwh=req.price_wei_per_kwh, now=now,
                                    min_increment_wei_per_kwh=inc)
         assert offer is not None
-        bal = await self.balances(req.buyer, "escrow")
         english.check_funds(needed_wei=needed, escrow_free_wei=bal.escrow_free_wei,
                             reserved_wei=book.reserved_wei(self.conn, req.buyer, except_offer=offer.offer_id))
         bid_id = f"b-{book.next_number(self.conn, 'bid')}"
@@ -240,8 +254,12 @@ class AuctionService(Service):
         return (round_ + 1) * self.settings.auction_clear_interval_s
 
     @_answers
-    async def place_order(self, req: cmd.PlaceOrder) -> cmd.OrderPlaced:
+    async def order_balances(self, req: cmd.PlaceOrder) -> cmd.Balances:
         self._need("double")
+        return await self.balances(req.account, "escrow" if req.side == "buy" else "tokens")
+
+    @_answers
+    async def place_order(self, req: cmd.PlaceOrder, bal: cmd.Balances) -> cmd.OrderPlaced:
         now = time.time()
         round_ = self._round_of(now)
         while book.round_cleared(self.conn, round_):
@@ -250,12 +268,10 @@ class AuctionService(Service):
             raise Rejected("own_offer", f"this account has a {'buy' if req.side == 'sell' else 'sell'} order "
                                         "in the same call; it would trade with itself")
         if req.side == "buy":
-            bal = await self.balances(req.account, "escrow")
             english.check_funds(needed_wei=english.cost_wei(req.wh, req.limit_price_wei_per_kwh),
                                 escrow_free_wei=bal.escrow_free_wei,
                                 reserved_wei=book.reserved_wei(self.conn, req.account))
         else:
-            bal = await self.balances(req.account, "tokens")
             free = bal.tokens_wh - book.reserved_wh(self.conn, req.account)
             if free < req.wh:
                 raise Rejected("no_tokens", f"the seller has {max(free, 0)} Wh of free tokens, the order needs {req.wh} Wh")

@@ -383,15 +383,19 @@ class RpcServer:
     def __init__(self, ctx: zmq.asyncio.Context, security: Security, store: Store, *, bind: str,
                  name: str = "rpc") -> None:
         self.ctx, self.security, self.store, self.bind_to, self.name = ctx, security, store, bind, name
-        self.handlers: dict[str, RpcHandler] = {}
+        self.handlers: dict[str, tuple[RpcHandler, Callable[[Any], Awaitable[Any]] | None]] = {}
         self.drops = DropCounter(name)
         self.executed = 0
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.started = time.time()
 
-    def handle(self, req_cls: type[Request], fn: RpcHandler) -> None:
-        self.handlers[req_cls.TYPE] = fn
+    def handle(self, req_cls: type[Request], fn: RpcHandler,
+               prefetch: Callable[[Any], Awaitable[Any]] | None = None) -> None:
+        """``fn(req)`` runs inside the store transaction that remembers its reply. With
+        ``prefetch``, ``fn(req, await prefetch(req))``: what the command must ask other
+        services is asked before the transaction, so a slow peer holds up only this command."""
+        self.handlers[req_cls.TYPE] = (fn, prefetch)
 
     async def start(self) -> None:
         self.sock = _socket(self.ctx, zmq.ROUTER)
@@ -440,19 +444,23 @@ class RpcServer:
             self.drops.drop(e.cause, e.detail)
             return ReplyEnvelope(cmd_id=cmd_id, ok=False,
                                  error=commands.ErrorInfo(code="bad_request", message=f"{e.cause}: {e.detail}"[:2000]))
-        fn = self.handlers.get(env.type)
+        fn, prefetch = self.handlers.get(env.type, (None, None))
         if fn is None:
             return ReplyEnvelope(cmd_id=env.cmd_id, ok=False,
                                  error=commands.ErrorInfo(code="unsupported", message=f"{self.name} does not serve {env.type}"))
         try:
             if env.body.READ_ONLY:
-                result = await fn(env.body)
+                result = await fn(env.body)  # type: ignore[misc]
             else:
+                args: tuple[Any, ...] = ()
+                if prefetch is not None:
+                    if (done := self._remembered(env.cmd_id)) is not None:
+                        return done
+                    args = (await prefetch(env.body),)
                 async with self.store.atomic() as conn:
-                    row = conn.execute("SELECT reply FROM bus_commands WHERE cmd_id = ?", (env.cmd_id,)).fetchone()
-                    if row is not None:
-                        return ReplyEnvelope.model_validate_json(row[0])
-                    result = await fn(env.body)
+                    if (done := self._remembered(env.cmd_id)) is not None:
+                        return done
+                    result = await fn(env.body, *args)
                     out = self._ok(env, result)
                     conn.execute("INSERT INTO bus_commands (cmd_id, type, reply, ts) VALUES (?, ?, ?, ?)",
                                  (env.cmd_id, env.type, out.model_dump_json(), time.time()))
@@ -468,6 +476,10 @@ class RpcServer:
                                  error=commands.ErrorInfo(code="internal", message="internal error; see the service log"))
         self.executed += 1
         return self._ok(env, result)
+
+    def _remembered(self, cmd_id: str) -> ReplyEnvelope | None:
+        row = self.store.conn.execute("SELECT reply FROM bus_commands WHERE cmd_id = ?", (cmd_id,)).fetchone()
+        return None if row is None else ReplyEnvelope.model_validate_json(row[0])
 
     @staticmethod
     def _ok(env: commands.RequestEnvelope, result: Reply) -> ReplyEnvelope:

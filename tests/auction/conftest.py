@@ -32,6 +32,8 @@ class FakeChain:
     balances: dict[str, cmd.Balances] = field(default_factory=dict)
     asked: int = 0
     endpoint: str = ""
+    gate: asyncio.Event | None = None
+    """While set to a closed gate, GetBalances waits: a slow chain."""
 
     def set(self, address: str, *, escrow_free_wei: int = 0, tokens_wh: int = 0) -> None:
         self.balances[address.lower()] = cmd.Balances(address=address, ether_wei=10**18,
@@ -39,6 +41,8 @@ class FakeChain:
 
     async def get_balances(self, req: cmd.GetBalances) -> cmd.Balances:
         self.asked += 1
+        if self.gate is not None:
+            await self.gate.wait()
         bal = self.balances.get(req.address.lower())
         if bal is None:
             raise RequestError("not_found", f"unknown account {req.address}")

@@ -428,3 +428,25 @@ async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain
         store.close()
         sec.stop()
         ctx.destroy(linger=0)
+
+
+async def test_a_slow_chain_holds_up_only_the_bid_that_waits_for_it(grid: Grid, fake_chain: FakeChain) -> None:
+    """The escrow check is asked before the bid's transaction: while the chain does not
+    answer, other commands and the market clock go on."""
+    fake_chain.set(B1, escrow_free_wei=10**6)
+    async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+        waiting = (await m.call(offer())).offer_id
+        other = (await m.call(offer(wh=10))).offer_id
+        ending = (await m.call(offer(wh=10, duration=0.3))).offer_id
+        fake_chain.gate = asyncio.Event()  # the chain stops answering
+        slow = asyncio.create_task(m.call(bid(waiting, B1, 1000), timeout=60))
+        await until(lambda: fake_chain.asked >= 4, what="the bid asking the chain")
+        assert await m.call(cmd.CancelOffer(offer_id=other, seller=SELLER)) == cmd.Ok()
+        await until(lambda: any(o["offer_id"] == ending and o["outcome"] == "expired"
+                                for o in outbox(m.settings.data_dir / "auction.sqlite", "market.offer_closed")),
+                    what="the clock closing an offer meanwhile")
+        assert not slow.done()
+        fake_chain.gate.set()
+        assert (await slow).bid_id
+        offers = {o.offer_id: o for o in (await m.call(cmd.ListOffers(include_closed=True))).offers}
+        assert (offers[waiting].highest_bidder, offers[other].state) == (B1, "cancelled")

@@ -174,3 +174,38 @@ async def test_a_peer_without_an_allowed_key_gets_nothing_and_sends_nothing(grid
     for s in (spy, forger, caller, legit):
         s.close(0)
     await sub.stop()
+
+
+async def test_prefetch_runs_outside_the_transaction_and_a_retry_skips_it(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sec = grid.security("market")
+    sec.start(actx)
+    store = Store(tmp_path / "srv.sqlite")
+    store.conn.execute("CREATE TABLE cancels (offer TEXT, seen TEXT)")
+    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+    fetched: list[str] = []
+
+    async def prefetch(req: CancelOffer) -> str:
+        assert not store.in_transaction
+        fetched.append(req.offer_id)
+        if req.offer_id == "gone":
+            raise RequestError("not_found", "asked elsewhere: no such offer")
+        return f"seen-{req.offer_id}"
+
+    async def cancel(req: CancelOffer, seen: str) -> Ok:
+        assert store.in_transaction
+        store.conn.execute("INSERT INTO cancels VALUES (?, ?)", (req.offer_id, seen))
+        return Ok()
+
+    srv.handle(CancelOffer, cancel, prefetch=prefetch)
+    await srv.start()
+    client = RpcClient(actx, grid.security("home-7"), srv.endpoint)
+    for _ in range(3):
+        assert await client.request(CancelOffer(offer_id="o-1", seller=ADDR), cmd_id="c-1") == Ok()
+    with pytest.raises(RequestError) as e:
+        await client.request(CancelOffer(offer_id="gone", seller=ADDR))
+    assert e.value.code == "not_found"
+    assert fetched == ["o-1", "gone"]
+    assert list(store.conn.execute("SELECT offer, seen FROM cancels")) == [("o-1", "seen-o-1")]
+    await client.close()
+    await srv.stop()
+    sec.stop()
