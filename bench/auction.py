@@ -13,12 +13,13 @@ import argparse
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from services.auction.double import Order, clear  # noqa: E402
+from timing import best_of  # noqa: E402
 
 
 def book(n: int, rnd: random.Random) -> list[Order]:
@@ -33,13 +34,6 @@ def book(n: int, rnd: random.Random) -> list[Order]:
     return orders
 
 
-def best_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:

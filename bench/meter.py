@@ -19,22 +19,16 @@ import argparse
 import json
 import struct
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from services.meter import lineproto, registers  # noqa: E402
+from timing import best_of  # noqa: E402
 from services.meter.models import BatteryConfig, Counters, Load, LoadConfig, PanelConfig, Site  # noqa: E402
 
 
-def best_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:
