@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -33,19 +32,16 @@ from web3 import AsyncHTTPProvider, AsyncWeb3, HTTPProvider, Web3
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from services.chain.contracts import close_provider
+from tests.conftest import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
 ANVIL_START_TIMEOUT_S = 30.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
-
-def _answers_rpc(url: str) -> bool:
+def answers_rpc(url: str) -> bool:
+    """True once a JSON-RPC node at ``url`` answers eth_chainId."""
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}).encode()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -59,7 +55,7 @@ def start_anvil() -> tuple[subprocess.Popen[bytes], str]:
     """Start anvil on a free port in its own process group; return it and its URL once it answers."""
     if not ANVIL.exists():
         raise RuntimeError(f"{ANVIL} is missing; run `npm ci` in {ROOT}")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [str(ANVIL), "--port", str(port), "--silent"],
@@ -68,7 +64,7 @@ def start_anvil() -> tuple[subprocess.Popen[bytes], str]:
         start_new_session=True,
     )
     deadline = time.monotonic() + ANVIL_START_TIMEOUT_S
-    while not _answers_rpc(url):
+    while not answers_rpc(url):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise RuntimeError(f"anvil exited with {proc.returncode}: {err}")

@@ -14,7 +14,7 @@ import zmq.asyncio
 
 from services.auction.config import AuctionSettings
 from services.auction.service import AuctionService
-from services.bus import RpcClient, RpcServer, Store
+from services.bus import Publisher, RpcClient, RpcServer, Store
 from services.bus import commands as cmd
 from services.bus.errors import RequestError
 from tests.conftest import Grid  # noqa: F401 - the shared hub fixture `grid` builds it
@@ -124,3 +124,21 @@ async def until(cond, timeout: float = 30.0, what: str = "condition") -> None:  
         if loop.time() > end:
             raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def chain_events(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Publisher]:
+    """A publisher with the chain service's source: events as the chain (and the buyer's
+    meter) would publish them, for the trade lifecycle tests."""
+    ctx = zmq.asyncio.Context()
+    sec = grid.security("market")
+    sec.start(ctx)
+    store = Store(tmp_path / "chain-events.sqlite")
+    pub = Publisher(ctx, sec, store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
+    await pub.start()
+    yield pub
+    await pub.stop()
+    store.close()
+    sec.stop()
+    ctx.destroy(linger=0)
+

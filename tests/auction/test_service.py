@@ -206,95 +206,73 @@ async def test_a_retried_command_id_runs_once(grid: Grid, fake_chain: FakeChain)
         assert len(outbox(m.settings.data_dir / "auction.sqlite", "market.bid_placed")) == 1
 
 
-async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_chain: FakeChain, tmp_path) -> None:
-    ctx = zmq.asyncio.Context()
-    sec = grid.security("market")
-    sec.start(ctx)
-    chain_store = Store(tmp_path / "chain-events.sqlite")
+async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_chain: FakeChain,
+                                                              chain_events: Publisher) -> None:
     # events as the chain service and the buyer's meter would publish them
-    chain = Publisher(ctx, sec, chain_store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
-    await chain.start()
-    try:
-        async with Running(grid, settings(grid, fake_chain.endpoint, auction_trade_heartbeat_s=0.1)) as m:
-            db = m.settings.data_dir / "auction.sqlite"
-            o = (await m.call(offer(wh=2000, duration=0.5))).offer_id
-            await m.call(bid(o, B1, 1000))
-            tid = f"t-{o}"
-            await until(lambda: outbox(db, "trade.agreed"))
+    async with Running(grid, settings(grid, fake_chain.endpoint, auction_trade_heartbeat_s=0.1)) as m:
+        db = m.settings.data_dir / "auction.sqlite"
+        o = (await m.call(offer(wh=2000, duration=0.5))).offer_id
+        await m.call(bid(o, B1, 1000))
+        tid = f"t-{o}"
+        await until(lambda: outbox(db, "trade.agreed"))
 
-            def states() -> list[str]:
-                return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == tid]
+        def states() -> list[str]:
+            return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == tid]
 
-            def heard_live() -> bool:
-                return any(tid in h["live"] for h in outbox(db, "trade.heartbeat"))
+        def heard_live() -> bool:
+            return any(tid in h["live"] for h in outbox(db, "trade.heartbeat"))
 
-            assert states() == ["agreed"] and not heard_live()
-            with pytest.raises(RequestError) as e:
-                await m.call(cmd.CloseTrade(trade_id=tid, by=SELLER))
-            assert e.value.code == "not_allowed"
-            await chain.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))
-            await until(lambda: states() == ["agreed", "recorded", "delivering"], what="recorded")
-            await until(heard_live, what="heartbeat lists the live trade")
-            hb = [h for h in outbox(db, "trade.heartbeat") if tid in h["live"]][-1]
-            assert hb["sites"][tid] == ["solar-1", "home-7"]
-            await chain.publish(ev.Delivery(trade_id=tid, site="solar-1", meter="m1", role="producer", delivered_wh=900))
-            await chain.publish(ev.Delivery(trade_id=tid, site="home-7", meter="m1", role="consumer", delivered_wh=800))
-            await until(lambda: (m.db().execute("SELECT delivered_wh FROM trades").fetchone() or [0])[0] == 800)
+        assert states() == ["agreed"] and not heard_live()
+        with pytest.raises(RequestError) as e:
+            await m.call(cmd.CloseTrade(trade_id=tid, by=SELLER))
+        assert e.value.code == "not_allowed"
+        await chain_events.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))
+        await until(lambda: states() == ["agreed", "recorded", "delivering"], what="recorded")
+        await until(heard_live, what="heartbeat lists the live trade")
+        hb = [h for h in outbox(db, "trade.heartbeat") if tid in h["live"]][-1]
+        assert hb["sites"][tid] == ["solar-1", "home-7"]
+        await chain_events.publish(ev.Delivery(trade_id=tid, site="solar-1", meter="m1", role="producer", delivered_wh=900))
+        await chain_events.publish(ev.Delivery(trade_id=tid, site="home-7", meter="m1", role="consumer", delivered_wh=800))
+        await until(lambda: (m.db().execute("SELECT delivered_wh FROM trades").fetchone() or [0])[0] == 800)
+        await m.call(cmd.CloseTrade(trade_id=tid, by=B1))
+        assert states()[-1] == "closed"
+        with pytest.raises(RequestError) as e:
             await m.call(cmd.CloseTrade(trade_id=tid, by=B1))
-            assert states()[-1] == "closed"
-            with pytest.raises(RequestError) as e:
-                await m.call(cmd.CloseTrade(trade_id=tid, by=B1))
-            assert e.value.code == "closed"
-            await chain.publish(ev.TradeClosedOnChain(trade_id=tid, delivered_wh=850, paid_wei=850, refunded_wei=1150,
-                                                      tx_hash="0x02"))
-            await until(lambda: states()[-1] == "settled", what="settled")
-            trade = (await m.call(cmd.ListTrades())).trades[0]
-            assert (trade.state, trade.delivered_wh, trade.paid_wei) == ("settled", 850, 850)
-            await chain.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))  # late repeat: a no-op
-            await asyncio.sleep(0.5)
-            assert states() == ["agreed", "recorded", "delivering", "closed", "settled"]
-            last = outbox(db, "trade.heartbeat")[-1]
-            assert tid not in last["live"]
-    finally:
-        await chain.stop()
-        chain_store.close()
-        sec.stop()
-        ctx.destroy(linger=0)
+        assert e.value.code == "closed"
+        await chain_events.publish(ev.TradeClosedOnChain(trade_id=tid, delivered_wh=850, paid_wei=850, refunded_wei=1150,
+                                                  tx_hash="0x02"))
+        await until(lambda: states()[-1] == "settled", what="settled")
+        trade = (await m.call(cmd.ListTrades())).trades[0]
+        assert (trade.state, trade.delivered_wh, trade.paid_wei) == ("settled", 850, 850)
+        await chain_events.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))  # late repeat: a no-op
+        await asyncio.sleep(0.5)
+        assert states() == ["agreed", "recorded", "delivering", "closed", "settled"]
+        last = outbox(db, "trade.heartbeat")[-1]
+        assert tid not in last["live"]
 
 
-async def test_delivery_fulfils_and_operator_may_close(grid: Grid, fake_chain: FakeChain, tmp_path) -> None:
-    ctx = zmq.asyncio.Context()
-    sec = grid.security("market")
-    sec.start(ctx)
-    store = Store(tmp_path / "chain-events.sqlite")
-    chain = Publisher(ctx, sec, store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
-    await chain.start()
-    try:
-        async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
-            db = m.settings.data_dir / "auction.sqlite"
-            o1 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-            o2 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-            await m.call(bid(o1, B1, 1000))
-            await m.call(bid(o2, B2, 1000))
-            await until(lambda: len(outbox(db, "trade.agreed")) == 2)
-            for o in (o1, o2):
-                await chain.publish(ev.TradeRecorded(trade_id=f"t-{o}", tx_hash="0x01"))
-            await chain.publish(ev.Delivery(trade_id=f"t-{o1}", site="home-7", meter="m1", role="consumer",
-                                            delivered_wh=1000))
+async def test_delivery_fulfils_and_operator_may_close(grid: Grid, fake_chain: FakeChain,
+                                                      chain_events: Publisher) -> None:
+    async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+        db = m.settings.data_dir / "auction.sqlite"
+        o1 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
+        o2 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
+        await m.call(bid(o1, B1, 1000))
+        await m.call(bid(o2, B2, 1000))
+        await until(lambda: len(outbox(db, "trade.agreed")) == 2)
+        for o in (o1, o2):
+            await chain_events.publish(ev.TradeRecorded(trade_id=f"t-{o}", tx_hash="0x01"))
+        await chain_events.publish(ev.Delivery(trade_id=f"t-{o1}", site="home-7", meter="m1", role="consumer",
+                                        delivered_wh=1000))
 
-            def state(tid: str) -> str:
-                return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == tid][-1]
+        def state(tid: str) -> str:
+            return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == tid][-1]
 
-            await until(lambda: state(f"t-{o1}") == "fulfilled", what="fulfilled")
-            await until(lambda: state(f"t-{o2}") == "delivering")
-            await m.call(cmd.CloseTrade(trade_id=f"t-{o2}", by=OPERATOR))
-            closed = [s for s in outbox(db, "trade.status") if s["state"] == "closed"]
-            assert [(c["trade_id"], c["reason"]) for c in closed] == [(f"t-{o2}", "closed by the operator")]
-    finally:
-        await chain.stop()
-        store.close()
-        sec.stop()
-        ctx.destroy(linger=0)
+        await until(lambda: state(f"t-{o1}") == "fulfilled", what="fulfilled")
+        await until(lambda: state(f"t-{o2}") == "delivering")
+        await m.call(cmd.CloseTrade(trade_id=f"t-{o2}", by=OPERATOR))
+        closed = [s for s in outbox(db, "trade.status") if s["state"] == "closed"]
+        assert [(c["trade_id"], c["reason"]) for c in closed] == [(f"t-{o2}", "closed by the operator")]
 
 
 async def test_deadlines_survive_a_restart(grid: Grid, fake_chain: FakeChain) -> None:
@@ -400,34 +378,22 @@ async def test_a_call_due_while_down_is_cleared_once_on_restart(grid: Grid, fake
         [(cleared[0]["trade_ids"][0], seller, B1, 600)]
 
 
-async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain, tmp_path) -> None:
-    ctx = zmq.asyncio.Context()
-    sec = grid.security("market")
-    sec.start(ctx)
-    store = Store(tmp_path / "chain-events.sqlite")
-    chain = Publisher(ctx, sec, store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
-    await chain.start()
-    try:
-        async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
-            db = m.settings.data_dir / "auction.sqlite"
-            fake_chain.set(B1, escrow_free_wei=2000)  # exactly one 2000 Wh trade at 1000 wei/kWh
-            o = (await m.call(offer(wh=2000, duration=0.3))).offer_id
-            await m.call(bid(o, B1, 1000))
-            await until(lambda: outbox(db, "trade.agreed"))
-            later = (await m.call(offer(wh=2000))).offer_id
-            with pytest.raises(RequestError) as e:  # the agreed trade holds the escrow until recorded
-                await m.call(bid(later, B1, 1000))
-            assert e.value.code == "unfunded"
-            await chain.publish(ev.TxUpdate(tx_hash="", kind="open", ref=f"t-{o}", account=B1, status="failed",
-                                            reason="insufficient escrow"))
-            await until(lambda: outbox(db, "trade.status")[-1]["state"] == "failed", what="failed")
-            assert outbox(db, "trade.status")[-1]["reason"] == "insufficient escrow"
-            assert (await m.call(bid(later, B1, 1000))).bid_id  # a failed trade holds nothing
-    finally:
-        await chain.stop()
-        store.close()
-        sec.stop()
-        ctx.destroy(linger=0)
+async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain, chain_events: Publisher) -> None:
+    async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
+        db = m.settings.data_dir / "auction.sqlite"
+        fake_chain.set(B1, escrow_free_wei=2000)  # exactly one 2000 Wh trade at 1000 wei/kWh
+        o = (await m.call(offer(wh=2000, duration=0.3))).offer_id
+        await m.call(bid(o, B1, 1000))
+        await until(lambda: outbox(db, "trade.agreed"))
+        later = (await m.call(offer(wh=2000))).offer_id
+        with pytest.raises(RequestError) as e:  # the agreed trade holds the escrow until recorded
+            await m.call(bid(later, B1, 1000))
+        assert e.value.code == "unfunded"
+        await chain_events.publish(ev.TxUpdate(tx_hash="", kind="open", ref=f"t-{o}", account=B1, status="failed",
+                                        reason="insufficient escrow"))
+        await until(lambda: outbox(db, "trade.status")[-1]["state"] == "failed", what="failed")
+        assert outbox(db, "trade.status")[-1]["reason"] == "insufficient escrow"
+        assert (await m.call(bid(later, B1, 1000))).bid_id  # a failed trade holds nothing
 
 
 async def test_a_slow_chain_holds_up_only_the_bid_that_waits_for_it(grid: Grid, fake_chain: FakeChain) -> None:

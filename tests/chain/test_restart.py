@@ -19,7 +19,8 @@ from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain import contracts
 from services.chain.keystore import Keystore
-from tests.chain_fixtures import ROOT, _answers_rpc, _free_port, start_anvil, stop_anvil
+from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
+from tests.conftest import free_port
 
 from .conftest import PASS, Bus, chain_settings, start_chain, wait_until
 
@@ -29,7 +30,7 @@ PRICE = 10**16
 
 class ChainProcess:
     def __init__(self, bus: Bus, data_dir: pathlib.Path, url: str, log: pathlib.Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.env = {**os.environ, **bus.env("market"), "GRIDTRADE_DATA_DIR": str(data_dir),
                     "GRIDTRADE_CHAIN_URL": url, "GRIDTRADE_CHAIN_BIND": self.endpoint, "GRIDTRADE_SCRYPT_N": "1024",
@@ -178,7 +179,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
 
 async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     state = tmp_path / "anvil-state.json"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     anvil_bin = ROOT / "node_modules" / ".bin" / "anvil"
 
@@ -186,7 +187,7 @@ async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib
         p = subprocess.Popen([str(anvil_bin), "--port", str(port), "--silent", "--state", str(state)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         for _ in range(300):
-            if _answers_rpc(url):
+            if answers_rpc(url):
                 return p
             import time
             time.sleep(0.05)

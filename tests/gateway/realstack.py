@@ -26,6 +26,7 @@ import pytest
 
 from services import launcher
 from services.chain.keystore import Keystore
+from tests.chain_fixtures import answers_rpc
 from tests.conftest import free_port_block
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -40,18 +41,6 @@ class Person:
     address: str
     passphrase: str
     name: str
-
-
-
-
-def _answers_rpc(url: str) -> bool:
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}).encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=1) as r:
-            return "result" in json.loads(r.read())
-    except (OSError, ValueError):
-        return False
 
 
 class RealStack:
@@ -131,7 +120,7 @@ class RealStack:
             if child.poll() is not None:
                 self.fail(f"{name} exited with {child.returncode} while starting")
             if name == "anvil":
-                return _answers_rpc(p.extra["rpc"])
+                return answers_rpc(p.extra["rpc"])
             return p.health_url is None or self.health(name) is not None
 
         self.wait(f"{name} to be healthy", up, timeout=timeout)
