@@ -4,6 +4,11 @@ A site's keys folder holds its own key pair (``<site>.key``, ``<site>.key_secret
 ``allowed/``: the public keys (``<site>.key``) of every site it trusts, itself included.
 A client looks up the server's public key there by the server's site name. ``ipc://``
 and ``inproc://`` endpoints are local to the machine and go without CURVE.
+
+Identity: every public key belongs to one site (the file name in ``allowed/``). The ZAP
+handler answers a connecting key with its site as the ZAP User-Id, so every message a
+CURVE socket receives carries its sender's site in the frame's ``User-Id`` property
+(:func:`peer_site`). Nothing a peer writes about itself decides who it is.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.auth.thread import ThreadAuthenticator
 
@@ -38,6 +44,48 @@ def ensure_keys(keys_dir: pathlib.Path, site: str) -> pathlib.Path:
     return secret
 
 
+def key_sites(allowed: pathlib.Path) -> dict[bytes, str]:
+    """Public key (z85) -> the site it belongs to, from ``allowed/<site>.key``."""
+    out: dict[bytes, str] = {}
+    for path in sorted(allowed.glob("*.key")):
+        try:
+            public = zmq.auth.load_certificate(path)[0]
+        except (OSError, ValueError):
+            log.warning("unreadable public key %s: ignored", path)
+            continue
+        if public in out and out[public] != path.stem:
+            raise BusError(f"the public key in {path.name} also belongs to site {out[public]!r}: "
+                           "a key belongs to one site")
+        out[public] = path.stem
+    return out
+
+
+def peer_site(frame: zmq.Frame) -> str | None:
+    """The site whose key sent this frame (None on a socket without CURVE)."""
+    try:
+        site = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return site or None
+
+
+class _SiteNames:
+    """Mixin for pyzmq's authenticators: the ZAP User-Id of a client is its site."""
+
+    sites: dict[bytes, str]
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.sites.get(z85.encode(client_public_key), "")
+
+
+class _AsyncioSiteAuthenticator(_SiteNames, AsyncioAuthenticator):
+    pass
+
+
+class _ThreadSiteAuthenticator(_SiteNames, ThreadAuthenticator):
+    pass
+
+
 def _tcp(endpoint: str) -> bool:
     return endpoint.startswith("tcp://")
 
@@ -51,7 +99,9 @@ class Security:
         self.insecure = insecure
         self._auth: AsyncioAuthenticator | ThreadAuthenticator | None = None
         if insecure:
-            log.warning("CURVE is OFF (GRIDTRADE_INSECURE): anyone who reaches the TCP ports can read and send")
+            log.error("INSECURE: CURVE is OFF (GRIDTRADE_INSECURE=1). There is no identity on the bus: anyone "
+                      "who reaches the TCP ports can read every event, publish in any site's name, mint, settle "
+                      "and act for any account. Never run a real micro-grid like this.")
             self.public = self.secret = b""
             return
         secret_file = keys_dir / f"{site}.key_secret"
@@ -73,10 +123,16 @@ class Security:
             return
         import zmq.asyncio
 
-        auth_cls = AsyncioAuthenticator if isinstance(ctx, zmq.asyncio.Context) else ThreadAuthenticator
-        self._auth = auth_cls(ctx)
-        self._auth.start()
-        self._auth.configure_curve(domain="gridtrade", location=str(self.keys_dir / "allowed"))
+        auth_cls = _AsyncioSiteAuthenticator if isinstance(ctx, zmq.asyncio.Context) else _ThreadSiteAuthenticator
+        auth = auth_cls(ctx)
+        auth.sites = self.sites()
+        auth.start()
+        auth.configure_curve(domain="gridtrade", location=str(self.keys_dir / "allowed"))
+        self._auth = auth
+
+    def sites(self) -> dict[bytes, str]:
+        """Public key (z85) -> site, for every key on the allow-list."""
+        return key_sites(self.keys_dir / "allowed")
 
     def stop(self) -> None:
         if self._auth is not None:
