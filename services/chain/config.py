@@ -34,6 +34,8 @@ class ChainSettings(BusSettings):
     dev_fund_wei: int = Field(default=100 * 10**18, ge=0,
                               description="dev chains: Ether given once to each new or unlocked account (0: off)")
     poll_s: float = Field(default=0.2, gt=0, description="how often pending transactions are checked")
+    logs_range: int = Field(default=2000, ge=1, description="most blocks asked for in one eth_getLogs call "
+                                                            "(public RPC providers cap the range)")
     settle_window_s: float = Field(default=0.3, ge=0,
                                    description="deliveries are collected this long, then settled in one batch")
     settle_max_batch: int = Field(default=50, ge=1, le=500)

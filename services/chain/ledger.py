@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS chain_trades (
     settle_tx TEXT NOT NULL DEFAULT '', settle_target INTEGER NOT NULL DEFAULT 0,
     close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0, close_tx TEXT NOT NULL DEFAULT '',
     closed_published INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS chain_generated (chain TEXT NOT NULL, account TEXT NOT NULL, wh INTEGER NOT NULL,
+                                            PRIMARY KEY (chain, account));
 CREATE TABLE IF NOT EXISTS chain_deliveries (trade_id TEXT NOT NULL, site TEXT NOT NULL, delivered_wh INTEGER NOT NULL,
                                              final INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (trade_id, site));
 """

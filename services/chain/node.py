@@ -171,9 +171,34 @@ class AnvilNode(Node):
             await self._rpc("evm_setAutomine", [False])
 
 
+def _threaded_tester_provider() -> Any:
+    """web3's eth-tester provider with every call on one worker thread: py-evm is
+    synchronous and slow (a block per transaction), so on the event loop it would hold up
+    every request of the service; one thread keeps its calls in order."""
+    import concurrent.futures
+
+    from web3.providers.eth_tester import AsyncEthereumTesterProvider
+    from web3.providers.eth_tester.main import _make_request
+
+    class ThreadedTesterProvider(AsyncEthereumTesterProvider):
+        def __init__(self) -> None:
+            super().__init__()
+            self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-evm")
+
+        async def run(self, fn: Any, *args: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+        async def make_request(self, method: Any, params: Any) -> Any:
+            self._current_request_id += 1
+            return await self.run(_make_request, method, params, self.api_endpoints, self.ethereum_tester,
+                                  repr(self._current_request_id))
+
+    return ThreadedTesterProvider()
+
+
 class EmbeddedNode(Node):
     """The in-process py-evm chain (eth-tester). A dev/demo chain: its state lives in this
-    process and is gone when it stops.
+    process and is gone when it stops. Its calls run on one worker thread of their own.
 
     eth-tester's own "pending" mode keeps at most one pending transaction per sender, so
     with mining stopped this node holds raw transactions in its own pool, in order, and
@@ -186,6 +211,7 @@ class EmbeddedNode(Node):
 
     def __init__(self, w3: AsyncWeb3, url: str = "embedded") -> None:
         super().__init__(w3, url)
+        self.provider = w3.provider
         self.tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
         self.dev_key = self.tester.backend.account_keys[0].to_bytes()
         self._pool: list[tuple[str, bytes]] = []
@@ -255,13 +281,14 @@ class EmbeddedNode(Node):
     async def _mine_every(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            self.tester.mine_blocks(1)
+            await self.provider.run(self.tester.mine_blocks, 1)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         if self._interval_task is not None:
             self._interval_task.cancel()
             await asyncio.gather(self._interval_task, return_exceptions=True)
             self._interval_task = None
+        self.provider.worker.shutdown(wait=True)  # type: ignore[attr-defined]
 
 
 async def connect(url: str, *, timeout_s: float = 10.0) -> Node:
@@ -270,9 +297,7 @@ async def connect(url: str, *, timeout_s: float = 10.0) -> Node:
     Raises ChainUnavailable when an RPC node cannot be reached (the caller retries).
     """
     if url == "embedded":
-        from web3.providers.eth_tester import AsyncEthereumTesterProvider
-
-        node: Node = EmbeddedNode(AsyncWeb3(AsyncEthereumTesterProvider()))
+        node: Node = EmbeddedNode(AsyncWeb3(_threaded_tester_provider()))
         await node.probe()
         return node
     if url.startswith(("http://", "https://")):
