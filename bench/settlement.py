@@ -126,7 +126,14 @@ async def run(trades: int, steps: int) -> None:
     pub = Publisher(ctx, sec, store, source="bench/bench", hub_pub=hub_pub, heartbeat_s=0.2)
     sub = Subscriber(ctx, sec, store, hub_sub=hub_sub, prefixes=["chain."],
                      handler=lambda env, conn: seen.append(env.body))
+    # trades come from the market's auction (the subscribers' publish policy): its own key and context
+    actx = zmq.asyncio.Context()
+    asec = Security(keys, "market")
+    asec.start(actx)
+    astore = Store(tmp / "auction.sqlite")
+    auction = Publisher(actx, asec, astore, source="market/auction", hub_pub=hub_pub, heartbeat_s=0.2)
     await pub.start()
+    await auction.start()
     await sub.start()
     client = RpcClient(ctx, sec, svc.servers[0].endpoint, server_site="market")
     of = lambda cls: [e for e in seen if isinstance(e, cls)]  # noqa: E731
@@ -141,7 +148,7 @@ async def run(trades: int, steps: int) -> None:
         await client.request(C.Approve(account=seller, wh=trades * 1000), timeout=30)
         await wait_for(lambda: not svc.txm.pending())
         for i in range(trades):
-            await pub.publish(E.TradeAgreed(trade_id=f"t{i}", offer_id=f"o{i}", seller=seller, buyer=buyer,
+            await auction.publish(E.TradeAgreed(trade_id=f"t{i}", offer_id=f"o{i}", seller=seller, buyer=buyer,
                                             seller_site="bench", buyer_site="bench", wh=1000, price_wei_per_kwh=PRICE))
         await wait_for(lambda: len(of(E.TradeRecorded)) >= trades)
 
@@ -163,9 +170,13 @@ async def run(trades: int, steps: int) -> None:
         await client.close()
         await sub.stop()
         await pub.stop()
+        await auction.stop()
         store.close()
+        astore.close()
         sec.stop()
+        asec.stop()
         ctx.destroy(0)
+        actx.destroy(0)
         await svc.stop()
         hub.stop()
         os.killpg(anvil.pid, signal.SIGTERM)

@@ -58,7 +58,8 @@ async def _tail(prefixes: list[str], count: int | None) -> None:
             done.set()
 
     sub = Subscriber(ctx, Security(s.keys, s.site, insecure=s.insecure), Store(":memory:"), hub_sub=s.hub_sub,
-                     hub_site=s.hub_site, prefixes=prefixes or [""], handler=show, start="latest", name="tail")
+                     hub_site=s.hub_site, prefixes=prefixes or [""], handler=show, start="latest", name="tail",
+                     authority=s.authority)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -83,6 +84,11 @@ async def _publish(type_: str, body_json: str) -> int:
     except DecodeError as e:
         print(f"gridtrade bus publish: {e}", file=sys.stderr)
         return 2
+    from services.bus.events import permitted
+
+    if not permitted(body, f"{s.site}/cli", s.authority):
+        print(f"gridtrade bus publish: warning: subscribers drop {type_} from {s.site}/cli (its publish policy is "
+              f"{body.ORIGIN.name}; see services/bus/events.py)", file=sys.stderr)
     ctx = zmq.asyncio.Context()
     sec = Security(s.keys, s.site, insecure=s.insecure)
     sec.start(ctx)

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import zmq.asyncio
 
-from services.bus import BusSettings, Security, ensure_keys
+from services.bus import BusSettings, Publisher, Security, Store, ensure_keys
+from services.bus.events import Authority, Message, Origin
 from services.bus.hub import Hub
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -69,6 +71,48 @@ class Grid:
         return {"GRIDTRADE_SITE": site, "GRIDTRADE_DATA_DIR": str(self.root / site),
                 "GRIDTRADE_KEYS_DIR": str(self.keys), "GRIDTRADE_HUB_PUB": self.hub_pub,
                 "GRIDTRADE_HUB_SUB": self.hub_sub, "GRIDTRADE_HEARTBEAT_S": "0.2"}
+
+
+class Sources:
+    """Publishes each event as the source its publish policy allows, with that site's own
+    key: meter events as ``<body.site>/meter``, market and trade events as the market's
+    auction, chain events as the market's chain service (one publisher per source, made
+    on first use). ``publish(body, source=...)`` publishes as any source instead."""
+
+    def __init__(self, grid: Grid, root: pathlib.Path, authority: Authority = Authority()) -> None:
+        self.grid, self.root, self.authority = grid, root, authority
+        self.pubs: dict[str, tuple[zmq.asyncio.Context, Security, Publisher]] = {}
+
+    def source_of(self, body: Message) -> str:
+        if body.ORIGIN is Origin.SITE_NAMED:
+            return f"{body.site}/meter"  # type: ignore[attr-defined]
+        if body.ORIGIN is Origin.AUCTION:
+            return self.authority.auction
+        if body.ORIGIN is Origin.CHAIN:
+            return self.authority.chain
+        raise ValueError(f"no proper source for {body.TYPE}")
+
+    async def publisher(self, source: str) -> Publisher:
+        if source not in self.pubs:
+            ctx = zmq.asyncio.Context()  # one ZAP authenticator per context: one context per site key
+            sec = self.grid.security(source.split("/", 1)[0])
+            sec.start(ctx)
+            store = Store(self.root / f"pub-{source.replace('/', '-')}.sqlite")
+            pub = Publisher(ctx, sec, store, source=source, hub_pub=self.grid.hub_pub, heartbeat_s=0.2)
+            await pub.start()
+            self.pubs[source] = (ctx, sec, pub)
+        return self.pubs[source][2]
+
+    async def publish(self, body: Message, source: str | None = None) -> object:
+        return await (await self.publisher(source or self.source_of(body))).publish(body)
+
+    async def stop(self) -> None:
+        for ctx, sec, pub in self.pubs.values():
+            await pub.stop()
+            pub.store.close()
+            sec.stop()
+            ctx.destroy(linger=0)
+        self.pubs.clear()
 
 
 @pytest.fixture

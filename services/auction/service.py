@@ -388,8 +388,8 @@ class AuctionService(Service):
             if isinstance(body, ev.TradeRecorded):
                 trade, steps = lifecycle.recorded(trade)
             elif isinstance(body, ev.Delivery):
-                if body.role != "consumer":
-                    return  # the buyer's meter counts; the seller's cross-checks elsewhere
+                if body.role != "consumer" or body.site != trade.buyer_site:
+                    return  # the buyer's meter counts; the seller's cross-checks elsewhere, others' not at all
                 trade, steps = lifecycle.delivery(trade, body.delivered_wh)
             elif isinstance(body, ev.TradeClosedOnChain):
                 trade, steps = lifecycle.closed_on_chain(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei)

@@ -7,6 +7,8 @@ import pathlib
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .events import Authority
+
 
 class BusSettings(BaseSettings):
     """How a service joins its micro-grid's bus. Each service subclasses this."""
@@ -35,6 +37,11 @@ class BusSettings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/healthz and /metrics port; 0 = off")
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+
+    @property
+    def authority(self) -> Authority:
+        """Who speaks for the market on the bus (the publish policy of market, trade and chain events)."""
+        return Authority.of(self.hub_site, auction_site=self.auction_site, chain_site=self.chain_site)
 
     @property
     def keys(self) -> pathlib.Path:

@@ -1,7 +1,8 @@
 """Every event on the bus, defined once and imported by producer and consumer alike.
 
-An event class is a pydantic model of the event's body with a ``TYPE`` class variable;
-``@event`` registers it, and :mod:`services.bus.envelope` builds the one discriminated
+An event class is a pydantic model of the event's body with a ``TYPE`` class variable
+and its publish policy ``ORIGIN`` (who may publish it, see :class:`Origin`); ``@event``
+registers it, and :mod:`services.bus.envelope` builds the one discriminated
 union (keyed on the envelope's ``type``) that every subscriber decodes through.
 
 Units: energy in integer Wh, Ether in integer wei, prices in wei per kWh, times in Unix
@@ -10,7 +11,9 @@ seconds, accounts as 0x-prefixed checksummed or lowercase hex addresses.
 
 from __future__ import annotations
 
+import enum
 import re
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -40,22 +43,86 @@ Wh = Annotated[int, Field(ge=0, lt=2**63)]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 
+class Origin(enum.Enum):
+    """Who may publish an event type: its publish policy (``ORIGIN`` on each event class).
+
+    Every subscriber checks it before its handler sees an event, live or replayed
+    (:func:`permitted`). It relies on the one thing a subscriber can trust about an
+    envelope: with CURVE on, the hub drops any event whose ``source`` site is not the
+    sending key's site, so the source's *site* is the publisher's. The service part of a
+    source, and everything in the body, is only what the publisher says. Without CURVE
+    (``GRIDTRADE_INSECURE=1``) the source is as forgeable as the body: the policy then
+    only catches bodies that contradict their own source, which stops nobody.
+    """
+
+    SITE_NAMED = "site_named"
+    """Only from the site the body names (``body.site``); what else names a site in the
+    body (:meth:`Message.names_only`) must name the same one."""
+    OWN_NODE = "own_node"
+    """A heartbeat about the publisher itself: ``node`` is the envelope's source and
+    ``site`` its site (a heartbeat's replay endpoint is believed for that source only)."""
+    AUCTION = "auction"
+    """Only from the market's auction (:attr:`Authority.auction`)."""
+    CHAIN = "chain"
+    """Only from the operator's chain service (:attr:`Authority.chain`)."""
+    ANY_SITE = "any_site"
+    """Any site, as its own claim: the body names no other site and moves nothing."""
+
+
+@dataclass(frozen=True)
+class Authority:
+    """The sources that speak for the market (:data:`Origin.AUCTION`, :data:`Origin.CHAIN`)."""
+
+    auction: str = "market/auction"
+    chain: str = "market/chain"
+
+    @classmethod
+    def of(cls, market_site: str, *, auction_site: str | None = None, chain_site: str | None = None) -> Authority:
+        """The auction and the chain service of ``market_site`` (each may run elsewhere)."""
+        return cls(auction=f"{auction_site or market_site}/auction", chain=f"{chain_site or market_site}/chain")
+
+
 class Message(BaseModel):
     """Base of every bus body: strict about unknown fields, immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     TYPE: ClassVar[str]
+    ORIGIN: ClassVar[Origin]
+    """The publish policy of an event type; every event class declares one."""
+
+    def names_only(self, site: str) -> bool:
+        """True when no field other than ``site`` names a site other than ``site``."""
+        return True
 
 
 EVENTS: dict[str, type[Message]] = {}
 
 
 def event(cls: type[Message]) -> type[Message]:
-    """Register an event class under its ``TYPE``."""
+    """Register an event class under its ``TYPE``; it must declare its ``ORIGIN``."""
     if cls.TYPE in EVENTS:
         raise TypeError(f"event type {cls.TYPE!r} defined twice")
+    if not isinstance(cls.__dict__.get("ORIGIN"), Origin):
+        raise TypeError(f"event type {cls.TYPE!r} declares no ORIGIN (who may publish it)")
+    if cls.ORIGIN is Origin.SITE_NAMED and "site" not in cls.model_fields:
+        raise TypeError(f"event type {cls.TYPE!r} is SITE_NAMED but has no site field")
     EVENTS[cls.TYPE] = cls
     return cls
+
+
+def permitted(body: Message, source: str, authority: Authority) -> bool:
+    """Whether ``source`` may publish ``body`` under its type's :class:`Origin`."""
+    site = source.split("/", 1)[0]
+    origin = body.ORIGIN
+    if origin is Origin.SITE_NAMED:
+        return getattr(body, "site", None) == site and body.names_only(site)
+    if origin is Origin.OWN_NODE:
+        return getattr(body, "node", None) == source and getattr(body, "site", None) == site
+    if origin is Origin.AUCTION:
+        return source == authority.auction
+    if origin is Origin.CHAIN:
+        return source == authority.chain
+    return origin is Origin.ANY_SITE
 
 
 # --- the bus itself -------------------------------------------------------------------
@@ -66,6 +133,7 @@ class Heartbeat(Message):
     """A publisher's pulse: the last seq of each of its topics and where to replay them."""
 
     TYPE: ClassVar[str] = "bus.heartbeat"
+    ORIGIN: ClassVar[Origin] = Origin.OWN_NODE
     node: str
     replay: str
     site: Name
@@ -82,6 +150,7 @@ class MeterReading(Message):
     """One sample of a meter's counters."""
 
     TYPE: ClassVar[str] = "meter.reading"
+    ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
     site: Name
     meter: Name
     role: Role
@@ -100,6 +169,7 @@ class EnergyProduced(Message):
     """A whole kWh went into the producer's batteries: mint one token for it, once."""
 
     TYPE: ClassVar[str] = "meter.energy_produced"
+    ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
     reading_id: Id = Field(description="stable id: '<site>/<meter>/<kwh_index>'")
     site: Name
     meter: Name
@@ -107,10 +177,16 @@ class EnergyProduced(Message):
     kwh_index: int = Field(ge=0)
     wh: Wh = 1000
 
+    def names_only(self, site: str) -> bool:
+        # the reading id is the token contract's mint key: another site's id would take
+        # that site's mint (its own is then found "minted already")
+        return self.reading_id.startswith(f"{site}/")
+
 
 @event
 class RelayChanged(Message):
     TYPE: ClassVar[str] = "meter.relay"
+    ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
     site: Name
     meter: Name
     closed: bool
@@ -123,6 +199,7 @@ class Delivery(Message):
     """Wh measured at a meter since the trade started (cumulative)."""
 
     TYPE: ClassVar[str] = "meter.delivery"
+    ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
     trade_id: Id
     site: Name
     meter: Name
@@ -135,6 +212,7 @@ class Delivery(Message):
 @event
 class DeliveryMismatch(Message):
     TYPE: ClassVar[str] = "meter.mismatch"
+    ORIGIN: ClassVar[Origin] = Origin.ANY_SITE
     trade_id: Id
     buyer_wh: Wh
     seller_wh: Wh
@@ -147,6 +225,7 @@ class DeliveryMismatch(Message):
 @event
 class OfferOpened(Message):
     TYPE: ClassVar[str] = "market.offer_opened"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     offer_id: Id
     market: Literal["english", "double"] = "english"
     seller: Address
@@ -160,6 +239,7 @@ class OfferOpened(Message):
 @event
 class BidPlaced(Message):
     TYPE: ClassVar[str] = "market.bid_placed"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     offer_id: Id
     bid_id: Id
     buyer: Address
@@ -172,6 +252,7 @@ class BidPlaced(Message):
 @event
 class OfferClosed(Message):
     TYPE: ClassVar[str] = "market.offer_closed"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     offer_id: Id
     outcome: Literal["sold", "expired", "cancelled", "filled"]
     winner: Address | None = None
@@ -183,6 +264,7 @@ class OrderPlaced(Message):
     """A limit order for the double auction's call ``round`` (cleared at ``clears_at``)."""
 
     TYPE: ClassVar[str] = "market.order_placed"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     order_id: Id
     round: int = Field(ge=0)
     side: Literal["sell", "buy"]
@@ -199,6 +281,7 @@ class MarketCleared(Message):
     """One call of the double auction: one price, the fills it made."""
 
     TYPE: ClassVar[str] = "market.cleared"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     round: int = Field(ge=0)
     price_wei_per_kwh: Wei | None
     volume_wh: Wh
@@ -213,6 +296,7 @@ TradeState = Literal["agreed", "recorded", "delivering", "fulfilled", "closed", 
 @event
 class TradeAgreed(Message):
     TYPE: ClassVar[str] = "trade.agreed"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     trade_id: Id
     offer_id: Id
     seller: Address
@@ -228,6 +312,7 @@ class TradeStatus(Message):
     """A step of the trade lifecycle (see DESIGN section 4)."""
 
     TYPE: ClassVar[str] = "trade.status"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     trade_id: Id
     state: TradeState
     seller: Address
@@ -245,6 +330,7 @@ class TradeHeartbeat(Message):
     """The trades that are live right now; meters keep relays closed only while they hear it."""
 
     TYPE: ClassVar[str] = "trade.heartbeat"
+    ORIGIN: ClassVar[Origin] = Origin.AUCTION
     live: list[Id]
     sites: dict[Id, list[Name]] = Field(default_factory=dict)
 
@@ -259,6 +345,7 @@ class TxUpdate(Message):
     """A transaction the chain service sent, from hash to receipt."""
 
     TYPE: ClassVar[str] = "chain.tx"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
     tx_hash: str
     kind: str = Field(description="mint, open, settle, close, transfer, deposit, withdraw, approve")
     ref: str = Field(default="", description="what it is for: reading id, trade id, ...")
@@ -271,6 +358,7 @@ class TxUpdate(Message):
 @event
 class Minted(Message):
     TYPE: ClassVar[str] = "chain.minted"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
     reading_id: Id
     account: Address
     wh: Wh
@@ -282,6 +370,7 @@ class TradeRecorded(Message):
     """The trade is in the market contract: funds and tokens are locked."""
 
     TYPE: ClassVar[str] = "chain.trade_recorded"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
     trade_id: Id
     tx_hash: str
 
@@ -289,6 +378,7 @@ class TradeRecorded(Message):
 @event
 class Settled(Message):
     TYPE: ClassVar[str] = "chain.settled"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
     trade_id: Id
     delivered_wh: Wh
     paid_wei: Wei = Field(description="cumulative paid to the seller for this trade")
@@ -298,6 +388,7 @@ class Settled(Message):
 @event
 class TradeClosedOnChain(Message):
     TYPE: ClassVar[str] = "chain.trade_closed"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
     trade_id: Id
     delivered_wh: Wh
     paid_wei: Wei
@@ -308,4 +399,5 @@ class TradeClosedOnChain(Message):
 @event
 class MiningChanged(Message):
     TYPE: ClassVar[str] = "chain.mining"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
     mining: bool

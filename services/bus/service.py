@@ -72,7 +72,7 @@ class Service:
     def subscribe(self, prefixes: Iterable[str], handler: Handler, *, start: str = "earliest") -> Subscriber:
         sub = Subscriber(self.ctx, self.security, self.store, hub_sub=self.settings.hub_sub,
                          hub_site=self.settings.hub_site, prefixes=prefixes, handler=handler, start=start,
-                         name=f"{self.source} sub")
+                         name=f"{self.source} sub", authority=self.settings.authority)
         self.subscribers.append(sub)
         return sub
 

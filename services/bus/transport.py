@@ -26,11 +26,11 @@ import zmq
 import zmq.asyncio
 from pydantic import ValidationError
 
-from . import commands, envelope
+from . import commands, envelope, events
 from .commands import Reply, ReplyEnvelope, Request
 from .envelope import Envelope
 from .errors import DecodeError, GridtradeError, RequestError, RequestTimeout
-from .events import Heartbeat, Message
+from .events import Authority, Heartbeat, Message
 from .keys import Security
 from .outbox import Outbox
 from .store import Store
@@ -48,7 +48,9 @@ def _socket(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
 
 
 class DropCounter:
-    """Counts dropped frames by cause; logs the first of each cause only."""
+    """Counts dropped frames by cause; logs the first of each cause only. Causes are a
+    fixed set (never built from what a peer sent, beyond a known event type), so the
+    counts and the log stay bounded whatever a peer sends."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -57,7 +59,7 @@ class DropCounter:
     def drop(self, cause: str, detail: str = "") -> None:
         self.counts[cause] += 1
         if self.counts[cause] == 1:
-            log.warning("%s: dropped a frame (%s) %s; further drops of this cause are only counted",
+            log.warning("%s: dropped a frame (%s) %r; further drops of this cause are only counted",
                         self.what, cause, detail[:300])
 
 
@@ -204,17 +206,41 @@ class Subscriber:
 
     ``start="latest"`` (live views such as a websocket feed or ``bus tail``) applies only
     events stamped after the subscriber started, still replaying those it missed.
+
+    Trust: with CURVE on, the hub lets through only events whose source site is the
+    sending key's site, so the source's site is the one thing believed about an event.
+    Every event, live or replayed, passes its type's publish policy
+    (:class:`~services.bus.events.Origin`, checked against ``authority``: who the market's
+    auction and chain service are) before the handler sees it; one that fails is dropped
+    (cause ``policy:<type>``) and never applied, but its seq still counts as read, so that
+    source's stream goes on. Heartbeats pass the same check: a heartbeat speaks only for
+    the node that sent it, and only its topics of its own site. Without CURVE
+    (``insecure``) anyone can publish as any source, and the policy stops nobody.
+
+    Offsets move only on what a publisher proves: events it returns from its outbox (a
+    replay that starts past the offset means it pruned them: counted ``pruned``), or its
+    replay head saying its committed ``last`` is not past the offset (nothing missing). A
+    heartbeat's ``last`` only asks for a replay. Each source replays in its own task, from
+    the endpoint its own heartbeat announced, with a bounded wait and a backoff after a
+    replay that timed out or did not deliver; meanwhile that source's live events are left
+    to the replay and the other sources' keep flowing.
     """
 
     LATEST_LOOKBACK = 200
+    MAX_SOURCES_PER_SITE = 32
+    """A site speaks through at most this many sources (site/service); more are dropped
+    (cause ``sources``) so that no site can grow a subscriber's state without bound."""
+    REPLAY_BACKOFF_MAX_S = 60.0
 
     def __init__(self, ctx: zmq.asyncio.Context, security: Security, store: Store, *, hub_sub: str,
                  hub_site: str = "market", prefixes: Iterable[str], handler: Handler,
-                 start: str = "earliest", replay_timeout_s: float = 3.0, name: str = "subscriber") -> None:
+                 start: str = "earliest", replay_timeout_s: float = 3.0, name: str = "subscriber",
+                 authority: Authority | None = None) -> None:
         if start not in ("earliest", "latest"):
             raise ValueError("start is 'earliest' or 'latest'")
         self.ctx, self.security, self.store = ctx, security, store
         self.hub_sub, self.hub_site = hub_sub, hub_site
+        self.authority = authority or Authority.of(hub_site)
         self.prefixes = [p for p in prefixes]
         self.handler = handler
         self.start_mode = start
@@ -222,16 +248,27 @@ class Subscriber:
         self.name = name
         self.offsets = store.offsets()
         self.replay_at: dict[str, str] = {}
+        """source -> the replay endpoint its own heartbeat announced"""
         self.drops = DropCounter(name)
         self.applied = 0
         self.failed = 0
-        self._replay_socks: dict[str, zmq.asyncio.Socket] = {}
+        self._sources: dict[str, set[str]] = {}
+        for source, _ in self.offsets:
+            self._sources.setdefault(source.split("/", 1)[0], set()).add(source)
+        self._want: dict[str, dict[str, int]] = {}  # source -> topic -> replay through this seq
+        self._replays: dict[str, asyncio.Task[None]] = {}  # source -> its running replay
+        self._backoff: dict[str, tuple[float, float]] = {}  # source -> (no replay before, last delay)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.since = time.time() if start == "latest" else 0.0
 
     def wants(self, topic: str) -> bool:
         return any(topic.startswith(p) for p in self.prefixes)
+
+    @property
+    def replaying(self) -> set[str]:
+        """The sources whose replay is running now."""
+        return set(self._replays)
 
     async def start(self) -> None:
         self.sub = _socket(self.ctx, zmq.SUB)
@@ -243,13 +280,12 @@ class Subscriber:
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-recv")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for s in self._replay_socks.values():
-            s.close(0)
-        self._replay_socks.clear()
+        tasks = [t for t in (self._task, *self._replays.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        self._replays.clear()
         if hasattr(self, "sub"):
             self.sub.close(0)
 
@@ -264,7 +300,7 @@ class Subscriber:
             try:
                 if isinstance(env.body, Heartbeat):
                     self.connected.set()
-                    await self._on_heartbeat(env.body)
+                    self._on_heartbeat(env)
                 elif self.wants(env.topic):
                     await self._on_event(env)
             except asyncio.CancelledError:
@@ -272,62 +308,143 @@ class Subscriber:
             except Exception:  # noqa: BLE001 - the subscriber keeps working
                 log.exception("%s: failed on %s seq %s", self.name, env.topic, env.seq)
 
-    async def _on_heartbeat(self, hb: Heartbeat) -> None:
-        self.replay_at[hb.node] = hb.replay
+    def _admit(self, source: str) -> bool:
+        """A source within its site's bound (see MAX_SOURCES_PER_SITE)."""
+        known = self._sources.setdefault(source.split("/", 1)[0], set())
+        if source in known:
+            return True
+        if len(known) >= self.MAX_SOURCES_PER_SITE:
+            self.drops.drop("sources", f"{source}: its site already has {len(known)} sources")
+            return False
+        known.add(source)
+        return True
+
+    def _on_heartbeat(self, env: Envelope) -> None:
+        hb = env.body
+        assert isinstance(hb, Heartbeat)
+        if not events.permitted(hb, env.source, self.authority):
+            self.drops.drop(f"policy:{hb.TYPE}", f"{env.source} beat for node {hb.node[:80]!r} of site {hb.site!r}")
+            return
+        if not self._admit(env.source):
+            return
+        self.replay_at[env.source] = hb.replay
+        own = f".{env.site}"
         for topic, last in hb.last.items():
-            if not self.wants(topic):
+            # only this source's own topics (type.site of a known type), so a heartbeat
+            # cannot make the subscriber track topics without bound
+            if not (self.wants(topic) and topic.endswith(own) and topic[:-len(own)] in events.EVENTS):
                 continue
-            key = (hb.node, topic)
+            key = (env.source, topic)
             if key not in self.offsets and self.start_mode == "latest":
                 self.offsets[key] = max(0, last - self.LATEST_LOOKBACK)
             if last > self.offsets.get(key, 0):
-                await self._replay(hb.node, topic, last)
+                self._want_replay(env.source, topic, last)
 
     async def _on_event(self, env: Envelope) -> None:
         key = (env.source, env.topic)
-        if key not in self.offsets and self.start_mode == "latest":
-            self.offsets[key] = max(0, env.seq - 1 - self.LATEST_LOOKBACK)
+        if key not in self.offsets:
+            if not self._admit(env.source):
+                return
+            if self.start_mode == "latest":
+                self.offsets[key] = max(0, env.seq - 1 - self.LATEST_LOOKBACK)
+        if env.source in self._replays:  # its replay brings this one, in order
+            self._want_replay(env.source, env.topic, env.seq)
+            return
         have = self.offsets.get(key, 0)
         if env.seq <= have:
             self.drops.drop("duplicate", f"{env.topic} seq {env.seq}")
             return
-        if env.seq > have + 1 and not await self._replay(env.source, env.topic, env.seq - 1):
-            return  # the outbox keeps it: the next heartbeat brings it back in order
+        if env.seq > have + 1:  # a gap: the publisher's outbox has them all, this one too
+            self._want_replay(env.source, env.topic, env.seq)
+            return
         await self._apply(env)
 
-    async def _replay(self, source: str, topic: str, upto: int) -> bool:
-        """Fetch and apply (offset, upto] from the source's outbox; True if complete."""
-        endpoint = self.replay_at.get(source)
-        if not endpoint:
-            return False
-        while self.offsets.get((source, topic), 0) < upto:
-            after = self.offsets.get((source, topic), 0)
-            rows = await self._fetch(source, endpoint, topic, after, upto)
-            if rows is None:
-                return False
-            if not rows:  # nothing stored in that range: the gap was never written
-                self.offsets[(source, topic)] = upto
-                return True
+    def _want_replay(self, source: str, topic: str, upto: int) -> None:
+        """Replay ``topic`` of ``source`` through ``upto``: in that source's own task."""
+        want = self._want.setdefault(source, {})
+        want[topic] = max(want.get(topic, 0), upto)
+        if source in self._replays:
+            return  # the running replay takes it along
+        if not self.replay_at.get(source) or time.monotonic() < self._backoff.get(source, (0.0, 0.0))[0]:
+            del self._want[source]  # the source's next heartbeat (after the backoff) asks again
+            return
+        self._replays[source] = asyncio.create_task(self._replay_source(source), name=f"{self.name}-replay")
+
+    async def _replay_source(self, source: str) -> None:
+        endpoint = self.replay_at[source]
+        sock: zmq.asyncio.Socket | None = None
+        outcome = "done"
+        try:
+            sock = _socket(self.ctx, zmq.DEALER)
+            self.security.connect_to(sock, endpoint, source.split("/", 1)[0])
+            sock.connect(endpoint)
+            while outcome == "done" and (want := self._want.get(source)):
+                topic = next(iter(want))
+                upto = want[topic]
+                outcome = await self._replay(sock, source, topic, upto)
+                if outcome == "done" and want.get(topic) == upto:  # not asked for more meanwhile
+                    del want[topic]
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a site not on this side's allow-list
+            self.drops.drop("replay_error", f"{source} at {endpoint[:100]!r}: {e}")
+            outcome = "error"
+        finally:
+            if sock is not None:
+                sock.close(0)
+            self._want.pop(source, None)
+            self._replays.pop(source, None)
+        if outcome == "done":
+            self._backoff.pop(source, None)
+        elif outcome != "failed":  # the handler failed: retried on the next heartbeat, as ever
+            delay = min(max(self._backoff.get(source, (0.0, 0.0))[1] * 2, self.replay_timeout_s),
+                        self.REPLAY_BACKOFF_MAX_S)
+            if source not in self._backoff:
+                log.warning("%s: replay from %s (%s) %s; retrying with backoff (now %.0f s)", self.name, source,
+                            endpoint[:100], outcome.replace("_", " "), delay)
+            self._backoff[source] = (time.monotonic() + delay, delay)
+            if outcome == "timed_out" and self.replay_at.get(source) == endpoint:
+                del self.replay_at[source]  # no more tries until the source beats again
+
+    async def _replay(self, sock: zmq.asyncio.Socket, source: str, topic: str, upto: int) -> str:
+        """Fetch and apply (offset, upto] of one topic of ``source``: ``done`` when the
+        publisher proved it has nothing more up to ``upto``, else why not."""
+        key = (source, topic)
+        while (after := self.offsets.get(key, 0)) < upto:
+            got = await self._fetch(sock, topic, after, upto)
+            if got is None:
+                self.drops.drop("replay_timeout", f"{source} {topic} after {after}")
+                return "timed_out"
+            last, rows = got
+            if not rows:
+                if last is not None and last <= after:
+                    return "done"  # its own committed last: nothing is missing
+                self.drops.drop("replay_unproven", f"{source} {topic}: nothing after {after}, last {last}")
+                return "did_not_deliver"
             for data in rows:
                 try:
                     env = envelope.decode_json(data)
                 except DecodeError as e:
                     self.drops.drop(e.cause, e.detail)
-                    return False
-                if env.seq > self.offsets.get((source, topic), 0) + 1:  # the publisher pruned them
-                    self.drops.drop("pruned", f"{topic} seqs {self.offsets.get((source, topic), 0) + 1}..{env.seq - 1}")
-                if env.seq > self.offsets.get((source, topic), 0):
-                    if not await self._apply(env):
-                        return False
-        return True
+                    return "sent_undecodable_events"
+                if env.source != source or env.topic != topic:
+                    self.drops.drop("replay_foreign", f"{source} {topic} returned {env.source} {env.topic}")
+                    return "sent_foreign_events"
+                have = self.offsets.get(key, 0)
+                if env.seq <= have:
+                    continue
+                if env.seq > have + 1:  # the publisher pruned them
+                    self.drops.drop("pruned", f"{topic} seqs {have + 1}..{env.seq - 1}")
+                if not await self._apply(env):
+                    return "failed"
+            if self.offsets.get(key, 0) <= after:  # rows, but nothing new: no progress
+                self.drops.drop("replay_unproven", f"{source} {topic}: no event after {after}")
+                return "did_not_deliver"
+        return "done"
 
-    async def _fetch(self, source: str, endpoint: str, topic: str, after: int, upto: int) -> list[bytes] | None:
-        sock = self._replay_socks.get(endpoint)
-        if sock is None:
-            sock = _socket(self.ctx, zmq.DEALER)
-            self.security.connect_to(sock, endpoint, source.split("/", 1)[0])
-            sock.connect(endpoint)
-            self._replay_socks[endpoint] = sock
+    async def _fetch(self, sock: zmq.asyncio.Socket, topic: str, after: int,
+                     upto: int) -> tuple[int | None, list[bytes]] | None:
+        """One replay request: (the publisher's committed last, the rows), or None."""
         await sock.send(json.dumps({"topic": topic, "after": after, "upto": upto}).encode())
         deadline = time.monotonic() + self.replay_timeout_s
         while (left := deadline - time.monotonic()) > 0:
@@ -338,25 +455,27 @@ class Subscriber:
                 head = json.loads(frames[0])
             except ValueError:
                 continue
-            if head.get("topic") == topic and head.get("after") == after:
-                return frames[1:]
-        log.warning("%s: replay of %s from %s timed out; will retry on the next heartbeat", self.name, topic, endpoint)
-        sock.close(0)
-        self._replay_socks.pop(endpoint, None)
-        if self.replay_at.get(source) == endpoint:  # no more tries until the source beats again
-            del self.replay_at[source]
+            if isinstance(head, dict) and head.get("topic") == topic and head.get("after") == after:
+                last = head.get("last")
+                return (last if type(last) is int else None), frames[1:]
         return None
 
     async def _apply(self, env: Envelope) -> bool:
+        """Apply one event in order (or, if its publisher may not publish it, only read
+        past it): the offset is stored in the same transaction as the handler's effects."""
         key = (env.source, env.topic)
         if env.ts < self.since:  # "latest": what came before this subscriber started is skipped
             self.offsets[key] = env.seq
             return True
+        allowed = events.permitted(env.body, env.source, self.authority)
+        if not allowed:
+            self.drops.drop(f"policy:{env.type}", f"{env.source} seq {env.seq}")
         try:
             async with self.store.atomic() as conn:
-                result = self.handler(env, conn)
-                if inspect.isawaitable(result):
-                    await result
+                if allowed:
+                    result = self.handler(env, conn)
+                    if inspect.isawaitable(result):
+                        await result
                 conn.execute("INSERT INTO bus_offsets (source, topic, seq) VALUES (?, ?, ?) "
                              "ON CONFLICT (source, topic) DO UPDATE SET seq = excluded.seq",
                              (env.source, env.topic, env.seq))
@@ -368,7 +487,8 @@ class Subscriber:
                 log.exception("%s: handler failed on %s seq %s (will retry)", self.name, env.topic, env.seq)
             return False
         self.offsets[key] = env.seq
-        self.applied += 1
+        if allowed:
+            self.applied += 1
         return True
 
 

@@ -325,6 +325,9 @@ class ChainService(Service):
         """Runs inside the subscriber's transaction: record the job, nothing else."""
         body = env.body
         if isinstance(body, E.EnergyProduced):
+            if not self.mint_allowed(env, body):
+                log.warning("not minting %s: site %s may not mint to %s", body.reading_id, env.site, body.account)
+                return
             conn.execute("INSERT OR IGNORE INTO chain_mints (reading_id, account, wh, seq) VALUES (?, ?, ?, ?)",
                          (body.reading_id, AsyncWeb3.to_checksum_address(body.account), body.wh,
                           ledger.next_seq(conn, "chain_mints")))
@@ -346,6 +349,15 @@ class ChainService(Service):
         else:
             return
         self.store.on_commit(self.work.set)
+
+    def mint_allowed(self, env: Any, body: E.EnergyProduced) -> bool:
+        """Whether the publishing site may have ``body.account`` minted to: a site mints
+        only to its own accounts. The bus's publish policy already holds ``body.site`` and
+        the reading id to the publishing site (``env.site``, which the hub vouches for).
+
+        HOOK: once the keystore records each account's site, this also requires the
+        account's site to be ``env.site``; until then any account is taken."""
+        return body.site == env.site
 
     @staticmethod
     def _record_trade(conn: Any, t: E.TradeAgreed | E.TradeStatus) -> None:

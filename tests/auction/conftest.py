@@ -14,10 +14,10 @@ import zmq.asyncio
 
 from services.auction.config import AuctionSettings
 from services.auction.service import AuctionService
-from services.bus import Publisher, RpcClient, RpcServer, Store
+from services.bus import RpcClient, RpcServer, Store
 from services.bus import commands as cmd
 from services.bus.errors import RequestError
-from tests.conftest import Grid  # noqa: F401 - the shared hub fixture `grid` builds it
+from tests.conftest import Grid, Sources  # noqa: F401 - the shared hub fixture `grid` builds it
 
 SELLER = "0x" + "5e" * 20
 BUYERS = ["0x" + c * 40 for c in "bcd"]
@@ -127,18 +127,9 @@ async def until(cond, timeout: float = 30.0, what: str = "condition") -> None:  
 
 
 @pytest.fixture
-async def chain_events(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Publisher]:
-    """A publisher with the chain service's source: events as the chain (and the buyer's
-    meter) would publish them, for the trade lifecycle tests."""
-    ctx = zmq.asyncio.Context()
-    sec = grid.security("market")
-    sec.start(ctx)
-    store = Store(tmp_path / "chain-events.sqlite")
-    pub = Publisher(ctx, sec, store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
-    await pub.start()
-    yield pub
-    await pub.stop()
-    store.close()
-    sec.stop()
-    ctx.destroy(linger=0)
-
+async def chain_events(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Sources]:
+    """Events as the chain service (``market/chain``) and the meters (``<site>/meter``)
+    publish them, each with its own site's key, for the trade lifecycle tests."""
+    sources = Sources(grid, tmp_path / "sources")
+    yield sources
+    await sources.stop()

@@ -12,11 +12,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from services.bus import Publisher, RequestError, Store, Subscriber
+from services.bus import RequestError, Store, Subscriber
 from services.bus import commands as cmd
 from services.bus import events as ev
 
-from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, outbox, settings, until
+from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, Sources, outbox, settings, until
 
 B1, B2, B3 = BUYERS
 
@@ -207,7 +207,7 @@ async def test_a_retried_command_id_runs_once(grid: Grid, fake_chain: FakeChain)
 
 
 async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_chain: FakeChain,
-                                                              chain_events: Publisher) -> None:
+                                                              chain_events: Sources) -> None:
     # events as the chain service and the buyer's meter would publish them
     async with Running(grid, settings(grid, fake_chain.endpoint, auction_trade_heartbeat_s=0.1)) as m:
         db = m.settings.data_dir / "auction.sqlite"
@@ -252,7 +252,7 @@ async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_c
 
 
 async def test_delivery_fulfils_and_operator_may_close(grid: Grid, fake_chain: FakeChain,
-                                                      chain_events: Publisher) -> None:
+                                                      chain_events: Sources) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
         o1 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
@@ -262,12 +262,14 @@ async def test_delivery_fulfils_and_operator_may_close(grid: Grid, fake_chain: F
         await until(lambda: len(outbox(db, "trade.agreed")) == 2)
         for o in (o1, o2):
             await chain_events.publish(ev.TradeRecorded(trade_id=f"t-{o}", tx_hash="0x01"))
-        await chain_events.publish(ev.Delivery(trade_id=f"t-{o1}", site="home-7", meter="m1", role="consumer",
-                                        delivered_wh=1000))
 
         def state(tid: str) -> str:
             return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == tid][-1]
 
+        # the buyer's meter is another source than the chain: it counts once the trade runs
+        await until(lambda: state(f"t-{o1}") == "delivering", what="recorded")
+        await chain_events.publish(ev.Delivery(trade_id=f"t-{o1}", site="home-7", meter="m1", role="consumer",
+                                        delivered_wh=1000))
         await until(lambda: state(f"t-{o1}") == "fulfilled", what="fulfilled")
         await until(lambda: state(f"t-{o2}") == "delivering")
         await m.call(cmd.CloseTrade(trade_id=f"t-{o2}", by=OPERATOR))
@@ -378,7 +380,7 @@ async def test_a_call_due_while_down_is_cleared_once_on_restart(grid: Grid, fake
         [(cleared[0]["trade_ids"][0], seller, B1, 600)]
 
 
-async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain, chain_events: Publisher) -> None:
+async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain, chain_events: Sources) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
         fake_chain.set(B1, escrow_free_wei=2000)  # exactly one 2000 Wh trade at 1000 wei/kWh

@@ -14,11 +14,11 @@ import zmq.asyncio
 
 from services.bus import Security
 from services.bus.store import Store
-from services.bus.transport import Publisher, RpcClient, Subscriber
+from services.bus.transport import RpcClient, Subscriber
 from services.chain.config import ChainSettings
 from services.chain.service import ChainService
 from tests.chain_fixtures import anvil_url, start_anvil, stop_anvil  # noqa: F401 - fixtures
-from tests.conftest import Grid
+from tests.conftest import Grid, Sources
 
 PASS = "correct horse battery staple"
 
@@ -77,14 +77,19 @@ class Listener:
 
 @dataclass
 class Peer:
-    """A test participant on the bus: a publisher (as site 'tester'), a listener and a client."""
+    """A test participant on the bus: publishers (each event as its proper source: the
+    meters of the site it names, the market's auction), a listener and a client (as site
+    'tester')."""
 
     ctx: zmq.asyncio.Context
-    pub: Publisher
+    pub: Sources
     sub: Subscriber
     listener: Listener
     client: RpcClient
     store: Store
+
+    async def publish(self, body: Any) -> Any:
+        return await self.pub.publish(body)
 
     async def request(self, req: Any, **kw: Any) -> Any:
         return await self.client.request(req, timeout=30, **kw)
@@ -105,9 +110,8 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
             listener.events.append(env.body)
             listener.changed.set()
 
-        pub = Publisher(ctx, sec, store, source=f"{site}/test", hub_pub=bus.hub_pub, heartbeat_s=0.2)
+        pub = Sources(bus, tmp_path / f"peer-{len(made)}")
         sub = Subscriber(ctx, sec, store, hub_sub=bus.hub_sub, prefixes=["chain."], handler=handler)
-        await pub.start()
         await sub.start()
         client = RpcClient(ctx, sec, endpoint, server_site="market")
         p = Peer(ctx, pub, sub, listener, client, store)

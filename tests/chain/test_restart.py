@@ -88,7 +88,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         ev = peer.listener
         for a in (seller, buyer):
             await peer.request(C.Unlock(address=a, passphrase=PASS))
-        await peer.pub.publish(E.EnergyProduced(reading_id="r/0", site="solar-1", meter="m1", account=seller,
+        await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=seller,
                                                 kwh_index=0))
         await ev.wait_for(lambda: ev.of(E.Minted))
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18))
@@ -99,11 +99,11 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
 
         # 1) mining stopped: a mint, an open and a transfer are sent and stay pending; SIGKILL
         await peer.request(C.SetMining(action="stop"))
-        await peer.pub.publish(E.EnergyProduced(reading_id="r/1", site="solar-1", meter="m1", account=seller,
+        await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/1", site="solar-1", meter="m1", account=seller,
                                                 kwh_index=1))
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
                      wh=1000, price_wei_per_kwh=PRICE)
-        await peer.pub.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
         await peer.request(C.Transfer(sender=seller, to=bob, amount_wei=1))
         for _ in range(600):
             if await txpool_size(w3) == 3:
@@ -120,7 +120,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
 
         # 2) a settlement pending at the kill; then the close
         await peer.request(C.SetMining(action="stop"))
-        await peer.pub.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
+        await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
                                           delivered_wh=600))
         for _ in range(600):
             if await txpool_size(w3) == 1:
@@ -132,7 +132,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         await up(peer)
         await peer.request(C.SetMining(action="start"))
         await ev.wait_for(lambda: ev.of(E.Settled))
-        await peer.pub.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
+        await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
         await ev.wait_for(lambda: ev.of(E.TradeClosedOnChain))
         await wait_until(lambda: all(
             any(u.tx_hash == p.tx_hash and u.status != "pending" for u in ev.of(E.TxUpdate))
@@ -149,7 +149,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         assert len(sent) == len(set(sent))
         for h in sent:  # confirmed and published once each
             assert [u.status for u in ups if u.tx_hash == h and u.status != "pending"] == ["confirmed"], h
-        assert sorted(m.reading_id for m in ev.of(E.Minted)) == ["r/0", "r/1"]
+        assert sorted(m.reading_id for m in ev.of(E.Minted)) == ["solar-1/m1/0", "solar-1/m1/1"]
         assert len(ev.of(E.TradeRecorded)) == 1
         assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, contracts.cost(600, PRICE))]
         assert len(ev.of(E.TradeClosedOnChain)) == 1

@@ -49,7 +49,7 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
 
         # two kWh produced (one reading reported twice): two tokens, minted once each
         for idx in (0, 1, 0):
-            await peer.pub.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
+            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
                                                     account=seller, kwh_index=idx, wh=1000))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 2)
 
@@ -59,20 +59,20 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
 
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
                      wh=1500, price_wei_per_kwh=PRICE)
-        await peer.pub.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
         await peer.listener.wait_for(lambda: peer.listener.of(E.TradeRecorded))
 
         # the buyer's meter pays; the seller's meter and another site's consumer meter do not
-        await peer.pub.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="m1", role="producer", delivered_wh=1400))
-        await peer.pub.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="x", role="consumer", delivered_wh=1400))
+        await peer.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="m1", role="producer", delivered_wh=1400))
+        await peer.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="x", role="consumer", delivered_wh=1400))
         for wh in (400, 1000):
-            await peer.pub.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=wh))
+            await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=wh))
         await peer.listener.wait_for(lambda: any(s.delivered_wh == 1000 for s in peer.listener.of(E.Settled)))
 
-        await peer.pub.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
+        await peer.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
         await asyncio.sleep(1.0)  # the buyer's relay opens a moment after the close ...
         assert not peer.listener.of(E.TradeClosedOnChain)
-        await peer.pub.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
+        await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
                                           delivered_wh=1230, final=True))  # ... and its last reading is paid too
         closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosedOnChain))
 
@@ -127,7 +127,7 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         for a in (seller, buyer):
             await peer.request(C.Unlock(address=a, passphrase=PASS))
         for idx in range(3):
-            await peer.pub.publish(E.EnergyProduced(reading_id=f"r/{idx}", site="solar-1", meter="m1",
+            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
                                                     account=seller, kwh_index=idx))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 3)
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT))
@@ -135,18 +135,18 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         await settled(peer, [dep.tx_hash, appr.tx_hash])
         ids = [f"b-{i}" for i in range(3)]
         for tid in ids:
-            await peer.pub.publish(E.TradeAgreed(trade_id=tid, offer_id=tid, seller=seller, buyer=buyer,
+            await peer.publish(E.TradeAgreed(trade_id=tid, offer_id=tid, seller=seller, buyer=buyer,
                                                  seller_site="solar-1", buyer_site="home-7", wh=1000,
                                                  price_wei_per_kwh=PRICE))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeRecorded)) >= 3)
         for tid in ids:  # full delivery on each: settled together, closed by the contract
-            await peer.pub.publish(E.Delivery(trade_id=tid, site="home-7", meter="m2", role="consumer",
+            await peer.publish(E.Delivery(trade_id=tid, site="home-7", meter="m2", role="consumer",
                                               delivered_wh=1000))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeClosedOnChain)) >= 3)
         settles = [u for u in peer.listener.of(E.TxUpdate) if u.kind == "settle" and u.status == "confirmed"]
         assert len(settles) < 3, "deliveries due together are settled in a batch"
         for tid in ids:  # fulfilled afterwards: nothing left to close, nothing published twice
-            await peer.pub.publish(E.TradeStatus(trade_id=tid, state="fulfilled", seller=seller, buyer=buyer,
+            await peer.publish(E.TradeStatus(trade_id=tid, state="fulfilled", seller=seller, buyer=buyer,
                                                  seller_site="solar-1", buyer_site="home-7", wh=1000,
                                                  price_wei_per_kwh=PRICE, delivered_wh=1000))
         d = svc.dep
