@@ -9,7 +9,7 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from services.bus import RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
+from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
 from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
 
 from .conftest import Grid
@@ -26,7 +26,7 @@ async def server(grid: Grid, actx: zmq.asyncio.Context, tmp_path):  # type: igno
     store.conn.execute("CREATE TABLE cancels (offer TEXT)")
     srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
 
-    async def cancel(req: CancelOffer) -> Ok:
+    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
         if req.offer_id == "bad":
             raise RequestError("not_found", "no offer 'bad'")
         store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
@@ -35,7 +35,7 @@ async def server(grid: Grid, actx: zmq.asyncio.Context, tmp_path):  # type: igno
         await asyncio.sleep(0.05)
         return Ok()
 
-    async def ping(req: Ping) -> Pong:
+    async def ping(req: Ping, caller: Caller) -> Pong:
         return Pong(node="market/test", uptime_s=1.0)
 
     srv.handle(CancelOffer, cancel)
@@ -105,7 +105,7 @@ async def test_timeout_then_retry_with_the_same_id_executes_once(grid: Grid, act
     srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
     gate = asyncio.Event()
 
-    async def slow_cancel(req: CancelOffer) -> Ok:
+    async def slow_cancel(req: CancelOffer, caller: Caller) -> Ok:
         store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
         await gate.wait()
         return Ok()
@@ -184,14 +184,14 @@ async def test_prefetch_runs_outside_the_transaction_and_a_retry_skips_it(grid: 
     srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
     fetched: list[str] = []
 
-    async def prefetch(req: CancelOffer) -> str:
+    async def prefetch(req: CancelOffer, caller: Caller) -> str:
         assert not store.in_transaction
         fetched.append(req.offer_id)
         if req.offer_id == "gone":
             raise RequestError("not_found", "asked elsewhere: no such offer")
         return f"seen-{req.offer_id}"
 
-    async def cancel(req: CancelOffer, seen: str) -> Ok:
+    async def cancel(req: CancelOffer, caller: Caller, seen: str) -> Ok:
         assert store.in_transaction
         store.conn.execute("INSERT INTO cancels VALUES (?, ?)", (req.offer_id, seen))
         return Ok()
