@@ -77,7 +77,10 @@ class Listener:
 
 @dataclass
 class Peer:
-    """A test participant on the bus: a publisher (as site 'tester'), a listener and a client."""
+    """A test participant on the bus: a publisher (as site 'tester'), a listener and a client.
+
+    ``request(req, site=...)`` sends as another site (with that site's key): an account
+    is only acted for when its own site asks, mining is controlled by the market."""
 
     ctx: zmq.asyncio.Context
     pub: Publisher
@@ -85,9 +88,25 @@ class Peer:
     listener: Listener
     client: RpcClient
     store: Store
+    keys: pathlib.Path | None = None
+    others: dict[str, RpcClient] = field(default_factory=dict)
 
-    async def request(self, req: Any, **kw: Any) -> Any:
-        return await self.client.request(req, timeout=30, **kw)
+    def client_of(self, site: str) -> RpcClient:
+        if site not in self.others:
+            assert self.keys is not None
+            self.others[site] = RpcClient(self.ctx, Security(self.keys, site), self.client.endpoint,
+                                          server_site="market")
+        return self.others[site]
+
+    async def request(self, req: Any, *, site: str | None = None, **kw: Any) -> Any:
+        client = self.client if site is None else self.client_of(site)
+        return await client.request(req, timeout=30, **kw)
+
+    async def close_clients(self) -> None:
+        await self.client.close()
+        for c in self.others.values():
+            await c.close()
+        self.others.clear()
 
 
 @pytest.fixture
@@ -110,7 +129,7 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
         await pub.start()
         await sub.start()
         client = RpcClient(ctx, sec, endpoint, server_site="market")
-        p = Peer(ctx, pub, sub, listener, client, store)
+        p = Peer(ctx, pub, sub, listener, client, store, keys=bus.keys)
         p.security = sec  # type: ignore[attr-defined]
         made.append(p)
         await asyncio.wait_for(sub.connected.wait(), 10)
@@ -118,7 +137,7 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
 
     yield make
     for p in made:
-        await p.client.close()
+        await p.close_clients()
         await p.sub.stop()
         await p.pub.stop()
         p.store.close()
