@@ -162,6 +162,8 @@ class Mining(Reply):
     mining: bool
     supported: bool
     detail: str = ""
+    controllable: bool = Field(default=True, description="whether the asking site may start and stop mining "
+                                                         "(the market's site only)")
 
 
 @request

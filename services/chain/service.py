@@ -763,17 +763,15 @@ class ChainService(Service):
 
     @_errors
     async def set_mining(self, req: C.SetMining, caller: Caller) -> C.Mining:
-        if not self.sees_all(caller):
-            if req.action != "status":
-                raise RequestError("not_allowed", f"mining is started and stopped by the market (site "
-                                                  f"{self.settings.site}) only; nothing was done")
-            node, _, _ = self._ready()
-            return C.Mining(mining=await node.mining(), supported=False,
-                            detail=f"mining is controlled by the market (site {self.settings.site})")
+        """Any site may ask the status; only the market's site starts and stops mining."""
+        market = self.sees_all(caller)
+        if not market and req.action != "status":
+            raise RequestError("not_allowed", f"mining is started and stopped by the market (site "
+                               f"{self.settings.site}) only; nothing was done")
         node, _, txm = self._ready()
         if not node.supports_mining:
             if req.action == "status":
-                return C.Mining(mining=True, supported=False,
+                return C.Mining(mining=True, supported=False, controllable=False,
                                 detail=f"mining control is not supported on this chain ({node.client or node.url})")
             await node.set_mining(req.action == "start")  # raises NotSupported
         if req.action != "status":
@@ -785,7 +783,8 @@ class ChainService(Service):
                 log.info("mining %s", "started" if on else "stopped")
             if on:
                 self.store.on_commit(txm.wake.set)
-        return C.Mining(mining=await node.mining(), supported=True, detail=node.kind)
+        detail = node.kind if market else f"{node.kind}; started and stopped by the market (site {self.settings.site})"
+        return C.Mining(mining=await node.mining(), supported=True, detail=detail, controllable=market)
 
     @_errors
     async def list_pending(self, req: C.ListPending, caller: Caller) -> C.Pending:

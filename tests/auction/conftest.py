@@ -16,7 +16,6 @@ from services.auction.config import AuctionSettings
 from services.auction.service import AuctionService
 from services.bus import Caller, Publisher, RpcClient, RpcServer, Store
 from services.bus import commands as cmd
-from services.bus.errors import RequestError
 from tests.conftest import Grid  # noqa: F401 - the shared hub fixture `grid` builds it
 
 SELLER = "0x" + "5e" * 20

@@ -87,7 +87,9 @@ async def test_a_site_cannot_act_for_another_sites_account(bus: Bus, tmp_path: p
         # a site that is not the market cannot stop mining (status: not controllable there)
         assert await refused(peer, C.SetMining(action="stop"), "probe") == "not_allowed"
         status = await peer.request(C.SetMining(action="status"), site="probe")
-        assert (status.mining, status.supported) == (True, False)
+        assert (status.mining, status.supported, status.controllable) == (True, True, False)
+        assert "market" in status.detail
+        assert (await peer.request(C.SetMining(action="status"), site="market")).controllable is True
 
         # nothing happened: no scrypt run for probe's tries, no transaction, still unlocked
         assert decrypts.calls == 2
