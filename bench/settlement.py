@@ -105,7 +105,7 @@ async def run(trades: int, steps: int) -> None:
                              chain_url=url, chain_bind="tcp://127.0.0.1:*", scrypt_n=2**10, poll_s=0.05,
                              settle_window_s=0.2, settle_max_batch=100, heartbeat_s=0.2, log_level="WARNING")
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    seller, buyer = ks.new(PASS).address, ks.new(PASS).address
+    seller, buyer = ks.new(PASS, site="bench").address, ks.new(PASS, site="bench").address  # the bench site's
     for _ in range(100):
         try:
             w3 = AsyncWeb3(AsyncHTTPProvider(url))

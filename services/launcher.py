@@ -4,8 +4,10 @@ A hub, the auction, the chain service (the embedded chain unless ``--chain-url``
 given, or ``--chain-url anvil`` for a local anvil node), a producer site ``solar-1`` and
 a consumer site ``home-7``, each with its meter service (simulated, or ``--meters
 emulated``: serial meter emulators on pseudo-terminals read by the real line driver) and
-its own gateway. Creates the CURVE keys and two demo accounts on first start (their
-passphrases are printed once and stored nowhere), waits until every part is healthy,
+its own gateway. Creates the CURVE keys and two demo accounts on first start, the
+producer's belonging to site solar-1 and the consumer's to home-7 (their passphrases are
+printed once and stored nowhere; accounts made by an earlier version without a recorded
+site belong to the site their name starts with), waits until every part is healthy,
 prints the two wallet URLs, restarts a part that dies, and stops everything on Ctrl-C.
 State is kept under ``--data`` for the next start; ``--reset`` starts afresh.
 
@@ -147,11 +149,12 @@ def prepare(o: Options, reset: bool) -> tuple[Options, dict[str, str]]:
     have = {kf.name: kf.address for kf in ks.list()}
     shown: dict[str, str] = {}
     accounts = {}
-    for label in (f"{PRODUCER} producer", f"{CONSUMER} consumer"):
+    for site, label in ((PRODUCER, f"{PRODUCER} producer"), (CONSUMER, f"{CONSUMER} consumer")):
         if label not in have:
             passphrase = "-".join(secrets.token_urlsafe(4) for _ in range(3))
             say(f"creating the demo account '{label}' (scrypt takes a moment) ...")
-            have[label] = ks.new(passphrase, name=label).address
+            # the account belongs to its site: only that site's gateway (its key) can use it
+            have[label] = ks.new(passphrase, name=label, site=site).address
             shown[label] = passphrase
         accounts[label] = have[label]
     opts = Options(**{**o.__dict__, "producer_account": accounts[f"{PRODUCER} producer"],

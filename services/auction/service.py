@@ -1,7 +1,13 @@
 """The auction service: the wiring between the pure engines, the store and the bus.
 
 - Request/reply: PlaceOffer, PlaceBid, CancelOffer, CloseTrade, ListOffers, ListTrades,
-  PlaceOrder. Every command runs inside one store transaction together with the events
+  PlaceOrder. A site acts only for itself: the site of an offer, bid or order must be the
+  calling site (the request server's ``Caller``, from its key) and its account must
+  belong to that site (the chain service says whose it is, with the balances asked
+  anyway), else ``not_your_account``; an offer is cancelled only by its seller's site, a
+  trade closed only by its buyer's site or the market's own site (which alone may close
+  as the operator), else ``not_allowed``. Listings are public. A caller without identity
+  (insecure mode, a local ipc socket) is not checked against the body's site. Every command runs inside one store transaction together with the events
   it publishes (the outbox lives in the same SQLite file) and the stored reply of its
   command id, so a command is applied, announced and answered all at once or not at all.
 - The market clock (english): sleeps until the earliest open deadline, then closes every
@@ -23,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
-from services.bus import Envelope, RequestError, RequestTimeout, Service
+from services.bus import Caller, Envelope, RequestError, RequestTimeout, Service
 from services.bus import commands as cmd
 from services.bus import events as ev
 
@@ -40,9 +46,9 @@ def _answers(fn: Callable[[Any, Req], Awaitable[cmd.Reply]]) -> Callable[[Any, R
     """Turn the rules' refusals into request errors with their stable code."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, req: Req, *args: Any) -> cmd.Reply:
+    async def wrapper(self: Any, req: Req, caller: Caller, *args: Any) -> cmd.Reply:
         try:
-            return await fn(self, req, *args)
+            return await fn(self, req, caller, *args)
         except Rejected as e:
             raise RequestError(e.code, e.message) from None
 
@@ -98,8 +104,24 @@ class AuctionService(Service):
                  cleared_rounds=self.cleared_rounds)
         return h
 
-    async def ping(self, req: cmd.Ping) -> cmd.Pong:
+    async def ping(self, req: cmd.Ping, caller: Caller) -> cmd.Pong:
         return cmd.Pong(node=self.source, uptime_s=time.time() - self.started_at)
+
+    @staticmethod
+    def _acts_for(caller: Caller, site: str) -> None:
+        """The body names ``site``: only that site's key may send it."""
+        if not caller.may_act_for(site):
+            raise Rejected("not_your_account", f"this request came from site {caller}, not {site}: a site acts only "
+                                               "for its own accounts; nothing was done")
+
+    @staticmethod
+    def _belongs(bal: cmd.Balances, address: str, site: str) -> None:
+        """The chain service says whose account ``address`` is: it must be ``site``'s."""
+        if not bal.site:
+            raise Rejected("unknown_account", f"the chain service holds no account {address}; nothing was done")
+        if bal.site != site:
+            raise Rejected("not_your_account", f"account {address} belongs to site {bal.site}, not {site}; "
+                                               "nothing was done")
 
     def _need(self, market: str) -> None:
         if not getattr(self.settings, market):
@@ -124,14 +146,17 @@ class AuctionService(Service):
     # --- english --------------------------------------------------------------------
 
     @_answers
-    async def offer_balances(self, req: cmd.PlaceOffer) -> cmd.Balances:
+    async def offer_balances(self, req: cmd.PlaceOffer, caller: Caller) -> cmd.Balances:
         self._need("english")
+        self._acts_for(caller, req.seller_site)
         if req.duration_s > self.settings.auction_max_duration_s:
             raise Rejected("invalid", f"the longest auction is {self.settings.auction_max_duration_s:g} s")
-        return await self.balances(req.seller, "tokens")
+        bal = await self.balances(req.seller, "tokens")
+        self._belongs(bal, req.seller, req.seller_site)
+        return bal
 
     @_answers
-    async def place_offer(self, req: cmd.PlaceOffer, bal: cmd.Balances) -> cmd.OfferPlaced:
+    async def place_offer(self, req: cmd.PlaceOffer, caller: Caller, bal: cmd.Balances) -> cmd.OfferPlaced:
         now = time.time()
         reserved = book.reserved_wh(self.conn, req.seller)
         offer_id = f"o-{book.next_number(self.conn, 'offer')}"
@@ -152,16 +177,19 @@ class AuctionService(Service):
         return cmd.OfferPlaced(offer_id=offer.offer_id, ends_at=offer.ends_at)
 
     @_answers
-    async def bid_balances(self, req: cmd.PlaceBid) -> cmd.Balances:
+    async def bid_balances(self, req: cmd.PlaceBid, caller: Caller) -> cmd.Balances:
         """A bid the rules refuse anyway is refused without asking the chain."""
         self._need("english")
+        self._acts_for(caller, req.buyer_site)
         english.check_bid(book.get_offer(self.conn, req.offer_id), buyer=req.buyer,
                           price_wei_per_kwh=req.price_wei_per_kwh, now=time.time(),
                           min_increment_wei_per_kwh=self.settings.auction_min_increment_wei_per_kwh)
-        return await self.balances(req.buyer, "escrow")
+        bal = await self.balances(req.buyer, "escrow")
+        self._belongs(bal, req.buyer, req.buyer_site)
+        return bal
 
     @_answers
-    async def place_bid(self, req: cmd.PlaceBid, bal: cmd.Balances) -> cmd.BidAccepted:
+    async def place_bid(self, req: cmd.PlaceBid, caller: Caller, bal: cmd.Balances) -> cmd.BidAccepted:
         now = time.time()  # when it reached us (inside the lock: the clock cannot close it meanwhile)
         inc = self.settings.auction_min_increment_wei_per_kwh
         offer = book.get_offer(self.conn, req.offer_id)
@@ -180,9 +208,13 @@ class AuctionService(Service):
         return cmd.BidAccepted(bid_id=bid.bid_id)
 
     @_answers
-    async def cancel_offer(self, req: cmd.CancelOffer) -> cmd.Ok:
+    async def cancel_offer(self, req: cmd.CancelOffer, caller: Caller) -> cmd.Ok:
         now = time.time()
-        offer = english.cancel(book.get_offer(self.conn, req.offer_id), seller=req.seller, now=now)
+        offer = book.get_offer(self.conn, req.offer_id)
+        if offer is not None and not caller.may_act_for(offer.seller_site):
+            raise Rejected("not_allowed", f"offer {offer.offer_id} is site {offer.seller_site}'s: only its seller's "
+                                          "site can cancel it")
+        offer = english.cancel(offer, seller=req.seller, now=now)
         book.close_offer(self.conn, offer, now)
         await self.bus.publish(ev.OfferClosed(offer_id=offer.offer_id, outcome="cancelled"))
         self.store.on_commit(self._deadline_changed.set)
@@ -254,12 +286,15 @@ class AuctionService(Service):
         return (round_ + 1) * self.settings.auction_clear_interval_s
 
     @_answers
-    async def order_balances(self, req: cmd.PlaceOrder) -> cmd.Balances:
+    async def order_balances(self, req: cmd.PlaceOrder, caller: Caller) -> cmd.Balances:
         self._need("double")
-        return await self.balances(req.account, "escrow" if req.side == "buy" else "tokens")
+        self._acts_for(caller, req.site)
+        bal = await self.balances(req.account, "escrow" if req.side == "buy" else "tokens")
+        self._belongs(bal, req.account, req.site)
+        return bal
 
     @_answers
-    async def place_order(self, req: cmd.PlaceOrder, bal: cmd.Balances) -> cmd.OrderPlaced:
+    async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderPlaced:
         now = time.time()
         round_ = self._round_of(now)
         while book.round_cleared(self.conn, round_):
@@ -331,7 +366,7 @@ class AuctionService(Service):
 
     # --- listings -------------------------------------------------------------------
 
-    async def list_offers(self, req: cmd.ListOffers) -> cmd.Offers:
+    async def list_offers(self, req: cmd.ListOffers, caller: Caller) -> cmd.Offers:
         views: list[cmd.OfferView] = []
         async with self.store.atomic() as conn:
             for o in book.offers(conn, include_closed=req.include_closed):
@@ -348,7 +383,7 @@ class AuctionService(Service):
                     state="filled" if state in ("filled", "partial") else state))
         return cmd.Offers(offers=views)
 
-    async def list_trades(self, req: cmd.ListTrades) -> cmd.Trades:
+    async def list_trades(self, req: cmd.ListTrades, caller: Caller) -> cmd.Trades:
         async with self.store.atomic() as conn:
             ts = book.trades(conn, req.account)
         return cmd.Trades(trades=[cmd.TradeView(trade_id=t.trade_id, offer_id=t.offer_id, seller=t.seller,
@@ -359,11 +394,18 @@ class AuctionService(Service):
     # --- trade lifecycle ------------------------------------------------------------
 
     @_answers
-    async def close_trade(self, req: cmd.CloseTrade) -> cmd.Ok:
+    async def close_trade(self, req: cmd.CloseTrade, caller: Caller) -> cmd.Ok:
         trade = book.get_trade(self.conn, req.trade_id)
         if trade is None:
             raise Rejected("not_found", "no such trade")
+        market = self.settings.site
+        if not (caller.may_act_for(trade.buyer_site) or caller.may_act_for(market)):
+            raise Rejected("not_allowed", f"trade {trade.trade_id} is closed by its buyer's site ({trade.buyer_site}) "
+                                          "or the market only")
         operator = self.settings.auction_operator
+        if operator and req.by.lower() == operator.lower() and req.by.lower() != trade.buyer.lower() \
+                and not caller.may_act_for(market):
+            raise Rejected("not_allowed", "only the market's own site closes a trade as the operator")
         reason = "closed by the operator" if operator and req.by.lower() == operator.lower() and \
             req.by.lower() != trade.buyer.lower() else "closed by the buyer"
         trade, steps = lifecycle.close(trade, by=req.by, operator=operator, reason=reason)

@@ -7,10 +7,10 @@ from .errors import BusError, DecodeError, GridtradeError, RequestError, Request
 from .keys import Security, ensure_keys
 from .service import Service, configure_logging, run_service
 from .store import Store
-from .transport import Publisher, RpcClient, RpcServer, Subscriber
+from .transport import Caller, Publisher, RpcClient, RpcServer, Subscriber
 
 __all__ = [
-    "BusError", "BusSettings", "DecodeError", "Envelope", "GridtradeError", "Publisher", "RequestError",
+    "BusError", "BusSettings", "Caller", "DecodeError", "Envelope", "GridtradeError", "Publisher", "RequestError",
     "RequestTimeout", "RpcClient", "RpcServer", "Security", "Service", "Store", "Subscriber",
     "configure_logging", "ensure_keys", "run_service",
 ]

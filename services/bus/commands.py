@@ -104,6 +104,8 @@ class Lock(Request):
 
 
 class Balances(Reply):
+    """Public, for any address (balances are public on-chain)."""
+
     address: Address
     ether_wei: Wei
     escrow_free_wei: Wei = 0
@@ -112,6 +114,8 @@ class Balances(Reply):
     tokens_wh: Wh = 0
     tokens_locked_wh: Wh = 0
     generated_wh: Wh = 0
+    site: str = Field(default="", description="the site the account belongs to; empty if the chain service "
+                                              "holds no such account")
 
 
 @request
@@ -158,6 +162,8 @@ class Mining(Reply):
     mining: bool
     supported: bool
     detail: str = ""
+    controllable: bool = Field(default=True, description="whether the asking site may start and stop mining "
+                                                         "(the market's site only)")
 
 
 @request

@@ -30,6 +30,12 @@ class BusSettings(BaseSettings):
         default=None, description="host put in the replay endpoint that heartbeats announce (when replay_bind "
                                   "binds 0.0.0.0: the address other hosts reach this one at)")
     rpc_timeout_s: float = Field(default=5.0, gt=0)
+    rpc_max_inflight_per_site: int = Field(
+        default=32, ge=1, description="request servers: requests of one calling site running at once; more are "
+                                      "answered at once with the error 'busy'")
+    rpc_commands_keep_s: float = Field(
+        default=86400.0, gt=0, description="request servers: how long the reply of an executed command is kept "
+                                           "(a retry with the same command id within this window is not run again)")
     chain_rpc: str = Field(default="tcp://127.0.0.1:5560", description="the chain service's request endpoint")
     chain_site: str = "market"
     auction_rpc: str = Field(default="tcp://127.0.0.1:5561", description="the auction service's request endpoint")

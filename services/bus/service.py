@@ -48,6 +48,8 @@ class Service:
         self.m_events = Counter("gridtrade_events_published", "events published", registry=self.registry)
         self.m_applied = Gauge("gridtrade_events_applied", "events applied by subscribers", registry=self.registry)
         self.m_dropped = Gauge("gridtrade_frames_dropped", "frames dropped", ["cause"], registry=self.registry)
+        self.m_busy = Gauge("gridtrade_rpc_busy", "requests refused as busy, by calling site", ["site"],
+                            registry=self.registry)
         self.m_up = Gauge("gridtrade_up", "1 while the service runs", registry=self.registry)
         self.pub: Publisher | None = None
         self.subscribers: list[Subscriber] = []
@@ -77,7 +79,9 @@ class Service:
         return sub
 
     def serve(self, bind: str) -> RpcServer:
-        srv = RpcServer(self.ctx, self.security, self.store, bind=bind, name=f"{self.source} rpc")
+        s = self.settings
+        srv = RpcServer(self.ctx, self.security, self.store, bind=bind, name=f"{self.source} rpc",
+                        max_inflight_per_site=s.rpc_max_inflight_per_site, commands_keep_s=s.rpc_commands_keep_s)
         self.servers.append(srv)
         return srv
 
@@ -114,6 +118,7 @@ class Service:
             "handler_failures": sum(s.failed for s in self.subscribers),  # retried from the outbox
             "dropped": {c: n for s in self.subscribers for c, n in s.drops.counts.items()},
             "rpc": [s.endpoint for s in self.servers if hasattr(s, "endpoint")],
+            "rpc_busy": {site or "(no identity)": n for s in self.servers for site, n in s.busy.items()},
         }
 
     # --- lifecycle --------------------------------------------------------------------
@@ -189,6 +194,9 @@ class Service:
             for s in self.subscribers:
                 for cause, n in s.drops.counts.items():
                     self.m_dropped.labels(cause).set(n)
+            for srv in self.servers:
+                for site, n in srv.busy.items():
+                    self.m_busy.labels(site or "(no identity)").set(n)
             return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()

@@ -15,6 +15,7 @@ CREATE TABLE IF NOT EXISTS bus_offsets (source TEXT NOT NULL, topic TEXT NOT NUL
                                         PRIMARY KEY (source, topic));
 CREATE TABLE IF NOT EXISTS bus_commands (cmd_id TEXT PRIMARY KEY, type TEXT NOT NULL, reply TEXT NOT NULL,
                                          ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS bus_commands_ts ON bus_commands (ts);
 """
 
 
@@ -26,8 +27,9 @@ class Store:
     events there), ``on_rollback`` callbacks after a ROLLBACK.
 
     Subscribers record the last applied seq per (source, topic) in ``bus_offsets``, and
-    the request server keeps the replies of executed command ids in ``bus_commands``,
-    inside the same transaction as the state change they go with.
+    the request server keeps the replies of executed command ids in ``bus_commands``
+    (keyed ``<calling site>|<cmd_id>``, pruned by age), inside the same transaction as
+    the state change they go with.
     """
 
     def __init__(self, path: pathlib.Path | str) -> None:

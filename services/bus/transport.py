@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import zmq
@@ -31,7 +32,7 @@ from .commands import Reply, ReplyEnvelope, Request
 from .envelope import Envelope
 from .errors import DecodeError, GridtradeError, RequestError, RequestTimeout
 from .events import Authority, Heartbeat, Message
-from .keys import Security
+from .keys import Security, peer_site
 from .outbox import Outbox
 from .store import Store
 
@@ -48,15 +49,23 @@ def _socket(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
 
 
 class DropCounter:
-    """Counts dropped frames by cause; logs the first of each cause only. Causes are a
-    fixed set (never built from what a peer sent, beyond a known event type), so the
-    counts and the log stay bounded whatever a peer sends."""
+    """Counts dropped frames by cause; logs the first of each cause only.
+
+    Bounded whatever a peer sends: causes are a fixed set (never built from what a peer
+    sent, beyond a known event type), and besides at most ``MAX_CAUSES`` distinct causes
+    are kept (any further cause is counted as ``other``), a cause is cut to 60 characters
+    and a logged detail to 300."""
+
+    MAX_CAUSES = 64
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.counts: Counter[str] = Counter()
 
     def drop(self, cause: str, detail: str = "") -> None:
+        cause = str(cause)[:60]
+        if cause not in self.counts and len(self.counts) >= self.MAX_CAUSES:
+            cause = "other"
         self.counts[cause] += 1
         if self.counts[cause] == 1:
             log.warning("%s: dropped a frame (%s) %r; further drops of this cause are only counted",
@@ -494,27 +503,68 @@ class Subscriber:
 
 # --- request / reply ------------------------------------------------------------------
 
-RpcHandler = Callable[[Any], Awaitable[Reply]]
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the site whose CURVE key the frame came with (its ZAP User-Id).
+
+    ``site`` is None when the socket carries no identity (``GRIDTRADE_INSECURE``, or a
+    local ``ipc://``/``inproc://`` endpoint): there is then nobody to check, and handlers
+    treat the caller as the machine's own (see :meth:`may_act_for`). Never taken from a
+    request body.
+    """
+
+    site: str | None = None
+
+    def may_act_for(self, site: str) -> bool:
+        """True if this caller may act for something that belongs to ``site``."""
+        return self.site is None or self.site == site
+
+    def __str__(self) -> str:
+        return self.site if self.site is not None else "(no identity)"
+
+
+LOCAL = Caller(None)
+
+RpcHandler = Callable[..., Awaitable[Reply]]
+Prefetch = Callable[[Any, Caller], Awaitable[Any]]
 
 
 class RpcServer:
-    """ROUTER: typed requests, one handler each; a command id executes at most once."""
+    """ROUTER: typed requests, one handler each; a command id executes at most once.
+
+    Every handler is called as ``fn(req, caller)`` (``fn(req, caller, prefetched)`` with a
+    prefetch): ``caller`` is the :class:`Caller` read from the frame's User-Id.
+
+    Bounded under a flood from an allowed peer: at most ``max_inflight_per_site`` requests
+    of one site run at once (more are answered at once with the error ``busy``, counted in
+    ``busy``); stored replies of executed commands are kept ``commands_keep_s`` (a retry
+    within that window is still answered from the store, never executed twice) and pruned
+    every ``prune_every_s``. A command id is remembered per calling site, so one site can
+    neither read nor pre-empt another site's command ids.
+    """
 
     def __init__(self, ctx: zmq.asyncio.Context, security: Security, store: Store, *, bind: str,
-                 name: str = "rpc") -> None:
+                 name: str = "rpc", max_inflight_per_site: int = 32, commands_keep_s: float = 86400.0,
+                 prune_every_s: float = 600.0) -> None:
         self.ctx, self.security, self.store, self.bind_to, self.name = ctx, security, store, bind, name
-        self.handlers: dict[str, tuple[RpcHandler, Callable[[Any], Awaitable[Any]] | None]] = {}
+        self.handlers: dict[str, tuple[RpcHandler, Prefetch | None]] = {}
         self.drops = DropCounter(name)
         self.executed = 0
+        self.max_inflight_per_site = max_inflight_per_site
+        self.commands_keep_s, self.prune_every_s = commands_keep_s, prune_every_s
+        self.inflight: Counter[str] = Counter()  # site ("" without identity) -> requests running
+        self.busy: Counter[str] = Counter()  # site -> requests refused with "busy"
+        self.pruned = 0
         self._task: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.started = time.time()
 
-    def handle(self, req_cls: type[Request], fn: RpcHandler,
-               prefetch: Callable[[Any], Awaitable[Any]] | None = None) -> None:
-        """``fn(req)`` runs inside the store transaction that remembers its reply. With
-        ``prefetch``, ``fn(req, await prefetch(req))``: what the command must ask other
-        services is asked before the transaction, so a slow peer holds up only this command."""
+    def handle(self, req_cls: type[Request], fn: RpcHandler, prefetch: Prefetch | None = None) -> None:
+        """``fn(req, caller)`` runs inside the store transaction that remembers its reply. With
+        ``prefetch``, ``fn(req, caller, await prefetch(req, caller))``: what the command must ask
+        other services is asked before the transaction, so a slow peer holds up only this command."""
         self.handlers[req_cls.TYPE] = (fn, prefetch)
 
     async def start(self) -> None:
@@ -523,12 +573,15 @@ class RpcServer:
         self.sock.bind(self.bind_to)
         self.endpoint = self.sock.last_endpoint.decode()
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-serve")
+        self._pruner = asyncio.create_task(self._prune_forever(), name=f"{self.name}-prune")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for attr in ("_task", "_pruner"):
+            task = getattr(self, attr)
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                setattr(self, attr, None)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
             for t in self._inflight:
@@ -537,22 +590,73 @@ class RpcServer:
         if hasattr(self, "sock"):
             self.sock.close(0)
 
+    async def prune(self, now: float | None = None) -> int:
+        """Forget the replies of commands older than ``commands_keep_s``; returns how many."""
+        cutoff = (time.time() if now is None else now) - self.commands_keep_s
+        async with self.store.atomic() as conn:
+            n = int(conn.execute("DELETE FROM bus_commands WHERE ts < ?", (cutoff,)).rowcount)
+        self.pruned += n
+        return n
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - tried again next round
+                log.exception("%s: pruning stored replies failed", self.name)
+            await asyncio.sleep(self.prune_every_s)
+
     async def _run(self) -> None:
         while True:
-            frames = await self.sock.recv_multipart()
+            frames = await self.sock.recv_multipart(copy=False)
             if len(frames) < 2:
                 self.drops.drop("frames")
                 continue
-            t = asyncio.create_task(self._serve(frames[0], frames[-1]))
+            caller = Caller(peer_site(frames[-1]))
+            ident, data = frames[0].bytes, frames[-1].bytes
+            key = caller.site or ""
+            if self.inflight[key] >= self.max_inflight_per_site:
+                self._refuse_busy(ident, data, caller)
+                continue
+            self.inflight[key] += 1
+            t = asyncio.create_task(self._serve(ident, data, caller))
             self._inflight.add(t)
             t.add_done_callback(self._inflight.discard)
+            t.add_done_callback(lambda _t, k=key: self._done(k))
 
-    async def _serve(self, ident: bytes, data: bytes) -> None:
-        reply = await self.execute(data)
+    def _done(self, key: str) -> None:
+        self.inflight[key] -= 1
+        if self.inflight[key] <= 0:
+            del self.inflight[key]
+
+    def _refuse_busy(self, ident: bytes, data: bytes, caller: Caller) -> None:
+        key = caller.site or ""
+        self.busy[key] += 1
+        if self.busy[key] == 1 or self.busy[key] % 1000 == 0:
+            log.warning("%s: site %s has %d requests running; refusing more with 'busy' (%d so far)",
+                        self.name, caller, self.max_inflight_per_site, self.busy[key])
+        cmd_id = ""
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            cmd_id = str(json.loads(data).get("cmd_id", ""))[:128]
+        rep = ReplyEnvelope(cmd_id=cmd_id, ok=False, error=commands.ErrorInfo(
+            code="busy", message=f"too many requests of this site at once (limit {self.max_inflight_per_site}); "
+                                 "nothing was done: try again shortly"))
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send_multipart([ident, rep.model_dump_json().encode()], flags=zmq.NOBLOCK)
+
+    async def _serve(self, ident: bytes, data: bytes, caller: Caller) -> None:
+        reply = await self.execute(data, caller)
         with contextlib.suppress(zmq.ZMQError):
             await self.sock.send_multipart([ident, reply.model_dump_json().encode()])
 
-    async def execute(self, data: bytes) -> ReplyEnvelope:
+    @staticmethod
+    def _key(cmd_id: str, caller: Caller) -> str:
+        """The stored key of a command: its id within the calling site."""
+        return cmd_id if caller.site is None else f"{caller.site}|{cmd_id}"
+
+    async def execute(self, data: bytes, caller: Caller = LOCAL) -> ReplyEnvelope:
         cmd_id = ""
         try:
             try:
@@ -568,22 +672,23 @@ class RpcServer:
         if fn is None:
             return ReplyEnvelope(cmd_id=env.cmd_id, ok=False,
                                  error=commands.ErrorInfo(code="unsupported", message=f"{self.name} does not serve {env.type}"))
+        key = self._key(env.cmd_id, caller)
         try:
             if env.body.READ_ONLY:
-                result = await fn(env.body)  # type: ignore[misc]
+                result = await fn(env.body, caller)
             else:
                 args: tuple[Any, ...] = ()
                 if prefetch is not None:
-                    if (done := self._remembered(env.cmd_id)) is not None:
+                    if (done := self._remembered(key, env.cmd_id)) is not None:
                         return done
-                    args = (await prefetch(env.body),)
+                    args = (await prefetch(env.body, caller),)
                 async with self.store.atomic() as conn:
-                    if (done := self._remembered(env.cmd_id)) is not None:
+                    if (done := self._remembered(key, env.cmd_id)) is not None:
                         return done
-                    result = await fn(env.body, *args)
+                    result = await fn(env.body, caller, *args)
                     out = self._ok(env, result)
                     conn.execute("INSERT INTO bus_commands (cmd_id, type, reply, ts) VALUES (?, ?, ?, ?)",
-                                 (env.cmd_id, env.type, out.model_dump_json(), time.time()))
+                                 (key, env.type, out.model_dump_json(), time.time()))
                     self.executed += 1
                     return out
         except RequestError as e:
@@ -597,8 +702,8 @@ class RpcServer:
         self.executed += 1
         return self._ok(env, result)
 
-    def _remembered(self, cmd_id: str) -> ReplyEnvelope | None:
-        row = self.store.conn.execute("SELECT reply FROM bus_commands WHERE cmd_id = ?", (cmd_id,)).fetchone()
+    def _remembered(self, key: str, cmd_id: str) -> ReplyEnvelope | None:
+        row = self.store.conn.execute("SELECT reply FROM bus_commands WHERE cmd_id = ?", (key,)).fetchone()
         return None if row is None else ReplyEnvelope.model_validate_json(row[0])
 
     @staticmethod

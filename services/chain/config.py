@@ -31,6 +31,12 @@ class ChainSettings(BusSettings):
     scrypt_n: int = Field(default=2**18, ge=2**10, le=2**20,
                           description="scrypt work factor of new keystore files (a power of two)")
     unlock_ttl_s: float = Field(default=3600.0, gt=0, description="default unlock session length")
+    unlock_max_failures: int = Field(
+        default=5, ge=1, description="unlock attempts per account that may fail in unlock_window_s (counted when "
+                                     "they start, before the slow scrypt work; a correct one gives its slot back)")
+    unlock_site_max_failures: int = Field(
+        default=30, ge=1, description="the same per calling site, over all its accounts")
+    unlock_window_s: float = Field(default=300.0, gt=0)
     dev_fund_wei: int = Field(default=100 * 10**18, ge=0,
                               description="dev chains: Ether given once to each new or unlocked account (0: off)")
     poll_s: float = Field(default=0.2, gt=0, description="how often pending transactions are checked")

@@ -6,7 +6,16 @@
   seq; workers then turn jobs into transactions, each checked against on-chain state
   first (the trade id / reading id are the contracts' keys), so nothing is sent twice.
 - Requests: accounts, unlock/lock, balances, transfers, escrow, approvals, mining,
-  pending transactions.
+  pending transactions. Each account belongs to one site (its keystore file says which,
+  see ``keystore.owner``); a request acts for an account only when that site's key sent
+  it (the request server's ``Caller``, never the body): else ``not_your_account``,
+  nothing done. A site lists and sees the pending transactions of its own accounts only;
+  the market's own site (this service's ``GRIDTRADE_SITE``, the operator) sees all.
+  Balances of any address are public (they are public on-chain anyway), with the site
+  the account belongs to (empty for an address this keystore does not hold). Mining is
+  started and stopped only by the market's site. Unlock attempts are throttled per
+  account and per calling site before the slow scrypt work starts (``too_many_attempts``).
+  A caller without identity (insecure mode, a local ipc socket) is not checked.
 - A supervisor connects to the node with exponential backoff, notices a fresh chain
   (chain id + genesis hash + code at the stored addresses) and redeploys there.
 """
@@ -27,7 +36,7 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
 
-from services.bus import Service
+from services.bus import Caller, Service
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.errors import RequestError
@@ -45,9 +54,10 @@ from .errors import (
     TxRejected,
     UnknownAccount,
 )
-from .keystore import Keystore
+from . import keystore as keystore_mod
+from .keystore import KeyFile, Keystore
 from .node import Node, guard
-from .sessions import Sessions
+from .sessions import Sessions, TooManyAttempts, UnlockThrottle
 from .txs import TxManager
 
 log = logging.getLogger(__name__)
@@ -94,6 +104,11 @@ class ChainService(Service):
         ledger.init(self.store.conn)
         self.keystore = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
         self.sessions = Sessions()
+        self.unlock_throttle = UnlockThrottle(per_account=settings.unlock_max_failures,
+                                              per_site=settings.unlock_site_max_failures,
+                                              window_s=settings.unlock_window_s)
+        self.refused: dict[str, int] = {}  # calling site -> requests refused for another site's account
+        self._known_sites: set[str] | None = None
         self.node: Node | None = None
         self.txm: TxManager | None = None
         self.dep: contracts.Deployment | None = None
@@ -145,7 +160,8 @@ class ChainService(Service):
         return {**super().health(), "chain": self.settings.chain_url if self.settings.chain_url == "embedded"
                 else "rpc", "connected": self.connected.is_set(),
                 "market": self.dep.market_address if self.dep else None,
-                "pending_txs": ledger.count_pending(self.store.conn)}
+                "pending_txs": ledger.count_pending(self.store.conn),
+                "refused_other_sites": dict(self.refused), "unlocks_throttled": self.unlock_throttle.refused}
 
     async def publish(self, body: E.Message) -> Any:
         assert self.pub is not None
@@ -652,23 +668,59 @@ class ChainService(Service):
 
     # --- requests -----------------------------------------------------------------------
 
-    async def ping(self, req: C.Ping) -> C.Pong:
+    def owner(self, kf: KeyFile) -> str:
+        """The site an account belongs to (an older file without one: see keystore.owner)."""
+        if self._known_sites is None:
+            try:
+                self._known_sites = set(self.security.sites().values())
+            except Exception:  # noqa: BLE001 - no usable allow-list (insecure mode): no known sites
+                self._known_sites = set()
+        return keystore_mod.owner(kf, known_sites=self._known_sites, default=self.settings.site)
+
+    def sees_all(self, caller: Caller) -> bool:
+        """The market's own site (and a caller without identity) sees and controls everything."""
+        return caller.site is None or caller.site == self.settings.site
+
+    def _account(self, caller: Caller, address: str) -> KeyFile:
+        """The keystore file of ``address`` if the calling site may act for it; else refuse."""
+        kf = self.keystore.find(address)  # UnknownAccount for an address that is not ours
+        if not caller.may_act_for(self.owner(kf)):
+            site = str(caller)
+            n = self.refused[site] = self.refused.get(site, 0) + 1
+            if n <= 10 or n % 1000 == 0:
+                log.warning("refused a request of site %s for account %s of another site (%d so far)",
+                            site, kf.address, n)
+            raise RequestError("not_your_account", f"account {kf.address} does not belong to site {site}; "
+                                                   "nothing was done")
+        return kf
+
+    async def ping(self, req: C.Ping, caller: Caller) -> C.Pong:
         return C.Pong(node=self.source, uptime_s=time.time() - self.started_at)
 
-    async def list_accounts(self, req: C.ListAccounts) -> C.Accounts:
-        return C.Accounts(accounts=[
-            C.AccountInfo(address=kf.address, name=kf.name, site=self.settings.site,
-                          unlocked=self.sessions.is_unlocked(kf.address))
-            for kf in self.keystore.list()])
+    async def list_accounts(self, req: C.ListAccounts, caller: Caller) -> C.Accounts:
+        out = []
+        for kf in self.keystore.list():
+            site = self.owner(kf)
+            if self.sees_all(caller) or caller.site == site:
+                out.append(C.AccountInfo(address=kf.address, name=kf.name, site=site,
+                                         unlocked=self.sessions.is_unlocked(kf.address)))
+        return C.Accounts(accounts=out)
 
     @_errors
-    async def unlock(self, req: C.Unlock) -> C.Unlocked:
-        self.keystore.find(req.address)  # UnknownAccount before any work
+    async def unlock(self, req: C.Unlock, caller: Caller) -> C.Unlocked:
+        kf = self._account(caller, req.address)  # before any work
+        try:
+            slot = self.unlock_throttle.begin(kf.address, caller.site or "")
+        except TooManyAttempts as e:
+            wait = int(e.retry_after_s) + 1
+            raise RequestError("too_many_attempts", f"too many failed unlock attempts for {e.what}; nothing was "
+                                                    f"tried; try again in {wait} s") from None
         key = await asyncio.get_running_loop().run_in_executor(
-            self._pool, self.keystore.decrypt, req.address, req.passphrase.get_secret_value())
+            self._pool, self.keystore.decrypt, kf.address, req.passphrase.get_secret_value())
+        self.unlock_throttle.succeeded(slot)
         session = self.sessions.unlock(key, req.ttl_s)
         del key
-        log.info("unlocked %s for %.0fs", session.address, req.ttl_s)
+        log.info("unlocked %s for %.0fs (site %s)", session.address, req.ttl_s, caller)
         if self.connected.is_set():
             try:
                 await self.fund(session.address)
@@ -677,9 +729,10 @@ class ChainService(Service):
         return C.Unlocked(address=session.address, expires_at=session.expires_at)
 
     @_errors
-    async def lock(self, req: C.Lock) -> C.Ok:
-        if self.sessions.lock(AsyncWeb3.to_checksum_address(req.address)):
-            log.info("locked %s", req.address)
+    async def lock(self, req: C.Lock, caller: Caller) -> C.Ok:
+        kf = self._account(caller, req.address)
+        if self.sessions.lock(kf.address):
+            log.info("locked %s", kf.address)
         return C.Ok()
 
     def _ready(self) -> tuple[Node, contracts.Deployment, TxManager]:
@@ -687,19 +740,23 @@ class ChainService(Service):
             raise ChainUnavailable("not connected to the chain node")
         return self.node, self.dep, self.txm
 
-    def _signer(self, address: str) -> LocalAccount:
-        address = AsyncWeb3.to_checksum_address(address)
-        if self.sessions.is_unlocked(address):
-            return self.sessions.account(address)
-        self.keystore.find(address)  # UnknownAccount for an address that is not ours
-        raise AccountLocked(f"account {address} is locked: unlock it first")
+    def _signer(self, caller: Caller, address: str) -> LocalAccount:
+        kf = self._account(caller, address)  # another site's account: refused, unlocked or not
+        if self.sessions.is_unlocked(kf.address):
+            return self.sessions.account(kf.address)
+        raise AccountLocked(f"account {kf.address} is locked: unlock it first")
 
     @_errors
-    async def balances(self, req: C.GetBalances) -> C.Balances:
-        """Balances as of the head block. Concurrent reads of one account at one block share
-        one set of node calls, so a burst of readers costs the node what one reader does."""
+    async def balances(self, req: C.GetBalances, caller: Caller) -> C.Balances:
+        """Public, for any address (as on-chain), with the site the account belongs to; as of
+        the head block. Concurrent reads of one account at one block share one set of node
+        calls, so a burst of readers costs the node what one reader does."""
         node, _, _ = self._ready()
         a = AsyncWeb3.to_checksum_address(req.address)
+        try:
+            site = self.owner(self.keystore.find(a))
+        except UnknownAccount:
+            site = ""
         async with guard():
             head = int(await node.w3.eth.block_number)
         key = (a, head)
@@ -714,7 +771,8 @@ class ChainService(Service):
             "SELECT COALESCE(SUM(wh - settled_wh), 0) FROM chain_trades WHERE seller = ? AND open_state = 'done' "
             "AND close_state != 'done'", (a,)).fetchone()
         return C.Balances(address=a, ether_wei=ether, escrow_free_wei=free, escrow_locked_wei=locked,
-                          credit_wei=credit, tokens_wh=tokens, tokens_locked_wh=int(row[0]), generated_wh=generated)
+                          credit_wei=credit, tokens_wh=tokens, tokens_locked_wh=int(row[0]), generated_wh=generated,
+                          site=site)
 
     async def _read_balances(self, a: str, block: int) -> tuple[int, int, int, int, int]:
         node, dep, _ = self._ready()
@@ -727,16 +785,16 @@ class ChainService(Service):
         return int(ether), int(free), int(locked), int(credit), int(tokens)
 
     @_errors
-    async def transfer(self, req: C.Transfer) -> C.TxSent:
+    async def transfer(self, req: C.Transfer, caller: Caller) -> C.TxSent:
+        signer = self._signer(caller, req.sender)
         _, _, txm = self._ready()
-        signer = self._signer(req.sender)
         tx = await txm.build(signer.address, to=req.to, value=req.amount_wei)
         return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind="transfer", ref=AsyncWeb3.to_checksum_address(req.to)))
 
     @_errors
-    async def escrow(self, req: C.Escrow) -> C.TxSent:
+    async def escrow(self, req: C.Escrow, caller: Caller) -> C.TxSent:
+        signer = self._signer(caller, req.account)
         _, dep, txm = self._ready()
-        signer = self._signer(req.account)
         m = dep.market
         if req.action == "deposit":
             tx = await txm.build(signer.address, to=dep.market_address, value=req.amount_wei,
@@ -762,9 +820,9 @@ class ChainService(Service):
         return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind=kind, ref=str(req.amount_wei)))
 
     @_errors
-    async def approve(self, req: C.Approve) -> C.TxSent:
+    async def approve(self, req: C.Approve, caller: Caller) -> C.TxSent:
+        signer = self._signer(caller, req.account)
         _, dep, txm = self._ready()
-        signer = self._signer(req.account)
         if req.wh <= 0:
             raise RequestError("bad_amount", "nothing was sent: approve a positive number of Wh")
         t = dep.token.functions
@@ -780,11 +838,16 @@ class ChainService(Service):
         return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind="approve", ref=str(req.wh)))
 
     @_errors
-    async def set_mining(self, req: C.SetMining) -> C.Mining:
+    async def set_mining(self, req: C.SetMining, caller: Caller) -> C.Mining:
+        """Any site may ask the status; only the market's site starts and stops mining."""
+        market = self.sees_all(caller)
+        if not market and req.action != "status":
+            raise RequestError("not_allowed", f"mining is started and stopped by the market (site "
+                               f"{self.settings.site}) only; nothing was done")
         node, _, txm = self._ready()
         if not node.supports_mining:
             if req.action == "status":
-                return C.Mining(mining=True, supported=False,
+                return C.Mining(mining=True, supported=False, controllable=False,
                                 detail=f"mining control is not supported on this chain ({node.client or node.url})")
             await node.set_mining(req.action == "start")  # raises NotSupported
         if req.action != "status":
@@ -796,12 +859,22 @@ class ChainService(Service):
                 log.info("mining %s", "started" if on else "stopped")
             if on:
                 self.store.on_commit(txm.wake.set)
-        return C.Mining(mining=await node.mining(), supported=True, detail=node.kind)
+        detail = node.kind if market else f"{node.kind}; started and stopped by the market (site {self.settings.site})"
+        return C.Mining(mining=await node.mining(), supported=True, detail=detail, controllable=market)
 
-    async def list_pending(self, req: C.ListPending) -> C.Pending:
+    @_errors
+    async def list_pending(self, req: C.ListPending, caller: Caller) -> C.Pending:
+        """A site sees its own accounts' pending transactions; the market's site sees all."""
+        rows = ledger.pending_txs(self.store.conn, req.account)
+        if not self.sees_all(caller):
+            if req.account is not None:
+                self._account(caller, req.account)
+            else:
+                mine = {kf.address for kf in self.keystore.list() if self.owner(kf) == caller.site}
+                rows = [r for r in rows if AsyncWeb3.to_checksum_address(r["account"]) in mine]
         return C.Pending(txs=[
             C.TxInfo(tx_hash=r["tx_hash"], kind=r["kind"], ref=r["ref"], account=r["account"], status="pending")
-            for r in ledger.pending_txs(self.store.conn, req.account)])
+            for r in rows])
 
 
 try:  # web3's log-processing error policy

@@ -49,10 +49,11 @@ _ID = re.compile(m.ID_PATTERN)
 # request-error codes of the chain and auction services -> HTTP status
 STATUS_OF_CODE: dict[str, int] = {
     "not_found": 404, "unknown_account": 404,
-    "not_allowed": 403,
+    "not_allowed": 403, "not_your_account": 403,
+    "too_many_attempts": 429,
     "invalid": 422, "bad_request": 422, "bad_amount": 422,
     "locked": 401,
-    "timeout": 503, "unavailable": 503, "chain_unavailable": 503,
+    "timeout": 503, "unavailable": 503, "chain_unavailable": 503, "busy": 503,
 }
 CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer", "insufficient_escrow",
             "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
@@ -317,10 +318,18 @@ class Gateway:
                 cmd.Unlock(address=body.address, passphrase=body.passphrase, ttl_s=self.settings.session_ttl_s),
                 timeout=self.settings.gateway_rpc_timeout_s)
         except RequestError as e:
-            if e.code in ("bad_passphrase", "unknown_account", "invalid", "bad_request", "keystore"):
+            # another site's account is refused by the chain service: to a person, a wrong account
+            if e.code in ("bad_passphrase", "unknown_account", "not_your_account", "invalid", "bad_request",
+                          "keystore"):
                 self.throttle.failed(keys, self.clock())
                 self.metrics.logins.labels("failed").inc()
                 raise ApiError(401, "bad_credentials", "wrong account or passphrase") from None
+            if e.code == "too_many_attempts":  # the chain service's own throttle
+                self.metrics.logins.labels("throttled").inc()
+                found = re.search(r"try again in (\d+) s", e.message)
+                wait_s = found.group(1) if found else "60"
+                raise ApiError(429, "too_many_attempts", f"too many failed logins; try again in {wait_s} s",
+                               {"Retry-After": wait_s}) from None
             raise from_request_error(e, "chain") from None
         self.throttle.succeeded([keys[0]])
         self.metrics.logins.labels("ok").inc()
@@ -392,12 +401,12 @@ class Gateway:
 
     async def mining(self, request: web.Request, session: Session) -> m.MiningOut:
         r: cmd.Mining = await self.ask_chain(cmd.SetMining(action="status"))
-        return m.MiningOut(mining=r.mining, supported=r.supported, detail=r.detail)
+        return m.MiningOut(mining=r.mining, supported=r.supported, detail=r.detail, controllable=r.controllable)
 
     async def set_mining(self, request: web.Request, session: Session, body: m.MiningIn) -> m.MiningOut:
         r: cmd.Mining = await self.ask_chain(cmd.SetMining(action=body.action),
                                              self.cmd_id(request, session, "mining"))
-        return m.MiningOut(mining=r.mining, supported=r.supported, detail=r.detail)
+        return m.MiningOut(mining=r.mining, supported=r.supported, detail=r.detail, controllable=r.controllable)
 
     # --- market ------------------------------------------------------------------------
 

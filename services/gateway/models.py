@@ -213,6 +213,7 @@ class MiningOut(Out):
     mining: bool
     supported: bool
     detail: str = ""
+    controllable: bool = True
 
 
 class OfferOut(Out):

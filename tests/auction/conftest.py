@@ -14,7 +14,7 @@ import zmq.asyncio
 
 from services.auction.config import AuctionSettings
 from services.auction.service import AuctionService
-from services.bus import RpcClient, RpcServer, Store
+from services.bus import Caller, RpcClient, RpcServer, Store
 from services.bus import commands as cmd
 from services.bus.errors import RequestError
 from tests.conftest import Grid, Sources  # noqa: F401 - the shared hub fixture `grid` builds it
@@ -22,12 +22,33 @@ from tests.conftest import Grid, Sources  # noqa: F401 - the shared hub fixture 
 SELLER = "0x" + "5e" * 20
 BUYERS = ["0x" + c * 40 for c in "bcd"]
 OPERATOR = "0x" + "f" * 40
+# each account belongs to one site (the chain service says whose, with its balances)
+SITES = {SELLER.lower(): "solar-1", OPERATOR.lower(): "market", **{b.lower(): "home-7" for b in BUYERS}}
+
+
+def site_of(address: str) -> str:
+    return SITES.get(address.lower(), "")
+
+
+def acting_site(req: cmd.Request) -> str:
+    """The site that sends ``req`` in these tests: the one it acts for."""
+    if isinstance(req, cmd.PlaceOffer):
+        return req.seller_site
+    if isinstance(req, cmd.PlaceBid):
+        return req.buyer_site
+    if isinstance(req, cmd.PlaceOrder):
+        return req.site
+    if isinstance(req, cmd.CancelOffer):
+        return site_of(req.seller) or "solar-1"
+    if isinstance(req, cmd.CloseTrade):
+        return site_of(req.by) or "home-7"
+    return "home-7"
 
 
 @dataclass
 class FakeChain:
-    """STAND-IN for the chain service (built in parallel): a real RpcServer on a real
-    socket that answers GetBalances from a dict and nothing else."""
+    """STAND-IN for the chain service: a real RpcServer on a real socket that answers
+    GetBalances (with the site each account belongs to) from a dict and nothing else."""
 
     balances: dict[str, cmd.Balances] = field(default_factory=dict)
     asked: int = 0
@@ -35,17 +56,19 @@ class FakeChain:
     gate: asyncio.Event | None = None
     """While set to a closed gate, GetBalances waits: a slow chain."""
 
-    def set(self, address: str, *, escrow_free_wei: int = 0, tokens_wh: int = 0) -> None:
+    def set(self, address: str, *, escrow_free_wei: int = 0, tokens_wh: int = 0, site: str | None = None) -> None:
+        """``site``: default the one in SITES, else solar-1 for an account with tokens, home-7 without."""
+        site = site if site is not None else site_of(address) or ("solar-1" if tokens_wh else "home-7")
         self.balances[address.lower()] = cmd.Balances(address=address, ether_wei=10**18,
-                                                      escrow_free_wei=escrow_free_wei, tokens_wh=tokens_wh)
+                                                      escrow_free_wei=escrow_free_wei, tokens_wh=tokens_wh, site=site)
 
-    async def get_balances(self, req: cmd.GetBalances) -> cmd.Balances:
+    async def get_balances(self, req: cmd.GetBalances, caller: Caller) -> cmd.Balances:
         self.asked += 1
         if self.gate is not None:
             await self.gate.wait()
         bal = self.balances.get(req.address.lower())
-        if bal is None:
-            raise RequestError("not_found", f"unknown account {req.address}")
+        if bal is None:  # as the chain service: public balances, and no site for an account it does not hold
+            return cmd.Balances(address=req.address, ether_wei=0)
         return bal
 
 
@@ -81,27 +104,35 @@ def settings(grid: Grid, chain_rpc: str, **kw: object) -> AuctionSettings:
 
 
 class Running:
-    """An in-process auction service and a client of it (a buyer site's keys)."""
+    """An in-process auction service and clients of it, one per site (each with its site's
+    keys): ``call(req)`` sends as the site the request acts for (``acting_site``), or as
+    ``site=...``."""
 
     def __init__(self, grid: Grid, s: AuctionSettings) -> None:
         self.grid, self.settings = grid, s
         self.service = AuctionService(s)
         self.ctx = zmq.asyncio.Context()
-        self.sec = grid.security("home-7")
+        self.clients: dict[str, RpcClient] = {}
 
     async def __aenter__(self) -> Running:
         await self.service.start()
         self.endpoint = self.service.rpc.endpoint
-        self.client = RpcClient(self.ctx, self.sec, self.endpoint, server_site="market", timeout_s=10)
         return self
 
+    def client(self, site: str) -> RpcClient:
+        if site not in self.clients:
+            self.clients[site] = RpcClient(self.ctx, self.grid.security(site), self.endpoint, server_site="market",
+                                           timeout_s=10)
+        return self.clients[site]
+
     async def __aexit__(self, *exc: object) -> None:
-        await self.client.close()
+        for c in self.clients.values():
+            await c.close()
         await self.service.stop()
         self.ctx.destroy(linger=0)
 
-    async def call(self, req: cmd.Request, **kw: object) -> cmd.Reply:
-        return await self.client.request(req, **kw)  # type: ignore[arg-type]
+    async def call(self, req: cmd.Request, *, site: str | None = None, **kw: object) -> cmd.Reply:
+        return await self.client(site or acting_site(req)).request(req, **kw)  # type: ignore[arg-type]
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.settings.data_dir / "auction.sqlite")

@@ -127,8 +127,9 @@ async def test_sigkill_during_a_stream_of_bids_loses_nothing_and_doubles_nothing
     rnd = random.Random(int.from_bytes(os.urandom(4), "big"))
     market = Market(grid, fake_chain, free_port())
     ctx = zmq.asyncio.Context()
-    sec = grid.security("home-7")
-    clients = [RpcClient(ctx, sec, market.endpoint, server_site="market") for _ in range(len(BUYERS) + 1)]
+    # the seller's site offers, the buyers' site bids: each with its own key
+    clients = [RpcClient(ctx, grid.security("solar-1"), market.endpoint, server_site="market")]
+    clients += [RpcClient(ctx, grid.security("home-7"), market.endpoint, server_site="market") for _ in BUYERS]
     s = Stream()
     try:
         market.start()
@@ -147,7 +148,9 @@ async def test_sigkill_during_a_stream_of_bids_loses_nothing_and_doubles_nothing
         # retry every request that got no answer, with its own command id: each runs at most once
         for req, cmd_id in s.unknown:
             try:
-                rep = await clients[0].request(req, timeout=5.0, cmd_id=cmd_id)
+                # a retry comes from the same site (command ids are remembered per site)
+                by = clients[0] if isinstance(req, cmd.PlaceOffer) else clients[1]
+                rep = await by.request(req, timeout=5.0, cmd_id=cmd_id)
             except RequestError:
                 continue
             if isinstance(rep, cmd.BidAccepted):

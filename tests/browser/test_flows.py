@@ -16,8 +16,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import zmq.asyncio
 from playwright.async_api import Locator, Page, expect
 
+from services.bus import RpcClient, Security
+from services.bus import commands as cmd
 from tests.gateway.realstack import Person, RealStack
 
 pytestmark = pytest.mark.browser
@@ -25,6 +28,19 @@ WAIT = 60_000  # ms: how long a page may take to show what the grid does (a dead
 DOCS_SHOT = pathlib.Path(__file__).resolve().parents[2] / "docs" / "trade.png"
 ELSEWHERE = "0x" + "c3" * 20  # an account outside this grid
 TICK = Decimal("0.000001")  # the page shows Ether truncated to 6 decimals
+
+
+async def set_mining_as_market(grid: RealStack, action: str) -> None:
+    """Mining is started and stopped by the market's site only (with the market's key)."""
+    env = grid.bus_env()
+    ctx = zmq.asyncio.Context()
+    client = RpcClient(ctx, Security(pathlib.Path(env["GRIDTRADE_KEYS_DIR"]), "market"), env["GRIDTRADE_CHAIN_RPC"],
+                       server_site="market")
+    try:
+        await client.request(cmd.SetMining(action=action), timeout=30)  # type: ignore[arg-type]
+    finally:
+        await client.close()
+        ctx.destroy(linger=0)
 
 
 async def open_wallet(browser: Any, url: str, who: Person) -> tuple[Any, Page]:
@@ -159,8 +175,10 @@ async def test_sell_bid_trade_close_transfer_and_mining(browser: Any, real_grid:
         after_first = await number(grid, buyer.locator("#balance"), "the balance to drop by 1.25 Ether and gas",
                                    lambda n: start - Decimal("1.26") < n <= start - Decimal("1.25") + TICK)
 
-        # stop mining: the next transfer stays pending until mining starts again
-        await seller.click("#mining-stop")
+        # a site's wallet shows mining but cannot switch it; the market stops it: the next
+        # transfer stays pending until the market starts mining again
+        await expect(seller.locator("#mining-stop")).to_be_disabled(timeout=WAIT)
+        await set_mining_as_market(grid, "stop")
         await expect(seller.locator("#mining-state")).to_have_text("off", timeout=WAIT)
         await expect(buyer.locator("#mining-state")).to_have_text("off", timeout=WAIT)  # pushed, no reload
         await buyer.fill("#transfer-amount", "0.5")
@@ -174,7 +192,8 @@ async def test_sell_bid_trade_close_transfer_and_mining(browser: Any, real_grid:
         await expect(buyer.locator(f'#pending li[data-hash="{second}"]')).to_have_count(1, timeout=WAIT)
         assert await number(grid, buyer.locator("#balance"), "the balance", lambda n: True) == after_first
         await shot(buyer, artifacts_dir, "5-transfer-pending")
-        await seller.click("#mining-start")
+        await expect(seller.locator("#mining-start")).to_be_disabled(timeout=WAIT)
+        await set_mining_as_market(grid, "start")
         await expect(buyer.locator("#mining-state")).to_have_text("on", timeout=WAIT)
         await expect(buyer.locator(f'#pending li[data-hash="{second}"]')).to_have_count(0, timeout=WAIT)
         await number(grid, buyer.locator("#balance"), "the balance to drop by 0.5 Ether and gas",

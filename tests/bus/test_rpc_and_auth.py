@@ -9,7 +9,7 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from services.bus import RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
+from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
 from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
 
 from .conftest import Grid
@@ -26,7 +26,7 @@ async def server(grid: Grid, actx: zmq.asyncio.Context, tmp_path):  # type: igno
     store.conn.execute("CREATE TABLE cancels (offer TEXT)")
     srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
 
-    async def cancel(req: CancelOffer) -> Ok:
+    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
         if req.offer_id == "bad":
             raise RequestError("not_found", "no offer 'bad'")
         store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
@@ -35,7 +35,7 @@ async def server(grid: Grid, actx: zmq.asyncio.Context, tmp_path):  # type: igno
         await asyncio.sleep(0.05)
         return Ok()
 
-    async def ping(req: Ping) -> Pong:
+    async def ping(req: Ping, caller: Caller) -> Pong:
         return Pong(node="market/test", uptime_s=1.0)
 
     srv.handle(CancelOffer, cancel)
@@ -105,7 +105,7 @@ async def test_timeout_then_retry_with_the_same_id_executes_once(grid: Grid, act
     srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
     gate = asyncio.Event()
 
-    async def slow_cancel(req: CancelOffer) -> Ok:
+    async def slow_cancel(req: CancelOffer, caller: Caller) -> Ok:
         store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
         await gate.wait()
         return Ok()
@@ -184,14 +184,14 @@ async def test_prefetch_runs_outside_the_transaction_and_a_retry_skips_it(grid: 
     srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
     fetched: list[str] = []
 
-    async def prefetch(req: CancelOffer) -> str:
+    async def prefetch(req: CancelOffer, caller: Caller) -> str:
         assert not store.in_transaction
         fetched.append(req.offer_id)
         if req.offer_id == "gone":
             raise RequestError("not_found", "asked elsewhere: no such offer")
         return f"seen-{req.offer_id}"
 
-    async def cancel(req: CancelOffer, seen: str) -> Ok:
+    async def cancel(req: CancelOffer, caller: Caller, seen: str) -> Ok:
         assert store.in_transaction
         store.conn.execute("INSERT INTO cancels VALUES (?, ?)", (req.offer_id, seen))
         return Ok()
@@ -209,3 +209,126 @@ async def test_prefetch_runs_outside_the_transaction_and_a_retry_skips_it(grid: 
     await client.close()
     await srv.stop()
     sec.stop()
+
+
+async def test_a_handler_knows_which_site_asked_whatever_the_body_says(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sec = grid.security("market")
+    sec.start(actx)
+    store = Store(tmp_path / "srv.sqlite")
+    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+    seen: list[tuple[str, str | None]] = []
+
+    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
+        seen.append((req.offer_id, caller.site))
+        return Ok()
+
+    async def ping(req: Ping, caller: Caller) -> Pong:
+        return Pong(node=str(caller), uptime_s=0.0)
+
+    srv.handle(CancelOffer, cancel)
+    srv.handle(Ping, ping)
+    await srv.start()
+    clients = {site: RpcClient(actx, grid.security(site), srv.endpoint) for site in ("home-7", "probe")}
+    try:
+        assert (await clients["home-7"].request(Ping())).node == "home-7"
+        assert (await clients["probe"].request(Ping())).node == "probe"
+        # the same command id from two sites: two commands; neither site gets the other's reply
+        await clients["home-7"].request(CancelOffer(offer_id="o-home", seller=ADDR), cmd_id="shared")
+        await clients["probe"].request(CancelOffer(offer_id="o-probe", seller=ADDR), cmd_id="shared")
+        await clients["home-7"].request(CancelOffer(offer_id="o-home", seller=ADDR), cmd_id="shared")  # a retry
+        assert seen == [("o-home", "home-7"), ("o-probe", "probe")]
+        # a request on a socket without CURVE has no identity
+        assert (await srv.execute(wrap(Ping(), "local").model_dump_json().encode())).result == \
+            {"node": "(no identity)", "uptime_s": 0.0}
+    finally:
+        for c in clients.values():
+            await c.close()
+        await srv.stop()
+        sec.stop()
+
+
+async def test_a_flood_from_one_site_gets_busy_while_another_site_is_served(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sec = grid.security("market")
+    sec.start(actx)
+    store = Store(tmp_path / "srv.sqlite")
+    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
+    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*", max_inflight_per_site=4)
+    gate = asyncio.Event()
+
+    async def ping(req: Ping, caller: Caller) -> Pong:
+        if caller.site == "probe":
+            await gate.wait()  # the flood's requests hang: they hold their site's slots
+        return Pong(node=str(caller), uptime_s=0.0)
+
+    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
+        store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
+        return Ok()
+
+    srv.handle(Ping, ping)
+    srv.handle(CancelOffer, cancel)
+    await srv.start()
+    probe = RpcClient(actx, grid.security("probe"), srv.endpoint, timeout_s=20)
+    home = RpcClient(actx, grid.security("home-7"), srv.endpoint, timeout_s=20)
+    try:
+        flood = [asyncio.create_task(probe.request(Ping())) for _ in range(30)]
+        await until(lambda: sum(t.done() for t in flood) >= 26)
+        busy = [t for t in flood if t.done()]
+        assert len(busy) == 26 and all(isinstance(t.exception(), RequestError) and t.exception().code == "busy"
+                                       for t in busy)
+        assert "nothing was done" in busy[0].exception().message
+        # a busy command was not done and is not remembered: the same id runs later
+        with pytest.raises(RequestError) as e:
+            await probe.request(CancelOffer(offer_id="o-later", seller=ADDR), cmd_id="later")
+        assert e.value.code == "busy" and cancels(store) == []
+        # meanwhile another site is served at once
+        for _ in range(10):
+            assert (await home.request(Ping(), timeout=5)).node == "home-7"
+        assert srv.inflight["probe"] == 4 and srv.busy.get("home-7", 0) == 0
+        gate.set()
+        assert [(await t).node for t in flood if t not in busy] == ["probe"] * 4
+        assert await probe.request(CancelOffer(offer_id="o-later", seller=ADDR), cmd_id="later") == Ok()
+        assert cancels(store) == ["o-later"] and "probe" not in srv.inflight
+    finally:
+        gate.set()
+        await probe.close()
+        await home.close()
+        await srv.stop()
+        sec.stop()
+
+
+async def test_stored_replies_are_pruned_by_age_and_kept_within_the_window(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sec = grid.security("market")
+    sec.start(actx)
+    store = Store(tmp_path / "srv.sqlite")
+    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
+    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*", commands_keep_s=3600)
+
+    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
+        store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
+        return Ok()
+
+    srv.handle(CancelOffer, cancel)
+    await srv.start()
+    client = RpcClient(actx, grid.security("home-7"), srv.endpoint)
+    try:
+        for cid in ("old", "new"):
+            await client.request(CancelOffer(offer_id=cid, seller=ADDR), cmd_id=cid)
+        store.conn.execute("UPDATE bus_commands SET ts = ts - 7200 WHERE cmd_id = 'home-7|old'")
+        assert await srv.prune() == 1
+        assert [r[0] for r in store.conn.execute("SELECT cmd_id FROM bus_commands")] == ["home-7|new"]
+        await client.request(CancelOffer(offer_id="new", seller=ADDR), cmd_id="new")  # within the window: once
+        assert cancels(store) == ["old", "new"]
+    finally:
+        await client.close()
+        await srv.stop()
+        sec.stop()
+
+
+def test_drop_counts_keep_a_bounded_set_of_causes() -> None:
+    from services.bus.transport import DropCounter
+
+    d = DropCounter("test")
+    for i in range(1000):
+        d.drop(f"cause-{i}" * 20, "x" * 10_000)
+    assert len(d.counts) <= DropCounter.MAX_CAUSES + 1 and sum(d.counts.values()) == 1000
+    assert all(len(c) <= 60 for c in d.counts) and d.counts["other"] > 0

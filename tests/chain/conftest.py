@@ -79,7 +79,10 @@ class Listener:
 class Peer:
     """A test participant on the bus: publishers (each event as its proper source: the
     meters of the site it names, the market's auction), a listener and a client (as site
-    'tester')."""
+    'tester').
+
+    ``request(req, site=...)`` sends as another site (with that site's key): an account
+    is only acted for when its own site asks, mining is controlled by the market."""
 
     ctx: zmq.asyncio.Context
     pub: Sources
@@ -87,12 +90,28 @@ class Peer:
     listener: Listener
     client: RpcClient
     store: Store
+    keys: pathlib.Path | None = None
+    others: dict[str, RpcClient] = field(default_factory=dict)
 
     async def publish(self, body: Any) -> Any:
         return await self.pub.publish(body)
 
-    async def request(self, req: Any, **kw: Any) -> Any:
-        return await self.client.request(req, timeout=30, **kw)
+    def client_of(self, site: str) -> RpcClient:
+        if site not in self.others:
+            assert self.keys is not None
+            self.others[site] = RpcClient(self.ctx, Security(self.keys, site), self.client.endpoint,
+                                          server_site="market")
+        return self.others[site]
+
+    async def request(self, req: Any, *, site: str | None = None, **kw: Any) -> Any:
+        client = self.client if site is None else self.client_of(site)
+        return await client.request(req, timeout=30, **kw)
+
+    async def close_clients(self) -> None:
+        await self.client.close()
+        for c in self.others.values():
+            await c.close()
+        self.others.clear()
 
 
 @pytest.fixture
@@ -114,7 +133,7 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
         sub = Subscriber(ctx, sec, store, hub_sub=bus.hub_sub, prefixes=["chain."], handler=handler)
         await sub.start()
         client = RpcClient(ctx, sec, endpoint, server_site="market")
-        p = Peer(ctx, pub, sub, listener, client, store)
+        p = Peer(ctx, pub, sub, listener, client, store, keys=bus.keys)
         p.security = sec  # type: ignore[attr-defined]
         made.append(p)
         await asyncio.wait_for(sub.connected.wait(), 10)
@@ -122,7 +141,7 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
 
     yield make
     for p in made:
-        await p.client.close()
+        await p.close_clients()
         await p.sub.stop()
         await p.pub.stop()
         p.store.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import stat
+import tempfile
 
 import pytest
 from eth_account import Account
@@ -18,9 +19,9 @@ from services.chain.sessions import Sessions
 def test_keystore_roundtrip_scrypt_and_errors(tmp_path: pathlib.Path) -> None:
     ks = Keystore(tmp_path / "ks", scrypt_n=2**10)
     key = Account.create().key
-    kf = ks.add(key, "pw", name="alice")
+    kf = ks.add(key, "pw", name="alice", site="home-7")
     data = json.loads(kf.path.read_text())
-    assert data["version"] == 3 and data["crypto"]["kdf"] == "scrypt"
+    assert data["version"] == 3 and data["crypto"]["kdf"] == "scrypt" and data["site"] == "home-7"
     assert key.hex() not in kf.path.read_text()
     assert stat.S_IMODE(kf.path.stat().st_mode) == 0o600
     assert ks.decrypt(kf.address, "pw") == bytes(key)
@@ -32,7 +33,7 @@ def test_keystore_roundtrip_scrypt_and_errors(tmp_path: pathlib.Path) -> None:
         ks.add(key, "pw")  # already there
     with pytest.raises(KeystoreError):
         ks.add("0x1234", "pw")
-    assert [(k.address, k.name) for k in ks.list()] == [(kf.address, "alice")]
+    assert [(k.address, k.name, k.site) for k in ks.list()] == [(kf.address, "alice", "home-7")]
 
 
 def test_account_cli_new_import_list(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
@@ -55,6 +56,29 @@ def test_account_cli_new_import_list(tmp_path: pathlib.Path, monkeypatch: pytest
     ks = Keystore(tmp_path / "keystore")
     assert ks.decrypt(created, "s3cret") and ks.decrypt(imported, "env-secret") == bytes(key)
     assert main(["account", "--data-dir", str(tmp_path), "import", "--key-file", str(kfile)]) == 1  # twice
+    # every account belongs to a site: --site, else the site its name starts with, else this host's
+    (tmp_path / "keys" / "allowed").mkdir(parents=True)
+    (tmp_path / "keys" / "allowed" / "home-7.key").write_text(zmq_public_key())
+    assert main(["account", "--data-dir", str(tmp_path), "new", "--site", "solar-1", "--passphrase-file", str(pw)]) == 0
+    solar = capsys.readouterr().out.strip()
+    assert main(["account", "--data-dir", str(tmp_path), "new", "--name", "home-7 carol",
+                 "--passphrase-file", str(pw)]) == 0
+    carol = capsys.readouterr().out.strip()
+    assert main(["account", "--data-dir", str(tmp_path), "new", "--site", "Not A Site",
+                 "--passphrase-file", str(pw)]) == 1
+    assert "not a site name" in capsys.readouterr().err
+    assert main(["account", "--data-dir", str(tmp_path), "list"]) == 0
+    sites = {line.split("\t")[0]: line.split("\t")[1] for line in capsys.readouterr().out.splitlines()}
+    assert sites == {created: "market", imported: "market", solar: "solar-1", carol: "home-7"}
+    assert {kf.address: kf.site for kf in ks.list()}[solar] == "solar-1"
+
+
+def zmq_public_key() -> str:
+    import zmq.auth
+
+    with tempfile.TemporaryDirectory() as d:
+        public, _ = zmq.auth.create_certificates(d, "k")
+        return pathlib.Path(public).read_text()
 
 
 def test_sessions_expire_and_lock() -> None:

@@ -18,14 +18,14 @@ from .conftest import PASS, Bus, chain_settings, start_chain, wait_until
 async def test_embedded_restart_is_a_fresh_chain(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     settings = chain_settings(bus, tmp_path / "chain", "embedded")
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    alice, bob = ks.new(PASS).address, ks.new(PASS).address
+    alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
     svc = await start_chain(settings)
     try:
         peer = await peer_factory(svc.servers[0].endpoint)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
         await wait_until(lambda: not svc.txm.pending())
         first = ledger.get_meta(svc.store.conn, "deployment")
-        await peer.request(C.SetMining(action="stop"))
+        await peer.request(C.SetMining(action="stop"), site="market")
         stale = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=1))).tx_hash
     finally:
         await svc.stop()

@@ -34,8 +34,9 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
     settings = chain_settings(bus, tmp_path / "chain", url)
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
     key = Account.create().key
-    alice = ks.add(key, PASS, name="alice").address
-    bob = ks.new(PASS).address
+    # the peer calls as site 'tester': its accounts belong to that site
+    alice = ks.add(key, PASS, name="alice", site="tester").address
+    bob = ks.new(PASS, site="tester").address
     stranger = Account.create().address
     svc = await start_chain(settings)
     try:
@@ -89,22 +90,22 @@ async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest
         proc, url = None, "embedded"
     settings = chain_settings(bus, tmp_path / "chain", url)
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    alice, bob = ks.new(PASS).address, ks.new(PASS).address
+    alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
     svc = await start_chain(settings)
     try:
         peer = await peer_factory(svc.servers[0].endpoint)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
         await peer.listener.wait_for(lambda: not svc.txm.pending())
         start = (await peer.request(C.GetBalances(address=bob))).ether_wei
-        assert (await peer.request(C.SetMining(action="status"))).mining is True
-        stopped = await peer.request(C.SetMining(action="stop"))
+        assert (await peer.request(C.SetMining(action="status"), site="market")).mining is True
+        stopped = await peer.request(C.SetMining(action="stop"), site="market")  # the market controls mining
         assert (stopped.mining, stopped.supported) == (False, True)
         hashes = [(await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=n))).tx_hash for n in (5, 7)]
         pending = await peer.request(C.ListPending())
         assert [t.tx_hash for t in pending.txs] == hashes
         await peer.listener.wait_for(lambda: peer.listener.of(E.MiningChanged))
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start
-        await peer.request(C.SetMining(action="start"))
+        await peer.request(C.SetMining(action="start"), site="market")
         await peer.listener.wait_for(lambda: {u.tx_hash for u in peer.listener.of(E.TxUpdate)
                                               if u.status == "confirmed"} >= set(hashes))
         assert (await peer.request(C.ListPending())).txs == []

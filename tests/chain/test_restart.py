@@ -78,7 +78,8 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
     anvil, url = start_anvil()
     data = tmp_path / "chain"
     ks = Keystore(data / "keystore", scrypt_n=1024)
-    seller, buyer, bob = ks.new(PASS).address, ks.new(PASS).address, ks.new(PASS).address
+    seller, buyer = ks.new(PASS, site="solar-1").address, ks.new(PASS, site="home-7").address
+    bob = ks.new(PASS, site="home-7").address
     svc = ChainProcess(bus, data, url, tmp_path / "chain.log")
     w3 = AsyncWeb3(AsyncHTTPProvider(url))
     try:
@@ -86,25 +87,25 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         peer = await peer_factory(svc.endpoint)
         await up(peer)
         ev = peer.listener
-        for a in (seller, buyer):
-            await peer.request(C.Unlock(address=a, passphrase=PASS))
+        for a, site in ((seller, "solar-1"), (buyer, "home-7")):
+            await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
         await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=seller,
                                                 kwh_index=0))
         await ev.wait_for(lambda: ev.of(E.Minted))
-        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18))
-        appr = await peer.request(C.Approve(account=seller, wh=1000))
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18), site="home-7")
+        appr = await peer.request(C.Approve(account=seller, wh=1000), site="solar-1")
         await ev.wait_for(lambda: {dep.tx_hash, appr.tx_hash} <= {u.tx_hash for u in ev.of(E.TxUpdate)
                                                                  if u.status == "confirmed"})
         bob_start = await w3.eth.get_balance(bob)
 
         # 1) mining stopped: a mint, an open and a transfer are sent and stay pending; SIGKILL
-        await peer.request(C.SetMining(action="stop"))
+        await peer.request(C.SetMining(action="stop"), site="market")
         await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/1", site="solar-1", meter="m1", account=seller,
                                                 kwh_index=1))
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
                      wh=1000, price_wei_per_kwh=PRICE)
         await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
-        await peer.request(C.Transfer(sender=seller, to=bob, amount_wei=1))
+        await peer.request(C.Transfer(sender=seller, to=bob, amount_wei=1), site="solar-1")
         for _ in range(600):
             if await txpool_size(w3) == 3:
                 break
@@ -114,12 +115,12 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
 
         svc.start()
         await up(peer)
-        assert len((await peer.request(C.ListPending())).txs) == 3
-        await peer.request(C.SetMining(action="start"))
+        assert len((await peer.request(C.ListPending(), site="market")).txs) == 3  # the market sees all
+        await peer.request(C.SetMining(action="start"), site="market")
         await ev.wait_for(lambda: ev.of(E.TradeRecorded) and len(ev.of(E.Minted)) == 2)
 
         # 2) a settlement pending at the kill; then the close
-        await peer.request(C.SetMining(action="stop"))
+        await peer.request(C.SetMining(action="stop"), site="market")
         await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
                                           delivered_wh=600))
         for _ in range(600):
@@ -130,7 +131,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         svc.kill()
         svc.start()
         await up(peer)
-        await peer.request(C.SetMining(action="start"))
+        await peer.request(C.SetMining(action="start"), site="market")
         await ev.wait_for(lambda: ev.of(E.Settled))
         await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
         await ev.wait_for(lambda: ev.of(E.TradeClosedOnChain))
@@ -196,7 +197,7 @@ async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib
     anvil = run_anvil()
     settings = chain_settings(bus, tmp_path / "chain", url)
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    alice, bob = ks.new(PASS).address, ks.new(PASS).address
+    alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
     svc = await start_chain(settings)
     try:
         peer = await peer_factory(svc.servers[0].endpoint)

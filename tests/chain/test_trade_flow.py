@@ -39,13 +39,14 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
     # an early close waits for the buyer meter's final reading, not for a grace period
     settings = chain_settings(bus, tmp_path / "chain", url, close_grace_s=600)
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    seller, buyer = ks.new(PASS, name="solar").address, ks.new(PASS, name="home").address
+    seller = ks.new(PASS, name="solar", site="solar-1").address
+    buyer = ks.new(PASS, name="home", site="home-7").address
     svc = await start_chain(settings)
     reader: AsyncWeb3 | None = None
     try:
         peer = await peer_factory(svc.servers[0].endpoint)
-        for a in (seller, buyer):
-            await peer.request(C.Unlock(address=a, passphrase=PASS))
+        for a, site in ((seller, "solar-1"), (buyer, "home-7")):  # each site unlocks its own account
+            await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
 
         # two kWh produced (one reading reported twice): two tokens, minted once each
         for idx in (0, 1, 0):
@@ -53,8 +54,8 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
                                                     account=seller, kwh_index=idx, wh=1000))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 2)
 
-        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT))
-        appr = await peer.request(C.Approve(account=seller, wh=1500))
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
+        appr = await peer.request(C.Approve(account=seller, wh=1500), site="solar-1")
         await settled(peer, [dep.tx_hash, appr.tx_hash])
 
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
@@ -120,18 +121,18 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
     settings = chain_settings(bus, tmp_path / "chain", url, settle_window_s=0.5)
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    seller, buyer = ks.new(PASS).address, ks.new(PASS).address
+    seller, buyer = ks.new(PASS, site="solar-1").address, ks.new(PASS, site="home-7").address
     svc = await start_chain(settings)
     try:
         peer = await peer_factory(svc.servers[0].endpoint)
-        for a in (seller, buyer):
-            await peer.request(C.Unlock(address=a, passphrase=PASS))
+        for a, site in ((seller, "solar-1"), (buyer, "home-7")):
+            await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
         for idx in range(3):
             await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
                                                     account=seller, kwh_index=idx))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 3)
-        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT))
-        appr = await peer.request(C.Approve(account=seller, wh=3000))
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
+        appr = await peer.request(C.Approve(account=seller, wh=3000), site="solar-1")
         await settled(peer, [dep.tx_hash, appr.tx_hash])
         ids = [f"b-{i}" for i in range(3)]
         for tid in ids:

@@ -341,7 +341,9 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     ks = Keystore(tmp_keystore := hosts.data / "mkt" / "chain" / "keystore", scrypt_n=2**12)
     tmp_keystore.mkdir(parents=True)
     prod_pw, cons_pw = "sunny-roof-1", "cosy-home-7"
-    prod_addr, cons_addr = ks.new(prod_pw, name="producer").address, ks.new(cons_pw, name="consumer").address
+    # each account belongs to its site: only that site's gateway (its key) can use it
+    prod_addr = ks.new(prod_pw, name="producer", site=SITES["prd"]).address
+    cons_addr = ks.new(cons_pw, name="consumer", site=SITES["con"]).address
 
     # the market host: anvil, hub, chain, auction
     hosts.start("anvil", "mkt", [str(ANVIL), "--host", m, "--port", "8545", "--silent"], dict(os.environ), None)

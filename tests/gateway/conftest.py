@@ -28,8 +28,11 @@ SERVICES = ("hub", "chain", "auction", "meter-solar-1", "meter-home-7")
 
 @pytest.fixture(scope="package")
 def real_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
+    # the tests here fail logins on purpose to exercise each gateway's own throttle; the chain
+    # service's throttle behind it (tests/chain/test_sites.py) gets room so later tests can log in
     grid = RealStack(tmp_path_factory.mktemp("gateway-grid"), chain_url="embedded", time_scale=1440,
-                     meter_env={"meter-home-7": CONSUMER_SITE}, env={"GRIDTRADE_HEARTBEAT_S": "0.5"},
+                     meter_env={"meter-home-7": CONSUMER_SITE},
+                     env={"GRIDTRADE_HEARTBEAT_S": "0.5", "GRIDTRADE_UNLOCK_MAX_FAILURES": "50"},
                      only=SERVICES, extra_accounts=[("third", "home-7 third")], scrypt_n=2**10)
     grid.start()
     grid.prepared = False  # type: ignore[attr-defined]

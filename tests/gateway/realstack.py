@@ -79,16 +79,16 @@ class RealStack:
             ks = Keystore(ks_dir, scrypt_n=self.scrypt_n)
             for label in (f"{launcher.PRODUCER} producer", f"{launcher.CONSUMER} consumer"):
                 made[label] = pw = f"{label.split()[1]}-passphrase"
-                ks.new(pw, name=label)
+                ks.new(pw, name=label, site=label.split()[0])
         self.options, shown = launcher.prepare(opts, reset=False)
         shown = {**made, **shown}
         assert set(shown) == {"solar-1 producer", "home-7 consumer"}, shown
         self.people["producer"] = Person(self.options.producer_account, shown["solar-1 producer"], "solar-1 producer")
         self.people["consumer"] = Person(self.options.consumer_account, shown["home-7 consumer"], "home-7 consumer")
         ks = Keystore(ks_dir, scrypt_n=self.scrypt_n or 2**18)
-        for key, label in self.extra_accounts:
+        for key, label in self.extra_accounts:  # "<site> <label>": the account belongs to that site
             pw = f"{key}-passphrase"
-            self.people[key] = Person(ks.new(pw, name=label).address, pw, label)
+            self.people[key] = Person(ks.new(pw, name=label, site=label.split()[0]).address, pw, label)
         self.procs = launcher.plan(self.options)
         for p in self.procs:
             if p.name.startswith("meter-"):

@@ -84,6 +84,10 @@ async def test_login_sets_a_strict_httponly_cookie_and_logout_locks(stack: Stack
         assert "httponly" in low and "samesite=strict" in low and "path=/" in low
         assert producer.passphrase not in cookie
         assert await unlocked()
+        async with h.get(base + "/api/mining") as r:  # shown at a site, switched by the market only
+            assert r.status == 200 and (await r.json())["controllable"] is False
+        async with h.post(base + "/api/mining", json={"action": "stop"}) as r:
+            assert r.status == 403 and (await error_of(r))["code"] == "not_allowed"
         async with h.get(base + "/api/wallet") as r:
             assert r.status == 200
             w = m.WalletOut.model_validate(await r.json())
@@ -146,6 +150,11 @@ async def test_one_user_cannot_act_for_another(stack: Stack) -> None:
     sell_base, buy_base = stack.url("solar-1"), stack.url("home-7")
     producer, consumer, third_p = stack.producer, stack.consumer, stack.third
     async with http() as seller, http() as buyer, http() as third:
+        # an account logs in only at its own site's gateway: the chain service refuses the
+        # other site's key (to a person: a wrong account), even with the right passphrase
+        async with seller.post(buy_base + "/api/session", json={"address": producer.address,
+                                                                "passphrase": producer.passphrase}) as r:
+            assert r.status == 401 and (await error_of(r))["code"] == "bad_credentials"
         await login(seller, sell_base, producer)
         await login(buyer, buy_base, consumer)
         await login(third, buy_base, third_p)
@@ -307,9 +316,12 @@ async def test_metrics_healthz_openapi_and_the_page(stack: Stack) -> None:
     async with http() as h:
         async with h.get(base + "/healthz") as r:
             assert r.status == 200 and (await r.json())["site"] == "home-7"
-        async with h.get(base + "/api/accounts") as r:  # the chain service's keystore
-            got = {a["address"]: a["name"] for a in (await r.json())["accounts"]}
-        assert got == {p.address: p.name for p in (stack.producer, stack.consumer, stack.third)}
+        async with h.get(base + "/api/accounts") as r:  # the chain service's keystore: this site's accounts only
+            got = {a["address"]: (a["name"], a["site"]) for a in (await r.json())["accounts"]}
+        assert got == {p.address: (p.name, "home-7") for p in (stack.consumer, stack.third)}
+        async with h.get(stack.url("solar-1") + "/api/accounts") as r:
+            got = {a["address"]: (a["name"], a["site"]) for a in (await r.json())["accounts"]}
+        assert got == {stack.producer.address: (stack.producer.name, "solar-1")}
         async with h.get(base + "/metrics") as r:
             text = await r.text()
             assert 'gridtrade_gateway_http_requests_total{route="list_accounts",status="200"} 1.0' in text

@@ -66,8 +66,11 @@ def test_up_starts_everything_prints_the_wallets_and_stops_on_ctrl_c(tmp_path) -
         assert [site for site, _ in urls] == ["solar-1", "home-7"]
         passphrases = dict(re.findall(r"^\s+(solar-1 producer|home-7 consumer)\s+(\S+)$", out, re.M))
         assert len(passphrases) == 2
-        accounts = json.loads(get(urls[0][1] + "api/accounts")[1])["accounts"]
-        assert {a["name"] for a in accounts} == set(passphrases)
+        # each wallet lists its own site's demo account only
+        listed = {site: json.loads(get(url + "api/accounts")[1])["accounts"] for site, url in urls}
+        assert {s: [(a["name"], a["site"]) for a in accts] for s, accts in listed.items()} == {
+            "solar-1": [("solar-1 producer", "solar-1")], "home-7": [("home-7 consumer", "home-7")]}
+        accounts = listed["solar-1"]
         for _, url in urls:
             assert get(url)[0] == 200 and get(url + "healthz")[0] == 200
         kids = children_of(proc.pid)

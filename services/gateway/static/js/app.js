@@ -172,8 +172,10 @@ async function loadMining() {
 function showMining(m) {
   $('#mining-state').textContent = m.supported ? (m.mining ? 'on' : 'off') : 'not controllable here';
   $('#mining-detail').textContent = m.detail || '';
-  $('#mining-start').disabled = !m.supported || m.mining;
-  $('#mining-stop').disabled = !m.supported || !m.mining;
+  // only the market's site may start and stop mining: elsewhere the buttons stay disabled
+  const control = m.supported && m.controllable !== false;
+  $('#mining-start').disabled = !control || m.mining;
+  $('#mining-stop').disabled = !control || !m.mining;
 }
 
 async function setMining(action, button) {
