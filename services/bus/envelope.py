@@ -18,12 +18,10 @@ done later, e.g. a job recorded from an event).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
@@ -37,14 +35,25 @@ current_cause: contextvars.ContextVar[str | None] = contextvars.ContextVar("grid
 """The id of the event or command whose handling is running in this context."""
 
 
-@contextlib.contextmanager
-def caused_by(cause: str | None) -> Iterator[None]:
-    """Events published inside the block carry ``cause`` (unless given one explicitly)."""
-    token = current_cause.set(cause or None)
-    try:
-        yield
-    finally:
-        current_cause.reset(token)
+class caused_by:  # noqa: N801 - used like a function: ``with caused_by(event_id): ...``
+    """Events published inside the block carry ``cause`` (unless given one explicitly).
+    A plain and an async context manager, so it can join ``async with store.atomic()``."""
+
+    def __init__(self, cause: str | None) -> None:
+        self.cause = cause or None
+        self._tokens: list[contextvars.Token[str | None]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(current_cause.set(self.cause))
+
+    def __exit__(self, *exc: object) -> None:
+        current_cause.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
 
 
 class Envelope(BaseModel):
