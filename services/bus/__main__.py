@@ -33,7 +33,7 @@ class _HubMetrics:
         fwd.add_metric([], hub.forwarded)
         yield fwd
         dropped = CounterMetricFamily("gridtrade_hub_dropped", "messages the hub dropped", labels=["cause", "site"])
-        for (cause, site), n in sorted(hub.drops.items()):
+        for (cause, site), n in sorted(hub.drop_counts().items()):
             dropped.add_metric([cause, site], n)
         yield dropped
 
@@ -56,7 +56,7 @@ class HubService(Service):
         hub = self.hub
         return {**super().health(), "endpoints": list(hub.endpoints), "identity_checked": hub.checks,
                 "forwarded": hub.forwarded,
-                "hub_dropped": {f"{cause}/{site}": n for (cause, site), n in sorted(hub.drops.items())}}
+                "hub_dropped": {f"{cause}/{site}": n for (cause, site), n in sorted(hub.drop_counts().items())}}
 
 
 def main(argv: list[str] | None = None) -> int:

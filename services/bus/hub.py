@@ -167,6 +167,10 @@ class Hub:
             pass
         return n
 
+    def drop_counts(self) -> dict[tuple[str, str], int]:
+        """A copy of :attr:`drops`, safe to take from another thread than the proxy's."""
+        return dict(self.drops)  # one C-level copy under the GIL: never sees the dict change size
+
     def _drop(self, cause: str, first: zmq.Frame) -> None:
         try:
             site = first.get("User-Id") or "?"
