@@ -3,7 +3,8 @@
     gridtrade up                      the whole demo on this machine
     gridtrade keys [--site S ...]     create CURVE key pairs (and allow them)
     gridtrade bus hub                 run the hub (XSUB/XPUB proxy)
-    gridtrade bus tail [PREFIX ...]   print events as JSON lines
+    gridtrade bus tail [PREFIX ...]   print events as JSON lines (with their cause)
+    gridtrade bus tail --follow ID    only what ID (an event or command id) led to
     gridtrade bus publish TYPE JSON   publish one event (validated)
     gridtrade meter|auction|chain|gateway [...]   run a service
     gridtrade account new|list|import [...]       keystore accounts
@@ -40,7 +41,40 @@ def _keys(argv: list[str]) -> int:
     return 0
 
 
-async def _tail(prefixes: list[str], count: int | None) -> None:
+class Follow:
+    """The events one id led to: an event whose ``id`` is followed, or whose ``cause`` is,
+    is shown and followed in turn. Events may arrive before their cause (replays come topic
+    by topic), so an event with an unknown cause waits (a bounded number of them) until
+    its cause turns up."""
+
+    WAITING_MAX = 50_000
+
+    def __init__(self, root: str) -> None:
+        self.ids = {root}
+        self.waiting: dict[str, list[Any]] = {}
+        self.n_waiting = 0
+
+    def feed(self, env: Any) -> list[Any]:
+        """The events to show now, in the order they became known to be followed."""
+        if env.id not in self.ids and env.cause not in self.ids:
+            if env.cause:
+                if self.n_waiting >= self.WAITING_MAX:  # forget the oldest causes first
+                    self.n_waiting -= len(self.waiting.pop(next(iter(self.waiting))))
+                self.waiting.setdefault(env.cause, []).append(env)
+                self.n_waiting += 1
+            return []
+        out, todo = [], [env]
+        while todo:
+            e = todo.pop(0)
+            self.ids.add(e.id)
+            out.append(e)
+            more = self.waiting.pop(e.id, [])
+            self.n_waiting -= len(more)
+            todo.extend(more)
+        return out
+
+
+async def _tail(prefixes: list[str], count: int | None, follow: str | None = None) -> None:
     import zmq.asyncio
 
     from services.bus import BusSettings, Security, Store, Subscriber
@@ -49,17 +83,21 @@ async def _tail(prefixes: list[str], count: int | None) -> None:
     ctx = zmq.asyncio.Context()
     seen = 0
     done = asyncio.Event()
+    chain = Follow(follow) if follow else None
 
     def show(env: Any, _conn: Any) -> None:
         nonlocal seen
-        print(env.model_dump_json(), flush=True)
-        seen += 1
-        if count is not None and seen >= count:
-            done.set()
+        for e in chain.feed(env) if chain is not None else [env]:
+            print(e.model_dump_json(), flush=True)
+            seen += 1
+            if count is not None and seen >= count:
+                done.set()
 
     sub = Subscriber(ctx, Security(s.keys, s.site, insecure=s.insecure), Store(":memory:"), hub_sub=s.hub_sub,
                      hub_site=s.hub_site, prefixes=prefixes or [""], handler=show, start="latest", name="tail",
                      authority=s.authority)
+    if chain is not None:  # also what the publishers still keep from before (the "latest" look-back)
+        sub.since = 0.0
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -112,6 +150,8 @@ def _bus(argv: list[str]) -> int:
     t = sub.add_parser("tail", help="print events as JSON lines")
     t.add_argument("prefix", nargs="*", help="topic prefixes, e.g. meter.reading or trade.")
     t.add_argument("--count", type=int, help="exit after this many events")
+    t.add_argument("--follow", metavar="ID", help="only the event ID (or the command ID) and what it led to, "
+                   "cause by cause (e.g. a reading, then its mint; a bid, then its trade, settlements and close)")
     pb = sub.add_parser("publish", help="publish one event, validated against its model")
     pb.add_argument("type", help="event type, e.g. meter.energy_produced")
     pb.add_argument("json", help="the event body as JSON")
@@ -122,7 +162,7 @@ def _bus(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.cmd == "tail":
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_tail(a.prefix, a.count))
+            asyncio.run(_tail(a.prefix, a.count, a.follow))
         return 0
     return asyncio.run(_publish(a.type, a.json))
 

@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS auction_meta (key TEXT PRIMARY KEY, value TEXT NOT NU
 CREATE TABLE IF NOT EXISTS offers (
     offer_id TEXT PRIMARY KEY, seller TEXT NOT NULL, seller_site TEXT NOT NULL, wh INTEGER NOT NULL,
     start_price TEXT NOT NULL, opened_at REAL NOT NULL, ends_at REAL NOT NULL, state TEXT NOT NULL,
-    highest_bid TEXT, bids INTEGER NOT NULL DEFAULT 0, closed_at REAL);
+    highest_bid TEXT, bids INTEGER NOT NULL DEFAULT 0, closed_at REAL, cause TEXT);
 CREATE INDEX IF NOT EXISTS offers_by_state ON offers (state, ends_at);
 CREATE TABLE IF NOT EXISTS bids (
     bid_id TEXT PRIMARY KEY, offer_id TEXT NOT NULL, seq INTEGER NOT NULL, buyer TEXT NOT NULL,
@@ -40,8 +40,16 @@ CREATE INDEX IF NOT EXISTS trades_by_state ON trades (state);
 """
 
 
+ADDED_COLUMNS = (  # (table, column, declaration) added after the table first shipped
+    ("offers", "cause", "TEXT"),  # the id of the event that decides the offer's end: OfferOpened, then the highest BidPlaced
+)
+
+
 def create(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    for table, column, decl in ADDED_COLUMNS:  # a store from before the column
+        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
 def next_number(conn: sqlite3.Connection, counter: str) -> int:
@@ -108,6 +116,16 @@ def save_bid(conn: sqlite3.Connection, o: Offer, b: Bid) -> None:
                  (b.bid_id, b.offer_id, b.seq, b.buyer, b.buyer_site, str(b.price_wei_per_kwh), b.placed_at))
     conn.execute("UPDATE offers SET highest_bid = ?, bids = ? WHERE offer_id = ?",
                  (o.highest.bid_id if o.highest else None, o.bids, o.offer_id))
+
+
+def set_offer_cause(conn: sqlite3.Connection, offer_id: str, cause: str) -> None:
+    """What the offer's end is caused by: its opening, then its highest bid."""
+    conn.execute("UPDATE offers SET cause = ? WHERE offer_id = ?", (cause, offer_id))
+
+
+def offer_cause(conn: sqlite3.Connection, offer_id: str) -> str | None:
+    row = conn.execute("SELECT cause FROM offers WHERE offer_id = ?", (offer_id,)).fetchone()
+    return row[0] if row else None
 
 
 def close_offer(conn: sqlite3.Connection, o: Offer, now: float) -> None:

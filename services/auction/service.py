@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 from services.bus import Caller, Envelope, RequestError, RequestTimeout, Service
 from services.bus import commands as cmd
 from services.bus import events as ev
+from services.bus.envelope import caused_by
 
 from . import book, double, english, lifecycle
 from .config import AuctionSettings
@@ -169,10 +170,11 @@ class AuctionService(Service):
                 raise Rejected(e.code, f"{e.message} ({reserved} Wh already held by open offers and trades)") from None
             raise
         book.insert_offer(self.conn, offer)
-        await self.bus.publish(ev.OfferOpened(offer_id=offer.offer_id, seller=offer.seller,
-                                              seller_site=offer.seller_site, wh=offer.wh,
-                                              start_price_wei_per_kwh=offer.start_price_wei_per_kwh,
-                                              opened_at=offer.opened_at, ends_at=offer.ends_at))
+        opened = await self.bus.publish(ev.OfferOpened(offer_id=offer.offer_id, seller=offer.seller,
+                                                       seller_site=offer.seller_site, wh=offer.wh,
+                                                       start_price_wei_per_kwh=offer.start_price_wei_per_kwh,
+                                                       opened_at=offer.opened_at, ends_at=offer.ends_at))
+        book.set_offer_cause(self.conn, offer.offer_id, opened.id)
         self.store.on_commit(self._deadline_changed.set)
         return cmd.OfferPlaced(offer_id=offer.offer_id, ends_at=offer.ends_at)
 
@@ -202,9 +204,10 @@ class AuctionService(Service):
         offer, bid = english.place_bid(offer, bid_id=bid_id, buyer=req.buyer, buyer_site=req.buyer_site,
                                        price_wei_per_kwh=req.price_wei_per_kwh, now=now, min_increment_wei_per_kwh=inc)
         book.save_bid(self.conn, offer, bid)
-        await self.bus.publish(ev.BidPlaced(offer_id=offer.offer_id, bid_id=bid.bid_id, buyer=bid.buyer,
-                                            buyer_site=bid.buyer_site, price_wei_per_kwh=bid.price_wei_per_kwh,
-                                            wh=offer.wh, placed_at=bid.placed_at))
+        placed = await self.bus.publish(ev.BidPlaced(offer_id=offer.offer_id, bid_id=bid.bid_id, buyer=bid.buyer,
+                                                     buyer_site=bid.buyer_site, price_wei_per_kwh=bid.price_wei_per_kwh,
+                                                     wh=offer.wh, placed_at=bid.placed_at))
+        book.set_offer_cause(self.conn, offer.offer_id, placed.id)  # the highest bid decides the end
         return cmd.BidAccepted(bid_id=bid.bid_id)
 
     @_answers
@@ -226,7 +229,8 @@ class AuctionService(Service):
             now = time.time()
             due = book.due_offers(conn, now)
             for offer in due:
-                await self._settle(conn, offer, now)
+                with caused_by(book.offer_cause(conn, offer.offer_id)):  # the winning bid, or the opening
+                    await self._settle(conn, offer, now)
         self.settled_offers += len(due)
         return len(due)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
 from pydantic import Field
 
 from .config import BusSettings
 from .hub import Hub
-from .keys import Security
 from .service import Service, run_service
 
 
@@ -18,20 +19,44 @@ class HubSettings(BusSettings):
     sub_bind: str = Field(default="tcp://127.0.0.1:5551", description="XPUB side: subscribers connect here")
 
 
+class _HubMetrics:
+    """/metrics: what the hub forwarded and dropped (by cause and sending site)."""
+
+    def __init__(self, service: HubService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        hub = getattr(self.service, "hub", None)
+        if hub is None:
+            return
+        fwd = CounterMetricFamily("gridtrade_hub_forwarded", "messages the hub forwarded")
+        fwd.add_metric([], hub.forwarded)
+        yield fwd
+        dropped = CounterMetricFamily("gridtrade_hub_dropped", "messages the hub dropped", labels=["cause", "site"])
+        for (cause, site), n in sorted(hub.drop_counts().items()):
+            dropped.add_metric([cause, site], n)
+        yield dropped
+
+
 class HubService(Service):
     name = "hub"
     settings: HubSettings
 
     async def setup(self) -> None:
         s = self.settings
-        self.hub = Hub(Security(s.keys, s.site, insecure=s.insecure), pub_bind=s.pub_bind, sub_bind=s.sub_bind)
+        # the hub's sockets live on a context of their own (a sync one, for the proxy thread)
+        self.hub = Hub(self.security.for_context(), pub_bind=s.pub_bind, sub_bind=s.sub_bind)
+        self.registry.register(_HubMetrics(self))  # type: ignore[arg-type]
         self.hub.start()
 
     async def teardown(self) -> None:
         self.hub.stop()
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "endpoints": list(self.hub.endpoints)}
+        hub = self.hub
+        return {**super().health(), "endpoints": list(hub.endpoints), "identity_checked": hub.checks,
+                "forwarded": hub.forwarded,
+                "hub_dropped": {f"{cause}/{site}": n for (cause, site), n in sorted(hub.drop_counts().items())}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,23 @@
 
 The envelope is JSON: ``v`` (the protocol's major version, separate from the package's),
 ``type``, ``id``, ``source`` (``site/service``), ``seq`` (strictly increasing per topic
-of a source, surviving restarts), ``ts`` and ``body``. The topic is ``type.site`` so
-subscribers filter by prefix.
+of a source, surviving restarts), ``ts``, ``body`` and ``cause``: the id of the event or
+command that led to this event (None for events nobody caused, such as a meter reading
+from a timer), so one trade can be followed from a reading to a payment. The topic is
+``type.site`` so subscribers filter by prefix.
+
+Version 2 added ``cause``; version 1 envelopes (without it) still decode. A version 1
+decoder refuses version 2 envelopes as a newer major (drop cause ``version``).
+
+``cause`` is set without anyone passing it around: :data:`current_cause` is the id of the
+event a subscriber is applying or the command a request handler is executing, and the
+publisher stamps it on whatever is published meanwhile (see :func:`caused_by` for work
+done later, e.g. a job recorded from an event).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import time
 import uuid
@@ -18,7 +29,31 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from .errors import DecodeError
 from .events import EVENTS, Message
 
-PROTOCOL_MAJOR = 1
+PROTOCOL_MAJOR = 2
+
+current_cause: contextvars.ContextVar[str | None] = contextvars.ContextVar("gridtrade_cause", default=None)
+"""The id of the event or command whose handling is running in this context."""
+
+
+class caused_by:  # noqa: N801 - used like a function: ``with caused_by(event_id): ...``
+    """Events published inside the block carry ``cause`` (unless given one explicitly).
+    A plain and an async context manager, so it can join ``async with store.atomic()``."""
+
+    def __init__(self, cause: str | None) -> None:
+        self.cause = cause or None
+        self._tokens: list[contextvars.Token[str | None]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(current_cause.set(self.cause))
+
+    def __exit__(self, *exc: object) -> None:
+        current_cause.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
 
 
 class Envelope(BaseModel):
@@ -32,6 +67,7 @@ class Envelope(BaseModel):
     seq: int = Field(ge=1)
     ts: float
     body: Message
+    cause: str | None = Field(default=None, min_length=1, max_length=128)
 
     @field_validator("v")
     @classmethod
@@ -73,11 +109,12 @@ ENVELOPE, _BY_TYPE = tagged_union(Envelope, EVENTS)
 """The one adapter every subscriber decodes through."""
 
 
-def make(body: Message, *, source: str, seq: int, ts: float | None = None, id: str | None = None) -> Envelope:
+def make(body: Message, *, source: str, seq: int, ts: float | None = None, id: str | None = None,
+         cause: str | None = None) -> Envelope:
     """Wrap an event body in its envelope."""
     cls = _BY_TYPE[body.TYPE]
     return cls(type=body.TYPE, id=id or uuid.uuid4().hex, source=source, seq=seq,
-               ts=time.time() if ts is None else ts, body=body)
+               ts=time.time() if ts is None else ts, body=body, cause=cause or None)
 
 
 def encode(env: Envelope) -> list[bytes]:

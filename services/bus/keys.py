@@ -13,6 +13,7 @@ CURVE socket receives carries its sender's site in the frame's ``User-Id`` prope
 
 from __future__ import annotations
 
+import copy
 import logging
 import pathlib
 import shutil
@@ -110,6 +111,13 @@ class Security:
         public, secret = zmq.auth.load_certificate(secret_file)
         assert secret is not None
         self.public, self.secret = public, secret
+
+    def for_context(self) -> Security:
+        """The same keys for another zmq context (which needs a ZAP handler of its own),
+        without repeating the insecure warning."""
+        other = copy.copy(self)
+        other._auth = None
+        return other
 
     def server_key(self, site: str) -> bytes:
         path = self.keys_dir / "allowed" / f"{site}.key"

@@ -28,11 +28,12 @@ class Outbox:
         """The last seq per topic that is committed: the only ones heartbeats announce and
         replays serve (the store's connection would also see rows still in a transaction)."""
 
-    def append(self, conn: sqlite3.Connection, body: Message) -> tuple[Envelope, list[bytes]]:
+    def append(self, conn: sqlite3.Connection, body: Message,
+               cause: str | None = None) -> tuple[Envelope, list[bytes]]:
         """Write one event inside the caller's open transaction; seqs roll back with it."""
         topic = envelope.topic_of(body.TYPE, self.source.split("/", 1)[0])
         seq = self.last.get(topic, 0) + 1
-        env = envelope.make(body, source=self.source, seq=seq)
+        env = envelope.make(body, source=self.source, seq=seq, cause=cause)
         frames = envelope.encode(env)
         conn.execute("INSERT INTO bus_outbox (topic, seq, data) VALUES (?, ?, ?)", (topic, seq, frames[1]))
         previous = self.last.get(topic)

@@ -42,6 +42,13 @@ HEARTBEAT_TOPIC = "bus.heartbeat"
 R = TypeVar("R", bound=Reply)
 
 
+class _Unset:
+    """``cause`` not given: take ``envelope.current_cause``."""
+
+
+_FROM_CONTEXT = _Unset()
+
+
 def _socket(ctx: zmq.asyncio.Context, kind: int) -> zmq.asyncio.Socket:
     sock = ctx.socket(kind)
     sock.linger = 0
@@ -93,7 +100,7 @@ class Publisher:
         self.heartbeat_s = heartbeat_s
         self.keep = keep
         self.replay_endpoint = ""
-        self._queue: list[tuple[Message, asyncio.Future[Envelope]]] = []
+        self._queue: list[tuple[Message, str | None, asyncio.Future[Envelope]]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._hb_seq = 0
@@ -121,7 +128,7 @@ class Publisher:
             self._wake.set()
             await asyncio.sleep(0)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(*(f for _, f in list(self._queue))), 5)
+                await asyncio.wait_for(asyncio.gather(*(f for _, _, f in list(self._queue))), 5)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -130,17 +137,22 @@ class Publisher:
             if hasattr(self, s):
                 getattr(self, s).close(0)
 
-    def stage(self, body: Message) -> Envelope:
-        """Write ``body`` into the current task's open transaction; sent after COMMIT."""
-        env, frames = self.outbox.append(self.store.conn, body)
+    def stage(self, body: Message, cause: str | None | _Unset = _FROM_CONTEXT) -> Envelope:
+        """Write ``body`` into the current task's open transaction; sent after COMMIT.
+        Its envelope's ``cause`` is ``envelope.current_cause`` unless given."""
+        if isinstance(cause, _Unset):
+            cause = envelope.current_cause.get()
+        env, frames = self.outbox.append(self.store.conn, body, cause)
         self.store.on_commit(lambda: self._send(frames))
         return env
 
-    async def publish(self, body: Message) -> Envelope:
+    async def publish(self, body: Message, cause: str | None | _Unset = _FROM_CONTEXT) -> Envelope:
+        if isinstance(cause, _Unset):
+            cause = envelope.current_cause.get()
         if self.store.in_transaction:
-            return self.stage(body)
+            return self.stage(body, cause)
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
-        self._queue.append((body, fut))
+        self._queue.append((body, cause, fut))
         self._wake.set()
         return await fut
 
@@ -162,10 +174,10 @@ class Publisher:
             done: list[tuple[asyncio.Future[Envelope], Envelope]] = []
             try:
                 async with self.store.atomic():
-                    for body, fut in batch:
-                        done.append((fut, self.stage(body)))
+                    for body, cause, fut in batch:
+                        done.append((fut, self.stage(body, cause)))
             except Exception as e:  # noqa: BLE001 - handed to every waiter
-                for _, fut in batch:
+                for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
@@ -482,9 +494,10 @@ class Subscriber:
         try:
             async with self.store.atomic() as conn:
                 if allowed:
-                    result = self.handler(env, conn)
-                    if inspect.isawaitable(result):
-                        await result
+                    with envelope.caused_by(env.id):  # what the handler publishes was caused by env
+                        result = self.handler(env, conn)
+                        if inspect.isawaitable(result):
+                            await result
                 conn.execute("INSERT INTO bus_offsets (source, topic, seq) VALUES (?, ?, ?) "
                              "ON CONFLICT (source, topic) DO UPDATE SET seq = excluded.seq",
                              (env.source, env.topic, env.seq))
@@ -673,6 +686,7 @@ class RpcServer:
             return ReplyEnvelope(cmd_id=env.cmd_id, ok=False,
                                  error=commands.ErrorInfo(code="unsupported", message=f"{self.name} does not serve {env.type}"))
         key = self._key(env.cmd_id, caller)
+        cause = envelope.current_cause.set(env.cmd_id)  # what the handler publishes was caused by this command
         try:
             if env.body.READ_ONLY:
                 result = await fn(env.body, caller)
@@ -699,6 +713,8 @@ class RpcServer:
             log.exception("%s: %s failed", self.name, env.type)
             return ReplyEnvelope(cmd_id=env.cmd_id, ok=False,
                                  error=commands.ErrorInfo(code="internal", message="internal error; see the service log"))
+        finally:
+            envelope.current_cause.reset(cause)
         self.executed += 1
         return self._ok(env, result)
 

@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS chain_funded (chain TEXT NOT NULL, account TEXT NOT N
 CREATE TABLE IF NOT EXISTS chain_mints (
     reading_id TEXT PRIMARY KEY, account TEXT NOT NULL, wh INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'queued', tx_hash TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
-    seq INTEGER NOT NULL);
+    seq INTEGER NOT NULL, cause TEXT);
 CREATE TABLE IF NOT EXISTS chain_trades (
     trade_id TEXT PRIMARY KEY, seller TEXT NOT NULL, buyer TEXT NOT NULL, buyer_site TEXT NOT NULL,
     wh INTEGER NOT NULL,
@@ -36,19 +36,31 @@ CREATE TABLE IF NOT EXISTS chain_trades (
     delivered_wh INTEGER NOT NULL DEFAULT 0, settled_wh INTEGER NOT NULL DEFAULT 0,
     settle_tx TEXT NOT NULL DEFAULT '', settle_target INTEGER NOT NULL DEFAULT 0,
     close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0, close_tx TEXT NOT NULL DEFAULT '',
-    closed_published INTEGER NOT NULL DEFAULT 0);
+    closed_published INTEGER NOT NULL DEFAULT 0, cause TEXT, close_cause TEXT);
 CREATE TABLE IF NOT EXISTS chain_generated (chain TEXT NOT NULL, account TEXT NOT NULL, wh INTEGER NOT NULL,
                                             PRIMARY KEY (chain, account));
 CREATE TABLE IF NOT EXISTS chain_deliveries (trade_id TEXT NOT NULL, site TEXT NOT NULL, delivered_wh INTEGER NOT NULL,
-                                             final INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (trade_id, site));
+                                             final INTEGER NOT NULL DEFAULT 0, cause TEXT,
+                                             PRIMARY KEY (trade_id, site));
 """
+# ``cause``: the id of the bus event a job was recorded from (the reading for a mint, the
+# agreement for an open, the buyer meter's last delivery for a settlement, the closing
+# status for a close), so the events the job publishes later name it as their cause.
+
+ADDED_COLUMNS = (  # (table, column, declaration) added after the table first shipped
+    ("chain_deliveries", "final", "INTEGER NOT NULL DEFAULT 0"),  # the meters mark their last reading
+    ("chain_mints", "cause", "TEXT"),
+    ("chain_trades", "cause", "TEXT"),
+    ("chain_trades", "close_cause", "TEXT"),
+    ("chain_deliveries", "cause", "TEXT"),
+)
 
 
 def init(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(chain_deliveries)")}
-    if "final" not in columns:  # a store from before the meters marked their last reading
-        conn.execute("ALTER TABLE chain_deliveries ADD COLUMN final INTEGER NOT NULL DEFAULT 0")
+    for table, column, decl in ADDED_COLUMNS:  # a store from before the column
+        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:

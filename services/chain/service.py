@@ -39,6 +39,7 @@ from web3 import AsyncWeb3
 from services.bus import Caller, Service
 from services.bus import commands as C
 from services.bus import events as E
+from services.bus.envelope import caused_by
 from services.bus.errors import RequestError
 
 from . import contracts, ledger
@@ -338,30 +339,31 @@ class ChainService(Service):
     # --- bus events -> jobs -------------------------------------------------------------
 
     def on_event(self, env: Any, conn: Any) -> None:
-        """Runs inside the subscriber's transaction: record the job, nothing else."""
+        """Runs inside the subscriber's transaction: record the job (with the event's id as
+        the cause of what it publishes later), nothing else."""
         body = env.body
         if isinstance(body, E.EnergyProduced):
             if not self.mint_allowed(env, body):
                 log.warning("not minting %s: site %s may not mint to %s", body.reading_id, env.site, body.account)
                 return
-            conn.execute("INSERT OR IGNORE INTO chain_mints (reading_id, account, wh, seq) VALUES (?, ?, ?, ?)",
+            conn.execute("INSERT OR IGNORE INTO chain_mints (reading_id, account, wh, seq, cause) VALUES (?, ?, ?, ?, ?)",
                          (body.reading_id, AsyncWeb3.to_checksum_address(body.account), body.wh,
-                          ledger.next_seq(conn, "chain_mints")))
+                          ledger.next_seq(conn, "chain_mints"), env.id))
         elif isinstance(body, E.TradeAgreed):
-            self._record_trade(conn, body)
+            self._record_trade(conn, body, env.id)
         elif isinstance(body, E.Delivery):
             if body.role != "consumer":
                 return  # the seller's meter only cross-checks; the buyer's meter pays
-            conn.execute("INSERT INTO chain_deliveries (trade_id, site, delivered_wh, final) VALUES (?, ?, ?, ?) "
+            conn.execute("INSERT INTO chain_deliveries (trade_id, site, delivered_wh, final, cause) VALUES (?, ?, ?, ?, ?) "
                          "ON CONFLICT (trade_id, site) DO UPDATE SET delivered_wh = MAX(delivered_wh, excluded.delivered_wh), "
-                         "final = excluded.final",  # in order: a relay that closes again un-finals it
-                         (body.trade_id, body.site, body.delivered_wh, int(body.final)))
+                         "final = excluded.final, cause = excluded.cause",  # in order: a relay that closes again un-finals it
+                         (body.trade_id, body.site, body.delivered_wh, int(body.final), env.id))
         elif isinstance(body, E.TradeStatus):
             if body.state not in ("closed", "fulfilled"):
                 return
-            self._record_trade(conn, body)
-            conn.execute("UPDATE chain_trades SET close_state = 'queued', close_wh = MAX(close_wh, ?) "
-                         "WHERE trade_id = ? AND close_state = 'none'", (body.delivered_wh, body.trade_id))
+            self._record_trade(conn, body, env.id)
+            conn.execute("UPDATE chain_trades SET close_state = 'queued', close_wh = MAX(close_wh, ?), close_cause = ? "
+                         "WHERE trade_id = ? AND close_state = 'none'", (body.delivered_wh, env.id, body.trade_id))
         else:
             return
         self.store.on_commit(self.work.set)
@@ -376,12 +378,12 @@ class ChainService(Service):
         return body.site == env.site
 
     @staticmethod
-    def _record_trade(conn: Any, t: E.TradeAgreed | E.TradeStatus) -> None:
+    def _record_trade(conn: Any, t: E.TradeAgreed | E.TradeStatus, cause: str) -> None:
         conn.execute(
-            "INSERT OR IGNORE INTO chain_trades (trade_id, seller, buyer, buyer_site, wh, price, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO chain_trades (trade_id, seller, buyer, buyer_site, wh, price, seq, cause) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (t.trade_id, AsyncWeb3.to_checksum_address(t.seller), AsyncWeb3.to_checksum_address(t.buyer),
-             t.buyer_site, t.wh, str(t.price_wei_per_kwh), ledger.next_seq(conn, "chain_trades")))
+             t.buyer_site, t.wh, str(t.price_wei_per_kwh), ledger.next_seq(conn, "chain_trades"), cause))
 
     # --- jobs -> transactions -----------------------------------------------------------
 
@@ -406,12 +408,13 @@ class ChainService(Service):
     async def _mints(self) -> None:
         assert self.dep is not None and self.txm is not None and self.operator is not None
         rows = self.store.conn.execute(
-            "SELECT reading_id, account, wh FROM chain_mints WHERE state = 'queued' ORDER BY seq LIMIT 100").fetchall()
-        for rid, account, wh in rows:
+            "SELECT reading_id, account, wh, cause FROM chain_mints WHERE state = 'queued' ORDER BY seq LIMIT 100"
+        ).fetchall()
+        for rid, account, wh, cause in rows:
             key = contracts.id32(rid)
             async with guard():
                 done = await self.dep.token.functions.minted(key).call()
-            async with self.store.atomic() as conn:
+            async with self.store.atomic() as conn, caused_by(cause):
                 if done:  # minted already (by an earlier run): record it, publish once
                     conn.execute("UPDATE chain_mints SET state = 'done' WHERE reading_id = ?", (rid,))
                     await self.publish(E.Minted(reading_id=rid, account=account, wh=wh, tx_hash=""))
@@ -450,11 +453,11 @@ class ChainService(Service):
     async def _opens(self) -> None:
         assert self.dep is not None and self.txm is not None and self.operator is not None
         rows = self.store.conn.execute(
-            "SELECT trade_id, seller, buyer, wh, price FROM chain_trades WHERE open_state = 'queued' "
+            "SELECT trade_id, seller, buyer, wh, price, cause FROM chain_trades WHERE open_state = 'queued' "
             "ORDER BY seq LIMIT 100").fetchall()
-        for tid, seller, buyer, wh, price in rows:
+        for tid, seller, buyer, wh, price, cause in rows:
             status, _ = await self._trade_on_chain(tid)
-            async with self.store.atomic() as conn:
+            async with self.store.atomic() as conn, caused_by(cause):
                 if status != contracts.STATUS_NONE:
                     conn.execute("UPDATE chain_trades SET open_state = 'done' WHERE trade_id = ?", (tid,))
                     await self.publish(E.TradeRecorded(trade_id=tid, tx_hash=""))
@@ -482,10 +485,11 @@ class ChainService(Service):
                          (reason, row["ref"]))
         self.store.on_commit(self.work.set)
 
-    def _due_settlements(self) -> list[tuple[str, int, int, int, str]]:
-        """(trade_id, target Wh, settled Wh, trade Wh, price) of open trades whose buyer meter is ahead."""
+    def _due_settlements(self) -> list[tuple[str, int, int, int, str, str | None]]:
+        """(trade_id, target Wh, settled Wh, trade Wh, price, cause: the buyer meter's last
+        delivery) of open trades whose buyer meter is ahead."""
         rows = self.store.conn.execute(
-            "SELECT t.trade_id, MIN(d.delivered_wh, t.wh), t.settled_wh, t.wh, t.price FROM chain_trades t "
+            "SELECT t.trade_id, MIN(d.delivered_wh, t.wh), t.settled_wh, t.wh, t.price, d.cause FROM chain_trades t "
             "JOIN chain_deliveries d ON d.trade_id = t.trade_id AND d.site = t.buyer_site "
             "WHERE t.open_state = 'done' AND t.close_state = 'none' AND t.settle_tx = '' "
             "AND MIN(d.delivered_wh, t.wh) > t.settled_wh ORDER BY t.seq").fetchall()
@@ -505,12 +509,15 @@ class ChainService(Service):
             return  # collect a little longer, then settle them together
         self._settle_due_since = None
         batch: list[tuple[str, int]] = []
-        for tid, target, _settled, _wh, _price in due[: self.settings.settle_max_batch]:
+        causes: dict[str, str | None] = {}
+        for tid, target, _settled, _wh, _price, cause in due[: self.settings.settle_max_batch]:
             status, on_chain = await self._trade_on_chain(tid)
             if status != contracts.STATUS_OPEN or on_chain >= target:
-                await self._sync_closed(tid, status, on_chain)
+                with caused_by(cause):
+                    await self._sync_closed(tid, status, on_chain)
                 continue
             batch.append((tid, target))
+            causes[tid] = cause
         if not batch:
             return
         m = self.dep.market
@@ -518,7 +525,7 @@ class ChainService(Service):
             data = m.encode_abi("settle", args=[contracts.id32(batch[0][0]), batch[0][1]])
         else:
             data = m.encode_abi("settleBatch", args=[[contracts.id32(t) for t, _ in batch], [w for _, w in batch]])
-        async with self.store.atomic() as conn:
+        async with self.store.atomic() as conn, caused_by(causes[batch[0][0]]):  # a batch: its first delivery
             try:
                 tx = await self.txm.build(self.operator.address, to=self.dep.market_address, data=data)
             except TxRejected as e:
@@ -528,7 +535,7 @@ class ChainService(Service):
                 return
             ref = ",".join(t for t, _ in batch)[:500]
             h = await self.txm.prepare(self.operator, tx, kind="settle", ref=ref,
-                                       meta={"targets": [[t, w] for t, w in batch]})
+                                       meta={"targets": [[t, w] for t, w in batch], "causes": causes})
             conn.executemany("UPDATE chain_trades SET settle_tx = ?, settle_target = ? WHERE trade_id = ?",
                              [(h, w, t) for t, w in batch])
 
@@ -554,6 +561,7 @@ class ChainService(Service):
 
     async def _settle_final(self, row: dict[str, Any], receipt: Any, ok: bool, reason: str) -> None:
         conn = self.store.conn
+        causes = row["meta"].get("causes", {})
         for tid, target in row["meta"]["targets"]:
             conn.execute("UPDATE chain_trades SET settle_tx = '' WHERE trade_id = ? AND settle_tx = ?",
                          (tid, row["tx_hash"]))
@@ -561,50 +569,53 @@ class ChainService(Service):
                 continue
             r = conn.execute("SELECT wh, price, settled_wh FROM chain_trades WHERE trade_id = ?", (tid,)).fetchone()
             wh, price, settled = int(r[0]), int(r[1]), int(r[2])
-            if target > settled:
-                conn.execute("UPDATE chain_trades SET settled_wh = ? WHERE trade_id = ?", (target, tid))
-                await self.publish(E.Settled(trade_id=tid, delivered_wh=target, paid_wei=contracts.cost(target, price),
-                                             tx_hash=row["tx_hash"]))
-            if target >= wh:  # a full delivery closes the trade in the contract
-                await self._closed(conn, tid, target, row["tx_hash"], refunded=0)
+            with caused_by(causes.get(tid)):  # each trade's own delivery, not the batch's first
+                if target > settled:
+                    conn.execute("UPDATE chain_trades SET settled_wh = ? WHERE trade_id = ?", (target, tid))
+                    await self.publish(E.Settled(trade_id=tid, delivered_wh=target,
+                                                 paid_wei=contracts.cost(target, price), tx_hash=row["tx_hash"]))
+                if target >= wh:  # a full delivery closes the trade in the contract
+                    await self._closed(conn, tid, target, row["tx_hash"], refunded=0)
         self.store.on_commit(self.work.set)
 
     async def _closes(self) -> None:
         assert self.dep is not None and self.txm is not None and self.operator is not None
         rows = self.store.conn.execute(
-            "SELECT t.trade_id, t.wh, t.open_state, MAX(t.close_wh, COALESCE(d.delivered_wh, 0)), COALESCE(d.final, 0) "
-            "FROM chain_trades t LEFT JOIN chain_deliveries d ON d.trade_id = t.trade_id AND d.site = t.buyer_site "
+            "SELECT t.trade_id, t.wh, t.open_state, MAX(t.close_wh, COALESCE(d.delivered_wh, 0)), COALESCE(d.final, 0), "
+            "t.close_cause FROM chain_trades t "
+            "LEFT JOIN chain_deliveries d ON d.trade_id = t.trade_id AND d.site = t.buyer_site "
             "WHERE t.close_state = 'queued' AND t.open_state IN ('done', 'failed') AND t.settle_tx = '' "
             "ORDER BY t.seq LIMIT 100").fetchall()
-        for tid, wh, open_state, want, final in rows:
-            if open_state == "failed":  # never opened: nothing to close on-chain
-                async with self.store.atomic() as conn:
-                    conn.execute("UPDATE chain_trades SET close_state = 'done' WHERE trade_id = ?", (tid,))
-                continue
-            if int(want) < int(wh) and not final:  # closed early: wait for the buyer meter's last reading
-                first = self._close_seen.setdefault(tid, time.monotonic())
-                left = first + self.settings.close_grace_s - time.monotonic()
-                if left > 0:
-                    asyncio.get_running_loop().call_later(left, self.work.set)
+        for tid, wh, open_state, want, final, cause in rows:
+            with caused_by(cause):  # what closing publishes names the status that closed the trade
+                if open_state == "failed":  # never opened: nothing to close on-chain
+                    async with self.store.atomic() as conn:
+                        conn.execute("UPDATE chain_trades SET close_state = 'done' WHERE trade_id = ?", (tid,))
                     continue
-            status, on_chain = await self._trade_on_chain(tid)
-            if status != contracts.STATUS_OPEN:
-                await self._sync_closed(tid, status, on_chain)
-                continue
-            target = max(on_chain, min(int(want), int(wh)))
-            async with self.store.atomic() as conn:
-                try:
-                    data = self.dep.market.encode_abi("close", args=[contracts.id32(tid), target])
-                    tx = await self.txm.build(self.operator.address, to=self.dep.market_address, data=data)
-                except TxRejected as e:
-                    if self._have_pending():
+                if int(want) < int(wh) and not final:  # closed early: wait for the buyer meter's last reading
+                    first = self._close_seen.setdefault(tid, time.monotonic())
+                    left = first + self.settings.close_grace_s - time.monotonic()
+                    if left > 0:
+                        asyncio.get_running_loop().call_later(left, self.work.set)
                         continue
-                    conn.execute("UPDATE chain_trades SET close_state = 'failed', reason = ? WHERE trade_id = ?",
-                                 (e.reason, tid))
-                    await self._fail_job("close", tid, self.operator.address, e.reason)
+                status, on_chain = await self._trade_on_chain(tid)
+                if status != contracts.STATUS_OPEN:
+                    await self._sync_closed(tid, status, on_chain)
                     continue
-                h = await self.txm.prepare(self.operator, tx, kind="close", ref=tid, meta={"target": target})
-                conn.execute("UPDATE chain_trades SET close_state = 'sent', close_tx = ? WHERE trade_id = ?", (h, tid))
+                target = max(on_chain, min(int(want), int(wh)))
+                async with self.store.atomic() as conn:
+                    try:
+                        data = self.dep.market.encode_abi("close", args=[contracts.id32(tid), target])
+                        tx = await self.txm.build(self.operator.address, to=self.dep.market_address, data=data)
+                    except TxRejected as e:
+                        if self._have_pending():
+                            continue
+                        conn.execute("UPDATE chain_trades SET close_state = 'failed', reason = ? WHERE trade_id = ?",
+                                     (e.reason, tid))
+                        await self._fail_job("close", tid, self.operator.address, e.reason)
+                        continue
+                    h = await self.txm.prepare(self.operator, tx, kind="close", ref=tid, meta={"target": target})
+                    conn.execute("UPDATE chain_trades SET close_state = 'sent', close_tx = ? WHERE trade_id = ?", (h, tid))
 
     async def _close_final(self, row: dict[str, Any], receipt: Any, ok: bool, reason: str) -> None:
         conn = self.store.conn

@@ -28,6 +28,7 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
 
+from services.bus.envelope import caused_by, current_cause
 from services.bus.events import TxUpdate
 from services.bus.store import Store
 
@@ -98,7 +99,11 @@ class TxManager:
 
     async def prepare(self, account: LocalAccount, tx: dict[str, Any], *, kind: str, ref: str = "",
                       meta: dict[str, Any] | None = None) -> str:
-        """Sign and store ``tx`` (from :meth:`build`); it is sent after the store commits."""
+        """Sign and store ``tx`` (from :meth:`build`); it is sent after the store commits.
+        The current cause (the event or command that asked for it) is kept in ``meta``: the
+        events of its outcome name it too."""
+        if (cause := current_cause.get()) is not None:
+            meta = {**(meta or {}), "cause": cause}
         async with self.store.atomic() as conn:
             row = conn.execute("SELECT next FROM chain_nonces WHERE chain = ? AND account = ?",
                                (self.chain, account.address)).fetchone()
@@ -194,7 +199,7 @@ class TxManager:
 
     async def finish(self, row: dict[str, Any], receipt: Any | None, ok: bool, reason: str) -> None:
         """Mark a transaction final and publish it, with its domain consequences, once."""
-        async with self.store.atomic() as conn:
+        async with self.store.atomic() as conn, caused_by(row["meta"].get("cause")):
             status = "confirmed" if ok else "failed"
             cur = conn.execute(
                 "UPDATE chain_txs SET status = ?, block = ?, reason = ?, gas_used = ? "

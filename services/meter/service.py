@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from services.bus.envelope import Envelope
+from services.bus.envelope import Envelope, caused_by
 from services.bus.events import (Delivery, DeliveryMismatch, EnergyProduced, MeterReading, RelayChanged,
                                  TradeHeartbeat, TradeStatus)
 from services.bus.service import Service
@@ -153,43 +153,46 @@ class MeterRunner:
         s = self.svc.settings
         site, name = s.site, self.cfg.name
         async with self.svc.store.atomic() as conn:
-            row = self._row(conn)
-            d_energy, reset = counter_delta(row["last_energy"], c.energy_wh)
-            if reset:
-                log.warning("meter %s: energy counter went back from %s to %s: counting on from there",
-                            name, row["last_energy"], c.energy_wh)
-            # whole kWh into the producer's batteries -> EnergyProduced, exactly once each
-            kwh = KwhState(row["kwh_index"], row["accum_wh"])
-            if self.cfg.mints:
-                kwh, indexes = whole_kwh(kwh, d_energy, can_announce=s.account is not None)
-                for i in indexes:
-                    self.svc.stage(EnergyProduced(reading_id=f"{site}/{name}/{i}", site=site, meter=name,
-                                                  account=s.account, kwh_index=i))
-            # delivery for the trade the relay follows
-            current = row["current_trade"]
-            if self.cfg.trade:
-                if c.export_wh is not None and self.cfg.role == "producer":
-                    d_flow, _ = counter_delta(row["last_export"], c.export_wh)
-                else:
-                    d_flow = d_energy
-                current = self._deliver(conn, current, d_flow, now, c.relay_closed)
-            # a relay that moved by itself (the meter's watchdog, a hand on the switch)
-            if row["relay_closed"] is not None and bool(row["relay_closed"]) != c.relay_closed:
-                self._relay_changed(conn, c.relay_closed, self.decision.trade_id, "changed at the meter")
-            elif row["relay_closed"] is None:
-                conn.execute("UPDATE meter_counters SET relay_closed = ? WHERE meter = ?",
-                             (int(c.relay_closed), name))
-            sim_state = self.driver.state_json() if isinstance(self.driver, SimDriver) else None
-            conn.execute(
-                "UPDATE meter_counters SET kwh_index = ?, accum_wh = ?, last_energy = ?, last_export = ?,"
-                " first_energy = COALESCE(first_energy, ?), current_trade = ?, resets = resets + ?,"
-                " sim_state = COALESCE(?, sim_state) WHERE meter = ?",
-                (kwh.next_index, kwh.accum_wh, c.energy_wh, c.export_wh, c.energy_wh, current, int(reset),
-                 sim_state, name))
-            self.svc.stage(MeterReading(
+            # the reading first: what it leads to (energy produced, a delivery, a relay that
+            # moved by itself) names it as its cause
+            reading = self.svc.stage(MeterReading(
                 site=site, meter=name, role=self.cfg.role, energy_wh=c.energy_wh, power_w=c.power_w,
                 voltage_v=c.voltage_v, current_a=c.current_a, relay_closed=c.relay_closed,
                 soc=c.soc, load_w=c.load_w, pv_w=c.pv_w))
+            with caused_by(reading.id):
+                row = self._row(conn)
+                d_energy, reset = counter_delta(row["last_energy"], c.energy_wh)
+                if reset:
+                    log.warning("meter %s: energy counter went back from %s to %s: counting on from there",
+                                name, row["last_energy"], c.energy_wh)
+                # whole kWh into the producer's batteries -> EnergyProduced, exactly once each
+                kwh = KwhState(row["kwh_index"], row["accum_wh"])
+                if self.cfg.mints:
+                    kwh, indexes = whole_kwh(kwh, d_energy, can_announce=s.account is not None)
+                    for i in indexes:
+                        self.svc.stage(EnergyProduced(reading_id=f"{site}/{name}/{i}", site=site, meter=name,
+                                                      account=s.account, kwh_index=i))
+                # delivery for the trade the relay follows
+                current = row["current_trade"]
+                if self.cfg.trade:
+                    if c.export_wh is not None and self.cfg.role == "producer":
+                        d_flow, _ = counter_delta(row["last_export"], c.export_wh)
+                    else:
+                        d_flow = d_energy
+                    current = self._deliver(conn, current, d_flow, now, c.relay_closed)
+                # a relay that moved by itself (the meter's watchdog, a hand on the switch)
+                if row["relay_closed"] is not None and bool(row["relay_closed"]) != c.relay_closed:
+                    self._relay_changed(conn, c.relay_closed, self.decision.trade_id, "changed at the meter")
+                elif row["relay_closed"] is None:
+                    conn.execute("UPDATE meter_counters SET relay_closed = ? WHERE meter = ?",
+                                 (int(c.relay_closed), name))
+                sim_state = self.driver.state_json() if isinstance(self.driver, SimDriver) else None
+                conn.execute(
+                    "UPDATE meter_counters SET kwh_index = ?, accum_wh = ?, last_energy = ?, last_export = ?,"
+                    " first_energy = COALESCE(first_energy, ?), current_trade = ?, resets = resets + ?,"
+                    " sim_state = COALESCE(?, sim_state) WHERE meter = ?",
+                    (kwh.next_index, kwh.accum_wh, c.energy_wh, c.export_wh, c.energy_wh, current, int(reset),
+                     sim_state, name))
         self.svc.update_metrics(self, c)
 
     def _deliver(self, conn: sqlite3.Connection, current: str | None, d_flow: int, now: float,
@@ -290,9 +293,9 @@ class MeterService(Service):
         await super().start()  # the publisher is up before the first reading is staged
         self._loops = [asyncio.create_task(r.run(), name=f"meter-{r.cfg.name}") for r in self.runners]
 
-    def stage(self, body: Any) -> None:
+    def stage(self, body: Any) -> Envelope:
         assert self.pub is not None
-        self.pub.stage(body)
+        return self.pub.stage(body)
 
     async def stopping(self) -> None:
         loops = getattr(self, "_loops", [])

@@ -418,3 +418,33 @@ async def test_a_slow_chain_holds_up_only_the_bid_that_waits_for_it(grid: Grid, 
         assert (await slow).bid_id
         offers = {o.offer_id: o for o in (await m.call(cmd.ListOffers(include_closed=True))).offers}
         assert (offers[waiting].highest_bidder, offers[other].state) == (B1, "cancelled")
+
+
+def envelopes(db_path, type_: str) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+    with sqlite3.connect(db_path) as c:
+        rows = c.execute("SELECT data FROM bus_outbox WHERE topic LIKE ? ORDER BY seq", (type_ + ".%",)).fetchall()
+    c.close()
+    return [json.loads(r[0]) for r in rows]
+
+
+async def test_each_step_names_its_cause(grid: Grid, fake_chain: FakeChain) -> None:
+    """Commands cause what they publish; the clock's close of an offer is caused by the
+    winning bid (or the opening when nobody bid), though it runs long after that command."""
+    s = settings(grid, fake_chain.endpoint, auction_min_increment_wei_per_kwh=10)
+    db = s.data_dir / "auction.sqlite"
+    async with Running(grid, s) as m:
+        sold = await m.call(offer(duration=1.0), cmd_id="cmd-offer")
+        unsold = await m.call(offer(wh=1000, duration=1.0), cmd_id="cmd-offer-2")
+        await m.call(bid(sold.offer_id, B1, 1000), cmd_id="cmd-bid-1")
+        await m.call(bid(sold.offer_id, B2, 1010), cmd_id="cmd-bid-2")
+        await until(lambda: len(envelopes(db, "market.offer_closed")) == 2, what="both offers closed")
+    opened = {e["body"]["offer_id"]: e for e in envelopes(db, "market.offer_opened")}
+    bids = {e["body"]["buyer"]: e for e in envelopes(db, "market.bid_placed")}
+    assert opened[sold.offer_id]["cause"] == "cmd-offer" and opened[unsold.offer_id]["cause"] == "cmd-offer-2"
+    assert bids[B1]["cause"] == "cmd-bid-1" and bids[B2]["cause"] == "cmd-bid-2"
+    closed = {e["body"]["offer_id"]: e for e in envelopes(db, "market.offer_closed")}
+    assert closed[sold.offer_id]["cause"] == bids[B2]["id"]
+    assert closed[unsold.offer_id]["cause"] == opened[unsold.offer_id]["id"]
+    [agreed] = envelopes(db, "trade.agreed")
+    assert agreed["cause"] == bids[B2]["id"] and agreed["v"] == 2
+    assert all(e["cause"] is None for e in envelopes(db, "trade.heartbeat"))  # a timer's own beat

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
 
+import zmq.asyncio
+
+from services.bus import Publisher, Store, envelope
+from services.bus.events import MiningChanged
+from services.cli import Follow
+
 from .conftest import Grid
+from .test_pubsub import secure  # noqa: F401 - a fixture
 
 GT = [sys.executable, "-m", "services.cli"]
 
@@ -42,6 +50,7 @@ def test_publish_then_tail_shows_the_event(grid: Grid) -> None:
     line = json.loads(out.strip().splitlines()[0])
     assert line["type"] == "meter.reading" and line["body"]["energy_wh"] == 5
     assert line["source"] == "solar-1/cli" and line["seq"] >= 1
+    assert line["v"] == 2 and "cause" in line and line["cause"] is None  # published by hand: no cause
     assert "policy:chain.mining" in err
 
 
@@ -53,3 +62,44 @@ def test_publish_rejects_bad_input_clearly(grid: Grid) -> None:
         assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert not (grid.root / "market" / "cli.sqlite").exists()  # nothing was published or stored
+
+
+def _env(id_: str, cause: str | None) -> envelope.Envelope:
+    return envelope.make(MiningChanged(mining=True), source="market/chain", seq=1, id=id_, cause=cause)
+
+
+def test_follow_keeps_what_an_id_led_to_even_out_of_order() -> None:
+    f = Follow("cmd-1")
+    assert [e.id for e in f.feed(_env("c", "b"))] == []  # its cause is not known yet: waits
+    assert [e.id for e in f.feed(_env("x", None))] == []
+    assert [e.id for e in f.feed(_env("a", "cmd-1"))] == ["a"]
+    assert [e.id for e in f.feed(_env("y", "x"))] == []
+    assert [e.id for e in f.feed(_env("b", "a"))] == ["b", "c"]  # and what waited for it
+    assert [e.id for e in f.feed(_env("d", "c"))] == ["d"]
+    assert f.ids == {"cmd-1", "a", "b", "c", "d"}
+
+
+async def test_tail_follow_prints_one_chain_of_causes(grid: Grid, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctx = zmq.asyncio.Context()
+    store = Store(tmp_path / "pub.sqlite")
+    pub = Publisher(ctx, secure("market", ctx), store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
+    await pub.start()
+    root = await pub.publish(MiningChanged(mining=True))
+    other = await pub.publish(MiningChanged(mining=False))
+    child = await pub.publish(MiningChanged(mining=False), cause=root.id)
+    await pub.publish(MiningChanged(mining=True), cause=other.id)
+    grandchild = await pub.publish(MiningChanged(mining=True), cause=child.id)
+    tail = await asyncio.create_subprocess_exec(*GT, "bus", "tail", "--follow", root.id, "--count", "3",
+                                                env=run_env(grid, "home-7"), stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(tail.communicate(), 60)
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+        await pub.stop()
+        store.close()
+        ctx.destroy(0)
+    lines = [json.loads(x) for x in out.decode().splitlines()]
+    assert [(x["id"], x["cause"]) for x in lines] == [(root.id, None), (child.id, root.id), (grandchild.id, child.id)]

@@ -185,15 +185,17 @@ async def test_publisher_sigkilled_and_restarted_loses_and_doubles_nothing(grid:
 BAD_FRAMES = [
     ("garbage", [b"meter.reading.solar-1", b"\x00\xffnot json"]),
     ("garbage", [b"meter.reading.solar-1", b'{"v":1,"type":"meter.reading","id":"x","sou']),
-    ("frames", [b"meter.reading.solar-1"]),
     ("unknown_type", [b"meter.readingz.solar-1", json.dumps({"v": 1, "type": "meter.readingz", "id": "x",
                                                              "source": "solar-1/x", "seq": 1, "ts": 0, "body": {}}).encode()]),
     ("version", [b"meter.reading.solar-1", json.dumps({"v": 9, "type": "meter.reading", "id": "x", "source": "solar-1/x",
                                                       "seq": 1, "ts": 0, "body": reading(1).model_dump()}).encode()]),
     ("invalid", [b"meter.reading.solar-1", json.dumps({"v": 1, "type": "meter.reading", "id": "x", "source": "solar-1/x",
                                                       "seq": 1, "ts": 0, "body": {**reading(1).model_dump(), "energy_wh": -5}}).encode()]),
-    ("topic", [b"meter.reading.home-7", envelope.encode(envelope.make(reading(1), source="solar-1/x", seq=1))[1]]),
+    # passes the hub (solar-1's key, solar-1's topic) but speaks for another site
+    ("topic", [b"meter.reading.solar-1", envelope.encode(envelope.make(reading(1), source="home-7/x", seq=1))[1]]),
 ]
+"""What the hub forwards (the sender's own topic, two frames) but subscribers refuse; the
+hub's own drops (other site's topic, frame count) are in test_hub_identity.py."""
 
 
 async def test_bad_frames_are_dropped_and_counted_and_the_subscriber_keeps_working(grid: Grid, actx, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -48,8 +48,9 @@ def test_hub_process_health_metrics_and_clean_stop(grid: Grid) -> None:
         health = json.loads(body)
         assert status == 200 and health["ready"] and health["service"] == "hub"
         assert health["endpoints"] == [f"tcp://127.0.0.1:{p1}", f"tcp://127.0.0.1:{p2}"]
+        assert health["identity_checked"] is True and health["hub_dropped"] == {}
         status, metrics = get(f"http://127.0.0.1:{mport}/metrics")
-        assert status == 200 and b"gridtrade_up 1.0" in metrics
+        assert status == 200 and b"gridtrade_up 1.0" in metrics and b"gridtrade_hub_forwarded_total" in metrics
         proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)  # a second signal changes nothing
         assert proc.wait(timeout=30) == 0
@@ -66,6 +67,25 @@ def test_insecure_only_when_asked_and_with_a_warning(grid: Grid, caplog: pytest.
     with caplog.at_level("WARNING"):
         Security(grid.keys, "nobody", insecure=True)
     assert "CURVE is OFF" in caplog.text
+
+
+def test_an_insecure_hub_says_so_once_at_start(grid: Grid) -> None:
+    mport, p1, p2 = free_port(), free_port(), free_port()
+    env = {**os.environ, **grid.env("market"), "GRIDTRADE_METRICS_PORT": str(mport), "GRIDTRADE_INSECURE": "1",
+           "GRIDTRADE_PUB_BIND": f"tcp://127.0.0.1:{p1}", "GRIDTRADE_SUB_BIND": f"tcp://127.0.0.1:{p2}"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.bus"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        status, body = wait_for(f"http://127.0.0.1:{mport}/healthz", proc)
+        assert status == 200 and json.loads(body)["identity_checked"] is False
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        assert err.count("ERROR services.bus.keys: INSECURE: CURVE is OFF") == 1, err
+        assert err.count("ERROR services.bus.hub: hub: NO IDENTITY") == 1, err
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_a_service_without_its_key_refuses_to_start(grid: Grid) -> None:

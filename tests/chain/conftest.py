@@ -61,6 +61,7 @@ class Listener:
     """Everything published on the bus with the given prefixes, as typed bodies."""
 
     events: list[Any] = field(default_factory=list)
+    envelopes: list[Any] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def of(self, cls: type) -> list[Any]:
@@ -127,6 +128,7 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
 
         def handler(env: Any, conn: Any) -> None:
             listener.events.append(env.body)
+            listener.envelopes.append(env)
             listener.changed.set()
 
         pub = Sources(bus, tmp_path / f"peer-{len(made)}")

@@ -49,28 +49,29 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
 
         # two kWh produced (one reading reported twice): two tokens, minted once each
-        for idx in (0, 1, 0):
-            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
-                                                    account=seller, kwh_index=idx, wh=1000))
+        produced = [await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
+                                                        account=seller, kwh_index=idx, wh=1000))
+                    for idx in (0, 1, 0)]
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 2)
 
-        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7",
+                                 cmd_id="cmd-deposit")
         appr = await peer.request(C.Approve(account=seller, wh=1500), site="solar-1")
         await settled(peer, [dep.tx_hash, appr.tx_hash])
 
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
                      wh=1500, price_wei_per_kwh=PRICE)
-        await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        agreed = await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
         await peer.listener.wait_for(lambda: peer.listener.of(E.TradeRecorded))
 
         # the buyer's meter pays; the seller's meter and another site's consumer meter do not
         await peer.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="m1", role="producer", delivered_wh=1400))
         await peer.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="x", role="consumer", delivered_wh=1400))
-        for wh in (400, 1000):
-            await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=wh))
+        deliveries = [await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
+                                                    delivered_wh=wh)) for wh in (400, 1000)]
         await peer.listener.wait_for(lambda: any(s.delivered_wh == 1000 for s in peer.listener.of(E.Settled)))
 
-        await peer.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
+        status_closed = await peer.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
         await asyncio.sleep(1.0)  # the buyer's relay opens a moment after the close ...
         assert not peer.listener.of(E.TradeClosedOnChain)
         await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
@@ -109,6 +110,16 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         ups = ev.of(E.TxUpdate)
         sent = {u.tx_hash for u in ups if u.status == "pending"}
         assert sent and all(sum(1 for u in ups if u.tx_hash == h and u.status == "confirmed") == 1 for h in sent)
+
+        # each chain event names the bus event (or command) whose job it finished
+        assert {e.body.reading_id: e.cause for e in ev.envelopes if isinstance(e.body, E.Minted)} == {
+            "solar-1/m1/0": produced[0].id, "solar-1/m1/1": produced[1].id}
+        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeRecorded)] == [agreed.id]
+        assert all(e.cause in {d.id for d in deliveries} | {status_closed.id}
+                   for e in ev.envelopes if isinstance(e.body, E.Settled))
+        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeClosedOnChain)] == [status_closed.id]
+        assert {e.cause for e in ev.envelopes if isinstance(e.body, E.TxUpdate) and e.body.tx_hash == dep.tx_hash} \
+            == {"cmd-deposit"}  # the deposit's pending and confirmed updates: its command
     finally:
         if reader is not None:
             await contracts.close_provider(reader)

@@ -80,6 +80,10 @@ async def test_producer_announces_each_whole_kwh_once_in_order(grid: Grid, bus: 
     assert readings[-1].energy_wh >= 1000 * len(produced)
     assert readings[-1].soc is not None and readings[-1].pv_w is not None and readings[-1].pv_w > 0
     assert health["meters"]["pv"]["connected"] is True
+    # each kWh names the reading it was counted from as its cause; readings come from a timer
+    reading_ids = {e.id for e in bus.events if e.type == "meter.reading"}
+    assert all(e.cause is None for e in bus.events if e.type == "meter.reading")
+    assert all(e.cause in reading_ids for e in bus.events if e.type == "meter.energy_produced")
 
 
 async def test_without_an_account_kwh_are_held_not_skipped(grid: Grid, bus: Bus) -> None:
