@@ -4,7 +4,12 @@ Security model:
 - Sessions: ``POST /api/session`` asks the chain service to unlock the key; on success the
   browser gets an HttpOnly, SameSite=Strict, Path=/ cookie holding a random token. Every
   state-changing route needs it (401 without) and acts only for the session's account:
-  no request body can name the acting account (unknown fields are refused).
+  no request body can name the acting account (unknown fields are refused). Sessions are
+  kept in the gateway's store (only the token's SHA-256), so they survive a restart.
+- The key is unlocked in the chain service's memory only: after that service restarts, a
+  request that signs answers 401 with code ``locked`` while the session stays;
+  ``POST /api/session/unlock`` with the passphrase unlocks the session's account again
+  (throttled like a login). ``GET /api/session`` and ``GET /api/wallet`` say ``unlocked``.
 - CSRF: SameSite=Strict keeps the cookie off cross-site requests, and every POST must
   say ``Content-Type: application/json`` (a cross-site HTML form cannot send that without
   a CORS preflight, which this server never grants). That is enough here; no CSRF token.
@@ -32,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ValidationError
 
 from services.bus import RequestError, RequestTimeout, RpcClient
+from services.bus.store import Store
 from services.bus import commands as cmd
 from services.bus import events as ev
 
@@ -59,6 +65,9 @@ CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer
             "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
             "not_supported", "unsupported"}
 
+
+LOCKED_MESSAGE = ("your wallet restarted and locked your account's key: enter your passphrase again "
+                  "(nothing was done)")
 
 CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml",
                  ".png": "image/png", ".ico": "image/x-icon", ".json": "application/json", ".txt": "text/plain"}
@@ -91,6 +100,8 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def from_request_error(e: RequestError, service: str) -> ApiError:
     if isinstance(e, RequestTimeout):
         return ApiError(503, "unavailable", f"the {service} service does not answer; try again in a moment")
+    if e.code == "locked":  # the key is locked in the wallet (it restarted, or its unlock ran out)
+        return ApiError(401, "locked", LOCKED_MESSAGE)
     if e.code in STATUS_OF_CODE:
         status = STATUS_OF_CODE[e.code]
         if status == 503:
@@ -130,12 +141,13 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, *, chain: RpcClient, auction: RpcClient,
                  registry: CollectorRegistry | None = None,
                  health: Callable[[], dict[str, Any]] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, store: Store | None = None) -> None:
         self.settings = settings
         self.site = settings.site
         self.chain, self.auction = chain, auction
         self.clock = clock
-        self.sessions = SessionStore(settings.session_ttl_s)
+        # the service's store (<data_dir>/gateway.sqlite); without one (a bare Gateway), memory
+        self.sessions = SessionStore(store if store is not None else Store(":memory:"), settings.session_ttl_s)
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s,
                                       settings.login_max_delay_s)
         self.parties = feed.Parties()
@@ -149,6 +161,7 @@ class Gateway:
         self.assets = load_assets(STATIC)
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             "list_accounts": self.list_accounts, "login": self.login, "whoami": self.whoami, "logout": self.logout,
+            "unlock": self.unlock,
             "wallet": self.wallet, "pending": self.pending, "transfer": self.transfer,
             "escrow_deposit": self.escrow_deposit, "escrow_withdraw": self.escrow_withdraw,
             "withdraw_credit": self.withdraw_credit,
@@ -289,7 +302,7 @@ class Gateway:
         return web.json_response(self.openapi)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        self.metrics.sessions.set(len(self.sessions))
+        self.metrics.sessions.set(self.sessions.live(self.clock()))
         self.metrics.ws_clients.set(len(self.clients))
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -304,9 +317,12 @@ class Gateway:
         return m.AccountsOut(accounts=[m.AccountOut(address=a.address, name=a.name, site=a.site)
                                        for a in reply.accounts])
 
-    async def login(self, request: web.Request, body: m.Login) -> web.StreamResponse:
+    async def _unlock_at_chain(self, request: web.Request, address: str, passphrase: str, ttl_s: float,
+                               wrong: str) -> cmd.Unlocked:
+        """Unlock ``address`` in the chain service, behind this gateway's throttle (per address
+        and per client IP; a failure counts, a success clears the address)."""
         now = self.clock()
-        keys = [f"addr:{body.address.lower()}", f"ip:{request.remote or '?'}"]
+        keys = [f"addr:{address.lower()}", f"ip:{request.remote or '?'}"]
         wait = self.throttle.retry_after(keys, now)
         if wait > 0:
             self.metrics.logins.labels("throttled").inc()
@@ -315,7 +331,7 @@ class Gateway:
                            {"Retry-After": str(int(wait) + 1)})
         try:
             unlocked: cmd.Unlocked = await self.chain.request(
-                cmd.Unlock(address=body.address, passphrase=body.passphrase, ttl_s=self.settings.session_ttl_s),
+                cmd.Unlock(address=address, passphrase=passphrase, ttl_s=ttl_s),
                 timeout=self.settings.gateway_rpc_timeout_s)
         except RequestError as e:
             # another site's account is refused by the chain service: to a person, a wrong account
@@ -323,7 +339,7 @@ class Gateway:
                           "keystore"):
                 self.throttle.failed(keys, self.clock())
                 self.metrics.logins.labels("failed").inc()
-                raise ApiError(401, "bad_credentials", "wrong account or passphrase") from None
+                raise ApiError(401, "bad_credentials", wrong) from None
             if e.code == "too_many_attempts":  # the chain service's own throttle
                 self.metrics.logins.labels("throttled").inc()
                 found = re.search(r"try again in (\d+) s", e.message)
@@ -333,20 +349,45 @@ class Gateway:
             raise from_request_error(e, "chain") from None
         self.throttle.succeeded([keys[0]])
         self.metrics.logins.labels("ok").inc()
-        token, session = self.sessions.create(unlocked.address, now, unlocked.expires_at)
+        return unlocked
+
+    async def login(self, request: web.Request, body: m.Login) -> web.StreamResponse:
+        now = self.clock()
+        unlocked = await self._unlock_at_chain(request, body.address, body.passphrase, self.settings.session_ttl_s,
+                                               "wrong account or passphrase")
+        token, session = await self.sessions.create(unlocked.address, now, unlocked.expires_at)
         resp = web.json_response(text=m.SessionOut(address=session.address, site=self.site,
-                                                   expires_at=session.expires_at).model_dump_json())
+                                                   expires_at=session.expires_at, unlocked=True).model_dump_json())
         resp.set_cookie(self.cookie, token, httponly=True, samesite="Strict", path="/",
                         max_age=int(session.expires_at - now), secure=self.settings.cookie_secure)
         log.info("login %s", session.address)
         return resp
 
+    async def unlock(self, request: web.Request, session: Session, body: m.UnlockIn) -> m.SessionOut:
+        """The session's account again (its wallet restarted): for the rest of the session."""
+        ttl_s = session.expires_at - self.clock()
+        if ttl_s <= 0:
+            raise ApiError(401, "no_session", "log in first (no session, or it has expired)")
+        await self._unlock_at_chain(request, session.address, body.passphrase, ttl_s, "wrong passphrase")
+        log.info("unlocked %s again", session.address)
+        return m.SessionOut(address=session.address, site=self.site, expires_at=session.expires_at, unlocked=True)
+
+    async def is_unlocked(self, address: str) -> bool | None:
+        """Whether the chain service holds ``address``'s key unlocked (None: it does not answer)."""
+        try:
+            reply: cmd.Accounts = await self.chain.request(cmd.ListAccounts(),
+                                                           timeout=self.settings.gateway_rpc_timeout_s)
+        except RequestError:
+            return None
+        return next((a.unlocked for a in reply.accounts if a.address.lower() == address.lower()), None)
+
     async def whoami(self, request: web.Request, session: Session) -> m.SessionOut:
-        return m.SessionOut(address=session.address, site=self.site, expires_at=session.expires_at)
+        return m.SessionOut(address=session.address, site=self.site, expires_at=session.expires_at,
+                            unlocked=await self.is_unlocked(session.address))
 
     async def logout(self, request: web.Request, session: Session) -> web.StreamResponse:
         token = request.cookies.get(self.cookie)
-        self.sessions.drop(token)
+        await self.sessions.drop(token)
         if not self.sessions.others_of(session.address, self.clock()):
             try:
                 await self.chain.request(cmd.Lock(address=session.address), timeout=self.settings.gateway_rpc_timeout_s)
@@ -366,12 +407,13 @@ class Gateway:
         return [m.TxOut(tx_hash=t.tx_hash, kind=t.kind, ref=t.ref, status=t.status) for t in reply.txs]
 
     async def wallet(self, request: web.Request, session: Session) -> m.WalletOut:
-        bal, pending = await asyncio.gather(self.ask_chain(cmd.GetBalances(address=session.address)),
-                                            self._pending(session.address))
+        bal, pending, unlocked = await asyncio.gather(self.ask_chain(cmd.GetBalances(address=session.address)),
+                                                      self._pending(session.address),
+                                                      self.is_unlocked(session.address))
         return m.WalletOut(address=session.address, site=self.site, ether_wei=bal.ether_wei,
                            escrow_free_wei=bal.escrow_free_wei, escrow_locked_wei=bal.escrow_locked_wei,
                            credit_wei=bal.credit_wei, tokens_wh=bal.tokens_wh, tokens_locked_wh=bal.tokens_locked_wh,
-                           generated_wh=bal.generated_wh, pending=pending)
+                           generated_wh=bal.generated_wh, pending=pending, unlocked=unlocked)
 
     async def pending(self, request: web.Request, session: Session) -> m.PendingOut:
         return m.PendingOut(txs=await self._pending(session.address))

@@ -72,6 +72,12 @@ class Login(In):
     passphrase: str = Field(min_length=1, max_length=1024)
 
 
+class UnlockIn(In):
+    """The session's account is unlocked again (after its wallet restarted): only the passphrase."""
+
+    passphrase: str = Field(min_length=1, max_length=1024)
+
+
 class TransferIn(In):
     to: AddressStr
     amount_wei: WeiIn = Field(description="wei to send, > 0")
@@ -179,6 +185,9 @@ class SessionOut(Out):
     address: str
     site: str
     expires_at: float
+    unlocked: bool | None = Field(default=None, description="whether the wallet holds the account's key unlocked "
+                                  "(false after the wallet restarted: POST /api/session/unlock); null if the "
+                                  "wallet does not answer")
 
 
 class TxOut(Out):
@@ -199,6 +208,8 @@ class WalletOut(Out):
     tokens_locked_wh: int
     generated_wh: int
     pending: list[TxOut]
+    unlocked: bool | None = Field(default=None, description="as in SessionOut: false means actions that sign "
+                                  "answer 401 locked until POST /api/session/unlock")
 
 
 class PendingOut(Out):

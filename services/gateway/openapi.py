@@ -41,6 +41,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/session", "login", "Log in: unlock an account with its passphrase", m.SessionOut,
           body=m.Login, auth=False, errors=(400, 401, 415, 422, 429, *_BACKEND), tag="session"),
     Route("GET", "/api/session", "whoami", "The logged-in account", m.SessionOut, errors=(401,), tag="session"),
+    Route("POST", "/api/session/unlock", "unlock",
+          "Unlock the session's account again with its passphrase (after its wallet restarted, actions that "
+          "sign answer 401 with code locked; the session itself stays)", m.SessionOut, body=m.UnlockIn,
+          errors=(400, 401, 415, 422, 429, *_BACKEND), tag="session"),
     Route("DELETE", "/api/session", "logout", "Log out: lock the account and end the session", m.OkOut,
           errors=(401,), tag="session"),
     Route("GET", "/api/wallet", "wallet", "Tokens, generation, Ether, escrow and pending transactions", m.WalletOut,
@@ -73,10 +77,12 @@ ROUTES: tuple[Route, ...] = (
           body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
 )
 
-_REASONS = {400: "Malformed request", 401: "No session (log in first)", 403: "Not allowed for this account",
-            404: "No such thing", 409: "Refused by the market or the chain", 415: "Body is not application/json",
-            422: "Invalid field values", 429: "Too many failed logins", 502: "A backing service failed",
-            503: "A backing service does not answer"}
+_REASONS = {400: "Malformed request",
+            401: "No session (code no_session: log in first), a wrong passphrase (bad_credentials), or the "
+                 "account's key is locked in its wallet (locked: POST /api/session/unlock)",
+            403: "Not allowed for this account", 404: "No such thing", 409: "Refused by the market or the chain",
+            415: "Body is not application/json", 422: "Invalid field values", 429: "Too many failed logins",
+            502: "A backing service failed", 503: "A backing service does not answer"}
 
 
 def _path_params(path: str) -> list[dict[str, Any]]:

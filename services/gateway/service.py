@@ -3,7 +3,9 @@ aiohttp server that serves the API, the websocket and the web UI."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -16,6 +18,8 @@ from .app import Gateway
 from .config import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 60.0
 
 
 class GatewayService(Service):
@@ -31,10 +35,29 @@ class GatewayService(Service):
         s = self.settings
         chain = self.client(s.chain_rpc, s.chain_site)
         auction = self.client(s.auction_rpc, s.auction_site)
-        self.gateway = Gateway(s, chain=chain, auction=auction, registry=self.registry, health=self.health)
+        self.gateway = Gateway(s, chain=chain, auction=auction, registry=self.registry, health=self.health,
+                               store=self.store)  # sessions live in <data_dir>/gateway.sqlite
+        await self.prune_sessions()
+        self.spawn(self._prune_forever(), name="gateway-session-prune")
         # a live feed: what happened before this gateway started is read through the API
         self.feed = self.subscribe([*feed.PREFIXES, f"{ev.MeterReading.TYPE}.{s.site}"], self.on_event,
                                    start="latest")
+
+    async def prune_sessions(self) -> int:
+        n = await self.gateway.sessions.purge(time.time())
+        if n:
+            log.info("pruned %d expired session(s)", n)
+        return n
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            try:
+                await self.prune_sessions()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - tried again next round
+                log.exception("pruning expired sessions failed")
 
     def on_event(self, env: Envelope, conn: Any) -> None:
         self.gateway.on_event(env.type, env.ts, env.body)
@@ -57,5 +80,5 @@ class GatewayService(Service):
     def health(self) -> dict[str, Any]:
         h = super().health()
         if hasattr(self, "gateway"):
-            h.update(url=self.url, sessions=len(self.gateway.sessions), websockets=len(self.gateway.clients))
+            h.update(url=self.url, sessions=self.gateway.sessions.live(time.time()), websockets=len(self.gateway.clients))
         return h

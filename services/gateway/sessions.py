@@ -1,17 +1,34 @@
-"""Login sessions and the failed-login throttle (pure: the clock is passed in).
+"""Login sessions, kept in the gateway's own store, and the failed-login throttle.
 
-A session is a random token (``secrets.token_urlsafe``) kept in memory with its account
-and expiry; the browser holds it in an HttpOnly, SameSite=Strict cookie. Tokens are
-compared by dictionary lookup of their SHA-256, so the store never holds the cookie
-value itself and a lookup does not leak timing about a token's prefix.
+A session is a random 32-byte token (``secrets.token_urlsafe(32)``); the browser holds it
+in an HttpOnly, SameSite=Strict cookie. The store (table ``gateway_sessions`` of
+``<data_dir>/gateway.sqlite``) keeps only the token's SHA-256 with the account and the
+expiry, so sessions survive a gateway restart while the file never holds a token a
+browser could present. A lookup goes by the digest (indexed) and the found digest is
+compared again in constant time. Expired rows are refused on lookup and pruned.
+
+The clock is passed in by the caller; the throttle is pure (memory only: a restart
+forgets failed attempts, the chain service's own unlock throttle does not).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import secrets
 from collections import deque
+
+from services.bus.store import Store
+
+MAX_TOKEN = 256
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateway_sessions (digest TEXT PRIMARY KEY, address TEXT NOT NULL,
+                                             expires_at REAL NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS gateway_sessions_expiry ON gateway_sessions (expires_at);
+CREATE INDEX IF NOT EXISTS gateway_sessions_address ON gateway_sessions (address COLLATE NOCASE);
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,52 +37,61 @@ class Session:
     expires_at: float
 
 
-def _digest(token: str) -> str:
+def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class SessionStore:
-    """Token -> session, with expiry. ``now`` comes from the caller."""
+    """Token -> session, with expiry, in ``store`` (the gateway service's SQLite store).
+    Writes run in the store's transactions; ``now`` comes from the caller."""
 
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._by_digest: dict[str, Session] = {}
+    def __init__(self, store: Store, ttl_s: float) -> None:
+        self.store, self.ttl_s = store, ttl_s
+        store.conn.executescript(_SCHEMA)
 
-    def create(self, address: str, now: float, expires_at: float | None = None) -> tuple[str, Session]:
+    async def create(self, address: str, now: float, expires_at: float | None = None) -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
         s = Session(address=address, expires_at=min(expires_at or now + self.ttl_s, now + self.ttl_s))
-        self._by_digest[_digest(token)] = s
+        async with self.store.atomic() as conn:
+            conn.execute("INSERT INTO gateway_sessions (digest, address, expires_at, created_at) VALUES (?, ?, ?, ?)",
+                         (digest(token), s.address, s.expires_at, now))
         return token, s
 
     def get(self, token: str | None, now: float) -> Session | None:
-        if not token or len(token) > 256:
+        """The live session of ``token`` (an expired one is no session; pruning removes it)."""
+        if not token or len(token) > MAX_TOKEN:
             return None
-        key = _digest(token)
-        s = self._by_digest.get(key)
-        if s is None:
+        key = digest(token)
+        row = self.store.conn.execute("SELECT digest, address, expires_at FROM gateway_sessions WHERE digest = ?",
+                                      (key,)).fetchone()
+        if row is None or not hmac.compare_digest(row[0], key) or row[2] <= now:
             return None
-        if s.expires_at <= now:
-            del self._by_digest[key]
-            return None
-        return s
+        return Session(address=row[1], expires_at=row[2])
 
-    def drop(self, token: str | None) -> Session | None:
-        if not token or len(token) > 256:
-            return None
-        return self._by_digest.pop(_digest(token), None)
+    async def drop(self, token: str | None) -> bool:
+        if not token or len(token) > MAX_TOKEN:
+            return False
+        async with self.store.atomic() as conn:
+            return conn.execute("DELETE FROM gateway_sessions WHERE digest = ?", (digest(token),)).rowcount > 0
 
     def others_of(self, address: str, now: float) -> int:
         """Live sessions of ``address`` (to keep the key unlocked while one remains)."""
-        return sum(1 for s in self._by_digest.values() if s.address.lower() == address.lower() and s.expires_at > now)
+        row = self.store.conn.execute("SELECT COUNT(*) FROM gateway_sessions WHERE address = ? COLLATE NOCASE "
+                                      "AND expires_at > ?", (address, now)).fetchone()
+        return int(row[0])
 
-    def purge(self, now: float) -> int:
-        dead = [k for k, s in self._by_digest.items() if s.expires_at <= now]
-        for k in dead:
-            del self._by_digest[k]
-        return len(dead)
+    async def purge(self, now: float) -> int:
+        """Delete the expired sessions; returns how many."""
+        async with self.store.atomic() as conn:
+            return int(conn.execute("DELETE FROM gateway_sessions WHERE expires_at <= ?", (now,)).rowcount)
+
+    def live(self, now: float) -> int:
+        row = self.store.conn.execute("SELECT COUNT(*) FROM gateway_sessions WHERE expires_at > ?", (now,)).fetchone()
+        return int(row[0])
 
     def __len__(self) -> int:
-        return len(self._by_digest)
+        """Stored sessions (expired ones count until they are pruned)."""
+        return int(self.store.conn.execute("SELECT COUNT(*) FROM gateway_sessions").fetchone()[0])
 
 
 class LoginThrottle:

@@ -3,12 +3,15 @@ event visibility and the OpenAPI document's agreement with the models."""
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from services.bus import events as ev
+from services.bus.store import Store
 from services.gateway import feed, models as m
 from services.gateway.openapi import ROUTES, document
 from services.gateway.sessions import LoginThrottle, SessionStore
@@ -48,16 +51,27 @@ def test_sell_takes_one_amount_and_no_account() -> None:
             m.SellIn.model_validate(body)
 
 
-def test_sessions_expire_and_drop() -> None:
-    s = SessionStore(ttl_s=100)
-    token, sess = s.create(A, now=1000, expires_at=5000)
+async def test_sessions_expire_drop_and_outlive_the_store_object(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "gateway.sqlite"
+    store = Store(path)
+    s = SessionStore(store, ttl_s=100)
+    token, sess = await s.create(A, now=1000, expires_at=5000)
     assert sess.expires_at == 1100  # never longer than the gateway's ttl
     assert s.get(token, 1050) == sess and s.get("other", 1050) is None and s.get(None, 1050) is None
-    assert s.others_of(A, 1050) == 1
-    assert s.get(token, 1100) is None and len(s) == 0
-    t2, _ = s.create(B, now=0)
-    assert s.drop(t2) is not None and s.get(t2, 1) is None
-    assert token not in repr(s.__dict__)  # only digests are kept
+    assert s.get("x" * 300, 1050) is None
+    assert s.others_of(A, 1050) == 1 and s.others_of(A.upper().replace("0X", "0x"), 1050) == 1
+    t2, _ = await s.create(B, now=1000)
+    assert await s.drop(t2) and s.get(t2, 1001) is None and not await s.drop(t2)
+    store.close()
+    # a new store over the same file (a restarted gateway) knows the session
+    store = Store(path)
+    s = SessionStore(store, ttl_s=100)
+    assert s.get(token, 1050) == sess and s.live(1050) == 1
+    assert s.get(token, 1100) is None and s.live(1100) == 0  # expired: refused ...
+    assert len(s) == 1 and await s.purge(1100) == 1 and len(s) == 0  # ... and pruned
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert token.encode() not in raw and t2.encode() not in raw  # only digests are kept
 
 
 def test_throttle_blocks_after_max_failures_and_backs_off() -> None:
