@@ -25,6 +25,7 @@ def sample_body(route: Any, stack: Stack) -> dict[str, Any] | None:
         "set_mining": {"action": "stop"}, "sell": {"kwh": "1", "start_price_wei_per_kwh": "1000", "duration_s": 5},
         "bid": {"price_wei_per_kwh": "2000"}, "cancel_offer": {}, "close_trade": {},
         "login": {"address": stack.producer.address, "passphrase": "x"},
+        "unlock": {"passphrase": "x"},
     }.get(route.name)
 
 
