@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 from decimal import Decimal
 from typing import Any
 
@@ -210,3 +211,59 @@ async def test_sell_bid_trade_close_transfer_and_mining(browser: Any, real_grid:
     finally:
         await pctx.close()
         await cctx.close()
+
+
+@pytest.mark.timeout(360)
+async def test_a_session_outlives_a_gateway_restart_and_a_wallet_restart_asks_for_the_passphrase(
+        browser: Any, real_grid: RealStack, artifacts_dir: pathlib.Path) -> None:
+    grid = real_grid
+    consumer = grid.people["consumer"]
+    ctx, page = await open_wallet(browser, grid.url("home-7"), consumer)
+    try:
+        await number(grid, page.locator("#balance"), "the consumer's Ether from the dev chain", lambda n: n > 99)
+        await expect(page.locator("#locked")).to_be_hidden()
+
+        # the site's gateway is killed during the session and started again: the page goes on
+        # with the same cookie, no new login (the session is in the gateway's store)
+        grid.terminate("gateway-home-7", signal.SIGKILL)
+        await expect(page.locator("#live")).to_have_text("offline", timeout=WAIT)
+        grid.spawn("gateway-home-7")
+        await grid.until("the gateway to be healthy again", lambda: grid.health("gateway-home-7"))
+        await expect(page.locator("#live")).to_have_text("live", timeout=WAIT)  # the websocket is back
+        await page.fill("#deposit-amount", "0.01")
+        await page.click("#deposit-form button[type=submit]")
+        await expect(page.locator("#escrow-free")).to_have_text("0.01", timeout=WAIT)
+        await page.reload()
+        await expect(page.locator("#view-wallet")).to_be_visible(timeout=WAIT)
+        await expect(page.locator("#who")).to_have_attribute("title", consumer.address)
+        await expect(page.locator("#view-login")).to_be_hidden()
+        await shot(page, artifacts_dir, "7-after-gateway-restart")
+
+        # the wallet (the chain service) restarts: the key it held unlocked in memory is locked
+        # now; the page says so and keeps the session
+        grid.terminate("chain")
+        grid.spawn("chain")
+        await grid.until("the restarted chain service to be healthy",
+                         lambda: (grid.health("chain") or {}).get("market"), timeout=90)
+        await expect(page.locator("#locked")).to_be_visible(timeout=WAIT)
+        await expect(page.locator("#view-wallet")).to_be_visible()
+        # an action that signs asks for the passphrase of the same account, not for a new login
+        await page.fill("#deposit-amount", "0.02")
+        await page.click("#deposit-form button[type=submit]")
+        dialog = page.locator("#unlock-dialog")
+        await expect(dialog).to_be_visible(timeout=WAIT)
+        await expect(dialog.locator("#unlock-account")).to_have_text(consumer.address)
+        await page.fill("#unlock-passphrase", "not it")
+        await page.click("#unlock-btn")
+        await expect(page.locator("#unlock-error")).to_have_text("wrong passphrase", timeout=WAIT)
+        await shot(page, artifacts_dir, "8-unlock-prompt")
+        await page.fill("#unlock-passphrase", consumer.passphrase)
+        await page.click("#unlock-btn")
+        await expect(dialog).to_be_hidden(timeout=WAIT)
+        await expect(page.locator("#locked")).to_be_hidden()
+        # the deposit that met the locked key was made once the key was unlocked again
+        await expect(page.locator("#escrow-free")).to_have_text("0.03", timeout=WAIT)
+        await expect(page.locator("#view-login")).to_be_hidden()
+        assert not page.errors, page.errors  # type: ignore[attr-defined]
+    finally:
+        await ctx.close()

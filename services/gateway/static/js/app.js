@@ -7,7 +7,8 @@ import { countdown, formatEther, kwh, parseEther, parseKwh, short } from './form
 const $ = (sel, root = document) => root.querySelector(sel);
 
 const state = {
-  me: null,            // {address, site, expires_at}
+  me: null,            // {address, site, expires_at, unlocked}
+  locked: false,       // the wallet holds this account's key locked (it restarted): ask for the passphrase
   offers: new Map(),   // offer_id -> offer
   trades: new Map(),   // trade_id -> trade
   pending: new Map(),  // tx_hash -> tx
@@ -29,23 +30,107 @@ function say(message, ok = false) {
   toastTimer = setTimeout(() => { t.hidden = true; }, ok ? 3000 : 8000);
 }
 
+// the session is there but the wallet's key is locked (the wallet restarted): nothing was done
+const isLocked = (e) => e instanceof ApiError && e.status === 401 && e.code === 'locked';
+
 function explain(e) {
   if (e instanceof ApiError && e.status === 401 && e.code === 'no_session') {
     loggedOut();
     return 'Your session has ended. Please log in again.';
   }
+  if (isLocked(e)) setLocked(true);
   return (e && e.message) ? e.message : 'Something went wrong.';
 }
 
+// An action; if the wallet answers that the key is locked, ask for the passphrase and,
+// once it is unlocked again, do the action once more (the locked attempt did nothing).
 async function guarded(button, fn) {
   if (button) button.disabled = true;
   try {
-    return await fn();
+    try {
+      return await fn();
+    } catch (e) {
+      if (!isLocked(e)) throw e;
+      if (!(await askUnlock())) throw e;
+      return await fn();
+    }
   } catch (e) {
     say(explain(e));
     return undefined;
   } finally {
     if (button) button.disabled = false;
+  }
+}
+
+// --- the key locked in the wallet: the passphrase again, same account, same session --
+
+let unlockWaiters = [];
+
+function setLocked(on) {
+  state.locked = on;
+  $('#locked').hidden = !on;
+  document.body.dataset.locked = on ? '1' : '';
+}
+
+// Opens the prompt (once, however many actions wait); resolves true once unlocked, false if dismissed.
+function askUnlock() {
+  setLocked(true);
+  const dlg = $('#unlock-dialog');
+  $('#unlock-account').textContent = state.me ? state.me.address : '';
+  if (!dlg.open) {
+    $('#unlock-error').textContent = '';
+    dlg.showModal();
+    $('#unlock-passphrase').focus();
+  }
+  return new Promise((resolve) => { unlockWaiters.push(resolve); });
+}
+
+function unlockDone(ok) {
+  const waiters = unlockWaiters;
+  unlockWaiters = [];
+  $('#unlock-passphrase').value = '';
+  const dlg = $('#unlock-dialog');
+  if (dlg.open) dlg.close();
+  for (const w of waiters) w(ok);
+}
+
+async function unlock(ev) {
+  ev.preventDefault();
+  const btn = $('#unlock-btn');
+  btn.disabled = true;
+  $('#unlock-error').textContent = '';
+  try {
+    state.me = await api('POST', '/api/session/unlock', { passphrase: $('#unlock-passphrase').value });
+    setLocked(false);
+    unlockDone(true);
+    say('Your wallet is unlocked again.', true);
+    refreshWallet();
+  } catch (e) {
+    if (e instanceof ApiError && e.code === 'no_session') {
+      unlockDone(false);
+      say(explain(e));
+      return;
+    }
+    $('#unlock-passphrase').value = '';
+    $('#unlock-error').textContent = e.message || 'Unlocking failed.';
+  } finally {
+    btn.disabled = false;
+  }
+}
+
+function showUnlocked(unlocked) {
+  if (unlocked === false) setLocked(true);
+  if (unlocked === true && state.locked) { setLocked(false); unlockDone(true); }  // unlocked elsewhere
+}
+
+// the session's state now and then: a wallet that restarted shows as locked before an action fails
+async function checkSession() {
+  if (!state.me) return;
+  try {
+    const me = await api('GET', '/api/session');
+    if (state.me) { state.me = me; showUnlocked(me.unlocked); }
+  } catch (e) {
+    if (e instanceof ApiError && e.code === 'no_session') say(explain(e));
   }
 }
 
@@ -104,6 +189,7 @@ function loggedIn() {
   $('#who').textContent = short(state.me.address);
   $('#who').title = state.me.address;
   $('#site-name').textContent = state.me.site;
+  showUnlocked(state.me.unlocked);
   connect();
   if (!location.hash || location.hash === '#/login') location.hash = '#/wallet';
   route();
@@ -111,6 +197,8 @@ function loggedIn() {
 
 function loggedOut() {
   state.me = null;
+  setLocked(false);
+  unlockDone(false);
   if (state.ws) { state.ws.onclose = null; state.ws.close(); state.ws = null; }
   setLive(false);
   state.offers.clear(); state.trades.clear(); state.pending.clear();
@@ -148,6 +236,7 @@ async function loadWallet() {
     $('#market-escrow').textContent = formatEther(w.escrow_free_wei);
     state.pending = new Map(w.pending.map((t) => [t.tx_hash, t]));
     renderPending();
+    showUnlocked(w.unlocked);
   } catch (e) {
     say(explain(e));
   }
@@ -439,8 +528,13 @@ async function start() {
     const r = await api('POST', '/api/credit/withdraw', { amount_wei: state.credit });
     addPending({ tx_hash: r.tx_hash, kind: 'withdraw_credit', status: 'pending' });
   }));
+  $('#unlock-form').addEventListener('submit', unlock);
+  $('#unlock-cancel').addEventListener('click', () => unlockDone(false));
+  $('#unlock-dialog').addEventListener('close', () => unlockDone(false));  // Escape, too
+  $('#locked-unlock').addEventListener('click', () => { askUnlock(); });
   window.addEventListener('hashchange', route);
   setInterval(tick, 250);
+  setInterval(checkSession, 10000);
   try {
     state.me = await api('GET', '/api/session');
     loggedIn();
