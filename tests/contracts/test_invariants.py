@@ -428,6 +428,7 @@ def chain(sync_anvil_w3: Web3) -> Chain:
     )
 
 
+@pytest.mark.timeout(900)  # 30 sequences of 40 calls on anvil: minutes on a busy 2-core machine
 def test_random_call_sequences_keep_the_books(chain: Chain) -> None:
     run_state_machine_as_test(
         lambda: MarketMachine(chain),
