@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import zmq
@@ -247,12 +248,24 @@ async def test_a_handler_knows_which_site_asked_whatever_the_body_says(grid: Gri
         sec.stop()
 
 
-async def test_a_flood_from_one_site_gets_busy_while_another_site_is_served(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def cancels_server(grid: Grid, actx, tmp_path, **kw) -> tuple[Any, Store, RpcServer]:  # type: ignore[no-untyped-def]
+    """A market-keyed request server whose CancelOffer records the offer in ``cancels``."""
     sec = grid.security("market")
     sec.start(actx)
     store = Store(tmp_path / "srv.sqlite")
     store.conn.execute("CREATE TABLE cancels (offer TEXT)")
-    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*", max_inflight_per_site=4)
+    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*", **kw)
+
+    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
+        store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
+        return Ok()
+
+    srv.handle(CancelOffer, cancel)
+    return sec, store, srv
+
+
+async def test_a_flood_from_one_site_gets_busy_while_another_site_is_served(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sec, store, srv = cancels_server(grid, actx, tmp_path, max_inflight_per_site=4)
     gate = asyncio.Event()
 
     async def ping(req: Ping, caller: Caller) -> Pong:
@@ -260,12 +273,7 @@ async def test_a_flood_from_one_site_gets_busy_while_another_site_is_served(grid
             await gate.wait()  # the flood's requests hang: they hold their site's slots
         return Pong(node=str(caller), uptime_s=0.0)
 
-    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
-        store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
-        return Ok()
-
     srv.handle(Ping, ping)
-    srv.handle(CancelOffer, cancel)
     await srv.start()
     probe = RpcClient(actx, grid.security("probe"), srv.endpoint, timeout_s=20)
     home = RpcClient(actx, grid.security("home-7"), srv.endpoint, timeout_s=20)
@@ -297,17 +305,7 @@ async def test_a_flood_from_one_site_gets_busy_while_another_site_is_served(grid
 
 
 async def test_stored_replies_are_pruned_by_age_and_kept_within_the_window(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    sec = grid.security("market")
-    sec.start(actx)
-    store = Store(tmp_path / "srv.sqlite")
-    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
-    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*", commands_keep_s=3600)
-
-    async def cancel(req: CancelOffer, caller: Caller) -> Ok:
-        store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
-        return Ok()
-
-    srv.handle(CancelOffer, cancel)
+    sec, store, srv = cancels_server(grid, actx, tmp_path, commands_keep_s=3600)
     await srv.start()
     client = RpcClient(actx, grid.security("home-7"), srv.endpoint)
     try:
