@@ -68,7 +68,8 @@ class AdvGrid:
         s = self.stack
         self.hub = self.by_module("services.bus")
         self.chain = self.by_module("services.chain", site=launcher.MARKET)
-        self.auction = self.by_module("services.auction")
+        self.auction = self.by_module("services.auction") if any(
+            module_of(p) == "services.auction" and p.name in s.children for p in s.procs) else None
         self.meters = {p.env["GRIDTRADE_SITE"]: p for p in s.procs
                        if module_of(p) == "services.meter" and p.argv[3:4] != ["emulate"] and p.name in s.children}
         self.producer, self.consumer = s.people["producer"], s.people["consumer"]

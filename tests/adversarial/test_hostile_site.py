@@ -199,20 +199,20 @@ def test_a_site_cannot_report_delivery_for_another_sites_trade(world: World) -> 
     g.expect_counts(before, merge({g.hub.name: {"site/probe": 1}}, want_counts(g, [("meter.delivery", PROBE)])))
     time.sleep(1.0)  # a settlement window and more
     # the chain pays only what the buyer's meter said; the trade is neither settled in full nor closed
-    home_said = buyer_meter_delivered(world)
     (recorded,) = g.rows(chain, "chain", "SELECT delivered_wh FROM chain_deliveries WHERE trade_id = ? AND site = ?",
                          (world.trade_id, HOME))
-    assert recorded[0] <= home_said < TRADE_WH
     (settled, close_state), = g.rows(chain, "chain", "SELECT settled_wh, close_state FROM chain_trades "
                                                       "WHERE trade_id = ?", (world.trade_id,))
-    assert settled <= home_said and close_state == "none"
     trade = next(t for t in ok(g.requests(PROBE, "auction", req("auction.trades")))[0]["result"]["trades"]
                  if t["trade_id"] == world.trade_id)
-    assert trade["state"] in ("recorded", "delivering") and trade["delivered_wh"] <= home_said, trade
     # the seller's cross-check takes only the buyer's meter: no false mismatch raised
     peer = g.rows(g.meters[SOLAR], "meter", "SELECT buyer_wh, flagged FROM meter_peer WHERE trade_id = ?",
                   (world.trade_id,))
-    assert all(wh <= buyer_meter_delivered(world) and not flagged for wh, flagged in peer), peer
+    home_said = buyer_meter_delivered(world)  # read last: it only grows
+    assert recorded[0] <= home_said < TRADE_WH
+    assert settled <= home_said and close_state == "none"
+    assert trade["state"] in ("recorded", "delivering") and trade["delivered_wh"] <= home_said, trade
+    assert all(wh <= home_said and not flagged for wh, flagged in peer), (peer, home_said)
     assert g.outbox(g.meters[SOLAR], "meter", f"meter.mismatch.{SOLAR}") == []
 
 
@@ -356,7 +356,8 @@ def test_a_site_cannot_act_for_another_sites_account(world: World) -> None:
     before = g.counts()
     txs = "SELECT account, COUNT(*) FROM chain_txs WHERE account IN (?, ?) GROUP BY account"
     txs_before = g.rows(chain, "chain", txs, (p, c))
-    nonces_before = g.rows(chain, "chain", "SELECT * FROM chain_nonces ORDER BY account")
+    nonces = "SELECT * FROM chain_nonces WHERE account IN (?, ?) ORDER BY account"
+    nonces_before = g.rows(chain, "chain", nonces, (p, c))
     chain_attacks = [
         req("chain.unlock", address=p, passphrase="a guess"),
         req("chain.unlock", address=c, passphrase=g.consumer.passphrase),  # even the right passphrase
@@ -392,7 +393,7 @@ def test_a_site_cannot_act_for_another_sites_account(world: World) -> None:
 
     # nothing sent for them, nothing changed at the auction; their sessions stay theirs
     assert g.rows(chain, "chain", txs, (p, c)) == txs_before
-    assert g.rows(chain, "chain", "SELECT * FROM chain_nonces ORDER BY account") == nonces_before
+    assert g.rows(chain, "chain", nonces, (p, c)) == nonces_before
     listing = ok(g.requests(PROBE, "auction", req("auction.offers"), req("auction.trades")))
     spare = next(o for o in listing[0]["result"]["offers"] if o["offer_id"] == world.spare_offer)
     assert spare["state"] == "open" and spare["bids"] == 0, spare
