@@ -114,7 +114,8 @@ class AdvGrid:
 
     def counts(self) -> dict[str, Counter[str]]:
         """Every count of refused input: the hub's drops by cause/site, each subscriber's
-        drops by cause, the chain service's refusals (``refused:<site>``, ``unlocks_throttled``)."""
+        drops by cause, the chain service's refusals (``refused:<site>``, ``unlocks_throttled``,
+        ``mints_refused:<site>``), the meters' (``deliveries_refused:<site>``)."""
         out: dict[str, Counter[str]] = {self.hub.name: Counter(self.health(self.hub)["hub_dropped"])}
         for p in self.subscribers():
             h = self.health(p)
@@ -125,6 +126,8 @@ class AdvGrid:
                 c["unlocks_throttled"] = h["unlocks_throttled"]
             for site, n in h.get("mints_refused", {}).items():
                 c[f"mints_refused:{site}"] = n
+            for site, n in h.get("deliveries_refused", {}).items():
+                c[f"deliveries_refused:{site}"] = n
             out[p.name] = c
         return out
 
