@@ -15,7 +15,9 @@ stdout. ``SPEC`` is a JSON object:
   replay endpoint of its own that takes requests and never answers, ``"dead"`` a port
   where nothing listens.
 - ``rpc``: ``{"server": "chain"|"auction", "requests": [{"type", "body"}, ...]}`` sends
-  each request in turn; prints each reply's code (or ``ok``) and how long it took.
+  each request in turn; prints each reply's code (or ``ok``) and how long it took. A
+  request with ``"retry_on": [codes], "retry_s": s`` is sent again while it is refused with
+  one of those codes, for at most ``s`` seconds (a site waiting for its deposit to be mined).
 
 ``--insecure`` connects without CURVE (``GRIDTRADE_INSECURE``): no key, no identity.
 """
