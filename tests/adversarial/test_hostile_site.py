@@ -15,7 +15,6 @@ last one).
 
 from __future__ import annotations
 
-import pathlib
 import time
 from collections import Counter
 from collections.abc import Iterator
