@@ -109,6 +109,7 @@ class ChainService(Service):
                                               per_site=settings.unlock_site_max_failures,
                                               window_s=settings.unlock_window_s)
         self.refused: dict[str, int] = {}  # calling site -> requests refused for another site's account
+        self.mints_refused: dict[str, int] = {}  # publishing site -> mints refused for another site's account
         self._known_sites: set[str] | None = None
         self.node: Node | None = None
         self.txm: TxManager | None = None
@@ -162,7 +163,8 @@ class ChainService(Service):
                 else "rpc", "connected": self.connected.is_set(),
                 "market": self.dep.market_address if self.dep else None,
                 "pending_txs": ledger.count_pending(self.store.conn),
-                "refused_other_sites": dict(self.refused), "unlocks_throttled": self.unlock_throttle.refused}
+                "refused_other_sites": dict(self.refused), "unlocks_throttled": self.unlock_throttle.refused,
+                "mints_refused": dict(self.mints_refused)}
 
     async def publish(self, body: E.Message) -> Any:
         assert self.pub is not None
@@ -371,11 +373,18 @@ class ChainService(Service):
     def mint_allowed(self, env: Any, body: E.EnergyProduced) -> bool:
         """Whether the publishing site may have ``body.account`` minted to: a site mints
         only to its own accounts. The bus's publish policy already holds ``body.site`` and
-        the reading id to the publishing site (``env.site``, which the hub vouches for).
-
-        HOOK: once the keystore records each account's site, this also requires the
-        account's site to be ``env.site``; until then any account is taken."""
-        return body.site == env.site
+        the reading id to the publishing site (``env.site``, which the hub vouches for); an
+        account this keystore holds must belong to that site too (an address it does not
+        hold is taken on the site's word). A refusal is counted per site (``mints_refused``)."""
+        allowed = body.site == env.site
+        if allowed:
+            try:
+                allowed = self.owner(self.keystore.find(body.account)) == env.site
+            except UnknownAccount:
+                pass
+        if not allowed:
+            self.mints_refused[env.site] = self.mints_refused.get(env.site, 0) + 1
+        return allowed
 
     @staticmethod
     def _record_trade(conn: Any, t: E.TradeAgreed | E.TradeStatus, cause: str) -> None:

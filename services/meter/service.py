@@ -267,6 +267,7 @@ class MeterService(Service):
 
     async def setup(self) -> None:
         s = self.settings
+        self.deliveries_refused: dict[str, int] = {}  # site -> its Delivery for a trade it is not the buyer of
         self.store.conn.executescript(SCHEMA)
         self.publisher()
         self.subscribe(["trade.status.", "trade.heartbeat.", "meter.delivery."], self.on_event)
@@ -344,6 +345,12 @@ class MeterService(Service):
         elif isinstance(body, Delivery):
             if body.role != "consumer" or body.site == site:
                 return
+            trade = _one(conn, "SELECT buyer_site FROM meter_trades WHERE trade_id = ?", (body.trade_id,))
+            if trade is not None and trade["buyer_site"] != body.site:
+                # only the trade's buyer's meter says what arrived: another site's word would
+                # raise a false mismatch here (and its flag would hide a real one)
+                self.deliveries_refused[body.site] = self.deliveries_refused.get(body.site, 0) + 1
+                return
             conn.execute(
                 "INSERT INTO meter_peer (trade_id, buyer_wh, buyer_ts) VALUES (?, ?, ?) ON CONFLICT (trade_id)"
                 " DO UPDATE SET buyer_wh = MAX(buyer_wh, excluded.buyer_wh),"
@@ -361,4 +368,5 @@ class MeterService(Service):
             self.g_errors.labels(r.cfg.name, reason).set(n)
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "meters": {r.cfg.name: r.health() for r in getattr(self, "runners", [])}}
+        return {**super().health(), "meters": {r.cfg.name: r.health() for r in getattr(self, "runners", [])},
+                "deliveries_refused": dict(getattr(self, "deliveries_refused", {}))}

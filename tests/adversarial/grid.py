@@ -1,0 +1,203 @@
+"""The real grid for the adversarial tests, and the hostile process run against it.
+
+The grid is the processes of ``launcher.plan()`` (without the gateways) started as real
+subprocesses by :class:`~tests.gateway.realstack.RealStack`; a third site ('probe') has
+its own CURVE key on the grid's allow-list and an account of its own. Endpoints, health
+URLs and data folders are all read from the plan, services found by their module.
+
+:meth:`AdvGrid.hostile` runs ``python -m tests.adversarial.hostile`` (a real process with
+one site's key) and returns the JSON it printed; the honest sites' own requests go
+through the same script with their own keys, as their gateways would send them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from services import launcher
+from services.bus import ensure_keys
+from services.chain.keystore import Keystore
+from tests.gateway.realstack import RealStack
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PROBE = "probe"
+PROBE_PASS = "probe-passphrase"
+SERVICE_MODULES = ("services.bus", "services.chain", "services.auction", "services.meter")
+SUBSCRIBING = (*SERVICE_MODULES[1:], "services.gateway")
+
+
+def module_of(p: launcher.Proc) -> str:
+    return p.argv[2] if len(p.argv) > 2 and p.argv[1] == "-m" else ""
+
+
+def grid_processes(root: pathlib.Path) -> list[str]:
+    """The plan's hub, chain, auction and meter processes (and a chain node if any), and the
+    consumer's gateway (the wallet that would show forged market events), by name."""
+    plan = launcher.plan(launcher.Options(data=root))
+    return [p.name for p in plan if module_of(p) in SERVICE_MODULES and p.argv[3:4] != ["emulate"]
+            or p.name == "anvil" or module_of(p) == "services.gateway" and p.env["GRIDTRADE_SITE"] == launcher.CONSUMER]
+
+
+class AdvGrid:
+    """A started RealStack plus what the tests read from it."""
+
+    def __init__(self, root: pathlib.Path, *, env: dict[str, str] | None = None,
+                 meter_env: dict[str, dict[str, str]] | None = None, insecure: bool = False,
+                 only: Iterable[str] | None = None, probe_scrypt_n: int = 2**10) -> None:
+        self.root, self.insecure = root, insecure
+        data = root / "data"
+        ensure_keys(data.resolve() / "keys", PROBE)  # on the allow-list before any process reads it
+        # probe's own account, made before the services start (a costlier scrypt than the
+        # others', so the unlock test can tell a throttled reply from one that ran scrypt)
+        ks = Keystore(data.resolve() / launcher.MARKET / "keystore", scrypt_n=probe_scrypt_n)
+        self.probe_account = ks.new(PROBE_PASS, name="probe own", site=PROBE).address
+        self.stack = RealStack(root, chain_url="embedded", time_scale=1440, env=env, meter_env=meter_env,
+                               only=list(only) if only is not None else grid_processes(root), scrypt_n=2**10)
+
+    def start(self) -> AdvGrid:
+        self.stack.start()
+        s = self.stack
+        self.hub = self.by_module("services.bus")
+        self.chain = self.by_module("services.chain", site=launcher.MARKET)
+        self.auction = self.by_module("services.auction") if any(
+            module_of(p) == "services.auction" and p.name in s.children for p in s.procs) else None
+        self.meters = {p.env["GRIDTRADE_SITE"]: p for p in s.procs
+                       if module_of(p) == "services.meter" and p.argv[3:4] != ["emulate"] and p.name in s.children}
+        self.producer, self.consumer = s.people["producer"], s.people["consumer"]
+        return self
+
+    def stop(self) -> None:
+        self.stack.stop()
+
+    # --- the plan ------------------------------------------------------------------
+
+    def by_module(self, module: str, site: str | None = None) -> launcher.Proc:
+        return next(p for p in self.stack.procs if module_of(p) == module and p.name in self.stack.children
+                    and (site is None or p.env["GRIDTRADE_SITE"] == site))
+
+    def subscribers(self) -> list[launcher.Proc]:
+        """The running services with a bus subscriber (everything but the hub)."""
+        return [p for p in self.stack.procs if p.name in self.stack.children
+                and module_of(p) in SUBSCRIBING and p.health_url]
+
+    def health(self, p: launcher.Proc) -> dict[str, Any]:
+        h = self.stack.health(p.name)
+        assert h is not None, f"{p.name} does not answer /healthz"
+        return h
+
+    def db(self, p: launcher.Proc, name: str) -> sqlite3.Connection:
+        path = pathlib.Path(p.env["GRIDTRADE_DATA_DIR"]) / f"{name}.sqlite"
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+
+    def rows(self, p: launcher.Proc, name: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = self.db(p, name)
+        try:
+            return list(conn.execute(sql, args))
+        finally:
+            conn.close()
+
+    def outbox(self, p: launcher.Proc, name: str, topic: str) -> list[dict[str, Any]]:
+        """What a service published under ``topic`` (its own outbox), in order."""
+        return [json.loads(d) for (d,) in self.rows(p, name, "SELECT data FROM bus_outbox WHERE topic = ? "
+                                                             "ORDER BY seq", (topic,))]
+
+    # --- counts ----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, Counter[str]]:
+        """Every count of refused input: the hub's drops by cause/site, each subscriber's
+        drops by cause, the chain service's refusals (``refused:<site>``, ``unlocks_throttled``,
+        ``mints_refused:<site>``), the meters' (``deliveries_refused:<site>``)."""
+        out: dict[str, Counter[str]] = {self.hub.name: Counter(self.health(self.hub)["hub_dropped"])}
+        for p in self.subscribers():
+            h = self.health(p)
+            c = Counter(h["dropped"])
+            for site, n in h.get("refused_other_sites", {}).items():
+                c[f"refused:{site}"] = n
+            if "unlocks_throttled" in h:
+                c["unlocks_throttled"] = h["unlocks_throttled"]
+            for site, n in h.get("mints_refused", {}).items():
+                c[f"mints_refused:{site}"] = n
+            for site, n in h.get("deliveries_refused", {}).items():
+                c[f"deliveries_refused:{site}"] = n
+            out[p.name] = c
+        return out
+
+    def expect_counts(self, before: dict[str, Counter[str]], want: dict[str, dict[str, int]],
+                      timeout: float = 30) -> dict[str, Counter[str]]:
+        """Wait until each named count grew by exactly what ``want`` says (and then a
+        moment longer, to see it grows no further); returns the deltas."""
+
+        def deltas() -> dict[str, Counter[str]]:
+            now = self.counts()
+            return {name: Counter({k: now[name][k] - before.get(name, Counter())[k] for k in now[name]})
+                    for name in now}
+
+        def reached() -> bool:
+            d = deltas()
+            return all(d[name][k] >= n for name, kv in want.items() for k, n in kv.items())
+
+        self.stack.wait(f"the counts {want}", reached, timeout=timeout)
+        time.sleep(1.0)
+        d = deltas()
+        got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
+        assert got == want, f"counts grew by {got}, expected {want}; all deltas: {d}"
+        return d
+
+    # --- the hostile (and the honest sites' requests) ---------------------------------
+
+    def argv(self, attack: str, spec: dict[str, Any], site: str) -> list[str]:
+        env = self.hub.env
+        argv = [sys.executable, "-m", "tests.adversarial.hostile", attack, json.dumps(spec),
+                "--keys", env["GRIDTRADE_KEYS_DIR"], "--site", site, "--hub-pub", env["GRIDTRADE_HUB_PUB"],
+                "--hub-site", env["GRIDTRADE_HUB_SITE"], "--chain-rpc", env["GRIDTRADE_CHAIN_RPC"],
+                "--auction-rpc", env["GRIDTRADE_AUCTION_RPC"], "--state", str(self.root / f"seqs-{site}.json")]
+        return argv + (["--insecure"] if self.insecure else [])
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(ROOT), "GRIDTRADE_LOG_LEVEL": "WARNING"}
+
+    def hostile(self, attack: str, spec: dict[str, Any], site: str = PROBE, timeout: float = 120) -> dict[str, Any]:
+        r = subprocess.run(self.argv(attack, spec, site), cwd=ROOT, env=self._env(), capture_output=True,
+                           timeout=timeout)
+        if r.returncode != 0:
+            self.stack.fail(f"hostile {attack} exited with {r.returncode}: {r.stderr.decode(errors='replace')[-3000:]}")
+        out = json.loads(r.stdout.decode().strip().splitlines()[-1])
+        assert not out.get("unsubscribed"), f"the hub passed no subscription for {out['unsubscribed']}"
+        return dict(out)
+
+    def hostile_background(self, attack: str, spec: dict[str, Any], site: str = PROBE) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(attack, spec, site), cwd=ROOT, env=self._env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    def finish(self, child: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, Any]:
+        out, err = child.communicate(timeout=timeout)
+        if child.returncode != 0:
+            self.stack.fail(f"hostile exited with {child.returncode}: {err.decode(errors='replace')[-3000:]}")
+        return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+    def requests(self, site: str, server: str, *reqs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Requests of ``site`` (with its key) to the chain service or the auction."""
+        return list(self.hostile("rpc", {"server": server, "requests": list(reqs)}, site=site)["replies"])
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+        return self.stack.wait(what, check, timeout=timeout)
+
+
+def req(type_: str, **body: Any) -> dict[str, Any]:
+    return {"type": type_, "body": body}
+
+
+def ev(type_: str, source: str, topic_site: str | None = None, **body: Any) -> dict[str, Any]:
+    f = {"type": type_, "source": source, "body": body}
+    if topic_site is not None:
+        f["topic_site"] = topic_site
+    return f
