@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Literal
 
 from pydantic import Field
 
@@ -12,10 +13,16 @@ from services.bus.config import BusSettings
 class ChainSettings(BusSettings):
     """Everything ``gridtrade chain`` reads from the environment, on top of the bus settings."""
 
+    chain_role: Literal["operator", "site"] | None = Field(
+        default=None, description="'operator': the market's chain service (the operator key only: deploys, mints, "
+                                  "opens, settles, closes, mining control); 'site': a site's wallet (that site's "
+                                  "keystores, unlock, balances, its own transactions). Default: operator when "
+                                  "GRIDTRADE_SITE is GRIDTRADE_CHAIN_SITE (the market), else site")
     chain_url: str = Field(
         default="embedded",
-        description="'embedded' (in-process py-evm through eth-tester: a dev/demo chain whose state is lost "
-                    "when the process stops) or an http(s):// / ws(s):// JSON-RPC URL (anvil, geth, any EVM chain)")
+        description="'embedded' (in-process py-evm through eth-tester: a chain whose state is lost when the "
+                    "process stops, for tests; 'embedded:NAME' is one such chain shared by the services of one "
+                    "process) or an http(s):// / ws(s):// JSON-RPC URL (anvil, geth, any EVM chain)")
     chain_bind: str | None = Field(
         default=None, description="where the request server binds; default: the bus setting chain_rpc")
     token_address: str | None = Field(
@@ -60,6 +67,13 @@ class ChainSettings(BusSettings):
     def keystore(self) -> pathlib.Path:
         return self.keystore_dir if self.keystore_dir is not None else self.data_dir / "keystore"
 
+    deployment_wait_s: float = Field(default=5.0, gt=0, description="a wallet: how often it looks again for the "
+                                                                     "operator's deployment while it has none")
+
+    @property
+    def role(self) -> str:
+        return self.chain_role or ("operator" if self.site == self.chain_site else "site")
+
     @property
     def bind(self) -> str:
-        return self.chain_bind or self.chain_rpc
+        return self.chain_bind or (self.chain_rpc if self.role == "operator" else self.wallet_rpc)
