@@ -68,6 +68,7 @@ class WalletService(ChainBase):
         self._announce = asyncio.Event()
         self._foreign_warned: set[str] = set()
         self.deployment: E.Deployment | None = None
+        self._attached = ""  # the deployment id attached to
         raw = ledger.get_meta(self.store.conn, "deployment_announced")
         if raw:
             self.deployment = E.Deployment.model_validate_json(raw)
@@ -124,12 +125,13 @@ class WalletService(ChainBase):
         if not await node.has_code(d.market):
             raise ChainUnavailable(f"no contract at the operator's market address {d.market} on this node (yet)")
         self.deploy_block = d.deploy_block
+        self._attached = d.deployment
         return d.token, d.market, d.deployment
 
     async def watch_step(self) -> None:
         self.sessions.expire()
         d = self.deployment
-        if d is not None and self.dep is not None and d.market.lower() != self.dep.market_address.lower():
+        if d is not None and d.deployment != self._attached:
             raise ChainUnavailable("the operator announced a new deployment: attaching to it")
 
     # --- claims ---------------------------------------------------------------------------

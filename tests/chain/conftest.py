@@ -166,7 +166,13 @@ class Peer:
     async def publish(self, body: Any) -> Any:
         return await self.pub.publish(body)
 
+    endpoints: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Where each part answers when it runs as a subprocess: 'operator' or a wallet's site
+    -> (endpoint, server site)."""
+
     def endpoint_of(self, to: str) -> tuple[str, str]:
+        if to in self.endpoints:
+            return self.endpoints[to]
         assert self.stack is not None
         svc: ChainBase = self.stack.operator if to == "operator" else self.stack.wallet(to)
         return svc.servers[0].endpoint, svc.settings.site
@@ -180,9 +186,9 @@ class Peer:
         return self.clients[(as_site, to)]
 
     def route(self, req: Any, site: str) -> str:
-        assert self.stack is not None
+        wallets = set(self.stack.wallets if self.stack is not None else ()) | (set(self.endpoints) - {"operator"})
         if isinstance(req, WALLET_REQUESTS) or site not in ("market",):
-            return site if site in self.stack.wallets else "operator"
+            return site if site in wallets else "operator"
         return "operator"
 
     async def request(self, req: Any, *, site: str | None = None, to: str | None = None, **kw: Any) -> Any:
@@ -216,7 +222,7 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
         await sub.start()
         p = Peer(ctx, pub, sub, listener, stack, store, keys=bus.keys, security=sec)
         made.append(p)
-        await asyncio.wait_for(sub.connected.wait(), 10)
+        await asyncio.wait_for(sub.connected.wait(), 60)
         return p
 
     yield make
