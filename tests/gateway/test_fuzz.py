@@ -71,9 +71,9 @@ async def test_generated_requests_never_get_a_5xx(stack: Stack) -> None:
                 await asyncio.sleep(0.05)
             t.join()
         finally:
-            # the generated requests turned the shared chain's mining on and off: leave it on
-            async with h.post(base + "/api/mining", json={"action": "start"}) as r:
-                assert r.status == 200, await r.text()
+            # the generated requests could not switch mining: a site's wallet only shows it
+            async with h.get(base + "/api/mining") as r:
+                assert r.status == 200 and (await r.json())["mining"] is True, await r.text()
     assert not failures, "\n".join(failures[:20])
     # it did reach the handlers: successes and refusals both, across the operations
     assert any(c < 300 for c in calls) and any(c == 422 for c in calls) and len(calls) > 10 * len(doc["paths"])
