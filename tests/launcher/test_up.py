@@ -224,6 +224,19 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
         wait("some energy delivered and paid", lambda: int(trade()["paid_wei"]) > 0, timeout=180)
         cons.call("POST", f"/api/trades/{trade()['trade_id']}/close", {})
         wait("the trade to be settled", lambda: trade()["state"] == "settled", timeout=120)
+        # the market stops and starts mining (its own key); a site's wallet only shows it
+        env = {**os.environ, "GRIDTRADE_SITE": "market", "GRIDTRADE_KEYS_DIR": str(data / "keys"),
+               "GRIDTRADE_CHAIN_RPC": f"tcp://127.0.0.1:{base + 10}"}
+
+        def mining(action: str, site: str = "market") -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "services.cli", "chain", "mining", action], text=True,
+                                  capture_output=True, env={**env, "GRIDTRADE_SITE": site}, timeout=60)
+
+        assert "mining off" in mining("stop").stdout
+        assert cons.call("GET", "/api/mining")["mining"] is False
+        refused = mining("start", site="home-7")
+        assert refused.returncode == 1 and "not_allowed" in refused.stderr, refused
+        assert "mining on" in mining("start").stdout
         # an offer that stays open across the restart
         open_offer = prod.call("POST", "/api/offers", {"wh": 500, "start_price_wei_per_kwh": str(price),
                                                        "duration_s": 3600})["offer_id"]
