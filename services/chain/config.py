@@ -30,8 +30,9 @@ class ChainSettings(BusSettings):
     market_address: str | None = Field(
         default=None, description="attach to an EnergyMarket already deployed here (with token_address)")
     operator_address: str | None = Field(
-        default=None, description="keystore account that deploys, mints, opens, settles and closes; "
-                                  "default on dev chains: the chain's prefunded account")
+        default=None, description="the operator: keystore account (in this service's keystore, at the market) that "
+                                  "deploys, mints, opens, settles and closes; default on dev chains: the chain's "
+                                  "prefunded account")
     operator_passphrase_file: pathlib.Path | None = Field(
         default=None, description="file holding the operator keystore's passphrase (never logged)")
     keystore_dir: pathlib.Path | None = Field(default=None, description="default <data_dir>/keystore")
@@ -45,7 +46,8 @@ class ChainSettings(BusSettings):
         default=30, ge=1, description="the same per calling site, over all its accounts")
     unlock_window_s: float = Field(default=300.0, gt=0)
     dev_fund_wei: int = Field(default=100 * 10**18, ge=0,
-                              description="dev chains: Ether given once to each new or unlocked account (0: off)")
+                              description="dev chains: Ether the operator gives once to each newly claimed account "
+                                          "(0: off)")
     poll_s: float = Field(default=0.2, gt=0, description="how often pending transactions are checked")
     logs_range: int = Field(default=2000, ge=1, description="most blocks asked for in one eth_getLogs call "
                                                             "(public RPC providers cap the range)")
