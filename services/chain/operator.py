@@ -39,7 +39,7 @@ from services.bus.errors import RequestError
 
 from . import contracts, ledger
 from .config import ChainSettings
-from .errors import ChainError, ChainUnavailable, KeystoreError, TxRejected
+from .errors import ChainError, KeystoreError, TxRejected
 from .keystore import Keystore
 from .node import Node, guard
 from .service import ChainBase, _errors
