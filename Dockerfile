@@ -59,7 +59,7 @@ WORKDIR /anvil
 VOLUME ["/anvil"]
 EXPOSE 8545
 ENTRYPOINT ["anvil"]
-CMD ["--host", "0.0.0.0", "--port", "8545", "--state", "/anvil/state.json"]
+CMD ["--host", "0.0.0.0", "--port", "8545", "--state", "/anvil/state.json", "--state-interval", "1"]
 
 # --- tools: the services plus node, solc and anvil -------------------------------------
 FROM runtime AS tools

@@ -43,7 +43,8 @@ from services.chain import contracts  # noqa: E402
 from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.node import ANVIL_DEV_KEY  # noqa: E402
-from services.chain.service import ChainService  # noqa: E402
+from services.chain.operator import OperatorService  # noqa: E402
+from services.chain.wallet import WalletService  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PASS = "bench passphrase"
@@ -101,11 +102,12 @@ async def run(trades: int, steps: int) -> None:
         ensure_keys(keys, site)
     hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
     hub_pub, hub_sub = hub.start()
-    settings = ChainSettings(site="market", data_dir=tmp / "chain", keys_dir=keys, hub_pub=hub_pub, hub_sub=hub_sub,
-                             chain_url=url, chain_bind="tcp://127.0.0.1:*", scrypt_n=2**10, poll_s=0.05,
-                             settle_window_s=0.2, settle_max_batch=100, heartbeat_s=0.2, log_level="WARNING")
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    seller, buyer = ks.new(PASS, site="bench").address, ks.new(PASS, site="bench").address  # the bench site's
+    common = dict(keys_dir=keys, hub_pub=hub_pub, hub_sub=hub_sub, chain_url=url, chain_bind="tcp://127.0.0.1:*",
+                  scrypt_n=2**10, poll_s=0.05, settle_window_s=0.2, settle_max_batch=100, heartbeat_s=0.2,
+                  log_level="WARNING")
+    settings = ChainSettings(site="market", data_dir=tmp / "chain", **common)  # type: ignore[arg-type]
+    ks = Keystore(tmp / "bench" / "keystore", scrypt_n=settings.scrypt_n)  # the bench site's wallet
+    seller, buyer = ks.new(PASS, site="bench").address, ks.new(PASS, site="bench").address
     for _ in range(100):
         try:
             w3 = AsyncWeb3(AsyncHTTPProvider(url))
@@ -115,9 +117,13 @@ async def run(trades: int, steps: int) -> None:
         except OSError:
             await contracts.close_provider(w3)
             await asyncio.sleep(0.1)
-    svc = ChainService(settings)
+    svc = OperatorService(settings)
     await svc.start()
     await asyncio.wait_for(svc.connected.wait(), 60)
+    wallet = WalletService(ChainSettings(site="bench", data_dir=tmp / "bench", chain_role="site",
+                                         chain_rpc=svc.servers[0].endpoint, **common))  # type: ignore[arg-type]
+    await wallet.start()
+    await asyncio.wait_for(wallet.connected.wait(), 60)
     ctx = zmq.asyncio.Context()
     sec = Security(keys, "bench")
     sec.start(ctx)
@@ -135,7 +141,7 @@ async def run(trades: int, steps: int) -> None:
     await pub.start()
     await auction.start()
     await sub.start()
-    client = RpcClient(ctx, sec, svc.servers[0].endpoint, server_site="market")
+    client = RpcClient(ctx, sec, wallet.servers[0].endpoint, server_site="bench")
     of = lambda cls: [e for e in seen if isinstance(e, cls)]  # noqa: E731
     try:
         for a in (seller, buyer):
@@ -146,7 +152,7 @@ async def run(trades: int, steps: int) -> None:
         await wait_for(lambda: len(of(E.Minted)) >= trades)
         await client.request(C.Escrow(account=buyer, action="deposit", amount_wei=trades * PRICE), timeout=30)
         await client.request(C.Approve(account=seller, wh=trades * 1000), timeout=30)
-        await wait_for(lambda: not svc.txm.pending())
+        await wait_for(lambda: not svc.txm.pending() and not wallet.txm.pending())
         for i in range(trades):
             await auction.publish(E.TradeAgreed(trade_id=f"t{i}", offer_id=f"o{i}", seller=seller, buyer=buyer,
                                             seller_site="bench", buyer_site="bench", wh=1000, price_wei_per_kwh=PRICE))
@@ -177,6 +183,7 @@ async def run(trades: int, steps: int) -> None:
         asec.stop()
         ctx.destroy(0)
         actx.destroy(0)
+        await wallet.stop()
         await svc.stop()
         hub.stop()
         os.killpg(anvil.pid, signal.SIGTERM)

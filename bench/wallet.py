@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/wallet.py [--chain embedded|anvil] [--seconds 5] [--readers 8]
 
-The chain service (the site's wallet) answers balance reads (``chain.balances``: Ether,
+The site's wallet (the chain service in its site role, here beside the market's operator
+on one chain) answers balance reads (``chain.balances``: Ether,
 escrow, credit, tokens and the Wh ever minted to the account) over its real request
 socket. Measured twice in one run, on the same service and chain:
 
@@ -40,7 +41,8 @@ from services.bus.store import Store  # noqa: E402
 from services.bus.transport import Publisher, RpcClient  # noqa: E402
 from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402
-from services.chain.service import ChainService  # noqa: E402
+from services.chain.operator import OperatorService  # noqa: E402
+from services.chain.wallet import WalletService  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from settlement import start_anvil, wait_for  # noqa: E402
@@ -83,20 +85,24 @@ async def writes(client: RpcClient, sender: str, other: str, stop: asyncio.Event
 
 
 async def run(chain: str, seconds: float, readers: int, mints: int) -> None:
-    anvil, url = start_anvil() if chain == "anvil" else (None, "embedded")
+    anvil, url = start_anvil() if chain == "anvil" else (None, "embedded:bench")  # one chain for both roles
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="gridtrade-bench-"))
     keys = tmp / "keys"
     for site in ("market", SITE):
         ensure_keys(keys, site)
     hub = Hub(Security(keys, "market"), pub_bind="tcp://127.0.0.1:*", sub_bind="tcp://127.0.0.1:*")
     hub_pub, hub_sub = hub.start()
-    settings = ChainSettings(site="market", data_dir=tmp / "chain", keys_dir=keys, hub_pub=hub_pub, hub_sub=hub_sub,
-                             chain_url=url, chain_bind="tcp://127.0.0.1:*", scrypt_n=2**14, poll_s=0.05,
-                             heartbeat_s=0.2, log_level="WARNING")
+    common = dict(keys_dir=keys, hub_pub=hub_pub, hub_sub=hub_sub, chain_url=url, chain_bind="tcp://127.0.0.1:*",
+                  scrypt_n=2**14, poll_s=0.05, heartbeat_s=0.2, log_level="WARNING")
+    op = OperatorService(ChainSettings(site="market", data_dir=tmp / "market", **common))  # type: ignore[arg-type]
+    await op.start()
+    await asyncio.wait_for(op.connected.wait(), 120)
+    settings = ChainSettings(site=SITE, data_dir=tmp / SITE, chain_role="site", chain_rpc=op.servers[0].endpoint,
+                             **common)  # type: ignore[arg-type]
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    holder = ks.new(PASS, name=f"{SITE} holder").address
-    other = ks.new(PASS, name=f"{SITE} other").address
-    svc = ChainService(settings)
+    holder = ks.new(PASS, name=f"{SITE} holder", site=SITE).address
+    other = ks.new(PASS, name=f"{SITE} other", site=SITE).address
+    svc = WalletService(settings)
     await svc.start()
     await asyncio.wait_for(svc.connected.wait(), 120)
     ctx = zmq.asyncio.Context()
@@ -106,14 +112,14 @@ async def run(chain: str, seconds: float, readers: int, mints: int) -> None:
     pub = Publisher(ctx, sec, store, source=f"{SITE}/meter", hub_pub=hub_pub, heartbeat_s=0.2)
     await pub.start()
     endpoint = svc.servers[0].endpoint
-    clients = [RpcClient(ctx, sec, endpoint, server_site="market") for _ in range(readers + 1)]
+    clients = [RpcClient(ctx, sec, endpoint, server_site=SITE) for _ in range(readers + 1)]
     writer = clients.pop()
     try:
         await writer.request(C.Unlock(address=holder, passphrase=PASS), timeout=60)
         for i in range(mints):
             await pub.publish(E.EnergyProduced(reading_id=f"{SITE}/m/{i}", site=SITE, meter="m", account=holder,
                                                kwh_index=i))
-        await wait_for(lambda: svc.store.conn.execute(
+        await wait_for(lambda: op.store.conn.execute(
             "SELECT COUNT(*) FROM chain_mints WHERE state = 'done'").fetchone()[0] >= mints, 600)
         await reads(clients, holder, 1.0)  # warm up
         base_n, base_slow = await reads(clients, holder, seconds)
@@ -130,6 +136,7 @@ async def run(chain: str, seconds: float, readers: int, mints: int) -> None:
         sec.stop()
         ctx.destroy(0)
         await svc.stop()
+        await op.stop()
         hub.stop()
         if anvil is not None:
             os.killpg(anvil.pid, signal.SIGTERM)

@@ -1,15 +1,22 @@
 """``gridtrade up``: the whole micro-grid on one machine.
 
-A hub, the auction, the chain service (the embedded chain unless ``--chain-url`` is
-given, or ``--chain-url anvil`` for a local anvil node), a producer site ``solar-1`` and
-a consumer site ``home-7``, each with its meter service (simulated, or ``--meters
-emulated``: serial meter emulators on pseudo-terminals read by the real line driver) and
-its own gateway. Creates the CURVE keys and two demo accounts on first start, the
-producer's belonging to site solar-1 and the consumer's to home-7 (their passphrases are
-printed once and stored nowhere; accounts made by an earlier version without a recorded
-site belong to the site their name starts with), waits until every part is healthy,
-prints the two wallet URLs, restarts a part that dies, and stops everything on Ctrl-C.
-State is kept under ``--data`` for the next start; ``--reset`` starts afresh.
+A hub; a local anvil node whose state is kept under ``<data>/chain-node/`` (dumped every
+second and on exit, loaded at the next start: tokens, balances, escrow and history
+survive Ctrl-C); at the market the chain service in its operator role (the operator key
+only) and the auction; and two sites, a producer ``solar-1`` and a consumer ``home-7``,
+each with its meter service (simulated, or ``--meters emulated``: serial meter emulators
+on pseudo-terminals read by the real line driver), its own wallet (the chain service in
+its site role, holding that site's keystore under ``<data>/<site>/keystore``) and its
+own gateway, which talks to that wallet only. ``--chain-url URL`` uses any JSON-RPC node
+instead of starting anvil. The embedded py-evm chain lives inside one process, and here
+the operator and every wallet are processes of their own: ``--chain-url embedded`` is
+refused (it serves the unit tests, which run the roles in one process).
+
+On first start it creates the CURVE keys and one demo account in each site's own
+keystore and prints their passphrases once (they are stored nowhere); user keystores that
+an earlier version kept at the market are moved to their sites. It waits until every part
+is healthy, prints the two wallet URLs, restarts a part that dies, and stops everything
+on Ctrl-C. State is kept under ``--data`` for the next start; ``--reset`` starts afresh.
 
 The plan (which process, which environment) is pure and separate from running it.
 """
@@ -32,13 +39,15 @@ import urllib.request
 from dataclasses import dataclass, field
 
 MARKET, PRODUCER, CONSUMER = "market", "solar-1", "home-7"
+SITES = (PRODUCER, CONSUMER)
+CHAIN_NODE = "chain-node"  # the anvil node's state, under the data folder
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
 class Options:
     data: pathlib.Path = pathlib.Path("data")
-    chain_url: str = "embedded"
+    chain_url: str = "anvil"
     meters: str = "sim"
     time_scale: float = 720.0
     base_port: int = 5550
@@ -97,12 +106,17 @@ def plan(o: Options) -> list[Proc]:
     chain_url = f"http://{o.host}:{p + 45}" if o.chain_url == "anvil" else o.chain_url
     if o.chain_url == "anvil":
         anvil = shutil.which("anvil") or str(ROOT / "node_modules" / ".bin" / "anvil")
+        # the chain node's state: dumped every second and on exit, loaded at the next start
         procs.append(Proc("anvil", [anvil, "--host", o.host, "--port", str(p + 45), "--silent",
-                                    "--state", str(data / "anvil-state.json")], {},
+                                    "--state", str(data / CHAIN_NODE / "state.json"), "--state-interval", "1"], {},
                           health_url=None, log=data / "logs" / "anvil.log", extra={"rpc": chain_url}))
-    add("chain", MARKET, _py("services.chain"), {"GRIDTRADE_CHAIN_URL": chain_url})
+    add("chain", MARKET, _py("services.chain"), {"GRIDTRADE_CHAIN_URL": chain_url, "GRIDTRADE_CHAIN_ROLE": "operator"})
     add("auction", MARKET, _py("services.auction"), {})
-    for site, role, account in ((PRODUCER, "producer", o.producer_account), (CONSUMER, "consumer", o.consumer_account)):
+    for i, (site, role, account) in enumerate(((PRODUCER, "producer", o.producer_account),
+                                               (CONSUMER, "consumer", o.consumer_account))):
+        wallet_rpc = {"GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}"}
+        add(f"wallet-{site}", site, _py("services.chain"),
+            {**wallet_rpc, "GRIDTRADE_CHAIN_URL": chain_url, "GRIDTRADE_CHAIN_ROLE": "site"})
         env = {"GRIDTRADE_ROLE": role, "GRIDTRADE_SIM__TIME_SCALE": str(o.time_scale),
                # a first start begins at dawn (Berlin, the sim's default site), so the demo
                # sees the sun soon; a restart continues from the meter's stored time
@@ -122,7 +136,8 @@ def plan(o: Options) -> list[Proc]:
             add(f"meter-{site}", site, _py("services.meter"), env)
     for i, site in enumerate((PRODUCER, CONSUMER)):
         gw = add(f"gateway-{site}", site, _py("services.gateway"),
-                 {"GRIDTRADE_HTTP_HOST": o.host, "GRIDTRADE_HTTP_PORT": str(o.http_port + i)}, http=o.http_port + i)
+                 {"GRIDTRADE_HTTP_HOST": o.host, "GRIDTRADE_HTTP_PORT": str(o.http_port + i),
+                  "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}"}, http=o.http_port + i)
         gw.public_url = f"http://{o.host}:{o.http_port + i}/"
     return procs
 
@@ -134,8 +149,33 @@ def say(msg: str) -> None:
     print(f"gridtrade: {msg}", flush=True)
 
 
+def keystore_of(data: pathlib.Path, site: str) -> pathlib.Path:
+    """Where a site's wallet keeps its keystore (its ``GRIDTRADE_DATA_DIR`` is ``<data>/<site>``)."""
+    return data / site / "keystore"
+
+
+def move_keystores_home(data: pathlib.Path) -> list[str]:
+    """User keystore files an earlier version kept at the market go to their sites' own
+    keystores (the site the file records, else the one its name starts with); the
+    market keeps none. Returns the addresses moved."""
+    from services.chain.keystore import Keystore, owner
+
+    moved = []
+    for kf in Keystore(data / MARKET / "keystore").list():
+        site = owner(kf, known_sites=set(SITES), default="")
+        if site not in SITES:
+            continue
+        dest = keystore_of(data, site)
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(kf.path, dest / kf.path.name)
+        moved.append(kf.address)
+        say(f"moved the keystore of {kf.address} ({kf.name}) from the market to its site {site}")
+    return moved
+
+
 def prepare(o: Options, reset: bool) -> tuple[Options, dict[str, str]]:
-    """Keys and demo accounts; returns the options with the accounts and new passphrases."""
+    """Keys and demo accounts (each in its own site's keystore); returns the options with
+    the accounts and new passphrases."""
     from services.bus import ensure_keys
     from services.chain.keystore import Keystore
 
@@ -143,17 +183,19 @@ def prepare(o: Options, reset: bool) -> tuple[Options, dict[str, str]]:
         shutil.rmtree(o.data)
     data = o.data.resolve()
     (data / "logs").mkdir(parents=True, exist_ok=True)
-    for site in (MARKET, PRODUCER, CONSUMER):
+    (data / CHAIN_NODE).mkdir(parents=True, exist_ok=True)
+    for site in (MARKET, *SITES):
         ensure_keys(data / "keys", site)
-    ks = Keystore(data / MARKET / "keystore")
-    have = {kf.name: kf.address for kf in ks.list()}
+    move_keystores_home(data)
     shown: dict[str, str] = {}
     accounts = {}
     for site, label in ((PRODUCER, f"{PRODUCER} producer"), (CONSUMER, f"{CONSUMER} consumer")):
+        ks = Keystore(keystore_of(data, site))
+        have = {kf.name: kf.address for kf in ks.list()}
         if label not in have:
             passphrase = "-".join(secrets.token_urlsafe(4) for _ in range(3))
-            say(f"creating the demo account '{label}' (scrypt takes a moment) ...")
-            # the account belongs to its site: only that site's gateway (its key) can use it
+            say(f"creating the demo account '{label}' in the keystore of {site} (scrypt takes a moment) ...")
+            # the account belongs to its site: its keystore (and the claim its key signs) is there
             have[label] = ks.new(passphrase, name=label, site=site).address
             shown[label] = passphrase
         accounts[label] = have[label]
@@ -220,13 +262,13 @@ class Runner:
         for proc in reversed(self.procs):
             child = self.running.get(proc.name)
             if child is not None and child.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.send_signal(signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.pid, signal.SIGTERM)  # its whole group: anvil's launcher and its binary
                 try:
                     await asyncio.wait_for(child.wait(), 15)
                 except asyncio.TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        child.kill()
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(child.pid, signal.SIGKILL)
                     await child.wait()
 
 
@@ -280,16 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(os.environ.get("GRIDTRADE_UP_DATA", "data")),
                    help="where all state lives (default ./data)")
     p.add_argument("--reset", action="store_true", help="delete the state and start afresh")
-    p.add_argument("--chain-url", default="embedded", help="'embedded' (default), 'anvil' (start a local anvil node) "
-                   "or a JSON-RPC URL")
+    p.add_argument("--chain-url", default="anvil", help="'anvil' (default: a local anvil node, its state under "
+                   "<data>/chain-node/) or the JSON-RPC URL of a node every wallet and the operator reach")
+    p.add_argument("--sim-start", default="", help="ISO time the simulated meters start at on a first start "
+                   "(default: today at dawn)")
     p.add_argument("--meters", choices=["sim", "emulated"], default="sim",
                    help="sim: simulated meters; emulated: serial emulators on pseudo-terminals, read by the line driver")
     p.add_argument("--time-scale", type=float, default=720.0, help="simulated seconds per second (720: a day in 2 min)")
     p.add_argument("--base-port", type=int, default=5550, help="bus ports start here")
     p.add_argument("--http-port", type=int, default=8080, help="the producer's wallet; the consumer's is the next port")
     a = p.parse_args(argv)
+    if a.chain_url == "embedded" or a.chain_url.startswith("embedded:"):
+        print("gridtrade up: the embedded chain lives inside one process, but here the operator and each site's "
+              "wallet are processes of their own and must share one chain: use the default (a local anvil node) or "
+              "--chain-url http://... (the embedded chain serves the unit tests)", file=sys.stderr)
+        return 2
     opts = Options(data=a.data, chain_url=a.chain_url, meters=a.meters, time_scale=a.time_scale,
-                   base_port=a.base_port, http_port=a.http_port)
+                   base_port=a.base_port, http_port=a.http_port, sim_start=a.sim_start)
     return asyncio.run(up(opts, a.reset))
 
 

@@ -40,6 +40,10 @@ class BusSettings(BaseSettings):
     chain_site: str = "market"
     auction_rpc: str = Field(default="tcp://127.0.0.1:5561", description="the auction service's request endpoint")
     auction_site: str = "market"
+    wallet_rpc: str = Field(default="tcp://127.0.0.1:5562",
+                            description="this site's wallet (the chain service in its site role): its request endpoint")
+    wallet_site: str | None = Field(default=None, description="the site whose key the wallet serves with; "
+                                                              "default: this site (a wallet serves its own site only)")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/healthz and /metrics port; 0 = off")
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"

@@ -401,3 +401,54 @@ class MiningChanged(Message):
     TYPE: ClassVar[str] = "chain.mining"
     ORIGIN: ClassVar[Origin] = Origin.CHAIN
     mining: bool
+
+
+@event
+class Deployment(Message):
+    """The contracts the operator deployed (or attached to) on which chain: the sites'
+    wallets learn the addresses from it and follow a redeploy. Published by the operator at
+    every start that finds a deployment it has not announced yet."""
+
+    TYPE: ClassVar[str] = "chain.deployment"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
+    chain_id: int = Field(ge=0)
+    genesis: str = Field(min_length=1, max_length=80, description="hash of block 0: with chain_id, which chain")
+    token: Address
+    market: Address
+    deploy_block: int = Field(ge=0)
+    deployment: str = Field(min_length=1, max_length=64, description="one id per deployment (a redeploy: a new one)")
+
+
+# --- the sites' wallets ---------------------------------------------------------------
+
+
+@event
+class AccountClaimed(Message):
+    """A site's wallet says an account is its own, with the account key's signature of
+    ``claim_text(site, address)`` (EIP-191 personal message): only whoever holds the key
+    could have signed it. The first valid claim of an address binds it to its site; the
+    auction and the operator keep that map (see :mod:`services.bus.claims`)."""
+
+    TYPE: ClassVar[str] = "wallet.account"
+    ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
+    site: Name
+    address: Address
+    name: str = Field(default="", max_length=64, description="the label shown on the site's login page")
+    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+
+
+@event
+class WalletTx(Message):
+    """A transaction a site's wallet sent for one of its accounts, from hash to receipt
+    (what :class:`TxUpdate` is for the operator's transactions)."""
+
+    TYPE: ClassVar[str] = "wallet.tx"
+    ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
+    site: Name
+    tx_hash: str
+    kind: str = Field(description="transfer, deposit, withdraw, withdraw_credit, approve")
+    ref: str = ""
+    account: Address
+    status: TxStatus
+    block: int | None = None
+    reason: str = ""

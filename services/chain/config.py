@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Literal
 
 from pydantic import Field
 
@@ -12,10 +13,16 @@ from services.bus.config import BusSettings
 class ChainSettings(BusSettings):
     """Everything ``gridtrade chain`` reads from the environment, on top of the bus settings."""
 
+    chain_role: Literal["operator", "site"] | None = Field(
+        default=None, description="'operator': the market's chain service (the operator key only: deploys, mints, "
+                                  "opens, settles, closes, mining control); 'site': a site's wallet (that site's "
+                                  "keystores, unlock, balances, its own transactions). Default: operator when "
+                                  "GRIDTRADE_SITE is GRIDTRADE_CHAIN_SITE (the market), else site")
     chain_url: str = Field(
         default="embedded",
-        description="'embedded' (in-process py-evm through eth-tester: a dev/demo chain whose state is lost "
-                    "when the process stops) or an http(s):// / ws(s):// JSON-RPC URL (anvil, geth, any EVM chain)")
+        description="'embedded' (in-process py-evm through eth-tester: a chain whose state is lost when the "
+                    "process stops, for tests; 'embedded:NAME' is one such chain shared by the services of one "
+                    "process) or an http(s):// / ws(s):// JSON-RPC URL (anvil, geth, any EVM chain)")
     chain_bind: str | None = Field(
         default=None, description="where the request server binds; default: the bus setting chain_rpc")
     token_address: str | None = Field(
@@ -23,8 +30,9 @@ class ChainSettings(BusSettings):
     market_address: str | None = Field(
         default=None, description="attach to an EnergyMarket already deployed here (with token_address)")
     operator_address: str | None = Field(
-        default=None, description="keystore account that deploys, mints, opens, settles and closes; "
-                                  "default on dev chains: the chain's prefunded account")
+        default=None, description="the operator: keystore account (in this service's keystore, at the market) that "
+                                  "deploys, mints, opens, settles and closes; default on dev chains: the chain's "
+                                  "prefunded account")
     operator_passphrase_file: pathlib.Path | None = Field(
         default=None, description="file holding the operator keystore's passphrase (never logged)")
     keystore_dir: pathlib.Path | None = Field(default=None, description="default <data_dir>/keystore")
@@ -38,7 +46,8 @@ class ChainSettings(BusSettings):
         default=30, ge=1, description="the same per calling site, over all its accounts")
     unlock_window_s: float = Field(default=300.0, gt=0)
     dev_fund_wei: int = Field(default=100 * 10**18, ge=0,
-                              description="dev chains: Ether given once to each new or unlocked account (0: off)")
+                              description="dev chains: Ether the operator gives once to each newly claimed account "
+                                          "(0: off)")
     poll_s: float = Field(default=0.2, gt=0, description="how often pending transactions are checked")
     logs_range: int = Field(default=2000, ge=1, description="most blocks asked for in one eth_getLogs call "
                                                             "(public RPC providers cap the range)")
@@ -60,6 +69,13 @@ class ChainSettings(BusSettings):
     def keystore(self) -> pathlib.Path:
         return self.keystore_dir if self.keystore_dir is not None else self.data_dir / "keystore"
 
+    deployment_wait_s: float = Field(default=5.0, gt=0, description="a wallet: how often it looks again for the "
+                                                                     "operator's deployment while it has none")
+
+    @property
+    def role(self) -> str:
+        return self.chain_role or ("operator" if self.site == self.chain_site else "site")
+
     @property
     def bind(self) -> str:
-        return self.chain_bind or self.chain_rpc
+        return self.chain_bind or (self.chain_rpc if self.role == "operator" else self.wallet_rpc)

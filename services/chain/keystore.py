@@ -1,6 +1,12 @@
 """Keystore v3 files (scrypt) in ``<data_dir>/keystore/``: create, import, list, decrypt.
 
 A passphrase or a private key is only ever held in memory; files hold the encrypted key.
+The keystore of a site lives at that site, with its wallet; the market holds none.
+
+Beside the encrypted key a file keeps the account's ownership claim (``claim``: the
+account key's EIP-191 signature that the account belongs to its site, see
+:mod:`services.bus.claims`), made when the key is in hand: on creation, on import, or at
+the first unlock of a file that has none (an older file, or one copied in from geth).
 
 Every account belongs to one site: the file records ``site`` beside ``name`` (plain
 JSON fields next to the standard keystore v3 ones, which other tools ignore). A file
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 from eth_account import Account
 from eth_utils import is_hex_address, to_checksum_address
 
+from services.bus import claims
+
 from .errors import BadPassphrase, KeystoreError, UnknownAccount
 
 
@@ -35,6 +43,8 @@ class KeyFile:
     name: str = ""
     site: str = ""
     """The site the account belongs to ("" in a file written before sites were recorded)."""
+    claim: str = ""
+    """The account key's signature that it belongs to ``site`` ("" until it is made)."""
 
 
 def owner(kf: KeyFile, *, known_sites: Collection[str], default: str) -> str:
@@ -82,8 +92,9 @@ class Keystore:
             except (OSError, ValueError, KeyError, TypeError, UnknownAccount):
                 continue  # not a keystore file
             site = str(data.get("site", ""))
+            claim = str(data.get("claim", ""))
             out.setdefault(address, KeyFile(address, path, str(data.get("name", ""))[:64],
-                                            site if SITE.match(site) else ""))
+                                            site if SITE.match(site) else "", claim if len(claim) == 132 else ""))
         return list(out.values())
 
     def find(self, address: str) -> KeyFile:
@@ -109,13 +120,46 @@ class Keystore:
         if any(kf.address == account.address for kf in self.list()):
             raise KeystoreError(f"{account.address} is already in the keystore")
         data = Account.encrypt(account.key, passphrase, kdf="scrypt", iterations=self.scrypt_n)
+        return self._store(dict(data), bytes(account.key), account.address, name=name, site=site)
+
+    def import_file(self, source: pathlib.Path, passphrase: str, *, name: str = "", site: str = "") -> KeyFile:
+        """Take in a keystore v3 file made elsewhere (geth, another wallet) as it is (its own
+        encryption and passphrase), adding the site, the name and the ownership claim; the
+        passphrase opens it once here to sign the claim."""
+        if site:
+            check_site(site)
+        try:
+            data = json.loads(pathlib.Path(source).read_text())
+            address = _checksum("0x" + str(data["address"]).removeprefix("0x"))
+        except (OSError, ValueError, KeyError, TypeError, UnknownAccount) as e:
+            raise KeystoreError(f"{source} is not a keystore v3 file") from e
+        try:
+            key = bytes(Account.decrypt(data, passphrase))
+        except ValueError:
+            raise BadPassphrase(f"wrong passphrase for {address}") from None
+        if Account.from_key(key).address != address:
+            raise KeystoreError(f"{source}: the key does not match the address it names")
+        if any(kf.address == address for kf in self.list()):
+            raise KeystoreError(f"{address} is already in the keystore")
+        for k in ("name", "site", "claim"):
+            data.pop(k, None)
+        return self._store(data, key, address, name=name or str(data.get("name", "")), site=site)
+
+    def _store(self, data: dict[str, object], key: bytes, address: str, *, name: str, site: str) -> KeyFile:
         if name:
             data["name"] = name[:64]
+        claim = ""
         if site:
             data["site"] = site
+            data["claim"] = claim = claims.sign(key, site)
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
-        path = self.folder / f"UTC--{stamp}--{account.address[2:].lower()}"
+        path = self.folder / f"UTC--{stamp}--{address[2:].lower()}"
+        self._write(path, data)
+        return KeyFile(address, path, name[:64], site, claim)
+
+    @staticmethod
+    def _write(path: pathlib.Path, data: dict[str, object]) -> None:
         tmp = path.with_name("." + path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -123,7 +167,17 @@ class Keystore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return KeyFile(account.address, path, name[:64], site)
+
+    def set_claim(self, address: str, site: str, claim: str) -> KeyFile:
+        """Record the site and the ownership claim in an account's file (made at its first unlock)."""
+        kf = self.find(address)
+        try:
+            data = json.loads(kf.path.read_text())
+        except (OSError, ValueError) as e:
+            raise KeystoreError(f"cannot read keystore file for {kf.address}") from e
+        data["site"], data["claim"] = check_site(site), claim
+        self._write(kf.path, data)
+        return KeyFile(kf.address, kf.path, kf.name, site, claim)
 
     def decrypt(self, address: str, passphrase: str) -> bytes:
         """The private key, or :class:`BadPassphrase`. Slow on purpose (scrypt): run it in a thread."""

@@ -217,6 +217,7 @@ class EmbeddedNode(Node):
         self._pool: list[tuple[str, bytes]] = []
         self._mining = True
         self._interval_task: asyncio.Task[None] | None = None
+        self.users = 1
 
     async def send_raw(self, raw: bytes) -> str:
         if self._mining:
@@ -284,6 +285,10 @@ class EmbeddedNode(Node):
             await self.provider.run(self.tester.mine_blocks, 1)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return  # another service of this process still uses this shared chain
+        _SHARED.pop(self.url, None)
         if self._interval_task is not None:
             self._interval_task.cancel()
             await asyncio.gather(self._interval_task, return_exceptions=True)
@@ -291,14 +296,26 @@ class EmbeddedNode(Node):
         self.provider.worker.shutdown(wait=True)  # type: ignore[attr-defined]
 
 
+_SHARED: dict[str, EmbeddedNode] = {}
+
+
 async def connect(url: str, *, timeout_s: float = 10.0) -> Node:
     """Build the node for ``url`` ('embedded' or an http(s)/ws(s) URL) and reach it once.
 
     Raises ChainUnavailable when an RPC node cannot be reached (the caller retries).
     """
-    if url == "embedded":
-        node: Node = EmbeddedNode(AsyncWeb3(_threaded_tester_provider()))
+    node: Node
+    if url == "embedded" or url.startswith("embedded:"):
+        # 'embedded': a chain of this service's own; 'embedded:NAME': one chain shared by the
+        # services of this process (an operator and its sites' wallets in one test)
+        shared = _SHARED.get(url)
+        if shared is not None:
+            shared.users += 1
+            return shared
+        node = EmbeddedNode(AsyncWeb3(_threaded_tester_provider()), url)
         await node.probe()
+        if url != "embedded":
+            _SHARED[url] = node
         return node
     if url.startswith(("http://", "https://")):
         w3 = AsyncWeb3(AsyncHTTPProvider(url, request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},

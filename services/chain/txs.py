@@ -48,8 +48,11 @@ PRIORITY_FEE = 10**9
 
 class TxManager:
     def __init__(self, node: Node, store: Store, publish: Publish, *, chain: str, gas_margin: float = 1.25,
-                 resend_after_s: float = 3.0) -> None:
+                 resend_after_s: float = 3.0, update: Callable[..., Any] = TxUpdate) -> None:
         self.node, self.store, self.publish = node, store, publish
+        self.update = update
+        """Builds the event of a transaction's progress: TxUpdate (the operator's) or a
+        site's WalletTx (a wallet's)."""
         self.chain = chain
         self.gas_margin = gas_margin
         self.resend_after_s = resend_after_s
@@ -120,7 +123,7 @@ class TxManager:
             conn.execute("INSERT INTO chain_nonces (chain, account, next) VALUES (?, ?, ?) "
                          "ON CONFLICT (chain, account) DO UPDATE SET next = excluded.next",
                          (self.chain, account.address, nonce + 1))
-            await self.publish(TxUpdate(tx_hash=tx_hash, kind=kind, ref=ref, account=account.address,
+            await self.publish(self.update(tx_hash=tx_hash, kind=kind, ref=ref, account=account.address,
                                         status="pending"))
             self.store.on_commit(self.wake.set)
         log.info("tx %s %s %s nonce %d from %s", kind, ref, tx_hash, nonce, account.address)
@@ -208,7 +211,7 @@ class TxManager:
                  None if receipt is None else int(receipt["gasUsed"]), row["tx_hash"], row["chain"]))
             if cur.rowcount != 1:
                 return  # someone else finished it
-            await self.publish(TxUpdate(tx_hash=row["tx_hash"], kind=row["kind"], ref=row["ref"],
+            await self.publish(self.update(tx_hash=row["tx_hash"], kind=row["kind"], ref=row["ref"],
                                         account=row["account"], status=status,
                                         block=None if receipt is None else int(receipt["blockNumber"]),
                                         reason=reason[:500]))

@@ -1,7 +1,9 @@
 """The aiohttp application: REST API from the route table, the websocket feed, the web UI.
 
 Security model:
-- Sessions: ``POST /api/session`` asks the chain service to unlock the key; on success the
+- Sessions: ``POST /api/session`` asks this site's wallet to unlock the key (the keys,
+  the passphrase and every signature stay at this site; ``chain`` below is the client of
+  the site's own wallet, never of another host's); on success the
   browser gets an HttpOnly, SameSite=Strict, Path=/ cookie holding a random token. Every
   state-changing route needs it (401 without) and acts only for the session's account:
   no request body can name the acting account (unknown fields are refused). Sessions are
@@ -55,7 +57,7 @@ _ID = re.compile(m.ID_PATTERN)
 # request-error codes of the chain and auction services -> HTTP status
 STATUS_OF_CODE: dict[str, int] = {
     "not_found": 404, "unknown_account": 404,
-    "not_allowed": 403, "not_your_account": 403,
+    "not_allowed": 403, "not_your_account": 403, "not_your_site": 403,
     "too_many_attempts": 429,
     "invalid": 422, "bad_request": 422, "bad_amount": 422,
     "locked": 401,
@@ -335,8 +337,8 @@ class Gateway:
                 timeout=self.settings.gateway_rpc_timeout_s)
         except RequestError as e:
             # another site's account is refused by the chain service: to a person, a wrong account
-            if e.code in ("bad_passphrase", "unknown_account", "not_your_account", "invalid", "bad_request",
-                          "keystore"):
+            if e.code in ("bad_passphrase", "unknown_account", "not_your_account", "not_your_site", "invalid",
+                          "bad_request", "keystore"):
                 self.throttle.failed(keys, self.clock())
                 self.metrics.logins.labels("failed").inc()
                 raise ApiError(401, "bad_credentials", wrong) from None

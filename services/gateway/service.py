@@ -1,5 +1,6 @@
-"""The gateway service: bus parts (chain and auction clients, a live event feed) plus the
-aiohttp server that serves the API, the websocket and the web UI."""
+"""The gateway service: bus parts (a client of this site's wallet, one of the market's
+auction, a live event feed) plus the aiohttp server that serves the API, the websocket and
+the web UI."""
 
 from __future__ import annotations
 
@@ -33,15 +34,17 @@ class GatewayService(Service):
 
     async def setup(self) -> None:
         s = self.settings
-        chain = self.client(s.chain_rpc, s.chain_site)
+        # keys, passphrases and signatures go to this site's own wallet only, never to
+        # another host's; the auction (at the market) only gets offers and bids
+        wallet = self.client(s.wallet_rpc, s.wallet_site or s.site)
         auction = self.client(s.auction_rpc, s.auction_site)
-        self.gateway = Gateway(s, chain=chain, auction=auction, registry=self.registry, health=self.health,
+        self.gateway = Gateway(s, chain=wallet, auction=auction, registry=self.registry, health=self.health,
                                store=self.store)  # sessions live in <data_dir>/gateway.sqlite
         await self.prune_sessions()
         self.spawn(self._prune_forever(), name="gateway-session-prune")
         # a live feed: what happened before this gateway started is read through the API
-        self.feed = self.subscribe([*feed.PREFIXES, f"{ev.MeterReading.TYPE}.{s.site}"], self.on_event,
-                                   start="latest")
+        self.feed = self.subscribe([*feed.PREFIXES, f"{ev.MeterReading.TYPE}.{s.site}",
+                                    f"{ev.WalletTx.TYPE}.{s.site}"], self.on_event, start="latest")
 
     async def prune_sessions(self) -> int:
         n = await self.gateway.sessions.purge(time.time())
@@ -60,7 +63,12 @@ class GatewayService(Service):
                 log.exception("pruning expired sessions failed")
 
     def on_event(self, env: Envelope, conn: Any) -> None:
-        self.gateway.on_event(env.type, env.ts, env.body)
+        body = env.body
+        if isinstance(body, ev.WalletTx):  # this site's wallet's transactions look like any other to the UI
+            body = ev.TxUpdate(**body.model_dump(exclude={"site"}))
+            self.gateway.on_event(ev.TxUpdate.TYPE, env.ts, body)
+            return
+        self.gateway.on_event(env.type, env.ts, body)
 
     async def start(self) -> None:
         await super().start()

@@ -1,6 +1,6 @@
 """Debian's chromium driven by Playwright (async API), and the real micro-grid behind it:
-every process of ``launcher.plan()`` (anvil, hub, chain, auction, two simulated meters,
-two gateways) on a random block of loopback ports."""
+every process of ``launcher.plan()`` (anvil, hub, the market's operator and auction, and per site
+its wallet, simulated meter and gateway) on a random block of loopback ports."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""Chain service fixtures: a real hub with CURVE keys, the chain service in-process (embedded
-chain or the session's anvil node), a request client and a bus listener."""
+"""Chain service fixtures: a real hub with CURVE keys, the chain service in-process in both
+its roles (the market's operator and one wallet per site, on one embedded chain shared in
+this process or on an anvil node), request clients per site and a bus listener."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +17,18 @@ import zmq.asyncio
 from services.bus import Security
 from services.bus.store import Store
 from services.bus.transport import RpcClient, Subscriber
+from services.bus import commands as C
+from services.bus import events as E
 from services.chain.config import ChainSettings
-from services.chain.service import ChainService
+from services.chain.keystore import Keystore
+from services.chain.operator import OperatorService
+from services.chain.service import ChainBase
+from services.chain.wallet import WalletService
 from tests.chain_fixtures import anvil_url, start_anvil, stop_anvil  # noqa: F401 - fixtures
 from tests.conftest import Grid, Sources
 
 PASS = "correct horse battery staple"
+TX = (E.TxUpdate, E.WalletTx)  # a transaction's progress: the operator's or a wallet's
 
 
 Bus = Grid  # the shared hub of the root conftest; these tests call it `bus`
@@ -39,14 +47,70 @@ def chain_settings(bus: Bus, data_dir: pathlib.Path, url: str, **kw: Any) -> Cha
     return ChainSettings(**(opts | kw))
 
 
-async def start_chain(settings: ChainSettings, timeout: float = 60) -> ChainService:
-    svc = ChainService(settings)
+async def start_chain(settings: ChainSettings, timeout: float = 60) -> ChainBase:
+    svc: ChainBase = OperatorService(settings) if settings.role == "operator" else WalletService(settings)
     await svc.start()
     await asyncio.wait_for(svc.connected.wait(), timeout)
     return svc
 
 
-async def rounds(svc: ChainService, n: int = 2, timeout: float = 30) -> None:
+def site_keystore(root: pathlib.Path, site: str) -> Keystore:
+    """The keystore of ``site``'s wallet in a stack under ``root``."""
+    return Keystore(root / site / "keystore", scrypt_n=2**10)
+
+
+@dataclass
+class Stack:
+    """The market's operator and one wallet per site, in this process, on one chain."""
+
+    root: pathlib.Path
+    operator: OperatorService
+    wallets: dict[str, WalletService]
+    url: str
+
+    def wallet(self, site: str) -> WalletService:
+        return self.wallets[site]
+
+    def pending(self) -> bool:
+        assert self.operator.txm is not None
+        return bool(self.operator.txm.pending()) or any(w.txm is not None and w.txm.pending()
+                                                        for w in self.wallets.values())
+
+    async def stop(self) -> None:
+        for w in self.wallets.values():
+            await w.stop()
+        await self.operator.stop()
+
+
+async def start_stack(bus: Bus, root: pathlib.Path, url: str, sites: tuple[str, ...] = ("tester",),
+                      timeout: float = 60, **kw: Any) -> Stack:
+    """``url``: 'embedded' is one embedded chain shared by the operator and the wallets."""
+    if url == "embedded":
+        url = f"embedded:{uuid.uuid4().hex}"
+    op = await start_chain(chain_settings(bus, root / "market", url, **kw), timeout)
+    assert isinstance(op, OperatorService)
+    wallets: dict[str, WalletService] = {}
+    try:
+        for site in sites:
+            ws = chain_settings(bus, root / site, url, site=site, chain_role="site",
+                                chain_rpc=op.servers[0].endpoint, **kw)
+            w = await start_chain(ws, timeout)
+            assert isinstance(w, WalletService)
+            wallets[site] = w
+    except BaseException:
+        for w in wallets.values():
+            await w.stop()
+        await op.stop()
+        raise
+    return Stack(root, op, wallets, url)
+
+
+async def claimed(stack: Stack, *addresses: str, timeout: float = 30) -> None:
+    """Until the operator knows whose each address is (from the wallets' announcements)."""
+    await wait_until(lambda: all(stack.operator.claims.site_of(a) for a in addresses), timeout)
+
+
+async def rounds(svc: Any, n: int = 2, timeout: float = 30) -> None:
     """Wait until the service's job worker has gone round ``n`` more times."""
     start = svc.job_rounds
 
@@ -76,50 +140,72 @@ class Listener:
         return await asyncio.wait_for(loop(), timeout)
 
 
+WALLET_REQUESTS = (C.ListAccounts, C.Unlock, C.Lock, C.Transfer, C.Escrow, C.Approve)
+
+
 @dataclass
 class Peer:
     """A test participant on the bus: publishers (each event as its proper source: the
-    meters of the site it names, the market's auction), a listener and a client (as site
-    'tester').
+    meters of the site it names, the market's auction), a listener and clients, each with
+    the key of the site it sends as.
 
-    ``request(req, site=...)`` sends as another site (with that site's key): an account
-    is only acted for when its own site asks, mining is controlled by the market."""
+    ``request(req, site=...)`` sends as ``site`` (default 'tester') to ``to``: a wallet's
+    site or 'operator'; by default a wallet's request goes to the wallet of the site it is
+    sent as, mining control and the market's own requests to the operator."""
 
     ctx: zmq.asyncio.Context
     pub: Sources
     sub: Subscriber
     listener: Listener
-    client: RpcClient
+    stack: Stack | None
     store: Store
     keys: pathlib.Path | None = None
-    others: dict[str, RpcClient] = field(default_factory=dict)
+    clients: dict[tuple[str, str], RpcClient] = field(default_factory=dict)
+    security: Any = None
 
     async def publish(self, body: Any) -> Any:
         return await self.pub.publish(body)
 
-    def client_of(self, site: str) -> RpcClient:
-        if site not in self.others:
-            assert self.keys is not None
-            self.others[site] = RpcClient(self.ctx, Security(self.keys, site), self.client.endpoint,
-                                          server_site="market")
-        return self.others[site]
+    endpoints: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Where each part answers when it runs as a subprocess: 'operator' or a wallet's site
+    -> (endpoint, server site)."""
 
-    async def request(self, req: Any, *, site: str | None = None, **kw: Any) -> Any:
-        client = self.client if site is None else self.client_of(site)
-        return await client.request(req, timeout=30, **kw)
+    def endpoint_of(self, to: str) -> tuple[str, str]:
+        if to in self.endpoints:
+            return self.endpoints[to]
+        assert self.stack is not None
+        svc: ChainBase = self.stack.operator if to == "operator" else self.stack.wallet(to)
+        return svc.servers[0].endpoint, svc.settings.site
+
+    def client_of(self, as_site: str, to: str) -> RpcClient:
+        if (as_site, to) not in self.clients:
+            assert self.keys is not None
+            endpoint, server_site = self.endpoint_of(to)
+            self.clients[(as_site, to)] = RpcClient(self.ctx, Security(self.keys, as_site), endpoint,
+                                                    server_site=server_site)
+        return self.clients[(as_site, to)]
+
+    def route(self, req: Any, site: str) -> str:
+        wallets = set(self.stack.wallets if self.stack is not None else ()) | (set(self.endpoints) - {"operator"})
+        if isinstance(req, WALLET_REQUESTS) or site not in ("market",):
+            return site if site in wallets else "operator"
+        return "operator"
+
+    async def request(self, req: Any, *, site: str | None = None, to: str | None = None, **kw: Any) -> Any:
+        as_site = site or "tester"
+        return await self.client_of(as_site, to or self.route(req, as_site)).request(req, timeout=30, **kw)
 
     async def close_clients(self) -> None:
-        await self.client.close()
-        for c in self.others.values():
+        for c in self.clients.values():
             await c.close()
-        self.others.clear()
+        self.clients.clear()
 
 
 @pytest.fixture
 async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Peer] = []
 
-    async def make(endpoint: str, site: str = "tester") -> Peer:
+    async def make(stack: Stack | None = None, site: str = "tester") -> Peer:
         ctx = zmq.asyncio.Context()
         sec = Security(bus.keys, site)
         sec.start(ctx)
@@ -132,13 +218,11 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
             listener.changed.set()
 
         pub = Sources(bus, tmp_path / f"peer-{len(made)}")
-        sub = Subscriber(ctx, sec, store, hub_sub=bus.hub_sub, prefixes=["chain."], handler=handler)
+        sub = Subscriber(ctx, sec, store, hub_sub=bus.hub_sub, prefixes=["chain.", "wallet."], handler=handler)
         await sub.start()
-        client = RpcClient(ctx, sec, endpoint, server_site="market")
-        p = Peer(ctx, pub, sub, listener, client, store, keys=bus.keys)
-        p.security = sec  # type: ignore[attr-defined]
+        p = Peer(ctx, pub, sub, listener, stack, store, keys=bus.keys, security=sec)
         made.append(p)
-        await asyncio.wait_for(sub.connected.wait(), 10)
+        await asyncio.wait_for(sub.connected.wait(), 60)
         return p
 
     yield make
@@ -147,7 +231,7 @@ async def peer_factory(bus: Bus, tmp_path: pathlib.Path) -> AsyncIterator[Callab
         await p.sub.stop()
         await p.pub.stop()
         p.store.close()
-        p.security.stop()  # type: ignore[attr-defined]
+        p.security.stop()
         p.ctx.destroy(linger=0)
 
 

@@ -95,3 +95,51 @@ def test_sessions_expire_and_lock() -> None:
         s.account(acct.address)
     s.unlock(bytes(acct.key), ttl_s=10)
     assert s.lock(acct.address) and not s.is_unlocked(acct.address) and not s.lock(acct.address)
+
+
+def test_account_cli_per_site_and_geth_import(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Keys go to their own site's keystore (``--grid`` is the folder of ``gridtrade up``),
+    each with the account key's ownership claim; a keystore file made by geth (its own
+    scrypt parameters and passphrase) is taken in as it is, claimed for its new site."""
+    from services.bus import claims
+
+    monkeypatch.setenv("GRIDTRADE_SCRYPT_N", "1024")
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    grid = tmp_path / "grid"
+    assert main(["account", "--grid", str(grid), "new", "--site", "home-7", "--name", "home-7 dora",
+                 "--passphrase-file", str(pw)]) == 0
+    dora = capsys.readouterr().out.strip()
+    [kf] = Keystore(grid / "home-7" / "keystore").list()
+    assert (kf.address, kf.site) == (dora, "home-7") and claims.valid("home-7", dora, kf.claim)
+    assert not (grid / "market").exists() and not (grid / "solar-1").exists()
+
+    # a geth keystore file (geth writes keystore v3 with scrypt n=2**18; a cheap n here)
+    key = Account.create().key
+    geth = Account.encrypt(key, "geth-pass", kdf="scrypt", iterations=2**12)
+    gfile = tmp_path / f"UTC--2024-01-01T00-00-00.000000000Z--{geth['address']}"
+    gfile.write_text(json.dumps(geth))
+    (tmp_path / "wrong").write_text("nope\n")
+    assert main(["account", "--grid", str(grid), "import", "--site", "solar-1", "--keystore-file", str(gfile),
+                 "--passphrase-file", str(tmp_path / "wrong")]) == 1
+    assert "wrong passphrase" in capsys.readouterr().err
+    (tmp_path / "gpw").write_text("geth-pass\n")
+    assert main(["account", "--grid", str(grid), "import", "--site", "solar-1", "--name", "from geth",
+                 "--keystore-file", str(gfile), "--passphrase-file", str(tmp_path / "gpw")]) == 0
+    imported = capsys.readouterr().out.strip()
+    assert imported == Account.from_key(key).address
+    ks = Keystore(grid / "solar-1" / "keystore")
+    [kf] = ks.list()
+    data = json.loads(kf.path.read_text())
+    assert data["crypto"] == geth["crypto"] and data["site"] == "solar-1" and kf.name == "from geth"
+    assert claims.valid("solar-1", imported, kf.claim) and ks.decrypt(imported, "geth-pass") == bytes(key)
+    assert main(["account", "--grid", str(grid), "list", "--site", "solar-1"]) == 0
+    assert capsys.readouterr().out.split("\t")[:2] == [imported, "solar-1"]
+    # a file without a claim (an older one) is claimed once the key is in hand again
+    old = Keystore(tmp_path / "old", scrypt_n=2**10)
+    legacy = old.add(Account.create().key, "pw", name="legacy")
+    assert legacy.claim == ""
+    claim = claims.sign(old.decrypt(legacy.address, "pw"), "home-7")
+    assert old.set_claim(legacy.address, "home-7", claim).claim == claim
+    assert [(k.site, k.claim) for k in old.list()] == [("home-7", claim)]

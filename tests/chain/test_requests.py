@@ -1,5 +1,6 @@
-"""Requests: clear errors that send nothing, mining control with pending transactions,
-and secrets that never reach the logs. On the embedded chain and on anvil."""
+"""Requests at a site's wallet: clear errors that send nothing, mining control (the
+market's operator only) with pending transactions, and secrets that never reach the
+logs. On the embedded chain and on anvil."""
 
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ from services.bus import commands as C
 from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain import ledger
-from services.chain.keystore import Keystore
-
-from .conftest import PASS, Bus, chain_settings, start_chain
+from .conftest import PASS, Bus, claimed, site_keystore, start_stack
 
 
 async def error_of(peer: Any, req: Any) -> str:
@@ -31,16 +30,16 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
-    settings = chain_settings(bus, tmp_path / "chain", url)
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    ks = site_keystore(tmp_path, "tester")
     key = Account.create().key
-    # the peer calls as site 'tester': its accounts belong to that site
+    # the peer calls as site 'tester': its accounts are in that site's wallet
     alice = ks.add(key, PASS, name="alice", site="tester").address
     bob = ks.new(PASS, site="tester").address
     stranger = Account.create().address
-    svc = await start_chain(settings)
+    stack = await start_stack(bus, tmp_path, url)
+    svc = stack.wallet("tester")
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
+        peer = await peer_factory(stack)
         assert await error_of(peer, C.Unlock(address=alice, passphrase="not the passphrase")) == "bad_passphrase"
         assert await error_of(peer, C.Unlock(address=stranger, passphrase=PASS)) == "unknown_account"
         assert await error_of(peer, C.Transfer(sender=alice, to=bob, amount_wei=1)) == "locked"
@@ -49,8 +48,11 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
         assert unlocked.address == alice
         listed = {a.address: a.unlocked for a in (await peer.request(C.ListAccounts())).accounts}
         assert listed == {alice: True, bob: False}
-        await peer.listener.wait_for(lambda: not svc.txm.pending())  # the dev-chain funding
+        await claimed(stack, alice, bob)  # each claimed account is funded once on a dev chain
+        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.TxUpdate)
+                                                  if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         before = await peer.request(C.GetBalances(address=alice))
+        assert before.ether_wei == stack.operator.settings.dev_fund_wei and before.site == "tester"
         nonce_before = await svc.node.nonce(alice, "latest")
 
         # beyond the balance, absurd, negative, zero: refused, nothing sent
@@ -73,7 +75,7 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
         await peer.request(C.Lock(address=alice))
         assert await error_of(peer, C.Transfer(sender=alice, to=bob, amount_wei=1)) == "locked"
     finally:
-        await svc.stop()
+        await stack.stop()
     text = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert "alice" in text or alice in text  # the logs were captured
     assert PASS not in text and "not the passphrase" not in text
@@ -88,32 +90,38 @@ async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest
         proc, url = start_anvil()
     else:
         proc, url = None, "embedded"
-    settings = chain_settings(bus, tmp_path / "chain", url)
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    ks = site_keystore(tmp_path, "tester")
     alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    svc = await start_chain(settings)
+    stack = await start_stack(bus, tmp_path, url)
+    svc = stack.wallet("tester")
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
+        peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
-        await peer.listener.wait_for(lambda: not svc.txm.pending())
+        await claimed(stack, alice, bob)
+        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.TxUpdate)
+                                                  if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         start = (await peer.request(C.GetBalances(address=bob))).ether_wei
         assert (await peer.request(C.SetMining(action="status"), site="market")).mining is True
-        stopped = await peer.request(C.SetMining(action="stop"), site="market")  # the market controls mining
+        # a site's wallet shows the status and refuses to stop mining: the market's operator controls it
+        assert await error_of(peer, C.SetMining(action="stop")) == "not_allowed"
+        stopped = await peer.request(C.SetMining(action="stop"), site="market")
         assert (stopped.mining, stopped.supported) == (False, True)
+        status = await peer.request(C.SetMining(action="status"))
+        assert (status.mining, status.controllable) == (False, False) and "market" in status.detail
         hashes = [(await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=n))).tx_hash for n in (5, 7)]
         pending = await peer.request(C.ListPending())
         assert [t.tx_hash for t in pending.txs] == hashes
         await peer.listener.wait_for(lambda: peer.listener.of(E.MiningChanged))
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start
         await peer.request(C.SetMining(action="start"), site="market")
-        await peer.listener.wait_for(lambda: {u.tx_hash for u in peer.listener.of(E.TxUpdate)
+        await peer.listener.wait_for(lambda: {u.tx_hash for u in peer.listener.of(E.WalletTx)
                                               if u.status == "confirmed"} >= set(hashes))
         assert (await peer.request(C.ListPending())).txs == []
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start + 12
         assert [m.mining for m in peer.listener.of(E.MiningChanged)] == [False, True]
-        rows = ledger.pending_txs(svc.store.conn)
-        assert rows == []
+        assert ledger.pending_txs(svc.store.conn) == []
+        assert all(u.site == "tester" for u in peer.listener.of(E.WalletTx))
     finally:
-        await svc.stop()
+        await stack.stop()
         if proc is not None:
             stop_anvil(proc)

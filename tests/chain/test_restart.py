@@ -1,5 +1,6 @@
-"""Crash and outage: SIGKILL of the chain service (a subprocess on anvil) while its
-transactions are pending, and the anvil node stopped and started again."""
+"""Crash and outage: SIGKILL of the chain service in both roles (the market's operator and
+a site's wallet, subprocesses on anvil) while their transactions are pending, and the
+anvil node stopped and started again."""
 
 from __future__ import annotations
 
@@ -22,20 +23,24 @@ from services.chain.keystore import Keystore
 from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
 from tests.conftest import free_port
 
-from .conftest import PASS, Bus, chain_settings, start_chain, wait_until
+from .conftest import PASS, TX, Bus, site_keystore, start_stack, wait_until
 
 pytestmark = pytest.mark.anvil
 PRICE = 10**16
 
 
 class ChainProcess:
-    def __init__(self, bus: Bus, data_dir: pathlib.Path, url: str, log: pathlib.Path) -> None:
+    def __init__(self, bus: Bus, data_dir: pathlib.Path, url: str, log: pathlib.Path, site: str = "market",
+                 operator: str = "") -> None:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **bus.env("market"), "GRIDTRADE_DATA_DIR": str(data_dir),
+        self.site = site
+        self.env = {**os.environ, **bus.env(site), "GRIDTRADE_DATA_DIR": str(data_dir),
                     "GRIDTRADE_CHAIN_URL": url, "GRIDTRADE_CHAIN_BIND": self.endpoint, "GRIDTRADE_SCRYPT_N": "1024",
                     "GRIDTRADE_POLL_S": "0.05", "GRIDTRADE_RESEND_AFTER_S": "0.5", "GRIDTRADE_SETTLE_WINDOW_S": "0.2",
-                    "GRIDTRADE_LOG_LEVEL": "INFO"}
+                    "GRIDTRADE_LOG_LEVEL": "INFO", "GRIDTRADE_BACKOFF_MAX_S": "1"}
+        if operator:
+            self.env["GRIDTRADE_CHAIN_RPC"] = operator
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -58,15 +63,15 @@ class ChainProcess:
                 self.kill()
 
 
-async def up(peer: Any) -> None:
+async def up(peer: Any, to: str = "operator", site: str = "market") -> None:
     """Until the (re)started service answers and is connected to the chain."""
     for _ in range(300):
         try:
-            await peer.client.request(C.GetBalances(address="0x" + "00" * 20), timeout=1.0)
+            await peer.client_of(site, to).request(C.GetBalances(address="0x" + "00" * 20), timeout=1.0)
             return
         except RequestError:
             await asyncio.sleep(0.1)
-    raise AssertionError("the chain service did not come up")
+    raise AssertionError(f"the chain service ({to}) did not come up")
 
 
 async def txpool_size(w3: AsyncWeb3) -> int:
@@ -77,24 +82,34 @@ async def txpool_size(w3: AsyncWeb3) -> int:
 async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     anvil, url = start_anvil()
     data = tmp_path / "chain"
-    ks = Keystore(data / "keystore", scrypt_n=1024)
-    seller, buyer = ks.new(PASS, site="solar-1").address, ks.new(PASS, site="home-7").address
-    bob = ks.new(PASS, site="home-7").address
+    seller = Keystore(tmp_path / "solar-1" / "keystore", scrypt_n=1024).new(PASS, site="solar-1").address
+    home = Keystore(tmp_path / "home-7" / "keystore", scrypt_n=1024)
+    buyer, bob = home.new(PASS, site="home-7").address, home.new(PASS, site="home-7").address
     svc = ChainProcess(bus, data, url, tmp_path / "chain.log")
+    wallets = {site: ChainProcess(bus, tmp_path / site, url, tmp_path / f"wallet-{site}.log", site=site,
+                                  operator=svc.endpoint) for site in ("solar-1", "home-7")}
     w3 = AsyncWeb3(AsyncHTTPProvider(url))
     try:
         svc.start()
-        peer = await peer_factory(svc.endpoint)
+        for w in wallets.values():
+            w.start()
+        peer = await peer_factory()
+        peer.endpoints = {"operator": (svc.endpoint, "market"),
+                          **{site: (w.endpoint, site) for site, w in wallets.items()}}
         await up(peer)
+        for site in wallets:
+            await up(peer, site, site)
         ev = peer.listener
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
         await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=seller,
                                                 kwh_index=0))
         await ev.wait_for(lambda: ev.of(E.Minted))
+        await ev.wait_for(lambda: len([u for u in ev.of(E.TxUpdate) if u.kind == "fund" and u.status == "confirmed"])
+                          == 3)
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18), site="home-7")
         appr = await peer.request(C.Approve(account=seller, wh=1000), site="solar-1")
-        await ev.wait_for(lambda: {dep.tx_hash, appr.tx_hash} <= {u.tx_hash for u in ev.of(E.TxUpdate)
+        await ev.wait_for(lambda: {dep.tx_hash, appr.tx_hash} <= {u.tx_hash for u in ev.of(TX)
                                                                  if u.status == "confirmed"})
         bob_start = await w3.eth.get_balance(bob)
 
@@ -112,10 +127,14 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
             await asyncio.sleep(0.05)
         assert await txpool_size(w3) == 3
         svc.kill()
+        wallets["solar-1"].kill()
 
         svc.start()
+        wallets["solar-1"].start()
         await up(peer)
-        assert len((await peer.request(C.ListPending(), site="market")).txs) == 3  # the market sees all
+        await up(peer, "solar-1", "solar-1")
+        assert len((await peer.request(C.ListPending(), site="market")).txs) == 2  # the operator's own
+        assert len((await peer.request(C.ListPending(), site="solar-1")).txs) == 1  # the wallet's own
         await peer.request(C.SetMining(action="start"), site="market")
         await ev.wait_for(lambda: ev.of(E.TradeRecorded) and len(ev.of(E.Minted)) == 2)
 
@@ -136,16 +155,20 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
         await ev.wait_for(lambda: ev.of(E.TradeClosedOnChain))
         await wait_until(lambda: all(
-            any(u.tx_hash == p.tx_hash and u.status != "pending" for u in ev.of(E.TxUpdate))
-            for p in ev.of(E.TxUpdate) if p.status == "pending"))
+            any(u.tx_hash == p.tx_hash and u.status != "pending" for u in ev.of(TX))
+            for p in ev.of(TX) if p.status == "pending"))
     except BaseException:
         print(svc.log.read_text()[-6000:])
+        for w in wallets.values():
+            print(w.log.read_text()[-3000:])
         raise
     finally:
         svc.stop()
+        for w in wallets.values():
+            w.stop()
 
     try:
-        ups = ev.of(E.TxUpdate)
+        ups = ev.of(TX)
         sent = [u.tx_hash for u in ups if u.status == "pending"]
         assert len(sent) == len(set(sent))
         for h in sent:  # confirmed and published once each
@@ -161,6 +184,10 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
                          for k in ("token", "market"))
         op_rows = db.execute("SELECT account, COUNT(*) FROM chain_txs GROUP BY account").fetchall()
         db.close()
+        for site in wallets:
+            db = sqlite3.connect(tmp_path / site / "wallet.sqlite")
+            op_rows += db.execute("SELECT account, COUNT(*) FROM chain_txs GROUP BY account").fetchall()
+            db.close()
         d = contracts.attach(w3, token, market)
         t, m = d.token.functions, d.market.functions
         assert await t.totalSupply().call() == 2000
@@ -195,31 +222,35 @@ async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib
         raise AssertionError("anvil did not start")
 
     anvil = run_anvil()
-    settings = chain_settings(bus, tmp_path / "chain", url)
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    ks = site_keystore(tmp_path, "tester")
     alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    svc = await start_chain(settings)
+    stack = await start_stack(bus, tmp_path, url)
+    svc = stack.wallet("tester")
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
+        peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
+        await wait_until(lambda: len(stack.operator.store.conn.execute("SELECT * FROM chain_funded").fetchall()) == 2
+                         and not stack.pending())
         market = svc.dep.market_address
         h1 = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=3))).tx_hash
         await peer.listener.wait_for(lambda: any(u.tx_hash == h1 and u.status == "confirmed"
-                                                 for u in peer.listener.of(E.TxUpdate)))
+                                                 for u in peer.listener.of(E.WalletTx)))
         stop_anvil(anvil)  # SIGTERM: anvil dumps its state to the file
-        await wait_until(lambda: not svc.connected.is_set())
+        await wait_until(lambda: not svc.connected.is_set() and not stack.operator.connected.is_set())
         with pytest.raises(RequestError) as ei:
             await peer.request(C.GetBalances(address=alice))
         assert ei.value.code == "chain_unavailable"
         await asyncio.sleep(1.5)  # a few backoff rounds against a closed port
         anvil = run_anvil()
         await asyncio.wait_for(svc.connected.wait(), 60)
+        await asyncio.wait_for(stack.operator.connected.wait(), 60)
         assert svc.dep.market_address == market  # same chain (state kept): same contracts
+        assert stack.operator.dep.market_address == market
         h2 = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=4))).tx_hash
         await peer.listener.wait_for(lambda: any(u.tx_hash == h2 and u.status == "confirmed"
-                                                 for u in peer.listener.of(E.TxUpdate)))
+                                                 for u in peer.listener.of(E.WalletTx)))
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == 100 * 10**18 + 7
         assert svc.reconnects >= 1
     finally:
-        await svc.stop()
+        await stack.stop()
         stop_anvil(anvil)

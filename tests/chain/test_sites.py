@@ -1,8 +1,9 @@
-"""Each account belongs to one site: a hostile site with its own valid bus key ('probe')
-cannot act for another site's account through the real chain service (embedded chain,
-real sockets, real CURVE keys), not even while that account is unlocked by its own site;
-unlock guessing is throttled before the scrypt work; a flood from one site gets 'busy'
-while another site is served."""
+"""Each account belongs to one site, and its keys live at that site's wallet: a hostile
+site with its own valid bus key ('probe') cannot make any wallet act or sign for an
+account that is not its own (real sockets, real CURVE keys, the operator and three
+wallets on one embedded chain), nor bind another site's account to itself with a forged
+ownership claim, nor have energy minted to it; unlock guessing is throttled before the
+scrypt work; a flood from one site gets 'busy' while another site is served."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from typing import Any
 import pytest
 from eth_account import Account
 
+from services.bus import claims
 from services.bus import commands as C
+from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain.keystore import KeyFile, Keystore, owner
 
-from .conftest import PASS, Bus, chain_settings, start_chain
+from .conftest import PASS, Bus, claimed, site_keystore, start_stack, wait_until
 
 
 async def refused(peer: Any, req: Any, site: str) -> str:
@@ -43,30 +46,38 @@ class CountingDecrypt:
         return self.inner(address, passphrase)
 
 
-async def test_a_site_cannot_act_for_another_sites_account(bus: Bus, tmp_path: pathlib.Path,
-                                                            peer_factory: Any) -> None:
-    settings = chain_settings(bus, tmp_path / "chain", "embedded")
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    solar = ks.new(PASS, name="solar-1 producer", site="solar-1").address
-    home = ks.new(PASS, name="home-7 consumer", site="home-7").address
-    mine = ks.new(PASS, name="probe's own", site="probe").address
-    legacy = ks.new(PASS, name="home-7 old").address  # a file from before sites were recorded
-    svc = await start_chain(settings)
+async def refused_at(peer: Any, req: Any, site: str, to: str) -> str:
+    with pytest.raises(RequestError) as ei:
+        await peer.request(req, site=site, to=to)
+    return ei.value.code
+
+
+async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: Bus, tmp_path: pathlib.Path,
+                                                                          peer_factory: Any) -> None:
+    solar = site_keystore(tmp_path, "solar-1").new(PASS, name="solar-1 producer", site="solar-1").address
+    home = site_keystore(tmp_path, "home-7").new(PASS, name="home-7 consumer", site="home-7").address
+    mine = site_keystore(tmp_path, "probe").new(PASS, name="probe's own", site="probe").address
+    stack = await start_stack(bus, tmp_path, "embedded", sites=("solar-1", "home-7", "probe"))
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
-        decrypts = svc.keystore.decrypt = CountingDecrypt(svc.keystore)  # type: ignore[method-assign]
-        # solar-1's user logs in at solar-1's gateway, gets funded, escrows and holds tokens
+        peer = await peer_factory(stack)
+        wallet = stack.wallet("solar-1")
+        decrypts = wallet.keystore.decrypt = CountingDecrypt(wallet.keystore)  # type: ignore[method-assign]
+        # solar-1's user logs in at solar-1's wallet, gets funded, escrows
         await peer.request(C.Unlock(address=solar, passphrase=PASS), site="solar-1")
         await peer.request(C.Unlock(address=mine, passphrase=PASS), site="probe")
-        assert decrypts.calls == 2
-        await peer.listener.wait_for(lambda: not svc.txm.pending())
+        assert decrypts.calls == 1
+        await claimed(stack, solar, home, mine)
+        await wait_until(lambda: not stack.pending() and len(stack.operator.store.conn.execute(
+            "SELECT * FROM chain_funded").fetchall()) == 3)
         await peer.request(C.Escrow(account=solar, action="deposit", amount_wei=10**15), site="solar-1")
-        await peer.listener.wait_for(lambda: not svc.txm.pending())
-        nonce = await svc.node.nonce(solar, "latest")
+        await wait_until(lambda: not stack.pending())
+        nonce = await wallet.node.nonce(solar, "latest")
         before = await peer.request(C.GetBalances(address=solar), site="solar-1")
-        txs_before = svc.store.conn.execute("SELECT COUNT(*) FROM chain_txs").fetchone()[0]
+        txs_before = [w.store.conn.execute("SELECT COUNT(*) FROM chain_txs").fetchone()[0]
+                      for w in stack.wallets.values()]
 
-        # probe, with its own valid key, tries everything for solar-1's (unlocked) account
+        # probe, with its own valid key, tries everything for solar-1's (unlocked) account,
+        # at solar-1's wallet and at its own
         attacks = [
             C.Unlock(address=solar, passphrase=PASS),  # even with the right passphrase
             C.Unlock(address=solar, passphrase="a guess"),
@@ -76,62 +87,84 @@ async def test_a_site_cannot_act_for_another_sites_account(bus: Bus, tmp_path: p
             C.Approve(account=solar, wh=1),
             C.Lock(address=solar),
             C.ListPending(account=solar),
-            C.Unlock(address=legacy, passphrase=PASS),  # named "home-7 ...": home-7's
         ]
         for req in attacks:
-            assert await refused(peer, req, "probe") == "not_your_account", req
-        # and the same commands under solar-1's own command ids: still refused (ids are per site)
-        with pytest.raises(RequestError) as ei:
-            await peer.request(C.Transfer(sender=solar, to=mine, amount_wei=1), site="probe", cmd_id="solar-cmd")
-        assert ei.value.code == "not_your_account"
-        # a site that is not the market cannot stop mining (status: not controllable there)
-        assert await refused(peer, C.SetMining(action="stop"), "probe") == "not_allowed"
-        status = await peer.request(C.SetMining(action="status"), site="probe")
+            assert await refused_at(peer, req, "probe", "solar-1") == "not_your_site", req
+            assert await refused_at(peer, req, "probe", "probe") == "unknown_account", req
+        for req in (C.ListAccounts(), C.GetBalances(address=solar), C.SetMining(action="status"), C.ListPending()):
+            assert await refused_at(peer, req, "probe", "solar-1") == "not_your_site", req
+        # and under solar-1's own command ids: still refused (ids are per site)
+        assert await refused_at(peer, C.Transfer(sender=solar, to=mine, amount_wei=1), "probe", "solar-1") \
+            == "not_your_site"
+        # the market's operator holds no user key and signs for nobody but itself
+        for req in (C.Unlock(address=solar, passphrase=PASS), C.Transfer(sender=solar, to=mine, amount_wei=1)):
+            assert await refused_at(peer, req, "probe", "operator") == "unsupported", req
+        # a site that is not the market cannot stop mining, at the operator or at a wallet
+        assert await refused_at(peer, C.SetMining(action="stop"), "probe", "operator") == "not_allowed"
+        assert await refused_at(peer, C.SetMining(action="stop"), "probe", "probe") == "not_allowed"
+        status = await peer.request(C.SetMining(action="status"), site="probe", to="operator")
         assert (status.mining, status.supported, status.controllable) == (True, True, False)
-        assert "market" in status.detail
-        assert (await peer.request(C.SetMining(action="status"), site="market")).controllable is True
+
+        # forged ownership claims: another site's account for itself (no valid signature),
+        # or a claim in another site's name (dropped by the publish policy)
+        fake = Account.create()
+        forged = [E.AccountClaimed(site="probe", address=solar, signature=claims.sign(fake.key, "probe")),
+                  E.AccountClaimed(site="probe", address=home, signature="0x" + "11" * 65)]
+        for n, body in enumerate(forged, 1):
+            await peer.pub.publish(body, source="probe/forger")
+            await wait_until(lambda n=n: stack.operator.claims.refused.get("bad_signature", 0) >= n)
+        await peer.pub.publish(E.AccountClaimed(site="solar-1", address=fake.address,
+                                                signature=claims.sign(fake.key, "solar-1")), source="probe/forger")
+        await wait_until(lambda: stack.operator.health()["dropped"].get("policy:wallet.account"))
+        assert stack.operator.claims.site_of(solar) == "solar-1" and stack.operator.claims.site_of(home) == "home-7"
+        assert stack.operator.claims.site_of(fake.address) == ""
+        # energy of probe's meter minted to solar-1's account: refused, nothing minted
+        await peer.publish(E.EnergyProduced(reading_id="probe/m/0", site="probe", meter="m", account=solar,
+                                            kwh_index=0))
+        await peer.publish(E.EnergyProduced(reading_id="probe/m/1", site="probe", meter="m", account=mine,
+                                            kwh_index=1))
+        await peer.listener.wait_for(lambda: peer.listener.of(E.Minted))
+        assert [m.account for m in peer.listener.of(E.Minted)] == [mine]
 
         # nothing happened: no scrypt run for probe's tries, no transaction, still unlocked
-        assert decrypts.calls == 2
-        assert await svc.node.nonce(solar, "latest") == nonce
-        assert svc.store.conn.execute("SELECT COUNT(*) FROM chain_txs").fetchone()[0] == txs_before
-        after = await peer.request(C.GetBalances(address=solar), site="probe")  # balances are public
+        assert decrypts.calls == 1
+        assert await wallet.node.nonce(solar, "latest") == nonce
+        assert [w.store.conn.execute("SELECT COUNT(*) FROM chain_txs").fetchone()[0]
+                for w in stack.wallets.values()] == txs_before
+        after = await peer.request(C.GetBalances(address=solar), site="probe", to="operator")  # public
         assert (after.ether_wei, after.escrow_free_wei, after.site) == (before.ether_wei, before.escrow_free_wei,
                                                                          "solar-1")
-        assert (await peer.request(C.GetBalances(address=Account.create().address), site="probe")).site == ""
-        assert svc.sessions.is_unlocked(solar)
-        assert (await peer.request(C.ListPending(), site="probe")).txs == []
-        assert svc.refused["probe"] == len(attacks) + 1
+        assert (await peer.request(C.GetBalances(address=Account.create().address), site="probe",
+                                   to="operator")).site == ""
+        assert wallet.sessions.is_unlocked(solar)
+        assert wallet.refused["probe"] == len(attacks) + 5
 
-        # each site lists its own accounts; the market (the operator's site) lists all
+        # each wallet lists its own site's accounts only
         def listed(reply: Any) -> dict[str, str]:
             return {a.address: a.site for a in reply.accounts}
 
         assert listed(await peer.request(C.ListAccounts(), site="probe")) == {mine: "probe"}
         assert listed(await peer.request(C.ListAccounts(), site="solar-1")) == {solar: "solar-1"}
-        assert listed(await peer.request(C.ListAccounts(), site="home-7")) == {home: "home-7", legacy: "home-7"}
-        assert listed(await peer.request(C.ListAccounts(), site="market")) == {
-            solar: "solar-1", home: "home-7", mine: "probe", legacy: "home-7"}
+        assert listed(await peer.request(C.ListAccounts(), site="home-7")) == {home: "home-7"}
 
         # solar-1 itself still acts for its account
         sent = await peer.request(C.Transfer(sender=solar, to=home, amount_wei=5), site="solar-1")
         assert [t.tx_hash for t in (await peer.request(C.ListPending(), site="solar-1")).txs] in ([sent.tx_hash], [])
         await peer.request(C.Lock(address=solar), site="solar-1")
-        assert not svc.sessions.is_unlocked(solar)
+        assert not wallet.sessions.is_unlocked(solar)
     finally:
-        await svc.stop()
+        await stack.stop()
 
 
 async def test_unlock_guessing_is_throttled_before_scrypt(bus: Bus, tmp_path: pathlib.Path,
                                                           peer_factory: Any) -> None:
-    settings = chain_settings(bus, tmp_path / "chain", "embedded", unlock_max_failures=5,
-                              unlock_site_max_failures=8, unlock_window_s=300)
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    ks = site_keystore(tmp_path, "probe")
     first, second = ks.new(PASS, site="probe").address, ks.new(PASS, site="probe").address
-    solar = ks.new(PASS, site="solar-1").address
-    svc = await start_chain(settings)
+    stack = await start_stack(bus, tmp_path, "embedded", sites=("probe",), unlock_max_failures=5,
+                              unlock_site_max_failures=8, unlock_window_s=300)
+    svc = stack.wallet("probe")
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
+        peer = await peer_factory(stack)
         decrypts = svc.keystore.decrypt = CountingDecrypt(svc.keystore)  # type: ignore[method-assign]
         # a burst of 20 parallel guesses for one account: 5 reach scrypt, the rest are refused at once
         burst = await asyncio.gather(*(peer.request(C.Unlock(address=first, passphrase=f"guess {i}"), site="probe")
@@ -148,27 +181,22 @@ async def test_unlock_guessing_is_throttled_before_scrypt(bus: Bus, tmp_path: pa
             assert await refused(peer, C.Unlock(address=second, passphrase="guess"), "probe") == "bad_passphrase"
         assert await refused(peer, C.Unlock(address=second, passphrase=PASS), "probe") == "too_many_attempts"
         assert decrypts.calls == 8
-        # other sites are not held up by probe's guessing; a correct unlock gives its slot back
-        for _ in range(10):
-            await peer.request(C.Unlock(address=solar, passphrase=PASS), site="solar-1")
-        assert decrypts.calls == 18 and svc.sessions.is_unlocked(solar)
         assert not svc.sessions.is_unlocked(first) and not svc.sessions.is_unlocked(second)
         assert svc.unlock_throttle.refused == 17
     finally:
-        await svc.stop()
+        await stack.stop()
 
 
 async def test_a_flood_from_one_site_is_busy_while_another_site_is_served(bus: Bus, tmp_path: pathlib.Path,
                                                                           peer_factory: Any) -> None:
-    settings = chain_settings(bus, tmp_path / "chain", "embedded", rpc_max_inflight_per_site=3,
+    mine = site_keystore(tmp_path, "probe").new(PASS, site="probe").address
+    solar = site_keystore(tmp_path, "solar-1").new(PASS, site="solar-1").address
+    stack = await start_stack(bus, tmp_path, "embedded", sites=("probe", "solar-1"), rpc_max_inflight_per_site=3,
                               unlock_max_failures=100, unlock_site_max_failures=100)
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    mine = ks.new(PASS, site="probe").address
-    solar = ks.new(PASS, site="solar-1").address
-    svc = await start_chain(settings)
+    svc = stack.wallet("probe")
     gate = threading.Event()
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
+        peer = await peer_factory(stack)
         # probe's unlock attempts hang in the (gated) scrypt work and hold its request slots
         decrypts = svc.keystore.decrypt = CountingDecrypt(svc.keystore, gate)  # type: ignore[method-assign]
         flood = [asyncio.create_task(peer.request(C.Unlock(address=mine, passphrase=f"g{i}"), site="probe"))
@@ -177,9 +205,10 @@ async def test_a_flood_from_one_site_is_busy_while_another_site_is_served(bus: B
             await asyncio.sleep(0.02)
         busy = [t for t in flood if t.done()]
         assert len(busy) == 37 and {t.exception().code for t in busy} == {"busy"}  # type: ignore[union-attr]
-        # solar-1 is served meanwhile: its balances and its account list
+        # solar-1 is served meanwhile, at its wallet and at the market's operator
         for _ in range(5):
             assert (await peer.request(C.GetBalances(address=solar), site="solar-1")).site == "solar-1"
+            assert (await peer.request(C.GetBalances(address=solar), site="solar-1", to="operator")).ether_wei >= 0
         assert [a.address for a in (await peer.request(C.ListAccounts(), site="solar-1")).accounts] == [solar]
         assert svc.health()["rpc_busy"] == {"probe": 37}
         gate.set()
@@ -188,7 +217,7 @@ async def test_a_flood_from_one_site_is_busy_while_another_site_is_served(bus: B
         assert decrypts.calls == 3
     finally:
         gate.set()
-        await svc.stop()
+        await stack.stop()
 
 
 def test_an_account_file_without_a_site_belongs_to_the_site_its_name_starts_with() -> None:
@@ -200,3 +229,24 @@ def test_an_account_file_without_a_site_belongs_to_the_site_its_name_starts_with
     assert of("solar-1 producer") == "solar-1" and of("home-7 consumer") == "home-7"
     assert of("alice") == "market" and of("") == "market" and of("elsewhere-9 x") == "market"
     assert of("solar-1 producer", site="home-7") == "home-7"  # a recorded site wins
+
+
+def test_an_ownership_claim_is_the_account_keys_and_binds_once(tmp_path: pathlib.Path) -> None:
+    import sqlite3
+
+    acct, other = Account.create(), Account.create()
+    ks = Keystore(tmp_path / "ks", scrypt_n=2**10)
+    kf = ks.add(acct.key, PASS, name="a", site="home-7")
+    assert kf.claim and claims.valid("home-7", acct.address, kf.claim)
+    assert not claims.valid("solar-1", acct.address, kf.claim)  # it names its site
+    assert not claims.valid("home-7", other.address, kf.claim)  # and its account
+    assert not claims.valid("home-7", acct.address, "0x" + "00" * 65)
+    conn = sqlite3.connect(":memory:")
+    book = claims.Claims(conn)
+    assert book.apply(conn, E.AccountClaimed(site="home-7", address=acct.address, signature=kf.claim))
+    assert not book.apply(conn, E.AccountClaimed(site="home-7", address=acct.address, signature=kf.claim))
+    # the same key signing for another site later: refused, the first binds
+    assert not book.apply(conn, E.AccountClaimed(site="solar-1", address=acct.address,
+                                                 signature=claims.sign(acct.key, "solar-1")))
+    assert book.site_of(acct.address.lower()) == "home-7" and book.refused == {"other_site": 1}
+    assert claims.Claims(conn).site_of(acct.address) == "home-7"  # kept in the store

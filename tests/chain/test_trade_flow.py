@@ -18,9 +18,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 from services.bus import commands as C
 from services.bus import events as E
 from services.chain import contracts
-from services.chain.keystore import Keystore
-
-from .conftest import PASS, Bus, chain_settings, rounds, start_chain, wait_until
+from .conftest import PASS, TX, Bus, rounds, site_keystore, start_stack, wait_until
 
 PRICE = 10**16  # wei per kWh
 DEPOSIT = 10**18
@@ -28,7 +26,7 @@ DEPOSIT = 10**18
 
 async def settled(peer: Any, hashes: list[str]) -> None:
     await peer.listener.wait_for(lambda: all(
-        any(isinstance(e, E.TxUpdate) and e.tx_hash == h and e.status == "confirmed" for e in peer.listener.events)
+        any(isinstance(e, TX) and e.tx_hash == h and e.status == "confirmed" for e in peer.listener.events)
         for h in hashes))
 
 
@@ -37,14 +35,13 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
                                           tmp_path: pathlib.Path, peer_factory: Any) -> None:
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
     # an early close waits for the buyer meter's final reading, not for a grace period
-    settings = chain_settings(bus, tmp_path / "chain", url, close_grace_s=600)
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    seller = ks.new(PASS, name="solar", site="solar-1").address
-    buyer = ks.new(PASS, name="home", site="home-7").address
-    svc = await start_chain(settings)
+    seller = site_keystore(tmp_path, "solar-1").new(PASS, name="solar", site="solar-1").address
+    buyer = site_keystore(tmp_path, "home-7").new(PASS, name="home", site="home-7").address
+    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), close_grace_s=600)
+    svc = stack.operator
     reader: AsyncWeb3 | None = None
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
+        peer = await peer_factory(stack)
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):  # each site unlocks its own account
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
 
@@ -104,10 +101,10 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         assert [s.delivered_wh for s in ev.of(E.Settled)][-1] == delivered
         assert all(s.paid_wei == contracts.cost(s.delivered_wh, PRICE) for s in ev.of(E.Settled))
 
-        bal = await peer.request(C.GetBalances(address=seller))
+        bal = await peer.request(C.GetBalances(address=seller), site="solar-1")
         assert (bal.tokens_wh, bal.generated_wh, bal.credit_wei) == (2000 - delivered, 2000, paid)
         # every transaction sent went pending -> confirmed, once each
-        ups = ev.of(E.TxUpdate)
+        ups = ev.of(TX)
         sent = {u.tx_hash for u in ups if u.status == "pending"}
         assert sent and all(sum(1 for u in ups if u.tx_hash == h and u.status == "confirmed") == 1 for h in sent)
 
@@ -118,24 +115,24 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         assert all(e.cause in {d.id for d in deliveries} | {status_closed.id}
                    for e in ev.envelopes if isinstance(e.body, E.Settled))
         assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeClosedOnChain)] == [status_closed.id]
-        assert {e.cause for e in ev.envelopes if isinstance(e.body, E.TxUpdate) and e.body.tx_hash == dep.tx_hash} \
+        assert {e.cause for e in ev.envelopes if isinstance(e.body, E.WalletTx) and e.body.tx_hash == dep.tx_hash} \
             == {"cmd-deposit"}  # the deposit's pending and confirmed updates: its command
     finally:
         if reader is not None:
             await contracts.close_provider(reader)
-        await svc.stop()
+        await stack.stop()
 
 
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
 async def test_batched_settlement_and_full_delivery_closes(backend: str, request: pytest.FixtureRequest, bus: Bus,
                                                            tmp_path: pathlib.Path, peer_factory: Any) -> None:
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
-    settings = chain_settings(bus, tmp_path / "chain", url, settle_window_s=0.5)
-    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
-    seller, buyer = ks.new(PASS, site="solar-1").address, ks.new(PASS, site="home-7").address
-    svc = await start_chain(settings)
+    seller = site_keystore(tmp_path, "solar-1").new(PASS, site="solar-1").address
+    buyer = site_keystore(tmp_path, "home-7").new(PASS, site="home-7").address
+    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), settle_window_s=0.5)
+    svc = stack.operator
     try:
-        peer = await peer_factory(svc.servers[0].endpoint)
+        peer = await peer_factory(stack)
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
         for idx in range(3):
@@ -171,4 +168,4 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         assert len(peer.listener.of(E.TradeClosedOnChain)) == 3
         assert not [u for u in peer.listener.of(E.TxUpdate) if u.kind == "close"]
     finally:
-        await svc.stop()
+        await stack.stop()

@@ -182,7 +182,7 @@ def test_profiles_name_the_sites(resolved: dict[str, Any]) -> None:
 
     assert commands("market") == ["auction", "bus hub", "chain"]
     for role in ("producer", "consumer"):
-        assert commands(role) == ["gateway", "meter"]
+        assert commands(role) == ["chain", "gateway", "meter"]  # the site's wallet, gateway and meter
         meter = next(s for s in by_profile[role].values() if s["command"] == ["meter"])
         assert env_of(meter)["GRIDTRADE_ROLE"] == role
         sites = {env_of(s)["GRIDTRADE_SITE"] for s in by_profile[role].values()}
@@ -318,6 +318,12 @@ def test_clients_point_at_their_servers(resolved: dict[str, Any], monkeypatch: p
             site, ports = servers[host]
             assert ports.get(port_of(endpoint)) == server_setting, f"{name}: {client} = {endpoint}: {host} binds {ports}"
             assert getattr(s, site_setting) == site, f"{name}: {site_setting} != {site}"
+        if isinstance(s, GatewaySettings):  # a gateway talks to its own site's wallet
+            host = host_of(s.wallet_rpc)
+            assert host in servers, f"{name}: wallet_rpc = {s.wallet_rpc}: no service {host!r}"
+            site, ports = servers[host]
+            assert ports.get(port_of(s.wallet_rpc)) == "chain_bind" and site == (s.wallet_site or s.site) == s.site, \
+                f"{name}: wallet_rpc = {s.wallet_rpc}: {host} is site {site}, binds {ports}"
         if s.replay_advertise:
             assert s.replay_advertise == name, f"{name}: advertises {s.replay_advertise}, is reached as {name}"
 
@@ -442,3 +448,21 @@ def test_dockerfile() -> None:
                         continue
                     assert (ROOT / src).exists(), src
                     assert src not in ignored, f"{src} is in .dockerignore"
+
+
+def test_keys_stay_at_their_sites(resolved: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The market runs the chain service as the operator; each site runs its own wallet,
+    with its own data volume (its keystores), and no volume is shared between sites."""
+    roles: dict[str, str] = {}
+    volumes: dict[str, set[str]] = {}
+    for name, svc in gridtrade_services(resolved).items():
+        if svc["command"] == ["chain"]:
+            s = settings_of(svc, monkeypatch)
+            assert isinstance(s, ChainSettings)
+            roles[name] = f"{s.site}:{s.role}"
+        for v in svc.get("volumes", []):
+            source, target = (v["source"], v["target"]) if isinstance(v, dict) else v.split(":")[:2]
+            if target == "/data":
+                volumes.setdefault(str(source), set()).add(env_of(svc)["GRIDTRADE_SITE"])
+    assert roles == {"chain": "market:operator", "wallet-producer": "solar-1:site", "wallet-consumer": "home-7:site"}
+    assert all(len(sites) == 1 for sites in volumes.values()), volumes

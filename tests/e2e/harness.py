@@ -1,5 +1,6 @@
 """End-to-end harness: the whole micro-grid from ``launcher.plan()`` as real subprocesses
-(anvil, hub, chain, auction, two meters, two gateways), a user per site talking to its
+(anvil, hub, the market's operator and auction, and per site its wallet, meter and
+gateway), a user per site talking to its
 gateway's REST API, a bus listener (a real CURVE subscriber) and a web3 reader of the
 anvil chain, so a test can check every balance straight from the contracts.
 
@@ -37,7 +38,8 @@ from tests.conftest import free_port_block
 
 TEST_SITE = "e2e-watch"
 SIM_START = "2024-06-21T07:00:00+00:00"  # a clear June morning: production starts at once
-SERVICES = ("hub", "chain", "auction", "meter-solar-1", "meter-home-7", "gateway-solar-1", "gateway-home-7")
+SERVICES = ("hub", "chain", "auction", "wallet-solar-1", "wallet-home-7", "meter-solar-1", "meter-home-7",
+            "gateway-solar-1", "gateway-home-7")
 
 
 def cost(wh: int, price: int) -> int:

@@ -24,9 +24,9 @@ CONSUMER_METER = {**LINE, "GRIDTRADE_SIM__PANEL__AREA_M2": "0", "GRIDTRADE_SIM__
 # which services die at which point of the trade
 PLAN = {
     "produced": ["hub"],  # tokens minted; nothing funded yet
-    "funded": ["chain"],  # escrow in; the producer's unlock is lost with it
+    "funded": ["chain", "wallet-home-7"],  # escrow in; the consumer's unlock is lost with its wallet
     "bid": ["auction"],  # down past the auction's deadline: settled when it is back
-    "recorded": ["meter-solar-1"],  # the trade is on-chain, relays about to close
+    "recorded": ["meter-solar-1", "wallet-solar-1"],  # the trade is on-chain, relays about to close
     "delivering": ["meter-home-7", "gateway-solar-1", "gateway-home-7", "hub"],
 }
 

@@ -1,8 +1,10 @@
 """Two hosts and a market, joined over TCP with CURVE, and the link cut mid-trade.
 
 Four network namespaces made here: ``net`` holds a bridge (the switch), ``mkt`` the
-market host (anvil, hub, chain, auction), ``prd`` the producer site (meter + gateway) and
-``con`` the consumer site (meter + gateway). Each host has one veth into the switch; the
+market host (anvil, hub, the chain service as operator, auction), ``prd`` the producer
+site (its wallet, meter and gateway) and ``con`` the consumer site (its wallet, meter and
+gateway). Each site's keystore is on its own host, in its wallet's data folder; the
+gateway reaches its wallet on its own host only; the market host holds no user key. Each host has one veth into the switch; the
 test itself reaches the switch through one veth from the root namespace. Addresses come
 from one 10.231.N.0/24 that exists only on these interfaces. Every service is the real
 ``python -m services.<name>`` run with ``ip netns exec``, configured only by GRIDTRADE_*
@@ -337,13 +339,12 @@ def test_trade_across_hosts_survives_a_cut_link(net: Net, tmp_path: pathlib.Path
 def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     m = net.ip("mkt")
     hosts.make_keys()
-    # the users' keystores live with the market's chain service (quick scrypt for the test)
-    ks = Keystore(tmp_keystore := hosts.data / "mkt" / "chain" / "keystore", scrypt_n=2**12)
-    tmp_keystore.mkdir(parents=True)
+    # each user's keystore lives on its own site's host, with that site's wallet (quick scrypt for the test)
     prod_pw, cons_pw = "sunny-roof-1", "cosy-home-7"
-    # each account belongs to its site: only that site's gateway (its key) can use it
-    prod_addr = ks.new(prod_pw, name="producer", site=SITES["prd"]).address
-    cons_addr = ks.new(cons_pw, name="consumer", site=SITES["con"]).address
+    prod_addr = Keystore(hosts.data / "prd" / "chain" / "keystore", scrypt_n=2**12).new(
+        prod_pw, name="producer", site=SITES["prd"]).address
+    cons_addr = Keystore(hosts.data / "con" / "chain" / "keystore", scrypt_n=2**12).new(
+        cons_pw, name="consumer", site=SITES["con"]).address
 
     # the market host: anvil, hub, chain, auction
     hosts.start("anvil", "mkt", [str(ANVIL), "--host", m, "--port", "8545", "--silent"], dict(os.environ), None)
@@ -355,16 +356,23 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
                                                        "GRIDTRADE_SUB_BIND": "tcp://0.0.0.0:5551"})
     hosts.wait_healthy("hub")
     hosts.service("chain", "mkt", "services.chain", 9101, {"GRIDTRADE_CHAIN_URL": f"http://{m}:8545",
+                                                           "GRIDTRADE_CHAIN_ROLE": "operator",
                                                            "GRIDTRADE_CHAIN_BIND": "tcp://0.0.0.0:5560"})
     hosts.service("auction", "mkt", "services.auction", 9102, {"GRIDTRADE_AUCTION_BIND": "tcp://0.0.0.0:5561"})
-    # the two sites, each on its own host
+    # the two sites, each on its own host: its wallet (reached on loopback by its gateway only), meter, gateway
+    wallet = {"GRIDTRADE_CHAIN_URL": f"http://{m}:8545", "GRIDTRADE_CHAIN_ROLE": "site",
+              "GRIDTRADE_CHAIN_BIND": "tcp://127.0.0.1:5562"}
+    hosts.service("wallet-prd", "prd", "services.chain", 9101, wallet)
+    hosts.service("wallet-con", "con", "services.chain", 9101, wallet)
     meter = {"GRIDTRADE_TRADE_TIMEOUT_S": "2", **SIM}
     hosts.service("meter-prd", "prd", "services.meter", 9100,
                   {**meter, "GRIDTRADE_ROLE": "producer", "GRIDTRADE_ACCOUNT": prod_addr})
     hosts.service("meter-con", "con", "services.meter", 9100, {**meter, **CONSUMER, "GRIDTRADE_ROLE": "consumer"})
-    hosts.service("gateway-prd", "prd", "services.gateway", 8080)
-    hosts.service("gateway-con", "con", "services.gateway", 8080)
-    for name in ("chain", "auction", "meter-prd", "meter-con", "gateway-prd", "gateway-con"):
+    own_wallet = {"GRIDTRADE_WALLET_RPC": "tcp://127.0.0.1:5562"}
+    hosts.service("gateway-prd", "prd", "services.gateway", 8080, own_wallet)
+    hosts.service("gateway-con", "con", "services.gateway", 8080, own_wallet)
+    for name in ("chain", "auction", "wallet-prd", "wallet-con", "meter-prd", "meter-con", "gateway-prd",
+                 "gateway-con"):
         hosts.wait_healthy(name)
     market_addr = until("the chain service to deploy the contracts",
                         lambda: hosts.healthz("chain").get("market"), timeout=90, logs=hosts.tails)
@@ -475,4 +483,14 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     assert at(tf.balanceOf(prod_addr)) == minted_wh - delivered
     assert at(tf.balanceOf(market.address)) == 0
     assert w3.eth.get_balance(market.address, block) == DEPOSIT  # escrow left + the seller's credit
+    # keys stayed at their hosts: the market host has no keystore file, each site only its own
+    def keystore_files(host: str) -> set[str]:
+        return {str(p) for p in (hosts.data / host).rglob("UTC--*")}
+
+    assert keystore_files("mkt") == set()
+    assert len(keystore_files("prd")) == 1 and prod_addr[2:].lower() in next(iter(keystore_files("prd")))
+    assert len(keystore_files("con")) == 1 and cons_addr[2:].lower() in next(iter(keystore_files("con")))
+    for f in (hosts.data / "mkt").rglob("*"):
+        if f.is_file():
+            assert b'"ciphertext"' not in f.read_bytes() and prod_pw.encode() not in f.read_bytes(), f
     session.close()

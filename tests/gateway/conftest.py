@@ -1,8 +1,8 @@
-"""The gateway against the REAL services: one grid per test package (hub, chain service on
-the embedded chain, auction, two simulated meters: real subprocesses from
+"""The gateway against the REAL services: one grid per test package (anvil, hub, the
+market's operator, auction, each site's wallet and simulated meter: real subprocesses from
 ``launcher.plan()``, see realstack.py), and per test fresh in-process gateways joined to
-it (their sessions, login throttle and metrics start empty; the leak guard sees them
-stopped)."""
+it, each talking to its own site's wallet (their sessions, login throttle and metrics
+start empty; the leak guard sees them stopped)."""
 
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ __all__ = ["Person", "Stack", "http", "login", "stack"]
 ETHER = 10**18
 ESCROW = ETHER  # deposited once by the consumer and the third account
 MIN_TOKENS_WH = 3_000  # minted from the producer's sunny morning before the first test
-SERVICES = ("hub", "chain", "auction", "meter-solar-1", "meter-home-7")
+SERVICES = ("hub", "anvil", "chain", "auction", "wallet-solar-1", "meter-solar-1", "wallet-home-7", "meter-home-7")
 
 
 @pytest.fixture(scope="package")
 def real_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
-    # the tests here fail logins on purpose to exercise each gateway's own throttle; the chain
-    # service's throttle behind it (tests/chain/test_sites.py) gets room so later tests can log in
-    grid = RealStack(tmp_path_factory.mktemp("gateway-grid"), chain_url="embedded", time_scale=1440,
+    # the tests here fail logins on purpose to exercise each gateway's own throttle; the
+    # wallet's throttle behind it (tests/chain/test_sites.py) gets room so later tests can log in
+    grid = RealStack(tmp_path_factory.mktemp("gateway-grid"), chain_url="anvil", time_scale=1440,
                      meter_env={"meter-home-7": CONSUMER_SITE},
                      env={"GRIDTRADE_HEARTBEAT_S": "0.5", "GRIDTRADE_UNLOCK_MAX_FAILURES": "50"},
                      only=SERVICES, extra_accounts=[("third", "home-7 third")], scrypt_n=2**10)
@@ -68,6 +68,7 @@ class Stack:
             "site": site, "data_dir": self.root / f"{name or site}-gw", "keys_dir": env["GRIDTRADE_KEYS_DIR"],
             "hub_pub": env["GRIDTRADE_HUB_PUB"], "hub_sub": env["GRIDTRADE_HUB_SUB"], "heartbeat_s": 0.5,
             "chain_rpc": env["GRIDTRADE_CHAIN_RPC"], "auction_rpc": env["GRIDTRADE_AUCTION_RPC"],
+            "wallet_rpc": self.grid.wallet_rpc(site),
             "http_port": 0, "gateway_rpc_timeout_s": 5.0}
         base.update(kw)
         gw = GatewayService(GatewaySettings(**base))

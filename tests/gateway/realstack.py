@@ -1,7 +1,8 @@
 """The real micro-grid for the gateway and browser tests: the processes of
-``launcher.plan()`` (hub, chain service on the embedded chain or on anvil, auction,
-simulated meters, and for the browser the two gateways) as real subprocesses on a random
-block of loopback ports, with their logs in ``<data>/logs``.
+``launcher.plan()`` (anvil, hub, the market's operator, auction, each site's wallet and
+simulated meter, and for the browser the two gateways) as real subprocesses on a random
+block of loopback ports, with their logs in ``<data>/logs``. Each site's accounts are in
+its own wallet's keystore.
 
 Nothing is timed: every wait is bounded and fails with what it waited for and the tails
 of the service logs. ``stop()`` ends every process it started (its whole process group).
@@ -46,7 +47,7 @@ class Person:
 class RealStack:
     """Start the plan's processes (``only``: a subset by name), stop them all."""
 
-    def __init__(self, root: pathlib.Path, *, chain_url: str = "embedded", time_scale: float = 1440.0,
+    def __init__(self, root: pathlib.Path, *, chain_url: str = "anvil", time_scale: float = 1440.0,
                  meter_env: dict[str, dict[str, str]] | None = None, env: dict[str, str] | None = None,
                  only: Iterable[str] | None = None, extra_accounts: Iterable[tuple[str, str]] = (),
                  scrypt_n: int | None = None) -> None:
@@ -73,22 +74,22 @@ class RealStack:
         base = free_port_block()
         opts = launcher.Options(data=self.data, chain_url=self.chain_url, time_scale=self.time_scale,
                                 base_port=base, http_port=base + 46, sim_start=SUNNY)
-        ks_dir = self.data.resolve() / launcher.MARKET / "keystore"
+        data = self.data.resolve()
         made: dict[str, str] = {}
         if self.scrypt_n is not None:  # tests log in often: accounts made with a cheap scrypt, before prepare()
-            ks = Keystore(ks_dir, scrypt_n=self.scrypt_n)
             for label in (f"{launcher.PRODUCER} producer", f"{launcher.CONSUMER} consumer"):
+                site = label.split()[0]
                 made[label] = pw = f"{label.split()[1]}-passphrase"
-                ks.new(pw, name=label, site=label.split()[0])
+                Keystore(launcher.keystore_of(data, site), scrypt_n=self.scrypt_n).new(pw, name=label, site=site)
         self.options, shown = launcher.prepare(opts, reset=False)
         shown = {**made, **shown}
         assert set(shown) == {"solar-1 producer", "home-7 consumer"}, shown
         self.people["producer"] = Person(self.options.producer_account, shown["solar-1 producer"], "solar-1 producer")
         self.people["consumer"] = Person(self.options.consumer_account, shown["home-7 consumer"], "home-7 consumer")
-        ks = Keystore(ks_dir, scrypt_n=self.scrypt_n or 2**18)
-        for key, label in self.extra_accounts:  # "<site> <label>": the account belongs to that site
-            pw = f"{key}-passphrase"
-            self.people[key] = Person(ks.new(pw, name=label, site=label.split()[0]).address, pw, label)
+        for key, label in self.extra_accounts:  # "<site> <label>": the account is in that site's wallet
+            pw, site = f"{key}-passphrase", label.split()[0]
+            ks = Keystore(launcher.keystore_of(data, site), scrypt_n=self.scrypt_n or 2**18)
+            self.people[key] = Person(ks.new(pw, name=label, site=site).address, pw, label)
         self.procs = launcher.plan(self.options)
         for p in self.procs:
             if p.name.startswith("meter-"):
@@ -157,6 +158,10 @@ class RealStack:
     def bus_env(self) -> dict[str, str]:
         """Where the services are, for an in-process part (a gateway) joining this grid."""
         return next(p for p in self.procs if p.name == "hub").env
+
+    def wallet_rpc(self, site: str) -> str:
+        """The request endpoint of ``site``'s wallet."""
+        return self.proc(f"wallet-{site}").env["GRIDTRADE_WALLET_RPC"]
 
     def health(self, name: str) -> dict[str, Any] | None:
         url = self.proc(name).health_url

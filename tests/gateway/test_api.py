@@ -68,7 +68,7 @@ async def test_without_a_session_every_route_but_login_answers_401(stack: Stack)
 async def test_login_sets_a_strict_httponly_cookie_and_logout_locks(stack: Stack) -> None:
     base = stack.url("solar-1")
     producer = stack.producer
-    chain = stack.gateways["solar-1"].gateway.chain  # the gateway's own client of the real chain service
+    chain = stack.gateways["solar-1"].gateway.chain  # the gateway's own client of its site's real wallet
 
     async def unlocked() -> bool:
         accounts = (await chain.request(cmd.ListAccounts(), timeout=5)).accounts
@@ -228,8 +228,8 @@ async def test_failed_logins_are_throttled_per_address_and_per_ip(stack: Stack) 
 async def test_a_backing_service_that_does_not_answer_is_a_503(stack: Stack) -> None:
     from tests.conftest import free_port
 
-    # a gateway whose chain and auction addresses lead nowhere (nobody listens there)
-    gw = await stack.add_gateway("home-7", name="lonely", chain_rpc=f"tcp://127.0.0.1:{free_port()}",
+    # a gateway whose wallet and auction addresses lead nowhere (nobody listens there)
+    gw = await stack.add_gateway("home-7", name="lonely", wallet_rpc=f"tcp://127.0.0.1:{free_port()}",
                                  auction_rpc=f"tcp://127.0.0.1:{free_port()}", gateway_rpc_timeout_s=0.3)
     async with http() as h:
         async with h.get(gw.url + "/api/accounts") as r:

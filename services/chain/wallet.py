@@ -1,0 +1,343 @@
+"""The chain service in its site role: a site's wallet. It runs at the site, holds that
+site's keystores and nobody else's, and serves callers of its own site only.
+
+- Keys: keystore v3 files in ``<data_dir>/keystore`` (this site's folder). Unlock
+  decrypts one for a session, in memory only; attempts are throttled per account and per
+  calling site before the slow scrypt work starts (``too_many_attempts``).
+- Who owns what: every account here belongs to this site (a file that names another site
+  is not served). Its ownership claim (the account key's signature, kept in the file; see
+  :mod:`services.bus.claims`) is announced on the bus as ``wallet.account`` at start and
+  whenever an account is added; a file without a claim gets one at its first unlock.
+- Its own transactions: Ether transfers, escrow deposit/withdraw, token approval for the
+  market, credit withdrawal, each signed here by the unlocked account and tracked from
+  hash to receipt; their progress is published as ``wallet.tx`` (SITE_NAMED: this site's
+  gateway shows it), pending ones are listed by ``ListPending``.
+- Reads: public balances from its own node connection (plus, best effort, the tokens
+  locked in open trades, which only the operator's trade book knows: a read-only request
+  to the market's chain service), mining status. Mining is started and stopped by the
+  market's operator only.
+- Contracts: learned from the operator's ``chain.deployment`` announcement (kept in the
+  store); a redeploy announced later is followed. Until one is known, and while this
+  node is not the operator's chain, requests that need the chain answer
+  ``chain_unavailable``; keys, unlock and the account list work regardless.
+
+A caller of another site gets ``not_your_site`` for everything (counted in ``/healthz``),
+before any work; a caller without identity (insecure mode, a local ipc socket) is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from web3 import AsyncWeb3
+
+from services.bus import Caller, RpcServer
+from services.bus import claims as claims_mod
+from services.bus import commands as C
+from services.bus import events as E
+from services.bus.errors import RequestError, RequestTimeout
+
+from . import ledger
+from .config import ChainSettings
+from .errors import AccountLocked, ChainUnavailable, UnknownAccount
+from .keystore import KeyFile, Keystore
+from .node import Node, guard
+from .service import ChainBase, _errors
+from .sessions import Sessions, TooManyAttempts, UnlockThrottle
+
+log = logging.getLogger(__name__)
+
+
+class WalletService(ChainBase):
+    name = "wallet"
+    role = "site"
+
+    def __init__(self, settings: ChainSettings) -> None:
+        super().__init__(settings)
+        self.keystore = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+        self.sessions = Sessions()
+        self.unlock_throttle = UnlockThrottle(per_account=settings.unlock_max_failures,
+                                              per_site=settings.unlock_site_max_failures,
+                                              window_s=settings.unlock_window_s)
+        self.refused: dict[str, int] = {}  # calling site -> requests refused (not this wallet's site)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wallet-scrypt")
+        self._announce = asyncio.Event()
+        self._foreign_warned: set[str] = set()
+        self.deployment: E.Deployment | None = None
+        self._attached = ""  # the deployment id attached to
+        raw = ledger.get_meta(self.store.conn, "deployment_announced")
+        if raw:
+            self.deployment = E.Deployment.model_validate_json(raw)
+
+    def register(self, srv: RpcServer) -> None:
+        s = self.settings
+        self.subscribe([E.Deployment.TYPE], self.on_deployment)
+        self.operator_client = self.client(s.chain_rpc, s.chain_site)
+        for req, fn in ((C.ListAccounts, self.list_accounts), (C.Unlock, self.unlock), (C.Lock, self.lock),
+                        (C.GetBalances, self.balances), (C.Transfer, self.transfer), (C.Escrow, self.escrow),
+                        (C.Approve, self.approve), (C.SetMining, self.set_mining),
+                        (C.ListPending, self.list_pending)):
+            srv.handle(req, fn)
+        self.spawn(self._announcer(), "wallet-claims")
+
+    async def teardown(self) -> None:
+        self.sessions.clear()
+        self._pool.shutdown(wait=True)
+        await super().teardown()
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "accounts": len(self.accounts()), "unlocked": len(self.sessions.unlocked()),
+                "refused_other_sites": dict(self.refused), "unlocks_throttled": self.unlock_throttle.refused,
+                "deployment": self.deployment.deployment if self.deployment else None}
+
+    def tx_event(self) -> Any:
+        site = self.settings.site
+
+        def wallet_tx(**kw: Any) -> E.WalletTx:
+            return E.WalletTx(site=site, **kw)
+
+        return wallet_tx
+
+    # --- the contracts, from the operator's announcement ------------------------------------
+
+    def on_deployment(self, env: Any, conn: Any) -> None:
+        body = env.body
+        if not isinstance(body, E.Deployment):
+            return
+        ledger.set_meta(conn, "deployment_announced", body.model_dump_json())
+        if self.deployment is None or self.deployment.deployment != body.deployment \
+                or self.deployment.market != body.market:
+            log.info("the operator announced contracts: token %s, market %s (deployment %s)", body.token,
+                     body.market, body.deployment)
+        self.deployment = body
+
+    async def contracts_on(self, node: Node, ident: str) -> tuple[str, str, str]:
+        d = self.deployment
+        if d is None:
+            raise ChainUnavailable("no contracts announced by the operator yet (chain.deployment)")
+        if f"{d.chain_id}:{d.genesis}" != ident:
+            raise ChainUnavailable(f"this node's chain ({ident[:24]}) is not the operator's ({d.chain_id}:"
+                                   f"{d.genesis[:12]})")
+        if not await node.has_code(d.market):
+            raise ChainUnavailable(f"no contract at the operator's market address {d.market} on this node (yet)")
+        self.deploy_block = d.deploy_block
+        self._attached = d.deployment
+        return d.token, d.market, d.deployment
+
+    async def watch_step(self) -> None:
+        self.sessions.expire()
+        d = self.deployment
+        if d is not None and d.deployment != self._attached:
+            raise ChainUnavailable("the operator announced a new deployment: attaching to it")
+
+    # --- claims ---------------------------------------------------------------------------
+
+    def accounts(self) -> list[KeyFile]:
+        """This site's accounts: the files of its keystore that name this site (or none)."""
+        site = self.settings.site
+        out = []
+        for kf in self.keystore.list():
+            if kf.site in ("", site):
+                out.append(kf)
+            elif kf.address not in self._foreign_warned:
+                self._foreign_warned.add(kf.address)
+                log.warning("keystore file %s names site %s, not this wallet's site %s: not served", kf.path.name,
+                            kf.site, site)
+        return out
+
+    async def _announcer(self) -> None:
+        """Announce each claimed account once per store (a subscriber that starts later gets
+        it replayed), at start, after an unlock made a claim, and for files added meanwhile."""
+        while True:
+            try:
+                await self.announce_claims()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next round tries again
+                log.exception("announcing account claims failed")
+            try:
+                await asyncio.wait_for(self._announce.wait(), 5.0)
+            except asyncio.TimeoutError:
+                pass
+            self._announce.clear()
+
+    async def announce_claims(self) -> int:
+        if self.pub is None:
+            return 0
+        site, n = self.settings.site, 0
+        for kf in self.accounts():
+            if not kf.claim or kf.site != site:
+                continue  # claimed at its first unlock
+            key = f"claimed:{kf.address}"
+            if ledger.get_meta(self.store.conn, key) == kf.claim:
+                continue
+            if not claims_mod.valid(site, kf.address, kf.claim):
+                log.warning("keystore file %s holds a claim that is not its key's: ignored", kf.path.name)
+                continue
+            async with self.store.atomic() as conn:
+                await self.publish(E.AccountClaimed(site=site, address=kf.address, name=kf.name[:64],
+                                                    signature=kf.claim))
+                ledger.set_meta(conn, key, kf.claim)
+            n += 1
+            log.info("announced account %s (%s) of site %s", kf.address, kf.name, site)
+        return n
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _own_site(self, caller: Caller) -> None:
+        """A wallet serves its own site only: another site's key gets nothing at all."""
+        if caller.site is None or caller.site == self.settings.site:
+            return
+        site = str(caller)
+        n = self.refused[site] = self.refused.get(site, 0) + 1
+        if n <= 10 or n % 1000 == 0:
+            log.warning("refused a request of site %s: this is the wallet of site %s (%d so far)", site,
+                        self.settings.site, n)
+        raise RequestError("not_your_site", f"this is the wallet of site {self.settings.site}; it serves that "
+                                            f"site only, not {site}; nothing was done")
+
+    def _account(self, caller: Caller, address: str) -> KeyFile:
+        """This site's keystore file of ``address``, for a caller of this site."""
+        self._own_site(caller)
+        want = AsyncWeb3.to_checksum_address(address) if AsyncWeb3.is_address(address) else address
+        for kf in self.accounts():
+            if kf.address == want:
+                return kf
+        raise UnknownAccount(f"no account {address} at the wallet of site {self.settings.site}")
+
+    async def list_accounts(self, req: C.ListAccounts, caller: Caller) -> C.Accounts:
+        self._own_site(caller)
+        return C.Accounts(accounts=[C.AccountInfo(address=kf.address, name=kf.name, site=self.settings.site,
+                                                  unlocked=self.sessions.is_unlocked(kf.address))
+                                    for kf in self.accounts()])
+
+    @_errors
+    async def unlock(self, req: C.Unlock, caller: Caller) -> C.Unlocked:
+        kf = self._account(caller, req.address)  # before any work
+        try:
+            slot = self.unlock_throttle.begin(kf.address, caller.site or "")
+        except TooManyAttempts as e:
+            wait = int(e.retry_after_s) + 1
+            raise RequestError("too_many_attempts", f"too many failed unlock attempts for {e.what}; nothing was "
+                                                    f"tried; try again in {wait} s") from None
+        loop = asyncio.get_running_loop()
+        key = await loop.run_in_executor(self._pool, self.keystore.decrypt, kf.address,
+                                         req.passphrase.get_secret_value())
+        self.unlock_throttle.succeeded(slot)
+        if not kf.claim or kf.site != self.settings.site:  # an older or imported file: claim it now
+            claim = claims_mod.sign(key, self.settings.site)
+            await loop.run_in_executor(self._pool, self.keystore.set_claim, kf.address, self.settings.site, claim)
+            self._announce.set()
+        session = self.sessions.unlock(key, req.ttl_s)
+        del key
+        log.info("unlocked %s for %.0fs", session.address, req.ttl_s)
+        return C.Unlocked(address=session.address, expires_at=session.expires_at)
+
+    @_errors
+    async def lock(self, req: C.Lock, caller: Caller) -> C.Ok:
+        kf = self._account(caller, req.address)
+        if self.sessions.lock(kf.address):
+            log.info("locked %s", kf.address)
+        return C.Ok()
+
+    def _signer(self, caller: Caller, address: str) -> LocalAccount:
+        kf = self._account(caller, address)
+        if self.sessions.is_unlocked(kf.address):
+            return self.sessions.account(kf.address)
+        raise AccountLocked(f"account {kf.address} is locked: unlock it first")
+
+    @_errors
+    async def balances(self, req: C.GetBalances, caller: Caller) -> C.Balances:
+        """Public balances read from this site's node; the tokens locked in open trades
+        from the operator (best effort: 0 when it does not answer)."""
+        self._own_site(caller)
+        bal = await self.read_balances(req.address)
+        mine = any(kf.address == bal.address for kf in self.accounts())
+        locked = 0
+        try:
+            op: C.Balances = await self.operator_client.request(C.GetBalances(address=bal.address), timeout=2.0)
+            locked = op.tokens_locked_wh
+        except (RequestError, RequestTimeout) as e:
+            log.debug("tokens locked of %s unknown: %s", bal.address, e)
+        return bal.model_copy(update={"site": self.settings.site if mine else "", "tokens_locked_wh": locked})
+
+    @_errors
+    async def transfer(self, req: C.Transfer, caller: Caller) -> C.TxSent:
+        signer = self._signer(caller, req.sender)
+        _, _, txm = self._ready()
+        tx = await txm.build(signer.address, to=req.to, value=req.amount_wei)
+        return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind="transfer",
+                                                  ref=AsyncWeb3.to_checksum_address(req.to)))
+
+    @_errors
+    async def escrow(self, req: C.Escrow, caller: Caller) -> C.TxSent:
+        signer = self._signer(caller, req.account)
+        _, dep, txm = self._ready()
+        m = dep.market
+        if req.action == "deposit":
+            tx = await txm.build(signer.address, to=dep.market_address, value=req.amount_wei,
+                                 data=m.encode_abi("deposit", args=[]))
+            kind = "deposit"
+        elif req.action == "withdraw":
+            async with guard():
+                free = await m.functions.freeEscrow(signer.address).call()
+            if req.amount_wei > free:
+                raise RequestError("insufficient_escrow",
+                                   f"nothing was sent: {req.amount_wei} wei exceeds the free escrow of {free} wei")
+            tx = await txm.build(signer.address, to=dep.market_address,
+                                 data=m.encode_abi("withdraw", args=[req.amount_wei]))
+            kind = "withdraw"
+        else:
+            async with guard():
+                credit = await m.functions.credit(signer.address).call()
+            if credit == 0 or req.amount_wei > credit:
+                raise RequestError("insufficient_credit",
+                                   f"nothing was sent: {req.amount_wei} wei exceeds the credit of {credit} wei "
+                                   "(withdraw_credit takes all of it)")
+            tx = await txm.build(signer.address, to=dep.market_address, data=m.encode_abi("withdrawCredit", args=[]))
+            kind = "withdraw_credit"
+        return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind=kind, ref=str(req.amount_wei)))
+
+    @_errors
+    async def approve(self, req: C.Approve, caller: Caller) -> C.TxSent:
+        signer = self._signer(caller, req.account)
+        _, dep, txm = self._ready()
+        if req.wh <= 0:
+            raise RequestError("bad_amount", "nothing was sent: approve a positive number of Wh")
+        t = dep.token.functions
+        async with guard():
+            balance = await t.balanceOf(signer.address).call()
+            allowance = await t.allowance(signer.address, dep.market_address).call()
+        want = allowance + req.wh
+        if want > balance:
+            raise RequestError("insufficient_tokens", f"nothing was sent: approving {want} Wh in all exceeds the "
+                                                      f"token balance of {balance} Wh")
+        tx = await txm.build(signer.address, to=dep.token_address,
+                             data=dep.token.encode_abi("approve", args=[dep.market_address, want]))
+        return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind="approve", ref=str(req.wh)))
+
+    @_errors
+    async def set_mining(self, req: C.SetMining, caller: Caller) -> C.Mining:
+        """The status only: mining is started and stopped by the market's operator."""
+        self._own_site(caller)
+        if req.action != "status":
+            raise RequestError("not_allowed", f"mining is started and stopped by the market's operator (site "
+                                              f"{self.settings.chain_site}) only; nothing was done")
+        return await self.mining_status(controllable=False)
+
+    @_errors
+    async def list_pending(self, req: C.ListPending, caller: Caller) -> C.Pending:
+        """This site's pending transactions (of one of its accounts, or all)."""
+        if req.account is not None:
+            self._account(caller, req.account)
+        else:
+            self._own_site(caller)
+        rows = ledger.pending_txs(self.store.conn, req.account)
+        return C.Pending(txs=[
+            C.TxInfo(tx_hash=r["tx_hash"], kind=r["kind"], ref=r["ref"], account=r["account"], status="pending")
+            for r in rows])
+
