@@ -55,6 +55,7 @@ from .errors import (
     UnknownAccount,
 )
 from . import keystore as keystore_mod
+from .index import MintedIndex
 from .keystore import KeyFile, Keystore
 from .node import Node, guard
 from .sessions import Sessions, TooManyAttempts, UnlockThrottle
@@ -124,12 +125,14 @@ class ChainService(Service):
         self.reconnects = 0
         self.job_rounds = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-scrypt")
-        self._indexing = asyncio.Lock()
         self._reading: dict[tuple[str, int], asyncio.Future[tuple[int, int, int, int, int]]] = {}
-        self._minted: dict[str, int] = {}  # account -> Wh minted to it, complete up to _minted_block
-        self._minted_block = 0
-        self._minted_key = ""
-        self.logs_calls = 0
+        self.minted = MintedIndex(self.store, logs_range=settings.logs_range)  # Wh minted per account
+        self.confirmations = 0  # blocks on top before a transaction counts as final (see attach)
+
+    @property
+    def logs_calls(self) -> int:
+        """eth_getLogs calls of the minted index so far."""
+        return self.minted.calls
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -160,7 +163,9 @@ class ChainService(Service):
         return {**super().health(), "chain": self.settings.chain_url if self.settings.chain_url == "embedded"
                 else "rpc", "connected": self.connected.is_set(),
                 "market": self.dep.market_address if self.dep else None,
-                "pending_txs": ledger.count_pending(self.store.conn),
+                "pending_txs": ledger.count_pending(self.store.conn), "confirmations": self.confirmations,
+                "tx_events": dict(self.txm.stats) if self.txm else {},
+                "rpc_retried": self.node.transient if self.node else {},
                 "refused_other_sites": dict(self.refused), "unlocks_throttled": self.unlock_throttle.refused}
 
     async def publish(self, body: E.Message) -> Any:
@@ -175,7 +180,8 @@ class ChainService(Service):
         while True:
             try:
                 if self.node is None:
-                    self.node = await node_mod.connect(self.settings.chain_url)
+                    self.node = await node_mod.connect(self.settings.chain_url, timeout_s=self.settings.rpc_timeout_s,
+                                                       retries=self.settings.rpc_retries)
                 else:
                     await self.node.probe()
                 await self.attach()
@@ -275,18 +281,31 @@ class ChainService(Service):
             ledger.set_meta(c, "identity", ident)
             ledger.set_meta(c, "token", token)
             ledger.set_meta(c, "market", market)
+        self.confirmations = (s.confirmation_depth if s.confirmation_depth is not None
+                              else 0 if node.kind in ("embedded", "anvil") else 12)
         if self.txm is None:
             self.txm = TxManager(node, self.store, self.publish, chain=self.chain_key, gas_margin=s.gas_margin,
-                                 resend_after_s=s.resend_after_s)
+                                 resend_after_s=s.resend_after_s, confirmations=self.confirmations,
+                                 replace_after_s=s.replace_after_s, fee_cap_wei=int(s.fee_cap_gwei * 10**9),
+                                 min_tip_wei=int(s.priority_fee_gwei * 10**9), bump=s.fee_bump, signer=self._key_of)
             self.txm.on_final.update(mint=self._mint_final, open=self._open_final, settle=self._settle_final,
                                      close=self._close_final)
         self.txm.chain = self.chain_key
         self.txm.chain_id = chain_id
+        self.txm.head, _ = await node.head()
+        await self.txm.fill_gaps(self.operator.address)
         if node.is_dev and s.dev_fund_wei:
             for kf in self.keystore.list():
                 await self.fund(kf.address)
         log.info("chain %s (%s): token %s, market %s, operator %s", ident[:24], node.kind, token, market,
                  self.operator.address)
+
+    def _key_of(self, address: str) -> LocalAccount | None:
+        """The key to sign again with (fees raised, a nonce filled): the operator's, or an
+        unlocked session's; None while a wallet account is locked."""
+        if self.operator is not None and address.lower() == self.operator.address.lower():
+            return self.operator
+        return self.sessions.account(address) if self.sessions.is_unlocked(address) else None
 
     def _operator_account(self, node: Node) -> LocalAccount:
         s = self.settings
@@ -410,7 +429,7 @@ class ChainService(Service):
         for rid, account, wh in rows:
             key = contracts.id32(rid)
             async with guard():
-                done = await self.dep.token.functions.minted(key).call()
+                done = await self.dep.token.functions.minted(key).call(block_identifier=self.txm.final_block)
             async with self.store.atomic() as conn:
                 if done:  # minted already (by an earlier run): record it, publish once
                     conn.execute("UPDATE chain_mints SET state = 'done' WHERE reading_id = ?", (rid,))
@@ -444,7 +463,8 @@ class ChainService(Service):
         """(status, settled Wh) of a trade in the market contract."""
         assert self.dep is not None
         async with guard():
-            t = await self.dep.market.functions.trades(contracts.id32(trade_id)).call()
+            t = await self.dep.market.functions.trades(contracts.id32(trade_id)).call(
+                block_identifier=self.txm.final_block if self.txm else "latest")
         return int(t[2]), int(t[4])
 
     async def _opens(self) -> None:
@@ -626,45 +646,17 @@ class ChainService(Service):
     # --- chain state read from events, incrementally -------------------------------------
 
     async def index_minted(self) -> int:
-        """Add the ``Minted`` logs since the last indexed block to each account's generated
-        total, in ranges of at most ``logs_range`` blocks; returns the block indexed up to.
-        A view never scans from the deployment. The totals live in memory with the block
-        they are complete to (a read never waits for the store's writers); ``save_minted``
-        stores both in one transaction, and a restart goes on from the stored block."""
+        """Catch the Wh-minted index up to the head minus the confirmation depth (bounded
+        eth_getLogs ranges from its stored block, reorg-aware: see ``index.MintedIndex``);
+        returns the block it is complete to. A view never scans from the deployment."""
         node, dep, _ = self._ready()
-        async with self._indexing:  # one catch-up at a time; the others then find it done
-            if self._minted_key != self.chain_key:  # first use on this chain: from what is stored
-                conn = self.store.conn
-                self._minted = dict(conn.execute("SELECT account, wh FROM chain_generated WHERE chain = ?",
-                                                 (self.chain_key,)).fetchall())
-                self._minted_block = int(ledger.get_meta(conn, f"minted_block:{self.chain_key}")
-                                         or self.deploy_block - 1)
-                self._minted_key = self.chain_key
-            async with guard():
-                head = int(await node.w3.eth.block_number)
-            while self._minted_block < head:
-                upto = min(head, self._minted_block + self.settings.logs_range)
-                async with guard():
-                    logs = await dep.token.events.Minted().get_logs(from_block=self._minted_block + 1, to_block=upto)
-                self.logs_calls += 1
-                for ev in logs:
-                    to = str(ev["args"]["to"])
-                    self._minted[to] = self._minted.get(to, 0) + int(ev["args"]["amountWh"])
-                self._minted_block = upto
-            return self._minted_block
+        return await self.minted.catch_up(node, dep.token, key=self.chain_key, deploy_block=self.deploy_block,
+                                          depth=self.confirmations)
 
     async def save_minted(self) -> None:
         """Catch the generated totals up and store them with their block."""
         await self.index_minted()
-        async with self._indexing:
-            key, block, totals = self._minted_key, self._minted_block, dict(self._minted)
-        if ledger.get_meta(self.store.conn, f"minted_block:{key}") == str(block):
-            return
-        async with self.store.atomic() as conn:
-            conn.executemany("INSERT INTO chain_generated (chain, account, wh) VALUES (?, ?, ?) "
-                             "ON CONFLICT (chain, account) DO UPDATE SET wh = excluded.wh",
-                             [(key, a, wh) for a, wh in totals.items()])
-            ledger.set_meta(conn, f"minted_block:{key}", str(block))
+        await self.minted.save()
 
     # --- requests -----------------------------------------------------------------------
 
@@ -766,7 +758,7 @@ class ChainService(Service):
             fut.add_done_callback(lambda _: self._reading.pop(key, None))
         ether, free, locked, credit, tokens = await asyncio.shield(fut)
         await self.index_minted()
-        generated = self._minted.get(a, 0)
+        generated = self.minted.totals.get(a, 0)
         row = self.store.conn.execute(
             "SELECT COALESCE(SUM(wh - settled_wh), 0) FROM chain_trades WHERE seller = ? AND open_state = 'done' "
             "AND close_state != 'done'", (a,)).fetchone()
@@ -866,14 +858,18 @@ class ChainService(Service):
     async def list_pending(self, req: C.ListPending, caller: Caller) -> C.Pending:
         """A site sees its own accounts' pending transactions; the market's site sees all."""
         rows = ledger.pending_txs(self.store.conn, req.account)
+        if req.recent_s:
+            rows += ledger.recent_txs(self.store.conn, time.time() - req.recent_s, req.account)
         if not self.sees_all(caller):
             if req.account is not None:
                 self._account(caller, req.account)
             else:
                 mine = {kf.address for kf in self.keystore.list() if self.owner(kf) == caller.site}
                 rows = [r for r in rows if AsyncWeb3.to_checksum_address(r["account"]) in mine]
+        describe = self.txm.describe if self.txm is not None else (lambda r: {})
         return C.Pending(txs=[
-            C.TxInfo(tx_hash=r["tx_hash"], kind=r["kind"], ref=r["ref"], account=r["account"], status="pending")
+            C.TxInfo(tx_hash=r["tx_hash"], kind=r["kind"], ref=r["ref"], account=r["account"],
+                     status=r["status"] if r["status"] in ("confirmed", "failed") else "pending", **describe(r))
             for r in rows])
 
 
