@@ -1,0 +1,202 @@
+"""The chain service on a chain that behaves like a real one, not an instant dev chain:
+blocks every second (interval mining), a confirmation depth, a base fee that jumps,
+transactions the node refuses (for their fees, or for good), dropped from its pool or
+taken away by a reorg, and a JSON-RPC endpoint that rate-limits and answers late.
+Each runs against its own anvil (node_modules/.bin/anvil) behind a proxy in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import sqlite3
+from typing import Any
+
+import pytest
+from web3 import AsyncHTTPProvider, AsyncWeb3
+
+from services.bus import commands as C
+from services.bus import events as E
+from services.chain import contracts
+from services.chain.keystore import Keystore
+from services.chain.node import ANVIL_DEV_KEY
+from tests.chain_fixtures import start_anvil, stop_anvil
+
+from .conftest import PASS, Bus, chain_settings, start_chain, wait_until
+from .rpc_proxy import RpcProxy, rpc, txpool
+
+pytestmark = pytest.mark.anvil
+PRICE = 10**16
+GWEI = 10**9
+OPERATOR = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"  # anvil's first dev account
+
+
+async def blocks_every_second(w3: AsyncWeb3) -> None:
+    await rpc(w3, "evm_setAutomine", False)
+    await rpc(w3, "evm_setIntervalMining", 1)
+
+
+async def no_blocks(w3: AsyncWeb3) -> None:
+    await rpc(w3, "evm_setIntervalMining", 0)
+    await rpc(w3, "evm_setAutomine", False)
+
+
+async def pool_holds(w3: AsyncWeb3, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+    async def loop() -> list[dict[str, Any]]:
+        while len(pool := await txpool(w3)) < n:
+            await asyncio.sleep(0.05)
+        return pool
+    return await asyncio.wait_for(loop(), timeout)
+
+
+def all_final(ev: Any) -> bool:
+    ups = ev.of(E.TxUpdate)
+    return all(any(u.tx_hash == p.tx_hash and u.status != "pending" for u in ups)
+               for p in ups if p.status == "pending")
+
+
+async def assert_no_gaps(w3: AsyncWeb3, db_path: pathlib.Path, deployed: dict[str, int]) -> None:
+    """Every nonce of every account the service sent from is used on-chain, once, by a
+    transaction the store knows; nothing is left in the node's pool."""
+    db = sqlite3.connect(db_path)
+    try:
+        rows = db.execute("SELECT account, nonce, status FROM chain_txs ORDER BY account, nonce").fetchall()
+        nexts = dict(db.execute("SELECT account, next FROM chain_nonces").fetchall())
+    finally:
+        db.close()
+    assert not await txpool(w3)
+    by_account: dict[str, list[int]] = {}
+    for account, nonce, status in rows:
+        assert status in ("confirmed", "failed"), (account, nonce, status)
+        by_account.setdefault(account, []).append(nonce)
+    for account, nonces in by_account.items():
+        first = deployed.get(account, 0)
+        count = await w3.eth.get_transaction_count(account)
+        assert nonces == list(range(first, count)), (account, nonces, count)
+        assert nexts[account] == count, (account, nexts[account], count)
+
+
+async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_path: pathlib.Path,
+                                                                peer_factory: Any) -> None:
+    anvil, url = start_anvil()
+    proxy = RpcProxy(url)
+    purl = await proxy.start()
+    w3 = AsyncWeb3(AsyncHTTPProvider(url))  # the test's own line to anvil, past the proxy
+    settings = chain_settings(bus, tmp_path / "chain", purl, confirmation_depth=2, replace_after_s=1.0,
+                              rpc_timeout_s=1.0, rpc_retries=8, close_grace_s=0.0)
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    seller, buyer = ks.new(PASS, site="solar-1").address, ks.new(PASS, site="home-7").address
+    svc = await start_chain(settings)
+    mint_gone, open_cheap = contracts.id32("solar-1/m1/1"), contracts.id32("t-1")
+    refused: set[bytes] = set()
+
+    def refuse(raw: bytes) -> str | None:
+        """Like geth's pool, once each: the second mint for good, the trade's open for its fees."""
+        for key, msg in ((mint_gone, "exceeds block gas limit"), (open_cheap, "transaction underpriced")):
+            if key in raw and key not in refused:
+                refused.add(key)
+                return msg
+        return None
+
+    try:
+        peer = await peer_factory(svc.servers[0].endpoint)
+        ev = peer.listener
+        await blocks_every_second(w3)
+        proxy.fault_rate = 0.06
+        proxy.refuse = refuse
+        for a, site in ((seller, "solar-1"), (buyer, "home-7")):
+            await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
+
+        # three mints at three operator nonces; the node refuses the second for good: its nonce
+        # is filled by a no-op (the third is not held up), the mint is done again later, once
+        for i in range(3):
+            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{i}", site="solar-1", meter="m1",
+                                                account=seller, kwh_index=i))
+        await ev.wait_for(lambda: len({m.reading_id for m in ev.of(E.Minted)}) == 3, timeout=90)
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18), site="home-7")
+        appr = await peer.request(C.Approve(account=seller, wh=3000), site="solar-1")
+        await ev.wait_for(lambda: {dep.tx_hash, appr.tx_hash} <= {u.tx_hash for u in ev.of(E.TxUpdate)
+                                                                 if u.status == "confirmed"}, timeout=90)
+
+        # the open is signed under a 1 gwei base fee, refused once as underpriced (signed again),
+        # then the base fee jumps to 50 gwei while it waits: it is replaced with higher fees
+        await no_blocks(w3)
+        trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
+                     wh=1000, price_wei_per_kwh=PRICE)
+        await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        await pool_holds(w3, 1)
+        await rpc(w3, "anvil_setNextBlockBaseFeePerGas", hex(50 * GWEI))
+        await rpc(w3, "evm_mine")  # a 50 gwei block the open cannot be in; then more of them
+        await rpc(w3, "anvil_setNextBlockBaseFeePerGas", hex(50 * GWEI))
+        await blocks_every_second(w3)
+        await ev.wait_for(lambda: ev.of(E.TradeRecorded), timeout=90)
+
+        # a settlement dropped from the node's pool: sent again
+        await no_blocks(w3)
+        await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=600))
+        pool = await pool_holds(w3, 1)
+        await rpc(w3, "anvil_dropTransaction", pool[0]["hash"])
+        await blocks_every_second(w3)
+
+        # ... and once mined, its block is taken away by a reorg before it is 2 blocks deep
+        def mined_settle() -> Any:
+            return svc.store.conn.execute("SELECT block FROM chain_txs WHERE kind = 'settle' AND status = 'mined'"
+                                          ).fetchone()
+        row = await wait_until(mined_settle, timeout=60, every=0.01)
+        head = await w3.eth.block_number
+        await rpc(w3, "anvil_reorg", head - row[0] + 1, [])
+        await ev.wait_for(lambda: ev.of(E.Settled), timeout=90)
+
+        await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
+        await ev.wait_for(lambda: ev.of(E.TradeClosedOnChain), timeout=90)
+        await ev.wait_for(lambda: all_final(ev), timeout=90)
+        await wait_until(lambda: not svc.txm.pending(), timeout=60)
+        proxy.fault_rate = 0.0
+        stats = dict(svc.txm.stats)
+        injected = dict(proxy.injected)
+        retried = svc.node.transient
+    except BaseException:
+        print("tx stats", dict(svc.txm.stats) if svc.txm else None, "proxy", dict(proxy.injected))
+        raise
+    finally:
+        await svc.stop()
+        await proxy.stop()
+
+    try:
+        print("tx stats", stats, "injected", injected, "retried", retried)
+        assert injected["http429"] and injected["limit"] and injected["late"] and injected["refused"] == 2
+        assert retried.get("rate_limit") and retried.get("timeout")
+        assert stats.get("noop", 0) >= 1 and stats.get("replaced", 0) >= 2 and stats.get("reorged", 0) >= 1
+        assert stats.get("resent", 0) >= 1
+
+        ups = ev.of(E.TxUpdate)
+        sent = [u.tx_hash for u in ups if u.status == "pending"]
+        assert len(sent) == len(set(sent))
+        finals = {h: [u for u in ups if u.tx_hash == h and u.status != "pending"] for h in sent}
+        assert all(len(f) == 1 for f in finals.values()), finals
+        failed = [f[0] for f in finals.values() if f[0].status == "failed"]
+        # the only failure: the mint refused for good (its nonce filled by a no-op), with the node's reason
+        assert [(u.kind, u.ref) for u in failed] == [("mint", "solar-1/m1/1")]
+        assert "exceeds block gas limit" in failed[0].reason and "no-op" in failed[0].reason
+        assert not [u for u in ups if "limit exceeded" in u.reason or "429" in u.reason or "timeout" in u.reason]
+        opens = [f[0] for f in finals.values() if f[0].kind == "open"]
+        assert len(opens) == 1 and opens[0].status == "confirmed" and opens[0].mined_hash  # a later version mined
+
+        assert sorted(m.reading_id for m in ev.of(E.Minted)) == [f"solar-1/m1/{i}" for i in range(3)]
+        assert len(ev.of(E.TradeRecorded)) == 1
+        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, contracts.cost(600, PRICE))]
+        assert [(c.delivered_wh, c.paid_wei) for c in ev.of(E.TradeClosedOnChain)] == [
+            (600, contracts.cost(600, PRICE))]
+
+        await assert_no_gaps(w3, settings.data_dir / "chain.sqlite", {OPERATOR: 2})
+        d = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address)
+        t, m = d.token.functions, d.market.functions
+        assert await t.totalSupply().call() == 3000
+        assert await t.balanceOf(seller).call() == 3000 - 600
+        assert await t.balanceOf(buyer).call() == 600
+        assert await t.balanceOf(d.market_address).call() == 0
+        assert await m.credit(seller).call() == contracts.cost(600, PRICE)
+        assert await m.freeEscrow(buyer).call() == 10**18 - contracts.cost(600, PRICE)
+        assert await m.lockedEscrow(buyer).call() == 0
+    finally:
+        await contracts.close_provider(w3)
+        stop_anvil(anvil)
