@@ -200,3 +200,101 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
     finally:
         await contracts.close_provider(w3)
         stop_anvil(anvil)
+
+
+async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
+        bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
+    from .test_restart import ChainProcess, up
+
+    anvil, url = start_anvil()
+    w3 = AsyncWeb3(AsyncHTTPProvider(url))
+    data = tmp_path / "chain"
+    ks = Keystore(data / "keystore", scrypt_n=1024)
+    seller, bob = ks.new(PASS, site="solar-1").address, ks.new(PASS, site="home-7").address
+    svc = ChainProcess(bus, data, url, tmp_path / "chain.log")
+    svc.env.update(GRIDTRADE_CONFIRMATION_DEPTH="1", GRIDTRADE_REPLACE_AFTER_S="1")
+    congestion: asyncio.Task[None] | None = None
+
+    async def congested() -> None:  # every block's base fee is 80 gwei
+        while True:
+            await rpc(w3, "anvil_setNextBlockBaseFeePerGas", hex(80 * GWEI))
+            await asyncio.sleep(0.2)
+
+    try:
+        svc.start()
+        peer = await peer_factory(svc.endpoint)
+        await up(peer)
+        ev = peer.listener
+        await blocks_every_second(w3)
+        await peer.request(C.Unlock(address=seller, passphrase=PASS), site="solar-1")
+        await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=seller,
+                                            kwh_index=0))
+        await ev.wait_for(lambda: ev.of(E.Minted), timeout=60)
+        await ev.wait_for(lambda: all_final(ev), timeout=60)  # the dev funding too
+        bob_start = await w3.eth.get_balance(bob)
+
+        # no blocks: three mints (operator nonces n, n+1, n+2) and a transfer wait in the pool; SIGKILL
+        await no_blocks(w3)
+        for i in (1, 2, 3):
+            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{i}", site="solar-1", meter="m1",
+                                                account=seller, kwh_index=i))
+        await peer.request(C.Transfer(sender=seller, to=bob, amount_wei=1), site="solar-1")
+        await pool_holds(w3, 4)
+        svc.kill()
+
+        # the base fee goes from ~1 to 80 gwei: none of them can be mined as signed
+        congestion = asyncio.create_task(congested())
+        await asyncio.sleep(0.3)
+        await blocks_every_second(w3)
+        svc.start()
+        await up(peer)
+        # the operator's are re-signed with higher fees; the transfer waits for its account's key
+
+        async def seller_waits() -> bool:
+            txs = (await peer.request(C.ListPending(account=seller), site="solar-1")).txs
+            return bool(txs) and all("unlocked" in t.reason for t in txs)
+        for _ in range(300):
+            if await seller_waits():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the locked account's stuck transfer does not say it waits for a key")
+        await peer.request(C.Unlock(address=seller, passphrase=PASS), site="solar-1")
+        await ev.wait_for(lambda: len(ev.of(E.Minted)) == 4, timeout=90)
+        await ev.wait_for(lambda: all_final(ev), timeout=90)
+        pending = (await peer.request(C.ListPending(recent_s=600), site="market")).txs
+    except BaseException:
+        print(svc.log.read_text()[-8000:])
+        raise
+    finally:
+        if congestion is not None:
+            congestion.cancel()
+            await asyncio.gather(congestion, return_exceptions=True)
+        svc.stop()
+
+    try:
+        assert [m.reading_id for m in ev.of(E.Minted)] == [f"solar-1/m1/{i}" for i in range(4)]  # in order, once
+        ups = ev.of(E.TxUpdate)
+        sent = [u.tx_hash for u in ups if u.status == "pending"]
+        assert len(sent) == len(set(sent))
+        finals = [u for u in ups if u.status != "pending"]
+        assert sorted(u.tx_hash for u in finals) == sorted(sent) and all(u.status == "confirmed" for u in finals)
+        replaced = [u for u in finals if u.mined_hash]
+        assert {(u.kind, u.ref) for u in replaced} >= {("mint", f"solar-1/m1/{i}") for i in (1, 2, 3)}
+        for u in replaced:  # what was mined is the version signed for the new base fee
+            assert (await w3.eth.get_transaction(u.mined_hash))["maxFeePerGas"] >= 80 * GWEI
+        shown = {t.tx_hash: t for t in pending}
+        assert all(shown[u.tx_hash].state == "confirmed" and shown[u.tx_hash].depth >= 1 for u in finals)
+        assert all(shown[u.tx_hash].attempts >= 2 for u in replaced)
+        await assert_no_gaps(w3, data / "chain.sqlite", {OPERATOR: 2})
+        db = sqlite3.connect(data / "chain.sqlite")
+        token, market = (db.execute("SELECT value FROM chain_meta WHERE key = ?", (k,)).fetchone()[0]
+                         for k in ("token", "market"))
+        db.close()
+        d = contracts.attach(w3, token, market)
+        assert await d.token.functions.totalSupply().call() == 4000
+        assert await d.token.functions.balanceOf(seller).call() == 4000
+        assert await w3.eth.get_balance(bob) == bob_start + 1
+    finally:
+        await contracts.close_provider(w3)
+        stop_anvil(anvil)
