@@ -107,6 +107,7 @@ class TxManager:
         self.chain_id: int | None = None
         self.head = 0
         self._head_at = 0.0
+        self._gap_checked: dict[str, float] = {}
         self.stats: Counter[str] = Counter()  # replaced, refused:<kind>, noop, resent, reorged, ...
         self._fees: tuple[float, dict[str, int], int | None] | None = None  # (when, fees, next base fee)
 
@@ -352,6 +353,12 @@ class TxManager:
                        else f"not mined in {self.head - row['signed_head']} blocks / {now - row['signed_at']:.0f} s")
                 if await self._replace(row, why):
                     return
+        if first and now - self._gap_checked.get(row["account"], 0.0) >= max(self.resend_after_s, 1.0):
+            # the chain's count behind our lowest open nonce: a nonce went missing (a reorg deeper
+            # than the confirmation depth took a final transaction away): fill it
+            self._gap_checked[row["account"]] = now
+            if await self.node.nonce(row["account"], "latest") < row["nonce"]:
+                await self.fill_gaps(row["account"])
         if now - row["last_sent"] >= self.resend_after_s and not await self.node.known(row["current"]):
             log.info("tx %s is pending here but unknown to the node: sending it again", row["current"])
             self.stats["resent"] += 1

@@ -298,3 +298,86 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
     finally:
         await contracts.close_provider(w3)
         stop_anvil(anvil)
+
+
+async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus, tmp_path: pathlib.Path,
+                                                                        peer_factory: Any) -> None:
+    anvil, url = start_anvil()
+    proxy = RpcProxy(url)
+    purl = await proxy.start()
+    w3 = AsyncWeb3(AsyncHTTPProvider(url, request_kwargs={"timeout": 120}))
+    settings = chain_settings(bus, tmp_path / "chain", purl, logs_range=250)
+    ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
+    seller = ks.new(PASS, site="solar-1").address
+    svc = await start_chain(settings)
+    svc2 = None
+    n = 0
+
+    async def mint(count: int) -> None:  # as the meters of solar-1 (one publisher throughout)
+        nonlocal n
+        for _ in range(count):
+            await meters.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{n}", site="solar-1", meter="m1",
+                                                  account=seller, kwh_index=n))
+            n += 1
+        await meters.listener.wait_for(lambda: len(meters.listener.of(E.Minted)) == n, timeout=120)
+
+    async def generated(peer: Any) -> int:
+        return int((await peer.request(C.GetBalances(address=seller))).generated_wh)
+
+    try:
+        peer = meters = await peer_factory(svc.servers[0].endpoint)
+        await peer.request(C.Unlock(address=seller, passphrase=PASS), site="solar-1")
+        for _ in range(3):  # many mints among thousands of blocks
+            await mint(10)
+            for _ in range(3):
+                await rpc(w3, "anvil_mine", hex(250), hex(1))
+        assert await generated(peer) == n * 1000
+        await svc.minted.save()
+        ranges = list(proxy.log_ranges)
+        assert ranges and all(b - a + 1 <= 250 for a, b in ranges)
+        assert sum(b - a + 1 for a, b in ranges) <= await w3.eth.block_number  # no block read twice
+        await svc.stop()
+
+        # a restart after 1500 blocks more: the view goes on from the stored block, in bounded ranges
+        indexed = svc.minted.block
+        for _ in range(6):
+            await rpc(w3, "anvil_mine", hex(250), hex(1))
+        head = await w3.eth.block_number
+        before = len(proxy.log_ranges)  # (its background indexer may start before the first view)
+        svc2 = await start_chain(settings.model_copy(update={"chain_bind": "tcp://127.0.0.1:*"}))
+        peer = await peer_factory(svc2.servers[0].endpoint)
+        assert await generated(peer) == n * 1000
+        new = proxy.log_ranges[before:]
+        assert min(a for a, _ in new) == indexed + 1 and max(b for _, b in new) >= head
+        assert all(b - a + 1 <= 250 for a, b in new)
+        assert len(new) <= -(-(head - indexed) // 250) + 2, new  # + a block or two mined meanwhile
+        calls = proxy.calls["eth_getLogs"]
+        for _ in range(5):  # nothing new: no logs read again
+            assert await generated(peer) == n * 1000
+        assert proxy.calls["eth_getLogs"] - calls <= 1
+
+        # a reorg takes blocks with a mint away: the view rewinds (block hashes), and the operator's
+        # nonce that went with it is filled, so its next mints are not held up
+        await peer.request(C.Unlock(address=seller, passphrase=PASS), site="solar-1")
+        snap = await rpc(w3, "evm_snapshot")
+        await rpc(w3, "anvil_mine", hex(5), hex(1))
+        await mint(1)
+        assert await generated(peer) == n * 1000
+        await rpc(w3, "evm_revert", snap)
+        await rpc(w3, "anvil_mine", hex(8), hex(3))
+        assert await generated(peer) == (n - 1) * 1000
+        assert svc2.minted.rewinds >= 1
+        await mint(2)
+        await wait_until(lambda: not svc2.txm.pending(), timeout=60)
+        assert await generated(peer) == (n - 1) * 1000
+        token = contracts.attach(w3, svc2.dep.token_address, svc2.dep.market_address).token
+        assert await token.functions.balanceOf(seller).call() == (n - 1) * 1000
+        assert not await txpool(w3)
+    finally:
+        if svc2 is not None:
+            await svc2.stop()
+        elif svc.connected.is_set():
+            await svc.stop()
+        await proxy.stop()
+        await contracts.close_provider(w3)
+        stop_anvil(anvil)
