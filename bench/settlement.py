@@ -108,7 +108,7 @@ async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: i
     hub_pub, hub_sub = hub.start()
     settings = ChainSettings(site="market", data_dir=tmp / "chain", keys_dir=keys, hub_pub=hub_pub, hub_sub=hub_sub,
                              chain_url=url, chain_bind="tcp://127.0.0.1:*", scrypt_n=2**10, poll_s=0.05,
-                             settle_window_s=0.2, settle_max_batch=100, heartbeat_s=0.2, log_level="WARNING",
+                             settle_window_s=0.2, settle_max_batch=100, heartbeat_s=0.2, log_level=os.environ.get("BENCH_LOG", "WARNING"),
                              confirmation_depth=confirmations)
     ks = Keystore(settings.keystore, scrypt_n=settings.scrypt_n)
     seller, buyer = ks.new(PASS, site="bench").address, ks.new(PASS, site="bench").address  # the bench site's

@@ -306,7 +306,13 @@ class AnvilNode(Node):
         return resp.get("result")
 
     async def mining(self) -> bool:
-        return bool(await self._rpc("anvil_getAutomine", []))
+        """Automine, or interval mining (``--block-time``, evm_setIntervalMining)."""
+        if await self._rpc("anvil_getAutomine", []):
+            return True
+        try:
+            return int(await self._rpc("anvil_getIntervalMining", []) or 0) > 0
+        except TxRejected:  # a node without it (hardhat)
+            return False
 
     async def set_mining(self, on: bool, interval_s: float = 0.0) -> None:
         if on:
