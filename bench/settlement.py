@@ -1,6 +1,6 @@
 """Settlement throughput of the chain service on anvil, against a named baseline.
 
-    .venv/bin/python bench/settlement.py [--trades 40] [--steps 4]
+    .venv/bin/python bench/settlement.py [--trades 40] [--steps 4] [--block-time S] [--confirmations N]
 
 Service: ``trades`` open trades of 1 kWh each; the buyer's meter reports ``steps``
 cumulative deliveries per trade as bus events (published through a real hub); the chain
@@ -8,6 +8,10 @@ service settles them (batched: collected for ``settle_window_s``, then settleBat
 Measured from the first Delivery event published to the last trade settled in full:
 settlements (Settled events) per second, and gas per settled kWh (gas of every settle
 transaction / kWh settled).
+
+``--block-time S`` runs anvil with interval mining (a block every S seconds, as a real
+chain) instead of a block per transaction; ``--confirmations N`` makes the service count
+a transaction final only N blocks deep (default 0, as on any dev chain).
 
 Baseline, same run, same node: as many pre-signed plain Ether transfers as there were
 settlements, sent straight to anvil with eth_sendRawTransaction, until the last receipt.
@@ -57,9 +61,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_anvil() -> tuple[subprocess.Popen[bytes], str]:
+def start_anvil(block_time: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = subprocess.Popen([str(ROOT / "node_modules/.bin/anvil"), "--port", str(port), "--silent"],
+    interval = ["--block-time", f"{block_time:g}"] if block_time else []
+    proc = subprocess.Popen([str(ROOT / "node_modules/.bin/anvil"), "--port", str(port), "--silent", *interval],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -94,8 +99,8 @@ async def baseline(url: str, n: int) -> float:
         await contracts.close_provider(w3)
 
 
-async def run(trades: int, steps: int) -> None:
-    anvil, url = start_anvil()
+async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: int = 0) -> None:
+    anvil, url = start_anvil(block_time)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="gridtrade-bench-"))
     keys = tmp / "keys"
     for site in ("market", "bench"):
@@ -104,7 +109,7 @@ async def run(trades: int, steps: int) -> None:
     hub_pub, hub_sub = hub.start()
     common = dict(keys_dir=keys, hub_pub=hub_pub, hub_sub=hub_sub, chain_url=url, chain_bind="tcp://127.0.0.1:*",
                   scrypt_n=2**10, poll_s=0.05, settle_window_s=0.2, settle_max_batch=100, heartbeat_s=0.2,
-                  log_level="WARNING")
+                  log_level=os.environ.get("BENCH_LOG", "WARNING"), confirmation_depth=confirmations)
     settings = ChainSettings(site="market", data_dir=tmp / "chain", **common)  # type: ignore[arg-type]
     ks = Keystore(tmp / "bench" / "keystore", scrypt_n=settings.scrypt_n)  # the bench site's wallet
     seller, buyer = ks.new(PASS, site="bench").address, ks.new(PASS, site="bench").address
@@ -191,7 +196,9 @@ async def run(trades: int, steps: int) -> None:
 
     svc_rate = len(settled) / elapsed
     base_rate = len(settled) / base
-    print(f"trades: {trades} x 1 kWh, {steps} delivery readings each ({trades * steps} Delivery events)")
+    mining = f"a block every {block_time:g} s" if block_time else "a block per transaction"
+    print(f"trades: {trades} x 1 kWh, {steps} delivery readings each ({trades * steps} Delivery events); "
+          f"anvil: {mining}; final at depth {confirmations}")
     print(f"service:  {len(settled)} settlements in {settle_txs} settle transactions, {elapsed:.2f} s "
           f"-> {svc_rate:.1f} settlements/s, {kwh / elapsed:.2f} kWh/s")
     print(f"          gas per settled kWh: {settle_gas / kwh:,.0f} (settle gas {settle_gas:,} for {kwh:.0f} kWh)")
@@ -205,8 +212,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trades", type=int, default=40)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--block-time", type=float, default=0.0, help="interval mining: seconds per block (0: automine)")
+    p.add_argument("--confirmations", type=int, default=0, help="blocks on top before a transaction is final")
     a = p.parse_args()
-    asyncio.run(run(a.trades, a.steps))
+    asyncio.run(run(a.trades, a.steps, a.block_time, a.confirmations))
 
 
 if __name__ == "__main__":

@@ -179,7 +179,18 @@ class TxInfo(Reply):
     ref: str = ""
     account: Address
     status: TxStatus
-    reason: str = ""
+    reason: str = Field(default="", description="why it failed; while open, the latest thing that happened to it "
+                                                "(a refusal, a fee raise, a reorg)")
+    state: Literal["pending", "replaced", "mined", "confirmed", "failed"] = Field(
+        default="pending", description="pending: sent, not in a block; replaced: a new version with higher fees "
+                                       "(or a no-op filling its nonce) is out; mined: in a block, not yet deep enough; "
+                                       "then final")
+    nonce: int | None = None
+    current_hash: str = Field(default="", description="the version now out (tx_hash is the first one's)")
+    block: int | None = None
+    depth: int | None = Field(default=None, description="blocks on top of its block (None: not mined)")
+    depth_required: int = Field(default=0, description="blocks on top before it counts as final")
+    attempts: int = 1
 
 
 class Pending(Reply):
@@ -192,6 +203,8 @@ class ListPending(Request):
     Reply: ClassVar[type[Reply]] = Pending
     READ_ONLY: ClassVar[bool] = True
     account: Address | None = None
+    recent_s: float = Field(default=0.0, ge=0, le=86400,
+                            description="also the transactions that became final in the last recent_s seconds")
 
 
 # --- auction --------------------------------------------------------------------------

@@ -353,6 +353,8 @@ class TxUpdate(Message):
     status: TxStatus
     block: int | None = None
     reason: str = ""
+    mined_hash: str = Field(default="", description="the hash actually mined, when fees were raised by a new "
+                                                    "version (same nonce) or its nonce was filled by a no-op")
 
 
 @event
@@ -452,3 +454,5 @@ class WalletTx(Message):
     status: TxStatus
     block: int | None = None
     reason: str = ""
+    mined_hash: str = Field(default="", description="the hash actually mined, when fees were raised by a new "
+                                                    "version (same nonce) or its nonce was filled by a no-op")

@@ -62,6 +62,22 @@ class ChainSettings(BusSettings):
                                   description="re-send a pending transaction the node does not know after this")
     backoff_max_s: float = Field(default=10.0, gt=0, description="cap of the reconnect backoff")
     gas_margin: float = Field(default=1.25, ge=1.0, description="gas limit = estimate x this")
+    confirmation_depth: int | None = Field(
+        default=None, ge=0, le=1000,
+        description="blocks on top of a transaction's block before it (a payment, a mint, a trade state) counts as "
+                    "final and is published; default: 0 on dev chains (embedded, anvil), 12 on any other node")
+    replace_after_s: float = Field(
+        default=30.0, gt=0, description="a transaction not mined this long while blocks go by (or whose max fee is "
+                                        "below the base fee) is replaced: same nonce, fees raised by at least "
+                                        "fee_bump, within fee_cap_gwei")
+    fee_bump: float = Field(default=0.125, ge=0.1, le=10.0,
+                            description="least raise of a replacement's fees (geth wants 10 %, others 12.5 %)")
+    fee_cap_gwei: float = Field(default=500.0, gt=0, description="most max fee (or gas price) per gas ever signed")
+    priority_fee_gwei: float = Field(default=1.0, ge=0,
+                                     description="least tip per gas (recent blocks' median tip if higher)")
+    rpc_timeout_s: float = Field(default=10.0, gt=0, description="one JSON-RPC call's time limit")
+    rpc_retries: int = Field(default=4, ge=0, le=20, description="retries of a JSON-RPC call that timed out, was "
+                                                                "rate limited or lost its connection (with backoff)")
     block_interval_s: float = Field(default=0.0, ge=0,
                                     description="dev chains: mine a block this often when mining is on (0: per tx)")
 

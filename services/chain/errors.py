@@ -39,3 +39,12 @@ class TxRejected(ChainError, ValueError):
 
 class NotSupported(ChainError, NotImplementedError):
     """This chain does not support what was asked (e.g. mining control)."""
+
+
+class RateLimited(ChainUnavailable):
+    """The node (or the provider in front of it) asked us to slow down: HTTP 429 or a
+    JSON-RPC 'limit exceeded' error. Retried with backoff; never a refusal."""
+
+
+class RpcTimeout(ChainUnavailable):
+    """The node did not answer in time. Retried with backoff; never a refusal."""

@@ -3,7 +3,12 @@
 ``Node`` hides what differs between backends: how a raw transaction is sent, whether
 the node knows a hash, mining control, the prefunded dev account, and how errors look.
 Every call that cannot reach the node raises :class:`ChainUnavailable`; a node that
-refuses a transaction raises :class:`TxRejected` with its reason.
+refuses a transaction raises :class:`TxRejected` with its reason. Over HTTP, a rate limit
+(HTTP 429, JSON-RPC -32005 or a 'rate limit' / 'limit exceeded' message), a 5xx answer,
+a dropped connection and a timeout are retried with backoff by the provider
+(:class:`RetryingHTTPProvider`) and, if they persist, raised as :class:`RateLimited` /
+:class:`RpcTimeout` / :class:`ChainUnavailable`: never as a refusal. :func:`refusal`
+sorts a refusal's reason into what the transaction manager does about it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +29,7 @@ from eth_utils.exceptions import ValidationError as EthValidationError
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
 from web3.exceptions import (
+    BlockNotFound,
     ContractLogicError,
     ProviderConnectionError,
     TimeExhausted,
@@ -31,7 +39,7 @@ from web3.exceptions import (
 from web3.providers import AsyncHTTPProvider
 
 from .contracts import close_provider, revert_reason
-from .errors import ChainUnavailable, NotSupported, TxRejected
+from .errors import ChainUnavailable, NotSupported, RateLimited, RpcTimeout, TxRejected
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,50 @@ ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2f
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError, aiohttp.ClientError, asyncio.TimeoutError, ProviderConnectionError, TimeExhausted,
 )
+
+
+def is_transient(err: Any) -> str | None:
+    """'rate_limit' or 'timeout' if a JSON-RPC error object says "slow down" or "try again"
+    (not a verdict on the request); else None."""
+    if not isinstance(err, dict):
+        return None
+    code, msg = err.get("code"), str(err.get("message", "")).lower()
+    if code in (-32005, 429) or "rate limit" in msg or "ratelimit" in msg or "too many requests" in msg \
+            or ("limit exceeded" in msg and "gas limit" not in msg) or "exceeded the quota" in msg \
+            or "capacity exceeded" in msg or "request limit" in msg:
+        return "rate_limit"
+    if "timeout" in msg or "timed out" in msg or "try again later" in msg or "temporarily unavailable" in msg:
+        return "timeout"
+    return None
+
+
+def refusal(reason: str) -> str:
+    """What a node's refusal of a raw transaction means for its sender:
+
+    - ``known``: the node has it already (fine);
+    - ``nonce_low``: the nonce is used (by this transaction mined, or by another one);
+    - ``nonce_high``: a nonce before it is missing at the node (fill the gap first);
+    - ``replacement``: one with this nonce is pooled and pays more (pay more still);
+    - ``fee``: the fees are too low for the node now (re-sign with current fees);
+    - ``funds``: the account cannot pay for it;
+    - ``other``: refused for good (fill its nonce with a no-op)."""
+    low = reason.lower()
+    if any(k in low for k in ("already known", "known transaction", "already imported", "alreadyknown",
+                              "already in mempool", "already exists")):
+        return "known"
+    if any(k in low for k in ("nonce too low", "nonce is too low", "already been used", "old nonce")):
+        return "nonce_low"
+    if any(k in low for k in ("nonce too high", "nonce gap", "future nonce")):
+        return "nonce_high"
+    if "replacement" in low and ("underpriced" in low or "too low" in low) or "could not replace" in low:
+        return "replacement"
+    if any(k in low for k in ("underpriced", "base fee", "basefee", "fee too low", "gas price too low",
+                              "gasprice too low", "tip too low", "priority fee", "fee cap", "feecap",
+                              "below minimum", "min gas price", "minimum gas price", "gas price below")):
+        return "fee"
+    if any(k in low for k in ("insufficient funds", "enough balance", "insufficient balance")):
+        return "funds"
+    return "other"
 
 
 def _reason(e: BaseException) -> str:
@@ -72,7 +124,60 @@ async def guard() -> AsyncIterator[None]:
     except TransactionNotFound:
         raise
     except Web3RPCError as e:
+        err = e.rpc_response.get("error") if isinstance(e.rpc_response, dict) else None
+        cause = is_transient(err)
+        if cause == "rate_limit":
+            raise RateLimited(f"chain node rate limit: {_reason(e)}") from e
+        if cause == "timeout":
+            raise RpcTimeout(f"chain node timeout: {_reason(e)}") from e
         raise TxRejected(_reason(e)) from e
+
+
+class RetryingHTTPProvider(AsyncHTTPProvider):
+    """web3's HTTP provider, with what a public node or an RPC provider does told apart
+    from a refusal: a timeout, a dropped connection, HTTP 429/5xx and JSON-RPC rate-limit
+    errors are retried ``retries`` times with exponential backoff (and jitter), then
+    raised as RateLimited / RpcTimeout / ChainUnavailable. A node that is not listening
+    at all is not retried here (the service's supervisor reconnects with backoff).
+    ``transient`` counts the retried causes."""
+
+    def __init__(self, url: str, *, timeout_s: float = 10.0, retries: int = 4, backoff_s: float = 0.2) -> None:
+        super().__init__(url, request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},
+                         exception_retry_configuration=None)
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.transient: Counter[str] = Counter()
+
+    async def make_request(self, method: Any, params: Any) -> Any:
+        data = self.encode_rpc_request(method, params)
+        cause, detail = "transport", ""
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self.decode_rpc_response(await self._make_request(method, data))
+            except aiohttp.ClientResponseError as e:
+                if e.status != 429 and e.status < 500:
+                    raise ChainUnavailable(f"chain node answered HTTP {e.status} to {method}") from e
+                cause, detail = ("rate_limit" if e.status == 429 else "transport"), f"HTTP {e.status}"
+            except aiohttp.ClientConnectorError:
+                raise  # nobody listening: the supervisor's backoff, not ours
+            except asyncio.TimeoutError:
+                cause, detail = "timeout", f"no answer within {self.timeout_s} s"
+            except (aiohttp.ClientError, OSError) as e:
+                cause, detail = "transport", type(e).__name__
+            else:
+                err = resp.get("error") if isinstance(resp, dict) else None
+                transient = is_transient(err)
+                if transient is None:
+                    return resp
+                cause, detail = transient, str(err.get("message", ""))[:200]  # type: ignore[union-attr]
+            self.transient[cause] += 1
+            if attempt < self.retries:
+                await asyncio.sleep(min(self.backoff_s * 2**attempt, 5.0) * (0.75 + random.random() / 2))
+        log.warning("chain node: %s of %s persisted over %d attempts (%s)", cause, method, self.retries + 1, detail)
+        if cause == "rate_limit":
+            raise RateLimited(f"chain node rate limit on {method}: {detail}")
+        if cause == "timeout":
+            raise RpcTimeout(f"chain node timeout on {method}: {detail}")
+        raise ChainUnavailable(f"chain node unreachable on {method}: {detail}")
 
 
 class Node:
@@ -132,6 +237,48 @@ class Node:
         async with guard():
             return int(await self.w3.eth.get_transaction_count(AsyncWeb3.to_checksum_address(address), block))
 
+    async def head(self) -> tuple[int, str]:
+        """The latest block's number and hash."""
+        async with guard():
+            b = await self.w3.eth.get_block("latest")
+        return int(b["number"]), HexBytes(b["hash"]).to_0x_hex()
+
+    async def block_hash(self, number: int) -> str | None:
+        async with guard():
+            try:
+                b = await self.w3.eth.get_block(number)
+            except BlockNotFound:
+                return None
+        return None if b is None else HexBytes(b["hash"]).to_0x_hex()
+
+    async def fee_market(self, blocks: int = 10, percentile: float = 50.0) -> tuple[int | None, int | None]:
+        """(the next block's base fee, or None on a chain without EIP-1559; the median tip
+        paid in recent blocks, or None if the node does not say), from eth_feeHistory,
+        else from the latest block."""
+        try:
+            async with guard():
+                h = await self.w3.eth.fee_history(blocks, "latest", [percentile])
+            bases = [int(x) for x in h.get("baseFeePerGas") or []]
+            if bases:
+                tips = sorted(int(r[0]) for r in h.get("reward") or [] if r)
+                tip = tips[len(tips) // 2] if tips else None
+                return (bases[-1] if any(bases) else None), tip
+        except (TxRejected, NotSupported, ValueError):  # no eth_feeHistory here: the latest block
+            pass
+        async with guard():
+            block = await self.w3.eth.get_block("latest")
+        base = block.get("baseFeePerGas")
+        return (None if base is None else int(base)), None
+
+    async def gas_price(self) -> int:
+        async with guard():
+            return int(await self.w3.eth.gas_price)
+
+    @property
+    def transient(self) -> dict[str, int]:
+        """Retried transport errors, rate limits and timeouts, by cause."""
+        return dict(getattr(self.w3.provider, "transient", {}))
+
     # mining ---------------------------------------------------------------------------
 
     supports_mining = False
@@ -159,7 +306,13 @@ class AnvilNode(Node):
         return resp.get("result")
 
     async def mining(self) -> bool:
-        return bool(await self._rpc("anvil_getAutomine", []))
+        """Automine, or interval mining (``--block-time``, evm_setIntervalMining)."""
+        if await self._rpc("anvil_getAutomine", []):
+            return True
+        try:
+            return int(await self._rpc("anvil_getIntervalMining", []) or 0) > 0
+        except TxRejected:  # a node without it (hardhat)
+            return False
 
     async def set_mining(self, on: bool, interval_s: float = 0.0) -> None:
         if on:
@@ -299,7 +452,7 @@ class EmbeddedNode(Node):
 _SHARED: dict[str, EmbeddedNode] = {}
 
 
-async def connect(url: str, *, timeout_s: float = 10.0) -> Node:
+async def connect(url: str, *, timeout_s: float = 10.0, retries: int = 4) -> Node:
     """Build the node for ``url`` ('embedded' or an http(s)/ws(s) URL) and reach it once.
 
     Raises ChainUnavailable when an RPC node cannot be reached (the caller retries).
@@ -318,8 +471,7 @@ async def connect(url: str, *, timeout_s: float = 10.0) -> Node:
             _SHARED[url] = node
         return node
     if url.startswith(("http://", "https://")):
-        w3 = AsyncWeb3(AsyncHTTPProvider(url, request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},
-                                          exception_retry_configuration=None))
+        w3 = AsyncWeb3(RetryingHTTPProvider(url, timeout_s=timeout_s, retries=retries))
     elif url.startswith(("ws://", "wss://")):
         from web3.providers.persistent import WebSocketProvider
 

@@ -118,6 +118,8 @@ class OperatorService(ChainBase):
         """Announce the deployment (once per deployment: a wallet that starts later gets it
         replayed from the outbox); fund the claimed accounts on a dev chain."""
         assert self.node is not None and self.dep is not None and self.operator is not None
+        assert self.txm is not None
+        await self.txm.fill_gaps(self.operator.address)
         if ledger.get_meta(self.store.conn, "announced") != self.chain_key:
             chain_id, genesis = await self.node.identity()
             deployment = ledger.get_meta(self.store.conn, "deployment") or "attached"
@@ -128,6 +130,12 @@ class OperatorService(ChainBase):
                 ledger.set_meta(conn, "announced", self.chain_key)
         self.work.set()
         log.info("operator %s", self.operator.address)
+
+    def key_of(self, address: str) -> LocalAccount | None:
+        """The operator's key signs its transactions again (fees raised, a nonce filled)."""
+        if self.operator is not None and address.lower() == self.operator.address.lower():
+            return self.operator
+        return None
 
     def _operator_account(self, node: Node) -> LocalAccount:
         s = self.settings
@@ -288,7 +296,7 @@ class OperatorService(ChainBase):
                 continue  # not claimed yet: waits for its site's wallet to announce it
             key = contracts.id32(rid)
             async with guard():
-                done = await self.dep.token.functions.minted(key).call()
+                done = await self.dep.token.functions.minted(key).call(block_identifier=self.txm.final_block)
             async with self.store.atomic() as conn, caused_by(cause):
                 if done:  # minted already (by an earlier run): record it, publish once
                     conn.execute("UPDATE chain_mints SET state = 'done' WHERE reading_id = ?", (rid,))
@@ -322,7 +330,8 @@ class OperatorService(ChainBase):
         """(status, settled Wh) of a trade in the market contract."""
         assert self.dep is not None
         async with guard():
-            t = await self.dep.market.functions.trades(contracts.id32(trade_id)).call()
+            t = await self.dep.market.functions.trades(contracts.id32(trade_id)).call(
+                block_identifier=self.txm.final_block if self.txm else "latest")
         return int(t[2]), int(t[4])
 
     async def _opens(self) -> None:
@@ -548,11 +557,10 @@ class OperatorService(ChainBase):
 
     @_errors
     async def list_pending(self, req: C.ListPending, caller: Caller) -> C.Pending:
-        """The operator's own pending transactions, to the market's site."""
-        rows = ledger.pending_txs(self.store.conn, req.account) if self.is_market(caller) else []
-        return C.Pending(txs=[
-            C.TxInfo(tx_hash=r["tx_hash"], kind=r["kind"], ref=r["ref"], account=r["account"], status="pending")
-            for r in rows])
+        """The operator's own pending transactions (and those final in the last
+        ``recent_s`` seconds), to the market's site."""
+        rows = self.pending_rows(req) if self.is_market(caller) else []
+        return C.Pending(txs=self.pending_infos(rows))
 
 
 try:  # web3's log-processing error policy

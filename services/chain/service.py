@@ -48,6 +48,7 @@ from .errors import (
     TxRejected,
     UnknownAccount,
 )
+from .index import MintedIndex
 from .node import Node, guard
 from .txs import OnFinal, TxManager
 
@@ -104,11 +105,13 @@ class ChainBase(Service):
         self._started = asyncio.Event()
         self.reconnects = 0
         self._reading: dict[tuple[str, int], asyncio.Future[tuple[int, int, int, int, int]]] = {}
-        self._indexing = asyncio.Lock()
-        self._minted: dict[str, int] = {}  # account -> Wh minted to it, complete up to _minted_block
-        self._minted_block = 0
-        self._minted_key = ""
-        self.logs_calls = 0
+        self.minted = MintedIndex(self.store, logs_range=settings.logs_range)  # Wh minted per account
+        self.confirmations = 0  # blocks on top before a transaction counts as final (see attach)
+
+    @property
+    def logs_calls(self) -> int:
+        """eth_getLogs calls of the minted index so far."""
+        return self.minted.calls
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -135,7 +138,9 @@ class ChainBase(Service):
         return {**super().health(), "role": self.role,
                 "chain": self.settings.chain_url if self.settings.chain_url.startswith("embedded") else "rpc",
                 "connected": self.connected.is_set(), "market": self.dep.market_address if self.dep else None,
-                "pending_txs": ledger.count_pending(self.store.conn)}
+                "pending_txs": ledger.count_pending(self.store.conn), "confirmations": self.confirmations,
+                "tx_events": dict(self.txm.stats) if self.txm else {},
+                "rpc_retried": self.node.transient if self.node else {}}
 
     async def publish(self, body: E.Message) -> Any:
         assert self.pub is not None
@@ -159,6 +164,12 @@ class ChainBase(Service):
     async def attached(self) -> None:
         """Runs once the contracts and the transaction manager are ready."""
 
+    def key_of(self, address: str) -> Any:
+        """The key to sign one of this role's transactions again with (fees raised, a nonce
+        filled), or None while it is not at hand (a locked wallet account: the transaction
+        waits for its unlock)."""
+        return None
+
     def workers(self) -> list[tuple[Callable[[], Awaitable[None]], float, asyncio.Event]]:
         """(step, every, wake) of the role's background work while connected."""
         return []
@@ -174,7 +185,8 @@ class ChainBase(Service):
         while True:
             try:
                 if self.node is None:
-                    self.node = await node_mod.connect(self.settings.chain_url)
+                    self.node = await node_mod.connect(self.settings.chain_url, timeout_s=self.settings.rpc_timeout_s,
+                                                       retries=self.settings.rpc_retries)
                 else:
                     await self.node.probe()
                 await self.attach()
@@ -254,12 +266,19 @@ class ChainBase(Service):
         self.dep = contracts.attach(node.w3, token, market)
         self.chain_id = chain_id
         self.chain_key = f"{ident}:{market.lower()}:{deployment}"  # a redeploy starts a new key
+        self.confirmations = (s.confirmation_depth if s.confirmation_depth is not None
+                              else 0 if node.kind in ("embedded", "anvil") else 12)
         if self.txm is None:
             self.txm = TxManager(node, self.store, self.publish, chain=self.chain_key, gas_margin=s.gas_margin,
-                                 resend_after_s=s.resend_after_s, update=self.tx_event())
+                                 resend_after_s=s.resend_after_s, confirmations=self.confirmations,
+                                 replace_after_s=s.replace_after_s, fee_cap_wei=int(s.fee_cap_gwei * 10**9),
+                                 min_tip_wei=int(s.priority_fee_gwei * 10**9), bump=s.fee_bump, signer=self.key_of,
+                                 update=self.tx_event())
             self.txm.on_final.update(self.final_hooks())
         self.txm.chain = self.chain_key
         self.txm.chain_id = chain_id
+        self.txm.confirmations = self.confirmations
+        self.txm.head, _ = await node.head()
         await self.attached()
         log.info("%s: chain %s (%s): token %s, market %s", self.role, ident[:24], node.kind, token, market)
 
@@ -289,7 +308,7 @@ class ChainBase(Service):
         ether, free, locked, credit, tokens = await asyncio.shield(fut)
         await self.index_minted()
         return C.Balances(address=a, ether_wei=ether, escrow_free_wei=free, escrow_locked_wei=locked,
-                          credit_wei=credit, tokens_wh=tokens, generated_wh=self._minted.get(a, 0))
+                          credit_wei=credit, tokens_wh=tokens, generated_wh=self.minted.totals.get(a, 0))
 
     async def _read_balances(self, a: str, block: int) -> tuple[int, int, int, int, int]:
         node, dep, _ = self._ready()
@@ -304,45 +323,33 @@ class ChainBase(Service):
     # --- the minted-token index (public logs) ---------------------------------------------
 
     async def index_minted(self) -> int:
-        """Add the ``Minted`` logs since the last indexed block to each account's generated
-        total, in ranges of at most ``logs_range`` blocks; returns the block indexed up to.
-        A view never scans from the deployment. The totals live in memory with the block
-        they are complete to (a read never waits for the store's writers); ``save_minted``
-        stores both in one transaction, and a restart goes on from the stored block."""
+        """Catch the Wh-minted index up to the head minus the confirmation depth (bounded
+        eth_getLogs ranges from its stored block, reorg-aware: see ``index.MintedIndex``);
+        returns the block it is complete to. A view never scans from the deployment."""
         node, dep, _ = self._ready()
-        async with self._indexing:  # one catch-up at a time; the others then find it done
-            if self._minted_key != self.chain_key:  # first use on this chain: from what is stored
-                conn = self.store.conn
-                self._minted = dict(conn.execute("SELECT account, wh FROM chain_generated WHERE chain = ?",
-                                                 (self.chain_key,)).fetchall())
-                self._minted_block = int(ledger.get_meta(conn, f"minted_block:{self.chain_key}")
-                                         or self.deploy_block - 1)
-                self._minted_key = self.chain_key
-            async with guard():
-                head = int(await node.w3.eth.block_number)
-            while self._minted_block < head:
-                upto = min(head, self._minted_block + self.settings.logs_range)
-                async with guard():
-                    logs = await dep.token.events.Minted().get_logs(from_block=self._minted_block + 1, to_block=upto)
-                self.logs_calls += 1
-                for ev in logs:
-                    to = str(ev["args"]["to"])
-                    self._minted[to] = self._minted.get(to, 0) + int(ev["args"]["amountWh"])
-                self._minted_block = upto
-            return self._minted_block
+        return await self.minted.catch_up(node, dep.token, key=self.chain_key, deploy_block=self.deploy_block,
+                                          depth=self.confirmations)
 
     async def save_minted(self) -> None:
         """Catch the generated totals up and store them with their block."""
         await self.index_minted()
-        async with self._indexing:
-            key, block, totals = self._minted_key, self._minted_block, dict(self._minted)
-        if ledger.get_meta(self.store.conn, f"minted_block:{key}") == str(block):
-            return
-        async with self.store.atomic() as conn:
-            conn.executemany("INSERT INTO chain_generated (chain, account, wh) VALUES (?, ?, ?) "
-                             "ON CONFLICT (chain, account) DO UPDATE SET wh = excluded.wh",
-                             [(key, a, wh) for a, wh in totals.items()])
-            ledger.set_meta(conn, f"minted_block:{key}", str(block))
+        await self.minted.save()
+
+    def pending_infos(self, rows: list[dict[str, Any]]) -> list[C.TxInfo]:
+        """``TxInfo`` of chain_txs rows: open ones as pending (with their state, nonce,
+        current hash, depth, attempts), recently final ones with their outcome."""
+        describe = self.txm.describe if self.txm is not None else (lambda r: {})
+        return [C.TxInfo(tx_hash=r["tx_hash"], kind=r["kind"], ref=r["ref"], account=r["account"],
+                         status=r["status"] if r["status"] in ("confirmed", "failed") else "pending", **describe(r))
+                for r in rows]
+
+    def pending_rows(self, req: C.ListPending) -> list[dict[str, Any]]:
+        """The open transactions (of one account, or all), plus those final in the last
+        ``recent_s`` seconds."""
+        rows = ledger.pending_txs(self.store.conn, req.account)
+        if req.recent_s:
+            rows += ledger.recent_txs(self.store.conn, time.time() - req.recent_s, req.account)
+        return rows
 
     async def mining_status(self, controllable: bool) -> C.Mining:
         node, _, _ = self._ready()

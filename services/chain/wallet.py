@@ -102,6 +102,13 @@ class WalletService(ChainBase):
 
         return wallet_tx
 
+    def key_of(self, address: str) -> LocalAccount | None:
+        """An unlocked account's key, to sign its stuck transaction again (fees raised, a
+        nonce filled); None while it is locked: the transaction waits for its unlock."""
+        if not any(kf.address.lower() == address.lower() for kf in self.accounts()):
+            return None
+        return self.sessions.account(address) if self.sessions.is_unlocked(address) else None
+
     # --- the contracts, from the operator's announcement ------------------------------------
 
     def on_deployment(self, env: Any, conn: Any) -> None:
@@ -235,6 +242,8 @@ class WalletService(ChainBase):
         session = self.sessions.unlock(key, req.ttl_s)
         del key
         log.info("unlocked %s for %.0fs", session.address, req.ttl_s)
+        if self.txm is not None:
+            self.txm.wake.set()  # a stuck transaction of this account may wait for its key
         return C.Unlocked(address=session.address, expires_at=session.expires_at)
 
     @_errors
@@ -331,13 +340,11 @@ class WalletService(ChainBase):
 
     @_errors
     async def list_pending(self, req: C.ListPending, caller: Caller) -> C.Pending:
-        """This site's pending transactions (of one of its accounts, or all)."""
+        """This site's pending transactions (of one of its accounts, or all), and those
+        final in the last ``recent_s`` seconds."""
         if req.account is not None:
             self._account(caller, req.account)
         else:
             self._own_site(caller)
-        rows = ledger.pending_txs(self.store.conn, req.account)
-        return C.Pending(txs=[
-            C.TxInfo(tx_hash=r["tx_hash"], kind=r["kind"], ref=r["ref"], account=r["account"], status="pending")
-            for r in rows])
+        return C.Pending(txs=self.pending_infos(self.pending_rows(req)))
 

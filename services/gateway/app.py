@@ -406,7 +406,9 @@ class Gateway:
 
     async def _pending(self, address: str) -> list[m.TxOut]:
         reply: cmd.Pending = await self.ask_chain(cmd.ListPending(account=address))
-        return [m.TxOut(tx_hash=t.tx_hash, kind=t.kind, ref=t.ref, status=t.status) for t in reply.txs]
+        return [m.TxOut(tx_hash=t.tx_hash, kind=t.kind, ref=t.ref, status=t.status, state=t.state, reason=t.reason,
+                        nonce=t.nonce, current_hash=t.current_hash, depth=t.depth, depth_required=t.depth_required)
+                for t in reply.txs]
 
     async def wallet(self, request: web.Request, session: Session) -> m.WalletOut:
         bal, pending, unlocked = await asyncio.gather(self.ask_chain(cmd.GetBalances(address=session.address)),

@@ -195,6 +195,12 @@ class TxOut(Out):
     kind: str = ""
     ref: str = ""
     status: Literal["pending", "confirmed", "failed"] = "pending"
+    state: Literal["pending", "replaced", "mined", "confirmed", "failed"] = "pending"
+    reason: str = ""
+    nonce: int | None = None
+    current_hash: str = ""
+    depth: int | None = None
+    depth_required: int = 0
 
 
 class WalletOut(Out):
