@@ -98,10 +98,10 @@ async def test_an_expired_session_is_refused_after_a_restart_and_pruned(stack: S
 
 @pytest.fixture
 def wallet_grid(tmp_path: pathlib.Path) -> Iterator[RealStack]:
-    """Its own small grid (anvil, hub, chain service): the chain service is restarted here, and
-    on anvil the chain outlives it (the package's embedded chain would start afresh)."""
+    """Its own small grid (anvil, hub, the operator, home-7's wallet): the wallet is restarted
+    here, and on anvil the chain outlives it."""
     grid = RealStack(tmp_path / "grid", chain_url="anvil", time_scale=1440,
-                     only=("anvil", "hub", "chain"), extra_accounts=[("third", "home-7 third")], scrypt_n=2**10,
+                     only=("anvil", "hub", "chain", "wallet-home-7"), extra_accounts=[("third", "home-7 third")], scrypt_n=2**10,
                      env={"GRIDTRADE_HEARTBEAT_S": "0.5"})
     grid.start()
     try:
@@ -128,10 +128,10 @@ async def test_after_the_wallet_restarts_actions_answer_locked_until_the_passphr
                 assert r.status == 202, await r.text()
 
             # the wallet restarts: it held the unlocked key in memory only
-            grid.terminate("chain")
-            grid.spawn("chain")
-            await grid.until("the restarted chain service to be healthy",
-                             lambda: (grid.health("chain") or {}).get("market"), timeout=90)
+            grid.terminate("wallet-home-7")
+            grid.spawn("wallet-home-7")
+            await grid.until("the restarted wallet to be healthy",
+                             lambda: (grid.health("wallet-home-7") or {}).get("market"), timeout=90)
 
             async def answer() -> tuple[int, str] | None:
                 async with h.post(base + "/api/escrow/deposit", json=deposit) as r:
