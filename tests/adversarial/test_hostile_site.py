@@ -94,9 +94,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         chain = g.chain
         producer, consumer = g.producer, g.consumer
         # each site's wallet (probe's too) has announced its account's claim to the operator
-        g.wait("the operator to know every site's account", lambda: {
-            a: ok(g.requests(MARKET, "chain", req("chain.balances", address=a)))[0]["result"]["site"]
-            for a in (producer.address, consumer.address, g.probe_account)} == {
+        g.wait("the operator to know every site's account", lambda: dict(g.rows(
+            chain, "chain", "SELECT address, site FROM account_claims")) == {
             producer.address: SOLAR, consumer.address: HOME, g.probe_account: PROBE}, timeout=60)
         # the producer's sunny morning mints its first kWh
         g.wait("the producer's first mint", lambda: g.rows(
@@ -481,19 +480,21 @@ def test_a_site_cannot_claim_another_sites_account_or_forge_its_wallet_txs(world
     home_claim = next(kf.claim for kf in Keystore(data / HOME / "keystore").list() if kf.address == world.consumer)
     probe_claim = next(kf.claim for kf in Keystore(data / PROBE / "keystore").list() if kf.address == world.probe)
     nobody = "0x" + "42" * 20  # an address nobody claimed
+    # (a source of its own: the seqs of probe/wallet are its real wallet's)
+    forger = f"{PROBE}/forger"
     claims = [
         # home-7's genuine claim of its own account, replayed in home-7's name: dropped at the hub
         ev("wallet.account", f"{HOME}/wallet", site=HOME, address=world.consumer, signature=home_claim),
         # the same under its own topic: the body names another site (policy)
-        ev("wallet.account", f"{PROBE}/wallet", site=HOME, address=world.consumer, signature=home_claim),
+        ev("wallet.account", forger, site=HOME, address=world.consumer, signature=home_claim),
         # in its own name, another site's account, with that site's signature (of another text)
-        ev("wallet.account", f"{PROBE}/wallet", site=PROBE, address=world.consumer, signature=home_claim),
+        ev("wallet.account", forger, site=PROBE, address=world.consumer, signature=home_claim),
         # ... with its own account key's signature (of its own address)
-        ev("wallet.account", f"{PROBE}/wallet", site=PROBE, address=world.producer, signature=probe_claim),
+        ev("wallet.account", forger, site=PROBE, address=world.producer, signature=probe_claim),
         # ... a signature that is nobody's
-        ev("wallet.account", f"{PROBE}/wallet", site=PROBE, address=world.producer, signature="0x" + "11" * 65),
+        ev("wallet.account", forger, site=PROBE, address=world.producer, signature="0x" + "11" * 65),
         # an address nobody claimed yet, with a signature not of its key
-        ev("wallet.account", f"{PROBE}/wallet", site=PROBE, address=nobody, signature=probe_claim),
+        ev("wallet.account", forger, site=PROBE, address=nobody, signature=probe_claim),
     ]
     fake_tx = dict(tx_hash="0x" + "ab" * 32, kind="deposit", ref=str(10**18), account=world.consumer,
                    status="confirmed", block=1)
@@ -501,7 +502,7 @@ def test_a_site_cannot_claim_another_sites_account_or_forge_its_wallet_txs(world
         # a deposit the consumer never made, shown in its wallet: in home-7's name, dropped at the hub
         ev("wallet.tx", f"{HOME}/wallet", site=HOME, **fake_tx),
         # from its own source but under home-7's topic (the one the consumer's gateway takes): the same
-        ev("wallet.tx", f"{PROBE}/wallet", topic_site=HOME, site=HOME, **fake_tx),
+        ev("wallet.tx", forger, topic_site=HOME, site=HOME, **fake_tx),
     ]
     out = g.hostile("publish", {"frames": [*claims, *txs]})
     # (under its own topic a wallet.tx reaches nobody: a gateway takes its own site's only)
