@@ -83,6 +83,7 @@ class AdvGrid:
                  meter_env: dict[str, dict[str, str]] | None = None, insecure: bool = False,
                  only: Iterable[str] | None = None, probe_scrypt_n: int = 2**10, probe_wallet: bool = True) -> None:
         self.root, self.insecure = root, insecure
+        self.wallets: dict[str, launcher.Proc] = {}  # site -> its wallet (once started)
         data = root / "data"
         ensure_keys(data.resolve() / "keys", PROBE)  # on the allow-list before any process reads it
         # probe's own account, in its own keystore, made before the services start (a costlier
@@ -200,7 +201,7 @@ class AdvGrid:
                 "--keys", env["GRIDTRADE_KEYS_DIR"], "--site", site, "--hub-pub", env["GRIDTRADE_HUB_PUB"],
                 "--hub-site", env["GRIDTRADE_HUB_SITE"], "--chain-rpc", env["GRIDTRADE_CHAIN_RPC"],
                 "--auction-rpc", env["GRIDTRADE_AUCTION_RPC"], "--state", str(self.root / f"seqs-{site}.json")]
-        for s, w in getattr(self, "wallets", {}).items():
+        for s, w in self.wallets.items():
             argv += ["--wallet-rpc", f"{s}={w.env['GRIDTRADE_WALLET_RPC']}"]
         return argv + (["--insecure"] if self.insecure else [])
 
