@@ -1,9 +1,13 @@
 """The real grid for the adversarial tests, and the hostile process run against it.
 
-The grid is the processes of ``launcher.plan()`` (without the gateways) started as real
-subprocesses by :class:`~tests.gateway.realstack.RealStack`; a third site ('probe') has
-its own CURVE key on the grid's allow-list and an account of its own. Endpoints, health
-URLs and data folders are all read from the plan, services found by their module.
+The grid is the processes of ``launcher.plan()`` (without the gateways but the
+consumer's) started as real subprocesses by :class:`~tests.gateway.realstack.RealStack`
+on an anvil node: the hub, the market's operator and auction, and per site its wallet and
+meter. A third site ('probe') has its own CURVE key on the grid's allow-list and an
+account in its own keystore (``data/probe/keystore``), served by a wallet of its own
+(``wallet-probe``: the real wallet, run with probe's key, as any site with valid keys
+could run it). Endpoints, health URLs and data folders are all read from the plan,
+services found by their module (and a chain service's role).
 
 :meth:`AdvGrid.hostile` runs ``python -m tests.adversarial.hostile`` (a real process with
 one site's key) and returns the JSON it printed; the honest sites' own requests go
@@ -39,9 +43,34 @@ def module_of(p: launcher.Proc) -> str:
     return p.argv[2] if len(p.argv) > 2 and p.argv[1] == "-m" else ""
 
 
+def store_of(p: launcher.Proc) -> str:
+    """The name of a service's store (``<name>.sqlite`` in its data folder) and of its bus
+    source (``<site>/<name>``): a chain service's is its role's (the operator's ``chain``,
+    a site's ``wallet``)."""
+    name = module_of(p).split(".")[1]
+    return "wallet" if name == "chain" and p.env.get("GRIDTRADE_CHAIN_ROLE") == "site" else name
+
+
+def with_probe_wallet(procs: list[launcher.Proc]) -> list[launcher.Proc]:
+    """The plan with a wallet for the probe site (like the producer's, in ``data/probe``,
+    on ports of the plan's block no other process uses), before the gateways."""
+    tpl = next(p for p in procs if p.name == f"wallet-{launcher.PRODUCER}")
+    base = int(tpl.env["GRIDTRADE_HUB_PUB"].rsplit(":", 1)[1])
+    host = tpl.env["GRIDTRADE_METRICS_HOST"]
+    data = pathlib.Path(tpl.env["GRIDTRADE_DATA_DIR"]).parent
+    metrics = base + 40
+    env = {**tpl.env, "GRIDTRADE_SITE": PROBE, "GRIDTRADE_DATA_DIR": str(data / PROBE),
+           "GRIDTRADE_WALLET_RPC": f"tcp://{host}:{base + 14}", "GRIDTRADE_METRICS_PORT": str(metrics)}
+    wallet = launcher.Proc(f"wallet-{PROBE}", list(tpl.argv), env, health_url=f"http://{host}:{metrics}/healthz",
+                           log=data / "logs" / f"wallet-{PROBE}.log")
+    at = next((i for i, p in enumerate(procs) if module_of(p) == "services.gateway"), len(procs))
+    return [*procs[:at], wallet, *procs[at:]]
+
+
 def grid_processes(root: pathlib.Path) -> list[str]:
-    """The plan's hub, chain, auction and meter processes (and a chain node if any), and the
-    consumer's gateway (the wallet that would show forged market events), by name."""
+    """The plan's hub, operator, auction, wallet and meter processes (and a chain node if
+    any), and the consumer's gateway (the wallet that would show forged market events), by
+    name."""
     plan = launcher.plan(launcher.Options(data=root))
     return [p.name for p in plan if module_of(p) in SERVICE_MODULES and p.argv[3:4] != ["emulate"]
             or p.name == "anvil" or module_of(p) == "services.gateway" and p.env["GRIDTRADE_SITE"] == launcher.CONSUMER]
@@ -52,22 +81,29 @@ class AdvGrid:
 
     def __init__(self, root: pathlib.Path, *, env: dict[str, str] | None = None,
                  meter_env: dict[str, dict[str, str]] | None = None, insecure: bool = False,
-                 only: Iterable[str] | None = None, probe_scrypt_n: int = 2**10) -> None:
+                 only: Iterable[str] | None = None, probe_scrypt_n: int = 2**10, probe_wallet: bool = True) -> None:
         self.root, self.insecure = root, insecure
+        self.wallets: dict[str, launcher.Proc] = {}  # site -> its wallet (once started)
         data = root / "data"
         ensure_keys(data.resolve() / "keys", PROBE)  # on the allow-list before any process reads it
-        # probe's own account, made before the services start (a costlier scrypt than the
-        # others', so the unlock test can tell a throttled reply from one that ran scrypt)
-        ks = Keystore(data.resolve() / launcher.MARKET / "keystore", scrypt_n=probe_scrypt_n)
+        # probe's own account, in its own keystore, made before the services start (a costlier
+        # scrypt than the others', so the unlock test can tell a throttled reply from one
+        # that ran scrypt); its wallet announces its claim
+        ks = Keystore(launcher.keystore_of(data.resolve(), PROBE), scrypt_n=probe_scrypt_n)
         self.probe_account = ks.new(PROBE_PASS, name="probe own", site=PROBE).address
-        self.stack = RealStack(root, chain_url="embedded", time_scale=1440, env=env, meter_env=meter_env,
-                               only=list(only) if only is not None else grid_processes(root), scrypt_n=2**10)
+        names = list(only) if only is not None else grid_processes(root)
+        if probe_wallet:
+            names.append(f"wallet-{PROBE}")
+        self.stack = RealStack(root, chain_url="anvil", time_scale=1440, env=env, meter_env=meter_env, only=names,
+                               scrypt_n=2**10, add_procs=with_probe_wallet if probe_wallet else None)
 
     def start(self) -> AdvGrid:
         self.stack.start()
         s = self.stack
         self.hub = self.by_module("services.bus")
-        self.chain = self.by_module("services.chain", site=launcher.MARKET)
+        self.chain = self.by_module("services.chain", site=launcher.MARKET)  # the operator
+        self.wallets = {p.env["GRIDTRADE_SITE"]: p for p in s.procs if module_of(p) == "services.chain"
+                        and store_of(p) == "wallet" and p.name in s.children}
         self.auction = self.by_module("services.auction") if any(
             module_of(p) == "services.auction" and p.name in s.children for p in s.procs) else None
         self.meters = {p.env["GRIDTRADE_SITE"]: p for p in s.procs
@@ -95,6 +131,8 @@ class AdvGrid:
         return h
 
     def db(self, p: launcher.Proc, name: str) -> sqlite3.Connection:
+        """The store ``<name>.sqlite`` in ``p``'s data folder (the operator's ``chain``, a
+        wallet's ``wallet``, see :func:`store_of`)."""
         path = pathlib.Path(p.env["GRIDTRADE_DATA_DIR"]) / f"{name}.sqlite"
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
 
@@ -114,8 +152,9 @@ class AdvGrid:
 
     def counts(self) -> dict[str, Counter[str]]:
         """Every count of refused input: the hub's drops by cause/site, each subscriber's
-        drops by cause, the chain service's refusals (``refused:<site>``, ``unlocks_throttled``,
-        ``mints_refused:<site>``), the meters' (``deliveries_refused:<site>``)."""
+        drops by cause, each wallet's refusals (``refused:<site>``, ``unlocks_throttled``), the
+        operator's (``mints_refused:<site>``, ``claims_refused:<cause>``), the meters'
+        (``deliveries_refused:<site>``)."""
         out: dict[str, Counter[str]] = {self.hub.name: Counter(self.health(self.hub)["hub_dropped"])}
         for p in self.subscribers():
             h = self.health(p)
@@ -126,6 +165,8 @@ class AdvGrid:
                 c["unlocks_throttled"] = h["unlocks_throttled"]
             for site, n in h.get("mints_refused", {}).items():
                 c[f"mints_refused:{site}"] = n
+            for cause, n in h.get("claims_refused", {}).items():
+                c[f"claims_refused:{cause}"] = n
             for site, n in h.get("deliveries_refused", {}).items():
                 c[f"deliveries_refused:{site}"] = n
             out[p.name] = c
@@ -160,6 +201,8 @@ class AdvGrid:
                 "--keys", env["GRIDTRADE_KEYS_DIR"], "--site", site, "--hub-pub", env["GRIDTRADE_HUB_PUB"],
                 "--hub-site", env["GRIDTRADE_HUB_SITE"], "--chain-rpc", env["GRIDTRADE_CHAIN_RPC"],
                 "--auction-rpc", env["GRIDTRADE_AUCTION_RPC"], "--state", str(self.root / f"seqs-{site}.json")]
+        for s, w in self.wallets.items():
+            argv += ["--wallet-rpc", f"{s}={w.env['GRIDTRADE_WALLET_RPC']}"]
         return argv + (["--insecure"] if self.insecure else [])
 
     def _env(self) -> dict[str, str]:
@@ -185,7 +228,8 @@ class AdvGrid:
         return dict(json.loads(out.decode().strip().splitlines()[-1]))
 
     def requests(self, site: str, server: str, *reqs: dict[str, Any]) -> list[dict[str, Any]]:
-        """Requests of ``site`` (with its key) to the chain service or the auction."""
+        """Requests of ``site`` (with its key) to the operator (``chain``), the auction or a
+        site's wallet (``wallet:<site>``)."""
         return list(self.hostile("rpc", {"server": server, "requests": list(reqs)}, site=site)["replies"])
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:

@@ -14,7 +14,8 @@ stdout. ``SPEC`` is a JSON object:
   "topic_site"?}`` sends heartbeats for ``seconds``; ``"replay": "silent"`` announces a
   replay endpoint of its own that takes requests and never answers, ``"dead"`` a port
   where nothing listens.
-- ``rpc``: ``{"server": "chain"|"auction", "requests": [{"type", "body"}, ...]}`` sends
+- ``rpc``: ``{"server": "chain"|"auction"|"wallet:<site>", "requests": [{"type", "body"}, ...]}``
+  sends (to the market's operator, the auction or that site's wallet, ``--wallet-rpc``)
   each request in turn; prints each reply's code (or ``ok``) and how long it took. A
   request with ``"retry_on": [codes], "retry_s": s`` is sent again while it is refused with
   one of those codes, for at most ``s`` seconds (a site waiting for its deposit to be mined).
@@ -147,8 +148,12 @@ async def beat(ctx: zmq.asyncio.Context, sec: Security, a: argparse.Namespace, s
 
 async def rpc(ctx: zmq.asyncio.Context, sec: Security, a: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     server = spec["server"]
-    endpoint = a.chain_rpc if server == "chain" else a.auction_rpc
-    client = RpcClient(ctx, sec, endpoint, server_site=a.hub_site, timeout_s=float(spec.get("timeout", 20)))
+    if server.startswith("wallet:"):  # a site's wallet serves with that site's key
+        server_site = server.split(":", 1)[1]
+        endpoint = dict(w.split("=", 1) for w in a.wallet_rpc)[server_site]
+    else:
+        server_site, endpoint = a.hub_site, a.chain_rpc if server == "chain" else a.auction_rpc
+    client = RpcClient(ctx, sec, endpoint, server_site=server_site, timeout_s=float(spec.get("timeout", 20)))
     replies = []
     try:
         for r in spec["requests"]:
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hub-site", default="market")
     p.add_argument("--chain-rpc", default="")
     p.add_argument("--auction-rpc", default="")
+    p.add_argument("--wallet-rpc", action="append", default=[], metavar="SITE=ENDPOINT", help="a site's wallet")
     p.add_argument("--state", type=pathlib.Path, default=None, help="seqs per (source, topic), kept across runs")
     p.add_argument("--insecure", action="store_true", help="no CURVE: no key, no identity")
     a = p.parse_args(argv)

@@ -1,13 +1,15 @@
 """A hostile site with a valid key, as a real process, against the real grid.
 
 'probe' is a third site on the grid's allow-list with its own CURVE key and its own
-account. It runs as ``python -m tests.adversarial.hostile`` against the hub, the chain
-service, the auction, both meters and the consumer's gateway, all started from
-``launcher.plan()``, while a real trade between solar-1 (seller) and home-7 (buyer) is
-delivering. Each forgery changes nothing (no mint queued or sent, no settlement, no trade
-opened or closed, no relay switched, no event of an honest source lost or held up, no
-request acted on for another site's account), and each one is counted by cause where the
-services show their counts (``/healthz``). The honest path goes on in the same grid.
+account in its own wallet. It runs as ``python -m tests.adversarial.hostile`` against the
+hub, the market's operator, the auction, the honest sites' wallets, both meters and the
+consumer's gateway, all started from ``launcher.plan()`` on an anvil node, while a real
+trade between solar-1 (seller) and home-7 (buyer) is delivering. Each forgery changes
+nothing (no mint queued or sent, no settlement, no trade opened or closed, no relay
+switched, no account claimed away from its site, no event of an honest source lost or
+held up, no request acted on for another site's account), and each one is counted by
+cause where the services show their counts (``/healthz``). The honest path goes on in the
+same grid.
 
 One grid for the module; the tests run in order and share it (the trade is closed by the
 last one).
@@ -24,11 +26,13 @@ from typing import Any
 import pytest
 
 from services import launcher
-from services.chain.service import CONSUMED as CHAIN_CONSUMES
+from services.bus import events as E
+from services.chain.keystore import Keystore
+from services.chain.operator import CONSUMED as OPERATOR_CONSUMES
 from services.gateway.feed import PREFIXES as GATEWAY_CONSUMES
 from tests.gateway.realstack import CONSUMER_SITE
 
-from .grid import PROBE, PROBE_PASS, AdvGrid, ev, module_of, req
+from .grid import PROBE, PROBE_PASS, AdvGrid, ev, module_of, req, store_of
 
 SOLAR, HOME, MARKET = launcher.PRODUCER, launcher.CONSUMER, launcher.MARKET
 TRADE_WH, SPARE_WH = 500, 100
@@ -38,13 +42,24 @@ DEPOSIT = 10**17
 # trade is still delivering when the last attack is over
 LINE = {"GRIDTRADE_SIM__LINE_W": "10"}
 
-# what each service's subscriber takes (its prefixes; the chain's and the gateway's from their code)
+# what each kind of service's subscriber takes (its prefixes; the operator's and the
+# gateway's from their code); keyed by store (a chain service's role), see wants()
 WANTS = {
-    "services.chain": tuple(CHAIN_CONSUMES),
-    "services.auction": ("chain.trade_recorded", "chain.trade_closed", "chain.settled", "chain.tx", "meter.delivery"),
-    "services.meter": ("trade.status.", "trade.heartbeat.", "meter.delivery."),
-    "services.gateway": tuple(GATEWAY_CONSUMES),
+    "chain": (*OPERATOR_CONSUMES, E.AccountClaimed.TYPE),  # the market's operator
+    "wallet": (E.Deployment.TYPE,),  # a site's wallet
+    "auction": ("chain.trade_recorded", "chain.trade_closed", "chain.settled", "chain.tx", "meter.delivery"),
+    "meter": ("trade.status.", "trade.heartbeat.", "meter.delivery."),
+    "gateway": tuple(GATEWAY_CONSUMES),
 }
+
+
+def wants(p: Any) -> tuple[str, ...]:
+    """The prefixes ``p``'s subscriber takes (a gateway: also its own site's readings and wallet.tx)."""
+    out = WANTS[store_of(p)]
+    if store_of(p) == "gateway":
+        site = p.env["GRIDTRADE_SITE"]
+        out = (*out, f"{E.MeterReading.TYPE}.{site}", f"{E.WalletTx.TYPE}.{site}")
+    return out
 
 
 @dataclass
@@ -78,17 +93,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         g.start()
         chain = g.chain
         producer, consumer = g.producer, g.consumer
+        # each site's wallet (probe's too) has announced its account's claim to the operator
+        g.wait("the operator to know every site's account", lambda: dict(g.rows(
+            chain, "chain", "SELECT address, site FROM account_claims")) == {
+            producer.address: SOLAR, consumer.address: HOME, g.probe_account: PROBE}, timeout=60)
         # the producer's sunny morning mints its first kWh
         g.wait("the producer's first mint", lambda: g.rows(
             chain, "chain", "SELECT 1 FROM chain_mints WHERE account = ? AND state = 'done'", (producer.address,)),
             timeout=90)
         # the consumer funds escrow; the producer offers (one offer to be won, one left open)
-        ok(g.requests(HOME, "chain", req("chain.unlock", address=consumer.address, passphrase=consumer.passphrase),
+        ok(g.requests(HOME, f"wallet:{HOME}",
+                      req("chain.unlock", address=consumer.address, passphrase=consumer.passphrase),
                       {**req("chain.escrow", account=consumer.address, action="deposit", amount_wei=DEPOSIT),
-                       "retry_on": ["insufficient_funds", "rejected"], "retry_s": 30}))
-        ok(g.requests(SOLAR, "chain", req("chain.unlock", address=producer.address, passphrase=producer.passphrase),
+                       "retry_on": ["insufficient_funds", "rejected", "chain_unavailable"], "retry_s": 30}))
+        ok(g.requests(SOLAR, f"wallet:{SOLAR}",
+                      req("chain.unlock", address=producer.address, passphrase=producer.passphrase),
                       {**req("chain.approve", account=producer.address, wh=TRADE_WH + SPARE_WH),
-                       "retry_on": ["insufficient_funds", "rejected"], "retry_s": 30}))
+                       "retry_on": ["insufficient_funds", "rejected", "chain_unavailable"], "retry_s": 30}))
         offers = ok(g.requests(SOLAR, "auction",
                                req("auction.offer", seller=producer.address, seller_site=SOLAR, wh=TRADE_WH,
                                    start_price_wei_per_kwh=PRICE // 2, duration_s=8),
@@ -113,10 +134,10 @@ def want_counts(g: AdvGrid, events: list[tuple[str, str]]) -> dict[str, dict[str
     service that takes that topic must count."""
     out: dict[str, Counter[str]] = {}
     for p in g.subscribers():
-        wants = WANTS[module_of(p)]
+        prefixes = wants(p)
         for type_, site in events:
             topic = f"{type_}.{site}"
-            if any(topic.startswith(w) for w in wants):
+            if any(topic.startswith(w) for w in prefixes):
                 out.setdefault(p.name, Counter())[f"policy:{type_}"] += 1
     return {k: dict(v) for k, v in out.items()}
 
@@ -169,7 +190,8 @@ def test_a_site_cannot_mint_in_another_sites_name(world: World) -> None:
     mints = g.rows(chain, "chain", "SELECT reading_id, account FROM chain_mints")
     new = set(mints) - set(mints_before)
     assert all(rid.startswith(f"{SOLAR}/") and acct == world.producer for rid, acct in new), new
-    # the one that passed the policy (its own name, another site's account) is refused by the chain service, counted
+    # the one that passed the policy (its own name, an account solar-1's wallet claimed) is refused by the
+    # operator from its claims map, counted
     g.expect_counts(before, {chain.name: {f"mints_refused:{PROBE}": 1}}, timeout=5)
     assert not [m for m in mints if m[0] in {f["body"]["reading_id"] for f in forged}]
     assert not g.rows(chain, "chain", "SELECT 1 FROM chain_txs WHERE kind = 'mint' AND ref NOT LIKE ?", (f"{SOLAR}/%",))
@@ -177,7 +199,8 @@ def test_a_site_cannot_mint_in_another_sites_name(world: World) -> None:
     assert (after["tokens_wh"], after["generated_wh"]) == (probe_before["tokens_wh"], probe_before["generated_wh"]) \
         == (0, 0)
 
-    # its own kWh, to its own account, is its own claim: taken (the key works; the name was the problem)
+    # its own kWh, to its own account (claimed by its own wallet), is its own claim: taken (the key works; the
+    # name was the problem)
     g.hostile("publish", {"frames": [ev("meter.energy_produced", f"{PROBE}/meter", reading_id=f"{PROBE}/main/1",
                                         site=PROBE, meter="main", account=world.probe, kwh_index=1)]})
     g.wait("the probe's own mint", lambda: balances(world, world.probe)["tokens_wh"] == 1000, timeout=30)
@@ -272,7 +295,7 @@ def offsets(w: World, p: Any, name: str) -> dict[tuple[str, str], int]:
 
 
 def db_name(p: Any) -> str:
-    return module_of(p).split(".")[1]
+    return store_of(p)
 
 
 def test_a_heartbeat_offset_jump_and_a_stalled_replay_lose_and_hold_up_nothing(world: World) -> None:
@@ -323,9 +346,9 @@ def test_a_heartbeat_offset_jump_and_a_stalled_replay_lose_and_hold_up_nothing(w
             have = offsets(world, p, db_name(p))
             for (source, topic), seq in have.items():
                 assert seq < 10**9, (p.name, source, topic, seq)
-            for pub in (auction, g.chain, *g.meters.values()):
+            for pub in (auction, g.chain, *g.wallets.values(), *g.meters.values()):
                 for (topic,) in g.rows(pub, db_name(pub), "SELECT DISTINCT topic FROM bus_outbox"):
-                    if not any(topic.startswith(w) for w in WANTS[module_of(p)]) or pub is p:
+                    if not any(topic.startswith(w) for w in wants(p)) or pub is p:
                         continue
                     last = g.rows(pub, db_name(pub), "SELECT MAX(seq) FROM bus_outbox WHERE topic = ?", (topic,))[0][0]
                     source = f"{pub.env['GRIDTRADE_SITE']}/{db_name(pub)}"
@@ -336,7 +359,7 @@ def test_a_heartbeat_offset_jump_and_a_stalled_replay_lose_and_hold_up_nothing(w
     g.wait("every subscriber to have applied what the honest sources published", caught_up, timeout=20)
     stalled = [p.name for p in g.subscribers() if any(
         f"{t}.{PROBE}".startswith(w) for t in ("meter.delivery", "trade.status", "meter.energy_produced",
-                                                "chain.settled", "market.offer_opened") for w in WANTS[module_of(p)])]
+                                                "chain.settled", "market.offer_opened") for w in wants(p))]
     n_jump, n_named = out["jump"]["beats"], out["named"]["beats"]
     # (the probe's own nodes' heartbeats are its own to send: not drops)
     want = merge({g.hub.name: {"site/probe": n_named}},
@@ -354,13 +377,18 @@ def test_a_heartbeat_offset_jump_and_a_stalled_replay_lose_and_hold_up_nothing(w
 def test_a_site_cannot_act_for_another_sites_account(world: World) -> None:
     g, chain = world.g, world.g.chain
     p, c = world.producer, world.consumer
+    honest = {SOLAR: g.wallets[SOLAR], HOME: g.wallets[HOME]}
     before = g.counts()
     txs = "SELECT account, COUNT(*) FROM chain_txs WHERE account IN (?, ?) GROUP BY account"
-    txs_before = g.rows(chain, "chain", txs, (p, c))
     nonces = "SELECT * FROM chain_nonces WHERE account IN (?, ?) ORDER BY account"
-    nonces_before = g.rows(chain, "chain", nonces, (p, c))
+    txs_before = {s: g.rows(w, "wallet", txs, (p, c)) for s, w in honest.items()}
+    nonces_before = {s: g.rows(w, "wallet", nonces, (p, c)) for s, w in honest.items()}
+    op_txs = "SELECT COUNT(*) FROM chain_txs WHERE account != ?"
+    operator = g.health(chain)["operator"]
+    op_txs_before = g.rows(chain, "chain", op_txs, (operator,))
+    limit = 5  # GRIDTRADE_UNLOCK_MAX_FAILURES (the default)
     chain_attacks = [
-        req("chain.unlock", address=p, passphrase="a guess"),
+        *(req("chain.unlock", address=p, passphrase=f"a guess {i}") for i in range(limit + 2)),
         req("chain.unlock", address=c, passphrase=g.consumer.passphrase),  # even the right passphrase
         req("chain.transfer", sender=c, to=world.probe, amount_wei=10**15),
         req("chain.escrow", account=c, action="withdraw", amount_wei=10**15),
@@ -368,10 +396,18 @@ def test_a_site_cannot_act_for_another_sites_account(world: World) -> None:
         req("chain.escrow", account=p, action="withdraw_credit", amount_wei=1),
         req("chain.approve", account=p, wh=1),
         req("chain.lock", address=c),
+        req("chain.accounts"),
+        req("chain.pending", account=c),
     ]
-    replies = g.requests(PROBE, "chain", *chain_attacks)
-    assert [r["code"] for r in replies] == ["not_your_account"] * len(chain_attacks), replies
-    assert all("nothing was done" in r["message"] for r in replies), replies
+    # at each honest site's wallet: refused before any work (no scrypt, no throttle slot), counted
+    for site in honest:
+        replies = g.requests(PROBE, f"wallet:{site}", *chain_attacks)
+        assert [r["code"] for r in replies] == ["not_your_site"] * len(chain_attacks), (site, replies)
+        assert all("nothing was done" in r["message"] for r in replies), replies
+    # at the market's operator: it holds no user key and has no such handlers
+    signing = [r for r in chain_attacks if r["type"] not in ("chain.accounts", "chain.pending")]
+    replies = g.requests(PROBE, "chain", *signing)
+    assert [r["code"] for r in replies] == ["unsupported"] * len(signing), replies
 
     auction_attacks = [
         (req("auction.offer", seller=p, seller_site=SOLAR, wh=10, start_price_wei_per_kwh=1, duration_s=60),
@@ -390,36 +426,98 @@ def test_a_site_cannot_act_for_another_sites_account(world: World) -> None:
     ]
     replies = g.requests(PROBE, "auction", *(r for r, _ in auction_attacks))
     assert [r["code"] for r in replies] == [code for _, code in auction_attacks], replies
-    g.expect_counts(before, {chain.name: {f"refused:{PROBE}": len(chain_attacks)}})
+    # counted at each wallet by the calling site; no unlock attempt started (none throttled)
+    g.expect_counts(before, {w.name: {f"refused:{PROBE}": len(chain_attacks), "unlocks_throttled": 0}
+                             for w in honest.values()})
 
     # nothing sent for them, nothing changed at the auction; their sessions stay theirs
-    assert g.rows(chain, "chain", txs, (p, c)) == txs_before
-    assert g.rows(chain, "chain", nonces, (p, c)) == nonces_before
+    for site, w in honest.items():
+        assert g.rows(w, "wallet", txs, (p, c)) == txs_before[site], site
+        assert g.rows(w, "wallet", nonces, (p, c)) == nonces_before[site], site
+    assert g.rows(chain, "chain", op_txs, (operator,)) == op_txs_before  # the operator signs for itself only
     listing = ok(g.requests(PROBE, "auction", req("auction.offers"), req("auction.trades")))
     spare = next(o for o in listing[0]["result"]["offers"] if o["offer_id"] == world.spare_offer)
     assert spare["state"] == "open" and spare["bids"] == 0, spare
     assert [o for o in listing[0]["result"]["offers"] if o["state"] == "open"] == [spare]
     trade = next(t for t in listing[1]["result"]["trades"] if t["trade_id"] == world.trade_id)
     assert trade["state"] in ("recorded", "delivering"), trade
-    accounts = {a["address"]: a for a in ok(g.requests(MARKET, "chain", req("chain.accounts")))[0]["result"]["accounts"]}
-    assert accounts[p]["unlocked"] and accounts[c]["unlocked"]
+    for site, acct in ((SOLAR, p), (HOME, c)):
+        listed = ok(g.requests(site, f"wallet:{site}", req("chain.accounts")))[0]["result"]["accounts"]
+        assert {a["address"]: a["unlocked"] for a in listed} == {acct: True}, (site, listed)
+    # the guesses at solar-1's account took no throttle slot there: its own site unlocks it at once
+    ok(g.requests(SOLAR, f"wallet:{SOLAR}", req("chain.unlock", address=p, passphrase=g.producer.passphrase)))
 
 
 def test_unlock_guessing_is_throttled_before_scrypt(world: World) -> None:
-    g, chain = world.g, world.g.chain
+    """At probe's own wallet (at another site's wallet it is refused before the throttle,
+    see above)."""
+    g, wallet = world.g, world.g.wallets[PROBE]
     before = g.counts()
     limit = 5  # GRIDTRADE_UNLOCK_MAX_FAILURES (the default)
     guesses = [req("chain.unlock", address=world.probe, passphrase=f"guess {i}") for i in range(limit + 4)]
-    replies = g.requests(PROBE, "chain", *guesses, req("chain.unlock", address=world.probe, passphrase=PROBE_PASS))
+    replies = g.requests(PROBE, f"wallet:{PROBE}", *guesses,
+                         req("chain.unlock", address=world.probe, passphrase=PROBE_PASS))
     codes = [r["code"] for r in replies]
     assert codes == ["bad_passphrase"] * limit + ["too_many_attempts"] * 5, replies
     throttled = [r for r in replies if r["code"] == "too_many_attempts"]
     assert all("nothing was tried" in r["message"] for r in throttled), throttled
     # a refused attempt does no scrypt work: it is answered faster than any attempt that did
     assert max(r["s"] for r in throttled) < min(r["s"] for r in replies[:limit]), replies
-    g.expect_counts(before, {chain.name: {"unlocks_throttled": 5}})
+    g.expect_counts(before, {wallet.name: {"unlocks_throttled": 5},
+                             **{g.wallets[s].name: {"unlocks_throttled": 0} for s in (SOLAR, HOME)}})
     # another site's logins are not held up by probe's guessing
-    ok(g.requests(SOLAR, "chain", req("chain.unlock", address=world.producer, passphrase=g.producer.passphrase)))
+    ok(g.requests(SOLAR, f"wallet:{SOLAR}", req("chain.unlock", address=world.producer,
+                                                 passphrase=g.producer.passphrase)))
+
+
+# --- account claims and wallet transactions -------------------------------------------------
+
+
+def test_a_site_cannot_claim_another_sites_account_or_forge_its_wallet_txs(world: World) -> None:
+    g, chain = world.g, world.g.chain
+    before = g.counts()
+    data = g.stack.data.resolve()
+    home_claim = next(kf.claim for kf in Keystore(data / HOME / "keystore").list() if kf.address == world.consumer)
+    probe_claim = next(kf.claim for kf in Keystore(data / PROBE / "keystore").list() if kf.address == world.probe)
+    nobody = "0x" + "42" * 20  # an address nobody claimed
+    # (a source of its own: the seqs of probe/wallet are its real wallet's)
+    forger = f"{PROBE}/forger"
+    claims = [
+        # home-7's genuine claim of its own account, replayed in home-7's name: dropped at the hub
+        ev("wallet.account", f"{HOME}/wallet", site=HOME, address=world.consumer, signature=home_claim),
+        # the same under its own topic: the body names another site (policy)
+        ev("wallet.account", forger, site=HOME, address=world.consumer, signature=home_claim),
+        # in its own name, another site's account, with that site's signature (of another text)
+        ev("wallet.account", forger, site=PROBE, address=world.consumer, signature=home_claim),
+        # ... with its own account key's signature (of its own address)
+        ev("wallet.account", forger, site=PROBE, address=world.producer, signature=probe_claim),
+        # ... a signature that is nobody's
+        ev("wallet.account", forger, site=PROBE, address=world.producer, signature="0x" + "11" * 65),
+        # an address nobody claimed yet, with a signature not of its key
+        ev("wallet.account", forger, site=PROBE, address=nobody, signature=probe_claim),
+    ]
+    fake_tx = dict(tx_hash="0x" + "ab" * 32, kind="deposit", ref=str(10**18), account=world.consumer,
+                   status="confirmed", block=1)
+    txs = [
+        # a deposit the consumer never made, shown in its wallet: in home-7's name, dropped at the hub
+        ev("wallet.tx", f"{HOME}/wallet", site=HOME, **fake_tx),
+        # from its own source but under home-7's topic (the one the consumer's gateway takes): the same
+        ev("wallet.tx", forger, topic_site=HOME, site=HOME, **fake_tx),
+    ]
+    out = g.hostile("publish", {"frames": [*claims, *txs]})
+    # (under its own topic a wallet.tx reaches nobody: a gateway takes its own site's only)
+    assert out["sent"] == len(claims) + len(txs)
+    g.expect_counts(before, merge({g.hub.name: {"site/probe": 1 + len(txs)}},
+                                  want_counts(g, [("wallet.account", PROBE)]),
+                                  {chain.name: {"claims_refused:bad_signature": 4, "claims_refused:other_site": 0}}))
+    # every account still belongs to its own site at the operator; nothing bound to probe but its own
+    for address, site in ((world.consumer, HOME), (world.producer, SOLAR), (world.probe, PROBE), (nobody, "")):
+        assert balances(world, address)["site"] == site, (address, balances(world, address))
+    (n,), = g.rows(chain, "chain", "SELECT COUNT(*) FROM account_claims WHERE site = ?", (PROBE,))
+    assert n == 1
+    # the consumer's gateway showed no forged transaction (it refused nothing: nothing reached it)
+    gw = next(p for p in g.subscribers() if store_of(p) == "gateway")
+    assert not any(k.startswith("policy:wallet.") for k in g.health(gw)["dropped"])
 
 
 # --- the honest path, in the same grid -----------------------------------------------------

@@ -50,12 +50,14 @@ class RealStack:
     def __init__(self, root: pathlib.Path, *, chain_url: str = "anvil", time_scale: float = 1440.0,
                  meter_env: dict[str, dict[str, str]] | None = None, env: dict[str, str] | None = None,
                  only: Iterable[str] | None = None, extra_accounts: Iterable[tuple[str, str]] = (),
-                 scrypt_n: int | None = None) -> None:
+                 scrypt_n: int | None = None,
+                 add_procs: Callable[[list[launcher.Proc]], list[launcher.Proc]] | None = None) -> None:
         self.data = root / "data"
         self.chain_url, self.time_scale = chain_url, time_scale
         self.meter_env, self.env = meter_env or {}, env or {}
         self.only = set(only) if only is not None else None
         self.extra_accounts, self.scrypt_n = list(extra_accounts), scrypt_n
+        self.add_procs = add_procs  # the plan, with processes of another site added (e.g. its wallet)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.procs: list[launcher.Proc] = []
         self.people: dict[str, Person] = {}
@@ -91,6 +93,8 @@ class RealStack:
             ks = Keystore(launcher.keystore_of(data, site), scrypt_n=self.scrypt_n or 2**18)
             self.people[key] = Person(ks.new(pw, name=label, site=site).address, pw, label)
         self.procs = launcher.plan(self.options)
+        if self.add_procs is not None:
+            self.procs = self.add_procs(self.procs)
         for p in self.procs:
             if p.name.startswith("meter-"):
                 p.env.update(self.meter_env.get(p.name, {}))
