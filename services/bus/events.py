@@ -340,14 +340,12 @@ class TradeHeartbeat(Message):
 TxStatus = Literal["pending", "confirmed", "failed"]
 
 
-@event
-class TxUpdate(Message):
-    """A transaction the chain service sent, from hash to receipt."""
+class TxFields(Message):
+    """What every transaction update says, the operator's and a wallet's alike."""
 
-    TYPE: ClassVar[str] = "chain.tx"
-    ORIGIN: ClassVar[Origin] = Origin.CHAIN
     tx_hash: str
-    kind: str = Field(description="mint, open, settle, close, transfer, deposit, withdraw, approve")
+    kind: str = Field(description="mint, open, settle, close (the operator's); transfer, deposit, withdraw, "
+                                  "withdraw_credit, approve (a wallet's)")
     ref: str = Field(default="", description="what it is for: reading id, trade id, ...")
     account: Address
     status: TxStatus
@@ -355,6 +353,14 @@ class TxUpdate(Message):
     reason: str = ""
     mined_hash: str = Field(default="", description="the hash actually mined, when fees were raised by a new "
                                                     "version (same nonce) or its nonce was filled by a no-op")
+
+
+@event
+class TxUpdate(TxFields):
+    """A transaction the chain service sent, from hash to receipt."""
+
+    TYPE: ClassVar[str] = "chain.tx"
+    ORIGIN: ClassVar[Origin] = Origin.CHAIN
 
 
 @event
@@ -440,19 +446,10 @@ class AccountClaimed(Message):
 
 
 @event
-class WalletTx(Message):
+class WalletTx(TxFields):
     """A transaction a site's wallet sent for one of its accounts, from hash to receipt
     (what :class:`TxUpdate` is for the operator's transactions)."""
 
     TYPE: ClassVar[str] = "wallet.tx"
     ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
     site: Name
-    tx_hash: str
-    kind: str = Field(description="transfer, deposit, withdraw, withdraw_credit, approve")
-    ref: str = ""
-    account: Address
-    status: TxStatus
-    block: int | None = None
-    reason: str = ""
-    mined_hash: str = Field(default="", description="the hash actually mined, when fees were raised by a new "
-                                                    "version (same nonce) or its nonce was filled by a no-op")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from services.launcher import Options, plan
+from tests.conftest import free_port_block
 
 
 def test_the_plan_names_every_part_once_with_its_own_ports() -> None:
@@ -60,27 +60,30 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def start_up(args: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """Start ``gridtrade up`` as a process; return it and what it printed until it was ready
+    (the deadline is a failure, not a time assertion)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = ""
+    deadline = time.monotonic() + 300
+    assert proc.stdout is not None
+    while "Ctrl-C stops everything" not in out:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, f"gridtrade up exited early:\n{out}"
+        out += line
+        if time.monotonic() > deadline:
+            pytest.fail(f"gridtrade up was not ready in time:\n{out}")
+    return proc, out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_up_starts_everything_prints_the_wallets_and_stops_on_ctrl_c(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    base = random.randrange(20000, 40000, 100)
+    base = free_port_block(100)  # the plan's ports and the wallets' HTTP ports at base+80, +81
     args = [sys.executable, "-m", "services.cli", "up", "--data", str(tmp_path / "data"), "--base-port", str(base),
             "--http-port", str(base + 80)]
 
-    def start() -> tuple[subprocess.Popen[str], str]:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        out = ""
-        deadline = time.monotonic() + 300
-        assert proc.stdout is not None
-        while "Ctrl-C stops everything" not in out:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, f"gridtrade up exited early:\n{out}"
-            out += line
-            if time.monotonic() > deadline:
-                pytest.fail(f"gridtrade up was not ready in time:\n{out}")
-        return proc, out
-
-    proc, out = start()
+    proc, out = start_up(args)
     try:
         urls = re.findall(r"wallet of (\S+)\s+(http://\S+)", out)
         assert [site for site, _ in urls] == ["solar-1", "home-7"]
@@ -110,7 +113,7 @@ def test_up_starts_everything_prints_the_wallets_and_stops_on_ctrl_c(tmp_path) -
     # the next start keeps the state: the same accounts, no new passphrases; this time the
     # meters are serial emulators on pseudo-terminals, read by the real line driver
     args += ["--meters", "emulated"]
-    proc, out = start()
+    proc, out = start_up(args)
     try:
         assert "passphrases" not in out and accounts[0]["address"] in out
         meter = next(p for p in plan(Options(base_port=base, meters="emulated")) if p.name == "meter-solar-1")
@@ -173,23 +176,14 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
     from services.chain.contracts import load_artifact
     from tests.e2e.keys import assert_keys_stay_home
 
-    base = random.randrange(20000, 40000, 100)
+    base = free_port_block(100)  # the plan's ports and the wallets' HTTP ports at base+80, +81
     data = tmp_path / "data"
     args = [sys.executable, "-m", "services.cli", "up", "--data", str(data), "--base-port", str(base),
             "--http-port", str(base + 80), "--time-scale", "1440", "--sim-start", "2024-06-21T09:00:00+00:00"]
     logs: list[str] = []
 
     def start() -> tuple[subprocess.Popen[str], str]:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        out = ""
-        deadline = time.monotonic() + 300
-        assert proc.stdout is not None
-        while "Ctrl-C stops everything" not in out:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, f"gridtrade up exited early:\n{out}"
-            out += line
-            if time.monotonic() > deadline:
-                pytest.fail(f"gridtrade up was not ready in time:\n{out}")
+        proc, out = start_up(args)
         logs.append(out)
         return proc, out
 
@@ -198,7 +192,7 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
         rest, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "stopped." in rest, rest
 
-    proc, out = start()
+    proc, out = start_up(args)
     try:
         urls = dict(re.findall(r"wallet of (\S+)\s+(http://\S+)", out))
         passphrases = dict(re.findall(r"^\s+(solar-1 producer|home-7 consumer)\s+(\S+)$", out, re.M))
