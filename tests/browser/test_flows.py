@@ -191,6 +191,7 @@ async def test_sell_bid_trade_close_transfer_and_mining(browser: Any, real_grid:
         await buyer.reload()  # the pending list comes from the chain service too, not only from this page
         await expect(buyer.locator("#view-wallet")).to_be_visible(timeout=WAIT)
         await expect(buyer.locator(f'#pending li[data-hash="{second}"]')).to_have_count(1, timeout=WAIT)
+        await expect(buyer.locator(f'#pending li[data-hash="{second}"]')).to_contain_text("· pending")
         assert await number(grid, buyer.locator("#balance"), "the balance", lambda n: True) == after_first
         await shot(buyer, artifacts_dir, "5-transfer-pending")
         await expect(seller.locator("#mining-start")).to_be_disabled(timeout=WAIT)

@@ -248,7 +248,14 @@ function renderPending() {
   ul.replaceChildren(...[...state.pending.values()].map((t) => {
     const li = document.createElement('li');
     li.dataset.hash = t.tx_hash;
-    li.textContent = `${t.tx_hash} (${t.kind || 'tx'})`;
+    // where it is on its way: pending, replaced with higher fees (same nonce), mined but
+    // not yet at the confirmation depth, or failed with the node's reason
+    const where = {
+      replaced: 'replaced with higher fees',
+      mined: t.depth_required ? `mined, ${t.depth ?? 0} of ${t.depth_required} confirmations` : 'mined',
+      failed: `failed: ${t.reason || 'refused'}`,
+    }[t.state] || 'pending';
+    li.textContent = `${t.tx_hash} (${t.kind || 'tx'}) · ${where}`;
     return li;
   }));
   $('#pending-empty').hidden = state.pending.size > 0;
