@@ -240,12 +240,12 @@ async def test_a_session_outlives_a_gateway_restart_and_a_wallet_restart_asks_fo
         await expect(page.locator("#view-login")).to_be_hidden()
         await shot(page, artifacts_dir, "7-after-gateway-restart")
 
-        # the wallet (the chain service) restarts: the key it held unlocked in memory is locked
+        # the site's wallet restarts: the key it held unlocked in memory is locked
         # now; the page says so and keeps the session
-        grid.terminate("chain")
-        grid.spawn("chain")
-        await grid.until("the restarted chain service to be healthy",
-                         lambda: (grid.health("chain") or {}).get("market"), timeout=90)
+        grid.terminate("wallet-home-7")
+        grid.spawn("wallet-home-7")
+        await grid.until("the restarted wallet to be healthy",
+                         lambda: (grid.health("wallet-home-7") or {}).get("market"), timeout=90)
         await expect(page.locator("#locked")).to_be_visible(timeout=WAIT)
         await expect(page.locator("#view-wallet")).to_be_visible()
         # an action that signs asks for the passphrase of the same account, not for a new login
