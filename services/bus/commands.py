@@ -126,6 +126,22 @@ class GetBalances(Request):
     address: Address
 
 
+class TokensLocked(Reply):
+    address: Address
+    tokens_locked_wh: Wh = 0
+
+
+@request
+class GetTokensLocked(Request):
+    """The Wh of an address locked in the market's open trades (the operator's own books:
+    no node call), for a site's wallet view."""
+
+    TYPE: ClassVar[str] = "chain.tokens_locked"
+    Reply: ClassVar[type[Reply]] = TokensLocked
+    READ_ONLY: ClassVar[bool] = True
+    address: Address
+
+
 class TxSent(Reply):
     tx_hash: str
 

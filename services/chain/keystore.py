@@ -78,8 +78,31 @@ class Keystore:
             raise KeystoreError("scrypt_n must be a power of two")
         self.folder = pathlib.Path(folder)
         self.scrypt_n = scrypt_n
+        self._listed: tuple[tuple[tuple[str, int, int], ...], list[KeyFile]] | None = None
 
     def list(self) -> list[KeyFile]:
+        """The folder's accounts. The files are parsed again only when one was added,
+        removed or changed (name, size and mtime of each: a stat, not a read), so a view
+        that asks on every request does not read every keystore file each time."""
+        seen = []
+        try:
+            with os.scandir(self.folder) as it:
+                for e in it:
+                    try:
+                        st = e.stat()
+                    except OSError:  # gone meanwhile (a temporary file renamed into place)
+                        continue
+                    seen.append((e.name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            return []
+        stamp = tuple(sorted(seen))
+        if self._listed is not None and self._listed[0] == stamp:
+            return list(self._listed[1])
+        listed = self._read()
+        self._listed = (stamp, listed)
+        return list(listed)
+
+    def _read(self) -> list[KeyFile]:
         if not self.folder.is_dir():
             return []
         out: dict[str, KeyFile] = {}

@@ -68,8 +68,8 @@ class OperatorService(ChainBase):
     def register(self, srv: RpcServer) -> None:
         self.subscribe(CONSUMED, self.on_event)
         self.subscribe([E.AccountClaimed.TYPE], self.on_claim)
-        for req, fn in ((C.GetBalances, self.balances), (C.SetMining, self.set_mining),
-                        (C.ListPending, self.list_pending)):
+        for req, fn in ((C.GetBalances, self.balances), (C.GetTokensLocked, self.tokens_locked),
+                        (C.SetMining, self.set_mining), (C.ListPending, self.list_pending)):
             srv.handle(req, fn)
 
     def health(self) -> dict[str, Any]:
@@ -529,10 +529,18 @@ class OperatorService(ChainBase):
         """Public, for any address (as on-chain), with the site that claimed it ("" if none)
         and the tokens locked in this market's open trades."""
         bal = await self.read_balances(req.address)
+        return bal.model_copy(update={"site": self.claims.site_of(bal.address),
+                                      "tokens_locked_wh": self._tokens_locked(bal.address)})
+
+    async def tokens_locked(self, req: C.GetTokensLocked, caller: Caller) -> C.TokensLocked:
+        a = AsyncWeb3.to_checksum_address(req.address)
+        return C.TokensLocked(address=a, tokens_locked_wh=self._tokens_locked(a))
+
+    def _tokens_locked(self, address: str) -> int:
         row = self.store.conn.execute(
             "SELECT COALESCE(SUM(wh - settled_wh), 0) FROM chain_trades WHERE seller = ? AND open_state = 'done' "
-            "AND close_state != 'done'", (bal.address,)).fetchone()
-        return bal.model_copy(update={"site": self.claims.site_of(bal.address), "tokens_locked_wh": int(row[0])})
+            "AND close_state != 'done'", (address,)).fetchone()
+        return int(row[0])
 
     @_errors
     async def set_mining(self, req: C.SetMining, caller: Caller) -> C.Mining:

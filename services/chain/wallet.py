@@ -262,13 +262,15 @@ class WalletService(ChainBase):
     @_errors
     async def balances(self, req: C.GetBalances, caller: Caller) -> C.Balances:
         """Public balances read from this site's node; the tokens locked in open trades
-        from the operator (best effort: 0 when it does not answer)."""
+        from the operator's books (one store read there, best effort: 0 when it does not
+        answer)."""
         self._own_site(caller)
         bal = await self.read_balances(req.address)
         mine = any(kf.address == bal.address for kf in self.accounts())
         locked = 0
         try:
-            op: C.Balances = await self.operator_client.request(C.GetBalances(address=bal.address), timeout=2.0)
+            op: C.TokensLocked = await self.operator_client.request(C.GetTokensLocked(address=bal.address),
+                                                                    timeout=2.0)
             locked = op.tokens_locked_wh
         except (RequestError, RequestTimeout) as e:
             log.debug("tokens locked of %s unknown: %s", bal.address, e)
