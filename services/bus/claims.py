@@ -85,15 +85,15 @@ class Claims:
                                           "account key's")
             return False
         have = self._site.get(address)
-        if have == claim.site:
-            return False
-        if have is not None:
+        if have is not None and have != claim.site:
             self._refuse("other_site", f"site {claim.site} claims {address}, which belongs to site {have}")
             return False
+        # also for a claim memory already has: the transaction that first applied it may
+        # have rolled back, and this (redelivered) one must reach the store
         conn.execute("INSERT OR IGNORE INTO account_claims (address, site, name, signature) VALUES (?, ?, ?, ?)",
                      (address, claim.site, claim.name, claim.signature))
         self._site[address] = claim.site
-        return True
+        return have is None
 
     def _refuse(self, cause: str, detail: str) -> None:
         n = self.refused[cause] = self.refused.get(cause, 0) + 1
