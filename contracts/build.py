@@ -27,7 +27,7 @@ SOLC = HERE / "solc"
 PACKAGE_JSON = ROOT / "package.json"
 
 #: Contracts that get an artifact, by source unit name.
-CONTRACTS = {"EnergyToken": "EnergyToken.sol", "EnergyMarket": "EnergyMarket.sol"}
+CONTRACTS = {"MeterRegistry": "MeterRegistry.sol", "EnergyToken": "EnergyToken.sol", "EnergyMarket": "EnergyMarket.sol"}
 OPTIMIZER = {"enabled": True, "runs": 200}
 #: Cancun: supported by anvil, py-evm, geth and current L2s.
 EVM_VERSION = "cancun"

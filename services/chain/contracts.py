@@ -1,10 +1,16 @@
-"""Deploy, attach to and talk to gridtrade's contracts (EnergyToken, EnergyMarket).
+"""Deploy, attach to and talk to gridtrade's contracts (MeterRegistry, EnergyToken, EnergyMarket v2).
 
 No service wiring here: the chain service builds on these helpers. Everything that touches a
-node is async (web3's AsyncWeb3); the EIP-712 and id helpers are pure.
+node is async (web3's AsyncWeb3); the id and cost helpers are pure. The signed facts the
+contracts check (meter registrations, production, deliveries, offers, bids) are built, signed
+and recovered by ``services.bus.typed``; ``Deployment`` names the EIP-712 domain of each contract.
 
 Units: energy in Wh (the token's base unit, 3 decimals), prices in wei per kWh, amounts in wei.
 The Ether due for a cumulative delivery of `wh` at `price` is `cost(wh, price)` = wh * price // 1000.
+
+Roles are separate keys: the deployer holds only DEFAULT_ADMIN_ROLE (grants and revokes roles);
+the registrar registers meters, the operator opens trades (from signed offers and bids), the
+pauser pauses minting and new commitments. Nobody holds a role that mints.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from importlib import resources
 from typing import Any
 
 from eth_abi import decode as abi_decode
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_tester.exceptions import TransactionFailed
 from eth_utils import keccak, to_checksum_address
@@ -26,34 +31,25 @@ from web3.exceptions import ContractLogicError
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 from web3.types import TxReceipt
 
+from services.bus import typed
+
+REGISTRY = "MeterRegistry"
 TOKEN = "EnergyToken"
 MARKET = "EnergyMarket"
 
-#: Role that may mint on EnergyToken.
-METER_ROLE = keccak(text="METER_ROLE")
-#: Role that may open, settle and close trades and register meters on EnergyMarket.
-OPERATOR_ROLE = keccak(text="OPERATOR_ROLE")
-#: Role that grants and revokes roles (on both contracts).
+#: Role that grants and revokes roles (on every contract); the deployer's only role.
 DEFAULT_ADMIN_ROLE = b"\x00" * 32
-
-#: EIP-712 domain name/version and type of a delivery reading (must match EnergyMarket.sol).
-EIP712_NAME = "GridTrade EnergyMarket"
-EIP712_VERSION = "1"
-DELIVERY_TYPES = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "Delivery": [
-        {"name": "tradeId", "type": "bytes32"},
-        {"name": "deliveredWh", "type": "uint256"},
-    ],
-}
+#: Role that registers and revokes meters on MeterRegistry.
+REGISTRAR_ROLE = keccak(text="REGISTRAR_ROLE")
+#: Role that opens trades from signed offers and bids, and may close any trade, on EnergyMarket.
+OPERATOR_ROLE = keccak(text="OPERATOR_ROLE")
+#: Role that pauses minting (EnergyToken) and new commitments (EnergyMarket).
+PAUSER_ROLE = keccak(text="PAUSER_ROLE")
 
 #: Trade.status values of EnergyMarket.trades(tradeId).
-STATUS_NONE, STATUS_OPEN, STATUS_CLOSED = 0, 1, 2
+STATUS_NONE, STATUS_OPEN, STATUS_CLOSING, STATUS_CLOSED = 0, 1, 2, 3
+#: MeterRegistry.meterOf(meter) states.
+METER_UNKNOWN, METER_ACTIVE, METER_REVOKED = 0, 1, 2
 
 _ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
 _REVERTED_PREFIX = "execution reverted"
@@ -71,16 +67,18 @@ def cost(wh: int, price_wei_per_kwh: int) -> int:
 
 
 def id32(text: str) -> bytes:
-    """A bytes32 id (trade id, reading id) derived from a stable off-chain id: keccak256 of its UTF-8."""
+    """A bytes32 id (a trade's on-chain id) derived from a stable off-chain id: keccak256 of its
+    UTF-8, the same as ``typed.trade_key``."""
     return keccak(text=text)
 
 
 @dataclass(frozen=True)
 class Deployment:
-    """The two contracts of one market, bound to a web3 instance."""
+    """The three contracts of one market, bound to a web3 instance."""
 
     token: AsyncContract
     market: AsyncContract
+    registry: AsyncContract
 
     @property
     def token_address(self) -> str:
@@ -89,6 +87,22 @@ class Deployment:
     @property
     def market_address(self) -> str:
         return str(self.market.address)
+
+    @property
+    def registry_address(self) -> str:
+        return str(self.registry.address)
+
+    def token_domain(self, chain_id: int) -> typed.Domain:
+        """The EIP-712 domain of production readings (meters sign them for this token)."""
+        return typed.token_domain(chain_id, self.token_address)
+
+    def market_domain(self, chain_id: int) -> typed.Domain:
+        """The EIP-712 domain of offers, bids and deliveries (for this market)."""
+        return typed.market_domain(chain_id, self.market_address)
+
+    def registry_domain(self, chain_id: int) -> typed.Domain:
+        """The EIP-712 domain of meter registrations (for this registry)."""
+        return typed.registry_domain(chain_id, self.registry_address)
 
 
 Sender = str | LocalAccount
@@ -133,23 +147,30 @@ def _address(sender: Sender) -> str:
 
 
 async def deploy(
-    w3: AsyncWeb3, deployer: Sender, *, operator: str | None = None, minter: str | None = None
+    w3: AsyncWeb3,
+    deployer: Sender,
+    *,
+    operator: str,
+    registrar: str,
+    pauser: str,
+    dispute_window_s: int,
 ) -> Deployment:
-    """Deploy EnergyToken and EnergyMarket from `deployer`, who becomes admin of both.
+    """Deploy MeterRegistry, EnergyToken and EnergyMarket from `deployer`; return them bound.
 
-    The deployer holds METER_ROLE on the token and OPERATOR_ROLE on the market; `minter` and
-    `operator`, when given, are granted those roles too. The market needs no role on the token:
-    sellers approve it, and it moves only tokens it holds. Returns the bound contracts.
+    Each role goes to its own holder, given to the constructors (no grant transactions): the
+    deployer is admin of all three and holds nothing else; `registrar` registers meters,
+    `operator` opens trades, `pauser` pauses the token's minting and the market's new
+    commitments. After a close, a higher signed delivery still settles for `dispute_window_s`.
+    The market needs no role on the token: sellers approve it, and it moves only tokens it holds.
     """
     admin = _address(deployer)
-    token = await _deploy_one(w3, TOKEN, deployer, admin)
-    market = await _deploy_one(w3, MARKET, deployer, token.address, admin)
-    deployment = Deployment(token=token, market=market)
-    if minter is not None:
-        await send(w3, deployment.token.functions.grantRole(METER_ROLE, to_checksum_address(minter)), deployer)
-    if operator is not None:
-        await send(w3, deployment.market.functions.grantRole(OPERATOR_ROLE, to_checksum_address(operator)), deployer)
-    return deployment
+    operator, registrar, pauser = (to_checksum_address(a) for a in (operator, registrar, pauser))
+    registry = await _deploy_one(w3, REGISTRY, deployer, admin, registrar)
+    token = await _deploy_one(w3, TOKEN, deployer, registry.address, admin, pauser)
+    market = await _deploy_one(
+        w3, MARKET, deployer, token.address, registry.address, admin, operator, pauser, dispute_window_s
+    )
+    return Deployment(token=token, market=market, registry=registry)
 
 
 async def _deploy_one(w3: AsyncWeb3, name: str, deployer: Sender, *args: Any) -> AsyncContract:
@@ -159,36 +180,29 @@ async def _deploy_one(w3: AsyncWeb3, name: str, deployer: Sender, *args: Any) ->
     return w3.eth.contract(address=receipt["contractAddress"], abi=art["abi"])
 
 
-def attach(w3: AsyncWeb3, token_address: str, market_address: str) -> Deployment:
+def attach(w3: AsyncWeb3, token_address: str, market_address: str, registry_address: str) -> Deployment:
     """Bind already deployed contracts at the given addresses (no network access)."""
     return Deployment(
         token=w3.eth.contract(address=to_checksum_address(token_address), abi=load_artifact(TOKEN)["abi"]),
         market=w3.eth.contract(address=to_checksum_address(market_address), abi=load_artifact(MARKET)["abi"]),
+        registry=w3.eth.contract(address=to_checksum_address(registry_address), abi=load_artifact(REGISTRY)["abi"]),
     )
 
 
-def delivery_typed_data(chain_id: int, market_address: str, trade_id: bytes, delivered_wh: int) -> dict[str, Any]:
-    """The EIP-712 typed data (eth_signTypedData_v4 shape) of a delivery reading: trade
-    `trade_id` has delivered `delivered_wh` Wh in total, for the market at `market_address`."""
-    return {
-        "types": DELIVERY_TYPES,
-        "primaryType": "Delivery",
-        "domain": {
-            "name": EIP712_NAME,
-            "version": EIP712_VERSION,
-            "chainId": chain_id,
-            "verifyingContract": to_checksum_address(market_address),
-        },
-        "message": {"tradeId": bytes(trade_id), "deliveredWh": delivered_wh},
-    }
+async def discover(w3: AsyncWeb3, market_address: str) -> Deployment:
+    """Bind a deployment from its market's address alone: the market names its token and registry."""
+    market = w3.eth.contract(address=to_checksum_address(market_address), abi=load_artifact(MARKET)["abi"])
+    token, registry = await market.functions.token().call(), await market.functions.registry().call()
+    return attach(w3, token, market_address, registry)
 
 
-def sign_delivery(
-    private_key: bytes | str, chain_id: int, market_address: str, trade_id: bytes, delivered_wh: int
-) -> bytes:
-    """A meter key's 65-byte signature (r ‖ s ‖ v) of a delivery reading, for settleSigned."""
-    typed = delivery_typed_data(chain_id, market_address, trade_id, delivered_wh)
-    return bytes(Account.sign_typed_data(private_key, full_message=typed).signature)
+def open_args(
+    trade_id: str, offer: typed.Offer, offer_sig: str, bid: typed.Bid, bid_sig: str, wh: int, price_wei_per_kwh: int
+) -> list[Any]:
+    """The arguments of EnergyMarket.open for the off-chain trade id `trade_id` (its on-chain id is
+    ``typed.trade_key(trade_id)``), from a signed offer and bid (0x-hex signatures)."""
+    return [typed.trade_key(trade_id), offer.as_tuple(), typed.sig_bytes(offer_sig), bid.as_tuple(),
+            typed.sig_bytes(bid_sig), wh, price_wei_per_kwh]
 
 
 async def close_provider(w3: AsyncWeb3) -> None:
