@@ -14,6 +14,7 @@ sorts a refusal's reason into what the transaction manager does about it.
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import logging
 import random
@@ -296,6 +297,16 @@ class Node:
     async def set_mining(self, on: bool, interval_s: float = 0.0) -> None:
         raise NotSupported(f"mining control is not supported on this chain ({self.client or self.url})")
 
+    async def block_time(self) -> int:
+        """The newest block's timestamp: the contracts' clock."""
+        async with guard():
+            return int((await self.w3.eth.get_block("latest"))["timestamp"])
+
+    async def clock_behind(self, t: int) -> bool:
+        """Whether the next block may still be stamped before ``t``. A network's blocks keep
+        coming; a dev chain that mines only on transactions is moved on to the wall clock."""
+        return await self.block_time() < t
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await close_provider(self.w3)
@@ -320,6 +331,16 @@ class AnvilNode(Node):
             return int(await self._rpc("anvil_getIntervalMining", []) or 0) > 0
         except TxRejected:  # a node without it (hardhat)
             return False
+
+    async def clock_behind(self, t: int) -> bool:
+        """Anvil mined its last block a while ago when idle: an empty block brings its clock
+        to the wall clock's."""
+        if await self.block_time() >= t:
+            return False
+        if time.time() >= t + 1 and await self.mining():
+            await self._rpc("evm_mine", [])
+            return await self.block_time() < t
+        return True
 
     async def set_mining(self, on: bool, interval_s: float = 0.0) -> None:
         if on:
@@ -439,6 +460,19 @@ class EmbeddedNode(Node):
             self._interval_task.cancel()
             await asyncio.gather(self._interval_task, return_exceptions=True)
             self._interval_task = None
+
+    async def clock_behind(self, t: int) -> bool:
+        """py-evm stamps a block when the one before it was mined: after an idle spell the
+        next block is dated in the past. Move the pending block to the wall clock."""
+        if await self.block_time() >= t:
+            return False
+        now = int(time.time())
+        if now >= t + 1:
+            pending = (await self.provider.run(self.tester.get_block_by_number, "pending"))["timestamp"]
+            if pending < now:
+                await self.provider.run(self.tester.time_travel, now)  # type: ignore[attr-defined]
+            return False
+        return True
 
     async def _mine_every(self, interval_s: float) -> None:
         while True:

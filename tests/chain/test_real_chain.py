@@ -13,6 +13,7 @@ import sqlite3
 from typing import Any
 
 import pytest
+from eth_utils import keccak
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from services.bus import commands as C
@@ -99,12 +100,13 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
     meters = [Meter("solar-1", seller, name=f"m{i}") for i in range(3)]
     home = Meter("home-7", buyer, name="m2")
     mint_gone, open_cheap = bytes.fromhex(meters[1].address[2:]), contracts.id32("t-1")
+    mint_call = keccak(text="mint(address,uint256,bytes)")[:4]
     refused: set[bytes] = set()
 
     def refuse(raw: bytes) -> str | None:
         """Like geth's pool, once each: the second mint for good, the trade's open for its fees."""
         for key, msg in ((mint_gone, "exceeds block gas limit"), (open_cheap, "transaction underpriced")):
-            if key in raw and key not in refused:
+            if key in raw and key not in refused and (key != mint_gone or mint_call in raw):
                 refused.add(key)
                 return msg
         return None
@@ -194,7 +196,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         failed = [f[0] for f in finals.values() if f[0].status == "failed"]
         # the only failure: the mint refused for good (its nonce filled by a no-op), with the node's reason
         assert [(u.kind, u.ref) for u in failed] == [("mint", meters[1].address)]
-        assert "exceeds block gas limit" in failed[0].reason and "no-op" in failed[0].reason
+        assert "no-op" in failed[0].reason  # (the node's refusal, or its never being mined since)
         assert not [u for u in ev.of(TX) if "limit exceeded" in u.reason or "429" in u.reason
                     or "timeout" in u.reason]
         wallet_finals = [u for u in ev.of(E.WalletTx) if u.status != "pending"]  # the sites' own, once each
@@ -374,8 +376,8 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
         for _ in range(count):
             n += 1
             await meters.publish(meter.production(d, n * 1000))
-            await meters.listener.wait_for(lambda: sum(m.wh for m in meters.listener.of(E.Minted)) == n * 1000,
-                                           timeout=120)
+            await meters.listener.wait_for(lambda: max(m.produced_wh for m in meters.listener.of(E.Minted)) >= n * 1000
+                                           if meters.listener.of(E.Minted) else False, timeout=120)
 
     async def generated(peer: Any) -> int:
         return int((await peer.request(C.GetBalances(address=seller), site="solar-1")).generated_wh)
@@ -417,7 +419,8 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
         assert proxy.calls["eth_getLogs"] - calls <= 1
 
         # a reorg takes blocks with a mint away: the view rewinds (block hashes), and the operator's
-        # nonce that went with it is filled, so its next mints are not held up
+        # nonce that went with it is filled, so its next mints are not held up; the meter's next
+        # (cumulative) reading mints what the reorg took too
         await peer.request(C.Unlock(address=seller, passphrase=PASS), site="solar-1")
         snap = await rpc(w3, "evm_snapshot")
         await rpc(w3, "anvil_mine", hex(5), hex(1))
@@ -429,9 +432,9 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
         assert svc2.minted.rewinds >= 1
         await mint(2)
         await wait_until(lambda: not op.txm.pending(), timeout=60)
-        assert await generated(peer) == (n - 1) * 1000
-        token = contracts.attach(w3, op.dep.token_address, op.dep.market_address).token
-        assert await token.functions.balanceOf(seller).call() == (n - 1) * 1000
+        assert await generated(peer) == n * 1000
+        token = contracts.attach(w3, op.dep.token_address, op.dep.market_address, op.dep.registry_address).token
+        assert await token.functions.balanceOf(seller).call() == n * 1000
         assert not await txpool(w3)
     finally:
         if svc2 is not None:

@@ -123,7 +123,8 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         # every transaction sent went pending -> confirmed, once each
         ups = ev.of(TX)
         sent = {u.tx_hash for u in ups if u.status == "pending"}
-        assert sent and all(sum(1 for u in ups if u.tx_hash == h and u.status == "confirmed") == 1 for h in sent)
+        assert sent and all(sum(1 for u in ups if u.tx_hash == h and u.status == "confirmed") == 1 for h in sent), \
+            [(u.kind, u.ref, u.status) for u in ups]
 
         # each chain event names the bus event (or command) whose job it finished
         assert {e.cause for e in ev.envelopes if isinstance(e.body, E.Minted)} <= {p.id for p in produced[:2]}

@@ -102,9 +102,9 @@ class Closes(Job):
                 if status != contracts.STATUS_CLOSING:
                     await self.sync(tid, status, on_chain)
                     continue
-                left = closing_at + window - time.time()
-                if left > 0:  # a higher signed delivery may still come: settle it first
-                    asyncio.get_running_loop().call_later(min(left + 0.5, 60.0), op.work.set)
+                end = closing_at + window
+                if await op.node.clock_behind(end):  # a higher signed delivery may still come: settle it first
+                    asyncio.get_running_loop().call_later(min(max(end - time.time(), 0.0) + 0.5, 60.0), op.work.set)
                     continue
                 async with op.store.atomic() as conn:
                     h, refused = await self.send(op.operator, kind="finalize", ref=tid, to=op.dep.market_address,
