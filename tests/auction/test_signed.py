@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+from services.auction.errors import Rejected
+from services.auction.service import AuctionService
 from services.bus import RequestError
 from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
-from tests.signing import CHAIN_ID, DOMAIN, MARKET, account, later, sign
+from tests.signing import CHAIN_ID, DOMAIN, MARKET, account, deployment, later, sign
 
 from .conftest import (BUYERS, SELLER, SELLER_ACCOUNT, FakeChain, Grid, Running, Sources, key_of, offer, order,
                        outbox, settings, until)
@@ -251,3 +253,23 @@ def test_the_signing_helper_signs_what_it_is_given() -> None:
     o, sig = SELLER_ACCOUNT.offer(wh=10, price=10)
     assert typed.recover_offer(DOMAIN, o, sig) == SELLER
     assert sign(o, SELLER_ACCOUNT.key) == sig
+
+
+async def test_without_the_operators_deployment_nothing_signed_is_taken(grid: Grid, fake_chain: FakeChain) -> None:
+    """Until the auction has heard which market the signatures are for, it refuses them
+    (and says why); a restart keeps the deployment it heard."""
+    s = settings(grid, fake_chain.endpoint)
+    async with Running(grid, s) as m:
+        assert (await m.call(offer())).offer_id
+    kept = m.db().execute("SELECT value FROM auction_meta WHERE key = 'deployment'").fetchone()
+    assert kept is not None and deployment().model_dump_json() == kept[0]  # what a restart starts from
+    svc = AuctionService(settings(grid, fake_chain.endpoint, data_dir=grid.root / "market-fresh"))
+    try:
+        with pytest.raises(Rejected) as e:
+            svc._domain()
+        assert e.value.code == "unavailable" and "chain.deployment" in e.value.message
+    finally:
+        svc.store.close()
+        svc.ctx.term()
+    async with Running(grid, s) as m:
+        assert m.service._domain() == DOMAIN
