@@ -2,13 +2,17 @@
 
 Plain functions over an open ``sqlite3`` connection (the caller holds the transaction).
 Amounts of wei are stored as decimal text (they exceed SQLite's 64-bit integers); Wh
-as integers. Deadlines are absolute Unix times, so a restart keeps them.
+as integers. Deadlines are absolute Unix times, so a restart keeps them. Each offer,
+bid and order keeps its signed fact (JSON of :mod:`services.bus.typed`) and signature;
+the signed id is unique per table, so a signed fact is taken once.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+
+from services.bus import typed
 
 from . import double, lifecycle
 from .english import Bid, Offer, cost_wei
@@ -18,15 +22,17 @@ CREATE TABLE IF NOT EXISTS auction_meta (key TEXT PRIMARY KEY, value TEXT NOT NU
 CREATE TABLE IF NOT EXISTS offers (
     offer_id TEXT PRIMARY KEY, seller TEXT NOT NULL, seller_site TEXT NOT NULL, wh INTEGER NOT NULL,
     start_price TEXT NOT NULL, opened_at REAL NOT NULL, ends_at REAL NOT NULL, state TEXT NOT NULL,
-    highest_bid TEXT, bids INTEGER NOT NULL DEFAULT 0, closed_at REAL, cause TEXT);
+    highest_bid TEXT, bids INTEGER NOT NULL DEFAULT 0, closed_at REAL, cause TEXT, signed TEXT, signature TEXT,
+    signed_id TEXT);
 CREATE INDEX IF NOT EXISTS offers_by_state ON offers (state, ends_at);
 CREATE TABLE IF NOT EXISTS bids (
     bid_id TEXT PRIMARY KEY, offer_id TEXT NOT NULL, seq INTEGER NOT NULL, buyer TEXT NOT NULL,
-    buyer_site TEXT NOT NULL, price TEXT NOT NULL, placed_at REAL NOT NULL, UNIQUE (offer_id, seq));
+    buyer_site TEXT NOT NULL, price TEXT NOT NULL, placed_at REAL NOT NULL, signed TEXT, signature TEXT,
+    signed_id TEXT, UNIQUE (offer_id, seq));
 CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY, round INTEGER NOT NULL, side TEXT NOT NULL, account TEXT NOT NULL,
     site TEXT NOT NULL, wh INTEGER NOT NULL, limit_price TEXT NOT NULL, placed_at REAL NOT NULL,
-    state TEXT NOT NULL, filled_wh INTEGER NOT NULL DEFAULT 0);
+    state TEXT NOT NULL, filled_wh INTEGER NOT NULL DEFAULT 0, signed TEXT, signature TEXT, signed_id TEXT);
 CREATE INDEX IF NOT EXISTS orders_by_state ON orders (state, round);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, cleared_at REAL NOT NULL, price TEXT, volume_wh INTEGER NOT NULL);
@@ -35,14 +41,30 @@ CREATE TABLE IF NOT EXISTS trades (
     buyer TEXT NOT NULL, seller_site TEXT NOT NULL, buyer_site TEXT NOT NULL, wh INTEGER NOT NULL,
     price TEXT NOT NULL, state TEXT NOT NULL, delivered_wh INTEGER NOT NULL DEFAULT 0,
     paid_wei TEXT NOT NULL DEFAULT '0', reason TEXT NOT NULL DEFAULT '', agreed_at REAL NOT NULL,
-    updated_at REAL NOT NULL);
+    updated_at REAL NOT NULL, bid_id TEXT NOT NULL DEFAULT '', fallback TEXT NOT NULL DEFAULT '',
+    fallback_cause TEXT);
 CREATE INDEX IF NOT EXISTS trades_by_state ON trades (state);
 """
 
 
 ADDED_COLUMNS = (  # (table, column, declaration) added after the table first shipped
     ("offers", "cause", "TEXT"),  # the id of the event that decides the offer's end: OfferOpened, then the highest BidPlaced
+    # contracts v2: the signed fact (JSON), its signature and its id (lowercase 0x-hex)
+    *((table, column, "TEXT") for table in ("offers", "bids", "orders") for column in ("signed", "signature",
+                                                                                      "signed_id")),
+    ("trades", "bid_id", "TEXT NOT NULL DEFAULT ''"),  # the auction's bid the trade was agreed from (english)
+    # the english trade's next-best bid is tried when it could not be opened: '' no, 'pending', then what came of it
+    ("trades", "fallback", "TEXT NOT NULL DEFAULT ''"),
+    ("trades", "fallback_cause", "TEXT"),
 )
+
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS offers_signed ON offers (signed_id) WHERE signed_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS bids_signed ON bids (signed_id) WHERE signed_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS orders_signed ON orders (signed_id) WHERE signed_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS trades_fallback ON trades (fallback) WHERE fallback = 'pending';
+CREATE INDEX IF NOT EXISTS trades_by_offer ON trades (offer_id);
+"""
 
 
 def create(conn: sqlite3.Connection) -> None:
@@ -50,6 +72,32 @@ def create(conn: sqlite3.Connection) -> None:
     for table, column, decl in ADDED_COLUMNS:  # a store from before the column
         if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    conn.executescript(INDEXES)
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM auction_meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT INTO auction_meta (key, value) VALUES (?, ?) "
+                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+
+def signed_taken(conn: sqlite3.Connection, table: str, signed_id: str) -> str | None:
+    """The offer, bid or order (its auction id) that took the signed fact ``signed_id``."""
+    key = {"offers": "offer_id", "bids": "bid_id", "orders": "order_id"}[table]
+    row = conn.execute(f"SELECT {key} FROM {table} WHERE signed_id = ?", (signed_id.lower(),)).fetchone()  # noqa: S608
+    return None if row is None else str(row[0])
+
+
+def _signed_offer(raw: str | None) -> typed.Offer | None:
+    return typed.Offer.model_validate_json(raw) if raw else None
+
+
+def _signed_bid(raw: str | None) -> typed.Bid | None:
+    return typed.Bid.model_validate_json(raw) if raw else None
 
 
 def next_number(conn: sqlite3.Connection, counter: str) -> int:
@@ -64,22 +112,25 @@ def next_number(conn: sqlite3.Connection, counter: str) -> int:
 
 
 def _bid(row: tuple) -> Bid:  # type: ignore[type-arg]
-    bid_id, offer_id, seq, buyer, buyer_site, price, placed_at = row
+    bid_id, offer_id, seq, buyer, buyer_site, price, placed_at, signed, signature = row
     return Bid(bid_id=bid_id, offer_id=offer_id, buyer=buyer, buyer_site=buyer_site,
-               price_wei_per_kwh=int(price), placed_at=placed_at, seq=seq)
+               price_wei_per_kwh=int(price), placed_at=placed_at, seq=seq, signed=_signed_bid(signed),
+               signature=signature or "")
 
 
-_BID_COLS = "bid_id, offer_id, seq, buyer, buyer_site, price, placed_at"
-_OFFER_COLS = "offer_id, seller, seller_site, wh, start_price, opened_at, ends_at, state, highest_bid, bids"
+_BID_COLS = "bid_id, offer_id, seq, buyer, buyer_site, price, placed_at, signed, signature"
+_OFFER_COLS = ("offer_id, seller, seller_site, wh, start_price, opened_at, ends_at, state, highest_bid, bids, signed, "
+               "signature")
 
 
 def _offer(conn: sqlite3.Connection, row: tuple) -> Offer:  # type: ignore[type-arg]
-    offer_id, seller, seller_site, wh, start, opened_at, ends_at, state, highest_bid, bids = row
+    offer_id, seller, seller_site, wh, start, opened_at, ends_at, state, highest_bid, bids, signed, signature = row
     highest = None
     if highest_bid is not None:
         highest = _bid(conn.execute(f"SELECT {_BID_COLS} FROM bids WHERE bid_id = ?", (highest_bid,)).fetchone())
     return Offer(offer_id=offer_id, seller=seller, seller_site=seller_site, wh=wh, start_price_wei_per_kwh=int(start),
-                 opened_at=opened_at, ends_at=ends_at, state=state, highest=highest, bids=bids)
+                 opened_at=opened_at, ends_at=ends_at, state=state, highest=highest, bids=bids,
+                 signed=_signed_offer(signed), signature=signature or "")
 
 
 def get_offer(conn: sqlite3.Connection, offer_id: str) -> Offer | None:
@@ -105,15 +156,18 @@ def next_deadline(conn: sqlite3.Connection) -> float | None:
 
 
 def insert_offer(conn: sqlite3.Connection, o: Offer) -> None:
-    conn.execute("INSERT INTO offers (offer_id, seller, seller_site, wh, start_price, opened_at, ends_at, state, bids) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+    conn.execute("INSERT INTO offers (offer_id, seller, seller_site, wh, start_price, opened_at, ends_at, state, bids, "
+                 "signed, signature, signed_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
                  (o.offer_id, o.seller, o.seller_site, o.wh, str(o.start_price_wei_per_kwh), o.opened_at, o.ends_at,
-                  o.state))
+                  o.state, o.signed.model_dump_json() if o.signed else None, o.signature or None,
+                  o.signed.offer_id.lower() if o.signed else None))
 
 
 def save_bid(conn: sqlite3.Connection, o: Offer, b: Bid) -> None:
-    conn.execute(f"INSERT INTO bids ({_BID_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                 (b.bid_id, b.offer_id, b.seq, b.buyer, b.buyer_site, str(b.price_wei_per_kwh), b.placed_at))
+    conn.execute(f"INSERT INTO bids ({_BID_COLS}, signed_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (b.bid_id, b.offer_id, b.seq, b.buyer, b.buyer_site, str(b.price_wei_per_kwh), b.placed_at,
+                  b.signed.model_dump_json() if b.signed else None, b.signature or None,
+                  b.signed.bid_id.lower() if b.signed else None))
     conn.execute("UPDATE offers SET highest_bid = ?, bids = ? WHERE offer_id = ?",
                  (o.highest.bid_id if o.highest else None, o.bids, o.offer_id))
 
@@ -138,19 +192,32 @@ def bids_of(conn: sqlite3.Connection, offer_id: str) -> list[Bid]:
 
 # --- double auction orders ------------------------------------------------------------
 
-_ORDER_COLS = "order_id, side, account, site, wh, limit_price"
+_ORDER_COLS = "order_id, side, account, site, wh, limit_price, signed, signature"
+
+
+def _signed_id(o: double.Order) -> str | None:
+    if isinstance(o.signed, typed.Offer):
+        return o.signed.offer_id.lower()
+    if isinstance(o.signed, typed.Bid):
+        return o.signed.bid_id.lower()
+    return None
 
 
 def insert_order(conn: sqlite3.Connection, o: double.Order, round_: int, now: float) -> None:
-    conn.execute("INSERT INTO orders (order_id, round, side, account, site, wh, limit_price, placed_at, state) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open')",
-                 (o.order_id, round_, o.side, o.account, o.site, o.wh, str(o.limit_price_wei_per_kwh), now))
+    conn.execute("INSERT INTO orders (order_id, round, side, account, site, wh, limit_price, placed_at, state, signed, "
+                 "signature, signed_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+                 (o.order_id, round_, o.side, o.account, o.site, o.wh, str(o.limit_price_wei_per_kwh), now,
+                  o.signed.model_dump_json() if o.signed else None, o.signature or None, _signed_id(o)))
 
 
 def orders_of_round(conn: sqlite3.Connection, round_: int) -> list[double.Order]:
     rows = conn.execute(f"SELECT {_ORDER_COLS} FROM orders WHERE round = ? AND state = 'open'", (round_,))
-    return [double.Order(order_id=r[0], side=r[1], account=r[2], site=r[3], wh=r[4], limit_price_wei_per_kwh=int(r[5]))
-            for r in rows]
+    out = []
+    for r in rows:
+        signed: typed.Offer | typed.Bid | None = (_signed_offer(r[6]) if r[1] == "sell" else _signed_bid(r[6]))
+        out.append(double.Order(order_id=r[0], side=r[1], account=r[2], site=r[3], wh=r[4],
+                                limit_price_wei_per_kwh=int(r[5]), signed=signed, signature=r[7] or ""))
+    return out
 
 
 def open_order_rounds(conn: sqlite3.Connection) -> list[int]:
@@ -181,8 +248,8 @@ def round_cleared(conn: sqlite3.Connection, round_: int) -> bool:
 
 def open_sell_orders(conn: sqlite3.Connection, include_closed: bool) -> list[tuple]:  # type: ignore[type-arg]
     where = "side = 'sell'" + ("" if include_closed else " AND state = 'open'")
-    return conn.execute(f"SELECT order_id, account, site, wh, limit_price, placed_at, round, state, filled_wh "
-                        f"FROM orders WHERE {where} ORDER BY placed_at, order_id").fetchall()
+    return conn.execute(f"SELECT order_id, account, site, wh, limit_price, placed_at, round, state, filled_wh, "
+                        f"signed_id FROM orders WHERE {where} ORDER BY placed_at, order_id").fetchall()
 
 
 # --- trades ---------------------------------------------------------------------------
@@ -203,14 +270,43 @@ def get_trade(conn: sqlite3.Connection, trade_id: str) -> lifecycle.Trade | None
     return _trade(row) if row else None
 
 
-def insert_trade(conn: sqlite3.Connection, t: lifecycle.Trade, market: str, now: float) -> bool:
+def insert_trade(conn: sqlite3.Connection, t: lifecycle.Trade, market: str, now: float, bid_id: str = "") -> bool:
     """False if a trade with this id exists already (nothing is agreed twice)."""
     cur = conn.execute(
         "INSERT INTO trades (trade_id, offer_id, market, seller, buyer, seller_site, buyer_site, wh, price, state, "
-        "agreed_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trade_id) DO NOTHING",
+        "agreed_at, updated_at, bid_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trade_id) DO NOTHING",
         (t.trade_id, t.offer_id, market, t.seller, t.buyer, t.seller_site, t.buyer_site, t.wh,
-         str(t.price_wei_per_kwh), t.state, now, now))
+         str(t.price_wei_per_kwh), t.state, now, now, bid_id))
     return cur.rowcount == 1
+
+
+def trade_market(conn: sqlite3.Connection, trade_id: str) -> str | None:
+    row = conn.execute("SELECT market FROM trades WHERE trade_id = ?", (trade_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def trades_of_offer(conn: sqlite3.Connection, offer_id: str) -> list[lifecycle.Trade]:
+    rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades WHERE offer_id = ? ORDER BY agreed_at, trade_id",
+                        (offer_id,))
+    return [_trade(r) for r in rows]
+
+
+def set_fallback(conn: sqlite3.Connection, trade_id: str, state: str, cause: str | None = None) -> None:
+    """What became of trying the next bid after ``trade_id`` could not be opened:
+    'pending' (to do), then the next trade's id or why there is none."""
+    if cause is None:
+        conn.execute("UPDATE trades SET fallback = ? WHERE trade_id = ?", (state, trade_id))
+    else:
+        conn.execute("UPDATE trades SET fallback = ?, fallback_cause = ? WHERE trade_id = ?", (state, cause, trade_id))
+
+
+def fallback_of(conn: sqlite3.Connection, trade_id: str) -> tuple[str, str | None]:
+    row = conn.execute("SELECT fallback, fallback_cause FROM trades WHERE trade_id = ?", (trade_id,)).fetchone()
+    return ("", None) if row is None else (str(row[0]), row[1])
+
+
+def pending_fallbacks(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT trade_id FROM trades WHERE fallback = 'pending' ORDER BY updated_at")]
 
 
 def save_trade(conn: sqlite3.Connection, t: lifecycle.Trade, now: float) -> None:

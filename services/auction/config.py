@@ -29,6 +29,12 @@ class AuctionSettings(BusSettings):
         default=1.0, gt=0, description="how often the live trades are announced (meters fail safe without it)")
     auction_balance_timeout_s: float = Field(
         default=2.0, gt=0, description="how long to wait for the chain service's balances before refusing a bid")
+    auction_expiry_grace_s: float = Field(
+        default=60.0, ge=0, description="a signed offer or bid must stay valid at least this long after the auction's "
+                                        "end (or the call's clearing): the time the operator has to open the trade")
+    auction_fallback_margin_s: float = Field(
+        default=5.0, ge=0, description="when a winning bid's trade cannot be opened, the next bid is tried only if it "
+                                       "and the offer stay valid at least this much longer")
 
     @property
     def english(self) -> bool:

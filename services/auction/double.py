@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from operator import attrgetter
 from typing import Literal, NamedTuple
 
+from services.bus import typed
+
 Side = Literal["sell", "buy"]
 
 
@@ -34,6 +36,9 @@ class Order:
     site: str
     wh: int
     limit_price_wei_per_kwh: int
+    signed: typed.Offer | typed.Bid | None = None
+    """A sell order's signed offer, a buy order's signed bid (for the trades it fills)."""
+    signature: str = ""
 
 
 class Fill(NamedTuple):

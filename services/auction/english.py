@@ -2,9 +2,14 @@
 
 A seller offers ``wh`` of energy backed by tokens at a start price per kWh for a
 duration. A bid must reach the start price, beat the current highest by the minimum
-increment and be covered by the buyer's free escrow. At the deadline the highest bid
-wins; among equal prices (possible only with a zero increment) the earliest wins. No
-bid: the offer expires. A seller may cancel an offer that has no bids.
+increment and be covered by the buyer's escrow reserved on-chain until the bid's expiry
+(contracts v2: reserved escrow cannot be withdrawn under a live bid). At the deadline
+the highest bid wins; among equal prices (possible only with a zero increment) the
+earliest wins. No bid: the offer expires. A seller may cancel an offer that has no bids.
+
+Each offer and bid carries the seller's or buyer's signed fact (:mod:`services.bus.typed`,
+checked by :mod:`services.auction.signed` before it gets here): the trade is opened
+on-chain from the two.
 
 Everything here takes plain values (``now`` included) and either returns a result or
 raises :class:`Rejected` with a stable ``code``; the service turns that into a
@@ -16,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from typing import Literal
+
+from services.bus import typed
 
 from .errors import Rejected
 
@@ -39,6 +46,9 @@ class Bid:
     placed_at: float
     seq: int
     """Order of acceptance within the offer (1, 2, ...): breaks ties, earliest wins."""
+    signed: typed.Bid | None = None
+    """The buyer's signed bid (None only in a store from before signed bids)."""
+    signature: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,6 +63,9 @@ class Offer:
     state: OfferState = "open"
     highest: Bid | None = None
     bids: int = 0
+    signed: typed.Offer | None = None
+    """The seller's signed offer (None only in a store from before signed offers)."""
+    signature: str = ""
 
     def is_open(self, now: float) -> bool:
         """Taking bids: open and its deadline not reached."""
@@ -68,7 +81,8 @@ def same_account(a: str, b: str) -> bool:
 
 
 def open_offer(*, offer_id: str, seller: str, seller_site: str, wh: int, start_price_wei_per_kwh: int,
-               duration_s: float, now: float, tokens_free_wh: int) -> Offer:
+               duration_s: float, now: float, tokens_free_wh: int, signed: typed.Offer | None = None,
+               signature: str = "") -> Offer:
     """A new offer, if the seller's free tokens cover it."""
     if wh <= 0:
         raise Rejected("invalid", "an offer needs a positive amount of energy (Wh)")
@@ -79,7 +93,8 @@ def open_offer(*, offer_id: str, seller: str, seller_site: str, wh: int, start_p
     if tokens_free_wh < wh:
         raise Rejected("no_tokens", f"the seller has {tokens_free_wh} Wh of free tokens, the offer needs {wh} Wh")
     return Offer(offer_id=offer_id, seller=seller, seller_site=seller_site, wh=wh,
-                 start_price_wei_per_kwh=start_price_wei_per_kwh, opened_at=now, ends_at=now + duration_s)
+                 start_price_wei_per_kwh=start_price_wei_per_kwh, opened_at=now, ends_at=now + duration_s,
+                 signed=signed, signature=signature)
 
 
 def min_next_bid(offer: Offer, min_increment_wei_per_kwh: int) -> int:
@@ -94,7 +109,7 @@ def check_bid(offer: Offer | None, *, buyer: str, price_wei_per_kwh: int, now: f
     """Check everything about a bid except money; returns the escrow it needs (wei).
 
     The funding check comes after (it needs a round trip to the chain), through
-    :func:`check_funds`, so a bid that is refused for a plain reason costs nothing.
+    :func:`check_reserve`, so a bid that is refused for a plain reason costs nothing.
     """
     if offer is None:
         raise Rejected("not_found", "no such offer")
@@ -113,22 +128,35 @@ def check_bid(offer: Offer | None, *, buyer: str, price_wei_per_kwh: int, now: f
     return cost_wei(offer.wh, price_wei_per_kwh)
 
 
-def check_funds(*, needed_wei: int, escrow_free_wei: int, reserved_wei: int = 0) -> None:
-    """The buyer's free escrow, less what their other winning bids and unrecorded trades
-    already claim, must cover the bid."""
-    available = escrow_free_wei - reserved_wei
-    if available < needed_wei:
-        raise Rejected("unfunded", f"the bid needs {needed_wei} wei of free escrow; the buyer has {max(available, 0)}"
-                                   + (f" ({reserved_wei} wei already held by other bids and trades)" if reserved_wei else ""))
+def check_reserve(*, needed_wei: int, reserved_wei: int, reserved_until: int, expiry: int, held_wei: int = 0,
+                  what: str = "bid") -> None:
+    """The buyer's escrow reserved on-chain until at least the bid's ``expiry`` must cover
+    the bid plus what the buyer's other winning bids, buy orders and not yet opened trades
+    hold already (``held_wei``). A reservation that ends before the bid's expiry covers
+    nothing: the buyer could withdraw it under the bid. The refusal says how much to
+    reserve, until when."""
+    covered = reserved_wei if reserved_until >= expiry else 0
+    total = needed_wei + held_wei
+    if covered >= total:
+        return
+    if reserved_wei and reserved_until < expiry:
+        has = f"{reserved_wei} wei reserved only until {reserved_until}, before the {what}'s expiry"
+    else:
+        has = f"{reserved_wei} wei reserved"
+    others = f", on top of {held_wei} wei held by the buyer's other bids, orders and trades" if held_wei else ""
+    raise Rejected("unfunded", f"the {what} needs {needed_wei} wei of escrow reserved until {expiry}{others}; the "
+                               f"buyer has {has}: reserve {total} wei in all until {expiry} (nothing was done)")
 
 
 def place_bid(offer: Offer, *, bid_id: str, buyer: str, buyer_site: str, price_wei_per_kwh: int,
-              now: float, min_increment_wei_per_kwh: int) -> tuple[Offer, Bid]:
-    """Accept a bid (after :func:`check_bid` and :func:`check_funds` passed)."""
+              now: float, min_increment_wei_per_kwh: int, signed: typed.Bid | None = None,
+              signature: str = "") -> tuple[Offer, Bid]:
+    """Accept a bid (after :func:`check_bid` and :func:`check_reserve` passed)."""
     check_bid(offer, buyer=buyer, price_wei_per_kwh=price_wei_per_kwh, now=now,
               min_increment_wei_per_kwh=min_increment_wei_per_kwh)
     bid = Bid(bid_id=bid_id, offer_id=offer.offer_id, buyer=buyer, buyer_site=buyer_site,
-              price_wei_per_kwh=price_wei_per_kwh, placed_at=now, seq=offer.bids + 1)
+              price_wei_per_kwh=price_wei_per_kwh, placed_at=now, seq=offer.bids + 1, signed=signed,
+              signature=signature)
     highest = offer.highest
     if highest is None or winner_key(bid) < winner_key(highest):
         highest = bid
@@ -165,6 +193,21 @@ def settle(offer: Offer, now: float) -> Offer:
     return dataclasses.replace(offer, state="sold" if offer.highest is not None else "expired")
 
 
-def trade_id_for(offer_id: str) -> str:
-    """One offer, at most one trade: the trade id is derived from the offer id."""
-    return f"t-{offer_id}"
+def trade_id_for(offer_id: str, attempt: int = 1) -> str:
+    """The trade id is derived from the offer id: ``t-<offer>`` for the winning bid, and
+    ``t-<offer>-<n>`` for the n-th try when the trades of the bids before could not be
+    opened on-chain (see :func:`fallbacks`)."""
+    return f"t-{offer_id}" if attempt <= 1 else f"t-{offer_id}-{attempt}"
+
+
+def fallbacks(bids: Iterable[Bid], *, tried: set[str], now: float, margin_s: float) -> list[Bid]:
+    """The bids to open a trade from when the winner's trade could not be: the best bid
+    of each buyer not ``tried`` yet (lowercase addresses), best first, whose signed bid
+    stays valid at least ``margin_s`` more."""
+    best: dict[str, Bid] = {}
+    for b in sorted(bids, key=winner_key):
+        who = b.buyer.lower()
+        if who in tried or who in best:
+            continue
+        best[who] = b
+    return [b for b in best.values() if b.signed is not None and b.signed.expiry > now + margin_s]

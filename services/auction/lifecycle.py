@@ -4,7 +4,7 @@
 
     agreed ──TradeRecorded──▶ recorded ──(at once)──▶ delivering ──delivered ≥ wh──▶ fulfilled ─┐
       │                          │                       │                                     ├─TradeClosedOnChain─▶ settled
-      └──────────── CloseTrade (buyer or operator) ──────┴──────────────▶ closed ──────────────┘
+      └─────── CloseTrade (buyer, seller or operator) ───┴──────────────▶ closed ──────────────┘
 
 ``failed`` is reached from ``agreed`` when the chain could not record the trade.
 A trade is *live* (relays closed, listed in the heartbeat) while ``recorded`` or
@@ -126,14 +126,17 @@ def _check_fulfilled(trade: Trade, steps: list[Step]) -> tuple[Trade, list[Step]
 
 
 def may_close(trade: Trade, by: str, operator: str | None) -> bool:
+    """The buyer, the seller (contracts v2: e.g. its meter saw the energy go elsewhere) or
+    the operator."""
     who = by.lower()
-    return who == trade.buyer.lower() or (operator is not None and who == operator.lower())
+    return who in (trade.buyer.lower(), trade.seller.lower()) or (operator is not None and who == operator.lower())
 
 
 def close(trade: Trade, *, by: str, operator: str | None = None, reason: str = "closed by the buyer") -> tuple[Trade, list[Step]]:
-    """Close Connection: only the buyer or the operator, only while not yet ended."""
+    """Close Connection: only the buyer, the seller or the operator, only while not yet
+    ended; ``reason`` says why, in words (the TradeStatus carries it)."""
     if not may_close(trade, by, operator):
-        raise Rejected("not_allowed", "only the buyer or the operator can close a trade")
+        raise Rejected("not_allowed", "only the buyer, the seller or the operator can close a trade")
     if trade.state not in ("agreed", "recorded", "delivering"):
         raise Rejected("closed", f"trade {trade.trade_id} is already {trade.state}")
     trade, a = _go(trade, "closed", reason)

@@ -293,6 +293,8 @@ class OfferView(Reply):
     highest_bid_wei_per_kwh: Wei | None = None
     highest_bidder: Address | None = None
     bids: int = 0
+    signed_offer_id: str = Field(default="", description="the id in the seller's signed offer: a bid's signed "
+                                                         "offer_id names it")
 
 
 class OfferPlaced(Reply):
@@ -338,7 +340,7 @@ class CancelOffer(Request):
 
 @request
 class CloseTrade(Request):
-    """Close Connection: the buyer (or the operator) ends a live trade."""
+    """Close Connection: the buyer, the seller (contracts v2) or the operator ends a live trade."""
 
     TYPE: ClassVar[str] = "auction.close"
     trade_id: Id
@@ -369,6 +371,7 @@ class TradeView(Reply):
     state: str
     delivered_wh: Wh = 0
     paid_wei: Wei = 0
+    reason: str = Field(default="", description="why it is closed or failed, in words")
 
 
 class Trades(Reply):

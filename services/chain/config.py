@@ -95,6 +95,9 @@ class ChainSettings(BusSettings):
     def keystore(self) -> pathlib.Path:
         return self.keystore_dir if self.keystore_dir is not None else self.data_dir / "keystore"
 
+    reserve_wait_s: float = Field(default=120.0, gt=0, description="a wallet's Reserve answers once its transaction "
+                                                                    "is in a block; after this long without one it "
+                                                                    "answers 'timeout' (the transaction stays pending)")
     deployment_wait_s: float = Field(default=5.0, gt=0, description="a wallet: how often it looks again for the "
                                                                      "operator's deployment while it has none")
 

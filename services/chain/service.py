@@ -7,8 +7,9 @@ wallet anywhere else):
   into mints, trade opens, settlements and closes, funds newly claimed accounts on dev
   chains, starts and stops mining (the market's own site only). It holds no user key.
 - :mod:`services.chain.wallet`, at each site: that site's keystores, unlock sessions,
-  balances, and the transactions its own accounts sign (escrow deposit/withdraw, Ether
-  transfer, token approval, credit withdrawal). It serves callers of its own site only,
+  balances, the transactions its own accounts sign (escrow deposit/withdraw/reserve, Ether
+  transfer, token approval, credit withdrawal) and their offers and bids (EIP-712
+  signatures, nothing sent). It serves callers of its own site only,
   announces each account's ownership claim (``wallet.account``), and learns the
   contract addresses from the operator's announcement.
 
@@ -104,7 +105,7 @@ class ChainBase(Service):
         self.work = asyncio.Event()
         self._started = asyncio.Event()
         self.reconnects = 0
-        self._reading: dict[tuple[str, int], asyncio.Future[tuple[int, int, int, int, int]]] = {}
+        self._reading: dict[tuple[str, int], asyncio.Future[tuple[int, ...]]] = {}
         self.minted = MintedIndex(self.store, logs_range=settings.logs_range)  # Wh minted per account
         self.confirmations = 0  # blocks on top before a transaction counts as final (see attach)
 
@@ -305,20 +306,23 @@ class ChainBase(Service):
         if fut is None:
             fut = self._reading[key] = asyncio.ensure_future(self._read_balances(a, head))
             fut.add_done_callback(lambda _: self._reading.pop(key, None))
-        ether, free, locked, credit, tokens = await asyncio.shield(fut)
+        ether, free, reserved, until, locked, credit, tokens = await asyncio.shield(fut)
         await self.index_minted()
-        return C.Balances(address=a, ether_wei=ether, escrow_free_wei=free, escrow_locked_wei=locked,
-                          credit_wei=credit, tokens_wh=tokens, generated_wh=self.minted.totals.get(a, 0))
+        return C.Balances(address=a, ether_wei=ether, escrow_free_wei=free, escrow_reserved_wei=reserved,
+                          reserved_until=until, escrow_locked_wei=locked, credit_wei=credit, tokens_wh=tokens,
+                          generated_wh=self.minted.totals.get(a, 0))
 
-    async def _read_balances(self, a: str, block: int) -> tuple[int, int, int, int, int]:
+    async def _read_balances(self, a: str, block: int) -> tuple[int, ...]:
+        """(ether, free, reserved, reserved until, locked, credit, tokens) of ``a`` at ``block``."""
         node, dep, _ = self._ready()
         m, t = dep.market.functions, dep.token.functions
-        async with guard():  # concurrently: on a remote node, one round trip instead of five
-            ether, free, locked, credit, tokens = await asyncio.gather(
+        async with guard():  # concurrently: on a remote node, one round trip instead of seven
+            got = await asyncio.gather(
                 node.w3.eth.get_balance(a, block), m.freeEscrow(a).call(block_identifier=block),
+                m.reservedEscrow(a).call(block_identifier=block), m.reservedUntil(a).call(block_identifier=block),
                 m.lockedEscrow(a).call(block_identifier=block), m.credit(a).call(block_identifier=block),
                 t.balanceOf(a).call(block_identifier=block))
-        return int(ether), int(free), int(locked), int(credit), int(tokens)
+        return tuple(int(x) for x in got)
 
     # --- the minted-token index (public logs) ---------------------------------------------
 

@@ -9,9 +9,15 @@ site's keystores and nobody else's, and serves callers of its own site only.
   :mod:`services.bus.claims`) is announced on the bus as ``wallet.account`` at start and
   whenever an account is added; a file without a claim gets one at its first unlock.
 - Its own transactions: Ether transfers, escrow deposit/withdraw, token approval for the
-  market, credit withdrawal, each signed here by the unlocked account and tracked from
-  hash to receipt; their progress is published as ``wallet.tx`` (SITE_NAMED: this site's
-  gateway shows it), pending ones are listed by ``ListPending``.
+  market, credit withdrawal, escrow reservation for bids (``Reserve``), each signed here
+  by the unlocked account and tracked from hash to receipt; their progress is published
+  as ``wallet.tx`` (SITE_NAMED: this site's gateway shows it), pending ones are listed by
+  ``ListPending``.
+- Its signatures (contracts v2: every payment comes from a signature): an offer
+  (``SignOffer``) or a bid (``SignBid``) of an unlocked account, EIP-712 typed data of
+  the market domain of the operator's deployment (chain id and market address), with a
+  fresh random id. Nothing is sent; the auction checks them and the operator opens a
+  trade from the two, which the market contract checks again.
 - Reads: public balances from its own node connection (plus, best effort, the tokens
   locked in open trades, which only the operator's trade book knows: a read-only request
   to the market's chain service), mining status. Mining is started and stopped by the
@@ -30,15 +36,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from pydantic import ValidationError
 from web3 import AsyncWeb3
 
 from services.bus import Caller, RpcServer
 from services.bus import claims as claims_mod
 from services.bus import commands as C
 from services.bus import events as E
+from services.bus import typed
 from services.bus.errors import RequestError, RequestTimeout
 
 from . import ledger
@@ -50,6 +59,24 @@ from .service import ChainBase, _errors
 from .sessions import Sessions, TooManyAttempts, UnlockThrottle
 
 log = logging.getLogger(__name__)
+
+
+def reserve_plan(*, total_wei: int, until: int, reserved_wei: int, reserved_until: int, free_wei: int) -> int | None:
+    """The amount ``reserve(amount, until)`` must move from free escrow so that at least
+    ``total_wei`` is reserved until ``until`` (0: only the time is extended), or None when
+    the account's reservation covers that already. Raises ``insufficient_escrow`` (with the
+    numbers) when the free escrow cannot make up what is missing."""
+    if total_wei <= 0:
+        return None
+    missing = max(0, total_wei - reserved_wei)
+    if missing == 0 and reserved_until >= until:
+        return None
+    if missing > free_wei:
+        raise RequestError("insufficient_escrow",
+                           f"nothing was sent: reserving {total_wei} wei until {until} needs {missing} wei more than "
+                           f"the {reserved_wei} wei reserved now, and the free escrow holds {free_wei} wei; deposit "
+                           f"at least {missing - free_wei} wei more")
+    return missing
 
 
 class WalletService(ChainBase):
@@ -69,6 +96,7 @@ class WalletService(ChainBase):
         self._foreign_warned: set[str] = set()
         self.deployment: E.Deployment | None = None
         self._attached = ""  # the deployment id attached to
+        self._reserving: dict[str, asyncio.Lock] = {}  # account -> one Reserve at a time
         raw = ledger.get_meta(self.store.conn, "deployment_announced")
         if raw:
             self.deployment = E.Deployment.model_validate_json(raw)
@@ -80,8 +108,12 @@ class WalletService(ChainBase):
         for req, fn in ((C.ListAccounts, self.list_accounts), (C.Unlock, self.unlock), (C.Lock, self.lock),
                         (C.GetBalances, self.balances), (C.Transfer, self.transfer), (C.Escrow, self.escrow),
                         (C.Approve, self.approve), (C.SetMining, self.set_mining),
-                        (C.ListPending, self.list_pending)):
+                        (C.ListPending, self.list_pending), (C.SignOffer, self.sign_offer),
+                        (C.SignBid, self.sign_bid)):
             srv.handle(req, fn)
+        # the reservation waits for its block before the command's store transaction (the
+        # transaction manager needs the store meanwhile to follow it)
+        srv.handle(C.Reserve, self.reserved, prefetch=self.reserve)
         self.spawn(self._announcer(), "wallet-claims")
 
     async def teardown(self) -> None:
@@ -134,6 +166,14 @@ class WalletService(ChainBase):
         self.deploy_block = d.deploy_block
         self._attached = d.deployment
         return d.token, d.market, d.registry, d.deployment
+
+    def market_domain(self) -> typed.Domain:
+        """The EIP-712 domain of offers and bids: the market of the operator's deployment."""
+        d = self.deployment
+        if d is None:
+            raise ChainUnavailable("no contracts announced by the operator yet (chain.deployment): no market to sign "
+                                   "for")
+        return typed.market_domain(d.chain_id, d.market)
 
     async def watch_step(self) -> None:
         self.sessions.expire()
@@ -287,18 +327,27 @@ class WalletService(ChainBase):
     @_errors
     async def escrow(self, req: C.Escrow, caller: Caller) -> C.TxSent:
         signer = self._signer(caller, req.account)
-        _, dep, txm = self._ready()
+        node, dep, txm = self._ready()
         m = dep.market
         if req.action == "deposit":
             tx = await txm.build(signer.address, to=dep.market_address, value=req.amount_wei,
                                  data=m.encode_abi("deposit", args=[]))
             kind = "deposit"
         elif req.action == "withdraw":
+            # v2: withdraw takes the free escrow, then the reserved escrow once its time has passed
             async with guard():
-                free = await m.functions.freeEscrow(signer.address).call()
-            if req.amount_wei > free:
-                raise RequestError("insufficient_escrow",
-                                   f"nothing was sent: {req.amount_wei} wei exceeds the free escrow of {free} wei")
+                free, reserved, until, head = await asyncio.gather(
+                    m.functions.freeEscrow(signer.address).call(), m.functions.reservedEscrow(signer.address).call(),
+                    m.functions.reservedUntil(signer.address).call(), node.w3.eth.get_block("latest"))
+            now = int(head["timestamp"])
+            held = now < until
+            withdrawable = free + (0 if held else reserved)
+            if req.amount_wei > withdrawable:
+                why = f"free {free} wei"
+                if reserved and held:
+                    why += f"; {reserved} wei reserved for bids until {until}, {until - now} s from now"
+                raise RequestError("insufficient_escrow", f"nothing was sent: {req.amount_wei} wei exceeds the escrow "
+                                                          f"that can be withdrawn now, {withdrawable} wei ({why})")
             tx = await txm.build(signer.address, to=dep.market_address,
                                  data=m.encode_abi("withdraw", args=[req.amount_wei]))
             kind = "withdraw"
@@ -312,6 +361,106 @@ class WalletService(ChainBase):
             tx = await txm.build(signer.address, to=dep.market_address, data=m.encode_abi("withdrawCredit", args=[]))
             kind = "withdraw_credit"
         return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind=kind, ref=str(req.amount_wei)))
+
+    @_errors
+    async def reserve(self, req: C.Reserve, caller: Caller) -> C.TxSent:
+        """At least ``total_wei`` of the account's escrow reserved until ``until``: reserve
+        what is missing from free escrow (and extend the time), answered once that
+        transaction is in a block ("" when nothing was missing). Runs before the command's
+        store transaction (a prefetch); one at a time per account, and a reservation of the
+        account still on its way is waited for first, so a retry never reserves twice."""
+        signer = self._signer(caller, req.account)
+        lock = self._reserving.setdefault(signer.address, asyncio.Lock())
+        async with lock:
+            _, dep, txm = self._ready()
+            for row in ledger.pending_txs(self.store.conn, signer.address):
+                if row["kind"] == "reserve":
+                    await self._in_block(row["tx_hash"])
+            m = dep.market.functions
+            async with guard():
+                free, reserved, until = await asyncio.gather(
+                    m.freeEscrow(signer.address).call(), m.reservedEscrow(signer.address).call(),
+                    m.reservedUntil(signer.address).call())
+            amount = reserve_plan(total_wei=req.total_wei, until=req.until, reserved_wei=int(reserved),
+                                  reserved_until=int(until), free_wei=int(free))
+            if amount is None:
+                return C.TxSent(tx_hash="")
+            tx = await txm.build(signer.address, to=dep.market_address,
+                                 data=dep.market.encode_abi("reserve", args=[amount, req.until]))
+            tx_hash = await txm.prepare(signer, tx, kind="reserve", ref=f"{amount} until {req.until}")
+            log.info("reserving %d wei more of %s's escrow until %d (%d reserved until %d, asked %d in all)", amount,
+                     signer.address, req.until, reserved, until, req.total_wei)
+            await self._in_block(tx_hash)
+            return C.TxSent(tx_hash=tx_hash)
+
+    async def reserved(self, req: C.Reserve, caller: Caller, sent: C.TxSent) -> C.TxSent:
+        return sent
+
+    async def _in_block(self, tx_hash: str) -> None:
+        """Until our transaction ``tx_hash`` is in a block (mined, not reverted); a clear
+        error when it failed or is still not in a block after ``reserve_wait_s``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.settings.reserve_wait_s
+        while True:
+            row = ledger.get_tx(self.store.conn, tx_hash)
+            if row is None:
+                raise RequestError("internal", f"transaction {tx_hash} is not in this wallet's books")
+            ok = row["ok"]
+            if row["status"] == "confirmed" or (row["status"] == "mined" and ok == 1):
+                return
+            if row["status"] == "failed" or (row["status"] == "mined" and ok == 0):
+                raise RequestError("rejected", f"the {row['kind']} transaction {tx_hash} failed: "
+                                               f"{row['reason'] or row['note'] or 'reverted'}")
+            if loop.time() > end:
+                raise RequestError("timeout", f"the {row['kind']} transaction {tx_hash} is not in a block after "
+                                              f"{self.settings.reserve_wait_s:.0f} s; it stays pending (ask again to "
+                                              "wait for it)")
+            await asyncio.sleep(0.05)
+
+    def _signable(self, caller: Caller, account: str, expiry: int, what: str) -> tuple[LocalAccount, typed.Domain]:
+        """The unlocked key of this site's ``account`` and the market domain to sign in."""
+        signer = self._signer(caller, account)
+        domain = self.market_domain()
+        if expiry <= time.time():
+            raise RequestError("invalid", f"nothing was signed: the {what}'s expiry {expiry} has passed already")
+        return signer, domain
+
+    @staticmethod
+    def _invalid(e: ValidationError) -> RequestError:
+        err = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        return RequestError("invalid", f"nothing was signed: {where}: {err.get('msg', 'invalid')}")
+
+    @_errors
+    async def sign_offer(self, req: C.SignOffer, caller: Caller) -> C.SignedOffer:
+        """An offer of this site's unlocked account, signed (EIP-712, market domain), with
+        a fresh offer id. A retry of the command gets the same signed offer."""
+        signer, domain = self._signable(caller, req.account, req.expiry, "offer")
+        try:
+            offer = typed.Offer(offer_id=typed.new_id(), seller=signer.address, wh=req.wh,
+                                min_price_wei_per_kwh=req.min_price_wei_per_kwh, expiry=req.expiry,
+                                duration_s=req.duration_s)
+        except ValidationError as e:
+            raise self._invalid(e) from None
+        signature = typed.sign_offer(bytes(signer.key), domain, offer)
+        log.info("signed offer %s of %s: %d Wh at %d wei/kWh or more, until %d, trade of %d s", offer.offer_id,
+                 signer.address, offer.wh, offer.min_price_wei_per_kwh, offer.expiry, offer.duration_s)
+        return C.SignedOffer(offer=offer, signature=signature)
+
+    @_errors
+    async def sign_bid(self, req: C.SignBid, caller: Caller) -> C.SignedBid:
+        """A bid of this site's unlocked account for the signed offer ``offer_id`` (the zero
+        id: a double-auction buy order), signed, with a fresh bid id."""
+        signer, domain = self._signable(caller, req.account, req.expiry, "bid")
+        try:
+            bid = typed.Bid(bid_id=typed.new_id(), offer_id=req.offer_id.lower(), buyer=signer.address, wh=req.wh,
+                            max_price_wei_per_kwh=req.max_price_wei_per_kwh, expiry=req.expiry)
+        except ValidationError as e:
+            raise self._invalid(e) from None
+        signature = typed.sign_bid(bytes(signer.key), domain, bid)
+        log.info("signed bid %s of %s for offer %s: %d Wh at %d wei/kWh or less, until %d", bid.bid_id,
+                 signer.address, bid.offer_id, bid.wh, bid.max_price_wei_per_kwh, bid.expiry)
+        return C.SignedBid(bid=bid, signature=signature)
 
     @_errors
     async def approve(self, req: C.Approve, caller: Caller) -> C.TxSent:

@@ -65,7 +65,13 @@ STATUS_OF_CODE: dict[str, int] = {
 }
 CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer", "insufficient_escrow",
             "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
-            "not_supported", "unsupported"}
+            "not_supported", "unsupported", "bad_signature", "replayed"}
+
+
+def cost_wei(wh: int, price_wei_per_kwh: int) -> int:
+    """What ``wh`` costs at a price per kWh, rounded up to whole wei, as the auction counts
+    what a bid needs reserved."""
+    return -(-(wh * price_wei_per_kwh) // 1000)
 
 
 LOCKED_MESSAGE = ("your wallet restarted and locked your account's key: enter your passphrase again "
@@ -271,14 +277,15 @@ class Gateway:
             return f"gw:{self.site}:{session.address.lower()}:{what}:{key}"[:128]
         return uuid.uuid4().hex
 
-    async def ask(self, client: RpcClient, service: str, req: cmd.Request, cmd_id: str | None = None) -> Any:
+    async def ask(self, client: RpcClient, service: str, req: cmd.Request, cmd_id: str | None = None,
+                  timeout: float | None = None) -> Any:
         try:
-            return await client.request(req, timeout=self.settings.gateway_rpc_timeout_s, cmd_id=cmd_id)
+            return await client.request(req, timeout=timeout or self.settings.gateway_rpc_timeout_s, cmd_id=cmd_id)
         except RequestError as e:
             raise from_request_error(e, service) from None
 
-    async def ask_chain(self, req: cmd.Request, cmd_id: str | None = None) -> Any:
-        return await self.ask(self.chain, "chain", req, cmd_id)
+    async def ask_chain(self, req: cmd.Request, cmd_id: str | None = None, timeout: float | None = None) -> Any:
+        return await self.ask(self.chain, "chain", req, cmd_id, timeout)
 
     async def ask_auction(self, req: cmd.Request, cmd_id: str | None = None) -> Any:
         return await self.ask(self.auction, "auction", req, cmd_id)
@@ -415,7 +422,8 @@ class Gateway:
                                                       self._pending(session.address),
                                                       self.is_unlocked(session.address))
         return m.WalletOut(address=session.address, site=self.site, ether_wei=bal.ether_wei,
-                           escrow_free_wei=bal.escrow_free_wei, escrow_locked_wei=bal.escrow_locked_wei,
+                           escrow_free_wei=bal.escrow_free_wei, escrow_reserved_wei=bal.escrow_reserved_wei,
+                           reserved_until=bal.reserved_until, escrow_locked_wei=bal.escrow_locked_wei,
                            credit_wei=bal.credit_wei, tokens_wh=bal.tokens_wh, tokens_locked_wh=bal.tokens_locked_wh,
                            generated_wh=bal.generated_wh, pending=pending, unlocked=unlocked)
 
@@ -461,6 +469,8 @@ class Gateway:
         return m.OffersOut(offers=[m.OfferOut(**o.model_dump()) for o in r.offers], now=self.clock())
 
     async def sell(self, request: web.Request, session: Session, body: m.SellIn) -> m.OfferPlacedOut:
+        """Approve the tokens for the market, have the wallet sign the offer (valid until the
+        auction's end plus a grace period, for a trade of the configured duration), place it."""
         wh = body.energy_wh
         cid = self.cmd_id(request, session, "sell")
         try:  # let the market contract lock these tokens once the auction is won
@@ -471,17 +481,69 @@ class Gateway:
             # (the chain refuses to approve more than the balance); the auction checks the tokens.
             if e.code != "insufficient_tokens":
                 raise from_request_error(e, "chain") from None
+        s = self.settings
+        signed: cmd.SignedOffer = await self.ask_chain(
+            cmd.SignOffer(account=session.address, wh=wh, min_price_wei_per_kwh=body.start_price_wei_per_kwh,
+                          expiry=int(self.clock() + body.duration_s + s.gateway_offer_grace_s),
+                          duration_s=s.gateway_trade_duration_s), f"{cid}:sign"[:128])
         placed: cmd.OfferPlaced = await self.ask_auction(
             cmd.PlaceOffer(seller=session.address, seller_site=self.site, wh=wh,
-                           start_price_wei_per_kwh=body.start_price_wei_per_kwh, duration_s=body.duration_s),
+                           start_price_wei_per_kwh=body.start_price_wei_per_kwh, duration_s=body.duration_s,
+                           offer=signed.offer, signature=signed.signature),
             f"{cid}:offer"[:128])
         return m.OfferPlacedOut(offer_id=placed.offer_id, ends_at=placed.ends_at, wh=wh)
 
+    async def _open_offer(self, offer_id: str, me: str, price: int) -> tuple[cmd.OfferView, list[cmd.OfferView]]:
+        """The open english offer ``offer_id`` and every open offer, with the refusals the
+        listing already tells (no escrow is reserved for a bid that cannot be placed)."""
+        offers = (await self.ask_auction(cmd.ListOffers())).offers
+        offer = next((o for o in offers if o.offer_id == offer_id and o.market == "english"), None)
+        if offer is None:
+            closed = next((o for o in (await self.ask_auction(cmd.ListOffers(include_closed=True))).offers
+                           if o.offer_id == offer_id and o.market == "english"), None)
+            if closed is None:
+                raise ApiError(404, "not_found", "no such offer")
+            raise ApiError(409, "closed", f"offer {offer_id} is {closed.state}")
+        if offer.seller.lower() == me.lower():
+            raise ApiError(409, "own_offer", "a seller cannot bid on their own offer")
+        floor = offer.highest_bid_wei_per_kwh or offer.start_price_wei_per_kwh
+        if price < floor:
+            words = (f"the highest bid is {offer.highest_bid_wei_per_kwh} wei/kWh" if offer.highest_bid_wei_per_kwh
+                     else f"the start bid is {offer.start_price_wei_per_kwh} wei/kWh")
+            raise ApiError(409, "too_low", f"{words}; nothing was done")
+        if not offer.signed_offer_id:
+            raise ApiError(409, "closed", f"offer {offer_id} carries no signed offer: it cannot be bid on")
+        return offer, offers
+
+    async def reserved_for_bids(self, me: str, offers: list[cmd.OfferView], *, except_offer: str) -> int:
+        """What this account's other holds at the auction need reserved: its winning bids on
+        other open offers and its trades agreed but not yet opened on-chain."""
+        who = me.lower()
+        held = sum(cost_wei(o.wh, o.highest_bid_wei_per_kwh or 0) for o in offers
+                   if o.offer_id != except_offer and o.state == "open" and (o.highest_bidder or "").lower() == who)
+        trades: cmd.Trades = await self.ask_auction(cmd.ListTrades(account=me))
+        held += sum(cost_wei(t.wh, t.price_wei_per_kwh) for t in trades.trades
+                    if t.state == "agreed" and t.buyer.lower() == who)
+        return held
+
     async def bid(self, request: web.Request, session: Session, body: m.BidIn) -> m.BidOut:
+        """Reserve the escrow this bid and the account's other live bids need until the bid
+        expires (the wallet tops up from free escrow and answers once in a block), have the
+        wallet sign the bid, place it."""
         offer_id = self._id(request, "offer_id")
+        me, price = session.address, body.price_wei_per_kwh
+        cid = self.cmd_id(request, session, "bid")
+        offer, offers = await self._open_offer(offer_id, me, price)
+        expiry = int(offer.ends_at + self.settings.gateway_bid_grace_s)
+        total = cost_wei(offer.wh, price) + await self.reserved_for_bids(me, offers, except_offer=offer_id)
+        await self.ask_chain(cmd.Reserve(account=me, total_wei=total, until=expiry), f"{cid}:reserve"[:128],
+                             timeout=self.settings.gateway_reserve_timeout_s)
+        signed: cmd.SignedBid = await self.ask_chain(
+            cmd.SignBid(account=me, offer_id=offer.signed_offer_id, wh=offer.wh, max_price_wei_per_kwh=price,
+                        expiry=expiry), f"{cid}:sign"[:128])
         r: cmd.BidAccepted = await self.ask_auction(
-            cmd.PlaceBid(offer_id=offer_id, buyer=session.address, buyer_site=self.site,
-                         price_wei_per_kwh=body.price_wei_per_kwh), self.cmd_id(request, session, "bid"))
+            cmd.PlaceBid(offer_id=offer_id, buyer=me, buyer_site=self.site, price_wei_per_kwh=price,
+                         bid=signed.bid, signature=signed.signature), f"{cid}:bid"[:128])
         return m.BidOut(bid_id=r.bid_id)
 
     async def cancel_offer(self, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:

@@ -21,3 +21,15 @@ class GatewaySettings(BusSettings):
     login_window_s: float = Field(default=60.0, gt=0)
     login_max_delay_s: float = Field(default=300.0, gt=0, description="cap of the exponential back-off")
     gateway_rpc_timeout_s: float = Field(default=5.0, gt=0, description="how long to wait for chain/auction")
+    gateway_reserve_timeout_s: float = Field(
+        default=150.0, gt=0, description="how long a bid waits for the wallet's escrow reservation (it answers once "
+                                         "its transaction is in a block)")
+    gateway_offer_grace_s: int = Field(
+        default=600, ge=0, description="a signed offer stays valid this long after its auction ends: the time the "
+                                       "market has to open the trade (the auction asks for at least its own grace)")
+    gateway_bid_grace_s: int = Field(
+        default=600, ge=0, description="a signed bid, and the escrow reserved for it, last this long after the "
+                                       "auction ends")
+    gateway_trade_duration_s: int = Field(
+        default=3600, gt=0, lt=2**32, description="a trade opened from an offer sold here runs at most this long "
+                                                  "(the signed offer's duration)")

@@ -208,6 +208,9 @@ class WalletOut(Out):
     site: str
     ether_wei: WeiOut
     escrow_free_wei: WeiOut
+    escrow_reserved_wei: WeiOut = Field(default=0, description="held for live bids until reserved_until (it cannot "
+                                                               "be withdrawn before)")
+    reserved_until: int = Field(default=0, description="Unix s (block time) the reservation lasts")
     escrow_locked_wei: WeiOut
     credit_wei: WeiOut
     tokens_wh: int
@@ -246,6 +249,7 @@ class OfferOut(Out):
     highest_bid_wei_per_kwh: WeiOut | None = None
     highest_bidder: str | None = None
     bids: int = 0
+    signed_offer_id: str = ""
 
 
 class OffersOut(Out):
@@ -275,6 +279,7 @@ class TradeOut(Out):
     state: str
     delivered_wh: int = 0
     paid_wei: WeiOut = 0
+    reason: str = Field(default="", description="why it is closed or failed, in words")
 
 
 class TradesOut(Out):

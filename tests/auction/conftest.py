@@ -1,5 +1,7 @@
 """A real hub with CURVE keys, a stand-in chain service answering GetBalances on a real
-socket, and the auction service itself (in-process or as a subprocess)."""
+socket (and announcing its deployment on the bus, as the operator does), and the auction
+service itself (in-process or as a subprocess). Offers and bids are signed by test
+accounts (tests/signing.py) in the market domain of that deployment."""
 
 from __future__ import annotations
 
@@ -16,14 +18,49 @@ from services.auction.config import AuctionSettings
 from services.auction.service import AuctionService
 from services.bus import Caller, RpcClient, RpcServer, Store
 from services.bus import commands as cmd
+from services.bus import typed
 from services.bus.errors import RequestError
 from tests.conftest import Grid, Sources  # noqa: F401 - the shared hub fixture `grid` builds it
+from tests.signing import TestAccount, account, deployment, later
 
-SELLER = "0x" + "5e" * 20
-BUYERS = ["0x" + c * 40 for c in "bcd"]
+SELLER_ACCOUNT = account("seller")
+BUYER_ACCOUNTS = [account(f"buyer-{c}") for c in "bcd"]
+SELLER = SELLER_ACCOUNT.address
+BUYERS = [a.address for a in BUYER_ACCOUNTS]
 OPERATOR = "0x" + "f" * 40
 # each account belongs to one site (the chain service says whose, with its balances)
 SITES = {SELLER.lower(): "solar-1", OPERATOR.lower(): "market", **{b.lower(): "home-7" for b in BUYERS}}
+FOREVER = 2**40
+"""A reservation that outlasts every bid of a test."""
+
+
+def key_of(address: str) -> TestAccount:
+    """The test account of ``address`` (the seller, a buyer or one made by ``account``)."""
+    for name in ("seller", "buyer-b", "buyer-c", "buyer-d", "probe", "stranger", "seller-1", "seller-2"):
+        if account(name).address.lower() == address.lower():
+            return account(name)
+    raise KeyError(f"no test account {address}")
+
+
+def offer(wh: int = 2000, price: int = 1000, duration: float = 30.0, *, seller: TestAccount = SELLER_ACCOUNT,
+          site: str = "solar-1", expiry: int | None = None) -> cmd.PlaceOffer:
+    """The seller's request with its signed offer (valid 10 minutes past the auction's end)."""
+    o, sig = seller.offer(wh=wh, price=price, expiry=expiry if expiry is not None else later(duration + 600))
+    return cmd.PlaceOffer(seller=seller.address, seller_site=site, wh=wh, start_price_wei_per_kwh=price,
+                          duration_s=duration, offer=o, signature=sig)
+
+
+def order(side: str, who: TestAccount, wh: int, price: int, site: str = "", expiry: int | None = None) -> cmd.PlaceOrder:
+    """A double-auction order with its signed offer (sell) or its signed bid for any offer (buy)."""
+    site = site or ("home-7" if side == "buy" else "solar-1")
+    expiry = expiry if expiry is not None else later(7200)
+    if side == "sell":
+        o, sig = who.offer(wh=wh, price=price, expiry=expiry)
+        return cmd.PlaceOrder(side="sell", account=who.address, site=site, wh=wh, limit_price_wei_per_kwh=price,
+                              offer=o, signature=sig)
+    b, sig = who.bid(offer_id=typed.ZERO_ID, wh=wh, price=price, expiry=expiry)
+    return cmd.PlaceOrder(side="buy", account=who.address, site=site, wh=wh, limit_price_wei_per_kwh=price, bid=b,
+                          signature=sig)
 
 
 def site_of(address: str) -> str:
@@ -56,11 +93,13 @@ class FakeChain:
     gate: asyncio.Event | None = None
     """While set to a closed gate, GetBalances waits: a slow chain."""
 
-    def set(self, address: str, *, escrow_free_wei: int = 0, tokens_wh: int = 0, site: str | None = None) -> None:
+    def set(self, address: str, *, escrow_reserved_wei: int = 0, reserved_until: int = FOREVER, tokens_wh: int = 0,
+            site: str | None = None, escrow_free_wei: int = 0) -> None:
         """``site``: default the one in SITES, else solar-1 for an account with tokens, home-7 without."""
         site = site if site is not None else site_of(address) or ("solar-1" if tokens_wh else "home-7")
-        self.balances[address.lower()] = cmd.Balances(address=address, ether_wei=10**18,
-                                                      escrow_free_wei=escrow_free_wei, tokens_wh=tokens_wh, site=site)
+        self.balances[address.lower()] = cmd.Balances(
+            address=address, ether_wei=10**18, escrow_free_wei=escrow_free_wei, escrow_reserved_wei=escrow_reserved_wei,
+            reserved_until=reserved_until if escrow_reserved_wei else 0, tokens_wh=tokens_wh, site=site)
 
     async def get_balances(self, req: cmd.GetBalances, caller: Caller) -> cmd.Balances:
         self.asked += 1
@@ -74,6 +113,8 @@ class FakeChain:
 
 @pytest.fixture
 async def fake_chain(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[FakeChain]:
+    """The stand-in chain service; its ``events`` publish as the market's chain service (and
+    as meters), and have announced the deployment whose market domain the tests sign in."""
     ctx = zmq.asyncio.Context()
     sec = grid.security("market")
     sec.start(ctx)
@@ -85,9 +126,12 @@ async def fake_chain(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[FakeCh
     chain.endpoint = server.endpoint
     chain.set(SELLER, tokens_wh=100_000)
     for b in BUYERS:
-        chain.set(b, escrow_free_wei=10**15)
+        chain.set(b, escrow_reserved_wei=10**15)
     chain.server = server  # type: ignore[attr-defined]
+    chain.events = Sources(grid, tmp_path / "sources")  # type: ignore[attr-defined]
+    await chain.events.publish(deployment())  # type: ignore[attr-defined]
     yield chain
+    await chain.events.stop()  # type: ignore[attr-defined]
     await server.stop()
     sec.stop()
     store.close()
@@ -113,10 +157,12 @@ class Running:
         self.service = AuctionService(s)
         self.ctx = zmq.asyncio.Context()
         self.clients: dict[str, RpcClient] = {}
+        self.signed: dict[str, typed.Offer] = {}  # auction offer id -> the signed offer placed with it
 
     async def __aenter__(self) -> Running:
         await self.service.start()
         self.endpoint = self.service.rpc.endpoint
+        await until(lambda: self.service.deployment is not None, what="the auction to learn the deployment")
         return self
 
     def client(self, site: str) -> RpcClient:
@@ -132,7 +178,20 @@ class Running:
         self.ctx.destroy(linger=0)
 
     async def call(self, req: cmd.Request, *, site: str | None = None, **kw: object) -> cmd.Reply:
-        return await self.client(site or acting_site(req)).request(req, **kw)  # type: ignore[arg-type]
+        reply = await self.client(site or acting_site(req)).request(req, **kw)  # type: ignore[arg-type]
+        if isinstance(req, cmd.PlaceOffer) and isinstance(reply, cmd.OfferPlaced):
+            self.signed[reply.offer_id] = req.offer
+        return reply
+
+    def bid(self, offer_id: str, buyer: str, price: int, *, site: str = "home-7", expiry: int | None = None,
+            wh: int | None = None) -> cmd.PlaceBid:
+        """``buyer``'s request with its signed bid for the signed offer placed as ``offer_id``
+        (an offer this test did not place: a made-up signed offer id)."""
+        so = self.signed.get(offer_id)
+        b, sig = key_of(buyer).bid(offer_id=so.offer_id if so else typed.new_id(), wh=wh or (so.wh if so else 1000),
+                                   price=price, expiry=expiry if expiry is not None else later(3600), buyer=buyer)
+        return cmd.PlaceBid(offer_id=offer_id, buyer=buyer, buyer_site=site, price_wei_per_kwh=price, bid=b,
+                            signature=sig)
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.settings.data_dir / "auction.sqlite")
@@ -158,9 +217,8 @@ async def until(cond, timeout: float = 30.0, what: str = "condition") -> None:  
 
 
 @pytest.fixture
-async def chain_events(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Sources]:
+def chain_events(fake_chain: FakeChain) -> Sources:
     """Events as the chain service (``market/chain``) and the meters (``<site>/meter``)
-    publish them, each with its own site's key, for the trade lifecycle tests."""
-    sources = Sources(grid, tmp_path / "sources")
-    yield sources
-    await sources.stop()
+    publish them, each with its own site's key, for the trade lifecycle tests (the stand-in
+    chain's publishers: one per source)."""
+    return fake_chain.events  # type: ignore[attr-defined,no-any-return]

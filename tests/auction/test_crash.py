@@ -21,8 +21,9 @@ import zmq.asyncio
 from services.bus import RequestError, RequestTimeout, RpcClient
 from services.bus import commands as cmd
 from tests.conftest import ROOT, free_port
+from tests.signing import later
 
-from .conftest import BUYERS, SELLER, FakeChain, Grid
+from .conftest import BUYERS, FakeChain, Grid, key_of, offer
 
 KILLS = 3
 
@@ -34,6 +35,7 @@ class Stream:
     refused: dict[str, int] = field(default_factory=dict)
     offers: dict[str, float] = field(default_factory=dict)  # offer_id -> ends_at
     best: dict[str, int] = field(default_factory=dict)  # offer_id -> highest accepted price
+    signed: dict[str, tuple[str, int]] = field(default_factory=dict)  # offer_id -> (signed offer id, Wh)
 
 
 class Market:
@@ -90,7 +92,10 @@ async def bidder(client: RpcClient, buyer: str, s: Stream, rnd: random.Random, s
             continue
         offer_id = rnd.choice(live)
         price = s.best.get(offer_id, 999) + rnd.randint(1, 5)
-        req = cmd.PlaceBid(offer_id=offer_id, buyer=buyer, buyer_site="home-7", price_wei_per_kwh=price)
+        signed_id, wh = s.signed[offer_id]
+        b, sig = key_of(buyer).bid(offer_id=signed_id, wh=wh, price=price, expiry=later(600))
+        req = cmd.PlaceBid(offer_id=offer_id, buyer=buyer, buyer_site="home-7", price_wei_per_kwh=price, bid=b,
+                           signature=sig)
         cmd_id = uuid.uuid4().hex
         try:
             rep = await client.request(req, timeout=1.0, cmd_id=cmd_id)
@@ -111,14 +116,16 @@ def _wall() -> float:
 async def seller(client: RpcClient, s: Stream, stop: asyncio.Event) -> None:
     while not stop.is_set():
         if sum(1 for e in s.offers.values() if e > _wall() + 0.3) < 2:
-            req = cmd.PlaceOffer(seller=SELLER, seller_site="solar-1", wh=1000, start_price_wei_per_kwh=1000,
-                                 duration_s=1.2)
+            req = offer(wh=1000, price=1000, duration=1.2)
             cmd_id = uuid.uuid4().hex
             try:
                 rep = await client.request(req, timeout=1.0, cmd_id=cmd_id)
             except RequestTimeout:
                 s.unknown.append((req, cmd_id))
+            except RequestError as e:  # e.g. 'unavailable' until the auction has heard the deployment
+                s.refused[e.code] = s.refused.get(e.code, 0) + 1
             else:
+                s.signed[rep.offer_id] = (req.offer.offer_id, req.wh)
                 s.offers[rep.offer_id] = rep.ends_at
         await asyncio.sleep(0.05)
 
@@ -157,6 +164,8 @@ async def test_sigkill_during_a_stream_of_bids_loses_nothing_and_doubles_nothing
                 assert isinstance(req, cmd.PlaceBid)
                 s.accepted.append((cmd_id, rep.bid_id, req.offer_id, req.buyer, req.price_wei_per_kwh))
             elif isinstance(rep, cmd.OfferPlaced):
+                assert isinstance(req, cmd.PlaceOffer)
+                s.signed[rep.offer_id] = (req.offer.offer_id, req.wh)
                 s.offers[rep.offer_id] = rep.ends_at
 
         async def all_closed() -> bool:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from services.auction import english
+from services.bus import typed
 from services.auction.english import Rejected
 
 SELLER = "0x" + "a" * 40
 B1 = "0x" + "b" * 40
 B2 = "0x" + "c" * 40
+B3 = "0x" + "d" * 40
+B4 = "0x" + "e" * 40
 
 
 def offer(**kw):
@@ -84,14 +87,32 @@ def test_closed_offer_refuses_bids():
     assert e.value.code == "not_found"
 
 
-def test_funds():
-    english.check_funds(needed_wei=10, escrow_free_wei=10)
+def test_reserved_escrow_until_the_bids_expiry_covers_it():
+    english.check_reserve(needed_wei=10, reserved_wei=10, reserved_until=500, expiry=500)
     with pytest.raises(Rejected) as e:
-        english.check_funds(needed_wei=10, escrow_free_wei=9)
-    assert e.value.code == "unfunded"
-    with pytest.raises(Rejected) as e:
-        english.check_funds(needed_wei=10, escrow_free_wei=15, reserved_wei=6)
-    assert e.value.code == "unfunded" and "already held" in e.value.message
+        english.check_reserve(needed_wei=10, reserved_wei=9, reserved_until=500, expiry=500)
+    assert e.value.code == "unfunded" and "reserve 10 wei in all until 500" in e.value.message
+    with pytest.raises(Rejected) as e:  # other bids and trades hold part of it
+        english.check_reserve(needed_wei=10, reserved_wei=15, reserved_until=500, expiry=500, held_wei=6)
+    assert e.value.code == "unfunded" and "6 wei held" in e.value.message and "reserve 16 wei" in e.value.message
+    with pytest.raises(Rejected) as e:  # enough, but it could be withdrawn before the bid expires
+        english.check_reserve(needed_wei=10, reserved_wei=100, reserved_until=499, expiry=500)
+    assert e.value.code == "unfunded" and "only until 499" in e.value.message
+
+
+def test_the_next_bids_after_a_failed_trade():
+    o = offer()
+    signed = typed.Bid(bid_id="0x" + "01" * 32, offer_id="0x" + "02" * 32, buyer=B1, wh=2500,
+                       max_price_wei_per_kwh=1, expiry=1000)
+    bids = [english.Bid(bid_id=f"b-{n}", offer_id=o.offer_id, buyer=buyer, buyer_site="home-7",
+                        price_wei_per_kwh=price, placed_at=100 + n, seq=n,
+                        signed=signed.model_copy(update={"expiry": expiry}))
+            for n, (buyer, price, expiry) in enumerate([(B1, 1000, 1000), (B2, 1100, 1000), (B1, 1200, 1000),
+                                                        (B3, 1050, 1000), (B4, 1150, 990)], 1)]
+    # B1 won (1200) and failed: B4's bid runs out within the margin; B2 then B3, one bid each
+    got = english.fallbacks(bids, tried={B1.lower()}, now=980, margin_s=10)
+    assert [b.bid_id for b in got] == ["b-2", "b-4"]
+    assert english.trade_id_for("o-1") == "t-o-1" and english.trade_id_for("o-1", 2) == "t-o-1-2"
 
 
 def test_highest_wins_earliest_on_tie():

@@ -44,11 +44,14 @@ def test_repeated_recorded_is_a_no_op():
     assert lc.recorded(t) == (t, [])
 
 
-def test_buyer_or_operator_closes():
+def test_buyer_seller_or_operator_closes():
     t, _ = lc.recorded(trade())
     with pytest.raises(Rejected) as e:
-        lc.close(t, by=SELLER, operator=OPERATOR)
+        lc.close(t, by="0x" + "9" * 40, operator=OPERATOR)
     assert e.value.code == "not_allowed"
+    by_seller, steps = lc.close(t, by=SELLER, reason="closed by the seller's site: its meter saw no export")
+    assert [(s.state, s.reason) for s in steps] == [("closed", "closed by the seller's site: its meter saw no export")]
+    assert by_seller.reason == "closed by the seller's site: its meter saw no export"
     t2, steps = lc.close(t, by=BUYER.upper().replace("0X", "0x"))
     assert states(steps) == ["closed"] and not t2.live
     t3, steps = lc.close(t, by=OPERATOR, operator=OPERATOR, reason="operator")

@@ -15,19 +15,14 @@ import zmq.asyncio
 from services.bus import RequestError, Store, Subscriber
 from services.bus import commands as cmd
 from services.bus import events as ev
+from services.bus import typed
 
-from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, Sources, outbox, settings, until
+from tests.signing import DOMAIN
+
+from .conftest import (BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, Sources, account, key_of, offer, order,
+                       outbox, settings, until)
 
 B1, B2, B3 = BUYERS
-
-
-def offer(wh: int = 2000, price: int = 1000, duration: float = 30.0) -> cmd.PlaceOffer:
-    return cmd.PlaceOffer(seller=SELLER, seller_site="solar-1", wh=wh, start_price_wei_per_kwh=price,
-                          duration_s=duration)
-
-
-def bid(offer_id: str, buyer: str, price: int) -> cmd.PlaceBid:
-    return cmd.PlaceBid(offer_id=offer_id, buyer=buyer, buyer_site="home-7", price_wei_per_kwh=price)
 
 
 class Watcher:
@@ -54,8 +49,8 @@ async def test_english_auction_live_on_the_bus(grid: Grid, fake_chain: FakeChain
     try:
         async with Running(grid, settings(grid, fake_chain.endpoint, auction_min_increment_wei_per_kwh=10)) as m:
             placed = await m.call(offer(wh=2500, price=1000, duration=1.5))
-            await m.call(bid(placed.offer_id, B1, 1000))
-            await m.call(bid(placed.offer_id, B2, 1010))
+            await m.call(m.bid(placed.offer_id, B1, 1000))
+            await m.call(m.bid(placed.offer_id, B2, 1010))
             listed = (await m.call(cmd.ListOffers())).offers
             assert [(o.offer_id, o.highest_bidder, o.highest_bid_wei_per_kwh, o.bids) for o in listed] == \
                 [(placed.offer_id, B2, 1010, 2)]
@@ -63,6 +58,14 @@ async def test_english_auction_live_on_the_bus(grid: Grid, fake_chain: FakeChain
             agreed = page.of(ev.TradeAgreed)
             assert [(a.trade_id, a.buyer, a.price_wei_per_kwh, a.wh) for a in agreed] == \
                 [(f"t-{placed.offer_id}", B2, 1010, 2500)]
+            # the agreement carries what the operator opens the trade from: both signed facts
+            signed_offer, a = m.signed[placed.offer_id], agreed[0]
+            assert listed[0].signed_offer_id == signed_offer.offer_id
+            assert a.offer == signed_offer and a.offer_signature and a.bid is not None and a.bid_signature
+            assert typed.recover_offer(DOMAIN, a.offer, a.offer_signature) == SELLER
+            assert (a.bid.buyer, a.bid.offer_id, a.bid.max_price_wei_per_kwh, a.bid.wh) == \
+                (B2, signed_offer.offer_id, 1010, 2500)
+            assert typed.recover_bid(DOMAIN, a.bid, a.bid_signature) == B2
             assert [(c.outcome, c.winner) for c in page.of(ev.OfferClosed)] == [("sold", B2)]
             assert [b.buyer for b in page.of(ev.BidPlaced)] == [B1, B2]
             assert page.of(ev.OfferOpened)[0].ends_at == pytest.approx(placed.ends_at)
@@ -107,11 +110,11 @@ async def raw(endpoint: str, grid: Grid, data: bytes) -> dict:  # type: ignore[t
 
 
 async def test_every_invalid_bid_gets_a_reason_and_changes_nothing(grid: Grid, fake_chain: FakeChain) -> None:
-    fake_chain.set(B3, escrow_free_wei=1999)  # 2000 Wh at 1000 wei/kWh costs 2000 wei
+    fake_chain.set(B3, escrow_reserved_wei=1999)  # 2000 Wh at 1000 wei/kWh costs 2000 wei
     async with Running(grid, settings(grid, fake_chain.endpoint, auction_min_increment_wei_per_kwh=10,
                                       auction_max_duration_s=3600)) as m:
         live = (await m.call(offer(wh=2000, price=1000))).offer_id
-        await m.call(bid(live, B1, 1000))
+        await m.call(m.bid(live, B1, 1000))
         cancelled = (await m.call(offer(wh=10))).offer_id
         await m.call(cmd.CancelOffer(offer_id=cancelled, seller=SELLER))
         expired = (await m.call(offer(wh=10, duration=0.2))).offer_id
@@ -119,14 +122,14 @@ async def test_every_invalid_bid_gets_a_reason_and_changes_nothing(grid: Grid, f
                                                                           "market.offer_closed")))
         before = snapshot(m)
         cases = [
-            (bid(live, B2, 1009), "too_low", "1010"),
-            (bid(live, B2, 999), "too_low", ""),
-            (bid(live, B3, 1000 + 10), "unfunded", "2020"),
-            (bid(cancelled, B2, 5000), "closed", "cancelled"),
-            (bid(expired, B2, 5000), "closed", "expired"),
-            (bid(live, SELLER, 5000), "own_offer", ""),
-            (bid(live, SELLER.upper().replace("0X", "0x"), 5000), "own_offer", ""),
-            (bid("o-999", B2, 5000), "not_found", ""),
+            (m.bid(live, B2, 1009), "too_low", "1010"),
+            (m.bid(live, B2, 999), "too_low", ""),
+            (m.bid(live, B3, 1000 + 10), "unfunded", "2020"),
+            (m.bid(cancelled, B2, 5000), "closed", "cancelled"),
+            (m.bid(expired, B2, 5000), "closed", "expired"),
+            (m.bid(live, SELLER, 5000), "own_offer", ""),
+            (m.bid(live, SELLER.upper().replace("0X", "0x"), 5000), "own_offer", ""),
+            (m.bid("o-999", B2, 5000), "not_found", ""),
             (cmd.CancelOffer(offer_id=live, seller=SELLER), "has_bids", ""),
             (cmd.CancelOffer(offer_id=live, seller=B1), "not_allowed", ""),
             (offer(wh=200_000), "no_tokens", ""),
@@ -139,7 +142,7 @@ async def test_every_invalid_bid_gets_a_reason_and_changes_nothing(grid: Grid, f
             assert e.value.code == code, (req, e.value)
             assert words in e.value.message and e.value.message
         # malformed: bad price, missing field, unknown field, not JSON at all
-        good = cmd.wrap(bid(live, B2, 2000), "c1").model_dump(mode="json")
+        good = cmd.wrap(m.bid(live, B2, 2000), "c1").model_dump(mode="json")
         for mutate in (lambda d: d["body"].update(price_wei_per_kwh=-5), lambda d: d["body"].pop("buyer"),
                        lambda d: d["body"].update(extra=1), lambda d: d["body"].update(buyer="0x12")):
             d = json.loads(json.dumps(good))
@@ -150,21 +153,21 @@ async def test_every_invalid_bid_gets_a_reason_and_changes_nothing(grid: Grid, f
         assert rep["ok"] is False and rep["error"]["code"] == "bad_request"
         assert snapshot(m) == before
         # and a valid bid after all that still works
-        assert (await m.call(bid(live, B2, 1010))).bid_id
+        assert (await m.call(m.bid(live, B2, 1010))).bid_id
 
 
 async def test_escrow_held_by_other_leading_bids_counts(grid: Grid, fake_chain: FakeChain) -> None:
-    fake_chain.set(B3, escrow_free_wei=3000)
+    fake_chain.set(B3, escrow_reserved_wei=3000)
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         a = (await m.call(offer(wh=2000, price=1000))).offer_id
         b = (await m.call(offer(wh=2000, price=1000))).offer_id
-        await m.call(bid(a, B3, 1000))  # holds 2000 of 3000
+        await m.call(m.bid(a, B3, 1000))  # holds 2000 of 3000
         with pytest.raises(RequestError) as e:
-            await m.call(bid(b, B3, 1000))
-        assert e.value.code == "unfunded" and "already held" in e.value.message
-        await m.call(bid(a, B3, 1500))  # raising one's own bid replaces what it holds: 3000 of 3000
-        await m.call(bid(a, B1, 1600))  # outbid: B3's escrow is free again
-        assert (await m.call(bid(b, B3, 1000))).bid_id
+            await m.call(m.bid(b, B3, 1000))
+        assert e.value.code == "unfunded" and "reserve 4000 wei in all" in e.value.message
+        await m.call(m.bid(a, B3, 1500))  # raising one's own bid replaces what it holds: 3000 of 3000
+        await m.call(m.bid(a, B1, 1600))  # outbid: B3's escrow is free again
+        assert (await m.call(m.bid(b, B3, 1000))).bid_id
         # the seller's tokens: 100 000 Wh, 4000 held by the two offers
         with pytest.raises(RequestError) as e:
             await m.call(offer(wh=96_001))
@@ -178,7 +181,7 @@ async def test_a_chain_that_does_not_answer_is_a_clear_error(grid: Grid, fake_ch
         await fake_chain.server.stop()  # type: ignore[attr-defined]
         before = snapshot(m)
         with pytest.raises(RequestError) as e:
-            await m.call(bid(live, B1, 1000))
+            await m.call(m.bid(live, B1, 1000))
         assert e.value.code == "unavailable" and "cannot check escrow now" in e.value.message
         with pytest.raises(RequestError) as e:
             await m.call(offer())
@@ -200,8 +203,8 @@ async def test_seller_cancels_an_offer_without_bids(grid: Grid, fake_chain: Fake
 async def test_a_retried_command_id_runs_once(grid: Grid, fake_chain: FakeChain) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         o = (await m.call(offer())).offer_id
-        first = await m.call(bid(o, B1, 1000), cmd_id="same")
-        again = await m.call(bid(o, B1, 1000), cmd_id="same")
+        first = await m.call(m.bid(o, B1, 1000), cmd_id="same")
+        again = await m.call(m.bid(o, B1, 1000), cmd_id="same")
         assert first == again
         assert len(outbox(m.settings.data_dir / "auction.sqlite", "market.bid_placed")) == 1
 
@@ -212,7 +215,7 @@ async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_c
     async with Running(grid, settings(grid, fake_chain.endpoint, auction_trade_heartbeat_s=0.1)) as m:
         db = m.settings.data_dir / "auction.sqlite"
         o = (await m.call(offer(wh=2000, duration=0.5))).offer_id
-        await m.call(bid(o, B1, 1000))
+        await m.call(m.bid(o, B1, 1000))
         tid = f"t-{o}"
         await until(lambda: outbox(db, "trade.agreed"))
 
@@ -223,8 +226,8 @@ async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_c
             return any(tid in h["live"] for h in outbox(db, "trade.heartbeat"))
 
         assert states() == ["agreed"] and not heard_live()
-        with pytest.raises(RequestError) as e:
-            await m.call(cmd.CloseTrade(trade_id=tid, by=SELLER))
+        with pytest.raises(RequestError) as e:  # not a party to it
+            await m.call(cmd.CloseTrade(trade_id=tid, by=B2))
         assert e.value.code == "not_allowed"
         await chain_events.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))
         await until(lambda: states() == ["agreed", "recorded", "delivering"], what="recorded")
@@ -257,8 +260,8 @@ async def test_delivery_fulfils_and_operator_may_close(grid: Grid, fake_chain: F
         db = m.settings.data_dir / "auction.sqlite"
         o1 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
         o2 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-        await m.call(bid(o1, B1, 1000))
-        await m.call(bid(o2, B2, 1000))
+        await m.call(m.bid(o1, B1, 1000))
+        await m.call(m.bid(o2, B2, 1000))
         await until(lambda: len(outbox(db, "trade.agreed")) == 2)
         for o in (o1, o2):
             await chain_events.publish(ev.TradeRecorded(trade_id=f"t-{o}", tx_hash="0x01"))
@@ -283,8 +286,8 @@ async def test_deadlines_survive_a_restart(grid: Grid, fake_chain: FakeChain) ->
     async with Running(grid, s) as m:
         short = await m.call(offer(duration=1.0))
         long = await m.call(offer(duration=120.0))
-        await m.call(bid(short.offer_id, B1, 1200))
-        await m.call(bid(long.offer_id, B2, 1300))
+        await m.call(m.bid(short.offer_id, B1, 1200))
+        await m.call(m.bid(long.offer_id, B2, 1300))
     assert outbox(db, "trade.agreed") == []  # stopped before the first deadline
     while time.time() < short.ends_at + 0.2:  # the deadline passes while the service is down
         await asyncio.sleep(0.05)
@@ -304,9 +307,10 @@ async def test_deadlines_survive_a_restart(grid: Grid, fake_chain: FakeChain) ->
 
 
 async def test_double_auction_clears_each_call(grid: Grid, fake_chain: FakeChain) -> None:
-    sellers = ["0x" + c * 40 for c in "12"]
-    for a in sellers:
-        fake_chain.set(a, tokens_wh=10_000)
+    sellers = [account("seller-1"), account("seller-2")]
+    for a in sellers:  # with escrow: its buy order is taken when a call boundary falls between its two orders
+        fake_chain.set(a.address, tokens_wh=10_000, escrow_reserved_wei=10**15)
+    b1, b2, b3 = (key_of(b) for b in BUYERS)
     s = settings(grid, fake_chain.endpoint, auction_market="double", auction_clear_interval_s=2.0)
     db = s.data_dir / "auction.sqlite"
     async with Running(grid, s) as m:
@@ -314,26 +318,22 @@ async def test_double_auction_clears_each_call(grid: Grid, fake_chain: FakeChain
             await m.call(offer())
         assert e.value.code == "unsupported"
 
-        def order(side: str, account: str, wh: int, price: int, site: str = "") -> cmd.PlaceOrder:
-            return cmd.PlaceOrder(side=side, account=account, site=site or ("home-7" if side == "buy" else "solar-1"),
-                                  wh=wh, limit_price_wei_per_kwh=price)  # type: ignore[arg-type]
-
         ids = [(await m.call(order("sell", sellers[0], 3000, 100))).order_id,
                (await m.call(order("sell", sellers[1], 3000, 300))).order_id,
-               (await m.call(order("buy", B1, 2000, 500))).order_id,
-               (await m.call(order("buy", B2, 2500, 200))).order_id]
+               (await m.call(order("buy", b1, 2000, 500))).order_id,
+               (await m.call(order("buy", b2, 2500, 200))).order_id]
         try:
             await m.call(order("buy", sellers[0], 10, 500, site="solar-1"))  # the seller's own site buys
         except RequestError as e:
             assert e.code == "own_offer"
         else:  # only possible if a call boundary fell between the two orders
             placed = outbox(db, "market.order_placed")
-            assert placed[-1]["account"] == sellers[0] and placed[-1]["round"] != placed[0]["round"]
+            assert placed[-1]["account"] == sellers[0].address and placed[-1]["round"] != placed[0]["round"]
         with pytest.raises(RequestError) as e:
-            await m.call(order("sell", sellers[0], 10_001, 100))
+            await m.call(order("sell", sellers[1], 10_001, 100))  # 3000 of its 10 000 Wh are in its order
         assert e.value.code == "no_tokens"
         with pytest.raises(RequestError) as e:
-            await m.call(order("buy", B3, 10**9, 10**10))
+            await m.call(order("buy", b3, 10**9, 10**10))
         assert e.value.code == "unfunded"
         await until(lambda: outbox(db, "market.cleared"), what="a call cleared")
         cleared = outbox(db, "market.cleared")
@@ -348,19 +348,24 @@ async def test_double_auction_clears_each_call(grid: Grid, fake_chain: FakeChain
             assert sorted((a["buyer"], a["wh"]) for a in agreed) == sorted([(B1, 2000), (B2, 1000)])
             assert {a["trade_id"] for a in agreed} == set(c["trade_ids"])
             assert all(a["price_wei_per_kwh"] == c["price_wei_per_kwh"] and a["offer_id"] == ids[0] for a in agreed)
+            # each trade carries the sell order's signed offer and the buy order's signed bid
+            assert all(a["offer"]["seller"] == sellers[0].address and a["bid"]["buyer"] == a["buyer"]
+                       and a["bid"]["offer_id"] == typed.ZERO_ID and a["offer_signature"] and a["bid_signature"]
+                       for a in agreed)
         else:  # the call boundary fell between the orders: each call still cleared once
             await until(lambda: len(outbox(db, "market.cleared")) == len(set(rounds.values())))
             assert sorted(c["round"] for c in outbox(db, "market.cleared")) == sorted(set(rounds.values()))
 
 
 async def test_a_call_due_while_down_is_cleared_once_on_restart(grid: Grid, fake_chain: FakeChain) -> None:
-    seller = "0x" + "1" * 40
+    seller_account = account("seller-1")
+    seller = seller_account.address
     fake_chain.set(seller, tokens_wh=10_000)
     s = settings(grid, fake_chain.endpoint, auction_market="double", auction_clear_interval_s=3600)
     db = s.data_dir / "auction.sqlite"
     async with Running(grid, s) as m:
-        await m.call(cmd.PlaceOrder(side="sell", account=seller, site="solar-1", wh=1000, limit_price_wei_per_kwh=10))
-        await m.call(cmd.PlaceOrder(side="buy", account=B1, site="home-7", wh=600, limit_price_wei_per_kwh=30))
+        await m.call(order("sell", seller_account, 1000, 10))
+        await m.call(order("buy", key_of(B1), 600, 30))
     assert outbox(db, "market.cleared") == []
     # the call's end passes while the service is down
     placed = outbox(db, "market.order_placed")
@@ -383,31 +388,31 @@ async def test_a_call_due_while_down_is_cleared_once_on_restart(grid: Grid, fake
 async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain, chain_events: Sources) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
-        fake_chain.set(B1, escrow_free_wei=2000)  # exactly one 2000 Wh trade at 1000 wei/kWh
+        fake_chain.set(B1, escrow_reserved_wei=2000)  # exactly one 2000 Wh trade at 1000 wei/kWh
         o = (await m.call(offer(wh=2000, duration=0.3))).offer_id
-        await m.call(bid(o, B1, 1000))
+        await m.call(m.bid(o, B1, 1000))
         await until(lambda: outbox(db, "trade.agreed"))
         later = (await m.call(offer(wh=2000))).offer_id
         with pytest.raises(RequestError) as e:  # the agreed trade holds the escrow until recorded
-            await m.call(bid(later, B1, 1000))
+            await m.call(m.bid(later, B1, 1000))
         assert e.value.code == "unfunded"
         await chain_events.publish(ev.TxUpdate(tx_hash="", kind="open", ref=f"t-{o}", account=B1, status="failed",
                                         reason="insufficient escrow"))
         await until(lambda: outbox(db, "trade.status")[-1]["state"] == "failed", what="failed")
         assert outbox(db, "trade.status")[-1]["reason"] == "insufficient escrow"
-        assert (await m.call(bid(later, B1, 1000))).bid_id  # a failed trade holds nothing
+        assert (await m.call(m.bid(later, B1, 1000))).bid_id  # a failed trade holds nothing
 
 
 async def test_a_slow_chain_holds_up_only_the_bid_that_waits_for_it(grid: Grid, fake_chain: FakeChain) -> None:
     """The escrow check is asked before the bid's transaction: while the chain does not
     answer, other commands and the market clock go on."""
-    fake_chain.set(B1, escrow_free_wei=10**6)
+    fake_chain.set(B1, escrow_reserved_wei=10**6)
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         waiting = (await m.call(offer())).offer_id
         other = (await m.call(offer(wh=10))).offer_id
         ending = (await m.call(offer(wh=10, duration=0.3))).offer_id
         fake_chain.gate = asyncio.Event()  # the chain stops answering
-        slow = asyncio.create_task(m.call(bid(waiting, B1, 1000), timeout=60))
+        slow = asyncio.create_task(m.call(m.bid(waiting, B1, 1000), timeout=60))
         await until(lambda: fake_chain.asked >= 4, what="the bid asking the chain")
         assert await m.call(cmd.CancelOffer(offer_id=other, seller=SELLER)) == cmd.Ok()
         await until(lambda: any(o["offer_id"] == ending and o["outcome"] == "expired"
@@ -435,8 +440,8 @@ async def test_each_step_names_its_cause(grid: Grid, fake_chain: FakeChain) -> N
     async with Running(grid, s) as m:
         sold = await m.call(offer(duration=1.0), cmd_id="cmd-offer")
         unsold = await m.call(offer(wh=1000, duration=1.0), cmd_id="cmd-offer-2")
-        await m.call(bid(sold.offer_id, B1, 1000), cmd_id="cmd-bid-1")
-        await m.call(bid(sold.offer_id, B2, 1010), cmd_id="cmd-bid-2")
+        await m.call(m.bid(sold.offer_id, B1, 1000), cmd_id="cmd-bid-1")
+        await m.call(m.bid(sold.offer_id, B2, 1010), cmd_id="cmd-bid-2")
         await until(lambda: len(envelopes(db, "market.offer_closed")) == 2, what="both offers closed")
     opened = {e["body"]["offer_id"]: e for e in envelopes(db, "market.offer_opened")}
     bids = {e["body"]["buyer"]: e for e in envelopes(db, "market.bid_placed")}

@@ -9,11 +9,13 @@ import pytest
 from services.bus import RequestError
 from services.bus import commands as cmd
 
-from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, outbox, settings, until
-from .test_service import bid, offer, snapshot
+from tests.signing import account
+
+from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, key_of, offer, order, outbox, settings, until
+from .test_service import snapshot
 
 B1, B2, _ = BUYERS
-PROBE = "0x" + "9e" * 20  # probe's own account
+PROBE = account("probe").address  # probe's own account
 
 
 async def refused(m: Running, req: cmd.Request, site: str) -> str:
@@ -24,13 +26,13 @@ async def refused(m: Running, req: cmd.Request, site: str) -> str:
 
 
 async def test_a_site_cannot_act_for_another_sites_accounts_offers_or_trades(grid: Grid, fake_chain: FakeChain) -> None:
-    fake_chain.set(PROBE, escrow_free_wei=10**15, tokens_wh=10_000, site="probe")
+    fake_chain.set(PROBE, escrow_reserved_wei=10**15, tokens_wh=10_000, site="probe")
     async with Running(grid, settings(grid, fake_chain.endpoint, auction_market="both",
                                       auction_clear_interval_s=3600)) as m:
         db = m.settings.data_dir / "auction.sqlite"
         live = (await m.call(offer())).offer_id  # solar-1's offer
         ending = (await m.call(offer(wh=1000, duration=0.5))).offer_id
-        await m.call(bid(ending, B1, 1000))  # home-7's bid wins: a trade of home-7's
+        await m.call(m.bid(ending, B1, 1000))  # home-7's bid wins: a trade of home-7's
         await until(lambda: outbox(db, "trade.agreed"), what="trade agreed")
         trade_id = f"t-{ending}"
         before, asked = snapshot(m), fake_chain.asked
@@ -38,10 +40,10 @@ async def test_a_site_cannot_act_for_another_sites_accounts_offers_or_trades(gri
         attacks: list[tuple[cmd.Request, str]] = [
             # naming the other site: refused before the chain is even asked
             (offer(), "not_your_account"),
-            (bid(live, B1, 5000), "not_your_account"),
-            (cmd.PlaceOrder(side="buy", account=B1, site="home-7", wh=10, limit_price_wei_per_kwh=10),
+            (m.bid(live, B1, 5000), "not_your_account"),
+            (order("buy", key_of(B1), 10, 10),
              "not_your_account"),
-            (cmd.PlaceOrder(side="sell", account=SELLER, site="solar-1", wh=10, limit_price_wei_per_kwh=10),
+            (order("sell", key_of(SELLER), 10, 10),
              "not_your_account"),
             # the other site's offer and trade
             (cmd.CancelOffer(offer_id=live, seller=SELLER), "not_allowed"),
@@ -52,23 +54,20 @@ async def test_a_site_cannot_act_for_another_sites_accounts_offers_or_trades(gri
             assert await refused(m, req, "probe") == code, req
         assert fake_chain.asked == asked
         # naming itself but another site's account: the chain says whose it is
-        for req in (cmd.PlaceOffer(seller=SELLER, seller_site="probe", wh=10, start_price_wei_per_kwh=1,
-                                   duration_s=30),
-                    cmd.PlaceBid(offer_id=live, buyer=B2, buyer_site="probe", price_wei_per_kwh=5000),
-                    cmd.PlaceOrder(side="buy", account=B2, site="probe", wh=10, limit_price_wei_per_kwh=10)):
+        # (even with the account's own signature, replayed: the signature is not who may use it)
+        for req in (offer(wh=10, price=1, site="probe"), m.bid(live, B2, 5000, site="probe"),
+                    order("buy", key_of(B2), 10, 10, site="probe")):
             assert await refused(m, req, "probe") == "not_your_account", req
         # an account the chain service does not hold
-        stranger = "0x" + "77" * 20
-        assert await refused(m, cmd.PlaceBid(offer_id=live, buyer=stranger, buyer_site="probe",
-                                             price_wei_per_kwh=5000), "probe") == "unknown_account"
+        stranger = account("stranger").address
+        assert await refused(m, m.bid(live, stranger, 5000, site="probe"), "probe") == "unknown_account"
         # the buyer's own site cannot close as the operator either
         assert await refused(m, cmd.CloseTrade(trade_id=trade_id, by=OPERATOR), "home-7") == "not_allowed"
         assert snapshot(m) == before  # nothing changed, nothing published
 
         # probe acts for its own account; the rightful sites still act for theirs
-        assert (await m.call(cmd.PlaceBid(offer_id=live, buyer=PROBE, buyer_site="probe",
-                                          price_wei_per_kwh=1500), site="probe")).bid_id
-        assert (await m.call(bid(live, B1, 2000))).bid_id
+        assert (await m.call(m.bid(live, PROBE, 1500, site="probe"), site="probe")).bid_id
+        assert (await m.call(m.bid(live, B1, 2000))).bid_id
         assert await m.call(cmd.CloseTrade(trade_id=trade_id, by=B1)) == cmd.Ok()
         assert [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == trade_id][-1] == "closed"
 
@@ -77,7 +76,7 @@ async def test_the_market_site_may_close_a_trade_as_the_operator(grid: Grid, fak
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
         o = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-        await m.call(bid(o, B1, 1000))
+        await m.call(m.bid(o, B1, 1000))
         await until(lambda: outbox(db, "trade.agreed"), what="trade agreed")
         assert await m.call(cmd.CloseTrade(trade_id=f"t-{o}", by=OPERATOR), site="market") == cmd.Ok()
         closed = [s for s in outbox(db, "trade.status") if s["state"] == "closed"]

@@ -14,8 +14,11 @@ import pytest
 from services.bus import commands as cmd
 from services.gateway import models as m
 from services.gateway.openapi import ROUTES
+from tests.v2_pending import needs_grid_v2
 
 from .conftest import Stack, http, login
+
+pytestmark = needs_grid_v2
 
 
 def sample_body(route: Any, stack: Stack) -> dict[str, Any] | None:
@@ -188,8 +191,15 @@ async def test_one_user_cannot_act_for_another(stack: Stack) -> None:
             assert r.status == 409 and (await error_of(r))["code"] == "own_offer"
         async with buyer.post(buy_base + f"/api/offers/{oid}/bids", json={"price_wei_per_kwh": "1"}) as r:
             assert r.status == 409 and (await error_of(r))["code"] == "too_low"
+        # 1.5 kWh at 1 Ether/kWh: more than the third account's free escrow can reserve; nothing is signed
+        async with third.post(buy_base + f"/api/offers/{oid}/bids", json={"price_wei_per_kwh": str(10**18)}) as r:
+            err = await error_of(r)
+            assert r.status == 409 and err["code"] == "insufficient_escrow" and "deposit" in err["message"]
         async with buyer.post(buy_base + f"/api/offers/{oid}/bids", json={"price_wei_per_kwh": "2000"}) as r:
             assert r.status == 201, await r.text()
+        # the bid's escrow is reserved (1.5 kWh at 2000 wei/kWh) until the bid expires, past the auction's end
+        w = await stack.wallet(buyer, "home-7")
+        assert int(w["escrow_reserved_wei"]) >= 3000 and w["reserved_until"] >= int(offer["ends_at"]) + 600
 
         async def trade() -> dict[str, Any] | None:
             async with buyer.get(buy_base + "/api/trades") as r:

@@ -232,6 +232,9 @@ async function loadWallet() {
     $('#withdraw-credit').hidden = BigInt(w.credit_wei) === 0n;
     $('#escrow-free').textContent = formatEther(w.escrow_free_wei);
     $('#escrow-locked').textContent = formatEther(w.escrow_locked_wei);
+    $('#escrow-reserved').textContent = formatEther(w.escrow_reserved_wei || '0');
+    $('#reserved-until').textContent = BigInt(w.escrow_reserved_wei || '0') > 0n && w.reserved_until
+      ? ` until ${new Date(w.reserved_until * 1000).toLocaleTimeString()}` : '';
     $('#market-tokens').textContent = kwh(w.tokens_wh);
     $('#market-escrow').textContent = formatEther(w.escrow_free_wei);
     state.pending = new Map(w.pending.map((t) => [t.tx_hash, t]));
@@ -425,6 +428,9 @@ function renderTrades() {
     card.querySelector('.price').textContent = etherPerKwh(t.price_wei_per_kwh);
     card.querySelector('.delivered').textContent = t.delivered_wh;
     card.querySelector('.paid').textContent = formatEther(t.paid_wei || '0', 9);
+    const reason = card.querySelector('.reason');  // why it closed or failed, when it says
+    reason.textContent = t.reason || '';
+    reason.hidden = !t.reason;
     card.querySelector('.close-btn').hidden = !(mine(t.buyer) && LIVE.has(t.state));
     return card;
   });
