@@ -148,13 +148,21 @@ async def honest(grid: Grid, actx: zmq.asyncio.Context, tmp_path: pathlib.Path,
     rec.store.close()
 
 
+SIG = "0x" + "11" * 65
+
+
+def produced(site: str) -> ev.EnergyProduced:
+    """A production reading naming ``site`` (its signature is the operator's to check)."""
+    return ev.EnergyProduced(site=site, meter="m1", meter_address=SELLER, produced_wh=1000, chain_id=1, token=SELLER,
+                             signature=SIG)
+
+
 FORGERIES: list[tuple[str, ev.Message, str]] = [
     # meter events naming another site: mint for it, pay from another's escrow, its relay
     ("probe/meter", reading("solar-1"), "policy:meter.reading"),
-    ("probe/meter", ev.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=THIEF,
-                                      kwh_index=0), "policy:meter.energy_produced"),
-    ("probe/meter", ev.EnergyProduced(reading_id="solar-1/m1/1", site="probe", meter="m1", account=THIEF,
-                                      kwh_index=1), "policy:meter.energy_produced"),  # takes solar-1's mint key
+    ("probe/meter", produced("solar-1"), "policy:meter.energy_produced"),
+    ("probe/meter", ev.MeterKey(site="solar-1", meter="m1", address=THIEF, account=THIEF, chain_id=1,
+                                registry=THIEF, signature=SIG), "policy:meter.key"),
     ("probe/meter", ev.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=1000),
      "policy:meter.delivery"),
     ("probe/meter", ev.RelayChanged(site="home-7", meter="m2", closed=True, trade_id="t-1"), "policy:meter.relay"),
@@ -167,7 +175,8 @@ FORGERIES: list[tuple[str, ev.Message, str]] = [
     # chain events from anyone but the operator's chain service
     ("probe/chain", ev.Settled(trade_id="t-1", delivered_wh=1000, paid_wei=10**16, tx_hash="0x1"),
      "policy:chain.settled"),
-    ("probe/chain", ev.Minted(reading_id="probe/m1/0", account=THIEF, wh=10**6, tx_hash="0x2"), "policy:chain.minted"),
+    ("probe/chain", ev.Minted(account=THIEF, meter=THIEF, produced_wh=10**6, wh=10**6, tx_hash="0x2"),
+     "policy:chain.minted"),
 ]
 
 HONEST: list[tuple[str, ev.Message]] = [
@@ -175,8 +184,7 @@ HONEST: list[tuple[str, ev.Message]] = [
     ("market/auction", ev.TradeStatus(state="recorded", **TRADE)),
     ("market/auction", ev.TradeHeartbeat(live=["t-1"], sites={"t-1": ["solar-1", "home-7"]})),
     ("solar-1/meter", reading("solar-1", 5)),
-    ("solar-1/meter", ev.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=SELLER,
-                                        kwh_index=0)),
+    ("solar-1/meter", produced("solar-1")),
     ("home-7/meter", ev.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=400)),
     ("market/chain", ev.Settled(trade_id="t-1", delivered_wh=400, paid_wei=4 * 10**15, tx_hash="0x3")),
     ("market/auction", ev.TradeStatus(state="delivering", delivered_wh=400, **TRADE)),
@@ -239,7 +247,8 @@ async def test_the_policy_holds_for_replayed_events_too(grid: Grid, actx: zmq.as
         # the refused events' seqs are stored: a restart does not fetch them again
         offsets = rec.store.offsets()
         assert offsets[("probe/auction", "trade.agreed.probe")] == 1
-        assert offsets[("probe/meter", "meter.energy_produced.probe")] == 2
+        assert offsets[("probe/meter", "meter.energy_produced.probe")] == 1
+        assert offsets[("probe/meter", "meter.key.probe")] == 1
     finally:
         await sub.stop()
         rec.store.close()

@@ -23,7 +23,7 @@ from services.chain.keystore import Keystore
 from services.chain.node import ANVIL_DEV_KEY
 from tests.chain_fixtures import start_anvil, stop_anvil
 
-from tests.signed import Domains, Meter, agreed
+from tests.signing import Domains, Meter, agreed
 
 from .conftest import PASS, TX, Bus, chain_settings, site_keystore, start_chain, start_stack, wait_until
 from .rpc_proxy import RpcProxy, rpc, txpool

@@ -23,7 +23,7 @@ from services.chain.keystore import Keystore
 from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
 from tests.conftest import free_port
 
-from tests.signed import Domains, Meter, agreed
+from tests.signing import Domains, Meter, agreed
 
 from .conftest import PASS, TX, Bus, site_keystore, start_stack, wait_until
 

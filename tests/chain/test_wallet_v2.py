@@ -27,11 +27,9 @@ from services.chain import node as node_mod
 from services.chain.wallet import WalletService, reserve_plan
 from tests.conftest import ROOT, Sources
 from tests.signing import CHAIN_ID, DOMAIN, MARKET, deployment, later
-from tests.v2_pending import needs_chain_v2
 
 from .conftest import PASS, Bus, chain_settings, claimed, site_keystore, start_stack, wait_until
 
-STANDIN = pathlib.Path(__file__).resolve().parent / "standin" / "EscrowStandIn.sol"
 
 
 async def code_of(client: RpcClient, req: Any) -> tuple[str, str]:
@@ -186,92 +184,10 @@ async def exercise_reserve(ask: ReserveAsk, balances: Callable[[], Awaitable[tup
     assert txs() == before + 1  # the withdrawal
 
 
-@pytest.fixture(scope="module")
-def escrow_standin() -> dict[str, Any]:
-    """The STAND-IN escrow contract (tests/chain/standin), compiled with the project's solc."""
-    import solcx
-
-    src = STANDIN.read_text()
-    out = solcx.compile_standard({"language": "Solidity", "sources": {STANDIN.name: {"content": src}},
-                                  "settings": {"evmVersion": "cancun", "outputSelection": {
-                                      "*": {"*": ["abi", "evm.bytecode.object"]}}}},
-                                 solc_binary=ROOT / "contracts" / "solc")
-    c = out["contracts"][STANDIN.name]["EscrowStandIn"]
-    return {"abi": c["abi"], "bytecode": "0x" + c["evm"]["bytecode"]["object"]}
-
-
-@pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
-async def test_reserve_on_a_stand_in_escrow_contract(backend: str, request: pytest.FixtureRequest, bus: Bus,
-                                                     tmp_path: pathlib.Path, monkeypatch: Any,
-                                                     escrow_standin: dict[str, Any]) -> None:
-    """The wallet's Reserve and withdraw on the embedded chain and on anvil against a
-    STAND-IN of the v2 escrow (the real contracts' test is below, waiting for them): real
-    transactions, real blocks, the wallet's own transaction manager."""
-    url = f"embedded:{uuid.uuid4().hex}" if backend == "embedded" else request.getfixturevalue("anvil_url")
-    node = await node_mod.connect(url)
-    ctx = zmq.asyncio.Context()
-    sources = Sources(bus, tmp_path / "sources")
-    clients: dict[str, RpcClient] = {}
-    wallet: WalletService | None = None
-    try:
-        w3, dev = node.w3, Account.from_key(node.dev_key)
-        token = await contracts._deploy_one(w3, contracts.TOKEN, dev, dev.address)  # v1 token: balanceOf only
-        factory = w3.eth.contract(abi=escrow_standin["abi"], bytecode=escrow_standin["bytecode"])
-        market_address = (await contracts.send(w3, factory.constructor(), dev))["contractAddress"]
-        market = w3.eth.contract(address=market_address, abi=escrow_standin["abi"])
-        real = contracts.load_artifact
-        monkeypatch.setattr(contracts, "load_artifact",
-                            lambda name: escrow_standin if name == contracts.MARKET else real(name))
-        home = site_keystore(tmp_path, "home-7").new(PASS, name="home-7 consumer", site="home-7").address
-        await contracts.send(w3, _transfer(w3, home), dev, value=10**18)
-        wallet = WalletService(chain_settings(bus, tmp_path / "home-7", url, site="home-7", chain_role="site"))
-        await wallet.start()
-        chain_id, genesis = await node.identity()
-        await sources.publish(deployment(chain_id=chain_id, market=market_address, deployment_id="stand-in")
-                              .model_copy(update={"genesis": genesis, "token": token.address}))
-        await asyncio.wait_for(wallet.connected.wait(), 60)
-        for site in ("home-7", "probe"):
-            clients[site] = RpcClient(ctx, Security(bus.keys, site), wallet.servers[0].endpoint, server_site="home-7")
-
-        async def ask(req: Any, site: str = "home-7") -> Any:
-            return await clients[site].request(req, timeout=30)
-
-        async def balances() -> tuple[int, int, int]:
-            f = market.functions
-            return (await f.freeEscrow(home).call(), await f.reservedEscrow(home).call(),
-                    await f.reservedUntil(home).call())
-
-        async def settled() -> None:
-            await wait_until(lambda: wallet is not None and wallet.txm is not None and not wallet.txm.pending())
-
-        await ask(C.Unlock(address=home, passphrase=PASS))
-        await exercise_reserve(ask, balances, settled, wallet, home)
-    finally:
-        for c in clients.values():
-            await c.close()
-        if wallet is not None:
-            await wallet.stop()
-        await sources.stop()
-        await node.close()
-        ctx.destroy(linger=0)
-
-
-def _transfer(w3: Any, to: str) -> Any:
-    """A plain Ether transfer in the shape contracts.send takes (a call with build_transaction)."""
-
-    class Transfer:
-        async def build_transaction(self, tx: dict[str, Any]) -> dict[str, Any]:
-            return {**tx, "to": to, "gas": 21000, "chainId": await w3.eth.chain_id,
-                    "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 10**9}
-
-    return Transfer()
-
-
-@needs_chain_v2
 async def test_reserve_tops_up_extends_and_refuses_when_free_escrow_is_short(bus: Bus, tmp_path: pathlib.Path,
                                                                               peer_factory: Any) -> None:
-    """The same on the real v2 contracts, deployed by the operator (which also answers the
-    balance reads and funds the account on the dev chain)."""
+    """On the real v2 contracts, deployed by the operator (which also answers the balance
+    reads and funds the account on the dev chain)."""
     home = site_keystore(tmp_path, "home-7").new(PASS, name="home-7 consumer", site="home-7").address
     stack = await start_stack(bus, tmp_path, "embedded", sites=("home-7",))
     try:

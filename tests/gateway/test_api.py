@@ -14,11 +14,9 @@ import pytest
 from services.bus import commands as cmd
 from services.gateway import models as m
 from services.gateway.openapi import ROUTES
-from tests.v2_pending import needs_grid_v2
 
 from .conftest import Stack, http, login
 
-pytestmark = needs_grid_v2
 
 
 def sample_body(route: Any, stack: Stack) -> dict[str, Any] | None:

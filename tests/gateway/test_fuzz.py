@@ -15,11 +15,9 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from tests.v2_pending import needs_grid_v2
 
 from .conftest import Stack, http, login
 
-pytestmark = needs_grid_v2
 
 EXAMPLES = 20
 

@@ -16,11 +16,9 @@ import pytest
 
 from .conftest import Stack, http, login
 from .realstack import RealStack
-from tests.v2_pending import needs_grid_v2
 
 from .test_api import error_of
 
-pytestmark = needs_grid_v2
 
 
 def stored(data_dir: pathlib.Path) -> bytes:
