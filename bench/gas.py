@@ -1,135 +1,318 @@
-"""Gas of the energy market on a real anvil node, against the seed's way of paying.
+"""Gas of whole v2 trades on a real anvil node, against the seed's way, per traded kWh.
 
-    python bench/gas.py
+    python bench/gas.py [--trades 50] [--kwh 5]
 
-The seed paid a seller with one plain Ether transfer per delivered kWh. Here a settlement
-credits the seller from escrow and moves the kWh's tokens to the buyer. The baseline (a plain
-transfer's gas) is measured in the same run by sending one and reading its receipt.
+A grid of ``trades`` producers and as many consumers (each party its own account and meter,
+the least favourable case: no storage slot is shared between trades) runs ``trades``
+concurrent trades of ``kwh`` kWh each, twice: a first round on fresh accounts and meters, then
+a second, steady-state round on the same ones (where balances, credit and counters already
+exist, as on a running grid).
 
-Reported:
-- gas per delivered kWh: one settle per kWh on one trade, and settleBatch of 10/50/100 trades
-  each advancing by one kWh (steady state: every trade already settled once, as during a
-  running trade), with the ratio to the baseline;
-- gas of each call (first and steady-state variants where storage makes them differ).
+v2, per round, as the services would drive it:
+- minting: each producer's meter signs its cumulative production counter once per trade's
+  worth of energy; the counters are submitted in one mintBatch;
+- open: one transaction per trade, from the seller's signed offer and the buyer's signed bid;
+- settlement: every kWh, each buyer's meter signs its cumulative delivery; the operator submits
+  them in one settleBatch across all trades; the last kWh ends each trade on its own
+  ("delivered in full"). A second variant ends each trade with the buyer's close after 4 kWh,
+  the 5th kWh settled inside the dispute window, then finalize ("closed by the buyer").
+Meter registration (once per meter, ever) and the sellers' one-time approval are reported
+apart; so are the escrow deposit and credit withdrawal, which the seed had no equivalent of
+(it paid straight from the buyer's account), shown as an extra line once per trade.
+
+The seed's way, same run, same node (a minimal baseline contract deployed here): one plain
+ERC-20-style mint transaction per kWh, one transaction recording the trade (seller, buyer,
+price), and one plain Ether transfer from the buyer to the seller per kWh.
+
+Printed: gas per call, total gas and gas per traded kWh of each way, and the ratio v2 / seed.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import pathlib
 import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import solcx  # noqa: E402
 from eth_account import Account  # noqa: E402
+from eth_account.signers.local import LocalAccount  # noqa: E402
+from eth_utils import keccak  # noqa: E402
 from web3 import AsyncHTTPProvider, AsyncWeb3  # noqa: E402
 
+from contracts import build  # noqa: E402
+from services.bus import typed  # noqa: E402
 from services.chain import contracts as c  # noqa: E402
 from tests.chain_fixtures import start_anvil, stop_anvil  # noqa: E402
 
 ETHER = 10**18
 PRICE = 150 * 10**12  # wei per kWh
-BATCH_SIZES = (10, 50, 100)
 KWH = 1000  # Wh
+DISPUTE_WINDOW_S = 600
+
+SEED_BASELINE = """// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+/// The seed's way, kept minimal (so as cheap as it can be): a plain ERC-20-style mint and a
+/// record of each trade (seller, buyer, price in one packed pair of slots).
+contract SeedBaseline {
+    struct Trade { address seller; uint96 price; address buyer; }
+    uint256 public totalSupply;
+    mapping(address => uint256) public balanceOf;
+    mapping(uint256 => Trade) public trades;
+    event Transfer(address indexed from, address indexed to, uint256 value);
+    event TradeRecorded(uint256 indexed id, address indexed seller, address indexed buyer, uint256 price);
+
+    function mint(address to, uint256 amount) external {
+        totalSupply += amount;
+        balanceOf[to] += amount;
+        emit Transfer(address(0), to, amount);
+    }
+
+    function record(uint256 id, address seller, address buyer, uint96 price) external {
+        trades[id] = Trade(seller, price, buyer);
+        emit TradeRecorded(id, seller, buyer, price);
+    }
+}
+"""
+
+
+def key(label: str) -> LocalAccount:
+    return Account.from_key(keccak(text=f"bench/{label}"))
+
+
+@dataclass
+class Tally:
+    """Gas by step of one way of trading, and the calls behind it."""
+
+    steps: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, step: str, call: str, gas: int, per: int = 1) -> None:
+        self.steps[step] += gas
+        self.calls[call].append(gas // per)
+
+    @property
+    def total(self) -> int:
+        return sum(self.steps.values())
 
 
 class Bench:
-    def __init__(self, w3: AsyncWeb3, accounts: list[str], d: c.Deployment) -> None:
-        self.w3, self.a, self.d = w3, accounts, d
-        self.calls: list[tuple[str, int]] = []
-        self.n_trades = 0
+    def __init__(self, w3: AsyncWeb3, n: int, kwh: int) -> None:
+        self.w3, self.n, self.kwh = w3, n, kwh
+        self.sellers = [key(f"seller-{i}") for i in range(n)]
+        self.buyers = [key(f"buyer-{i}") for i in range(n)]
+        self.seller_meters = [key(f"seller-meter-{i}") for i in range(n)]
+        self.buyer_meters = [key(f"buyer-meter-{i}") for i in range(n)]
+        self.trade_no = 0
 
-    async def gas(self, label: str | None, call: Any, sender: str, value: int = 0) -> int:
-        receipt = await c.send(self.w3, call, sender, value)
-        if label:
-            self.calls.append((label, receipt["gasUsed"]))
-        return int(receipt["gasUsed"])
+    async def rpc(self, method: str, params: list[Any]) -> Any:
+        return (await self.w3.provider.make_request(method, params))["result"]
 
-    async def open_trade(self, seller: str, buyer: str, wh: int, label: str | None = None) -> bytes:
-        self.n_trades += 1
-        tid = c.id32(f"bench-trade-{self.n_trades}")
-        await self.gas(label, self.d.market.functions.open(tid, seller, buyer, wh, PRICE), self.a[0])
-        return tid
+    async def gas(self, call: Any, sender: str, value: int = 0) -> int:
+        return int((await c.send(self.w3, call, sender, value))["gasUsed"])
+
+    async def gas_many(self, sends: list[tuple[Any, str, Any]]) -> list[int]:
+        """Gas of each of many independent transactions: each sender's in order, senders side by
+        side (a transaction's gas does not depend on what else is in flight: warm slots do not
+        outlive their transaction). A send whose call is None is a plain transfer of value[1] to value[0]."""
+        by_sender: dict[str, list[int]] = defaultdict(list)
+        for i, (_, sender, _) in enumerate(sends):
+            by_sender[sender].append(i)
+        gas = [0] * len(sends)
+
+        async def one_sender(indexes: list[int]) -> None:
+            for i in indexes:
+                call, sender, value = sends[i]
+                if call is None:
+                    tx = await self.w3.eth.send_transaction({"from": sender, "to": value[0], "value": value[1]})
+                    gas[i] = int((await self.w3.eth.wait_for_transaction_receipt(tx))["gasUsed"])
+                else:
+                    gas[i] = await self.gas(call, sender, value)
+
+        await asyncio.gather(*(one_sender(ix) for ix in by_sender.values()))
+        return gas
+
+    async def setup(self) -> None:
+        dev = await self.w3.eth.accounts
+        self.admin, self.operator, self.registrar, self.pauser = dev[:4]
+        self.d = await c.deploy(self.w3, self.admin, operator=self.operator, registrar=self.registrar,
+                                pauser=self.pauser, dispute_window_s=DISPUTE_WINDOW_S)
+        self.chain_id = await self.w3.eth.chain_id
+        for acct in self.sellers + self.buyers:  # parties send their own transactions, keys stay here
+            await self.rpc("anvil_setBalance", [acct.address, hex(10**6 * ETHER)])
+            await self.rpc("anvil_impersonateAccount", [acct.address])
+        out = solcx.compile_standard({
+            "language": "Solidity", "sources": {"SeedBaseline.sol": {"content": SEED_BASELINE}},
+            "settings": {"optimizer": build.OPTIMIZER, "evmVersion": build.EVM_VERSION,
+                         "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object"]}}},
+        }, solc_binary=build.SOLC)["contracts"]["SeedBaseline.sol"]["SeedBaseline"]
+        factory = self.w3.eth.contract(abi=out["abi"], bytecode="0x" + out["evm"]["bytecode"]["object"])
+        receipt = await c.send(self.w3, factory.constructor(), self.admin)
+        self.seed = self.w3.eth.contract(address=receipt["contractAddress"], abi=out["abi"]).functions
+
+    # ------------------------------------------------------------------ once per meter / account
+
+    async def onboarding(self) -> Tally:
+        t = Tally()
+        reg = self.d.registry.functions
+        domain = self.d.registry_domain(self.chain_id)
+        sends = []
+        for meter, acct in zip(self.seller_meters + self.buyer_meters, self.sellers + self.buyers):
+            sig = typed.sig_bytes(typed.sign_registration(meter.key, domain, acct.address))
+            sends.append((reg.register(meter.address, acct.address, sig), self.registrar, 0))
+        for gas in await self.gas_many(sends):
+            t.add("register meters", "register", gas)
+        approve = self.d.token.functions.approve(self.d.market_address, 2**256 - 1)
+        for gas in await self.gas_many([(approve, s.address, 0) for s in self.sellers]):
+            t.add("approve the market", "approve (max)", gas)
+        return t
+
+    # ------------------------------------------------------------------ v2 trades
+
+    async def v2_round(self, round_no: int, close_early: bool) -> tuple[Tally, Tally]:
+        """One round of n concurrent trades; returns (trade lifecycle, escrow in/out)."""
+        t, escrow = Tally(), Tally()
+        tok, mkt = self.d.token.functions, self.d.market.functions
+        # a trade closed by its buyer is one kWh larger than what it delivers: that kWh goes back
+        n, delivered_wh = self.n, self.kwh * KWH
+        wh = delivered_wh + (KWH if close_early else 0)
+        # the producers' meters sign their cumulative counters; anyone submits them in one batch
+        produced = [(await tok.mintedOf(m.address).call()) + wh for m in self.seller_meters]
+        tdom, mdom = self.d.token_domain(self.chain_id), self.d.market_domain(self.chain_id)
+        sigs = [typed.sig_bytes(typed.sign_production(m.key, tdom, p)) for m, p in zip(self.seller_meters, produced)]
+        t.add("mint", "mintBatch, per meter",
+              await self.gas(tok.mintBatch([m.address for m in self.seller_meters], produced, sigs), self.operator), n)
+        # each buyer deposits what its trade costs (reserved at bid time), as a site's wallet would
+        until = (await self.w3.eth.get_block("latest"))["timestamp"] + 3600
+        for gas in await self.gas_many([(mkt.depositAndReserve(until), b.address, c.cost(wh, PRICE))
+                                        for b in self.buyers]):
+            escrow.add("deposit", "depositAndReserve", gas)
+        # open: one transaction per trade, from the seller's signed offer and the buyer's signed bid
+        now = (await self.w3.eth.get_block("latest"))["timestamp"]
+        ids, sends = [], []
+        for s, b in zip(self.sellers, self.buyers):
+            self.trade_no += 1
+            trade_id = f"bench-{self.trade_no}"
+            offer = typed.Offer(offer_id=typed.new_id(), seller=s.address, wh=wh, min_price_wei_per_kwh=PRICE,
+                                expiry=now + 3600, duration_s=7200)
+            bid = typed.Bid(bid_id=typed.new_id(), offer_id=offer.offer_id, buyer=b.address, wh=wh,
+                            max_price_wei_per_kwh=PRICE, expiry=now + 3600)
+            args = c.open_args(trade_id, offer, typed.sign_offer(s.key, mdom, offer), bid,
+                               typed.sign_bid(b.key, mdom, bid), wh, PRICE)
+            sends.append((mkt.open(*args), self.operator, 0))
+            ids.append(trade_id)
+        for gas in await self.gas_many(sends):
+            t.add("open", "open", gas)
+        keys = [typed.trade_key(i) for i in ids]
+
+        async def settle_all(k: int) -> None:
+            delivered = [k * KWH] * n
+            sigs = [typed.sig_bytes(typed.sign_delivery(m.key, mdom, i, k * KWH))
+                    for m, i in zip(self.buyer_meters, ids)]
+            label = "settleBatch, per trade" + (" (ends the trade)" if k * KWH == wh else "")
+            t.add("settle", label, await self.gas(mkt.settleBatch(keys, delivered, sigs), self.operator), n)
+
+        for k in range(1, self.kwh + (0 if close_early else 1)):
+            await settle_all(k)
+        if close_early:
+            for gas in await self.gas_many([(mkt.close(k), b.address, 0) for k, b in zip(keys, self.buyers)]):
+                t.add("close + finalize", "close", gas)
+            await settle_all(self.kwh)  # in the dispute window: the buyer meter's last reading still pays
+            await self.rpc("evm_increaseTime", [DISPUTE_WINDOW_S])
+            await self.rpc("evm_mine", [])
+            for gas in await self.gas_many([(mkt.finalize(k), self.operator, 0) for k in keys]):
+                t.add("close + finalize", "finalize", gas)
+        for gas in await self.gas_many([(mkt.withdrawCredit(), s.address, 0) for s in self.sellers]):
+            escrow.add("withdraw credit", "withdrawCredit", gas)
+        return t, escrow
+
+    # ------------------------------------------------------------------ the seed's way
+
+    async def seed_round(self) -> Tally:
+        t = Tally()
+        records = []
+        for s, b in zip(self.sellers, self.buyers):
+            self.trade_no += 1
+            records.append((self.seed.record(self.trade_no, s.address, b.address, PRICE), self.operator, 0))
+        for gas in await self.gas_many(records):
+            t.add("record the trade", "seed: record", gas)
+        for _ in range(self.kwh):
+            # the seed's producer node sent the mint of each of its kWh itself
+            mints = await self.gas_many([(self.seed.mint(s.address, KWH), s.address, 0) for s in self.sellers])
+            pays = await self.gas_many([(None, b.address, (s.address, PRICE)) for s, b in zip(self.sellers, self.buyers)])
+            for gas in mints:
+                t.add("mint", "seed: mint (1 kWh)", gas)
+            for gas in pays:
+                t.add("pay", "seed: Ether transfer (1 kWh)", gas)
+        return t
 
 
-async def measure(w3: AsyncWeb3) -> tuple[int, list[tuple[str, int]], list[tuple[str, int, int]]]:
-    a = await w3.eth.accounts
-    admin, sellers, buyers = a[0], a[1:5], a[5:10]
-    d = await c.deploy(w3, admin)
-    b = Bench(w3, a, d)
-    tok, mkt = d.token.functions, d.market.functions
-
-    # baseline: the seed's payment, one plain Ether transfer
-    tx = await w3.eth.send_transaction({"from": buyers[0], "to": sellers[0], "value": PRICE})
-    baseline = int((await w3.eth.wait_for_transaction_receipt(tx))["gasUsed"])
-
-    # each call once, on a trade of 10 kWh between sellers[0] and buyers[0]
-    await b.gas("mint (first to an account)", tok.mint(sellers[0], 500 * KWH, c.id32("m0")), admin)
-    await b.gas("mint (next)", tok.mint(sellers[0], 500 * KWH, c.id32("m1")), admin)
-    for s in sellers[1:]:
-        await b.gas(None, tok.mint(s, 1000 * KWH, c.id32(f"m-{s}")), admin)
-    for s in sellers:
-        await b.gas("approve" if s == sellers[0] else None, tok.approve(d.market_address, 2**256 - 1), s)
-    await b.gas("deposit (first)", mkt.deposit(), buyers[0], value=ETHER)
-    await b.gas("deposit (next)", mkt.deposit(), buyers[0], value=ETHER)
-    for buyer in buyers[1:]:
-        await b.gas(None, mkt.deposit(), buyer, value=10 * ETHER)
-    await b.gas("registerMeter", mkt.registerMeter(buyers[0], a[9]), admin)
-    tid = await b.open_trade(sellers[0], buyers[0], 10 * KWH, label="open")
-    await b.gas("settle (first kWh of a trade)", mkt.settle(tid, KWH), admin)
-    single = await b.gas("settle (next kWh)", mkt.settle(tid, 2 * KWH), admin)
-    await b.gas("close", mkt.close(tid, 2 * KWH + 500), buyers[0])
-    await b.gas("withdrawCredit", mkt.withdrawCredit(), sellers[0])
-    await b.gas("withdraw", mkt.withdraw(ETHER), buyers[0])
-
-    # signed reading: the same settlement, submitted by anyone with the meter's signature
-    meter = Account.from_key(b"\x07" * 32)
-    await b.gas(None, mkt.registerMeter(buyers[0], meter.address), admin)
-    tid = await b.open_trade(sellers[0], buyers[0], 10 * KWH)
-    chain_id = await w3.eth.chain_id
-    for k, label in ((1, None), (2, "settleSigned (next kWh)")):
-        sig = c.sign_delivery(meter.key, chain_id, d.market_address, tid, k * KWH)
-        await b.gas(label, mkt.settleSigned(tid, k * KWH, sig), sellers[0])
-
-    # batches: n trades over rotating seller/buyer pairs, each settled once, then one more kWh each
-    per_kwh = [("settle, one per kWh", 1, single)]
-    for n in BATCH_SIZES:
-        ids = [await b.open_trade(sellers[i % len(sellers)], buyers[i % len(buyers)], 10 * KWH) for i in range(n)]
-        await b.gas(None, mkt.settleBatch(ids, [KWH] * n), admin)
-        used = await b.gas(None, mkt.settleBatch(ids, [2 * KWH] * n), admin)
-        per_kwh.append((f"settleBatch of {n} trades", n, used))
-    return baseline, b.calls, per_kwh
-
-
-def report(baseline: int, calls: list[tuple[str, int]], per_kwh: list[tuple[str, int, int]]) -> str:
-    lines = [
-        f"baseline (the seed's payment per kWh): plain Ether transfer = {baseline:,} gas, measured",
-        "",
-        "gas per delivered kWh settled (escrow -> seller credit, tokens -> buyer); batches over",
-        "trades among 4 sellers and 5 buyers, each trade advancing one kWh, transaction base cost included",
-        f"{'how':<28} {'kWh':>5} {'tx gas':>11} {'gas/kWh':>9} {'vs baseline':>12}",
-    ]
-    for how, kwh, used in per_kwh:
-        lines.append(f"{how:<28} {kwh:>5} {used:>11,} {used // kwh:>9,} {used / kwh / baseline:>11.2f}x")
-    lines += ["", "gas per call", f"{'call':<32} {'gas':>9}"]
-    lines += [f"{label:<32} {used:>9,}" for label, used in calls]
+def report(n: int, kwh: int, onboarding: Tally, rounds: list[tuple[str, Tally, Tally, Tally]]) -> str:
+    traded = n * kwh
+    lines = [f"{n} concurrent trades of {kwh} kWh ({traded} kWh a round), {n} producers and {n} consumers,",
+             "every party its own account and meter; anvil, same run, same node", ""]
+    lines.append("once per meter / account (not in the totals below)")
+    for step, gas in onboarding.steps.items():
+        per = gas // (2 * n if step == "register meters" else n)
+        lines.append(f"  {step:<34} {gas:>12,} gas  ({per:,} each)")
+    for name, v2, escrow, seed in rounds:
+        lines += ["", f"{name}", f"  {'v2 step':<34} {'gas':>12} {'gas/kWh':>9}"]
+        for step, gas in v2.steps.items():
+            lines.append(f"  {step:<34} {gas:>12,} {gas // traded:>9,}")
+        lines.append(f"  {'v2 trade lifecycle':<34} {v2.total:>12,} {v2.total // traded:>9,}")
+        with_escrow = v2.total + escrow.total
+        lines.append(f"  {'  + deposit and withdraw credit':<34} {with_escrow:>12,} {with_escrow // traded:>9,}")
+        lines.append(f"  {'seed step':<34}")
+        for step, gas in seed.steps.items():
+            lines.append(f"  {step:<34} {gas:>12,} {gas // traded:>9,}")
+        lines.append(f"  {'seed total':<34} {seed.total:>12,} {seed.total // traded:>9,}")
+        lines.append(f"  ratio v2 / seed: {v2.total / seed.total:.3f} (trade lifecycle), "
+                     f"{with_escrow / seed.total:.3f} (with deposit and credit withdrawal)")
+    lines += ["", "gas per call (mean over the run; batch entries: the batch's gas / its entries)",
+              f"  {'call':<44} {'gas':>9} {'calls':>6}"]
+    calls: dict[str, list[int]] = defaultdict(list)
+    for tally in [onboarding] + [x for r in rounds for x in r[1:]]:
+        for call, gases in tally.calls.items():
+            calls[call] += gases
+    for call, gases in calls.items():
+        lines.append(f"  {call:<44} {sum(gases) // len(gases):>9,} {len(gases):>6}")
     return "\n".join(lines)
 
 
-async def run(url: str) -> str:
+async def run(url: str, n: int, kwh: int) -> str:
     w3 = AsyncWeb3(AsyncHTTPProvider(url))
     try:
-        return report(*await measure(w3))
+        b = Bench(w3, n, kwh)
+        await b.setup()
+        onboarding = await b.onboarding()
+        rounds = []
+        for name, close_early in (("round 1, fresh accounts and meters, delivered in full", False),
+                                  ("round 2, steady state, delivered in full", False),
+                                  (f"round 3, steady state, trades of {kwh + 1} kWh closed by the buyer after "
+                                   f"{kwh - 1} kWh, kWh {kwh} settled in the dispute window, then finalized", True)):
+            v2, escrow = await b.v2_round(len(rounds), close_early)
+            seed = await b.seed_round()
+            rounds.append((name, v2, escrow, seed))
+        return report(n, kwh, onboarding, rounds)
     finally:
         await c.close_provider(w3)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trades", type=int, default=50, help="concurrent trades (default 50)")
+    parser.add_argument("--kwh", type=int, default=5, help="kWh per trade (default 5)")
+    args = parser.parse_args(argv)
     proc, url = start_anvil()
     try:
-        print(asyncio.run(run(url)))
+        print(asyncio.run(run(url, args.trades, args.kwh)))
     finally:
         stop_anvil(proc)
 

@@ -1,4 +1,5 @@
-"""services.chain.contracts: deploy from a local key, attach, artifacts on chain, revert reasons."""
+"""services.chain.contracts: deploy with a key per role (from a local key too), attach and
+discover, artifacts on chain, costs, revert reasons."""
 
 from __future__ import annotations
 
@@ -10,35 +11,67 @@ from eth_account import Account
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError
 
+from services.bus import typed
 from services.chain import contracts as c
-from services.chain.contracts import id32
 
-from .conftest import ETHER, Env
+from .conftest import ETHER, Env, new_id
+
+ROLES = {"admin": c.DEFAULT_ADMIN_ROLE, "registrar": c.REGISTRAR_ROLE, "operator": c.OPERATOR_ROLE,
+         "pauser": c.PAUSER_ROLE}
 
 
-async def test_deploy_from_a_local_key_and_attach(w3: AsyncWeb3) -> None:
-    dev = (await w3.eth.accounts)[0]
+async def test_deploy_from_a_local_key_gives_each_role_to_its_holder_only(w3: AsyncWeb3) -> None:
+    dev = await w3.eth.accounts
     key = Account.from_key(b"\x42" * 32)
-    await w3.eth.wait_for_transaction_receipt(await w3.eth.send_transaction({"from": dev, "to": key.address, "value": ETHER}))
-    operator, minter = (await w3.eth.accounts)[6:8]
+    await w3.eth.wait_for_transaction_receipt(await w3.eth.send_transaction({"from": dev[0], "to": key.address,
+                                                                             "value": ETHER}))
+    operator, registrar, pauser = dev[6:9]
+    d = await c.deploy(w3, key, operator=operator, registrar=registrar, pauser=pauser, dispute_window_s=77)
+    holders = {"admin": key.address, "registrar": registrar, "operator": operator, "pauser": pauser}
+    where = {"admin": (d.registry, d.token, d.market), "registrar": (d.registry,), "operator": (d.market,),
+             "pauser": (d.token, d.market)}
+    for role_name, role in ROLES.items():
+        for contract in (d.registry, d.token, d.market):
+            for holder_name, holder in holders.items():
+                expected = holder_name == role_name and contract in where[role_name]
+                assert await contract.functions.hasRole(role, holder).call() == expected, (role_name, holder_name)
+    m = d.market.functions
+    assert await m.token().call() == d.token_address
+    assert await m.registry().call() == d.registry_address
+    assert await d.token.functions.registry().call() == d.registry_address
+    assert await m.disputeWindow().call() == 77
 
-    d = await c.deploy(w3, key, operator=operator, minter=minter)
-    for contract, role in ((d.token, c.METER_ROLE), (d.market, c.OPERATOR_ROLE)):
-        assert await contract.functions.hasRole(c.DEFAULT_ADMIN_ROLE, key.address).call()
-        assert await contract.functions.hasRole(role, key.address).call()
-    assert await d.token.functions.hasRole(c.METER_ROLE, minter).call()
-    assert not await d.token.functions.hasRole(c.METER_ROLE, operator).call()
-    assert await d.market.functions.hasRole(c.OPERATOR_ROLE, operator).call()
-    assert await d.market.functions.token().call() == d.token_address
+    # each runtime code is the artifact's deployedBytecode, but for the immutables (zeros in the artifact)
+    for contract, name in ((d.registry, c.REGISTRY), (d.token, c.TOKEN), (d.market, c.MARKET)):
+        code = bytes(await w3.eth.get_code(contract.address))
+        artifact = bytes.fromhex(c.load_artifact(name)["deployedBytecode"][2:])
+        assert len(code) == len(artifact)
+        assert all(a == 0 for a, b in zip(artifact, code) if a != b), name
 
-    # the token has no immutables: its runtime code is the artifact's deployedBytecode
-    assert (await w3.eth.get_code(d.token_address)).to_0x_hex() == c.load_artifact(c.TOKEN)["deployedBytecode"]
+    attached = c.attach(w3, d.token_address.lower(), d.market_address.lower(), d.registry_address.lower())
+    assert (attached.token_address, attached.market_address, attached.registry_address) == (
+        d.token_address, d.market_address, d.registry_address)
+    found = await c.discover(w3, d.market_address)
+    assert (found.token_address, found.registry_address) == (d.token_address, d.registry_address)
+    assert await found.token.functions.decimals().call() == 3
 
-    attached = c.attach(w3, d.token_address.lower(), d.market_address.lower())
-    assert attached.market_address == d.market_address
-    await c.send(w3, attached.token.functions.mint(operator, 7, id32("x")), minter)
-    assert await d.token.functions.balanceOf(operator).call() == 7
-    assert await attached.token.functions.decimals().call() == 3
+
+async def test_domains_name_each_contract_on_this_chain(env: Env) -> None:
+    chain_id = await env.w3.eth.chain_id
+    assert env.d.market_domain(chain_id) == typed.market_domain(chain_id, env.d.market_address)
+    assert env.d.token_domain(chain_id) == typed.token_domain(chain_id, env.d.token_address)
+    assert env.d.registry_domain(chain_id) == typed.registry_domain(chain_id, env.d.registry_address)
+
+
+async def test_open_args_build_an_open(env: Env) -> None:
+    await env.fund()
+    offer, osig = await env.offer(1000)
+    bid, bsig = await env.bid(offer, 1000)
+    trade_id = new_id()
+    args = c.open_args(trade_id, offer, "0x" + osig.hex(), bid, "0x" + bsig.hex(), 1000, offer.min_price_wei_per_kwh)
+    await env.tx(env.market.open(*args), env.operator)
+    assert (await env.trade(trade_id))[2] == c.STATUS_OPEN
+    assert c.id32(trade_id) == typed.trade_key(trade_id)
 
 
 def test_cost_rounds_down_like_the_contract() -> None:
@@ -58,6 +91,18 @@ def test_revert_reason_reads_error_strings_and_ignores_other_errors() -> None:
     assert c.revert_reason(ContractLogicError("execution reverted: EnergyMarket: x")) == "EnergyMarket: x"
     assert c.revert_reason(ContractLogicError("execution reverted")) == ""
     assert c.revert_reason(ValueError("execution reverted: no")) is None
+
+
+async def test_revert_reasons_come_through_from_both_chains(env: Env) -> None:
+    assert await env.reverts(env.market.withdraw(0), env.buyer) == "EnergyMarket: zero amount"
+    assert await env.reverts(env.registry.revoke(env.other), env.registrar) == "MeterRegistry: meter not active"
+    # a reason raised inside the token, during an open, reaches the operator as the token's
+    offer, osig = await env.offer(1000)
+    bid, bsig = await env.bid(offer, 1000)
+    await env.tx(env.market.deposit(), env.buyer, value=ETHER)
+    reason = await env.reverts(env.open(new_id(), offer, osig, bid, bsig, 1000, offer.min_price_wei_per_kwh),
+                               env.operator)
+    assert reason == "ERC20: insufficient allowance"
 
 
 @pytest.mark.parametrize("w3", ["anvil"], indirect=True)  # needs anvil's automine switch
@@ -80,4 +125,4 @@ async def test_mined_revert_raises_transaction_reverted(env: Env) -> None:
     assert statuses == [False, True]
     reverted = next(r for r in results if isinstance(r, c.TransactionReverted))
     assert reverted.receipt["status"] == 0
-    assert await env.escrow(env.buyer) == (0, 0)
+    assert (await env.escrow(env.buyer))[0] == 0
