@@ -25,6 +25,11 @@ from .sim import SimParams
 
 DriverName = Literal["sim", "line", "modbus"]
 
+DEFAULT_RATED_W = 10_000.0
+"""The rated power assumed for a serial meter that does not say (a household DC meter)."""
+SIM_HEADROOM = 1.5
+"""A sim meter is rated for its site's largest flow with this much headroom."""
+
 
 class MeterConfig(BaseModel):
     """One meter of the site."""
@@ -40,6 +45,14 @@ class MeterConfig(BaseModel):
     timeout_s: float = Field(default=1.0, gt=0, description="how long to wait for one reply")
     mint: bool | None = Field(default=None, description="announce EnergyProduced per kWh; default: producers do")
     trade: bool = Field(default=True, description="relay follows the site's trades, Delivery is published")
+    rated_w: float | None = Field(
+        default=None, gt=0, le=1e9,
+        description="the most power the meter can measure (W): a reading implying more over the time since the "
+                    "last one is refused; default: a sim meter's largest flow (PV peak, line) x 1.5, else 10 kW")
+    time_scale: float | None = Field(
+        default=None, gt=0, le=1e6,
+        description="meter seconds per wall second (an emulator backed by a time-scaled simulated site); "
+                    "default: GRIDTRADE_SIM's time_scale, 1 unless set")
 
     @model_validator(mode="after")
     def _port_needed(self) -> MeterConfig:
@@ -50,6 +63,19 @@ class MeterConfig(BaseModel):
     @property
     def mints(self) -> bool:
         return self.role == "producer" if self.mint is None else self.mint
+
+    def rating(self, sim: SimParams) -> float:
+        """The most Wh per hour of wall time this meter can count: its rated power (W) times
+        its time scale."""
+        rated = self.rated_w
+        if rated is None:
+            if self.driver == "sim":
+                # what the simulated counters can reach: PV into the batteries, the line
+                largest = max(sim.panel.peak_w, sim.line_w * (1.0 + sim.line_loss), 1.0)
+                rated = largest * SIM_HEADROOM
+            else:
+                rated = DEFAULT_RATED_W
+        return rated * (self.time_scale if self.time_scale is not None else sim.time_scale)
 
 
 class MeterSettings(BusSettings):
@@ -66,6 +92,10 @@ class MeterSettings(BusSettings):
     mismatch_tolerance: float = Field(default=0.05, ge=0, le=1, description="allowed (seller-buyer)/seller")
     mismatch_slack_wh: int = Field(default=20, ge=0, description="absolute Wh allowed on top of the tolerance")
     trade_timeout_s: float = Field(default=5.0, gt=0, description="open the relay after this long without a trade heartbeat")
+    fail_open_after: int = Field(default=3, ge=1, description="open the relay after this many failures in a row "
+                                                              "(reads, implausible readings, bookkeeping)")
+    confirm_reads: int = Field(default=3, ge=1, le=100, description="consecutive consistent readings that make a "
+                                                                    "counter reset or jump believed")
     backoff_initial_s: float = Field(default=0.2, gt=0)
     backoff_max_s: float = Field(default=10.0, gt=0)
     store_path: pathlib.Path | None = Field(default=None, description="default <data_dir>/meter.sqlite")

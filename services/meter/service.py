@@ -1,11 +1,14 @@
 """The meter service: reads each meter, announces whole kWh, drives relays from trades,
 accounts delivery and cross-checks it.
 
-Per meter, every ``reading_interval_s``, one store transaction holds: the counters read,
-the kWh index and counter baseline, the trade's delivered Wh, and the events they cause
+Per meter, every ``reading_interval_s``: the relay is decided from the trades heard and
+driven from the reading, then one store transaction holds the counters believed, the kWh
+index and counter baselines, the trade's delivered Wh, and the events they cause
 (``MeterReading``, ``EnergyProduced``, ``Delivery``, ``DeliveryMismatch``,
 ``RelayChanged``) staged in the outbox. A SIGKILL at any point therefore either keeps
-all of it or none of it: no kWh is announced twice or skipped.
+all of it or none of it: no kWh is announced twice or skipped. A reading that implies
+more than the meter's rated power, or a counter that went back and is not confirmed yet,
+counts nothing (:mod:`services.meter.accounting`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sqlite3
 import time
 from typing import Any
 
+from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
 from services.bus.envelope import Envelope, caused_by
@@ -26,8 +30,8 @@ from services.bus.events import (Delivery, DeliveryMismatch, EnergyProduced, Met
                                  TradeHeartbeat, TradeStatus)
 from services.bus.service import Service
 
-from .accounting import (LIVE, KwhState, RelayDecision, TradeView, counter_delta, interpolate, mismatch,
-                         relay_decision, whole_kwh)
+from .accounting import (LIVE, CounterState, KwhState, ReadingJudgement, RelayDecision, TradeView, interpolate,
+                         judge_reading, mismatch, relay_decision, whole_kwh)
 from .config import MeterConfig, MeterSettings
 from .drivers import Backoff, Driver, SimDriver, make_driver
 from .errors import MeterError
@@ -40,12 +44,13 @@ CREATE TABLE IF NOT EXISTS meter_counters (
     meter TEXT PRIMARY KEY,
     kwh_index INTEGER NOT NULL DEFAULT 0,     -- index the next whole kWh gets
     accum_wh INTEGER NOT NULL DEFAULT 0,      -- Wh counted towards it
-    last_energy INTEGER,                      -- counter baseline: the last energy_wh read
+    last_energy INTEGER,                      -- counter baseline: the last energy_wh believed
     first_energy INTEGER,                     -- the counter when this store first saw the meter
-    last_export INTEGER,                      -- the last export_wh read
+    last_export INTEGER,                      -- the last export_wh believed
+    last_ts REAL,                             -- when the read of those baselines started (wall clock)
     relay_closed INTEGER,                     -- the relay state last announced
     current_trade TEXT,                       -- the trade delivery is counted for
-    resets INTEGER NOT NULL DEFAULT 0,
+    resets INTEGER NOT NULL DEFAULT 0,        -- counter resets and jumps confirmed (re-based, nothing counted)
     sim_state TEXT
 );
 CREATE TABLE IF NOT EXISTS meter_trades (
@@ -62,6 +67,19 @@ CREATE TABLE IF NOT EXISTS meter_peer (
 );
 """
 
+COLUMNS_ADDED = {"meter_counters": {"last_ts": "REAL"}}
+"""Columns added since the first version of the schema: added to an older store at start."""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    for table, cols in COLUMNS_ADDED.items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for col, kind in cols.items():
+            if col not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
+
+
 def _one(conn: sqlite3.Connection, sql: str, args: tuple) -> dict[str, Any] | None:
     """One row as a dict (the store's connection is shared: its row factory stays as is)."""
     cur = conn.execute(sql, args)
@@ -69,20 +87,42 @@ def _one(conn: sqlite3.Connection, sql: str, args: tuple) -> dict[str, Any] | No
     return None if row is None else dict(zip([d[0] for d in cur.description], row))
 
 
-FAIL_OPEN_AFTER = 3
-"""Consecutive failed reads after which the relay is commanded open."""
-
-
 class MeterRunner:
-    """One meter: its driver, its loop, its bookkeeping."""
+    """One meter: its driver, its loop, its bookkeeping.
+
+    Each tick: decide what the relay should be (from the trades heard), read the meter,
+    judge the reading (:func:`~services.meter.accounting.judge_reading`, in memory),
+    drive the relay, and only then do the bookkeeping in one store transaction. The relay
+    never waits for the bookkeeping to succeed; failures of reads, readings refused as
+    implausible and failed bookkeeping all count towards ``fail_open_after`` failures in
+    a row, after which the relay opens while a trade would keep it closed.
+    """
 
     def __init__(self, svc: MeterService, cfg: MeterConfig, driver: Driver) -> None:
         self.svc, self.cfg, self.driver = svc, cfg, driver
+        s = svc.settings
+        self.rate_w = cfg.rating(s.sim)
         self.fails = 0
+        self.fail_why = ""
         self.reads = 0
         self.last: Counters | None = None
+        self.relay_state: bool | None = None  # as last read or commanded; None: unknown
         self.decision = RelayDecision(False, None, "starting")
         self.samples: dict[str, collections.deque[tuple[float, int]]] = {}
+        self.counters: dict[str, CounterState] = {}
+        self.notes: collections.deque[tuple[bool, str | None, str]] = collections.deque(maxlen=100)
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.confirmed: collections.Counter[str] = collections.Counter()
+        self.book_failures = 0
+        self._load()
+
+    def _load(self) -> None:
+        """The counters' baselines as the store kept them (what the next reading is judged against)."""
+        row = _one(self.svc.store.conn, "SELECT last_energy, last_export, last_ts FROM meter_counters WHERE meter = ?",
+                   (self.cfg.name,))
+        row = row or {"last_energy": None, "last_export": None, "last_ts": None}
+        self.counters = {"energy": CounterState(row["last_energy"], row["last_ts"]),
+                         "export": CounterState(row["last_export"], row["last_ts"])}
 
     # --- the loop -------------------------------------------------------------------
 
@@ -96,39 +136,104 @@ class MeterRunner:
                 raise
             except Exception:  # noqa: BLE001 - a meter loop never dies
                 log.exception("meter %s: tick failed", self.cfg.name)
+                await self.fail("tick failed", "see the log")
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _decide(self, now: float) -> RelayDecision:
+        s = self.svc.settings
+        try:
+            return relay_decision(self.svc.trade_views(), s.site, now, s.trade_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the store could not say: fail safe
+            log.warning("meter %s: cannot read the trades (%s): relay opens", self.cfg.name, e)
+            return RelayDecision(False, self.decision.trade_id, "trades unreadable")
+
+    @property
+    def want_closed(self) -> bool:
+        """What the relay should be now: closed for a live trade, unless failing."""
+        return self.cfg.trade and self.decision.closed and self.fails < self.svc.settings.fail_open_after
 
     async def tick(self) -> None:
         s = self.svc.settings
-        now = time.time()
+        t_start = time.time()
         if self.cfg.trade:
-            self.decision = relay_decision(self.svc.trade_views(), s.site, now, s.trade_timeout_s)
+            self.decision = self._decide(t_start)
         try:
             c = await self.driver.read()
         except MeterError as e:
-            await self.failed(e)
+            self.relay_state = None
+            await self.fail("meter errors", e)
             return
-        self.fails = 0
+        t_end = time.time()
         self.reads += 1
         self.last = c
-        await self.record(c, now)
-        if self.cfg.trade and c.relay_closed != self.decision.closed:
-            try:
-                await self.driver.set_relay(self.decision.closed)
-            except MeterError as e:
-                await self.failed(e)
-                return
-            await self.note_relay(self.decision.closed, self.decision.trade_id, self.decision.reason)
+        self.relay_state = c.relay_closed
+        j = judge_reading(self.counters, {"energy": c.energy_wh, "export": c.export_wh}, t_start, t_end,
+                          self.rate_w, s.confirm_reads)
+        if not j.believed:
+            self.counters = j.states  # the suspects only: the baselines stay
+            for reason in j.refused.values():
+                self.refused[reason] += 1
+                self.svc.m_refused.labels(self.cfg.name, reason).inc()
+            log.log(logging.WARNING if self.refused.total() <= 10 else logging.DEBUG,
+                    "meter %s: reading refused (%s): energy %s, export %s", self.cfg.name,
+                    ", ".join(f"{k} {v}" for k, v in j.refused.items()), c.energy_wh, c.export_wh)
+            await self.fail("implausible reading", ", ".join(sorted(set(j.refused.values()))))
+        # the relay first: it never waits for the bookkeeping
+        await self.drive()
+        try:
+            await asyncio.wait_for(self.record(c, t_start, j), timeout=max(2.0, 5 * s.reading_interval_s))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - bookkeeping failed: counted, the relay stays safe
+            self.book_failures += 1
+            self.svc.m_book_failures.labels(self.cfg.name).inc()
+            log.warning("meter %s: bookkeeping failed: %s", self.cfg.name, e or type(e).__name__)
+            await self.fail("bookkeeping failed", e or type(e).__name__)
+            return
+        if j.believed:
+            self.fails = 0
+        self.svc.update_metrics(self, c)
 
-    async def failed(self, e: MeterError) -> None:
+    async def drive(self) -> None:
+        """Command the relay to what it should be when the last reading shows otherwise."""
+        if not self.cfg.trade or self.relay_state is None:
+            return
+        want = self.want_closed
+        if self.relay_state == want:
+            return
+        reason = self.decision.reason if want or not self.decision.closed else self.fail_why
+        try:
+            await self.driver.set_relay(want)
+        except MeterError as e:
+            self.relay_state = None
+            await self.fail("meter errors", e)
+            return
+        self.relay_state = want
+        self.notes.append((want, self.decision.trade_id, reason))
+
+    async def fail(self, kind: str, detail: object) -> None:
+        """One more failure in a row; at ``fail_open_after`` the relay is commanded open."""
+        n = self.svc.settings.fail_open_after
         self.fails += 1
+        self.fail_why = f"{kind}: {detail}"
         self.svc.update_metrics(self, None)
-        log.debug("meter %s: read failed (%d in a row): %s", self.cfg.name, self.fails, e)
-        if self.fails >= FAIL_OPEN_AFTER and self.cfg.trade and self.fails % FAIL_OPEN_AFTER == 0:
-            # fail safe: a meter we cannot read must not keep energy flowing
-            with contextlib.suppress(MeterError):
-                await self.driver.set_relay(False)
-                await self.note_relay(False, self.decision.trade_id, f"meter errors: {e}")
+        log.debug("meter %s: %s (%d in a row)", self.cfg.name, self.fail_why, self.fails)
+        if not self.cfg.trade or self.fails < n:
+            return
+        # fail safe: a meter we cannot read or account for must not keep energy flowing.
+        # Closed as far as we know: open it now; unknown: every n-th failure (a dead port
+        # is not hammered)
+        if self.relay_state is False or (self.relay_state is None and self.fails % n):
+            return
+        try:
+            await self.driver.set_relay(False)
+        except MeterError:
+            self.relay_state = None
+            return
+        self.relay_state = False
+        self.notes.append((False, self.decision.trade_id, self.fail_why))
+        with contextlib.suppress(Exception):
+            await self.flush_notes()
 
     # --- bookkeeping in one transaction ---------------------------------------------
 
@@ -137,8 +242,22 @@ class MeterRunner:
         return _one(conn, "SELECT * FROM meter_counters WHERE meter = ?", (self.cfg.name,))
 
     async def note_relay(self, closed: bool, trade_id: str | None, reason: str) -> None:
+        self.notes.append((closed, trade_id, reason))
+        await self.flush_notes()
+
+    async def flush_notes(self) -> None:
+        """Announce the relay changes not announced yet (a failed transaction keeps them)."""
+        if not self.notes:
+            return
         async with self.svc.store.atomic() as conn:
+            self._apply_notes(conn)
+
+    def _apply_notes(self, conn: sqlite3.Connection) -> None:
+        notes = list(self.notes)
+        for closed, trade_id, reason in notes:
             self._relay_changed(conn, closed, trade_id, reason)
+        # gone once committed; a rollback leaves them for the next transaction
+        self.svc.store.on_commit(lambda: [self.notes.popleft() for _ in notes if self.notes])
 
     def _relay_changed(self, conn: sqlite3.Connection, closed: bool, trade_id: str | None, reason: str) -> None:
         row = self._row(conn)
@@ -149,7 +268,12 @@ class MeterRunner:
                                     trade_id=trade_id, reason=reason[:200]))
         log.info("meter %s: relay %s (%s)", self.cfg.name, "closed" if closed else "open", reason)
 
-    async def record(self, c: Counters, now: float) -> None:
+    async def record(self, c: Counters, t_start: float, j: ReadingJudgement) -> None:
+        """Persist a believed reading with what it counts and the events it causes; for a
+        refused one only the relay changes waiting to be announced."""
+        if not j.believed:
+            await self.flush_notes()
+            return
         s = self.svc.settings
         site, name = s.site, self.cfg.name
         async with self.svc.store.atomic() as conn:
@@ -161,10 +285,11 @@ class MeterRunner:
                 soc=c.soc, load_w=c.load_w, pv_w=c.pv_w))
             with caused_by(reading.id):
                 row = self._row(conn)
-                d_energy, reset = counter_delta(row["last_energy"], c.energy_wh)
-                if reset:
-                    log.warning("meter %s: energy counter went back from %s to %s: counting on from there",
-                                name, row["last_energy"], c.energy_wh)
+                for counter, verdict in j.confirmed.items():
+                    log.warning("meter %s: %s counter %s confirmed by %d readings: counting on from %s",
+                                name, counter, "reset" if verdict == "reset" else "jump",
+                                s.confirm_reads, c.energy_wh if counter == "energy" else c.export_wh)
+                d_energy = j.counted.get("energy", 0)
                 # whole kWh into the producer's batteries -> EnergyProduced, exactly once each
                 kwh = KwhState(row["kwh_index"], row["accum_wh"])
                 if self.cfg.mints:
@@ -176,12 +301,16 @@ class MeterRunner:
                 current = row["current_trade"]
                 if self.cfg.trade:
                     if c.export_wh is not None and self.cfg.role == "producer":
-                        d_flow, _ = counter_delta(row["last_export"], c.export_wh)
+                        d_flow = j.counted.get("export", 0)
                     else:
                         d_flow = d_energy
-                    current = self._deliver(conn, current, d_flow, now, c.relay_closed)
+                    current = self._deliver(conn, current, d_flow, t_start, c.relay_closed)
                 # a relay that moved by itself (the meter's watchdog, a hand on the switch)
-                if row["relay_closed"] is not None and bool(row["relay_closed"]) != c.relay_closed:
+                # after the changes this service commanded
+                self._apply_notes(conn)
+                row = self._row(conn)
+                if row["relay_closed"] is not None and bool(row["relay_closed"]) != c.relay_closed \
+                        and self.relay_state == c.relay_closed:
                     self._relay_changed(conn, c.relay_closed, self.decision.trade_id, "changed at the meter")
                 elif row["relay_closed"] is None:
                     conn.execute("UPDATE meter_counters SET relay_closed = ? WHERE meter = ?",
@@ -189,11 +318,14 @@ class MeterRunner:
                 sim_state = self.driver.state_json() if isinstance(self.driver, SimDriver) else None
                 conn.execute(
                     "UPDATE meter_counters SET kwh_index = ?, accum_wh = ?, last_energy = ?, last_export = ?,"
-                    " first_energy = COALESCE(first_energy, ?), current_trade = ?, resets = resets + ?,"
+                    " last_ts = ?, first_energy = COALESCE(first_energy, ?), current_trade = ?, resets = resets + ?,"
                     " sim_state = COALESCE(?, sim_state) WHERE meter = ?",
-                    (kwh.next_index, kwh.accum_wh, c.energy_wh, c.export_wh, c.energy_wh, current, int(reset),
-                     sim_state, name))
-        self.svc.update_metrics(self, c)
+                    (kwh.next_index, kwh.accum_wh, c.energy_wh, c.export_wh, t_start, c.energy_wh, current,
+                     len(j.confirmed), sim_state, name))
+        # committed: the new baselines hold
+        self.counters = j.states
+        for verdict in j.confirmed.values():
+            self.confirmed[verdict] += 1
 
     def _deliver(self, conn: sqlite3.Connection, current: str | None, d_flow: int, now: float,
                  relay_closed: bool) -> str | None:
@@ -256,9 +388,13 @@ class MeterRunner:
 
     def health(self) -> dict[str, Any]:
         return {**self.driver.health(), "role": self.cfg.role, "reads": self.reads, "failing": self.fails,
-                "relay_closed": self.last.relay_closed if self.last else None,
-                "relay_wanted": self.decision.closed, "trade": self.decision.trade_id,
-                "why": self.decision.reason, "energy_wh": self.last.energy_wh if self.last else None}
+                "failure": self.fail_why if self.fails else "",
+                "relay_closed": self.relay_state,
+                "relay_wanted": self.want_closed, "trade": self.decision.trade_id,
+                "why": self.decision.reason if self.want_closed or not self.decision.closed else self.fail_why,
+                "energy_wh": self.last.energy_wh if self.last else None,
+                "rated_wh_per_h": self.rate_w, "refused": dict(self.refused), "confirmed": dict(self.confirmed),
+                "bookkeeping_failures": self.book_failures}
 
 
 class MeterService(Service):
@@ -268,7 +404,7 @@ class MeterService(Service):
     async def setup(self) -> None:
         s = self.settings
         self.deliveries_refused: dict[str, int] = {}  # site -> its Delivery for a trade it is not the buyer of
-        self.store.conn.executescript(SCHEMA)
+        migrate(self.store.conn)
         self.publisher()
         self.subscribe(["trade.status.", "trade.heartbeat.", "meter.delivery."], self.on_event)
         self.g_errors = Gauge("gridtrade_meter_errors", "driver errors by reason", ["meter", "reason"],
@@ -276,6 +412,11 @@ class MeterService(Service):
         self.g_energy = Gauge("gridtrade_meter_energy_wh", "energy counter", ["meter"], registry=self.registry)
         self.g_relay = Gauge("gridtrade_meter_relay_closed", "1 while the relay is closed", ["meter"],
                              registry=self.registry)
+        self.m_refused = PromCounter("gridtrade_meter_readings_refused", "readings refused, by meter and reason "
+                                     "(backwards: not confirmed yet; too_fast: beyond the rated power)",
+                                     ["meter", "reason"], registry=self.registry)
+        self.m_book_failures = PromCounter("gridtrade_meter_bookkeeping_failures", "store transactions of a reading "
+                                           "that failed", ["meter"], registry=self.registry)
         self.g_connected = Gauge("gridtrade_meter_connected", "1 while the port is open", ["meter"],
                                  registry=self.registry)
         if s.account is None and any(m.mints for m in s.meters):

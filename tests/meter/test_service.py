@@ -107,7 +107,8 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
     model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
     emu = await make_emulator(kind, model, link=tmp_path / "home.tty").start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": kind, "port": emu.path,
-                                           "timeout_s": 0.5}], delivery_granularity_wh=10)
+                                           "timeout_s": 0.5, "time_scale": 3600, "rated_w": 1000}],
+                 delivery_granularity_wh=10)
     assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
     try:
@@ -195,7 +196,7 @@ async def test_a_failing_meter_publishes_nothing_wrong_and_keeps_the_relay_safe(
     model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
     emu = await LineEmulator(model, link=tmp_path / "home.tty", watchdog_s=0.6).start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
-                                           "timeout_s": 0.2}])
+                                           "timeout_s": 0.2, "time_scale": 3600, "rated_w": 1000}])
     assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
     try:
