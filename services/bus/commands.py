@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from .envelope import PROTOCOL_MAJOR, cause_of, tagged_union
 from .errors import DecodeError
-from .events import Address, Id, Message, Name, TxStatus, Wei, Wh
+from .events import Address, Id, Message, Name, Signature, TxStatus, Wei, Wh
+from .typed import Bid, Offer
 
 
 class Reply(BaseModel):
@@ -109,6 +110,8 @@ class Balances(Reply):
     address: Address
     ether_wei: Wei
     escrow_free_wei: Wei = 0
+    escrow_reserved_wei: Wei = Field(default=0, description="held for live bids until reserved_until")
+    reserved_until: int = Field(default=0, ge=0, description="Unix s (block time) the reservation lasts")
     escrow_locked_wei: Wei = 0
     credit_wei: Wei = Field(default=0, description="paid to this seller, not yet withdrawn")
     tokens_wh: Wh = 0
@@ -162,6 +165,57 @@ class Escrow(Request):
     account: Address
     action: Literal["deposit", "withdraw", "withdraw_credit"]
     amount_wei: Wei = Field(gt=0)
+
+
+@request
+class Reserve(Request):
+    """Make at least ``total_wei`` of the account's escrow reserved until ``until`` (Unix s):
+    the wallet reserves what is missing (from free escrow) and extends the reservation, and
+    answers once the transaction is in a block ("" when nothing was missing). Reserved
+    escrow cannot be withdrawn before ``until``: it is what covers the account's live bids."""
+
+    TYPE: ClassVar[str] = "chain.reserve"
+    Reply: ClassVar[type[Reply]] = TxSent
+    account: Address
+    total_wei: Wei
+    until: int = Field(ge=0, lt=2**64)
+
+
+class SignedOffer(Reply):
+    offer: Offer
+    signature: Signature
+
+
+@request
+class SignOffer(Request):
+    """The site's wallet signs an offer (EIP-712) with an unlocked account key."""
+
+    TYPE: ClassVar[str] = "chain.sign_offer"
+    Reply: ClassVar[type[Reply]] = SignedOffer
+    account: Address
+    wh: Wh = Field(gt=0, le=10**9)
+    min_price_wei_per_kwh: Wei = Field(gt=0)
+    expiry: int = Field(ge=0, lt=2**64)
+    duration_s: int = Field(gt=0, lt=2**32)
+
+
+class SignedBid(Reply):
+    bid: Bid
+    signature: Signature
+
+
+@request
+class SignBid(Request):
+    """The site's wallet signs a bid (EIP-712); ``offer_id`` is the signed offer's id, or
+    the zero id for a double-auction buy order."""
+
+    TYPE: ClassVar[str] = "chain.sign_bid"
+    Reply: ClassVar[type[Reply]] = SignedBid
+    account: Address
+    offer_id: str = Field(pattern=r"^0x[0-9a-fA-F]{64}$")
+    wh: Wh = Field(gt=0, le=10**9)
+    max_price_wei_per_kwh: Wei = Field(gt=0)
+    expiry: int = Field(ge=0, lt=2**64)
 
 
 @request
@@ -255,6 +309,8 @@ class PlaceOffer(Request):
     wh: Wh = Field(gt=0, le=10**9)
     start_price_wei_per_kwh: Wei = Field(gt=0)
     duration_s: float = Field(gt=0, le=7 * 86400)
+    offer: Offer = Field(description="the same offer, signed by the seller's account")
+    signature: Signature
 
 
 class BidAccepted(Reply):
@@ -269,6 +325,8 @@ class PlaceBid(Request):
     buyer: Address
     buyer_site: Name
     price_wei_per_kwh: Wei = Field(gt=0)
+    bid: Bid = Field(description="the same bid, signed by the buyer's account")
+    signature: Signature
 
 
 @request
@@ -340,6 +398,9 @@ class PlaceOrder(Request):
     site: Name
     wh: Wh = Field(gt=0, le=10**9)
     limit_price_wei_per_kwh: Wei = Field(gt=0)
+    offer: Offer | None = Field(default=None, description="a sell order: the signed offer")
+    bid: Bid | None = Field(default=None, description="a buy order: the signed bid (offer id zero)")
+    signature: Signature
 
 
 # --- wire -----------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .typed import Bid, Offer
+
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -41,6 +43,8 @@ Name = Annotated[str, AfterValidator(_name)]
 Wei = Annotated[int, Field(ge=0, lt=2**256)]
 Wh = Annotated[int, Field(ge=0, lt=2**63)]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
+Signature = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$")]
+"""65 bytes r || s || v as 0x-hex (EIP-712 or EIP-191)."""
 
 
 class Origin(enum.Enum):
@@ -165,22 +169,38 @@ class MeterReading(Message):
 
 
 @event
+class MeterKey(Message):
+    """A meter's key, created at its site on first start, asks to be registered for the
+    site's account: ``signature`` is the meter key's EIP-712 ``MeterKey(meter, account)``
+    (registry domain), so nobody can register a key it does not hold. The market's
+    registrar registers it once the account is the site's own (its wallet's claim)."""
+
+    TYPE: ClassVar[str] = "meter.key"
+    ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
+    site: Name
+    meter: Name
+    address: Address
+    account: Address
+    chain_id: int = Field(ge=0)
+    registry: Address
+    signature: Signature
+
+
+@event
 class EnergyProduced(Message):
-    """A whole kWh went into the producer's batteries: mint one token for it, once."""
+    """A meter's cumulative production, signed by its key (EIP-712 ``Production``, token
+    domain). Anyone may submit it to the token, which mints only the delta since the last
+    mint of that meter, so a replayed or older reading mints nothing."""
 
     TYPE: ClassVar[str] = "meter.energy_produced"
     ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
-    reading_id: Id = Field(description="stable id: '<site>/<meter>/<kwh_index>'")
     site: Name
     meter: Name
-    account: Address
-    kwh_index: int = Field(ge=0)
-    wh: Wh = 1000
-
-    def names_only(self, site: str) -> bool:
-        # the reading id is the token contract's mint key: another site's id would take
-        # that site's mint (its own is then found "minted already")
-        return self.reading_id.startswith(f"{site}/")
+    meter_address: Address
+    produced_wh: Wh = Field(description="cumulative, since the meter key was created")
+    chain_id: int = Field(ge=0)
+    token: Address
+    signature: Signature
 
 
 @event
@@ -207,6 +227,9 @@ class Delivery(Message):
     delivered_wh: Wh
     final: bool = Field(default=False, description="the meter stopped counting for this trade (its relay "
                                                    "opened): this is its last Delivery for it")
+    meter_address: Address | None = Field(default=None, description="the meter key that signed")
+    signature: Signature | None = Field(default=None, description="EIP-712 Delivery (consumer) or Export "
+                                                                  "(producer) of the cumulative Wh, market domain")
 
 
 @event
@@ -217,6 +240,8 @@ class DeliveryMismatch(Message):
     buyer_wh: Wh
     seller_wh: Wh
     tolerance: float
+    site: str = Field(default="", description="the seller's site that flagged it")
+    reason: str = Field(default="", max_length=300, description="why, in words")
 
 
 # --- market ---------------------------------------------------------------------------
@@ -305,6 +330,10 @@ class TradeAgreed(Message):
     buyer_site: Name
     wh: Wh
     price_wei_per_kwh: Wei
+    offer: Offer | None = Field(default=None, description="the seller's signed offer the trade is opened from")
+    offer_signature: Signature | None = None
+    bid: Bid | None = Field(default=None, description="the buyer's signed bid")
+    bid_signature: Signature | None = None
 
 
 @event
@@ -367,9 +396,10 @@ class TxUpdate(TxFields):
 class Minted(Message):
     TYPE: ClassVar[str] = "chain.minted"
     ORIGIN: ClassVar[Origin] = Origin.CHAIN
-    reading_id: Id
     account: Address
-    wh: Wh
+    meter: Address
+    produced_wh: Wh = Field(description="the meter's cumulative production minted up to now")
+    wh: Wh = Field(description="minted by this transaction")
     tx_hash: str
 
 
@@ -423,6 +453,8 @@ class Deployment(Message):
     genesis: str = Field(min_length=1, max_length=80, description="hash of block 0: with chain_id, which chain")
     token: Address
     market: Address
+    registry: Address
+    dispute_window_s: int = Field(default=0, ge=0)
     deploy_block: int = Field(ge=0)
     deployment: str = Field(min_length=1, max_length=64, description="one id per deployment (a redeploy: a new one)")
 

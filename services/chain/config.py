@@ -35,6 +35,16 @@ class ChainSettings(BusSettings):
                                   "prefunded account")
     operator_passphrase_file: pathlib.Path | None = Field(
         default=None, description="file holding the operator keystore's passphrase (never logged)")
+    registry_address: str | None = Field(default=None, description="the MeterRegistry of an existing deployment")
+    registrar_address: str | None = Field(
+        default=None, description="the registrar (registers meter keys): a keystore account at the market, a key "
+                                  "of its own (not the operator's). Dev chains: a prefunded dev account")
+    registrar_passphrase_file: pathlib.Path | None = Field(default=None)
+    pauser_address: str | None = Field(
+        default=None, description="who may pause minting and opening (its key is kept offline); dev chains: a "
+                                  "prefunded dev account")
+    dispute_window_s: int = Field(default=20, ge=0, description="after a close, how long a higher signed delivery "
+                                                                 "still settles (a new deployment only)")
     keystore_dir: pathlib.Path | None = Field(default=None, description="default <data_dir>/keystore")
     scrypt_n: int = Field(default=2**18, ge=2**10, le=2**20,
                           description="scrypt work factor of new keystore files (a power of two)")

@@ -28,36 +28,11 @@ CREATE TABLE IF NOT EXISTS chain_nonces (chain TEXT NOT NULL, account TEXT NOT N
                                          PRIMARY KEY (chain, account));
 CREATE TABLE IF NOT EXISTS chain_funded (chain TEXT NOT NULL, account TEXT NOT NULL, tx_hash TEXT NOT NULL,
                                          PRIMARY KEY (chain, account));
-CREATE TABLE IF NOT EXISTS chain_mints (
-    reading_id TEXT PRIMARY KEY, account TEXT NOT NULL, wh INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queued', tx_hash TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
-    seq INTEGER NOT NULL, cause TEXT);
-CREATE TABLE IF NOT EXISTS chain_trades (
-    trade_id TEXT PRIMARY KEY, seller TEXT NOT NULL, buyer TEXT NOT NULL, buyer_site TEXT NOT NULL,
-    wh INTEGER NOT NULL,
-    price TEXT NOT NULL, seq INTEGER NOT NULL,
-    open_state TEXT NOT NULL DEFAULT 'queued', open_tx TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
-    delivered_wh INTEGER NOT NULL DEFAULT 0, settled_wh INTEGER NOT NULL DEFAULT 0,
-    settle_tx TEXT NOT NULL DEFAULT '', settle_target INTEGER NOT NULL DEFAULT 0,
-    close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0, close_tx TEXT NOT NULL DEFAULT '',
-    closed_published INTEGER NOT NULL DEFAULT 0, cause TEXT, close_cause TEXT);
 CREATE TABLE IF NOT EXISTS chain_generated (chain TEXT NOT NULL, account TEXT NOT NULL, wh INTEGER NOT NULL,
                                             PRIMARY KEY (chain, account));
-CREATE TABLE IF NOT EXISTS chain_deliveries (trade_id TEXT NOT NULL, site TEXT NOT NULL, delivered_wh INTEGER NOT NULL,
-                                             final INTEGER NOT NULL DEFAULT 0, cause TEXT,
-                                             PRIMARY KEY (trade_id, site));
 """
-# ``cause``: the id of the bus event a job was recorded from (the reading for a mint, the
-# agreement for an open, the buyer meter's last delivery for a settlement, the closing
-# status for a close), so the events the job publishes later name it as their cause.
-
-ADDED_COLUMNS = (  # (table, column, declaration) added after the table first shipped
-    ("chain_deliveries", "final", "INTEGER NOT NULL DEFAULT 0"),  # the meters mark their last reading
-    ("chain_mints", "cause", "TEXT"),
-    ("chain_trades", "cause", "TEXT"),
-    ("chain_trades", "close_cause", "TEXT"),
-    ("chain_deliveries", "cause", "TEXT"),
-)
+# The operator's job tables live with their jobs (services/chain/jobs); a store from
+# contracts v1 keeps its old tables (chain_mints, chain_trades, chain_deliveries) unread.
 
 
 TX_EXTRA = (  # columns added to chain_txs for real chains (a store from before gets them with defaults)
@@ -78,9 +53,6 @@ TX_EXTRA = (  # columns added to chain_txs for real chains (a store from before 
 
 def init(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
-    for table, column, decl in ADDED_COLUMNS:  # a store from before the column
-        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     have = {r[1] for r in conn.execute("PRAGMA table_info(chain_txs)")}
     for name, decl in TX_EXTRA:
         if name not in have:

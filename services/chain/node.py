@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 
 # anvil's (and hardhat's) first prefunded account: a public, well-known test key.
 ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+ANVIL_DEV_KEYS = (  # anvil's default mnemonic, accounts 0-3: the dev chain's admin, operator, registrar, pauser
+    ANVIL_DEV_KEY,
+    "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a",
+    "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
+)
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError, aiohttp.ClientError, asyncio.TimeoutError, ProviderConnectionError, TimeExhausted,
@@ -192,6 +198,7 @@ class Node:
         self.url = url
         self.client = ""
         self.dev_key: bytes | None = None
+        self.dev_keys: list[bytes] = []  # dev chains: prefunded keys for the separate roles (admin first)
 
     @property
     def is_dev(self) -> bool:
@@ -367,6 +374,7 @@ class EmbeddedNode(Node):
         self.provider = w3.provider
         self.tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
         self.dev_key = self.tester.backend.account_keys[0].to_bytes()
+        self.dev_keys = [k.to_bytes() for k in self.tester.backend.account_keys[:4]]
         self._pool: list[tuple[str, bytes]] = []
         self._mining = True
         self._interval_task: asyncio.Task[None] | None = None
@@ -494,5 +502,6 @@ async def connect(url: str, *, timeout_s: float = 10.0, retries: int = 4) -> Nod
             async with guard():
                 if await w3.eth.get_balance(acct.address) > 0:
                     node.dev_key = bytes(acct.key)
+                    node.dev_keys = [bytes(Account.from_key(k).key) for k in ANVIL_DEV_KEYS]
         return node
     return probe

@@ -148,7 +148,7 @@ class ChainBase(Service):
 
     # --- what each role adds --------------------------------------------------------------
 
-    async def contracts_on(self, node: Node, ident: str) -> tuple[str, str, str]:
+    async def contracts_on(self, node: Node, ident: str) -> tuple[str, str, str, str]:
         """(token, market, deployment id) on this node: the operator deploys or attaches,
         a wallet takes the operator's announcement."""
         raise NotImplementedError
@@ -262,8 +262,8 @@ class ChainBase(Service):
         node, s = self.node, self.settings
         chain_id, genesis = await node.identity()
         ident = f"{chain_id}:{genesis}"
-        token, market, deployment = await self.contracts_on(node, ident)
-        self.dep = contracts.attach(node.w3, token, market)
+        token, market, registry, deployment = await self.contracts_on(node, ident)
+        self.dep = contracts.attach(node.w3, token, market, registry)
         self.chain_id = chain_id
         self.chain_key = f"{ident}:{market.lower()}:{deployment}"  # a redeploy starts a new key
         self.confirmations = (s.confirmation_depth if s.confirmation_depth is not None

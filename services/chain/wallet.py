@@ -122,7 +122,7 @@ class WalletService(ChainBase):
                      body.market, body.deployment)
         self.deployment = body
 
-    async def contracts_on(self, node: Node, ident: str) -> tuple[str, str, str]:
+    async def contracts_on(self, node: Node, ident: str) -> tuple[str, str, str, str]:
         d = self.deployment
         if d is None:
             raise ChainUnavailable("no contracts announced by the operator yet (chain.deployment)")
@@ -133,7 +133,7 @@ class WalletService(ChainBase):
             raise ChainUnavailable(f"no contract at the operator's market address {d.market} on this node (yet)")
         self.deploy_block = d.deploy_block
         self._attached = d.deployment
-        return d.token, d.market, d.deployment
+        return d.token, d.market, d.registry, d.deployment
 
     async def watch_step(self) -> None:
         self.sessions.expire()

@@ -22,13 +22,14 @@ from services.chain.keystore import Keystore
 from services.chain.node import ANVIL_DEV_KEY
 from tests.chain_fixtures import start_anvil, stop_anvil
 
+from tests.signed import Domains, Meter, agreed
+
 from .conftest import PASS, TX, Bus, chain_settings, site_keystore, start_chain, start_stack, wait_until
 from .rpc_proxy import RpcProxy, rpc, txpool
 
 pytestmark = pytest.mark.anvil
 PRICE = 10**16
 GWEI = 10**9
-OPERATOR = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"  # anvil's first dev account
 
 
 async def blocks_every_second(w3: AsyncWeb3) -> None:
@@ -87,12 +88,17 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
     proxy = RpcProxy(url)
     purl = await proxy.start()
     w3 = AsyncWeb3(AsyncHTTPProvider(url))  # the test's own line to anvil, past the proxy
-    seller = site_keystore(tmp_path, "solar-1").new(PASS, site="solar-1").address
-    buyer = site_keystore(tmp_path, "home-7").new(PASS, site="home-7").address
+    solar_ks, home_ks = site_keystore(tmp_path, "solar-1"), site_keystore(tmp_path, "home-7")
+    seller = solar_ks.new(PASS, site="solar-1").address
+    buyer = home_ks.new(PASS, site="home-7").address
+    seller_key, buyer_key = solar_ks.decrypt(seller, PASS), home_ks.decrypt(buyer, PASS)
     stack = await start_stack(bus, tmp_path, purl, sites=("solar-1", "home-7"), confirmation_depth=2,
-                              replace_after_s=1.0, rpc_timeout_s=1.0, rpc_retries=8, close_grace_s=0.0)
+                              replace_after_s=1.0, rpc_timeout_s=1.0, rpc_retries=8, close_grace_s=0.0,
+                              dispute_window_s=2)
     svc = stack.operator
-    mint_gone, open_cheap = contracts.id32("solar-1/m1/1"), contracts.id32("t-1")
+    meters = [Meter("solar-1", seller, name=f"m{i}") for i in range(3)]
+    home = Meter("home-7", buyer, name="m2")
+    mint_gone, open_cheap = bytes.fromhex(meters[1].address[2:]), contracts.id32("t-1")
     refused: set[bytes] = set()
 
     def refuse(raw: bytes) -> str | None:
@@ -112,12 +118,17 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
 
-        # three mints at three operator nonces; the node refuses the second for good: its nonce
-        # is filled by a no-op (the third is not held up), the mint is done again later, once
-        for i in range(3):
-            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{i}", site="solar-1", meter="m1",
-                                                account=seller, kwh_index=i))
-        await ev.wait_for(lambda: len({m.reading_id for m in ev.of(E.Minted)}) == 3, timeout=90)
+        # three meters' mints at three operator nonces; the node refuses the second for good: its
+        # nonce is filled by a no-op (the third is not held up), the mint is done again later, once
+        d = Domains.of(svc)
+        for m in (*meters, home):
+            await peer.publish(m.announce(d))
+        await wait_until(lambda: len(svc.meters.accounts_of(svc.dep.registry_address)) == 4, timeout=90)
+        for i, m in enumerate(meters):
+            await peer.publish(m.production(d, 1000))
+            await ev.wait_for(lambda i=i: len([u for u in ev.of(E.TxUpdate) if u.kind == "mint"
+                                               and u.status == "pending"]) > i, timeout=60)
+        await ev.wait_for(lambda: len({m.meter for m in ev.of(E.Minted)}) == 3, timeout=90)
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18), site="home-7")
         appr = await peer.request(C.Approve(account=seller, wh=3000), site="solar-1")
         await ev.wait_for(lambda: {dep.tx_hash, appr.tx_hash} <= {u.tx_hash for u in ev.of(E.WalletTx)
@@ -128,7 +139,8 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         await no_blocks(w3)
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
                      wh=1000, price_wei_per_kwh=PRICE)
-        await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        await peer.publish(agreed(d, "t-1", seller_key, buyer_key, 1000, PRICE, seller_site="solar-1",
+                                  buyer_site="home-7"))
         await pool_holds(w3, 1)
         await rpc(w3, "anvil_setNextBlockBaseFeePerGas", hex(50 * GWEI))
         await rpc(w3, "evm_mine")  # a 50 gwei block the open cannot be in; then more of them
@@ -138,7 +150,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
 
         # a settlement dropped from the node's pool: sent again
         await no_blocks(w3)
-        await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=600))
+        await peer.publish(home.delivery(d, "t-1", 600, final=True))
         pool = await pool_holds(w3, 1)
         await rpc(w3, "anvil_dropTransaction", pool[0]["hash"])
         await blocks_every_second(w3)
@@ -181,7 +193,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         assert all(len(f) == 1 for f in finals.values()), finals
         failed = [f[0] for f in finals.values() if f[0].status == "failed"]
         # the only failure: the mint refused for good (its nonce filled by a no-op), with the node's reason
-        assert [(u.kind, u.ref) for u in failed] == [("mint", "solar-1/m1/1")]
+        assert [(u.kind, u.ref) for u in failed] == [("mint", meters[1].address)]
         assert "exceeds block gas limit" in failed[0].reason and "no-op" in failed[0].reason
         assert not [u for u in ev.of(TX) if "limit exceeded" in u.reason or "429" in u.reason
                     or "timeout" in u.reason]
@@ -191,7 +203,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         opens = [f[0] for f in finals.values() if f[0].kind == "open"]
         assert len(opens) == 1 and opens[0].status == "confirmed" and opens[0].mined_hash  # a later version mined
 
-        assert sorted(m.reading_id for m in ev.of(E.Minted)) == [f"solar-1/m1/{i}" for i in range(3)]
+        assert sorted((m.meter, m.wh) for m in ev.of(E.Minted)) == sorted((m.address, 1000) for m in meters)
         assert len(ev.of(E.TradeRecorded)) == 1
         assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, contracts.cost(600, PRICE))]
         assert [(c.delivered_wh, c.paid_wei) for c in ev.of(E.TradeClosedOnChain)] == [
@@ -199,8 +211,8 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
 
         await assert_no_gaps(w3, [tmp_path / "market" / "chain.sqlite",
                                   *(tmp_path / site / "wallet.sqlite" for site in ("solar-1", "home-7"))],
-                             {OPERATOR: 2})
-        d = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address)
+                             {})
+        d = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address, svc.dep.registry_address)
         t, m = d.token.functions, d.market.functions
         assert await t.totalSupply().call() == 3000
         assert await t.balanceOf(seller).call() == 3000 - 600
@@ -245,8 +257,11 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         ev = peer.listener
         await blocks_every_second(w3)
         await peer.request(C.Unlock(address=seller, passphrase=PASS), site="solar-1")
-        await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=seller,
-                                            kwh_index=0))
+        d = Domains.of((await ev.wait_for(lambda: ev.of(E.Deployment)))[-1])
+        meters = [Meter("solar-1", seller, name=f"m{i}") for i in range(4)]
+        for m in meters:
+            await peer.publish(m.announce(d))
+        await peer.publish(meters[0].production(d, 1000))
         await ev.wait_for(lambda: ev.of(E.Minted), timeout=60)
         await ev.wait_for(lambda: all_final(ev), timeout=60)  # the dev funding too
         bob_start = await w3.eth.get_balance(bob)
@@ -254,9 +269,9 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         # no blocks: three mints (operator nonces n, n+1, n+2) and the wallet's transfer wait in the
         # pool; SIGKILL of both
         await no_blocks(w3)
-        for i in (1, 2, 3):
-            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{i}", site="solar-1", meter="m1",
-                                                account=seller, kwh_index=i))
+        for i in (1, 2, 3):  # one meter each, so each is its own mint
+            await peer.publish(meters[i].production(d, 1000))
+            await pool_holds(w3, i)
         await peer.request(C.Transfer(sender=seller, to=bob, amount_wei=1), site="solar-1")
         await pool_holds(w3, 4)
         svc.kill()
@@ -299,14 +314,14 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         wallet.stop()
 
     try:
-        assert [m.reading_id for m in ev.of(E.Minted)] == [f"solar-1/m1/{i}" for i in range(4)]  # in order, once
+        assert [m.meter for m in ev.of(E.Minted)] == [m.address for m in meters]  # in order, once
         ups = ev.of(E.TxUpdate)
         sent = [u.tx_hash for u in ups if u.status == "pending"]
         assert len(sent) == len(set(sent))
         finals = [u for u in ups if u.status != "pending"]
         assert sorted(u.tx_hash for u in finals) == sorted(sent) and all(u.status == "confirmed" for u in finals)
         replaced = [u for u in finals if u.mined_hash]
-        assert {(u.kind, u.ref) for u in replaced} >= {("mint", f"solar-1/m1/{i}") for i in (1, 2, 3)}
+        assert {(u.kind, u.ref) for u in replaced} >= {("mint", meters[i].address) for i in (1, 2, 3)}
         for u in replaced:  # what was mined is the version signed for the new base fee
             assert (await w3.eth.get_transaction(u.mined_hash))["maxFeePerGas"] >= 80 * GWEI
         shown = {t.tx_hash: t for t in pending}
@@ -320,12 +335,12 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         mine = {t.tx_hash: t for t in own}
         assert mine[transfers[0].tx_hash].state == "confirmed" and mine[transfers[0].tx_hash].attempts >= 2
         assert transfers[0].tx_hash not in shown  # the operator lists its own only
-        await assert_no_gaps(w3, [data / "chain.sqlite", tmp_path / "solar-1" / "wallet.sqlite"], {OPERATOR: 2})
+        await assert_no_gaps(w3, [data / "chain.sqlite", tmp_path / "solar-1" / "wallet.sqlite"], {})
         db = sqlite3.connect(data / "chain.sqlite")
-        token, market = (db.execute("SELECT value FROM chain_meta WHERE key = ?", (k,)).fetchone()[0]
-                         for k in ("token", "market"))
+        token, market, registry = (db.execute("SELECT value FROM chain_meta WHERE key = ?", (k,)).fetchone()[0]
+                                   for k in ("token", "market", "registry"))
         db.close()
-        d = contracts.attach(w3, token, market)
+        d = contracts.attach(w3, token, market, registry)
         assert await d.token.functions.totalSupply().call() == 4000
         assert await d.token.functions.balanceOf(seller).call() == 4000
         assert await w3.eth.get_balance(bob) == bob_start + 1
@@ -349,13 +364,18 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
     svc2 = None
     n = 0
 
-    async def mint(count: int) -> None:  # as the meters of solar-1 (one publisher throughout)
+    meter = Meter("solar-1", seller)
+
+    async def mint(count: int) -> None:  # as the meter of solar-1 (one publisher throughout)
         nonlocal n
+        d = Domains.of(op)
+        if not n:
+            await meters.publish(meter.announce(d))
         for _ in range(count):
-            await meters.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{n}", site="solar-1", meter="m1",
-                                                  account=seller, kwh_index=n))
             n += 1
-        await meters.listener.wait_for(lambda: len(meters.listener.of(E.Minted)) == n, timeout=120)
+            await meters.publish(meter.production(d, n * 1000))
+            await meters.listener.wait_for(lambda: sum(m.wh for m in meters.listener.of(E.Minted)) == n * 1000,
+                                           timeout=120)
 
     async def generated(peer: Any) -> int:
         return int((await peer.request(C.GetBalances(address=seller), site="solar-1")).generated_wh)

@@ -23,6 +23,8 @@ from services.chain.keystore import Keystore
 from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
 from tests.conftest import free_port
 
+from tests.signed import Domains, Meter, agreed
+
 from .conftest import PASS, TX, Bus, site_keystore, start_stack, wait_until
 
 pytestmark = pytest.mark.anvil
@@ -38,7 +40,7 @@ class ChainProcess:
         self.env = {**os.environ, **bus.env(site), "GRIDTRADE_DATA_DIR": str(data_dir),
                     "GRIDTRADE_CHAIN_URL": url, "GRIDTRADE_CHAIN_BIND": self.endpoint, "GRIDTRADE_SCRYPT_N": "1024",
                     "GRIDTRADE_POLL_S": "0.05", "GRIDTRADE_RESEND_AFTER_S": "0.5", "GRIDTRADE_SETTLE_WINDOW_S": "0.2",
-                    "GRIDTRADE_LOG_LEVEL": "INFO", "GRIDTRADE_BACKOFF_MAX_S": "1"}
+                    "GRIDTRADE_LOG_LEVEL": "INFO", "GRIDTRADE_BACKOFF_MAX_S": "1", "GRIDTRADE_DISPUTE_WINDOW_S": "2"}
         if operator:
             self.env["GRIDTRADE_CHAIN_RPC"] = operator
         self.log = log
@@ -82,9 +84,11 @@ async def txpool_size(w3: AsyncWeb3) -> int:
 async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     anvil, url = start_anvil()
     data = tmp_path / "chain"
-    seller = Keystore(tmp_path / "solar-1" / "keystore", scrypt_n=1024).new(PASS, site="solar-1").address
+    solar_ks = Keystore(tmp_path / "solar-1" / "keystore", scrypt_n=1024)
+    seller = solar_ks.new(PASS, site="solar-1").address
     home = Keystore(tmp_path / "home-7" / "keystore", scrypt_n=1024)
     buyer, bob = home.new(PASS, site="home-7").address, home.new(PASS, site="home-7").address
+    seller_key, buyer_key = solar_ks.decrypt(seller, PASS), home.decrypt(buyer, PASS)
     svc = ChainProcess(bus, data, url, tmp_path / "chain.log")
     wallets = {site: ChainProcess(bus, tmp_path / site, url, tmp_path / f"wallet-{site}.log", site=site,
                                   operator=svc.endpoint) for site in ("solar-1", "home-7")}
@@ -102,8 +106,12 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         ev = peer.listener
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
-        await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/0", site="solar-1", meter="m1", account=seller,
-                                                kwh_index=0))
+        deployment = await ev.wait_for(lambda: ev.of(E.Deployment))
+        d = Domains.of(deployment[-1])
+        solar, meter2 = Meter("solar-1", seller), Meter("home-7", buyer, name="m2")
+        for m in (solar, meter2):
+            await peer.publish(m.announce(d))
+        await peer.publish(solar.production(d, 1000))
         await ev.wait_for(lambda: ev.of(E.Minted))
         await ev.wait_for(lambda: len([u for u in ev.of(E.TxUpdate) if u.kind == "fund" and u.status == "confirmed"])
                           == 3)
@@ -115,11 +123,11 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
 
         # 1) mining stopped: a mint, an open and a transfer are sent and stay pending; SIGKILL
         await peer.request(C.SetMining(action="stop"), site="market")
-        await peer.publish(E.EnergyProduced(reading_id="solar-1/m1/1", site="solar-1", meter="m1", account=seller,
-                                                kwh_index=1))
+        await peer.publish(solar.production(d, 2000))
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
                      wh=1000, price_wei_per_kwh=PRICE)
-        await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        await peer.publish(agreed(d, "t-1", seller_key, buyer_key, 1000, PRICE, seller_site="solar-1",
+                                  buyer_site="home-7"))
         await peer.request(C.Transfer(sender=seller, to=bob, amount_wei=1), site="solar-1")
         for _ in range(600):
             if await txpool_size(w3) == 3:
@@ -140,8 +148,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
 
         # 2) a settlement pending at the kill; then the close
         await peer.request(C.SetMining(action="stop"), site="market")
-        await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
-                                          delivered_wh=600))
+        await peer.publish(meter2.delivery(d, "t-1", 600, final=True))
         for _ in range(600):
             if await txpool_size(w3) == 1:
                 break
@@ -173,7 +180,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         assert len(sent) == len(set(sent))
         for h in sent:  # confirmed and published once each
             assert [u.status for u in ups if u.tx_hash == h and u.status != "pending"] == ["confirmed"], h
-        assert sorted(m.reading_id for m in ev.of(E.Minted)) == ["solar-1/m1/0", "solar-1/m1/1"]
+        assert [(m.produced_wh, m.wh) for m in ev.of(E.Minted)] == [(1000, 1000), (2000, 1000)]
         assert len(ev.of(E.TradeRecorded)) == 1
         assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, contracts.cost(600, PRICE))]
         assert len(ev.of(E.TradeClosedOnChain)) == 1

@@ -21,6 +21,8 @@ from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain.keystore import KeyFile, Keystore, owner
 
+from tests.signed import Domains, Meter
+
 from .conftest import PASS, Bus, claimed, site_keystore, start_stack, wait_until
 
 
@@ -118,13 +120,18 @@ async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: 
         await wait_until(lambda: stack.operator.health()["dropped"].get("policy:wallet.account"))
         assert stack.operator.claims.site_of(solar) == "solar-1" and stack.operator.claims.site_of(home) == "home-7"
         assert stack.operator.claims.site_of(fake.address) == ""
-        # energy of probe's meter minted to solar-1's account: refused, nothing minted
-        await peer.publish(E.EnergyProduced(reading_id="probe/m/0", site="probe", meter="m", account=solar,
-                                            kwh_index=0))
-        await peer.publish(E.EnergyProduced(reading_id="probe/m/1", site="probe", meter="m", account=mine,
-                                            kwh_index=1))
+        # a meter key of probe's registered for solar-1's account: refused (the account is
+        # solar-1's), so its production mints nothing; probe's meter for its own account mints
+        d = Domains.of(stack.operator)
+        thief, own = Meter("probe", solar), Meter("probe", mine, name="m2")
+        for m in (thief, own):
+            await peer.publish(m.announce(d))
+        await peer.publish(thief.production(d, 5000))
+        await peer.publish(own.production(d, 1000))
         await peer.listener.wait_for(lambda: peer.listener.of(E.Minted))
-        assert [m.account for m in peer.listener.of(E.Minted)] == [mine]
+        assert [(m.account, m.wh) for m in peer.listener.of(E.Minted)] == [(mine, 1000)]
+        assert stack.operator.store.conn.execute(
+            "SELECT state, reason FROM job_meters WHERE meter = ?", (thief.address,)).fetchone()[0] == "failed"
 
         # nothing happened: no scrypt run for probe's tries, no transaction, still unlocked
         assert decrypts.calls == 1

@@ -1,8 +1,9 @@
-"""A trade's whole on-chain path driven only by bus events, on the embedded chain and on anvil.
+"""A trade's whole on-chain path driven only by signed bus events, on the embedded chain and on anvil.
 
 Setup steps a user takes through the wallet (unlock, escrow deposit, token approval) go over
-request/reply; mint, open, settle and close are driven by events published with a real
-Publisher through a real hub. Balances are then read straight from the chain.
+request/reply; meter registration, mint, open, settle, close and finalize are driven by
+events published with a real Publisher through a real hub, signed as the sites' meters and
+accounts sign them (tests.signed). Balances are then read straight from the chain.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 from services.bus import commands as C
 from services.bus import events as E
 from services.chain import contracts
+from tests.signed import Domains, Meter, agreed
+
 from .conftest import PASS, TX, Bus, rounds, site_keystore, start_stack, wait_until
 
 PRICE = 10**16  # wei per kWh
@@ -30,26 +33,35 @@ async def settled(peer: Any, hashes: list[str]) -> None:
         for h in hashes))
 
 
+def keys(tmp_path: pathlib.Path, site: str, name: str = "") -> tuple[str, bytes]:
+    ks = site_keystore(tmp_path, site)
+    address = ks.new(PASS, name=name or site, site=site).address
+    return address, ks.decrypt(address, PASS)
+
+
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
 async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureRequest, bus: Bus,
                                           tmp_path: pathlib.Path, peer_factory: Any) -> None:
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
+    seller, seller_key = keys(tmp_path, "solar-1", "solar")
+    buyer, buyer_key = keys(tmp_path, "home-7", "home")
     # an early close waits for the buyer meter's final reading, not for a grace period
-    seller = site_keystore(tmp_path, "solar-1").new(PASS, name="solar", site="solar-1").address
-    buyer = site_keystore(tmp_path, "home-7").new(PASS, name="home", site="home-7").address
-    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), close_grace_s=600)
+    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), close_grace_s=600,
+                              dispute_window_s=3)
     svc = stack.operator
     reader: AsyncWeb3 | None = None
     try:
         peer = await peer_factory(stack)
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):  # each site unlocks its own account
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
+        d = Domains.of(svc)
+        solar, home = Meter("solar-1", seller), Meter("home-7", buyer, name="m2")
+        for m in (solar, home):
+            await peer.publish(m.announce(d))
 
-        # two kWh produced (one reading reported twice): two tokens, minted once each
-        produced = [await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
-                                                        account=seller, kwh_index=idx, wh=1000))
-                    for idx in (0, 1, 0)]
-        await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 2)
+        # cumulative production 1000, then 2000, then 1000 again (old): 2000 tokens in all
+        produced = [await peer.publish(solar.production(d, wh)) for wh in (1000, 2000, 1000)]
+        await peer.listener.wait_for(lambda: sum(m.wh for m in peer.listener.of(E.Minted)) >= 2000)
 
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7",
                                  cmd_id="cmd-deposit")
@@ -58,35 +70,40 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
 
         trade = dict(trade_id="t-1", seller=seller, buyer=buyer, seller_site="solar-1", buyer_site="home-7",
                      wh=1500, price_wei_per_kwh=PRICE)
-        agreed = await peer.publish(E.TradeAgreed(offer_id="o-1", **trade))
+        agreement = agreed(d, "t-1", seller_key, buyer_key, 1500, PRICE, seller_site="solar-1", buyer_site="home-7")
+        agreed_env = await peer.publish(agreement)
         await peer.listener.wait_for(lambda: peer.listener.of(E.TradeRecorded))
 
-        # the buyer's meter pays; the seller's meter and another site's consumer meter do not
+        # the buyer's meter pays; the seller's meter (even signing a consumer reading) and an
+        # unsigned reading do not
         await peer.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="m1", role="producer", delivered_wh=1400))
-        await peer.publish(E.Delivery(trade_id="t-1", site="solar-1", meter="x", role="consumer", delivered_wh=1400))
-        deliveries = [await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
-                                                    delivered_wh=wh)) for wh in (400, 1000)]
+        await peer.publish(Meter("solar-1", seller, key=solar.key).delivery(d, "t-1", 1400))
+        await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=1450))
+        deliveries = [await peer.publish(home.delivery(d, "t-1", wh)) for wh in (400, 1000)]
         await peer.listener.wait_for(lambda: any(s.delivered_wh == 1000 for s in peer.listener.of(E.Settled)))
 
         status_closed = await peer.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
         await asyncio.sleep(1.0)  # the buyer's relay opens a moment after the close ...
-        assert not peer.listener.of(E.TradeClosedOnChain)
-        await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer",
-                                          delivered_wh=1230, final=True))  # ... and its last reading is paid too
-        closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosedOnChain))
+        assert not [u for u in peer.listener.of(E.TxUpdate) if u.kind == "close"]
+        deliveries.append(await peer.publish(home.delivery(d, "t-1", 1230, final=True)))  # ... its last reading
+        await peer.listener.wait_for(lambda: [u for u in peer.listener.of(E.TxUpdate)
+                                              if u.kind == "close" and u.status == "confirmed"])
+        # in the dispute window a higher signed delivery still settles
+        deliveries.append(await peer.publish(home.delivery(d, "t-1", 1260, final=True)))
+        closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosedOnChain), timeout=60)
 
         if backend == "embedded":
             w3 = svc.node.w3  # the embedded chain lives inside the service's process
         else:
             reader = w3 = AsyncWeb3(AsyncHTTPProvider(url))
-        d = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address)
-        m, t = d.market.functions, d.token.functions
-        delivered = 1230
+        dd = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address, svc.dep.registry_address)
+        m, t = dd.market.functions, dd.token.functions
+        delivered = 1260
         paid = contracts.cost(delivered, PRICE)
         assert await t.totalSupply().call() == 2000
         assert await t.balanceOf(seller).call() == 2000 - delivered
         assert await t.balanceOf(buyer).call() == delivered
-        assert await t.balanceOf(d.market_address).call() == 0
+        assert await t.balanceOf(dd.market_address).call() == 0
         assert await m.freeEscrow(buyer).call() == DEPOSIT - paid
         assert await m.lockedEscrow(buyer).call() == 0
         assert await m.credit(seller).call() == paid
@@ -94,7 +111,7 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         assert (status[2], status[4]) == (contracts.STATUS_CLOSED, delivered)
 
         ev = peer.listener
-        assert sorted(x.reading_id for x in ev.of(E.Minted)) == ["solar-1/m1/0", "solar-1/m1/1"]
+        assert sum(x.wh for x in ev.of(E.Minted)) == 2000 and max(x.produced_wh for x in ev.of(E.Minted)) == 2000
         assert len(ev.of(E.TradeRecorded)) == 1
         assert [(c.delivered_wh, c.paid_wei, c.refunded_wei) for c in closed] == [
             (delivered, paid, contracts.cost(1500, PRICE) - paid)]
@@ -109,10 +126,9 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         assert sent and all(sum(1 for u in ups if u.tx_hash == h and u.status == "confirmed") == 1 for h in sent)
 
         # each chain event names the bus event (or command) whose job it finished
-        assert {e.body.reading_id: e.cause for e in ev.envelopes if isinstance(e.body, E.Minted)} == {
-            "solar-1/m1/0": produced[0].id, "solar-1/m1/1": produced[1].id}
-        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeRecorded)] == [agreed.id]
-        assert all(e.cause in {d.id for d in deliveries} | {status_closed.id}
+        assert {e.cause for e in ev.envelopes if isinstance(e.body, E.Minted)} <= {p.id for p in produced[:2]}
+        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeRecorded)] == [agreed_env.id]
+        assert all(e.cause in {x.id for x in deliveries} | {status_closed.id}
                    for e in ev.envelopes if isinstance(e.body, E.Settled))
         assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeClosedOnChain)] == [status_closed.id]
         assert {e.cause for e in ev.envelopes if isinstance(e.body, E.WalletTx) and e.body.tx_hash == dep.tx_hash} \
@@ -127,30 +143,30 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
 async def test_batched_settlement_and_full_delivery_closes(backend: str, request: pytest.FixtureRequest, bus: Bus,
                                                            tmp_path: pathlib.Path, peer_factory: Any) -> None:
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
-    seller = site_keystore(tmp_path, "solar-1").new(PASS, site="solar-1").address
-    buyer = site_keystore(tmp_path, "home-7").new(PASS, site="home-7").address
+    seller, seller_key = keys(tmp_path, "solar-1")
+    buyer, buyer_key = keys(tmp_path, "home-7")
     stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), settle_window_s=0.5)
     svc = stack.operator
     try:
         peer = await peer_factory(stack)
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
-        for idx in range(3):
-            await peer.publish(E.EnergyProduced(reading_id=f"solar-1/m1/{idx}", site="solar-1", meter="m1",
-                                                    account=seller, kwh_index=idx))
-        await peer.listener.wait_for(lambda: len(peer.listener.of(E.Minted)) >= 3)
+        dm = Domains.of(svc)
+        solar, home = Meter("solar-1", seller), Meter("home-7", buyer, name="m2")
+        for m in (solar, home):
+            await peer.publish(m.announce(dm))
+        await peer.publish(solar.production(dm, 3000))
+        await peer.listener.wait_for(lambda: sum(x.wh for x in peer.listener.of(E.Minted)) >= 3000)
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
         appr = await peer.request(C.Approve(account=seller, wh=3000), site="solar-1")
         await settled(peer, [dep.tx_hash, appr.tx_hash])
         ids = [f"b-{i}" for i in range(3)]
         for tid in ids:
-            await peer.publish(E.TradeAgreed(trade_id=tid, offer_id=tid, seller=seller, buyer=buyer,
-                                                 seller_site="solar-1", buyer_site="home-7", wh=1000,
-                                                 price_wei_per_kwh=PRICE))
+            await peer.publish(agreed(dm, tid, seller_key, buyer_key, 1000, PRICE, seller_site="solar-1",
+                                      buyer_site="home-7"))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeRecorded)) >= 3)
         for tid in ids:  # full delivery on each: settled together, closed by the contract
-            await peer.publish(E.Delivery(trade_id=tid, site="home-7", meter="m2", role="consumer",
-                                              delivered_wh=1000))
+            await peer.publish(home.delivery(dm, tid, 1000))
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeClosedOnChain)) >= 3)
         settles = [u for u in peer.listener.of(E.TxUpdate) if u.kind == "settle" and u.status == "confirmed"]
         assert len(settles) < 3, "deliveries due together are settled in a batch"

@@ -1,0 +1,148 @@
+"""Signed deliveries -> payment. The buyer's meter signs its cumulative delivery on a
+trade; the market pays the seller for what that signature says (capped at the trade's
+energy), from the buyer's locked escrow. Anyone may submit; the operator keeps the
+highest signed reading per trade and settles many trades in one ``settleBatch`` after a
+short collection window. A reading whose signer is not the registered meter of the
+trade's buyer is never put in a batch (one bad signature would revert the others)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, ClassVar
+
+from web3 import AsyncWeb3
+
+from services.bus import events as E
+from services.bus import typed
+from services.bus.envelope import caused_by
+
+from .. import contracts
+from . import Job
+
+log = logging.getLogger(__name__)
+
+
+class Settlements(Job):
+    kinds = ("settle",)
+    SCHEMA: ClassVar[str] = """
+CREATE TABLE IF NOT EXISTS job_deliveries (
+    trade_id TEXT NOT NULL, site TEXT NOT NULL, delivered_wh INTEGER NOT NULL, signature TEXT NOT NULL,
+    meter TEXT NOT NULL, final INTEGER NOT NULL DEFAULT 0, cause TEXT, PRIMARY KEY (trade_id, site));
+"""
+
+    def __init__(self, op: Any) -> None:
+        super().__init__(op)
+        self._due_since: float | None = None
+        self._skip: dict[str, int] = {}  # trade id -> signed Wh not settleable (until the meter moves on)
+        self.refused: dict[str, int] = {}  # site -> deliveries not signed by the buyer's registered meter
+
+    def record(self, env: Any, conn: Any) -> bool:
+        body = env.body
+        if not isinstance(body, E.Delivery) or body.role != "consumer":
+            return False  # the seller's meter only cross-checks; the buyer's meter pays
+        if not body.signature or not body.meter_address:
+            self.refused[env.site] = self.refused.get(env.site, 0) + 1
+            return False
+        conn.execute(
+            "INSERT INTO job_deliveries (trade_id, site, delivered_wh, signature, meter, final, cause) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trade_id, site) DO UPDATE SET "
+            "delivered_wh = excluded.delivered_wh, signature = excluded.signature, meter = excluded.meter, "
+            "cause = excluded.cause, final = excluded.final WHERE excluded.delivered_wh >= job_deliveries.delivered_wh",
+            (body.trade_id, body.site, body.delivered_wh, body.signature,
+             AsyncWeb3.to_checksum_address(body.meter_address), int(body.final), env.id))
+        return True
+
+    def last_delivery(self, trade_id: str, site: str) -> tuple[int, bool]:
+        row = self.conn.execute("SELECT delivered_wh, final FROM job_deliveries WHERE trade_id = ? AND site = ?",
+                                (trade_id, site)).fetchone()
+        return (0, False) if row is None else (int(row[0]), bool(row[1]))
+
+    def _due(self) -> list[tuple[str, str, int, int, str, str, str, str | None]]:
+        rows = self.conn.execute(
+            "SELECT t.trade_id, t.buyer, t.wh, t.settled_wh, d.delivered_wh, d.signature, d.meter, d.cause "
+            "FROM job_trades t JOIN job_deliveries d ON d.trade_id = t.trade_id AND d.site = t.buyer_site "
+            "WHERE t.open_state = 'done' AND t.close_state != 'done' AND t.settle_tx = '' "
+            "AND MIN(d.delivered_wh, t.wh) > t.settled_wh ORDER BY t.seq").fetchall()
+        return [(tid, buyer, int(wh), int(settled), int(d), sig, meter, cause)  # type: ignore[misc]
+                for tid, buyer, wh, settled, d, sig, meter, cause in rows if self._skip.get(tid) != int(d)]
+
+    async def step(self) -> None:
+        op = self.op
+        assert op.dep is not None and op.txm is not None and op.operator is not None
+        due = self._due()
+        if not due:
+            self._due_since = None
+            return
+        now = time.monotonic()
+        if self._due_since is None:
+            self._due_since = now
+        window = op.settings.settle_window_s
+        if now - self._due_since < window:
+            asyncio.get_running_loop().call_later(window, op.work.set)
+            return  # collect a little longer, then settle them together
+        self._due_since = None
+        domain = typed.market_domain(op.chain_id, op.dep.market_address)
+        meters = op.meters.accounts_of(op.dep.registry_address)
+        batch: list[tuple[str, int, str]] = []
+        causes: dict[str, str | None] = {}
+        for tid, buyer, _wh, _settled, delivered, sig, meter, cause in due[: op.settings.settle_max_batch]:
+            signer = typed.recover_delivery(domain, tid, delivered, sig)
+            if signer is None or signer != meter or meters.get(signer, "").lower() != buyer.lower():
+                self._skip[tid] = delivered
+                self.refused["not the buyer's meter"] = self.refused.get("not the buyer's meter", 0) + 1
+                log.warning("trade %s: the delivery of %s Wh is not signed by the buyer's registered meter; "
+                            "not settled", tid, delivered)
+                continue
+            status, on_chain, _, _ = await op.opens.on_chain(tid)
+            if status not in (contracts.STATUS_OPEN, contracts.STATUS_CLOSING) or on_chain >= min(delivered, _wh):
+                with caused_by(cause):
+                    await op.closes.sync(tid, status, on_chain)
+                continue
+            batch.append((tid, delivered, sig))
+            causes[tid] = cause
+        if not batch:
+            return
+        m = op.dep.market
+        data = m.encode_abi("settleBatch", args=[[typed.trade_key(t) for t, _, _ in batch], [w for _, w, _ in batch],
+                                                 [typed.sig_bytes(s) for _, _, s in batch]])
+        async with op.store.atomic() as conn, caused_by(causes[batch[0][0]]):  # a batch: its first delivery
+            ref = ",".join(t for t, _, _ in batch)[:500]
+            h, refused = await self.send(op.operator, kind="settle", ref=ref, to=op.dep.market_address, data=data,
+                                         meta={"targets": [[t, w] for t, w, _ in batch], "causes": causes})
+            if h:
+                conn.executemany("UPDATE job_trades SET settle_tx = ? WHERE trade_id = ?", [(h, t) for t, _, _ in batch])
+            elif refused:
+                for tid, w, _ in batch:
+                    self._skip[tid] = w  # until the meter moves on
+                log.warning("settlement of %s refused: %s", ref, refused)
+
+    async def final(self, kind: str, row: dict[str, Any], receipt: Any, ok: bool, reason: str) -> None:
+        op = self.op
+        assert op.dep is not None
+        conn = self.conn
+        conn.execute("UPDATE job_trades SET settle_tx = '' WHERE settle_tx = ?", (row["tx_hash"],))
+        causes = row["meta"].get("causes", {})
+        keys = {typed.trade_key(t): t for t, _ in row["meta"]["targets"]}
+        for ev in self.logs(op.dep.market, "Settled", receipt) if ok else []:
+            tid = keys.get(bytes(ev["args"]["tradeId"]))
+            if tid is None:
+                continue
+            r = conn.execute("SELECT price, settled_wh FROM job_trades WHERE trade_id = ?", (tid,)).fetchone()
+            delivered = int(ev["args"]["deliveredWh"])
+            with caused_by(causes.get(tid)):  # each trade's own delivery, not the batch's first
+                if r is not None and delivered > int(r[1]):
+                    conn.execute("UPDATE job_trades SET settled_wh = ? WHERE trade_id = ?", (delivered, tid))
+                    await op.publish(E.Settled(trade_id=tid, delivered_wh=delivered,
+                                               paid_wei=contracts.cost(delivered, int(r[0])), tx_hash=row["tx_hash"]))
+        for ev in self.logs(op.dep.market, "TradeClosed", receipt) if ok else []:
+            tid = keys.get(bytes(ev["args"]["tradeId"]))
+            if tid is not None:  # a full delivery closes the trade in the contract
+                with caused_by(causes.get(tid)):
+                    await op.closes.closed(conn, tid, int(ev["args"]["deliveredWh"]), row["tx_hash"],
+                                           refunded=int(ev["args"]["refundedWei"]))
+        op.store.on_commit(op.work.set)
+
+    def health(self) -> dict[str, Any]:
+        return {"deliveries_refused": dict(self.refused)}
