@@ -1,5 +1,6 @@
 """Pure bookkeeping of the meter service: which readings are believed and what they count,
-whole-kWh announcements, which trade the relay follows, and the seller's cross-check. No
+when production is announced, which trade the relay follows, and the seller's cross-check
+(loss beyond a tolerance, or a buyer that goes silent while energy flows). No
 I/O: the service persists the results in its store, in the same transaction as the events
 they cause.
 
@@ -152,22 +153,24 @@ def judge_reading(states: Mapping[str, CounterState], values: Mapping[str, int |
     return ReadingJudgement(kept, {k: 0 for k in judged}, False, refused, {})
 
 
-@dataclasses.dataclass(frozen=True)
-class KwhState:
-    """``next_index``: the index the next whole kWh gets; ``accum_wh``: Wh counted
-    towards it (may exceed 1000 while no account is configured to credit)."""
-
-    next_index: int = 0
-    accum_wh: int = 0
+MAX_STEPS = 100
+"""Most production steps one reading announces one by one (more, after a long pause: the highest only)."""
 
 
-def whole_kwh(state: KwhState, delta_wh: int, *, can_announce: bool = True) -> tuple[KwhState, list[int]]:
-    """Add ``delta_wh``; return the new state and the kWh indexes to announce now."""
-    accum = state.accum_wh + max(delta_wh, 0)
-    if not can_announce:
-        return KwhState(state.next_index, accum), []
-    n = accum // 1000
-    return KwhState(state.next_index + n, accum - 1000 * n), list(range(state.next_index, state.next_index + n))
+def production_steps(produced_wh: int, announced_wh: int, granularity_wh: int, *, catch_up: bool = False,
+                     max_steps: int = MAX_STEPS) -> list[int]:
+    """The cumulative production values to sign and announce now: each multiple of the
+    granularity the counter passed since the last one announced, in order. A catch-up (the
+    first announcement for a deployment's token, or more than ``max_steps`` at once)
+    announces the highest only: the token mints the difference to its last mint, so one
+    covers the ones below it."""
+    top = produced_wh // granularity_wh * granularity_wh
+    if top <= announced_wh:
+        return []
+    if catch_up or (top - announced_wh) // granularity_wh > max_steps:
+        return [top]
+    first = (announced_wh // granularity_wh + 1) * granularity_wh
+    return list(range(first, top + 1, granularity_wh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +181,7 @@ class TradeView:
     buyer_site: str
     heard: float  # when we last heard it is live (status or heartbeat), publisher's clock
     omitted: bool = False  # the latest trade heartbeat did not list it
+    flagged: bool = False  # this site, its seller, flagged it (mismatch or lag): its relay stays open
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,17 +192,18 @@ class RelayDecision:
 
 
 def relay_decision(trades: Iterable[TradeView], site: str, now: float, timeout_s: float) -> RelayDecision:
-    """Closed while a trade involving ``site`` is live and heard within ``timeout_s``;
-    the earliest-heard such trade is the one followed. Otherwise open, with why."""
+    """Closed while a trade involving ``site`` is live, heard within ``timeout_s`` and not
+    flagged; the lowest such trade id is the one followed. Otherwise open, with why."""
     mine = [t for t in trades if site in (t.seller_site, t.buyer_site)]
     live = [t for t in mine if t.state in LIVE]
-    fresh = [t for t in live if not t.omitted and now - t.heard <= timeout_s]
+    fresh = [t for t in live if not t.flagged and not t.omitted and now - t.heard <= timeout_s]
     if fresh:
         t = sorted(fresh, key=lambda t: t.trade_id)[0]
         return RelayDecision(True, t.trade_id, f"trade {t.state}")
     if live:
-        t = live[0]
-        why = "trade no longer live in heartbeat" if t.omitted else f"no trade heartbeat for {timeout_s:g} s"
+        t = sorted(live, key=lambda t: (not t.flagged, t.trade_id))[0]
+        why = ("trade flagged: the buyer's delivery does not match the export" if t.flagged else
+               "trade no longer live in heartbeat" if t.omitted else f"no trade heartbeat for {timeout_s:g} s")
         return RelayDecision(False, t.trade_id, why)
     return RelayDecision(False, None, "no live trade")
 
@@ -207,6 +212,13 @@ def mismatch(buyer_wh: int, seller_wh: int, tolerance: float, slack_wh: int) -> 
     """True when the two ends of a trade differ by more than the loss tolerance (a share
     of what the seller gave) plus an absolute slack."""
     return abs(seller_wh - buyer_wh) > tolerance * max(seller_wh, buyer_wh) + slack_wh
+
+
+def lagging(now: float, heard_at: float, exported_since_wh: float, lag_s: float, slack_wh: float) -> bool:
+    """True when the buyer's signed delivery was last heard (or, none heard, the seller
+    started counting) more than ``lag_s`` ago while the seller exported more than
+    ``slack_wh`` since then: the buyer's meter is silent while energy flows."""
+    return now - heard_at > lag_s and exported_since_wh > slack_wh
 
 
 def interpolate(samples: list[tuple[float, int]], t: float) -> float | None:

@@ -1,4 +1,5 @@
-"""The pure bookkeeping: plausible readings, counter resets, whole kWh, relay decisions, the cross-check."""
+"""The pure bookkeeping: plausible readings, counter resets, production steps, relay decisions, the
+cross-check (loss and lag)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,44 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.meter.accounting import (CONFIRM_READS, COUNTER_STEP_WH, CounterState, KwhState, TradeView,
-                                       counter_delta, interpolate, judge_reading, mismatch, relay_decision, whole_kwh)
+from services.meter.accounting import (CONFIRM_READS, COUNTER_STEP_WH, CounterState, TradeView, counter_delta,
+                                       interpolate, judge_reading, lagging, mismatch, production_steps,
+                                       relay_decision)
 
 
-@given(st.lists(st.integers(0, 5000), max_size=50), st.lists(st.booleans(), max_size=50))
-def test_whole_kwh_announces_each_index_once_and_in_order(deltas: list[int], accounts: list[bool]) -> None:
-    state, announced = KwhState(), []
+@given(st.lists(st.integers(0, 5000), max_size=50), st.lists(st.booleans(), max_size=50),
+       st.sampled_from([1, 10, 1000]))
+def test_production_is_announced_at_each_step_once_and_in_order(deltas: list[int], known: list[bool],
+                                                                 step: int) -> None:
+    """Steps of the granularity, each once, in order; while no deployment is known nothing
+    is announced, and the first announcement catches up with the highest step only."""
+    produced, announced, values, caught_up = 0, 0, [], False
     for i, d in enumerate(deltas):
-        can = accounts[i] if i < len(accounts) else True
-        state, idx = whole_kwh(state, d, can_announce=can)
-        announced += idx
-    state, idx = whole_kwh(state, 0)  # an account at last: the held kWh come out
-    announced += idx
-    assert announced == list(range(len(announced)))
-    assert len(announced) == sum(deltas) // 1000
-    assert state.accum_wh == sum(deltas) % 1000 and state.next_index == len(announced)
+        produced += d
+        if i < len(known) and not known[i] and not caught_up:
+            continue  # no deployment yet: counted, not announced
+        new = production_steps(produced, announced, step, catch_up=not caught_up, max_steps=10**9)
+        caught_up = caught_up or bool(new)
+        if new:
+            announced = new[-1]
+        values += new
+    assert all(v % step == 0 for v in values) and values == sorted(set(values))
+    assert all(b - a == step for a, b in zip(values, values[1:]))
+    assert announced == (produced // step * step if caught_up else 0) or produced < step
+
+
+def test_production_steps() -> None:
+    assert production_steps(999, 0, 1000) == []
+    assert production_steps(3500, 1000, 1000) == [2000, 3000]
+    assert production_steps(3500, 1000, 1000, catch_up=True) == [3000]
+    assert production_steps(3500, 3000, 1000) == []
+    assert production_steps(10**6, 0, 1000, max_steps=100) == [10**6]  # after a long pause: the highest only
+
+
+def test_lag() -> None:
+    assert lagging(now=10.0, heard_at=8.0, exported_since_wh=100, lag_s=1.0, slack_wh=50)
+    assert not lagging(now=10.0, heard_at=9.5, exported_since_wh=100, lag_s=1.0, slack_wh=50)  # heard lately
+    assert not lagging(now=10.0, heard_at=0.0, exported_since_wh=40, lag_s=1.0, slack_wh=50)  # nothing flowed
 
 
 def test_counter_delta_handles_first_reading_and_resets() -> None:
@@ -51,6 +74,12 @@ def test_relay_closes_only_for_a_fresh_live_trade_of_this_site() -> None:
     assert not gone.closed and "no longer live" in gone.reason
     for ended in ("fulfilled", "closed", "settled", "failed"):
         assert not relay_decision([view("t1", ended, now)], "home-7", now, 5).closed
+    # a trade its seller flagged: the relay opens for it, another live trade is followed
+    flagged = TradeView("t1", "delivering", "solar-1", "home-7", now, flagged=True)
+    d = relay_decision([flagged], "solar-1", now, 5)
+    assert not d.closed and d.trade_id == "t1" and "flagged" in d.reason
+    d = relay_decision([flagged, view("t2", "recorded", now)], "solar-1", now, 5)
+    assert d.closed and d.trade_id == "t2"
 
 
 def test_mismatch_tolerance_and_slack() -> None:
