@@ -440,6 +440,8 @@ class MeterRunner:
                                     signature=sign(self.key.key, dep.market_domain, trade_id, delivered)))
         if self.cfg.role == "producer" and not final:
             self._cross_check(conn, trade_id, delivered, now)
+        elif final:
+            self.samples.pop(trade_id, None)  # done counting for it: its samples are not needed
 
     def _cross_check(self, conn: sqlite3.Connection, trade_id: str, seller_wh: int, now: float) -> None:
         """At the seller: the buyer's latest signed cumulative Delivery against our own
