@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return _emulate(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(
         prog="gridtrade meter",
-        description="Run the meter service: read the site's meters (GRIDTRADE_METERS), announce whole kWh, "
-                    "drive relays from trades, publish readings and delivery. "
+        description="Run the meter service: read the site's meters (GRIDTRADE_METERS), sign and publish their "
+                    "production with each meter's own key, drive relays from trades, publish readings and signed "
+                    "delivery. "
                     "'gridtrade meter emulate --help' serves a meter on a pty.")
     p.parse_args(argv)
     from .service import MeterService

@@ -22,3 +22,7 @@ class ProtocolError(MeterError, ValueError):
 
 class DriverError(MeterError, ConnectionError):
     """The meter cannot be reached (port missing, unplugged, not answering)."""
+
+
+class MeterKeyError(MeterError, RuntimeError):
+    """A meter's key could not be created, found or unlocked (the service cannot start)."""

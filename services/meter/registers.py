@@ -28,8 +28,9 @@ Holding registers (0x03 / 0x06): 0x0000 high-voltage alarm threshold (0.01 V),
 
 Coil (0x01 / 0x05): 0x0000 the relay, 1 closed, 0 open.
 
-The energy counter is 32 bits and wraps at 2**32 Wh; the service treats a counter that
-goes backwards as a reset and counts on from zero.
+The energy counter is 32 bits and wraps at 2**32 Wh; the service believes a counter that
+went backwards once consecutive readings confirm it, and counts on from the new value
+(:mod:`services.meter.accounting`).
 """
 
 from __future__ import annotations

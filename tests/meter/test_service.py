@@ -1,5 +1,5 @@
-"""The meter service on a real hub: kWh announcements, relays that follow trades and fail
-safe, delivery accounting and the seller's cross-check."""
+"""The meter service on a real hub: signed production, relays that follow trades and fail
+safe, signed delivery accounting and the seller's cross-check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pathlib
 
 import pytest
 
-from services.bus.events import Delivery, EnergyProduced, MeterReading, TradeHeartbeat, TradeStatus
+from services.bus import typed
+from services.bus.events import Delivery, EnergyProduced, MeterKey, MeterReading, TradeHeartbeat, TradeStatus
 from services.meter.config import MeterSettings
 from services.meter.emulator import LineEmulator, make_emulator
 from services.meter.service import MeterService
@@ -24,7 +25,7 @@ NOON = "2024-06-21T10:00:00Z"
 def settings(grid: Grid, site: str, **kw: object) -> MeterSettings:
     base = dict(site=site, data_dir=grid.root / site, keys_dir=grid.keys, hub_pub=grid.hub_pub,
                 hub_sub=grid.hub_sub, heartbeat_s=0.2, reading_interval_s=0.1, trade_timeout_s=1.0,
-                backoff_initial_s=0.05, backoff_max_s=0.4)
+                backoff_initial_s=0.05, backoff_max_s=0.4, meter_scrypt_n=2**10)
     base.update(kw)
     return MeterSettings(**base)  # type: ignore[arg-type]
 
@@ -64,38 +65,77 @@ class Heartbeats:
             await self.task
 
 
-async def test_producer_announces_each_whole_kwh_once_in_order(grid: Grid, bus: Bus) -> None:
+def steps_in_order(produced: list[EnergyProduced], step: int = 1000) -> bool:
+    """Multiples of the step, each the one after the one before (the first may catch up)."""
+    values = [p.produced_wh for p in produced]
+    return all(v % step == 0 for v in values) and all(b - a == step for a, b in zip(values, values[1:]))
+
+
+def signed_by_the_key(produced: list[EnergyProduced], key: MeterKey) -> bool:
+    return all(p.meter_address == key.address and typed.recover_production(
+        typed.token_domain(p.chain_id, p.token), p.meter_address, p.produced_wh, p.signature) == key.address
+               for p in produced)
+
+
+async def test_producer_signs_its_production_at_each_step(grid: Grid, bus: Bus) -> None:
     sim = SimParams(time_scale=20000, start=NOON, battery={"capacity_wh": 200000, "soc": 0.1})
     s = settings(grid, "solar-1", account=ACCOUNT, meters=[{"name": "pv", "role": "producer"}], sim=sim)
+    dep = await bus.deploy()
     async with running(s) as svc:
         await until(lambda: len(bus.of("meter.energy_produced")) >= 5, what="5 kWh announced")
         await until(lambda: bus.of("meter.reading"), what="a reading")
         health = svc.health()
+    (key,) = bus.of("meter.key")
+    assert (key.site, key.meter, key.account, key.chain_id, key.registry) == ("solar-1", "pv", ACCOUNT, 31337,
+                                                                              dep.registry)
+    assert key.address == health["meters"]["pv"]["key"]
+    assert typed.recover_registration(typed.registry_domain(31337, dep.registry), key.address, ACCOUNT,
+                                      key.signature) == key.address
     produced: list[EnergyProduced] = bus.of("meter.energy_produced")
-    assert [p.kwh_index for p in produced] == list(range(len(produced)))
-    assert [p.reading_id for p in produced] == [f"solar-1/pv/{i}" for i in range(len(produced))]
-    assert all(p.account == ACCOUNT and p.wh == 1000 for p in produced)
+    assert steps_in_order(produced) and signed_by_the_key(produced, key)
+    assert all(p.token == dep.token and p.chain_id == 31337 and p.site == "solar-1" for p in produced)
     readings: list[MeterReading] = bus.of("meter.reading", meter="pv")
-    # the counter the kWh were announced from covers every one of them
-    assert readings[-1].energy_wh >= 1000 * len(produced)
+    # the counter the production was announced from covers all of it
+    assert readings[-1].energy_wh >= produced[-1].produced_wh
     assert readings[-1].soc is not None and readings[-1].pv_w is not None and readings[-1].pv_w > 0
-    assert health["meters"]["pv"]["connected"] is True
-    # each kWh names the reading it was counted from as its cause; readings come from a timer
+    assert health["meters"]["pv"]["connected"] is True and health["deployment"] == "d1"
+    # each production step names the reading it was counted from as its cause; readings come from a timer
     reading_ids = {e.id for e in bus.events if e.type == "meter.reading"}
     assert all(e.cause is None for e in bus.events if e.type == "meter.reading")
     assert all(e.cause in reading_ids for e in bus.events if e.type == "meter.energy_produced")
 
 
-async def test_without_an_account_kwh_are_held_not_skipped(grid: Grid, bus: Bus) -> None:
+async def test_production_counts_before_the_deployment_and_each_deployment_hears_the_key_once(
+        grid: Grid, bus: Bus) -> None:
+    """No deployment known: production is counted, nothing is signed. Once it is known the
+    key is announced and the production caught up in one signed step; a restart announces
+    the key no more; a new deployment hears it again, and the same cumulative production
+    signed for its token."""
     sim = SimParams(time_scale=20000, start=NOON, battery={"capacity_wh": 200000, "soc": 0.1})
-    s = settings(grid, "solar-1", meters=[{"name": "pv", "role": "producer"}], sim=sim)
+    s = settings(grid, "solar-1", account=ACCOUNT, meters=[{"name": "pv", "role": "producer"}], sim=sim)
     async with running(s):
         await until(lambda: any(r.energy_wh > 2500 for r in bus.of("meter.reading")), what="2.5 kWh counted")
-    assert bus.of("meter.energy_produced") == []
-    async with running(settings(grid, "solar-1", account=ACCOUNT, meters=[{"name": "pv", "role": "producer"}],
-                                sim=sim)):
-        await until(lambda: len(bus.of("meter.energy_produced")) >= 3, what="the held kWh announced")
-    assert [p.kwh_index for p in bus.of("meter.energy_produced")][:3] == [0, 1, 2]
+    assert bus.of("meter.energy_produced") == [] and bus.of("meter.key") == []
+    counted = bus.of("meter.reading")[-1].energy_wh
+    d1 = await bus.deploy(1)
+    async with running(s):
+        await until(lambda: len(bus.of("meter.energy_produced")) >= 2, what="the production caught up")
+    first = bus.of("meter.energy_produced")[0]
+    assert first.produced_wh >= counted // 1000 * 1000 >= 2000
+    async with running(s):
+        n = len(bus.of("meter.energy_produced"))
+        await until(lambda: len(bus.of("meter.energy_produced")) >= n + 2, what="more after a restart")
+        assert len(bus.of("meter.key")) == 1
+        d2 = await bus.deploy(2)
+        await until(lambda: len(bus.of("meter.key")) == 2, what="the key announced to the new deployment")
+        await until(lambda: len(bus.of("meter.energy_produced", token=d2.token)) >= 2, what="production for d2")
+    k1, k2 = bus.of("meter.key")
+    assert (k1.registry, k2.registry) == (d1.registry, d2.registry) and k1.address == k2.address
+    old = bus.of("meter.energy_produced", token=d1.token)
+    new = bus.of("meter.energy_produced", token=d2.token)
+    assert steps_in_order(old) and steps_in_order(new) and signed_by_the_key(old + new, k1)
+    # cumulative since the key was made: the new token hears the same counter, caught up
+    assert new[0].produced_wh >= old[-1].produced_wh
 
 
 @pytest.mark.parametrize("kind", ["line", "modbus"])
@@ -107,9 +147,11 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
     model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
     emu = await make_emulator(kind, model, link=tmp_path / "home.tty").start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": kind, "port": emu.path,
-                                           "timeout_s": 0.5}], delivery_granularity_wh=10)
+                                           "timeout_s": 0.5, "time_scale": 3600, "rated_w": 1000}],
+                 delivery_granularity_wh=10)
     assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
+    dep = await bus.deploy()
     try:
         async with running(s) as svc:
             await until(lambda: bus.of("meter.reading", meter="grid"), what="a reading")
@@ -131,10 +173,15 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
             await asyncio.sleep(0.5)
             assert model.site.state.relay_closed is False
             assert svc.health()["meters"]["grid"]["relay_wanted"] is False
+            key = svc.health()["meters"]["grid"]["key"]
     finally:
         await hb.stop()
         await emu.close()
     deliveries: list[Delivery] = bus.of("meter.delivery", trade_id="t1")
+    # each signed by the buyer's meter key (EIP-712 Delivery, the market's domain)
+    market = typed.market_domain(dep.chain_id, dep.market)
+    assert all(d.meter_address == key and typed.recover_delivery(market, "t1", d.delivered_wh, d.signature) == key
+               for d in deliveries)
     values = [d.delivered_wh for d in deliveries]
     assert values == sorted(values)
     # a count is published once, except that the relay opening marks it final (again)
@@ -155,12 +202,13 @@ async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
     far less than the seller gave is flagged once, at the seller."""
     assert bus.pub is not None
     common = dict(time_scale=360, start=NOON, line_loss=0.03)
-    seller = settings(grid, "solar-1", meters=[{"name": "out", "role": "producer", "mint": False}],
+    seller = settings(grid, "solar-1", account=SELLER, meters=[{"name": "out", "role": "producer", "mint": False}],
                       sim=SimParams(**common, line_w=500, battery={"capacity_wh": 50000, "soc": 0.9}),
                       delivery_granularity_wh=0)
-    buyer = settings(grid, "home-7", meters=[{"name": "in", "role": "consumer"}],
+    buyer = settings(grid, "home-7", account=BUYER, meters=[{"name": "in", "role": "consumer"}],
                      sim=SimParams(**common, line_w=500), delivery_granularity_wh=0)
     hb = Heartbeats(bus, ["t1", "t2"])
+    dep = await bus.deploy()
     try:
         async with running(seller), running(buyer) as b:
             await bus.pub.publish(status("t1", "recorded"))
@@ -182,9 +230,16 @@ async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
     flags = bus.of("meter.mismatch", trade_id="t2")
     assert len(flags) == 1
     assert flags[0].buyer_wh > flags[0].seller_wh
+    assert flags[0].site == "solar-1" and flags[0].reason.startswith("mismatch: the buyer's meter signed")
     seller_t1 = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1", site="solar-1")]
     buyer_t1 = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1", site="home-7")]
     assert seller_t1[-1] > 0 and buyer_t1[-1] > 0
+    # the seller's meter signs its export (EIP-712 Export), the buyer's its delivery
+    market = typed.market_domain(dep.chain_id, dep.market)
+    assert all(typed.recover_export(market, d.trade_id, d.delivered_wh, d.signature) == d.meter_address
+               for d in bus.of("meter.delivery", site="solar-1"))
+    assert all(typed.recover_delivery(market, d.trade_id, d.delivered_wh, d.signature) == d.meter_address
+               for d in bus.of("meter.delivery", site="home-7"))
 
 
 async def test_a_failing_meter_publishes_nothing_wrong_and_keeps_the_relay_safe(
@@ -195,9 +250,10 @@ async def test_a_failing_meter_publishes_nothing_wrong_and_keeps_the_relay_safe(
     model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
     emu = await LineEmulator(model, link=tmp_path / "home.tty", watchdog_s=0.6).start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
-                                           "timeout_s": 0.2}])
+                                           "timeout_s": 0.2, "time_scale": 3600, "rated_w": 1000}])
     assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
+    await bus.deploy()
     try:
         async with running(s) as svc:
             await bus.pub.publish(status("t1", "recorded"))
