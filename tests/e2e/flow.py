@@ -12,7 +12,7 @@ from typing import Any
 
 from services.bus import events as E
 
-from .harness import ApiError, Grid, User, cost, reading_id32
+from .harness import ApiError, Grid, User, cost, id32
 
 SELL_WH = 2000
 START_PRICE = 500_000_000_000_003  # wei per kWh
@@ -21,7 +21,7 @@ DEPOSIT = 10**18
 AUCTION_S = 6
 CLOSE_AT_WH = 1000  # the consumer presses Close Connection after this much is settled
 
-STATUS_OPEN, STATUS_CLOSED = 1, 2
+STATUS_OPEN, STATUS_CLOSED = 1, 3
 
 
 @dataclass
@@ -123,7 +123,7 @@ async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | N
     on = grid.trade(trade_id)
     assert on["status"] in (STATUS_OPEN, STATUS_CLOSED) and on["wh"] == SELL_WH and on["price"] == PRICE, on
     assert on["seller"] == grid.w3.to_checksum_address(prod.address), on
-    opened = [e for e in grid.market_events("TradeOpened") if e["tradeId"] == reading_id32(trade_id)]
+    opened = [e for e in grid.market_events("TradeOpened") if e["tradeId"] == id32(trade_id)]
     assert len(opened) == 1 and opened[0]["lockedWei"] == cost(SELL_WH, PRICE), opened
     await stage("recorded")
 
@@ -137,7 +137,7 @@ async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | N
 
     def step() -> bool:
         block = grid.w3.eth.block_number
-        seller, _, status, _, delivered, _ = grid.market.functions.trades(reading_id32(trade_id)).call(
+        seller, _, status, _, delivered, *_ = grid.market.functions.trades(id32(trade_id)).call(
             block_identifier=block)
         credit = grid.market.functions.credit(seller).call(block_identifier=block)
         if not out.steps or out.steps[-1] != (delivered, credit):
@@ -211,7 +211,7 @@ async def _close(user: User, trade_id: str) -> Any:
 
 async def check_final(grid: Grid, out: Outcome) -> dict[str, Any]:
     """Every balance straight from the chain, against amounts computed from the delivered
-    Wh and the price; every mint once per reading id; settlement equals delivery."""
+    Wh and the price; every mint from a signed counter, once; settlement equals delivery."""
     prod, cons = grid.producer.address, grid.consumer.address
     t = grid.trade(out.trade_id)
     delivered = t["delivered"]
@@ -227,7 +227,7 @@ async def check_final(grid: Grid, out: Outcome) -> dict[str, Any]:
 
     await grid.until("the buyer's meter's last delivery to equal the settled Wh", meter_final, timeout=20)
 
-    tid = reading_id32(out.trade_id)
+    tid = id32(out.trade_id)
     settled = [e for e in grid.market_events("Settled") if e["tradeId"] == tid]
     closed = [e for e in grid.market_events("TradeClosed") if e["tradeId"] == tid]
     assert sum(e["paidWei"] for e in settled) == cost(delivered, PRICE), settled
@@ -237,25 +237,24 @@ async def check_final(grid: Grid, out: Outcome) -> dict[str, Any]:
     assert closed[0]["refundedWei"] == cost(SELL_WH, PRICE) - cost(delivered, PRICE)
     assert closed[0]["returnedWh"] == SELL_WH - delivered
 
-    # mints: each reading id exactly once, contiguous from kWh 0, all to the producer
+    # mints: only from the producer meter's signed counters, each the delta since the last
     mints = grid.minted()
-    ids = [m["readingId"] for m in mints]
-    assert len(ids) == len(set(ids)), "a reading id was minted twice"
-    expected_ids = [reading_id32(f"solar-1/main/{i}") for i in range(len(mints))]
-    assert sorted(ids) == sorted(expected_ids), "minted reading ids are not exactly solar-1/main/0..n-1"
-    assert all(m["to"] == grid.w3.to_checksum_address(prod) and m["amountWh"] == 1000 for m in mints)
-    produced = {e.reading_id for e in grid.watch.of(E.EnergyProduced)}
-    assert {reading_id32(r) for r in produced} <= set(ids) | set(), "announced kWh not (yet) minted"
-    minted_wh = sum(m["amountWh"] for m in mints)
+    assert mints and all(m["to"] == grid.w3.to_checksum_address(prod) for m in mints)
+    counters = [m["producedWh"] for m in mints]
+    assert counters == sorted(set(counters)), "a counter was minted twice or out of order"
+    assert [m["amountWh"] for m in mints] == [b - a for a, b in zip([0] + counters, counters)]
+    announced = {e.produced_wh for e in grid.watch.of(E.EnergyProduced)}
+    assert set(counters) <= announced, "minted a counter the meter never signed"
+    minted_wh = counters[-1]
 
     p, c = grid.onchain(prod), grid.onchain(cons)
     assert c["free"] == DEPOSIT - cost(delivered, PRICE), c
-    assert c["locked"] == 0, c
+    assert c["locked"] == 0 and c["reserved"] == 0, c
     assert p["credit"] == cost(delivered, PRICE), p
     assert c["tokens"] == delivered, c
     assert p["tokens"] == minted_wh - delivered, (p, minted_wh)
     assert grid.token.functions.balanceOf(grid.market.address).call() == 0
-    assert grid.w3.eth.get_balance(grid.market.address) == c["free"] + c["locked"] + p["credit"]
+    assert grid.w3.eth.get_balance(grid.market.address) == c["free"] + c["reserved"] + c["locked"] + p["credit"]
     assert p["ether"] == grid.ether_from_history(prod)
     assert c["ether"] == grid.ether_from_history(cons)
     deposits = grid.market_events("Deposited")
@@ -264,7 +263,8 @@ async def check_final(grid: Grid, out: Outcome) -> dict[str, Any]:
     # and the wallets say the same
     for user, want in ((grid.producer, p), (grid.consumer, c)):
         w = await wallet(grid, user)
-        got = {"ether": int(w["ether_wei"]), "free": int(w["escrow_free_wei"]), "locked": int(w["escrow_locked_wei"]),
+        got = {"ether": int(w["ether_wei"]), "free": int(w["escrow_free_wei"]),
+               "reserved": int(w["escrow_reserved_wei"]), "locked": int(w["escrow_locked_wei"]),
                "credit": int(w["credit_wei"]), "tokens": w["tokens_wh"]}
         if user is grid.producer:  # production goes on: tokens may have grown since
             assert got["tokens"] >= want["tokens"]

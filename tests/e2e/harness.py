@@ -47,8 +47,9 @@ def cost(wh: int, price: int) -> int:
     return (wh * price) // 1000
 
 
-def reading_id32(reading_id: str) -> bytes:
-    return keccak(text=reading_id)
+def id32(text: str) -> bytes:
+    """A trade's on-chain id."""
+    return keccak(text=text)
 
 
 
@@ -272,11 +273,14 @@ class Grid:
         a = to_checksum_address(address)
         m, t = self.market.functions, self.token.functions
         return {"ether": self.w3.eth.get_balance(a), "free": m.freeEscrow(a).call(),
-                "locked": m.lockedEscrow(a).call(), "credit": m.credit(a).call(), "tokens": t.balanceOf(a).call()}
+                "reserved": m.reservedEscrow(a).call(), "locked": m.lockedEscrow(a).call(), "credit": m.credit(a).call(),
+                "tokens": t.balanceOf(a).call()}
 
     def trade(self, trade_id: str) -> dict[str, Any]:
-        seller, wh, status, buyer, delivered, price = self.market.functions.trades(keccak(text=trade_id)).call()
-        return {"seller": seller, "wh": wh, "status": status, "buyer": buyer, "delivered": delivered, "price": price}
+        seller, wh, status, buyer, delivered, price, deadline, closing_at = self.market.functions.trades(
+            keccak(text=trade_id)).call()
+        return {"seller": seller, "wh": wh, "status": status, "buyer": buyer, "delivered": delivered, "price": price,
+                "deadline": deadline, "closing_at": closing_at}
 
     def minted(self) -> list[dict[str, Any]]:
         return [dict(ev["args"]) for ev in self.token.events.Minted().get_logs(from_block=0)]

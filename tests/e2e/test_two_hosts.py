@@ -470,14 +470,16 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     assert closed[0]["refundedWei"] == cost(SELL_WH, PRICE) - cost(delivered, PRICE), closed
     minted = [e["args"] for e in token.events.Minted().get_logs(from_block=0, to_block=block)]
     assert all(e["to"] == prod_addr for e in minted), minted
-    assert len({e["readingId"] for e in minted}) == len(minted), "a kWh was minted twice"
+    counters = [e["producedWh"] for e in minted]
+    assert counters == sorted(set(counters)), "a production counter was minted twice"
     minted_wh = sum(e["amountWh"] for e in minted)
+    assert minted_wh == counters[-1], "minted more than the meter signed"
 
     def at(fn: Any) -> int:
         return int(fn.call(block_identifier=block))
 
     assert at(mf.freeEscrow(cons_addr)) == DEPOSIT - cost(delivered, PRICE)
-    assert at(mf.lockedEscrow(cons_addr)) == 0
+    assert at(mf.lockedEscrow(cons_addr)) == 0 and at(mf.reservedEscrow(cons_addr)) == 0
     assert at(mf.credit(prod_addr)) == cost(delivered, PRICE)
     assert at(tf.balanceOf(cons_addr)) == delivered
     assert at(tf.balanceOf(prod_addr)) == minted_wh - delivered
