@@ -54,7 +54,7 @@ DEPOSIT = 2 * 10**15
 AUCTION_S = 3
 CUT_AT_WH = 100  # settled on-chain before the cable is pulled
 CUT_S = 30.0
-STATUS_OPEN, STATUS_CLOSED = 1, 2
+STATUS_OPEN, STATUS_CLOSED = 1, 3
 SIM = {"GRIDTRADE_SIM__TIME_SCALE": "720", "GRIDTRADE_SIM__LINE_W": "150",  # 1 kWh over the line: ~33 s
        "GRIDTRADE_SIM__START": "2024-06-21T09:00:00+00:00"}  # a clear June morning: production at once
 CONSUMER = {"GRIDTRADE_SIM__PANEL__AREA_M2": "0", "GRIDTRADE_SIM__BATTERY__SOC": "0.1"}
@@ -406,7 +406,7 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     trade_id, tid = row["trade_id"], keccak(text=row["trade_id"])
 
     def onchain_trade(block: int | str = "latest") -> dict[str, Any]:
-        seller, wh, status, buyer, delivered, price = market.functions.trades(tid).call(block_identifier=block)
+        seller, wh, status, buyer, delivered, price, *_ = market.functions.trades(tid).call(block_identifier=block)
         return {"seller": seller, "wh": wh, "status": status, "buyer": buyer, "delivered": delivered, "price": price}
 
     t = onchain_trade()
