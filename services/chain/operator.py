@@ -54,6 +54,9 @@ from .txs import OnFinal
 
 log = logging.getLogger(__name__)
 
+CONSUMED = (E.MeterKey.TYPE, E.EnergyProduced.TYPE, E.TradeAgreed.TYPE, E.Delivery.TYPE, E.TradeStatus.TYPE)
+"""The bus events the operator's jobs record (see ``OperatorService.consumes``)."""
+
 class OperatorService(ChainBase):
     name = "chain"
     role = "operator"
@@ -74,9 +77,8 @@ class OperatorService(ChainBase):
         self.jobs: list[Job] = [self.meters, self.mints, self.opens, self.settlements, self.closes]
         for job in self.jobs:
             job.create(self.store.conn)
-        self.consumes = {E.MeterKey.TYPE: self.meters, E.EnergyProduced.TYPE: self.mints,
-                         E.TradeAgreed.TYPE: self.opens, E.Delivery.TYPE: self.settlements,
-                         E.TradeStatus.TYPE: self.closes}
+        self.consumes = dict(zip(CONSUMED, (self.meters, self.mints, self.opens, self.settlements, self.closes),
+                                 strict=True))
 
     def register(self, srv: RpcServer) -> None:
         self.subscribe(list(self.consumes), self.on_event)
