@@ -258,7 +258,8 @@ def build_standin_node(engine: Engine, workdir: pathlib.Path, tag: str, major: s
             "RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \\\n"
             " && ln -s ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx \\\n"
             " && node --version && npm --version\n")
-        engine.run("build", "-q", "-t", tag, str(ctx), env={"DOCKER_BUILDKIT": "1"}, timeout=600)
+        # --network host: an engine without a bridge (dockerd --bridge=none) has no other network
+        engine.run("build", "-q", "--network", "host", "-t", tag, str(ctx), env={"DOCKER_BUILDKIT": "1"}, timeout=600)
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
 
