@@ -130,6 +130,21 @@ class Engine:
         finally:
             self.run("rm", "-f", cid, check=False)
 
+    def remove_projects(self, prefix: str) -> list[str]:
+        """Remove the containers and volumes of compose projects named ``prefix...`` (left
+        by a run that was killed: their restart policy would start them with the engine)."""
+        fmt = '{{.ID}} {{.Label "com.docker.compose.project"}}'
+        rows = self.run("ps", "-a", "--filter", "label=com.docker.compose.project", "--format", fmt).stdout.split("\n")
+        ids = [r.split()[0] for r in rows if len(r.split()) == 2 and r.split()[1].startswith(prefix)]
+        if ids:
+            self.run("rm", "-f", "-v", *ids)
+        fmt = '{{.Name}} {{.Label "com.docker.compose.project"}}'
+        rows = self.run("volume", "ls", "--filter", "label=com.docker.compose.project", "--format", fmt).stdout.split("\n")
+        vols = [r.split()[0] for r in rows if len(r.split()) == 2 and r.split()[1].startswith(prefix)]
+        if vols:
+            self.run("volume", "rm", "-f", *vols)
+        return sorted({r.split()[1] for r in rows if r.strip() and r.split()[0] in vols})
+
     @classmethod
     def find_or_start(cls, workdir: pathlib.Path) -> Engine:
         engine = cls(docker_cli())
@@ -264,9 +279,13 @@ def build_standin_node(engine: Engine, workdir: pathlib.Path, tag: str, major: s
         shutil.rmtree(ctx, ignore_errors=True)
 
 
+def standin_refs() -> tuple[str, str]:
+    return STANDIN_PYTHON, STANDIN_NODE.format(major=node_major())
+
+
 def standin_bases(engine: Engine, workdir: pathlib.Path) -> dict[str, str]:
     """The build args naming the stand-in bases, built when the engine lacks them."""
-    node_tag = STANDIN_NODE.format(major=node_major())
+    node_tag = standin_refs()[1]
     if not engine.has_image(STANDIN_PYTHON):
         build_standin_python(engine, workdir)
     if not engine.has_image(node_tag):

@@ -55,11 +55,12 @@ from tests.e2e.harness import SIM_START, TEST_SITE, Grid, User, Watch, reading_i
 from tests.e2e.test_kill import _nothing_twice
 
 from .engine import (CA_BUNDLE, REPORT, Engine, Ports, Project, Unavailable, build, health_target, image_size,
-                     standin_bases, timed)
+                     standin_bases, standin_refs, timed)
 
 IMAGE = "gridtrade:test-standin"
 ANVIL_IMAGE = "gridtrade-anvil:test-standin"
 PROFILES = ("market", "chain-node", "producer", "consumer")
+PROJECT_PREFIX = "gtdeploy"  # the test's compose projects: gtdeploy<random>
 UID = 10001  # the images' user
 # the launcher's names (tests/e2e/flow.py asks for these) -> the compose services
 ALIASES = {"meter-solar-1": "meter-producer", "meter-home-7": "meter-consumer", "wallet-solar-1": "wallet-producer",
@@ -87,28 +88,33 @@ class Images:
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     """A Docker engine (started here when none runs), the stand-in bases and the images."""
     work = tmp_path_factory.mktemp("docker")
+    t0 = time.monotonic()
     try:
         engine = Engine.find_or_start(work)
     except Unavailable as e:
         pytest.skip(f"no Docker engine: {e}")
     REPORT["engine"] = f"{engine.answers()} ({'started by the test' if engine.daemon else 'already running'})"
     try:
+        engine.remove_projects(PROJECT_PREFIX)
         try:
-            cached = engine.has_image(IMAGE)
-            with timed("stand-in bases (built when missing)"):
+            had = {ref: engine.has_image(ref) for ref in standin_refs()}
+            with timed("stand-in bases"):
                 args = standin_bases(engine, work)
         except Unavailable as e:
             pytest.skip(f"no stand-in base image: {e}")
-        REPORT["bases"] = args
-        with timed("build gridtrade image" + (" (layer cache)" if cached else "")):
-            build(engine, "gridtrade", IMAGE, args, work / "build-gridtrade.log")
-        with timed("build anvil image"):
-            build(engine, "anvil", ANVIL_IMAGE, args, work / "build-anvil.log")
+        REPORT["bases"] = {ref: "kept by the engine" if had[ref] else "built" for ref in args.values()}
+        for target, tag in (("gridtrade", IMAGE), ("anvil", ANVIL_IMAGE)):
+            log = work / f"build-{target}.log"
+            with timed(f"build {target} image"):
+                build(engine, target, tag, args, log)
+            REPORT.setdefault("build steps from the layer cache", {})[target] = log.read_text().count(" CACHED")
         REPORT["image sizes (MB)"] = {ref: round(image_size(engine, ref) / 1e6, 1) for ref in (IMAGE, ANVIL_IMAGE)}
         REPORT["base sizes (MB)"] = {ref: round(image_size(engine, ref) / 1e6, 1) for ref in args.values()}
         yield Images(engine, work)
     finally:
         engine.stop()
+        REPORT.setdefault("seconds", {})["the Docker tests in all (engine start to stop)"] = round(
+            time.monotonic() - t0, 1)
 
 
 # --- the images ---------------------------------------------------------------------------
@@ -268,7 +274,7 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
         else:
             p.chmod(0o777 if p.is_dir() else 0o644)
     (keys / f"{TEST_SITE}.key_secret").chmod(0o600)
-    project = Project(engine, f"gtdeploy{secrets.token_hex(3)}", tmp_path, profiles=PROFILES, env={
+    project = Project(engine, f"{PROJECT_PREFIX}{secrets.token_hex(3)}", tmp_path, profiles=PROFILES, env={
         "GRIDTRADE_IMAGE": IMAGE, "GRIDTRADE_ANVIL_IMAGE": ANVIL_IMAGE, "GRIDTRADE_KEYS_SOURCE": str(keys),
         "GRIDTRADE_TIME_SCALE": "1440"})
     project.prepare(Ports(free_port_block(64), 64), METER_ENV)
