@@ -331,14 +331,23 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
         async def between(stage: str) -> None:
             if stage != "delivering":
                 return
-            await sigkill_service(grid, "wallet-consumer")  # its unlock is lost: the consumer enters it again
+            await sigkill_service(grid, "wallet-consumer")
             await docker_kill_and_start(grid, "meter-consumer")
             await wait_healthy(grid, ("wallet-consumer", "meter-consumer"), timeout=120)
+            # the key was unlocked in the wallet's memory only: the consumer enters the passphrase again
+            cons = grid.consumer
+            w = await retrying(grid, "the consumer's wallet after its wallet restarted", cons.wallet)
+            assert w["unlocked"] is False, f"the wallet still holds the key: it did not restart ({w})"
+            s = await cons.call("POST", "/api/session/unlock", {"passphrase": cons.passphrase})
+            assert s["unlocked"] is True, s
 
         t1 = time.monotonic()
         out = await run_trade(grid, between=between, close_at_wh=CLOSE_AT)
         assert CLOSE_AT < CLOSE_AT_WH
         assert set(grid.kills) == {"wallet-consumer", "meter-consumer"}, grid.kills
+        # the restart policy restarted the crashed wallet once, and nothing else ever
+        restarts = {name: st["restarts"] for name, st in project.states().items()}
+        assert restarts == {**{name: 0 for name in cfg}, "wallet-consumer": 1}, restarts
         final = await check_final(grid, out)
         relay_audit(grid, {out.trade_id})
         _nothing_twice(grid, out.trade_id, final["delivered"])
@@ -378,14 +387,18 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
         await grid.login(grid.producer)
         # the producer's meter goes on from its stored counters: the next kWh, once
         n = len(before["mints"])
+        t3 = time.monotonic()
         await grid.until("the producer's meter to mint its next kWh after the restart",
                          lambda: len(grid.minted()) > n, timeout=180)
+        REPORT["seconds"]["the next mint after the second up"] = round(time.monotonic() - t3, 1)
         mints = grid.minted()
         ids = [m["readingId"] for m in mints]
         assert len(ids) == len(set(ids)), "a reading id was minted twice"
         assert sorted(ids) == sorted(reading_id32(f"solar-1/main/{i}") for i in range(len(mints)))
         minted_again = collections.Counter(e.reading_id for e in watch.of(E.Minted))
         assert all(c == 1 for c in minted_again.values()), minted_again
+        restarts = {name: st["restarts"] for name, st in project.states().items()}
+        assert restarts == {name: 0 for name in cfg}, f"a service crashed after the second up: {restarts}"
     except BaseException:
         with contextlib.suppress(Exception):
             ARTIFACTS.mkdir(exist_ok=True)
