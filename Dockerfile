@@ -79,7 +79,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     GRIDTRADE_DATA_DIR=/data \
-    GRIDTRADE_KEYS_DIR=/keys
+    GRIDTRADE_KEYS_DIR=/keys \
+    GRIDTRADE_METRICS_PORT=9100
 RUN groupadd --system --gid 10001 gridtrade \
  && useradd --system --uid 10001 --gid gridtrade --home-dir /data --no-create-home gridtrade \
  && mkdir -p /data /keys \
@@ -90,7 +91,9 @@ WORKDIR /data
 VOLUME ["/data", "/keys"]
 # bus hub 5550/5551, chain 5560, auction 5561, replay 5570-5573, metrics 9100, gateway 8080
 EXPOSE 5550 5551 5560 5561 5570 5571 5572 5573 8080 9100
-# the running service's /healthz (services/healthcheck.py)
+# the running service's /healthz (services/healthcheck.py): the gateway's on its HTTP port,
+# the others' on GRIDTRADE_METRICS_PORT (9100 unless set; GRIDTRADE_METRICS_HOST=0.0.0.0 serves
+# /healthz and /metrics beyond the container, as docker-compose.yml does)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "services.healthcheck"]
 ENTRYPOINT ["gridtrade"]

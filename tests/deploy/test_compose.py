@@ -513,3 +513,48 @@ def test_keys_stay_at_their_sites(resolved: dict[str, Any], monkeypatch: pytest.
                 volumes.setdefault(str(source), set()).add(env_of(svc)["GRIDTRADE_SITE"])
     assert roles == {"chain": "market:operator", "wallet-producer": "solar-1:site", "wallet-consumer": "home-7:site"}
     assert all(len(sites) == 1 for sites in volumes.values()), volumes
+
+
+def test_the_host_network_override_keeps_every_client_pointed_at_its_server(
+        resolved: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """test_docker.py runs this file on the host's network: its override (derived from the
+    resolved file) gives every service loopback addresses and ports of its own, and every
+    client the address its server now listens on."""
+    from tests.deploy.engine import Ports, host_network_override
+
+    override = host_network_override(resolved, Ports(20000, 100))["services"]
+    assert set(override) == set(resolved["services"])
+    merged = {}
+    for name, svc in resolved["services"].items():
+        assert override[name]["network_mode"] == "host", name
+        env = {**(svc.get("environment") or {}), **override[name].get("environment", {})}
+        merged[name] = {**svc, "environment": env, "command": override[name].get("command", svc["command"])}
+    taken: dict[int, str] = {}
+    servers: dict[tuple[str, int], str] = {}
+    for name, svc in gridtrade_services({"services": merged}).items():
+        if svc["command"][0] == "keys":
+            continue
+        s = settings_of(svc, monkeypatch)
+        for endpoint in binds(s, name).values():
+            assert host_of(endpoint) == "127.0.0.1", (name, endpoint)
+            servers["127.0.0.1", port_of(endpoint)] = name
+        assert s.metrics_host == "127.0.0.1" and (not isinstance(s, GatewaySettings) or s.http_host == "127.0.0.1")
+        for port in listening_ports(s, name):
+            assert taken.setdefault(port, name) == name, f"port {port}: {taken[port]} and {name}"
+        if s.replay_advertise:
+            assert s.replay_advertise == "127.0.0.1", name
+    for name, svc in gridtrade_services({"services": merged}).items():
+        if svc["command"][0] in ("keys", "bus"):
+            continue
+        s = settings_of(svc, monkeypatch)
+        clients = {"hub_pub": "hub", "hub_sub": "hub", "chain_rpc": "chain", "auction_rpc": "auction"}
+        if isinstance(s, GatewaySettings):
+            clients["wallet_rpc"] = name.replace("gateway", "wallet")
+        for client, server in clients.items():
+            endpoint = getattr(s, client)
+            assert servers.get((host_of(endpoint), port_of(endpoint))) == server, f"{name}: {client} = {endpoint}"
+    anvil = merged["anvil"]["command"]
+    port = int(anvil[anvil.index("--port") + 1])
+    assert anvil[anvil.index("--host") + 1] == "127.0.0.1" and port not in taken
+    for name in ("chain", "wallet-producer", "wallet-consumer"):
+        assert merged[name]["environment"]["GRIDTRADE_CHAIN_URL"] == f"http://127.0.0.1:{port}", name
