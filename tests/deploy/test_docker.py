@@ -92,7 +92,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     try:
         engine = Engine.find_or_start(work)
     except Unavailable as e:
-        pytest.skip(f"no Docker engine: {e}")
+        REPORT["skipped"] = f"no Docker engine: {e}"
+        pytest.skip(REPORT["skipped"])
     REPORT["engine"] = f"{engine.answers()} ({'started by the test' if engine.daemon else 'already running'})"
     try:
         engine.remove_projects(PROJECT_PREFIX)
@@ -101,7 +102,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
             with timed("stand-in bases"):
                 args = standin_bases(engine, work)
         except Unavailable as e:
-            pytest.skip(f"no stand-in base image: {e}")
+            REPORT["skipped"] = f"no stand-in base image: {e}"
+            pytest.skip(REPORT["skipped"])
         REPORT["bases"] = {ref: "kept by the engine" if had[ref] else "built" for ref in args.values()}
         for target, tag in (("gridtrade", IMAGE), ("anvil", ANVIL_IMAGE)):
             log = work / f"build-{target}.log"
