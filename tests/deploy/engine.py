@@ -128,7 +128,7 @@ class Engine:
                         yield member.name, f.read()
             proc.wait(120)
         finally:
-            self.run("rm", "-f", cid, check=False)
+            self.run("rm", "-f", "-v", cid, check=False)  # -v: the image's anonymous volumes too
 
     def remove_projects(self, prefix: str) -> list[str]:
         """Remove the containers and volumes of compose projects named ``prefix...`` (left

@@ -558,3 +558,28 @@ def test_the_host_network_override_keeps_every_client_pointed_at_its_server(
     assert anvil[anvil.index("--host") + 1] == "127.0.0.1" and port not in taken
     for name in ("chain", "wallet-producer", "wallet-consumer"):
         assert merged[name]["environment"]["GRIDTRADE_CHAIN_URL"] == f"http://127.0.0.1:{port}", name
+
+
+def test_no_anonymous_volumes(resolved: dict[str, Any]) -> None:
+    """Every VOLUME of an image has something mounted on it in each service (a named
+    volume, a folder or a tmpfs): else each container gets an anonymous volume, which
+    `docker compose down` leaves behind and the next `up` does not reuse."""
+    st = {s["name"]: s for s in stages(DOCKERFILE.read_text())}
+
+    def volumes_of(target: str) -> set[str]:
+        out: set[str] = set()
+        stage: dict[str, Any] | None = st[target]
+        while stage is not None:
+            for o, rest in stage["ops"]:
+                if o == "VOLUME":
+                    out |= set(yaml.safe_load(rest))
+            stage = st.get(stage["image"])
+        return out
+
+    for name, svc in resolved["services"].items():
+        want = volumes_of(svc["build"]["target"])
+        assert want, f"{name}: its image declares no VOLUME"
+        mounted = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in svc.get("volumes", [])}
+        tmpfs = svc.get("tmpfs") or []
+        mounted |= {t.split(":")[0] for t in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)}
+        assert want <= mounted, f"{name}: nothing mounted on {want - mounted}"
