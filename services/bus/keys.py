@@ -9,6 +9,12 @@ Identity: every public key belongs to one site (the file name in ``allowed/``). 
 handler answers a connecting key with its site as the ZAP User-Id, so every message a
 CURVE socket receives carries its sender's site in the frame's ``User-Id`` property
 (:func:`peer_site`). Nothing a peer writes about itself decides who it is.
+
+A key put on the allow-list while a process runs is taken without a restart: the ZAP
+handler reads ``allowed/`` again when a key it does not know connects (at most once a
+second). So a site joins a running market once its key is copied in, and on one host
+(``docker compose up`` of every profile) a service that started before another site's
+``keys`` run had written that site's key accepts it once it is there.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import copy
 import logging
 import pathlib
 import shutil
+import time
 
 import zmq
 import zmq.auth
@@ -71,9 +78,33 @@ def peer_site(frame: zmq.Frame) -> str | None:
 
 
 class _SiteNames:
-    """Mixin for pyzmq's authenticators: the ZAP User-Id of a client is its site."""
+    """Mixin for pyzmq's authenticators: the allow-list folder is the CURVE credentials
+    provider (:meth:`callback`), and the ZAP User-Id of a client is its site."""
 
+    RELOAD_EVERY_S = 1.0  # an unknown key reads allowed/ again at most this often
+
+    allowed: pathlib.Path
     sites: dict[bytes, str]
+    read_at: float
+
+    def load(self, allowed: pathlib.Path) -> None:
+        self.allowed = allowed
+        self.sites = key_sites(allowed)
+        self.read_at = time.monotonic()
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """Is this z85 public key on the allow-list? An unknown one has the folder read again."""
+        if client_key not in self.sites and time.monotonic() - self.read_at >= self.RELOAD_EVERY_S:
+            self.read_at = time.monotonic()
+            try:
+                sites = key_sites(self.allowed)
+            except (BusError, OSError) as e:  # a bad change to the folder: keep what was read before
+                log.error("the allow-list %s was not read again: %s", self.allowed, e)
+            else:
+                for key in sites.keys() - self.sites.keys():
+                    log.info("allow-list: the key of site %s was added", sites[key])
+                self.sites = sites
+        return client_key in self.sites
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.sites.get(z85.encode(client_public_key), "")
@@ -133,9 +164,9 @@ class Security:
 
         auth_cls = _AsyncioSiteAuthenticator if isinstance(ctx, zmq.asyncio.Context) else _ThreadSiteAuthenticator
         auth = auth_cls(ctx)
-        auth.sites = self.sites()
+        auth.load(self.keys_dir / "allowed")
         auth.start()
-        auth.configure_curve(domain="gridtrade", location=str(self.keys_dir / "allowed"))
+        auth.configure_curve_callback(domain="gridtrade", credentials_provider=auth)
         self._auth = auth
 
     def sites(self) -> dict[bytes, str]:

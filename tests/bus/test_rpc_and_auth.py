@@ -330,3 +330,30 @@ def test_drop_counts_keep_a_bounded_set_of_causes() -> None:
         d.drop(f"cause-{i}" * 20, "x" * 10_000)
     assert len(d.counts) <= DropCounter.MAX_CAUSES + 1 and sum(d.counts.values()) == 1000
     assert all(len(c) <= 60 for c in d.counts) and d.counts["other"] > 0
+
+
+async def test_a_site_put_on_the_allow_list_while_the_hub_runs_joins_without_a_restart(  # type: ignore[no-untyped-def]
+        grid: Grid, actx, tmp_path) -> None:
+    """A site's key made (or copied into allowed/) after the hub started: the hub's ZAP
+    handler does not know it and reads the folder again, and the site gets in (on one host,
+    `docker compose up` of every profile starts the hub while the sites' `keys` runs may
+    still be writing their keys)."""
+    from services.bus import Publisher, ensure_keys
+
+    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
+                     handler=rec.handler)
+    await sub.start()
+    await asyncio.sleep(1.1)  # the hub's handler read allowed/ longer ago than it waits between reads
+    ensure_keys(grid.keys, "late")
+    late = Security(grid.keys, "late")
+    late.start(actx)
+    pub = Publisher(actx, late, Store(tmp_path / "pub.sqlite"), source="late/meter", hub_pub=grid.hub_pub,
+                    heartbeat_s=0.2)
+    await pub.start()
+    await pub.publish(reading(1, site="late"))
+    await pub.publish(reading(2, site="late"))
+    await until(lambda: rec.values() == [1, 2], timeout=30)
+    await pub.stop()
+    late.stop()
+    await sub.stop()

@@ -1,12 +1,14 @@
-"""docker-compose.yml and the Dockerfile against the code they run.
+"""docker-compose.yml and the Dockerfile against the code they run, without an engine
+(test_docker.py builds the images and runs the sites in a real one).
 
-No docker engine runs here: ``docker-compose config`` (v1, the Debian package) parses,
-validates (unknown keys are errors) and resolves the file; the tests then check what it
-resolved to against the code: every command is a real ``gridtrade`` subcommand, every
-``GRIDTRADE_*`` variable is a settings field of the service that reads it (and the whole
-environment validates), servers bind 0.0.0.0, published and health-checked ports are the
-ports the service listens on, clients point at the service and port that serves them, and
-state and keys live on volumes.
+``docker-compose config`` (v1, the Debian package) parses, validates (unknown keys are
+errors) and resolves the file; the tests then check what it resolved to against the
+code: every command is a real ``gridtrade`` subcommand, every ``GRIDTRADE_*`` variable is
+a settings field of the service that reads it (and the whole environment validates),
+servers bind 0.0.0.0, published ports and the port the images' health check asks
+(services/healthcheck.py, from the same environment) are the ports the service listens
+on, clients point at the service and port that serves them, and state and keys live on
+volumes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
-from services import cli
+from services import cli, healthcheck
 from services.auction.config import AuctionSettings
 from services.bus.__main__ import HubSettings
 from services.bus.config import BusSettings
@@ -141,11 +143,16 @@ def listening_ports(s: BusSettings, svc_name: str) -> set[int]:
     return ports
 
 
-def healthcheck_port(svc: dict[str, Any]) -> int:
-    test = " ".join(svc["healthcheck"]["test"])
-    m = re.search(r"http://127\.0\.0\.1:(\d+)/healthz", test)
-    assert m, f"healthcheck does not ask /healthz on loopback: {test}"
-    return int(m.group(1))
+def healthcheck_port(svc: dict[str, Any], entry: str = "gridtrade") -> int:
+    """The port the image's HEALTHCHECK asks in this service's container: compose leaves
+    the test to the image (services/healthcheck.py), which reads the service's command
+    line and environment."""
+    assert "test" not in (svc.get("healthcheck") or {}), "the images' health check applies; compose sets no test"
+    what = healthcheck.target([entry, *svc["command"]], env_of(svc))
+    assert what is not None, f"no health check for {svc['command']}"
+    port = urlsplit(what[1]).port
+    assert port is not None and urlsplit(what[1]).hostname == "127.0.0.1", what
+    return port
 
 
 # --- the file is valid ---------------------------------------------------------------------
@@ -162,11 +169,12 @@ def test_config_is_valid_for_every_profile() -> None:
 def test_unknown_keys_are_rejected(tmp_path: pathlib.Path) -> None:
     """The validation above means something: this docker-compose refuses a misspelt key."""
     bad = tmp_path / "docker-compose.yml"
-    bad.write_text(COMPOSE.read_text().replace("    healthcheck: *metrics-healthcheck\n",
-                                               "    healthchek: *metrics-healthcheck\n", 1))
+    text = COMPOSE.read_text()
+    assert "    restart: unless-stopped\n" in text
+    bad.write_text(text.replace("    restart: unless-stopped\n", "    restat: unless-stopped\n", 1))
     out = subprocess.run([_compose_bin(), "-f", str(bad), "config"], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
-    assert out.returncode != 0 and "healthchek" in out.stderr, out.stderr
+    assert out.returncode != 0 and "restat" in out.stderr, out.stderr
 
 
 def test_profiles_name_the_sites(resolved: dict[str, Any]) -> None:
@@ -294,7 +302,30 @@ def test_ports_are_the_ports_the_services_listen_on(resolved: dict[str, Any],
     port = int(cmd[cmd.index("--port") + 1])
     assert cmd[cmd.index("--host") + 1] == ANY_HOST
     assert [int(p["target"]) for p in anvil["ports"]] == [port]
-    assert f"127.0.0.1:{port}" in " ".join(anvil["healthcheck"]["test"])
+    assert healthcheck_port(anvil, entry="anvil") == port
+
+
+def test_health_check_defaults_are_the_settings_defaults() -> None:
+    """services/healthcheck.py imports nothing of the services (it runs every few seconds
+    in every container): its defaults, written out again, are the settings' own."""
+    d = healthcheck.DEFAULTS
+    assert d["http_host"] == GatewaySettings.model_fields["http_host"].default
+    assert d["http_port"] == GatewaySettings.model_fields["http_port"].default
+    assert d["metrics_host"] == BusSettings.model_fields["metrics_host"].default
+    assert d["metrics_port"] == BusSettings.model_fields["metrics_port"].default
+    # the service is found on the container's command line, with or without compose's init
+    env = {"GRIDTRADE_METRICS_PORT": "9100", "GRIDTRADE_METRICS_HOST": "0.0.0.0", "GRIDTRADE_HTTP_PORT": "8081"}
+    for argv, want in (
+            (["/sbin/docker-init", "--", "gridtrade", "gateway"], ("http", "http://127.0.0.1:8081/healthz")),
+            (["/opt/venv/bin/python", "/opt/venv/bin/gridtrade", "chain"], ("http", "http://127.0.0.1:9100/healthz")),
+            (["/sbin/docker-init", "--", "gridtrade", "bus", "hub"], ("http", "http://127.0.0.1:9100/healthz")),
+            (["gridtrade", "gateway", "--port", "9000"], ("http", "http://127.0.0.1:9000/healthz")),
+            (["anvil", "--host", "0.0.0.0", "--port", "8546"], ("rpc", "http://127.0.0.1:8546")),
+            (["/sbin/docker-init", "--", "gridtrade", "keys", "--site", "x"], None),
+            (["gridtrade", "chain", "account", "list"], None)):
+        assert healthcheck.target(argv, env) == want, argv
+    with pytest.raises(LookupError):  # no /healthz without a metrics port: unhealthy, said why
+        healthcheck.target(["gridtrade", "meter"], {})
 
 
 def test_clients_point_at_their_servers(resolved: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,17 +452,33 @@ def test_dockerfile() -> None:
     services = chain("gridtrade")
     assert services[-1]["image"] == "python:3.11-slim"
     assert last(services, "ENTRYPOINT") == '["gridtrade"]', "the entrypoint is the console script"
-    runs = " && ".join(rest for s in services for o, rest in s["ops"] if o == "RUN")
-    assert re.search(r"pip install \.(\s|$)", runs), runs
-    assert "npm" not in runs and "node" not in " ".join(str(s["ops"]) for s in services), \
-        "the services image carries no node"
+    assert last(services, "USER") == "gridtrade", "the services run as a user of their own, not root"
+    assert last(services, "HEALTHCHECK").endswith('CMD ["python", "-m", "services.healthcheck"]')  # type: ignore[union-attr]
+    assert "node" not in " ".join(str(s["ops"]) for s in services), "the services image carries no node"
+    # its packages come from a virtual environment built in a stage of its own (pip stays there)
+    copied = [rest for s in services for o, rest in s["ops"] if o == "COPY"]
+    assert "--from=venv /opt/venv /opt/venv" in copied, copied
+    assert "PATH=/opt/venv/bin:$PATH" in (last(services, "ENV") or ""), "the venv's gridtrade and python first"
+    venv = by_name["venv"]
+    assert venv["image"] == "python:3.11-slim"  # the same base: the venv's python is the image's
+    runs = " && ".join(rest for o, rest in venv["ops"] if o == "RUN")
+    assert "python3 -m venv /opt/venv" in runs and re.search(r"/opt/venv/bin/pip install \.(\s|$)", runs), runs
+    assert "/opt/venv/bin/pip install --no-deps ." in runs and "pip uninstall -y pip setuptools" in runs, runs
+    # downloads trust a proxy's CA through the build secret only, never an image's setting or file
+    for s in st:
+        for o, rest in s["ops"]:
+            if o == "RUN" and re.search(r"\b(pip|npm) install\b", rest):
+                assert rest.startswith("--mount=type=secret,id=ca_bundle "), f"{s['name']}: {rest[:80]}"
+            if o in ("ENV", "ARG", "COPY", "ADD"):
+                assert not re.search(r"ca-certificates|ca_bundle|PIP_CERT|NODE_EXTRA_CA_CERTS|cafile", rest), rest
     # the targets compose asks for exist; anvil's binary comes from the pinned npm package
     with open(COMPOSE) as f:
         targets = {s["build"]["target"] for s in yaml.safe_load(f)["services"].values() if "build" in s} | {
             "gridtrade"}
     assert targets <= set(by_name), targets - set(by_name)
     node = by_name["node-tools"]
-    assert ("RUN", "npm install --no-audit --no-fund --loglevel=error") in node["ops"]
+    assert any(o == "RUN" and rest.endswith("npm install --no-audit --no-fund --loglevel=error")
+               for o, rest in node["ops"]), node["ops"]
     assert "package-lock.json" in last([node], "COPY")  # type: ignore[operator]
     copied = [rest for o, rest in by_name["anvil"]["ops"] if o == "COPY"]
     assert any("@foundry-rs/anvil-linux-${TARGETARCH}/bin/anvil" in c for c in copied), copied
@@ -466,3 +513,73 @@ def test_keys_stay_at_their_sites(resolved: dict[str, Any], monkeypatch: pytest.
                 volumes.setdefault(str(source), set()).add(env_of(svc)["GRIDTRADE_SITE"])
     assert roles == {"chain": "market:operator", "wallet-producer": "solar-1:site", "wallet-consumer": "home-7:site"}
     assert all(len(sites) == 1 for sites in volumes.values()), volumes
+
+
+def test_the_host_network_override_keeps_every_client_pointed_at_its_server(
+        resolved: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """test_docker.py runs this file on the host's network: its override (derived from the
+    resolved file) gives every service loopback addresses and ports of its own, and every
+    client the address its server now listens on."""
+    from tests.deploy.engine import Ports, host_network_override
+
+    override = host_network_override(resolved, Ports(20000, 100))["services"]
+    assert set(override) == set(resolved["services"])
+    merged = {}
+    for name, svc in resolved["services"].items():
+        assert override[name]["network_mode"] == "host", name
+        env = {**(svc.get("environment") or {}), **override[name].get("environment", {})}
+        merged[name] = {**svc, "environment": env, "command": override[name].get("command", svc["command"])}
+    taken: dict[int, str] = {}
+    servers: dict[tuple[str, int], str] = {}
+    for name, svc in gridtrade_services({"services": merged}).items():
+        if svc["command"][0] == "keys":
+            continue
+        s = settings_of(svc, monkeypatch)
+        for endpoint in binds(s, name).values():
+            assert host_of(endpoint) == "127.0.0.1", (name, endpoint)
+            servers["127.0.0.1", port_of(endpoint)] = name
+        assert s.metrics_host == "127.0.0.1" and (not isinstance(s, GatewaySettings) or s.http_host == "127.0.0.1")
+        for port in listening_ports(s, name):
+            assert taken.setdefault(port, name) == name, f"port {port}: {taken[port]} and {name}"
+        if s.replay_advertise:
+            assert s.replay_advertise == "127.0.0.1", name
+    for name, svc in gridtrade_services({"services": merged}).items():
+        if svc["command"][0] in ("keys", "bus"):
+            continue
+        s = settings_of(svc, monkeypatch)
+        clients = {"hub_pub": "hub", "hub_sub": "hub", "chain_rpc": "chain", "auction_rpc": "auction"}
+        if isinstance(s, GatewaySettings):
+            clients["wallet_rpc"] = name.replace("gateway", "wallet")
+        for client, server in clients.items():
+            endpoint = getattr(s, client)
+            assert servers.get((host_of(endpoint), port_of(endpoint))) == server, f"{name}: {client} = {endpoint}"
+    anvil = merged["anvil"]["command"]
+    port = int(anvil[anvil.index("--port") + 1])
+    assert anvil[anvil.index("--host") + 1] == "127.0.0.1" and port not in taken
+    for name in ("chain", "wallet-producer", "wallet-consumer"):
+        assert merged[name]["environment"]["GRIDTRADE_CHAIN_URL"] == f"http://127.0.0.1:{port}", name
+
+
+def test_no_anonymous_volumes(resolved: dict[str, Any]) -> None:
+    """Every VOLUME of an image has something mounted on it in each service (a named
+    volume, a folder or a tmpfs): else each container gets an anonymous volume, which
+    `docker compose down` leaves behind and the next `up` does not reuse."""
+    st = {s["name"]: s for s in stages(DOCKERFILE.read_text())}
+
+    def volumes_of(target: str) -> set[str]:
+        out: set[str] = set()
+        stage: dict[str, Any] | None = st[target]
+        while stage is not None:
+            for o, rest in stage["ops"]:
+                if o == "VOLUME":
+                    out |= set(yaml.safe_load(rest))
+            stage = st.get(stage["image"])
+        return out
+
+    for name, svc in resolved["services"].items():
+        want = volumes_of(svc["build"]["target"])
+        assert want, f"{name}: its image declares no VOLUME"
+        mounted = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in svc.get("volumes", [])}
+        tmpfs = svc.get("tmpfs") or []
+        mounted |= {t.split(":")[0] for t in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)}
+        assert want <= mounted, f"{name}: nothing mounted on {want - mounted}"
