@@ -307,7 +307,8 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
         with timed("accounts (docker-compose run, scrypt)"):
             producer, consumer = await asyncio.gather(account("wallet-producer", "solar-1 producer", "solar-1"),
                                                       account("wallet-consumer", "home-7 consumer", "home-7"))
-        up_env = {"GRIDTRADE_ACCOUNT": producer}  # the producer's mints go there
+        # each site's meter key is registered for its account: the producer's mints, the consumer's deliveries
+        up_env = {"GRIDTRADE_PRODUCER_ACCOUNT": producer, "GRIDTRADE_CONSUMER_ACCOUNT": consumer}
 
         # 2. up, until every service is healthy and the operator has deployed the contracts
         grid = ComposeGrid(data=tmp_path, options=None, procs=[], runner=None,  # type: ignore[arg-type]
