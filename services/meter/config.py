@@ -15,7 +15,7 @@ from __future__ import annotations
 import pathlib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.bus.config import BusSettings
@@ -92,8 +92,14 @@ class MeterSettings(BusSettings):
     role: Role = Field(default="producer", description="role of the default meter when GRIDTRADE_METERS is unset")
     meters: list[MeterConfig] = Field(default_factory=list, description="JSON list of meters (see module doc)")
     account: Address | None = Field(default=None, description="account the site's meter keys are registered for "
-                                                              "(credited with their mints)")
+                                                              "(credited with their mints); empty: none")
     sim: SimParams = SimParams()
+
+    @field_validator("account", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v  # GRIDTRADE_ACCOUNT= (e.g. compose's ${VAR:-}): no account yet
+
     reading_interval_s: float = Field(default=1.0, gt=0, description="wall seconds between MeterReading events")
     production_granularity_wh: int = Field(default=1000, ge=1, description="sign and publish the cumulative "
                                                                          "production each time it passes a multiple "
