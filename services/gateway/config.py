@@ -21,3 +21,11 @@ class GatewaySettings(BusSettings):
     login_window_s: float = Field(default=60.0, gt=0)
     login_max_delay_s: float = Field(default=300.0, gt=0, description="cap of the exponential back-off")
     gateway_rpc_timeout_s: float = Field(default=5.0, gt=0, description="how long to wait for chain/auction")
+    explorer_tx_url: str = Field(default="", max_length=300,
+                                 description="a block explorer's transaction page, {hash} replaced by the hash "
+                                             "(e.g. https://explorer.example/tx/{hash}); empty: no links")
+    auction_min_increment_wei_per_kwh: int = Field(
+        default=1, ge=0, description="the auction's minimum increment (the same variable the auction reads), shown "
+                                     "on each offer")
+    gateway_balance_poll_s: float = Field(default=2.0, gt=0, description="how often the balances of the accounts "
+                                          "with a page open are read, to push changes (Ether received) to it")
