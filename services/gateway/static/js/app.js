@@ -438,6 +438,7 @@ function showMining(m) {
   $('#mining-state').textContent = m.supported ? (m.mining ? 'being mined' : 'not being mined (transactions wait)')
     : 'not known';
   $('#mining-state').dataset.mining = m.mining ? 'on' : 'off';
+  state.miningOff = m.supported && !m.mining;
   $('#mining-detail').textContent = m.detail || '';
 }
 
@@ -1173,6 +1174,9 @@ function onEvent(msg) {
       break;
     case 'meter.reading':
       if (b.sim_ts != null && b.time_scale) state.clock = { wall: msg.ts, sim: b.sim_ts, scale: b.time_scale, simulated: true };
+      // the site's role from its meters (a producer meter makes a producer site)
+      if (b.role === 'producer' && state.role !== 'producer') setRole('producer');
+      if (state.site && !state.site.role) { state.site.role = b.role; setRole(b.role); }
       state.readings.push({ at: msg.ts, sim_at: b.sim_ts ?? msg.ts, meter: b.meter, role: b.role, power_w: b.power_w,
         pv_w: b.pv_w, load_w: b.load_w, soc: b.soc, energy_wh: b.energy_wh, relay_closed: b.relay_closed });
       if (state.readings.length > 2000) state.readings.shift();
