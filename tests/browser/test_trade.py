@@ -152,9 +152,9 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
         await go(seller, "figures")
         await expect(seller.locator("#chart-energy svg rect.span")).not_to_have_count(0, timeout=WAIT)
         await expect(seller.locator("#chart-energy svg g.marker")).not_to_have_count(0, timeout=WAIT)
-        await shot(seller, artifacts_dir, "producer-figures-trade", docs="figures-producer-desktop")
+        await shot(seller, artifacts_dir, "producer-figures-trade", docs="trade-figures-desktop")
         await go(seller, "market")
-        await shot(buyer, artifacts_dir, "consumer-trade-delivering", docs="market-desktop")
+        await shot(buyer, artifacts_dir, "consumer-trade-delivering", docs="trade-desktop")
 
         # Close Connection: "closing…" until the relays open; then the card tells who closed it and when
         await expect(seller.locator("#trades [data-trade] .close-btn")).to_be_hidden()
@@ -189,7 +189,7 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
             await expect(row.locator("td.amount")).to_have_attribute("data-wei", str(paid))
             await expect(row.locator("td.status")).to_contain_text("closed by")
             assert re.fullmatch(r"2024-06-2\d \d\d:\d\d", await row.locator("td.time").text_content() or "")
-        await shot(buyer, artifacts_dir, "consumer-history", docs="history-desktop")
+        await shot(buyer, artifacts_dir, "consumer-history", docs="trade-history-desktop")
 
         # the price history comes from the server: after a reload the bid and the trade are still drawn
         await go(buyer, "figures")
@@ -211,7 +211,7 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
                                                                                   timeout=WAIT)
         await toast(seller, re.compile(r"Withdrawing your earnings of .*: confirmed\."))
         await expect(seller.locator("#credit")).to_have_attribute("data-wei", "0", timeout=WAIT)
-        await shot(seller, artifacts_dir, "producer-wallet", docs="wallet-producer-desktop")
+        await shot(seller, artifacts_dir, "producer-wallet", docs="trade-wallet-producer-desktop")
 
         # the marketplace with the trade's card at 375 px
         mctx, phone = await open_wallet(browser, grid.url("home-7"), consumer, viewport=MOBILE)
@@ -220,7 +220,7 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
             await expect(phone.locator("#trades [data-trade]")).to_have_count(1, timeout=WAIT)
             await fits(phone, "the marketplace with a trade at 375 px")
             await audit(phone, "the marketplace with a trade at 375 px")
-            await shot(phone, artifacts_dir, "consumer-market-mobile-trade", docs="market-mobile")
+            await shot(phone, artifacts_dir, "consumer-market-mobile-trade", docs="trade-mobile")
         finally:
             await mctx.close()
         assert Decimal(paid) > 0

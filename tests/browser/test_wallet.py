@@ -123,7 +123,10 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         await toast(buyer, re.compile(r"Sending Ether.*: confirmed\."))
 
         # Ether received from another site shows at once, from the websocket, with a toast
-        before = await wei(buyer.locator("#balance"))
+        async def settled() -> int | None:  # the page shows what the wallet holds (the 0.1 Ether and its gas gone)
+            held = int((await buyer.evaluate("fetch('/api/wallet').then(r => r.json())"))["ether_wei"])
+            return held if held == await wei(buyer.locator("#balance")) else None
+        before = await grid.until("the consumer's balance to settle", settled)
         await seller.fill("#transfer-to", consumer.address)
         await seller.fill("#transfer-amount", "1.25")
         await seller.click("#transfer-btn")

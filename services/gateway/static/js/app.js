@@ -137,8 +137,10 @@ async function guarded(button, fn, { statusEl, ctx } = {}) {
     }
   } catch (e) {
     const words = explain(e);
-    if (statusEl) status(statusEl, words, 'refused');
-    if (!(e instanceof FieldError)) toast(words, { bad: true, actions: fixActions(e, ctx) });
+    if (!(e instanceof FieldError)) {  // a field's mistake is said next to the field
+      if (statusEl) status(statusEl, words, 'refused');
+      toast(words, { bad: true, actions: fixActions(e, ctx) });
+    }
     return undefined;
   } finally {
     if (button) button.disabled = false;
