@@ -169,7 +169,8 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         ticks = [t.strip() for t in await chart.locator("svg .tick-x").all_text_contents()]
         assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks  # distinct, sensible ticks
         assert all(re.fullmatch(r"(\d\d-\d\d )?\d\d:\d\d", t) for t in ticks), ticks
-        span_from, span_to = (float(await chart.get_attribute(a) or 0) for a in ("data-from", "data-to"))
+        span_from = float(await chart.get_attribute("data-from") or 0)
+        span_to = float(await chart.get_attribute("data-to") or 0)
         assert SUNNY_SIM - 7200 <= span_from <= span_to and span_to - span_from >= 7200  # site hours, not wall seconds
         await expect(buyer.locator("#fig-load")).to_have_text(re.compile(r"^\d+\.\d\d$"))
         await expect(buyer.locator("#chart-price")).to_be_hidden()

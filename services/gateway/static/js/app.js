@@ -948,6 +948,17 @@ function renderHistory() {
     return tr;
   }));
   $('#history-empty').hidden = rows.length > 0;
+  // Your transactions: the recent ones the history knows, also after a reload (no notice for those)
+  let added = false;
+  for (const r of rows.slice(0, 20)) {
+    if (!['sent', 'deposit', 'withdraw', 'withdraw_credit'].includes(r.kind) || state.txs.has(r.id)) continue;
+    const kind = r.kind === 'sent' ? 'transfer' : r.kind;
+    const what = r.kind === 'sent' && r.amount_wei ? `Sending ${etherText(r.amount_wei)} to ${short(r.counterparty)}` : '';
+    state.txs.set(r.id, { hash: r.id, status: r.status, kind, ref: r.amount_wei || '', what, at: r.at || 0,
+      reason: r.status === 'failed' ? r.detail : '' });
+    added = true;
+  }
+  if (added) { renderTxs(); pollPending(); }
   // the wallet's summaries come from the same rows
   let paid = 0n; let refunded = 0n; let bought = 0; let earned = 0n; let n = 0;
   for (const r of rows) {
