@@ -951,7 +951,8 @@ function renderHistory() {
   // Your transactions: the recent ones the history knows, also after a reload (no notice for those)
   let added = false;
   for (const r of rows.slice(0, 20)) {
-    if (!['sent', 'deposit', 'withdraw', 'withdraw_credit'].includes(r.kind) || state.txs.has(r.id)) continue;
+    if (!['sent', 'deposit', 'withdraw', 'withdraw_credit'].includes(r.kind) || state.txs.has(r.id)
+      || r.status === 'pending') continue;  // open ones come from the wallet's own list, with their depth
     const kind = r.kind === 'sent' ? 'transfer' : r.kind;
     const what = r.kind === 'sent' && r.amount_wei ? `Sending ${etherText(r.amount_wei)} to ${short(r.counterparty)}` : '';
     state.txs.set(r.id, { hash: r.id, status: r.status, kind, ref: r.amount_wei || '', what, at: r.at || 0,
