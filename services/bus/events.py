@@ -166,6 +166,9 @@ class MeterReading(Message):
     soc: float | None = Field(default=None, ge=0, le=1, description="battery state of charge")
     load_w: float | None = Field(default=None, description="consumption at the site, if known")
     pv_w: float | None = Field(default=None, description="PV generation at the site, if known")
+    sim_ts: float | None = Field(default=None, description="the simulated site's clock (Unix s) at this reading; "
+                                                           "None for a real meter (its time is the wall clock)")
+    time_scale: float | None = Field(default=None, gt=0, description="simulated seconds per wall second, with sim_ts")
 
 
 @event

@@ -43,7 +43,9 @@ from services.bus.store import Store
 from services.bus import commands as cmd
 from services.bus import events as ev
 
-from . import feed, models as m
+from . import feed, models as m, words
+from .history import History
+from .pages import Pages
 from .config import GatewaySettings
 from .openapi import ROUTES, Route, document, validation_message
 from .sessions import Session, SessionStore, LoginThrottle
@@ -96,13 +98,32 @@ def cookie_name(site: str) -> str:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 fix: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.fix = fix or {}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   fix: dict[str, str] | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if fix:
+        error["fix"] = fix
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+# refusals reworded for the person (see words.py); others are the gateway's own words already
+PERSONAL = {400, 403, 404, 409, 422}
+
+
+def for_person(e: ApiError, route: str, body: Any, now: float) -> ApiError:
+    """A service's refusal as the person at this wallet reads it: in Ether and kWh, to "you",
+    with the fix the page can offer (e.g. the deposit that is missing)."""
+    if e.status not in PERSONAL or e.code in ("not_found", "malformed_json", "unsupported_media_type"):
+        return e
+    said = words.for_person(e.code, e.message, route=route, body=body, now=now)
+    return ApiError(e.status, e.code, said.message, e.headers, said.fix or e.fix)
 
 
 def from_request_error(e: RequestError, service: str) -> ApiError:
@@ -143,13 +164,14 @@ class Metrics:
         self.sessions = Gauge("gridtrade_gateway_sessions", "live sessions", registry=registry)
 
 
-class Gateway:
+class Gateway(Pages):
     """The gateway's state and handlers, independent of how the bus parts were made."""
 
     def __init__(self, settings: GatewaySettings, *, chain: RpcClient, auction: RpcClient,
                  registry: CollectorRegistry | None = None,
                  health: Callable[[], dict[str, Any]] | None = None,
-                 clock: Callable[[], float] = time.time, store: Store | None = None) -> None:
+                 clock: Callable[[], float] = time.time, store: Store | None = None,
+                 history: History | None = None) -> None:
         self.settings = settings
         self.site = settings.site
         self.chain, self.auction = chain, auction
@@ -159,6 +181,8 @@ class Gateway:
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s,
                                       settings.login_max_delay_s)
         self.parties = feed.Parties()
+        # the record behind History, Prices and the trade cards (the service's: <data_dir>/history.sqlite)
+        self.history = history if history is not None else History(Store(":memory:"), self.site, clock)
         self.clients: set[Client] = set()
         self._bg: set[asyncio.Future[Any]] = set()
         self.metrics = Metrics(registry or CollectorRegistry())
@@ -176,6 +200,8 @@ class Gateway:
             "mining": self.mining, "set_mining": self.set_mining, "list_offers": self.list_offers,
             "sell": self.sell, "bid": self.bid, "cancel_offer": self.cancel_offer,
             "list_trades": self.list_trades, "close_trade": self.close_trade,
+            "site_info": self.site_info, "history": self.history_page, "prices": self.prices,
+            "readings": self.readings,
         }
 
     # --- the app ---------------------------------------------------------------------
@@ -186,6 +212,7 @@ class Gateway:
         for r in ROUTES:
             app.router.add_route(r.method, r.path, self._endpoint(r), name=r.name)
         app.router.add_get("/api/openapi.json", self.openapi_json)
+        app.router.add_get("/api/history.csv", self.history_csv, name="history_csv")
         app.router.add_get("/api/ws", self.websocket)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/healthz", self.healthz)
@@ -200,7 +227,7 @@ class Gateway:
         try:
             resp = await handler(request)
         except ApiError as e:
-            resp = error_response(e.status, e.code, e.message, e.headers)
+            resp = error_response(e.status, e.code, e.message, e.headers, e.fix)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -240,9 +267,13 @@ class Gateway:
             args: list[Any] = [request]
             if route.auth:
                 args.append(session)
-            if route.body is not None:
-                args.append(await self.parse_body(request, route.body))
-            result = await handler(*args)
+            body = None
+            try:
+                if route.body is not None:
+                    args.append(body := await self.parse_body(request, route.body))
+                result = await handler(*args)
+            except ApiError as e:
+                raise for_person(e, route.name, body, self.clock()) from None
             if isinstance(result, web.StreamResponse):
                 return result
             assert isinstance(result, route.response), f"{route.name} returned {type(result).__name__}"
@@ -436,12 +467,15 @@ class Gateway:
         sent: cmd.TxSent = await self.ask_chain(
             cmd.Transfer(sender=session.address, to=body.to, amount_wei=body.amount_wei),
             self.cmd_id(request, session, "transfer"))
+        await self.history.sent(account=session.address, kind="transfer", tx_hash=sent.tx_hash,
+                                amount_wei=body.amount_wei, to=body.to)
         return m.TxSentOut(tx_hash=sent.tx_hash)
 
     async def _escrow(self, request: web.Request, session: Session, action: str, amount: int) -> m.TxSentOut:
         sent: cmd.TxSent = await self.ask_chain(
             cmd.Escrow(account=session.address, action=action, amount_wei=amount),  # type: ignore[arg-type]
             self.cmd_id(request, session, action))
+        await self.history.sent(account=session.address, kind=action, tx_hash=sent.tx_hash, amount_wei=amount)
         return m.TxSentOut(tx_hash=sent.tx_hash)
 
     async def escrow_deposit(self, request: web.Request, session: Session, body: m.EscrowIn) -> m.TxSentOut:
@@ -556,12 +590,14 @@ class Gateway:
         r: cmd.Trades = await self.ask_auction(cmd.ListTrades())
         for t in r.trades:
             self.parties.learn(t.trade_id, t.seller, t.buyer)
-        return m.TradesOut(trades=[m.TradeOut(**t.model_dump()) for t in r.trades])
+        facts = self.history.facts([t.trade_id for t in r.trades])  # the cards' story
+        return m.TradesOut(trades=[m.TradeOut(**{**t.model_dump(), **facts.get(t.trade_id, {})}) for t in r.trades])
 
     async def close_trade(self, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:
         trade_id = self._id(request, "trade_id")
         await self.ask_auction(cmd.CloseTrade(trade_id=trade_id, by=session.address),
                                self.cmd_id(request, session, "close"))
+        await self.history.closing(trade_id, session.address)
         return m.OkOut()
 
     @staticmethod
@@ -584,6 +620,7 @@ class Gateway:
         self.clients.add(client)
         self.metrics.ws_clients.set(len(self.clients))
         reader = asyncio.create_task(self._ws_reader(client), name="gateway-ws-reader")
+        getter: asyncio.Future[dict[str, Any]] | None = None
         try:
             await ws.send_json({"type": "hello", "ts": self.clock(),
                                 "body": {"address": session.address, "site": self.site}})
@@ -606,6 +643,8 @@ class Gateway:
         finally:
             self.clients.discard(client)
             self.metrics.ws_clients.set(len(self.clients))
+            if getter is not None and not getter.done():  # the handler itself was cancelled while waiting
+                getter.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -622,6 +661,8 @@ class Gateway:
     def on_event(self, type_: str, ts: float, body: ev.Message) -> None:
         """Fan one bus event out to the websockets allowed to see it (never blocks)."""
         self.parties.observe(body)
+        if isinstance(body, ev.MeterReading) and body.site == self.site:
+            self.history.reading(ts, body)
         frame: dict[str, Any] | None = None
         for c in list(self.clients):
             if not feed.visible(body, account=c.address, site=self.site, parties=self.parties):

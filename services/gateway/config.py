@@ -33,3 +33,11 @@ class GatewaySettings(BusSettings):
     gateway_trade_duration_s: int = Field(
         default=3600, gt=0, lt=2**32, description="a trade opened from an offer sold here runs at most this long "
                                                   "(the signed offer's duration)")
+    explorer_tx_url: str = Field(default="", max_length=300,
+                                 description="a block explorer's transaction page, {hash} replaced by the hash "
+                                             "(e.g. https://explorer.example/tx/{hash}); empty: no links")
+    auction_min_increment_wei_per_kwh: int = Field(
+        default=1, ge=0, description="the auction's minimum increment (the same variable the auction reads), shown "
+                                     "on each offer")
+    gateway_balance_poll_s: float = Field(default=2.0, gt=0, description="how often the balances of the accounts "
+                                          "with a page open are read, to push changes (Ether received) to it")

@@ -1,9 +1,9 @@
 """Which bus events a logged-in user may see, and how they look on the websocket (pure).
 
 Public market events (offers, bids, closed offers, trade steps, double-auction calls) go
-to everyone logged in; meter readings only of this gateway's site; chain transactions only
-of the user's own account; payments (settled/recorded/closed on chain) only to the trade's
-seller and buyer; mining changes to everyone.
+to everyone logged in; meter readings and relay changes only of this gateway's site; chain transactions only
+of the user's own account; payments (settled/recorded/closed on chain) and meter mismatches
+only to the trade's seller and buyer; mining changes to everyone.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from services.bus import events as ev
 
 PUBLIC = (ev.OfferOpened, ev.BidPlaced, ev.OfferClosed, ev.TradeAgreed, ev.TradeStatus, ev.MarketCleared,
           ev.MiningChanged)
-PER_TRADE = (ev.TradeRecorded, ev.Settled, ev.TradeClosedOnChain, ev.Delivery)
+PER_TRADE = (ev.TradeRecorded, ev.Settled, ev.TradeClosedOnChain, ev.Delivery, ev.DeliveryMismatch)
 
 # the bus prefixes the gateway subscribes to (a site's meter readings are added per site)
 PREFIXES = tuple(sorted({c.TYPE for c in (*PUBLIC, *PER_TRADE, ev.TxUpdate, ev.Minted)}))
@@ -44,7 +44,7 @@ def visible(body: ev.Message, *, account: str, site: str, parties: Parties) -> b
     """May the user logged in as ``account`` at this gateway's ``site`` see ``body``?"""
     if isinstance(body, PUBLIC):
         return True
-    if isinstance(body, ev.MeterReading):
+    if isinstance(body, (ev.MeterReading, ev.RelayChanged)):
         return body.site == site
     if isinstance(body, (ev.TxUpdate, ev.Minted)):
         return body.account.lower() == account.lower()

@@ -11,6 +11,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
+from eth_utils import to_checksum_address
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema,
                       model_validator)
 
@@ -47,7 +48,19 @@ WeiOut = Annotated[int, PlainSerializer(lambda v: str(v), return_type=str),
 def _address_in(value: Any) -> str:
     if not isinstance(value, str) or not _ADDRESS.match(value):
         raise ValueError("not an account address (0x followed by 40 hex digits)")
+    if not checksum_ok(value):
+        raise ValueError("the address's checksum (its mix of upper and lower case letters) is wrong: it has a typo "
+                         "or was changed; copy it again")
     return value
+
+
+def checksum_ok(address: str) -> bool:
+    """EIP-55: an address in mixed case carries a checksum, which must hold; one in a single
+    case carries none."""
+    digits = address[2:]
+    if digits == digits.lower() or digits == digits.upper():
+        return True
+    return bool(to_checksum_address(address) == address)
 
 
 AddressStr = Annotated[str, BeforeValidator(_address_in),
@@ -160,7 +173,10 @@ class Empty(In):
 
 class ErrorDetail(Out):
     code: str
-    message: str
+    message: str = Field(description="for the person: amounts in Ether and kWh, speaking to the session's account")
+    fix: dict[str, str] | None = Field(default=None, description="what would fix it, for the page to offer: "
+                                       "action deposit|withdraw|withdraw_credit with amount_wei, or bid with "
+                                       "price_wei_per_kwh")
 
 
 class ErrorOut(Out):
@@ -267,6 +283,14 @@ class BidOut(Out):
     bid_id: str
 
 
+class Mismatch(Out):
+    buyer_wh: int
+    seller_wh: int
+    tolerance: float
+    reason: str = ""
+    at: float | None = None
+
+
 class TradeOut(Out):
     trade_id: str
     offer_id: str
@@ -280,6 +304,18 @@ class TradeOut(Out):
     delivered_wh: int = 0
     paid_wei: WeiOut = 0
     reason: str = Field(default="", description="why it is closed or failed, in words")
+    # the trade card's story, from this gateway's history (None: not seen here)
+    agreed_at: float | None = None
+    recorded_at: float | None = None
+    closed_at: float | None = None
+    closed_by: str = Field(default="", description="buyer, seller, operator, chain, mismatch or delivered (all of "
+                                                   "it); empty while it runs")
+    close_reason: str = ""
+    settled_at: float | None = None
+    refunded_wei: WeiOut | None = Field(default=None, description="escrow given back to the buyer at the close")
+    mismatch: Mismatch | None = Field(default=None, description="the two sites' meters disagreed beyond tolerance")
+    sim_agreed_at: float | None = Field(default=None, description="agreed_at in the site's (simulated) time")
+    sim_closed_at: float | None = None
 
 
 class TradesOut(Out):
@@ -290,3 +326,73 @@ class HealthOut(Out):
     service: str
     site: str
     ready: bool
+
+
+class ClockOut(Out):
+    wall: float = Field(description="the gateway's clock, Unix s")
+    sim: float | None = Field(description="the site's time now: simulated, or the wall clock")
+    scale: float = Field(description="site seconds per wall second (1 without a simulated meter)")
+    simulated: bool
+
+
+class SiteOut(Out):
+    site: str
+    role: Literal["producer", "consumer"] | None = Field(description="from the site's meters; None before a reading")
+    clock: ClockOut
+    explorer_tx_url: str = Field(description="a block explorer's page of a transaction: {hash} is replaced; empty "
+                                             "when none is configured")
+    min_increment_wei_per_kwh: WeiOut = Field(description="a bid beats the highest by at least this much")
+
+
+class HistoryRow(Out):
+    at: float | None = Field(description="when (Unix s): a trade when agreed, a transaction when sent")
+    sim_at: float | None = Field(description="the same in the site's time")
+    kind: Literal["bought", "sold", "offer", "sent", "received", "deposit", "withdraw", "withdraw_credit"]
+    id: str = Field(description="trade id, offer id or transaction hash")
+    counterparty: str = ""
+    counterparty_site: str = ""
+    wh: int | None = Field(default=None, description="energy traded (or offered)")
+    delivered_wh: int | None = None
+    price_wei_per_kwh: WeiOut | None = None
+    amount_wei: WeiOut | None = Field(default=None, description="paid so far in a trade; the amount of a transaction")
+    refunded_wei: WeiOut | None = None
+    status: str
+    detail: str = Field(description="what happened, in words")
+
+
+class HistoryOut(Out):
+    rows: list[HistoryRow]
+    clock: ClockOut
+
+
+class PricePoint(Out):
+    at: float
+    sim_at: float | None
+    kind: Literal["start", "bid", "trade", "clear"]
+    price_wei_per_kwh: WeiOut
+    ref: str = Field(description="the offer, trade or clearing round")
+    wh: int | None = None
+    who: str = ""
+
+
+class PricesOut(Out):
+    points: list[PricePoint]
+    clock: ClockOut
+
+
+class ReadingPoint(Out):
+    at: float
+    sim_at: float
+    meter: str
+    role: str
+    power_w: float
+    pv_w: float | None = None
+    load_w: float | None = None
+    soc: float | None = None
+    energy_wh: int
+    relay_closed: bool
+
+
+class ReadingsOut(Out):
+    readings: list[ReadingPoint]
+    clock: ClockOut

@@ -78,6 +78,14 @@ ROUTES: tuple[Route, ...] = (
           errors=(*_SESSION_ERRORS, 502), tag="market"),
     Route("POST", "/api/trades/{trade_id}/close", "close_trade", "Close Connection: end a live trade", m.OkOut,
           body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
+    Route("GET", "/api/site", "site_info", "This site: its role, its (simulated) clock, the block explorer, the "
+          "auction's minimum increment", m.SiteOut, auth=False, tag="history"),
+    Route("GET", "/api/history", "history", "Your trades, ended offers and Ether transactions, newest first (the "
+          "same as CSV: GET /api/history.csv)", m.HistoryOut, errors=(401,), tag="history"),
+    Route("GET", "/api/prices", "prices", "The market's start bids, bids, trade and clearing prices over time",
+          m.PricesOut, errors=(401,), tag="history"),
+    Route("GET", "/api/readings", "readings", "This site's latest meter readings (for the charts)", m.ReadingsOut,
+          errors=(401,), tag="history"),
 )
 
 _REASONS = {400: "Malformed request",

@@ -13,9 +13,12 @@ from aiohttp import web
 
 from services.bus import Envelope, Service
 from services.bus import events as ev
+from services.bus.store import Store
+from services.bus.transport import Subscriber
 
-from . import feed
+from . import feed, history
 from .app import Gateway
+from .history import History
 from .config import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -38,13 +41,38 @@ class GatewayService(Service):
         # another host's; the auction (at the market) only gets offers and bids
         wallet = self.client(s.wallet_rpc, s.wallet_site or s.site)
         auction = self.client(s.auction_rpc, s.auction_site)
+        # the pages' record in a store of its own (its subscription keeps its own offsets)
+        self.history_store = Store(s.data_dir / "history.sqlite")
         self.gateway = Gateway(s, chain=wallet, auction=auction, registry=self.registry, health=self.health,
-                               store=self.store)  # sessions live in <data_dir>/gateway.sqlite
+                               store=self.store,  # sessions live in <data_dir>/gateway.sqlite
+                               history=History(self.history_store, s.site))
         await self.prune_sessions()
         self.spawn(self._prune_forever(), name="gateway-session-prune")
         # a live feed: what happened before this gateway started is read through the API
         self.feed = self.subscribe([*feed.PREFIXES, f"{ev.MeterReading.TYPE}.{s.site}",
-                                    f"{ev.WalletTx.TYPE}.{s.site}"], self.on_event, start="latest")
+                                    f"{ev.RelayChanged.TYPE}.{s.site}", f"{ev.WalletTx.TYPE}.{s.site}"],
+                                   self.on_event, start="latest")
+        # the history: durable, so what happened while this gateway was down is replayed into it
+        self.history_feed = Subscriber(self.ctx, self.security, self.history_store, hub_sub=s.hub_sub,
+                                       hub_site=s.hub_site, prefixes=history.prefixes(s.site),
+                                       handler=self.on_history, start="earliest", name=f"{self.source} history",
+                                       authority=s.authority)
+        self.subscribers.append(self.history_feed)
+        self.spawn(self.gateway.watch_balances(s.gateway_balance_poll_s), name="gateway-balances")
+        self.spawn(self._persist_history(), name="gateway-history-clock")
+
+    def on_history(self, env: Envelope, conn: Any) -> None:
+        self.gateway.history.apply(conn, env.ts, env.body)
+
+    async def _persist_history(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                await self.gateway.history.persist()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - tried again next round
+                log.exception("saving the site's clock failed")
 
     async def prune_sessions(self) -> int:
         n = await self.gateway.sessions.purge(time.time())
@@ -84,6 +112,10 @@ class GatewayService(Service):
     async def stopping(self) -> None:
         if hasattr(self, "runner"):
             await self.runner.cleanup()
+
+    async def teardown(self) -> None:
+        if hasattr(self, "history_store"):
+            self.history_store.close()
 
     def health(self) -> dict[str, Any]:
         h = super().health()

@@ -69,6 +69,10 @@ class Driver:
     async def set_relay(self, closed: bool) -> None:
         raise NotImplementedError
 
+    def sim_clock(self) -> tuple[float, float] | None:
+        """(simulated Unix time now, time scale) of a simulated meter; None for a real one."""
+        return None
+
     async def close(self) -> None:
         self.connected = False
 
@@ -94,6 +98,9 @@ class SimDriver(Driver):
 
     def state_json(self) -> str:
         return self.sim.state_json()
+
+    def sim_clock(self) -> tuple[float, float] | None:
+        return self.sim.clock.now(), self.sim.clock.scale
 
 
 class SerialDriver(Driver):

@@ -335,10 +335,12 @@ class MeterRunner:
         async with self.svc.store.atomic() as conn:
             # the reading first: what it leads to (energy produced, a delivery, a relay that
             # moved by itself) names it as its cause
+            sim = self.driver.sim_clock()  # a simulated site's own clock, for the charts' time axes
             reading = self.svc.stage(MeterReading(
                 site=site, meter=name, role=self.cfg.role, energy_wh=c.energy_wh, power_w=c.power_w,
                 voltage_v=c.voltage_v, current_a=c.current_a, relay_closed=c.relay_closed,
-                soc=c.soc, load_w=c.load_w, pv_w=c.pv_w))
+                soc=c.soc, load_w=c.load_w, pv_w=c.pv_w, sim_ts=sim[0] if sim else None,
+                time_scale=sim[1] if sim else None))
             with caused_by(reading.id):
                 row = self._row(conn)
                 for counter, verdict in j.confirmed.items():

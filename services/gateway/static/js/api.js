@@ -1,10 +1,12 @@
-// The gateway's REST API. Every failure becomes an ApiError whose message is for people.
+// The gateway's REST API. Every failure becomes an ApiError whose message is for people
+// (the gateway words refusals in Ether and kWh) and, where one exists, the fix to offer.
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, fix) {
     super(message);
     this.status = status;
     this.code = code;
+    this.fix = fix || null;
   }
 }
 
@@ -29,7 +31,7 @@ export async function api(method, path, body) {
   if (!resp.ok) {
     const err = data && data.error;
     throw new ApiError(resp.status, err ? err.code : 'http_' + resp.status,
-      err ? err.message : `The gateway answered ${resp.status}.`);
+      err ? err.message : `The gateway answered ${resp.status}.`, err && err.fix);
   }
   return data;
 }

@@ -1,50 +1,131 @@
-// The web UI: login, wallet and marketplace, kept live by the websocket at /api/ws.
+// The wallet: login, wallet, marketplace, history and figures, kept live by the websocket
+// at /api/ws. Every amount is shown in the chosen Ether unit and kWh, rounded, with every
+// digit on hover; every action says where it is until it is confirmed or failed.
 
 import { api, ApiError } from './api.js';
-import { Charts } from './charts.js';
-import { countdown, formatEther, kwh, parseEther, parseKwh, short } from './format.js';
+import { draw } from './charts.js';
+import {
+  checkAddress, costWei, countdown, energyText, energyUnit, etherText, etherUnit, exactEther, fmtEnergy, fmtEther,
+  kw, loadPrefs, parseEnergy, parseEther, prefs, priceText, savePrefs, short, siteTime,
+} from './format.js';
 
 const $ = (sel, root = document) => root.querySelector(sel);
+const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
 
 const state = {
-  me: null,            // {address, site, expires_at, unlocked}
-  locked: false,       // the wallet holds this account's key locked (it restarted): ask for the passphrase
-  offers: new Map(),   // offer_id -> offer
-  trades: new Map(),   // trade_id -> trade
-  pending: new Map(),  // tx_hash -> tx
-  clockSkew: 0,        // server time - local time, seconds
+  me: null,             // {address, site, expires_at, unlocked}
+  site: null,           // /api/site: role, clock, explorer, minimum increment
+  role: 'consumer',
+  locked: false,
+  wallet: null,         // the last balances
+  offers: new Map(),    // offer_id -> offer
+  trades: new Map(),    // trade_id -> trade
+  closing: new Set(),   // trade ids whose Close Connection is under way
+  txs: new Map(),       // tx_hash -> tracked transaction
+  history: [],
+  prices: [],
+  readings: [],
+  clock: { wall: Date.now() / 1000, sim: Date.now() / 1000, scale: 1, simulated: false },
+  clockSkew: 0,         // server time - local time, seconds
   ws: null,
   wsRetry: 0,
-  charts: null,
+  view: 'login',
 };
 
-// --- messages to the person ----------------------------------------------------------
+const mine = (addr) => !!(state.me && addr && addr.toLowerCase() === state.me.address.toLowerCase());
+const serverNow = () => Date.now() / 1000 + state.clockSkew;
+const simOf = (ts) => (ts == null ? null : state.clock.sim + (ts - state.clock.wall) * state.clock.scale);
 
-let toastTimer = null;
-function say(message, ok = false) {
-  const t = $('#toast');
-  t.textContent = message;
-  t.classList.toggle('ok', ok);
-  t.hidden = false;
-  clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => { t.hidden = true; }, ok ? 3000 : 8000);
+// an amount element: rounded text, every digit on hover, the exact wei for whoever needs it
+function amount(el, wei, { price = false, unit = false } = {}) {
+  if (!el) return;
+  if (wei == null) { el.textContent = '–'; el.removeAttribute('title'); return; }
+  const text = price ? fmtEther(wei, 3) : fmtEther(wei);
+  el.textContent = unit ? `${text} ${etherUnit()}${price ? '/kWh' : ''}` : text;
+  el.title = `${exactEther(wei)} ${etherUnit()}${price ? '/kWh' : ''} exactly`;
+  el.dataset.wei = String(wei);
 }
 
-// the session is there but the wallet's key is locked (the wallet restarted): nothing was done
+function energy(el, wh) {
+  if (!el) return;
+  el.textContent = wh == null ? '–' : fmtEnergy(wh);
+  if (wh != null) el.dataset.wh = String(wh);
+}
+
+// --- messages to the person ----------------------------------------------------------------
+
+// a toast: words, and buttons for what would fix it; errors stay until dismissed or replaced
+function toast(message, { bad = false, actions = [], ms } = {}) {
+  const box = $('#toasts');
+  const t = document.createElement('div');
+  t.className = `toast${bad ? ' bad' : ''}`;
+  if (bad) t.setAttribute('role', 'alert');
+  const p = document.createElement('p');
+  p.textContent = message;
+  t.append(p);
+  const row = document.createElement('div');
+  row.className = 'buttons';
+  for (const a of actions) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.textContent = a.label;
+    b.addEventListener('click', () => { t.remove(); a.run(); });
+    row.append(b);
+  }
+  const close = document.createElement('button');
+  close.type = 'button';
+  close.textContent = 'Dismiss';
+  close.addEventListener('click', () => t.remove());
+  row.append(close);
+  t.append(row);
+  for (const old of $$('.toast', box).slice(0, -3)) old.remove();
+  box.append(t);
+  setTimeout(() => t.remove(), ms || (bad ? 20000 : 6000));
+  return t;
+}
+
+// what would fix a refusal, as a button (the gateway names it: deposit, withdraw, bid)
+function fixActions(e, ctx = {}) {
+  const fix = e && e.fix;
+  if (!fix) return [];
+  if (fix.action === 'deposit') {
+    return [{ label: `Deposit ${etherText(fix.amount_wei)}`, run: () => prefill('#deposit-amount', fix.amount_wei) }];
+  }
+  if (fix.action === 'withdraw') {
+    return [{ label: `Withdraw ${etherText(fix.amount_wei)}`, run: () => prefill('#withdraw-amount', fix.amount_wei) }];
+  }
+  if (fix.action === 'bid' && ctx.input) {
+    return [{ label: `Bid ${priceText(fix.price_wei_per_kwh)}`,
+      run: () => { ctx.input.value = exactEther(fix.price_wei_per_kwh); ctx.input.focus(); } }];
+  }
+  return [];
+}
+
+function prefill(sel, wei) {
+  location.hash = '#/wallet';
+  setTimeout(() => { const i = $(sel); i.value = exactEther(wei); i.focus(); }, 50);
+}
+
 const isLocked = (e) => e instanceof ApiError && e.status === 401 && e.code === 'locked';
 
 function explain(e) {
   if (e instanceof ApiError && e.status === 401 && e.code === 'no_session') {
-    loggedOut();
+    loggedOut('Your session has ended. Please log in again.');
     return 'Your session has ended. Please log in again.';
   }
   if (isLocked(e)) setLocked(true);
   return (e && e.message) ? e.message : 'Something went wrong.';
 }
 
+function status(el, text, st = '') {
+  if (!el) return;
+  el.textContent = text;
+  el.dataset.state = st;
+}
+
 // An action; if the wallet answers that the key is locked, ask for the passphrase and,
 // once it is unlocked again, do the action once more (the locked attempt did nothing).
-async function guarded(button, fn) {
+async function guarded(button, fn, { statusEl, ctx } = {}) {
   if (button) button.disabled = true;
   try {
     try {
@@ -55,14 +136,35 @@ async function guarded(button, fn) {
       return await fn();
     }
   } catch (e) {
-    say(explain(e));
+    const words = explain(e);
+    if (!(e instanceof FieldError)) {  // a field's mistake is said next to the field
+      if (statusEl) status(statusEl, words, 'refused');
+      toast(words, { bad: true, actions: fixActions(e, ctx) });
+    }
     return undefined;
   } finally {
     if (button) button.disabled = false;
   }
 }
 
-// --- the key locked in the wallet: the passphrase again, same account, same session --
+// a mistake in a field: said next to it, the field marked, nothing sent
+class FieldError extends Error {}
+
+function fieldCheck(input, errorEl, fn) {
+  try {
+    const v = fn(input.value);
+    input.removeAttribute('aria-invalid');
+    if (errorEl) errorEl.textContent = '';
+    return v;
+  } catch (e) {
+    input.setAttribute('aria-invalid', 'true');
+    if (errorEl) errorEl.textContent = e.message;
+    input.focus();
+    throw new FieldError(e.message);
+  }
+}
+
+// --- the key locked in the wallet: the passphrase again, same account, same session ----
 
 let unlockWaiters = [];
 
@@ -72,7 +174,6 @@ function setLocked(on) {
   document.body.dataset.locked = on ? '1' : '';
 }
 
-// Opens the prompt (once, however many actions wait); resolves true once unlocked, false if dismissed.
 function askUnlock() {
   setLocked(true);
   const dlg = $('#unlock-dialog');
@@ -103,12 +204,12 @@ async function unlock(ev) {
     state.me = await api('POST', '/api/session/unlock', { passphrase: $('#unlock-passphrase').value });
     setLocked(false);
     unlockDone(true);
-    say('Your wallet is unlocked again.', true);
+    toast('Your wallet is unlocked again.');
     refreshWallet();
   } catch (e) {
     if (e instanceof ApiError && e.code === 'no_session') {
       unlockDone(false);
-      say(explain(e));
+      explain(e);
       return;
     }
     $('#unlock-passphrase').value = '';
@@ -120,38 +221,85 @@ async function unlock(ev) {
 
 function showUnlocked(unlocked) {
   if (unlocked === false) setLocked(true);
-  if (unlocked === true && state.locked) { setLocked(false); unlockDone(true); }  // unlocked elsewhere
+  if (unlocked === true && state.locked) { setLocked(false); unlockDone(true); }
 }
 
-// the session's state now and then: a wallet that restarted shows as locked before an action fails
 async function checkSession() {
   if (!state.me) return;
   try {
     const me = await api('GET', '/api/session');
     if (state.me) { state.me = me; showUnlocked(me.unlocked); }
   } catch (e) {
-    if (e instanceof ApiError && e.code === 'no_session') say(explain(e));
+    if (e instanceof ApiError && e.code === 'no_session') explain(e);
   }
 }
 
-// --- routing -------------------------------------------------------------------------
+// --- routing -------------------------------------------------------------------------------
+
+const VIEWS = ['login', 'wallet', 'market', 'history', 'figures'];
 
 function show(view) {
-  for (const v of ['login', 'wallet', 'market']) $(`#view-${v}`).hidden = v !== view;
-  $('#dock').hidden = view === 'login';
-  $('#nav-wallet').classList.toggle('active', view === 'wallet');
-  $('#nav-market').classList.toggle('active', view === 'market');
-  if (view !== 'login' && state.charts) state.charts.ensure();
+  const changed = state.view !== view;
+  state.view = view;
+  for (const v of VIEWS) $(`#view-${v}`).hidden = v !== view;
+  const inside = view !== 'login';
+  $('#dock').hidden = !inside;
+  $('#account-box').hidden = !inside;
+  $('#settings').hidden = view !== 'wallet';
+  for (const v of VIEWS.slice(1)) {
+    const a = $(`#nav-${v}`);
+    if (v === view) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
+  }
+  document.title = `gridtrade — ${view === 'login' ? 'log in' : $(`#nav-${view}`).textContent}`;
+  if (changed && inside) $('#main').focus({ preventScroll: true });
 }
 
 function route() {
   if (!state.me) { show('login'); return; }
-  const view = location.hash === '#/market' ? 'market' : 'wallet';
+  const name = (location.hash.match(/^#\/(\w+)/) || [])[1];
+  const view = VIEWS.includes(name) && name !== 'login' ? name : 'wallet';
   show(view);
-  if (view === 'market') { loadMarket(); } else { loadWallet(); }
+  if (view === 'market') loadMarket();
+  if (view === 'wallet') { loadWallet(); loadHistory(); loadFigures(); }
+  if (view === 'history') loadHistory();
+  if (view === 'figures') { loadFigures(); loadMarket(); }
 }
 
-// --- login / logout ------------------------------------------------------------------
+// --- roles and units -----------------------------------------------------------------------
+
+function setRole(role) {
+  state.role = role === 'producer' ? 'producer' : 'consumer';
+  document.body.dataset.role = state.role;
+  for (const el of $$('[data-for]')) el.hidden = el.dataset.for !== state.role;
+  $('#role-name').textContent = state.role;
+}
+
+function applyUnits() {
+  for (const el of $$('.u-ether')) el.textContent = etherUnit();
+  for (const el of $$('.u-energy')) el.textContent = energyUnit();
+  for (const sel of ['#deposit-amount', '#withdraw-amount']) $(sel).placeholder = etherUnit();
+  $('#unit-ether').value = prefs.ether;
+  $('#unit-energy').value = prefs.energy;
+  if (state.wallet) renderWallet(state.wallet);
+  renderOffers();
+  renderTrades();
+  renderHistory();
+  renderCharts();
+  renderTxs();
+}
+
+async function loadSite() {
+  try {
+    const site = await api('GET', '/api/site');
+    state.site = site;
+    state.clock = site.clock;
+    state.clockSkew = site.clock.wall - Date.now() / 1000;
+    $('#site-name').textContent = site.site;
+    if (site.role) setRole(site.role);
+  } catch (e) { /* the pages work without it */ }
+}
+
+// --- login / logout ------------------------------------------------------------------------
 
 async function loadAccounts() {
   const sel = $('#account');
@@ -172,8 +320,14 @@ async function loadAccounts() {
 async function login(ev) {
   ev.preventDefault();
   const btn = $('#login-btn');
-  btn.disabled = true;
   $('#login-error').textContent = '';
+  $('#login-note').hidden = true;
+  if (!$('#passphrase').value) {
+    $('#login-error').textContent = 'Enter the passphrase of this account.';
+    $('#passphrase').focus();
+    return;
+  }
+  btn.disabled = true;
   try {
     state.me = await api('POST', '/api/session', { address: $('#account').value, passphrase: $('#passphrase').value });
     $('#passphrase').value = '';
@@ -185,36 +339,42 @@ async function login(ev) {
   }
 }
 
-function loggedIn() {
+async function loggedIn() {
   $('#who').textContent = short(state.me.address);
   $('#who').title = state.me.address;
   $('#site-name').textContent = state.me.site;
   showUnlocked(state.me.unlocked);
+  await loadSite();
   connect();
   if (!location.hash || location.hash === '#/login') location.hash = '#/wallet';
   route();
 }
 
-function loggedOut() {
+// `note`: why (a deliberate logout is no error)
+function loggedOut(note, isError = true) {
   state.me = null;
   setLocked(false);
   unlockDone(false);
   if (state.ws) { state.ws.onclose = null; state.ws.close(); state.ws = null; }
   setLive(false);
-  state.offers.clear(); state.trades.clear(); state.pending.clear();
+  state.offers.clear(); state.trades.clear(); state.txs.clear(); state.closing.clear();
+  state.wallet = null; state.history = [];
   location.hash = '#/login';
   show('login');
+  const n = $('#login-note');
+  if (note && !isError) { n.textContent = note; n.hidden = false; } else n.hidden = true;
+  if (note && isError) $('#login-error').textContent = note;
   loadAccounts();
 }
 
 async function logout() {
   await guarded($('#logout'), async () => {
     try { await api('DELETE', '/api/session'); } catch (e) { if (!(e instanceof ApiError && e.status === 401)) throw e; }
-    loggedOut();
+    loggedOut('You are logged out.', false);
   });
 }
 
-// --- wallet --------------------------------------------------------------------------
+// --- wallet --------------------------------------------------------------------------------
 
 let walletTimer = null;
 function refreshWallet() { clearTimeout(walletTimer); walletTimer = setTimeout(loadWallet, 150); }
@@ -223,45 +383,53 @@ async function loadWallet() {
   if (!state.me) return;
   try {
     const w = await api('GET', '/api/wallet');
-    $('#tokens').textContent = kwh(w.tokens_wh);
-    $('#tokens-locked').textContent = kwh(w.tokens_locked_wh);
-    $('#generation').textContent = kwh(w.generated_wh);
-    $('#balance').textContent = formatEther(w.ether_wei);
-    $('#credit').textContent = formatEther(w.credit_wei);
-    state.credit = w.credit_wei;
-    $('#withdraw-credit').hidden = BigInt(w.credit_wei) === 0n;
-    $('#escrow-free').textContent = formatEther(w.escrow_free_wei);
-    $('#escrow-locked').textContent = formatEther(w.escrow_locked_wei);
-    $('#escrow-reserved').textContent = formatEther(w.escrow_reserved_wei || '0');
-    $('#reserved-until').textContent = BigInt(w.escrow_reserved_wei || '0') > 0n && w.reserved_until
-      ? ` until ${new Date(w.reserved_until * 1000).toLocaleTimeString()}` : '';
-    $('#market-tokens').textContent = kwh(w.tokens_wh);
-    $('#market-escrow').textContent = formatEther(w.escrow_free_wei);
-    state.pending = new Map(w.pending.map((t) => [t.tx_hash, t]));
-    renderPending();
+    if (!state.site || !state.site.role) setRole(w.tokens_wh > 0 || w.generated_wh > 0 ? 'producer' : 'consumer');
+    renderWallet(w);
+    for (const t of w.pending) track(t.tx_hash, { kind: t.kind, ref: t.ref, info: t });
     showUnlocked(w.unlocked);
   } catch (e) {
-    say(explain(e));
+    explain(e);
   }
   loadMining();
 }
 
-function renderPending() {
-  const ul = $('#pending');
-  ul.replaceChildren(...[...state.pending.values()].map((t) => {
-    const li = document.createElement('li');
-    li.dataset.hash = t.tx_hash;
-    // where it is on its way: pending, replaced with higher fees (same nonce), mined but
-    // not yet at the confirmation depth, or failed with the node's reason
-    const where = {
-      replaced: 'replaced with higher fees',
-      mined: t.depth_required ? `mined, ${t.depth ?? 0} of ${t.depth_required} confirmations` : 'mined',
-      failed: `failed: ${t.reason || 'refused'}`,
-    }[t.state] || 'pending';
-    li.textContent = `${t.tx_hash} (${t.kind || 'tx'}) · ${where}`;
-    return li;
-  }));
-  $('#pending-empty').hidden = state.pending.size > 0;
+function renderWallet(w) {
+  const before = state.wallet;
+  state.wallet = { ...(state.wallet || {}), ...w };
+  w = state.wallet;
+  amount($('#balance'), w.ether_wei);
+  energy($('#tokens'), w.tokens_wh);
+  energy($('#tokens-locked'), w.tokens_locked_wh);
+  amount($('#credit'), w.credit_wei);
+  $('#withdraw-credit').hidden = BigInt(w.credit_wei) === 0n;
+  amount($('#escrow-free'), w.escrow_free_wei);
+  amount($('#escrow-reserved'), w.escrow_reserved_wei || '0');
+  amount($('#escrow-locked'), w.escrow_locked_wei);
+  const until = Number(w.reserved_until || 0);
+  const left = until - serverNow();
+  $('#reserved-until').textContent = BigInt(w.escrow_reserved_wei || '0') > 0n && left > 0
+    ? `until ${siteTime(simOf(until), false, true)} site time (${Math.ceil(left)} s from now)` : '';
+  energy($('#market-tokens'), w.tokens_wh);
+  amount($('#market-escrow'), w.escrow_free_wei);
+  amount($('#market-reserved'), w.escrow_reserved_wei || '0');
+  if (before && before.ether_wei != null && w.ether_wei != null) {
+    const diff = BigInt(w.ether_wei) - BigInt(before.ether_wei);
+    if (diff > 0n) {
+      $('#balance-change').textContent = `+${etherText(diff.toString())}`;
+      setTimeout(() => { $('#balance-change').textContent = ''; }, 6000);
+    }
+  }
+}
+
+// a `wallet.balances` frame: the balances changed (Ether received, a payment, a mint)
+function onBalances(b) {
+  const before = state.wallet;
+  renderWallet(b);
+  if (!before || before.ether_wei == null) return;
+  const diff = BigInt(b.ether_wei) - BigInt(before.ether_wei);
+  const ownWithdrawal = [...state.txs.values()].some((t) => ['withdraw', 'withdraw_credit'].includes(t.kind)
+    && t.status === 'confirmed' && serverNow() - (t.doneAt || 0) < 30);
+  if (diff > 0n && !ownWithdrawal) toast(`You received ${etherText(diff.toString())}.`);
 }
 
 async function loadMining() {
@@ -269,144 +437,375 @@ async function loadMining() {
 }
 
 function showMining(m) {
-  $('#mining-state').textContent = m.supported ? (m.mining ? 'on' : 'off') : 'not controllable here';
+  $('#mining-state').textContent = m.supported ? (m.mining ? 'being mined' : 'not being mined (transactions wait)')
+    : 'not known';
+  $('#mining-state').dataset.mining = m.mining ? 'on' : 'off';
+  state.miningOff = m.supported && !m.mining;
   $('#mining-detail').textContent = m.detail || '';
-  // only the market's site may start and stop mining: elsewhere the buttons stay disabled
-  const control = m.supported && m.controllable !== false;
-  $('#mining-start').disabled = !control || m.mining;
-  $('#mining-stop').disabled = !control || !m.mining;
 }
 
-async function setMining(action, button) {
-  await guarded(button, async () => showMining(await api('POST', '/api/mining', { action })));
+// --- transactions: from sent to confirmed ------------------------------------------------
+
+const KIND_WORDS = {
+  transfer: 'Sending Ether', deposit: 'Escrow deposit', withdraw: 'Escrow withdrawal',
+  withdraw_credit: 'Withdrawing your earnings', approve: 'Letting the market lock your tokens for an offer',
+  reserve: 'Reserving escrow for your bid',
+};
+
+function txWhat(t) {
+  const base = t.what || KIND_WORDS[t.kind] || `Transaction (${t.kind || 'other'})`;
+  if (t.what) return base;
+  if (['deposit', 'withdraw', 'withdraw_credit'].includes(t.kind) && /^\d+$/.test(t.ref || '')) {
+    return `${base} of ${etherText(t.ref)}`;
+  }
+  if (t.kind === 'approve' && /^\d+$/.test(t.ref || '')) return `${base} (${energyText(Number(t.ref))})`;
+  return base;
 }
 
-function amountForm(formSel, inputSel, path, done) {
+function explorerLink(hash) {
+  const url = state.site && state.site.explorer_tx_url;
+  if (!url) return null;
+  const a = document.createElement('a');
+  a.href = url.replace('{hash}', hash);
+  a.target = '_blank';
+  a.rel = 'noopener';
+  a.textContent = short(hash);
+  a.className = 'hash';
+  return a;
+}
+
+function whereText(t) {
+  if (t.status === 'confirmed') return 'confirmed';
+  if (t.status === 'failed') return `failed: ${t.reason || 'the chain refused it'}`;
+  const i = t.info || {};
+  if (i.state === 'replaced') return 'pending: sent again with a higher fee';
+  if (i.state === 'mined') return i.depth_required ? `mined, ${i.depth ?? 0} of ${i.depth_required} confirmations` : 'mined';
+  return state.miningOff ? 'pending: waiting for a block (mining is stopped)' : 'pending: waiting for a block';
+}
+
+// follow a transaction: `opts.statusEl` shows it under the form that sent it
+function track(hash, opts = {}) {
+  let t = state.txs.get(hash);
+  if (!t) {
+    t = { hash, status: 'pending', kind: opts.kind || '', ref: opts.ref || '', what: opts.what || '', at: serverNow() };
+    state.txs.set(hash, t);
+  }
+  if (opts.statusEl) t.statusEl = opts.statusEl;
+  if (opts.what) t.what = opts.what;
+  if (opts.kind && !t.kind) t.kind = opts.kind;
+  if (opts.ref && !t.ref) t.ref = opts.ref;
+  if (opts.info) { t.info = opts.info; if (opts.info.status) t.status = opts.info.status; }
+  if (opts.update) {
+    const was = t.status;
+    Object.assign(t, opts.update);
+    if (was === 'pending' && t.status !== 'pending') finished(t);
+  }
+  renderTx(t);
+  renderTxs();
+  pollPending();
+  return t;
+}
+
+function renderTx(t) {
+  if (!t.statusEl) return;
+  const el = t.statusEl;
+  el.replaceChildren();
+  el.dataset.state = t.status;
+  el.dataset.hash = t.hash;
+  el.append(document.createTextNode(`${txWhat(t)}: ${whereText(t)} `));
+  el.append(explorerLink(t.hash) || Object.assign(document.createElement('span'),
+    { className: 'hash', textContent: short(t.hash), title: t.hash }));
+}
+
+function finished(t) {
+  t.doneAt = serverNow();
+  if (t.status === 'confirmed') toast(`${txWhat(t)}: confirmed.`);
+  else toast(`${txWhat(t)}: failed. ${t.reason || 'The chain refused it.'}`, { bad: true });
+  refreshWallet();
+  if (state.view === 'history' || state.view === 'wallet') setTimeout(loadHistory, 500);
+}
+
+function renderTxs() {
+  const ul = $('#pending');
+  const list = [...state.txs.values()].sort((a, b) => b.at - a.at).slice(0, 8);
+  ul.replaceChildren(...list.map((t) => {
+    const li = document.createElement('li');
+    li.dataset.hash = t.hash;
+    li.dataset.status = t.status;
+    const what = document.createElement('span');
+    what.className = 'what';
+    what.textContent = txWhat(t);
+    const where = document.createElement('span');
+    where.className = 'where';
+    where.textContent = ` · ${whereText(t)} · `;
+    li.append(what, where, explorerLink(t.hash) || Object.assign(document.createElement('span'),
+      { className: 'hash', textContent: t.hash }));
+    return li;
+  }));
+  $('#pending-empty').hidden = state.txs.size > 0;
+}
+
+// while a transaction is open, its depth and replacements come from the wallet's list
+let pendingTimer = null;
+function pollPending() {
+  if (pendingTimer || ![...state.txs.values()].some((t) => t.status === 'pending')) return;
+  pendingTimer = setTimeout(async () => {
+    pendingTimer = null;
+    if (!state.me) return;
+    try {
+      const { txs } = await api('GET', '/api/pending');
+      const open = new Set(txs.map((t) => t.tx_hash));
+      for (const info of txs) {
+        const t = state.txs.get(info.tx_hash);
+        if (t) { t.info = info; renderTx(t); }
+      }
+      // gone from the list without an event seen (e.g. the page was offline): ask the wallet's view
+      if ([...state.txs.values()].some((t) => t.status === 'pending' && !open.has(t.hash) && serverNow() - t.at > 20)) {
+        loadHistory();
+      }
+      renderTxs();
+    } catch (e) { /* next time */ }
+    pollPending();
+  }, 2500);
+}
+
+// --- wallet forms --------------------------------------------------------------------------
+
+function amountForm(formSel, inputSel, statusSel, path, kind, words) {
   $(formSel).addEventListener('submit', async (ev) => {
     ev.preventDefault();
-    const btn = $(`${formSel} button`);
-    await guarded(btn, async () => {
-      const amount_wei = parseEther($(inputSel).value);
+    const input = $(inputSel);
+    const st = $(statusSel);
+    await guarded($(`${formSel} button[type=submit]`), async () => {
+      const amount_wei = fieldCheck(input, st, (v) => parseEther(v));
+      status(st, `${words(amount_wei)}: sending to your wallet…`, 'submitted');
       const r = await api('POST', path, { amount_wei });
-      $(inputSel).value = '';
-      done(r);
-    });
+      input.value = '';
+      track(r.tx_hash, { kind, ref: amount_wei, what: words(amount_wei), statusEl: st });
+    }, { statusEl: st });
   });
 }
 
 async function transfer(ev) {
   ev.preventDefault();
+  const st = $('#transfer-status');
   await guarded($('#transfer-btn'), async () => {
-    const to = $('#transfer-to').value.trim();
-    if (!/^0x[0-9a-fA-F]{40}$/.test(to)) throw new Error('The recipient is an account address: 0x followed by 40 hex digits.');
-    const amount_wei = parseEther($('#transfer-amount').value);
+    const to = fieldCheck($('#transfer-to'), $('#transfer-to-error'), checkAddress);
+    const amount_wei = fieldCheck($('#transfer-amount'), $('#transfer-amount-error'), (v) => parseEther(v));
+    const what = `Sending ${etherText(amount_wei)} to ${short(to)}`;
+    status(st, `${what}: sending to your wallet…`, 'submitted');
     const r = await api('POST', '/api/transfers', { to, amount_wei });
-    $('#transfer-result').textContent = `sent: ${r.tx_hash}`;
     $('#transfer-amount').value = '';
-    addPending({ tx_hash: r.tx_hash, kind: 'transfer', status: 'pending' });
-  });
+    track(r.tx_hash, { kind: 'transfer', ref: to, what, statusEl: st });
+  }, { statusEl: st });
 }
 
-function addPending(tx) {
-  if (tx.status === 'pending') state.pending.set(tx.tx_hash, tx); else state.pending.delete(tx.tx_hash);
-  renderPending();
-}
-
-// --- marketplace ---------------------------------------------------------------------
+// --- marketplace ---------------------------------------------------------------------------
 
 async function loadMarket() {
   if (!state.me) return;
   try {
     const [offers, trades] = await Promise.all([api('GET', '/api/offers'), api('GET', '/api/trades')]);
     state.clockSkew = offers.now - Date.now() / 1000;
+    const keep = [...state.offers.values()].filter((o) => o.endedAt);  // ending here: they leave on their own
     state.offers = new Map(offers.offers.map((o) => [o.offer_id, o]));
-    state.trades = new Map(trades.trades.map((t) => [t.trade_id, t]));
+    for (const o of keep) if (!state.offers.has(o.offer_id)) state.offers.set(o.offer_id, o);
+    state.trades = new Map(trades.trades.map((t) => [t.trade_id, { ...(state.trades.get(t.trade_id) || {}), ...t }]));
     renderOffers();
     renderTrades();
   } catch (e) {
-    say(explain(e));
+    explain(e);
   }
+  loadPrices();
   refreshWallet();
 }
 
 let marketTimer = null;
 function refreshMarket() { clearTimeout(marketTimer); marketTimer = setTimeout(loadMarket, 200); }
 
-const mine = (addr) => state.me && addr && addr.toLowerCase() === state.me.address.toLowerCase();
-const etherPerKwh = (wei) => formatEther(wei, 9);
+const increment = () => BigInt((state.site && state.site.min_increment_wei_per_kwh) || '1');
+const nextBid = (o) => (o.highest_bid_wei_per_kwh == null ? BigInt(o.start_price_wei_per_kwh)
+  : BigInt(o.highest_bid_wei_per_kwh) + increment());
+
+const OUTCOME = { sold: 'sold', expired: 'expired without bids', cancelled: 'cancelled by its seller', filled: 'filled' };
 
 function renderOffers() {
   const box = $('#offers');
-  // open offers, and those that closed while this page watched (their countdown shows how they ended)
-  const open = [...state.offers.values()].filter((o) => o.state === 'open' || o.closedHere);
-  const cards = open.map((o) => {
+  const list = [...state.offers.values()].filter((o) => o.state === 'open' || o.endedAt)
+    .sort((a, b) => a.ends_at - b.ends_at);
+  const cards = list.map((o) => {
     let card = box.querySelector(`[data-offer="${CSS.escape(o.offer_id)}"]`);
     if (!card) {
       card = $('#offer-card').content.firstElementChild.cloneNode(true);
       card.dataset.offer = o.offer_id;
+      const input = card.querySelector('.bid-price');
+      input.id = `bid-${o.offer_id}`;
+      card.querySelector('.bid-form label').htmlFor = input.id;
       card.querySelector('.bid-form').addEventListener('submit', (ev) => bid(ev, o.offer_id, card));
+      card.querySelector('.cancel-btn').addEventListener('click', (ev) => cancelOffer(o.offer_id, ev.target, card));
+      input.addEventListener('input', () => { delete card.dataset.confirmSelf; card.querySelector('.warn').hidden = true; });
     }
-    card.classList.toggle('mine', mine(o.seller));
-    card.querySelector('.kwh').textContent = kwh(o.wh);
-    card.querySelector('.seller').textContent = short(o.seller);
-    card.querySelector('.seller').title = o.seller;
-    card.querySelector('.site').textContent = o.seller_site;
-    card.querySelector('.start').textContent = etherPerKwh(o.start_price_wei_per_kwh);
-    card.querySelector('.highest').textContent = o.highest_bid_wei_per_kwh != null ? `${etherPerKwh(o.highest_bid_wei_per_kwh)} Ether/kWh` : 'none';
-    card.querySelector('.bidder').textContent = o.highest_bidder ? `by ${short(o.highest_bidder)}${mine(o.highest_bidder) ? ' (you)' : ''}` : '';
-    card.querySelector('.bid-form').hidden = mine(o.seller) || o.state !== 'open';
-    card.classList.toggle('closed', o.state !== 'open');
+    const own = mine(o.seller);
+    card.classList.toggle('mine', own);
+    card.classList.toggle('ended', o.state !== 'open');
     card.dataset.state = o.state;
     card.dataset.endsAt = o.ends_at;
+    card.querySelector('.kwh').textContent = fmtEnergy(o.wh);
+    for (const u of card.querySelectorAll('.u-energy')) u.textContent = energyUnit();
+    for (const u of card.querySelectorAll('.u-ether')) u.textContent = etherUnit();
+    card.querySelector('.seller').textContent = own ? 'you' : short(o.seller);
+    card.querySelector('.seller').title = o.seller;
+    card.querySelector('.site').textContent = o.seller_site;
+    card.querySelector('.yours').hidden = !own;
+    amount(card.querySelector('.start'), o.start_price_wei_per_kwh, { price: true, unit: true });
+    const hi = card.querySelector('.highest');
+    if (o.highest_bid_wei_per_kwh != null) amount(hi, o.highest_bid_wei_per_kwh, { price: true, unit: true });
+    else { hi.textContent = 'none yet'; delete hi.dataset.wei; }
+    card.querySelector('.bidder').textContent = o.highest_bidder
+      ? (mine(o.highest_bidder) ? 'by you' : `by ${short(o.highest_bidder)}`) : '';
+    const next = nextBid(o);
+    const nextEl = card.querySelector('.next');
+    nextEl.textContent = o.state !== 'open' ? '' : (o.highest_bid_wei_per_kwh == null
+      ? `Next bid: at least ${priceText(next)} (the start bid).`
+      : `Next bid: at least ${priceText(next)}: the highest bid plus the minimum increment of `
+        + `${exactEther(increment())} ${etherUnit()}/kWh.`);
+    nextEl.dataset.wei = next.toString();
+    const input = card.querySelector('.bid-price');
+    input.placeholder = `at least ${fmtEther(next, 3)}`;
+    card.querySelector('.bid-form').hidden = own || o.state !== 'open';
+    card.querySelector('.cancel-btn').hidden = !(own && o.state === 'open' && !o.bids);
+    if (o.state !== 'open') {
+      const how = o.state === 'sold' && o.winner
+        ? `sold to ${mine(o.winner) ? 'you' : short(o.winner)}${o.price_wei_per_kwh ? ` at ${priceText(o.price_wei_per_kwh)}` : ''}`
+        : OUTCOME[o.state] || o.state;
+      card.querySelector('.countdown-line').textContent = `Ended: ${how}.`;
+    }
     return card;
   });
-  if (cards.length) box.replaceChildren(...cards); else box.innerHTML = '<p class="sub empty">no open offers</p>';
+  if (cards.length) box.replaceChildren(...cards); else box.innerHTML = '<p class="sub empty">No open offers right now.</p>';
   tick();
 }
 
 function tick() {
-  const now = Date.now() / 1000 + state.clockSkew;
-  for (const card of document.querySelectorAll('#offers [data-offer]')) {
+  const now = serverNow();
+  for (const card of $$('#offers [data-offer]')) {
+    if (card.dataset.state !== 'open') continue;
     const left = Number(card.dataset.endsAt) - now;
-    const st = card.dataset.state;
-    card.querySelector('.countdown').textContent = st && st !== 'open' ? `ended (${st})` : countdown(left);
-    const form = card.querySelector('.bid-form');
-    if (left <= 0) form.querySelector('button').disabled = true;
+    const cd = card.querySelector('.countdown');
+    if (cd) cd.textContent = countdown(left);
+    card.querySelector('.bid-btn').disabled = left <= 0;
   }
 }
 
 async function sell(ev) {
   ev.preventDefault();
+  const st = $('#sell-status');
   await guarded($('#sell-btn'), async () => {
-    const body = {
-      kwh: parseKwh($('#sell-kwh').value),
-      start_price_wei_per_kwh: parseEther($('#sell-price').value),
-      duration_s: parseInt($('#sell-duration').value, 10),
-    };
-    if (!(body.duration_s > 0)) throw new Error('The duration is a whole number of seconds, more than 0.');
+    const wh = fieldCheck($('#sell-kwh'), st, parseEnergy);
+    const price = fieldCheck($('#sell-price'), st, (v) => parseEther(v, 'the start bid'));
+    const duration = fieldCheck($('#sell-duration'), st, (v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 1) throw new Error('The auction runs for a whole number of seconds, at least 1.');
+      return n;
+    });
+    status(st, `Putting ${energyText(wh)} on the market…`, 'submitted');
+    const body = { kwh: fmtEnergyKwh(wh), start_price_wei_per_kwh: price, duration_s: duration };
     const r = await api('POST', '/api/offers', body);
-    say(`Offer ${r.offer_id} is on the market.`, true);
+    status(st, `Your offer of ${energyText(r.wh)} is on the market until the countdown ends.`, 'done');
+    toast(`Your offer of ${energyText(r.wh)} is on the market.`);
     $('#sell-kwh').value = '';
     refreshMarket();
-  });
+  }, { statusEl: st });
 }
+
+const fmtEnergyKwh = (wh) => `${Math.floor(wh / 1000)}.${String(wh % 1000).padStart(3, '0')}`.replace(/\.?0+$/, '');
 
 async function bid(ev, offerId, card) {
   ev.preventDefault();
   const input = card.querySelector('.bid-price');
+  const st = card.querySelector('.tx-status');
+  const warn = card.querySelector('.warn');
+  const o = state.offers.get(offerId);
   await guarded(card.querySelector('.bid-btn'), async () => {
-    const price = parseEther(input.value);
+    const price = fieldCheck(input, st, (v) => parseEther(v, 'your bid'));
+    if (o && mine(o.highest_bidder) && card.dataset.confirmSelf !== '1') {
+      warn.textContent = `You are already the highest bidder at ${priceText(o.highest_bid_wei_per_kwh)}: a new bid `
+        + `raises the price you pay. Press “Raise my bid” to bid ${priceText(price)} anyway.`;
+      warn.hidden = false;
+      card.dataset.confirmSelf = '1';
+      card.querySelector('.bid-btn').textContent = 'Raise my bid';
+      return;
+    }
+    status(st, `Placing your bid of ${priceText(price)}…`, 'submitted');
     await api('POST', `/api/offers/${encodeURIComponent(offerId)}/bids`, { price_wei_per_kwh: price });
     input.value = '';
-    say('Your bid is in.', true);
-  });
+    warn.hidden = true;
+    delete card.dataset.confirmSelf;
+    card.querySelector('.bid-btn').textContent = 'Bid';
+    status(st, `Your bid of ${priceText(price)} is the highest now.`, 'done');
+    toast(`Your bid of ${priceText(price)} is in.`);
+  }, { statusEl: st, ctx: { input } });
 }
 
-const LIVE = new Set(['recorded', 'delivering']);
+async function cancelOffer(offerId, button, card) {
+  const st = card.querySelector('.tx-status');
+  await guarded(button, async () => {
+    status(st, 'Cancelling your offer…', 'submitted');
+    await api('POST', `/api/offers/${encodeURIComponent(offerId)}/cancel`, {});
+    status(st, 'Your offer is cancelled.', 'done');
+    toast('Your offer is cancelled.');
+  }, { statusEl: st });
+}
+
+function offerEnded(b) {
+  const o = state.offers.get(b.offer_id);
+  if (!o) return;
+  Object.assign(o, { state: b.outcome, winner: b.winner, price_wei_per_kwh: b.price_wei_per_kwh, endedAt: serverNow() });
+  renderOffers();
+  // an ended offer says how it ended, then leaves the list
+  setTimeout(() => { state.offers.delete(b.offer_id); renderOffers(); }, 6000);
+}
+
+// --- trades: each card tells its story ---------------------------------------------------
+
+const LIVE = new Set(['agreed', 'recorded', 'delivering']);
+const STATE_WORDS = {
+  agreed: 'opening on the chain', recorded: 'delivering', delivering: 'delivering', fulfilled: 'all delivered',
+  closed: 'closed', settled: 'settled', failed: 'failed',
+};
+
+export function closedBy(reason, st) {
+  const low = (reason || '').toLowerCase();
+  for (const who of ['buyer', 'seller', 'operator']) if (low.includes(`by the ${who}`) || low.includes(`by its ${who}`)) return who;
+  if (low.includes('mismatch')) return 'mismatch';
+  if (low.includes('on chain') || low.includes('deadline')) return 'chain';
+  return st === 'fulfilled' ? 'delivered' : '';
+}
+
+function story(t) {
+  if (t.state === 'failed') return `Could not be opened on the chain: ${t.close_reason || t.reason || 'no reason given'}.`;
+  const who = t.closed_by || closedBy(t.close_reason || t.reason, t.state);
+  const at = t.closed_at ? ` at ${siteTime(simOf(t.closed_at))} site time` : '';
+  const youBuy = mine(t.buyer);
+  const youSell = mine(t.seller);
+  const words = {
+    buyer: youBuy ? 'You closed it' : 'The buyer closed it',
+    seller: youSell ? 'You closed it' : 'The seller closed it',
+    operator: 'The market closed it', chain: 'Closed on the chain (its time was up)',
+    mismatch: 'Closed because the two meters disagreed', delivered: 'All of it was delivered',
+  }[who];
+  if (words) return `${words}${at}.`;
+  if (LIVE.has(t.state)) {
+    const started = t.agreed_at ? `Agreed at ${siteTime(simOf(t.agreed_at))} site time. ` : '';
+    return `${started}${youBuy ? 'Energy flows to you while it runs; Close Connection ends it.' : 'Energy flows while it runs.'}`;
+  }
+  return '';
+}
 
 function renderTrades() {
   const box = $('#trades');
-  const list = [...state.trades.values()].sort((a, b) => (a.trade_id < b.trade_id ? 1 : -1));
+  const list = [...state.trades.values()].sort((a, b) => (b.agreed_at || 0) - (a.agreed_at || 0)
+    || (a.trade_id < b.trade_id ? 1 : -1));
   const cards = list.map((t) => {
     let card = box.querySelector(`[data-trade="${CSS.escape(t.trade_id)}"]`);
     if (!card) {
@@ -414,37 +813,258 @@ function renderTrades() {
       card.dataset.trade = t.trade_id;
       card.querySelector('.close-btn').addEventListener('click', (e) => closeTrade(t.trade_id, e.target));
     }
-    card.classList.toggle('mine', mine(t.buyer) || mine(t.seller));
-    card.classList.toggle('closed', !LIVE.has(t.state) && t.state !== 'agreed');
+    const youBuy = mine(t.buyer);
+    const youSell = mine(t.seller);
+    const closing = state.closing.has(t.trade_id);
+    card.classList.toggle('mine', youBuy || youSell);
+    card.classList.toggle('ended', !LIVE.has(t.state) && !closing);
     card.dataset.state = t.state;
-    card.querySelector('.kwh').textContent = kwh(t.wh);
-    card.querySelector('.state').textContent = t.state;
-    card.querySelector('.seller').textContent = short(t.seller);
-    card.querySelector('.seller').title = t.seller;
-    card.querySelector('.seller-site').textContent = t.seller_site;
-    card.querySelector('.buyer').textContent = short(t.buyer);
-    card.querySelector('.buyer').title = t.buyer;
-    card.querySelector('.buyer-site').textContent = t.buyer_site;
-    card.querySelector('.price').textContent = etherPerKwh(t.price_wei_per_kwh);
-    card.querySelector('.delivered').textContent = t.delivered_wh;
-    card.querySelector('.paid').textContent = formatEther(t.paid_wei || '0', 9);
-    const reason = card.querySelector('.reason');  // why it closed or failed, when it says
-    reason.textContent = t.reason || '';
-    reason.hidden = !t.reason;
-    card.querySelector('.close-btn').hidden = !(mine(t.buyer) && LIVE.has(t.state));
+    card.dataset.closing = closing ? '1' : '';
+    card.querySelector('.kwh').textContent = fmtEnergy(t.wh);
+    for (const u of card.querySelectorAll('.u-energy')) u.textContent = energyUnit();
+    card.querySelector('.parties').textContent = youBuy ? `you buy from ${t.seller_site}`
+      : youSell ? `you sell to ${t.buyer_site}` : `${t.seller_site} → ${t.buyer_site}`;
+    card.querySelector('.state').textContent = closing ? 'closing…' : (STATE_WORDS[t.state] || t.state);
+    amount(card.querySelector('.price'), t.price_wei_per_kwh, { price: true, unit: true });
+    const delivered = Math.min(t.delivered_wh || 0, t.wh);
+    const dl = card.querySelector('.delivered-line');
+    dl.textContent = `delivered ${fmtEnergy(delivered)} of ${energyText(t.wh)}`;
+    dl.dataset.wh = String(t.delivered_wh || 0);
+    const prog = card.querySelector('.progress');
+    prog.value = t.wh ? delivered / t.wh : 0;
+    prog.setAttribute('aria-label', `${Math.round(100 * prog.value)}% delivered`);
+    const money = card.querySelector('.money');
+    const cost = costWei(t.wh, t.price_wei_per_kwh);
+    money.replaceChildren();
+    const paid = document.createElement('strong');
+    paid.className = 'paid';
+    amount(paid, t.paid_wei || '0', { unit: true });
+    money.append(document.createTextNode(youBuy ? 'you paid ' : youSell ? 'you earned ' : 'paid '), paid);
+    if (t.refunded_wei != null) {
+      const r = document.createElement('span');
+      r.className = 'refunded';
+      amount(r, t.refunded_wei, { unit: true });
+      money.append(document.createTextNode(youBuy ? ' · refunded to your escrow ' : ' · refunded to the buyer '), r);
+    } else if (LIVE.has(t.state)) {
+      const c = document.createElement('span');
+      c.className = 'locked-cost';
+      amount(c, cost.toString(), { unit: true });
+      money.append(document.createTextNode(' of '), c, document.createTextNode(' locked in escrow'));
+    }
+    card.querySelector('.story').textContent = closing
+      ? 'Closing: the relays open, then the last part is settled and the rest of the escrow freed.' : story(t);
+    const flag = card.querySelector('.flag');
+    const mm = t.mismatch;
+    if (mm) {
+      flag.textContent = `The two meters disagree: the buyer's counted ${energyText(mm.buyer_wh)}, the seller's `
+        + `${energyText(mm.seller_wh)} (more than the ${Math.round(mm.tolerance * 100)}% allowed).`
+        + (mm.reason ? ` ${mm.reason}` : '');
+      flag.hidden = false;
+    } else flag.hidden = true;
+    const btn = card.querySelector('.close-btn');
+    btn.hidden = !(youBuy && (LIVE.has(t.state) || closing));
+    btn.disabled = closing;
+    btn.textContent = closing ? 'Closing…' : 'Close Connection';
     return card;
   });
-  if (cards.length) box.replaceChildren(...cards); else box.innerHTML = '<p class="sub empty">no trades yet</p>';
+  if (cards.length) box.replaceChildren(...cards); else box.innerHTML = '<p class="sub empty">No trades yet.</p>';
 }
 
 async function closeTrade(tradeId, button) {
-  await guarded(button, async () => {
+  state.closing.add(tradeId);
+  renderTrades();
+  const ok = await guarded(button, async () => {
     await api('POST', `/api/trades/${encodeURIComponent(tradeId)}/close`, {});
-    say('Connection closed: the relays open and the unspent escrow is freed.', true);
+    return true;
   });
+  if (!ok) { state.closing.delete(tradeId); renderTrades(); return; }
+  // the relays open within a few readings; if no word of it comes, the settlement ends "closing…"
+  setTimeout(() => { if (state.closing.delete(tradeId)) renderTrades(); }, 60000);
 }
 
-// --- the live feed -------------------------------------------------------------------
+function closedNow(tradeId, words) {
+  if (!state.closing.delete(tradeId)) return;
+  renderTrades();
+  toast(words);
+}
+
+// --- history ---------------------------------------------------------------------------------
+
+const WHAT = {
+  bought: 'you bought', sold: 'you sold', offer: 'your offer', sent: 'you sent Ether', received: 'you received Ether',
+  deposit: 'escrow deposit', withdraw: 'escrow withdrawal', withdraw_credit: 'earnings withdrawn',
+};
+
+let historyTimer = null;
+async function loadHistory() {
+  clearTimeout(historyTimer);
+  if (!state.me) return;
+  try {
+    const h = await api('GET', '/api/history');
+    state.history = h.rows;
+    renderHistory();
+  } catch (e) { explain(e); }
+}
+function refreshHistory() { clearTimeout(historyTimer); historyTimer = setTimeout(loadHistory, 800); }
+
+function cell(tr, label, content, cls = '') {
+  const td = document.createElement('td');
+  td.dataset.label = label;
+  if (cls) td.className = cls;
+  if (content instanceof Node) td.append(content); else td.textContent = content ?? '';
+  tr.append(td);
+  return td;
+}
+
+function renderHistory() {
+  const body = $('#history tbody');
+  const rows = state.history || [];
+  body.replaceChildren(...rows.map((r) => {
+    const tr = document.createElement('tr');
+    tr.dataset.kind = r.kind;
+    tr.dataset.id = r.id;
+    const time = cell(tr, 'Time', siteTime(r.sim_at, true), 'time');
+    time.title = `${new Date((r.at || 0) * 1000).toISOString().replace('.000', '')} (wall clock, UTC)`;
+    cell(tr, 'What', WHAT[r.kind] || r.kind, 'what');
+    const who = cell(tr, 'With', r.counterparty ? `${short(r.counterparty)}${r.counterparty_site ? ` (${r.counterparty_site})` : ''}` : '—', 'with');
+    if (r.counterparty) who.title = r.counterparty;
+    const en = r.wh == null ? '—' : (['bought', 'sold'].includes(r.kind)
+      ? `${fmtEnergy(r.delivered_wh)} of ${energyText(r.wh)}` : energyText(r.wh));
+    const e = cell(tr, 'Energy', en, 'energy num');
+    if (r.wh != null) { e.dataset.wh = String(r.wh); e.dataset.deliveredWh = String(r.delivered_wh ?? ''); }
+    const p = cell(tr, 'Price', '', 'price num');
+    if (r.price_wei_per_kwh != null) amount(p, r.price_wei_per_kwh, { price: true, unit: true }); else p.textContent = '—';
+    const a = cell(tr, 'Amount', '', 'amount num');
+    if (r.amount_wei != null) {
+      const s = document.createElement('span');
+      amount(s, r.amount_wei, { unit: true });
+      a.append(s);
+      a.dataset.wei = r.amount_wei;
+      if (r.refunded_wei != null && BigInt(r.refunded_wei) > 0n) {
+        a.append(document.createTextNode(` (refunded ${etherText(r.refunded_wei)})`));
+      }
+    } else a.textContent = '—';
+    cell(tr, 'Status', `${r.status}${r.detail ? `: ${r.detail}` : ''}`, 'status');
+    return tr;
+  }));
+  $('#history-empty').hidden = rows.length > 0;
+  // Your transactions: the recent ones the history knows, also after a reload (no notice for those)
+  let added = false;
+  for (const r of rows.slice(0, 20)) {
+    if (!['sent', 'deposit', 'withdraw', 'withdraw_credit'].includes(r.kind) || state.txs.has(r.id)
+      || r.status === 'pending') continue;  // open ones come from the wallet's own list, with their depth
+    const kind = r.kind === 'sent' ? 'transfer' : r.kind;
+    const what = r.kind === 'sent' && r.amount_wei ? `Sending ${etherText(r.amount_wei)} to ${short(r.counterparty)}` : '';
+    state.txs.set(r.id, { hash: r.id, status: r.status, kind, ref: r.amount_wei || '', what, at: r.at || 0,
+      reason: r.status === 'failed' ? r.detail : '' });
+    added = true;
+  }
+  if (added) { renderTxs(); pollPending(); }
+  // the wallet's summaries come from the same rows
+  let paid = 0n; let refunded = 0n; let bought = 0; let earned = 0n; let n = 0;
+  for (const r of rows) {
+    if (r.kind === 'bought') { paid += BigInt(r.amount_wei || '0'); refunded += BigInt(r.refunded_wei || '0'); bought += r.delivered_wh || 0; n += 1; }
+    if (r.kind === 'sold') earned += BigInt(r.amount_wei || '0');
+  }
+  amount($('#bills-total'), paid.toString());
+  amount($('#bills-refunded'), refunded.toString());
+  energy($('#bills-energy'), bought);
+  $('#bills-count').textContent = String(n);
+  amount($('#earned-total'), earned.toString());
+}
+
+// --- figures -----------------------------------------------------------------------------------
+
+async function loadFigures() {
+  if (!state.me) return;
+  try {
+    const r = await api('GET', '/api/readings');
+    state.readings = r.readings;
+    state.clock = r.clock;
+    state.clockSkew = r.clock.wall - Date.now() / 1000;
+  } catch (e) { explain(e); }
+  renderFigures();
+  renderCharts();
+}
+
+async function loadPrices() {
+  try {
+    const r = await api('GET', '/api/prices');
+    state.prices = r.points;
+    renderCharts();
+  } catch (e) { /* the chart says nothing yet */ }
+}
+
+function renderFigures() {
+  const last = state.readings[state.readings.length - 1];
+  const latest = (role) => [...state.readings].reverse().find((x) => x.role === role);
+  const gen = last && (last.pv_w != null ? last.pv_w : (latest('producer') || {}).power_w);
+  const load = last && (last.load_w != null ? last.load_w : (latest('consumer') || {}).power_w);
+  $('#fig-gen').textContent = kw(gen);
+  $('#fig-load').textContent = kw(load);
+  $('#fig-soc').textContent = last && last.soc != null ? Math.round(last.soc * 100) : '–';
+  energy($('#fig-energy'), last ? last.energy_wh : null);
+  $('#fig-energy-what').textContent = last ? (last.role === 'producer' ? 'energy into the batteries, all time'
+    : 'energy in from the line, all time') : '';
+  $('#power-now').textContent = kw(state.role === 'producer' ? gen : load);
+  energy($('#energy-total'), last ? last.energy_wh : null);
+  $('#clock-note').textContent = state.clock.simulated
+    ? `This site is simulated: its clock runs ${state.clock.scale}× faster than real time; charts and history use its time (${siteTime(simOf(serverNow()), true)} now).`
+    : 'Times are the site\'s (this browser\'s) time.';
+}
+
+let chartTimer = null;
+function renderChartsSoon() { if (!chartTimer) chartTimer = setTimeout(() => { chartTimer = null; renderCharts(); }, 1000); }
+
+function renderCharts() {
+  const visible = (id) => { const c = $(id); return c && c.offsetParent !== null ? c : null; };
+  const energyBox = visible('#chart-energy');
+  if (energyBox) {
+    const rs = state.readings;
+    const gen = rs.map((r) => [r.sim_at, r.pv_w != null ? r.pv_w / 1000 : (r.role === 'producer' ? r.power_w / 1000 : null)]);
+    const use = rs.map((r) => [r.sim_at, r.load_w != null ? r.load_w / 1000 : (r.role === 'consumer' ? r.power_w / 1000 : null)]);
+    const spans = [];
+    let open = null;
+    for (const r of rs) {
+      if (r.relay_closed && open == null) open = r.sim_at;
+      if (!r.relay_closed && open != null) { spans.push({ from: open, to: r.sim_at, label: 'relay closed: a trade ran' }); open = null; }
+    }
+    if (open != null) spans.push({ from: open, to: null, label: 'relay closed: a trade runs' });
+    const first = rs.length ? rs[0].sim_at : null;
+    const markers = [...state.trades.values()].filter((t) => t.agreed_at && (mine(t.buyer) || mine(t.seller)))
+      .map((t) => ({ t: t.sim_agreed_at || simOf(t.agreed_at), label: `trade ${t.trade_id}: ${energyText(t.wh)} at ${priceText(t.price_wei_per_kwh)}` }))
+      .filter((m) => first == null || m.t >= first);
+    const last = rs[rs.length - 1];
+    draw(energyBox, {
+      title: 'Generation and consumption', yLabel: 'kW', minSpan: 7200, spans, markers, spanLabel: 'trade running (relay closed)',
+      series: [{ label: 'generation (kW)', color: '#2c7a3f', points: gen }, { label: 'consumption (kW)', color: '#b3401b', points: use }],
+      empty: 'No meter readings yet.',
+      summary: last ? `Now: generation ${kw(gen[gen.length - 1][1] * 1000)} kW, consumption ${kw(use[use.length - 1][1] * 1000)} kW.` : '',
+    });
+  }
+  for (const id of ['#chart-price', '#chart-price-big']) {
+    const box = visible(id);
+    if (!box) continue;
+    const pts = (kind) => state.prices.filter((p) => p.kind === kind)
+      .map((p) => [p.sim_at ?? simOf(p.at), Number(exactEther(p.price_wei_per_kwh)), `${kind} ${priceText(p.price_wei_per_kwh)}`]);
+    const trades = state.prices.filter((p) => p.kind === 'trade');
+    const last = trades[trades.length - 1];
+    draw(box, {
+      title: 'Market prices', yLabel: `${etherUnit()}/kWh`, minSpan: 3600,
+      series: [
+        { label: 'start bids', color: '#5b6b61', kind: 'dots', size: 3, points: pts('start'), cls: 'start' },
+        { label: 'bids', color: '#2a62b0', kind: 'dots', points: pts('bid'), cls: 'bid' },
+        { label: 'trades', color: '#9a6a00', kind: 'dots', size: 6, points: pts('trade'), cls: 'trade' },
+        { label: 'clearing prices', color: '#6d3fa0', kind: 'dots', size: 5, points: pts('clear'), cls: 'clear' },
+      ].filter((s) => s.points.length || s.cls === 'bid' || s.cls === 'trade'),
+      markers: trades.map((p) => ({ t: p.sim_at ?? simOf(p.at), label: `trade at ${priceText(p.price_wei_per_kwh)}` })),
+      empty: 'No bids or trades yet: prices appear here as they happen.',
+      summary: last ? `Last trade: ${priceText(last.price_wei_per_kwh)}.` : '',
+    });
+  }
+}
+
+// --- the live feed ---------------------------------------------------------------------------
 
 function setLive(on) {
   const el = $('#live');
@@ -461,11 +1081,17 @@ function connect() {
   ws.onclose = (ev) => {
     state.ws = null;
     setLive(false);
-    if (ev.code === 4401) { say('Your session has ended. Please log in again.'); loggedOut(); return; }
+    if (ev.code === 4401) { if (state.me) loggedOut('Your session has ended. Please log in again.'); return; }
     if (!state.me) return;
     const delay = Math.min(10000, 500 * 2 ** state.wsRetry++);
-    setTimeout(() => { connect(); if (state.me) { loadWallet(); loadMarket(); } }, delay);
+    setTimeout(() => { connect(); if (state.me) route(); }, delay);
   };
+}
+
+function addPrice(kind, ts, wei, ref) {
+  state.prices.push({ at: ts, sim_at: simOf(ts), kind, price_wei_per_kwh: wei, ref });
+  if (state.prices.length > 1000) state.prices.shift();
+  renderChartsSoon();
 }
 
 function onEvent(msg) {
@@ -474,84 +1100,151 @@ function onEvent(msg) {
     case 'hello':
       document.body.dataset.live = '1';
       break;
+    case 'wallet.balances':
+      onBalances(b);
+      break;
     case 'market.offer_opened':
       state.offers.set(b.offer_id, { ...b, state: 'open', highest_bid_wei_per_kwh: null, highest_bidder: null, bids: 0 });
+      addPrice('start', msg.ts, b.start_price_wei_per_kwh, b.offer_id);
       renderOffers();
       break;
     case 'market.bid_placed': {
       const o = state.offers.get(b.offer_id);
-      if (o) { o.highest_bid_wei_per_kwh = b.price_wei_per_kwh; o.highest_bidder = b.buyer; o.bids += 1; renderOffers(); }
-      state.charts.bid(msg.ts, Number(etherPerKwh(b.price_wei_per_kwh)));
+      if (o) {
+        const outbid = mine(o.highest_bidder) && !mine(b.buyer);
+        o.highest_bid_wei_per_kwh = b.price_wei_per_kwh; o.highest_bidder = b.buyer; o.bids = (o.bids || 0) + 1;
+        renderOffers();
+        if (outbid) toast(`You were outbid: the highest bid is ${priceText(b.price_wei_per_kwh)} now.`);
+      }
+      addPrice('bid', msg.ts, b.price_wei_per_kwh, b.offer_id);
       break;
     }
-    case 'market.offer_closed': {
-      const o = state.offers.get(b.offer_id);
-      if (o) { o.state = b.outcome; o.closedHere = true; renderOffers(); }
+    case 'market.offer_closed':
+      offerEnded(b);
+      if (b.outcome === 'sold' && mine(b.winner)) toast(`You won the auction at ${priceText(b.price_wei_per_kwh)}: the trade opens on the chain.`);
       break;
-    }
+    case 'market.cleared':
+      if (b.price_wei_per_kwh != null) addPrice('clear', msg.ts, b.price_wei_per_kwh, `round ${b.round}`);
+      break;
     case 'trade.agreed':
     case 'trade.status': {
       const t = state.trades.get(b.trade_id) || { paid_wei: '0', delivered_wh: 0, state: 'agreed' };
+      const was = t.state;
       Object.assign(t, b);
-      if (msg.type === 'trade.agreed') { t.state = t.state || 'agreed'; state.charts.trade(msg.ts, Number(etherPerKwh(b.price_wei_per_kwh))); }
+      if (msg.type === 'trade.agreed') {
+        t.state = was || 'agreed';
+        t.agreed_at = t.agreed_at || msg.ts;
+        t.sim_agreed_at = simOf(t.agreed_at);
+        addPrice('trade', msg.ts, b.price_wei_per_kwh, b.trade_id);
+      }
+      if (['closed', 'fulfilled', 'failed'].includes(b.state) && !t.closed_at) {
+        t.closed_at = msg.ts;
+        t.close_reason = b.reason || (b.state === 'fulfilled' ? 'all delivered' : '');
+        t.closed_by = closedBy(t.close_reason, b.state);
+      }
       state.trades.set(b.trade_id, t);
+      if (b.state === 'settled') closedNow(b.trade_id, 'The trade is settled: the relays are open and the unspent escrow is free again.');
       renderTrades();
       refreshWallet();
+      if (mine(b.buyer) || mine(b.seller)) refreshHistory();
+      break;
+    }
+    case 'meter.relay':
+      if (!b.closed && b.trade_id && state.closing.has(b.trade_id)) {
+        closedNow(b.trade_id, 'Connection closed: the relays are open; the last part is settled and the rest of your escrow freed.');
+      }
+      break;
+    case 'meter.mismatch': {
+      const t = state.trades.get(b.trade_id);
+      if (t) { t.mismatch = b; renderTrades(); }
       break;
     }
     case 'chain.settled':
     case 'chain.trade_closed': {
       const t = state.trades.get(b.trade_id);
-      if (t) { t.paid_wei = b.paid_wei; t.delivered_wh = b.delivered_wh; renderTrades(); }
+      if (t) {
+        t.paid_wei = b.paid_wei; t.delivered_wh = Math.max(t.delivered_wh || 0, b.delivered_wh);
+        if (b.refunded_wei != null) t.refunded_wei = b.refunded_wei;
+        renderTrades();
+      }
       refreshWallet();
+      refreshHistory();
       break;
     }
-    case 'chain.tx':
-      addPending(b);
-      if (b.status !== 'pending') refreshWallet();
-      if (b.status === 'failed') say(`Transaction ${short(b.tx_hash)} (${b.kind}) failed: ${b.reason || 'no reason given'}`);
+    case 'chain.tx': {
+      const ours = state.txs.has(b.tx_hash);
+      track(b.tx_hash, { kind: b.kind, ref: b.ref, update: { status: b.status, reason: b.reason, block: b.block } });
+      if (!ours && b.status !== 'pending') refreshWallet();
       break;
+    }
     case 'chain.minted':
       refreshWallet();
       break;
     case 'chain.mining':
+      state.miningOff = !b.mining;
       loadMining();
+      renderTxs();
+      for (const t of state.txs.values()) renderTx(t);
       break;
     case 'meter.reading':
-      state.charts.reading(msg.ts, b);
+      if (b.sim_ts != null && b.time_scale) state.clock = { wall: msg.ts, sim: b.sim_ts, scale: b.time_scale, simulated: true };
+      // the site's role from its meters (a producer meter makes a producer site)
+      if (b.role === 'producer' && state.role !== 'producer') setRole('producer');
+      if (state.site && !state.site.role) { state.site.role = b.role; setRole(b.role); }
+      state.readings.push({ at: msg.ts, sim_at: b.sim_ts ?? msg.ts, meter: b.meter, role: b.role, power_w: b.power_w,
+        pv_w: b.pv_w, load_w: b.load_w, soc: b.soc, energy_wh: b.energy_wh, relay_closed: b.relay_closed });
+      if (state.readings.length > 2000) state.readings.shift();
+      renderFigures();
+      if (state.view === 'figures') renderChartsSoon();
       break;
     default:
       break;
   }
 }
 
-// --- start ---------------------------------------------------------------------------
+// --- start -------------------------------------------------------------------------------------
 
 async function start() {
-  state.charts = new Charts($('#chart-energy'), $('#chart-price'));
+  loadPrefs();
   $('#login-form').addEventListener('submit', login);
   $('#logout').addEventListener('click', logout);
-  $('#mining-start').addEventListener('click', (e) => setMining('start', e.target));
-  $('#mining-stop').addEventListener('click', (e) => setMining('stop', e.target));
   $('#transfer-form').addEventListener('submit', transfer);
   $('#sell-form').addEventListener('submit', sell);
-  amountForm('#deposit-form', '#deposit-amount', '/api/escrow/deposit', (r) => addPending({ tx_hash: r.tx_hash, kind: 'deposit', status: 'pending' }));
-  amountForm('#withdraw-form', '#withdraw-amount', '/api/escrow/withdraw', (r) => addPending({ tx_hash: r.tx_hash, kind: 'withdraw', status: 'pending' }));
+  amountForm('#deposit-form', '#deposit-amount', '#deposit-status', '/api/escrow/deposit', 'deposit',
+    (w) => `Deposit of ${etherText(w)}`);
+  amountForm('#withdraw-form', '#withdraw-amount', '#withdraw-status', '/api/escrow/withdraw', 'withdraw',
+    (w) => `Withdrawal of ${etherText(w)} from escrow`);
+  $('#withdraw-all').addEventListener('click', () => {
+    if (state.wallet) { $('#withdraw-amount').value = exactEther(state.wallet.escrow_free_wei); $('#withdraw-amount').focus(); }
+  });
   $('#withdraw-credit').addEventListener('click', (e) => guarded(e.target, async () => {
-    const r = await api('POST', '/api/credit/withdraw', { amount_wei: state.credit });
-    addPending({ tx_hash: r.tx_hash, kind: 'withdraw_credit', status: 'pending' });
-  }));
+    const credit = state.wallet.credit_wei;
+    const what = `Withdrawing your earnings of ${etherText(credit)}`;
+    status($('#withdraw-credit-status'), `${what}: sending to your wallet…`, 'submitted');
+    const r = await api('POST', '/api/credit/withdraw', { amount_wei: credit });
+    track(r.tx_hash, { kind: 'withdraw_credit', ref: credit, what, statusEl: $('#withdraw-credit-status') });
+  }, { statusEl: $('#withdraw-credit-status') }));
   $('#unlock-form').addEventListener('submit', unlock);
   $('#unlock-cancel').addEventListener('click', () => unlockDone(false));
-  $('#unlock-dialog').addEventListener('close', () => unlockDone(false));  // Escape, too
+  $('#unlock-dialog').addEventListener('close', () => unlockDone(false));
   $('#locked-unlock').addEventListener('click', () => { askUnlock(); });
+  $('#unit-ether').addEventListener('change', (e) => { prefs.ether = e.target.value; savePrefs(); applyUnits(); });
+  $('#unit-energy').addEventListener('change', (e) => { prefs.energy = e.target.value; savePrefs(); applyUnits(); });
+  $('#market-deposit').addEventListener('click', () => setTimeout(() => $('#deposit-amount').focus(), 50));
+  for (const id of ['#transfer-to', '#transfer-amount']) {
+    $(id).addEventListener('input', (e) => { e.target.removeAttribute('aria-invalid'); $(`${id}-error`).textContent = ''; });
+  }
   window.addEventListener('hashchange', route);
+  window.addEventListener('resize', renderChartsSoon);
   setInterval(tick, 250);
   setInterval(checkSession, 10000);
+  applyUnits();
+  setRole('consumer');
   try {
     state.me = await api('GET', '/api/session');
     loggedIn();
   } catch (e) {
+    loadSite();
     loggedOut();
   }
 }

@@ -1,0 +1,127 @@
+"""What the browser tests share: opening a wallet as a person would, the accessibility
+audit (axe-core, vendored), the layout checks of a narrow screen, screenshots (to
+test-artifacts/, and to docs/ for the README), and reading amounts the page shows."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+from decimal import Decimal
+from typing import Any
+
+import zmq.asyncio
+from playwright.async_api import Locator, Page, expect
+
+from services.bus import RpcClient, Security
+from services.bus import commands as cmd
+from tests.gateway.realstack import Person, RealStack
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+AXE = pathlib.Path(__file__).resolve().parent / "vendor" / "axe.min.js"
+DOCS = ROOT / "docs"
+WAIT = 60_000  # ms: how long a page may take to show what the grid does (a deadline, not a measurement)
+DESKTOP = {"width": 1280, "height": 1000}
+MOBILE = {"width": 375, "height": 800}
+VIEWS = ("wallet", "market", "history", "figures")
+TIMEZONE = "Europe/Berlin"  # the simulated site's (the sim's default site is Berlin)
+
+
+async def open_wallet(browser: Any, url: str, who: Person, viewport: dict[str, int] = DESKTOP) -> tuple[Any, Page]:
+    """A new browser context (its own cookies) logged in as ``who``; ``page.errors`` collects
+    uncaught script errors. CSP is bypassed only so that the audit script can be injected."""
+    ctx = await browser.new_context(viewport=viewport, timezone_id=TIMEZONE, bypass_csp=True,
+                                    is_mobile=viewport["width"] < 500, has_touch=viewport["width"] < 500)
+    page = await ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors  # type: ignore[attr-defined]
+    await page.goto(url + "/")
+    await expect(page.locator("#view-login")).to_be_visible(timeout=WAIT)
+    await expect(page.locator(f'#account option[value="{who.address}"]')).to_have_count(1, timeout=WAIT)
+    await page.select_option("#account", who.address)
+    await page.fill("#passphrase", who.passphrase)
+    await page.click("#login-btn")
+    await expect(page.locator("#view-wallet")).to_be_visible(timeout=WAIT)
+    await expect(page.locator("#live")).to_have_text("live", timeout=WAIT)
+    return ctx, page
+
+
+async def go(page: Page, view: str) -> None:
+    await page.click(f"#nav-{view}")
+    await expect(page.locator(f"#view-{view}")).to_be_visible(timeout=WAIT)
+    await expect(page.locator(f"#nav-{view}")).to_have_attribute("aria-current", "page")
+
+
+async def audit(page: Page, where: str) -> None:
+    """No serious or critical accessibility violation (axe-core's WCAG 2.x A/AA rules)."""
+    if not await page.evaluate("typeof window.axe !== 'undefined'"):
+        await page.add_script_tag(path=str(AXE))
+    result = await page.evaluate(
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', "
+        "'best-practice']}, resultTypes: ['violations']})")
+    bad = [f"{v['impact']} {v['id']}: {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+           for v in result["violations"] if v["impact"] in ("serious", "critical")]
+    assert not bad, f"accessibility violations on {where}:\n" + "\n".join(bad)
+
+
+async def fits(page: Page, where: str) -> None:
+    """Nothing scrolls sideways and the header's Log out stays on screen."""
+    width = await page.evaluate("window.innerWidth")
+    scroll = await page.evaluate("document.documentElement.scrollWidth")
+    assert scroll <= width, f"{where}: the page scrolls sideways ({scroll} px wide in a {width} px window)"
+    box = await page.locator("#logout").bounding_box()
+    header = await page.locator("header.top").bounding_box()
+    assert box and header and 0 <= box["x"] and box["x"] + box["width"] <= width, (where, box)
+    assert header["y"] <= box["y"] and box["y"] + box["height"] <= header["y"] + header["height"], (where, box, header)
+
+
+async def shot(page: Page, artifacts: pathlib.Path, name: str, docs: str | None = None) -> pathlib.Path:
+    """A full-page screenshot to test-artifacts/; with ``docs``, also docs/<docs>.png when that
+    file is missing or GRIDTRADE_DOCS_SCREENSHOT=1 (the README shows them)."""
+    path = artifacts / f"browser-{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    if docs is not None:
+        # the README's picture without the notices of the test's earlier steps
+        await page.evaluate("document.querySelectorAll('#toasts .toast').forEach((t) => t.remove())")
+        await page.screenshot(path=str(path), full_page=True)
+        target = DOCS / f"{docs}.png"
+        if os.environ.get("GRIDTRADE_DOCS_SCREENSHOT") == "1" or not target.exists():
+            DOCS.mkdir(exist_ok=True)
+            shutil.copyfile(path, target)
+    return path
+
+
+async def wei(loc: Locator) -> int:
+    """The exact amount behind a rounded one (its data-wei)."""
+    return int(await loc.get_attribute("data-wei") or "-1")
+
+
+async def number(grid: RealStack, loc: Locator, what: str, ok: Any, timeout: float = 60) -> Decimal:
+    """Wait until the element shows a number for which ``ok(n)`` holds; return it."""
+    async def check() -> Decimal | None:
+        text = (await loc.text_content() or "").strip()
+        n = Decimal(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else None
+        return n if n is not None and ok(n) else None
+    return Decimal(await grid.until(what, check, timeout=timeout))
+
+
+async def toast(page: Page, text: str | re.Pattern[str]) -> Locator:
+    """The toast that says ``text`` (toasts stack; the newest is last)."""
+    loc = page.locator("#toasts .toast", has_text=text).last
+    await expect(loc).to_be_visible(timeout=WAIT)
+    return loc
+
+
+async def set_mining_as_market(grid: RealStack, action: str) -> None:
+    """Mining is started and stopped by the market's site only (with the market's key)."""
+    env = grid.bus_env()
+    ctx = zmq.asyncio.Context()
+    client = RpcClient(ctx, Security(pathlib.Path(env["GRIDTRADE_KEYS_DIR"]), "market"), env["GRIDTRADE_CHAIN_RPC"],
+                       server_site="market")
+    try:
+        await client.request(cmd.SetMining(action=action), timeout=30)  # type: ignore[arg-type]
+    finally:
+        await client.close()
+        ctx.destroy(linger=0)
