@@ -27,24 +27,9 @@ from .pages import ROOT, MOBILE, WAIT, audit, fits, go, number, open_wallet, sho
 pytestmark = pytest.mark.browser
 
 
-def _grid_trades() -> bool:
-    """The pieces a trade needs, by what their sources call (see the module's docstring)."""
-    meter = (ROOT / "services" / "meter" / "service.py").read_text()
-    gateway = (ROOT / "services" / "gateway" / "app.py").read_text()
-    return "sign_production" in meter and "sign_delivery" in meter and "SignOffer" in gateway \
-        and "SignBid" in gateway
-
-
-needs_trading_grid = pytest.mark.xfail(
-    not _grid_trades(), run=False, strict=False,
-    reason="the grid trades end to end only with the v2 meters (signed production and deliveries, "
-           "services/meter) and the gateway's v2 Sell and Buy (wallet-signed offers and bids, escrow reserved "
-           "on-chain, services/gateway/app.py)")
-
 PRICE = 10**15  # 0.001 Ether/kWh
 
 
-@needs_trading_grid
 @pytest.mark.timeout(600)
 async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_grid: RealStack,
                                                             artifacts_dir: pathlib.Path) -> None:

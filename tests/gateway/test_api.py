@@ -192,7 +192,8 @@ async def test_one_user_cannot_act_for_another(stack: Stack) -> None:
         # 1.5 kWh at 1 Ether/kWh: more than the third account's free escrow can reserve; nothing is signed
         async with third.post(buy_base + f"/api/offers/{oid}/bids", json={"price_wei_per_kwh": str(10**18)}) as r:
             err = await error_of(r)
-            assert r.status == 409 and err["code"] == "insufficient_escrow" and "deposit" in err["message"]
+            assert r.status == 409 and err["code"] == "insufficient_escrow" and "Deposit 0.5 Ether" in err["message"]
+            assert err.get("fix", {}).get("action") == "deposit", err
         async with buyer.post(buy_base + f"/api/offers/{oid}/bids", json={"price_wei_per_kwh": "2000"}) as r:
             assert r.status == 201, await r.text()
         # the bid's escrow is reserved (1.5 kWh at 2000 wei/kWh) until the bid expires, past the auction's end
