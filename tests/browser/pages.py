@@ -99,10 +99,12 @@ async def wei(loc: Locator) -> int:
 
 
 async def number(grid: RealStack, loc: Locator, what: str, ok: Any, timeout: float = 60) -> Decimal:
-    """Wait until the element shows a number for which ``ok(n)`` holds; return it."""
+    """Wait until the element shows a number (followed by its unit, if any) for which
+    ``ok(n)`` holds; return it."""
     async def check() -> Decimal | None:
         text = (await loc.text_content() or "").strip()
-        n = Decimal(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else None
+        m = re.fullmatch(r"(-?\d+(?:\.\d+)?)(?: [A-Za-z/]+)?", text)
+        n = Decimal(m.group(1)) if m else None
         return n if n is not None and ok(n) else None
     return Decimal(await grid.until(what, check, timeout=timeout))
 
