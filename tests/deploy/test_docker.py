@@ -279,7 +279,8 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
     project = Project(engine, f"{PROJECT_PREFIX}{secrets.token_hex(3)}", tmp_path, profiles=PROFILES, env={
         "GRIDTRADE_IMAGE": IMAGE, "GRIDTRADE_ANVIL_IMAGE": ANVIL_IMAGE, "GRIDTRADE_KEYS_SOURCE": str(keys),
         "GRIDTRADE_TIME_SCALE": "1440"})
-    project.prepare(Ports(free_port_block(64), 64), METER_ENV)
+    ports = Ports(free_port_block(64), 64)
+    project.prepare(ports, METER_ENV)
     cfg = project.config["services"]
     urls = {}
     for name in LONG_RUNNING:
@@ -309,6 +310,8 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
                                                       account("wallet-consumer", "home-7 consumer", "home-7"))
         # each site's meter key is registered for its account: the producer's mints, the consumer's deliveries
         up_env = {"GRIDTRADE_PRODUCER_ACCOUNT": producer, "GRIDTRADE_CONSUMER_ACCOUNT": consumer}
+        project.env.update(up_env)  # interpolated into the compose file: resolve it again
+        project.prepare(ports, METER_ENV)
 
         # 2. up, until every service is healthy and the operator has deployed the contracts
         grid = ComposeGrid(data=tmp_path, options=None, procs=[], runner=None,  # type: ignore[arg-type]

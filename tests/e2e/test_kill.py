@@ -70,11 +70,12 @@ def _nothing_twice(grid: Grid, trade_id: str, delivered: int) -> None:
     # the trade's states, each once and in order
     states = [s.state for s in w.of(E.TradeStatus, trade_id=trade_id)]
     assert states == ["agreed", "recorded", "delivering", "closed", "settled"], states
-    # each kWh announced once and minted once (on the bus and on-chain)
-    produced = collections.Counter(e.reading_id for e in w.of(E.EnergyProduced))
+    # each signed production counter announced once and minted once (on the bus and on-chain)
+    produced = collections.Counter(e.produced_wh for e in w.of(E.EnergyProduced))
     assert all(n == 1 for n in produced.values()), [r for r, n in produced.items() if n > 1]
-    minted = collections.Counter(e.reading_id for e in w.of(E.Minted))
+    minted = collections.Counter(e.produced_wh for e in w.of(E.Minted))
     assert all(n == 1 for n in minted.values()), [r for r, n in minted.items() if n > 1]
+    assert sum(e.wh for e in w.of(E.Minted)) == max(minted), "minted more than the meter signed"
     # settlements only go up, and end at what was delivered
     paid = [s.delivered_wh for s in w.of(E.Settled, trade_id=trade_id)]
     assert paid == sorted(paid) and paid[-1] == delivered, paid

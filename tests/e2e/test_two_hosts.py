@@ -367,7 +367,8 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     meter = {"GRIDTRADE_TRADE_TIMEOUT_S": "2", **SIM}
     hosts.service("meter-prd", "prd", "services.meter", 9100,
                   {**meter, "GRIDTRADE_ROLE": "producer", "GRIDTRADE_ACCOUNT": prod_addr})
-    hosts.service("meter-con", "con", "services.meter", 9100, {**meter, **CONSUMER, "GRIDTRADE_ROLE": "consumer"})
+    hosts.service("meter-con", "con", "services.meter", 9100,  # its key signs the deliveries that pay
+                  {**meter, **CONSUMER, "GRIDTRADE_ROLE": "consumer", "GRIDTRADE_ACCOUNT": cons_addr})
     own_wallet = {"GRIDTRADE_WALLET_RPC": "tcp://127.0.0.1:5562"}
     hosts.service("gateway-prd", "prd", "services.gateway", 8080, own_wallet)
     hosts.service("gateway-con", "con", "services.gateway", 8080, own_wallet)
