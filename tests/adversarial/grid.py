@@ -212,7 +212,13 @@ class AdvGrid:
             d = deltas()
             return all(d[name][k] >= n for name, kv in want.items() for k, n in kv.items())
 
-        self.stack.wait(f"the counts {want}", reached, timeout=timeout)
+        end = time.monotonic() + timeout
+        while not reached():
+            if time.monotonic() > end:
+                d = deltas()
+                got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
+                self.stack.fail(f"waited {timeout:.0f} s for the counts {want}; they grew by {got}")
+            time.sleep(0.2)
         time.sleep(1.0)
         d = deltas()
         got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
