@@ -15,8 +15,9 @@ transaction itself, around its site's wallet (a hostile site holds its own accou
 does so with :meth:`AdvGrid.send`.
 
 :meth:`AdvGrid.hostile` runs ``python -m tests.adversarial.hostile`` (a real process with
-one site's key) and returns the JSON it printed; the honest sites' own requests go
-through the same script with their own keys, as their gateways would send them.
+one site's key: probe's, or that of a trade's party turned hostile) and returns the JSON
+it printed; the honest sites' own requests go through the same script with their own
+keys, as their gateways would send them.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from services import launcher
 from services.bus import ensure_keys
 from services.chain import contracts
 from services.chain.keystore import Keystore
-from services.meter import keys as meter_keys
 from tests.gateway.realstack import RealStack
 from tests.signing import Domains
 
@@ -268,11 +268,13 @@ class AdvGrid:
         return Keystore(launcher.keystore_of(self.stack.data.resolve(), site)).decrypt(address, passphrase)
 
     def meter_key(self, site: str, meter: str = "main") -> bytes:
-        """A site's meter key, from the meter's own key folder and passphrase at that site."""
+        """A site's meter key, from the meter's own key folder and passphrase file at that site
+        (what that site holds)."""
         p = next(p for p in self.stack.procs if module_of(p) == "services.meter" and p.env["GRIDTRADE_SITE"] == site
                  and p.argv[3:4] != ["emulate"])
         data = pathlib.Path(p.env["GRIDTRADE_DATA_DIR"])
-        return meter_keys.load_or_create(data / "meter-keys" / meter, meter, meter_keys.passphrase(None, data)).key
+        (kf,) = Keystore(data / "meter-keys" / meter).list()
+        return Keystore(kf.path.parent).decrypt(kf.address, (data / "meter-passphrase").read_text().splitlines()[0])
 
     def domains(self) -> Domains:
         v = self.chain_view()

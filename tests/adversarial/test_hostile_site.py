@@ -602,7 +602,7 @@ def test_a_site_cannot_act_for_another_sites_account(world: World) -> None:
     assert [r["code"] for r in replies] == ["unsupported"] * len(signing), replies
 
     # at the auction: offers and bids carry the party's own signature, and the party must be the calling site's
-    probe_key = Keystore(launcher.keystore_of(g.stack.data.resolve(), PROBE)).decrypt(world.probe, PROBE_PASS)
+    probe_key = g.account_key(PROBE, world.probe, PROBE_PASS)
     forged_offer = typed.Offer(offer_id=typed.new_id(), seller=p, wh=10, min_price_wei_per_kwh=1, expiry=later,
                                duration_s=60)
     forged_bid = typed.Bid(bid_id=typed.new_id(), offer_id=spare["signed"]["offer"]["offer_id"], buyer=c,
