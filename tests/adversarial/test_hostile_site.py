@@ -484,6 +484,7 @@ def db_name(p: Any) -> str:
 def test_a_heartbeat_offset_jump_and_a_stalled_replay_lose_and_hold_up_nothing(world: World) -> None:
     g, auction = world.g, world.g.auction
     before = g.counts()
+    at_rest = escrow_at_rest(world)
     market_topics = {f"{t}.{MARKET}": 10**9 for t in ("trade.status", "trade.heartbeat", "trade.agreed",
                                                        "market.offer_opened", "chain.settled", "chain.tx")}
     own_topics = {f"{t}.{PROBE}": 10**9 for t in ("meter.delivery", "trade.status", "meter.energy_produced",
@@ -552,6 +553,7 @@ def test_a_heartbeat_offset_jump_and_a_stalled_replay_lose_and_hold_up_nothing(w
         assert deltas[name]["replay_timeout"] >= 1, (name, deltas[name])
     assert out["stall"]["replay_asked"] >= 1
     assert out["stall"]["replay_asked"] <= 6 * len(stalled), out["stall"]
+    assert escrow_at_rest(world) == at_rest
 
 
 # --- requests for another site's account ---------------------------------------------------
@@ -740,6 +742,7 @@ def test_unlock_guessing_is_throttled_before_scrypt(world: World) -> None:
     see above)."""
     g, wallet = world.g, world.g.wallets[PROBE]
     before = g.counts()
+    at_rest = escrow_at_rest(world)
     limit = 5  # GRIDTRADE_UNLOCK_MAX_FAILURES (the default)
     guesses = [req("chain.unlock", address=world.probe, passphrase=f"guess {i}") for i in range(limit + 4)]
     replies = g.requests(PROBE, f"wallet:{PROBE}", *guesses,
@@ -755,6 +758,7 @@ def test_unlock_guessing_is_throttled_before_scrypt(world: World) -> None:
     # another site's logins are not held up by probe's guessing
     ok(g.requests(SOLAR, f"wallet:{SOLAR}", req("chain.unlock", address=world.producer,
                                                  passphrase=g.producer.passphrase)))
+    assert escrow_at_rest(world) == at_rest
 
 
 # --- account claims and wallet transactions -------------------------------------------------
@@ -763,6 +767,7 @@ def test_unlock_guessing_is_throttled_before_scrypt(world: World) -> None:
 def test_a_site_cannot_claim_another_sites_account_or_forge_its_wallet_txs(world: World) -> None:
     g, chain = world.g, world.g.chain
     before = g.counts()
+    at_rest = escrow_at_rest(world)
     data = g.stack.data.resolve()
     home_claim = next(kf.claim for kf in Keystore(data / HOME / "keystore").list() if kf.address == world.consumer)
     probe_claim = next(kf.claim for kf in Keystore(data / PROBE / "keystore").list() if kf.address == world.probe)
@@ -805,6 +810,7 @@ def test_a_site_cannot_claim_another_sites_account_or_forge_its_wallet_txs(world
     # the consumer's gateway showed no forged transaction (it refused nothing: nothing reached it)
     gw = next(p for p in g.subscribers() if store_of(p) == "gateway")
     assert not any(k.startswith("policy:wallet.") for k in g.health(gw)["dropped"])
+    assert escrow_at_rest(world) == at_rest
 
 
 def balances(w: World, address: str) -> dict[str, Any]:
