@@ -9,9 +9,15 @@ account in its own keystore (``data/probe/keystore``), served by a wallet of its
 could run it). Endpoints, health URLs and data folders are all read from the plan,
 services found by their module (and a chain service's role).
 
+The chain is read straight from the node (:meth:`AdvGrid.chain_view`: the operator's
+deployment, found from the market address it reports), and a party that sends a
+transaction itself, around its site's wallet (a hostile site holds its own account keys),
+does so with :meth:`AdvGrid.send`.
+
 :meth:`AdvGrid.hostile` runs ``python -m tests.adversarial.hostile`` (a real process with
-one site's key) and returns the JSON it printed; the honest sites' own requests go
-through the same script with their own keys, as their gateways would send them.
+one site's key: probe's, or that of a trade's party turned hostile) and returns the JSON
+it printed; the honest sites' own requests go through the same script with their own
+keys, as their gateways would send them.
 """
 
 from __future__ import annotations
@@ -25,12 +31,19 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
+
+from eth_account import Account
+from web3 import Web3
+from web3.exceptions import ContractLogicError
 
 from services import launcher
 from services.bus import ensure_keys
+from services.chain import contracts
 from services.chain.keystore import Keystore
 from tests.gateway.realstack import RealStack
+from tests.signing import Domains
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROBE = "probe"
@@ -76,6 +89,14 @@ def grid_processes(root: pathlib.Path) -> list[str]:
             or p.name == "anvil" or module_of(p) == "services.gateway" and p.env["GRIDTRADE_SITE"] == launcher.CONSUMER]
 
 
+@dataclass(frozen=True)
+class ChainView:
+    w3: Web3
+    token: Any
+    market: Any
+    registry: Any
+
+
 class AdvGrid:
     """A started RealStack plus what the tests read from it."""
 
@@ -84,6 +105,7 @@ class AdvGrid:
                  only: Iterable[str] | None = None, probe_scrypt_n: int = 2**10, probe_wallet: bool = True) -> None:
         self.root, self.insecure = root, insecure
         self.wallets: dict[str, launcher.Proc] = {}  # site -> its wallet (once started)
+        self._view: ChainView | None = None
         data = root / "data"
         ensure_keys(data.resolve() / "keys", PROBE)  # on the allow-list before any process reads it
         # probe's own account, in its own keystore, made before the services start (a costlier
@@ -151,10 +173,13 @@ class AdvGrid:
     # --- counts ----------------------------------------------------------------------
 
     def counts(self) -> dict[str, Counter[str]]:
-        """Every count of refused input: the hub's drops by cause/site, each subscriber's
-        drops by cause, each wallet's refusals (``refused:<site>``, ``unlocks_throttled``), the
-        operator's (``mints_refused:<site>``, ``claims_refused:<cause>``), the meters'
-        (``deliveries_refused:<site>``)."""
+        """Every count of refused input, by process: the hub's drops by cause/site; each
+        subscriber's drops by cause (``policy:<type>``, ``duplicate``, ...); each wallet's
+        refusals (``refused:<site>``, ``unlocks_throttled``); the operator's
+        (``production_refused:<site>``, ``meter_keys_refused:<site>``,
+        ``deliveries_refused:<site>``, ``claims_refused:<cause>``, and its meter-key jobs by
+        state, ``meters:<state>``); the meters' (``deliveries_refused:<site>``,
+        ``deliveries_refused_why:<why>``, ``meter_keys_refused:<site>``)."""
         out: dict[str, Counter[str]] = {self.hub.name: Counter(self.health(self.hub)["hub_dropped"])}
         for p in self.subscribers():
             h = self.health(p)
@@ -163,12 +188,13 @@ class AdvGrid:
                 c[f"refused:{site}"] = n
             if "unlocks_throttled" in h:
                 c["unlocks_throttled"] = h["unlocks_throttled"]
-            for site, n in h.get("mints_refused", {}).items():
-                c[f"mints_refused:{site}"] = n
-            for cause, n in h.get("claims_refused", {}).items():
-                c[f"claims_refused:{cause}"] = n
-            for site, n in h.get("deliveries_refused", {}).items():
-                c[f"deliveries_refused:{site}"] = n
+            for field in ("production_refused", "meter_keys_refused", "deliveries_refused", "deliveries_refused_why",
+                          "claims_refused"):
+                for k, n in h.get(field, {}).items():
+                    c[f"{field}:{k}"] = n
+            if store_of(p) == "chain":  # the operator: its meter-key jobs by state
+                for state, n in h.get("meters", {}).items():
+                    c[f"meters:{state}"] = n
             out[p.name] = c
         return out
 
@@ -186,12 +212,73 @@ class AdvGrid:
             d = deltas()
             return all(d[name][k] >= n for name, kv in want.items() for k, n in kv.items())
 
-        self.stack.wait(f"the counts {want}", reached, timeout=timeout)
+        end = time.monotonic() + timeout
+        while not reached():
+            if time.monotonic() > end:
+                d = deltas()
+                got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
+                self.stack.fail(f"waited {timeout:.0f} s for the counts {want}; they grew by {got}")
+            time.sleep(0.2)
         time.sleep(1.0)
         d = deltas()
         got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
         assert got == want, f"counts grew by {got}, expected {want}; all deltas: {d}"
         return d
+
+    # --- the chain, read and written as any party can ----------------------------------
+
+    def chain_view(self) -> ChainView:
+        """The node and the operator's contracts (token, market and registry, from the market
+        address the operator reports)."""
+        if self._view is None:
+            rpc = next(p.extra["rpc"] for p in self.stack.procs if p.name == "anvil")
+            w3 = Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": 30}))
+            market = w3.eth.contract(address=Web3.to_checksum_address(self.health(self.chain)["market"]),
+                                     abi=contracts.load_artifact(contracts.MARKET)["abi"])
+            token = w3.eth.contract(address=market.functions.token().call(),
+                                    abi=contracts.load_artifact(contracts.TOKEN)["abi"])
+            registry = w3.eth.contract(address=market.functions.registry().call(),
+                                       abi=contracts.load_artifact(contracts.REGISTRY)["abi"])
+            self._view = ChainView(w3, token, market, registry)
+        return self._view
+
+    def send(self, key: bytes, call: Any, gas: int = 300_000) -> Any:
+        """``call`` (a contract function call) as a transaction signed with ``key``, with a
+        fixed gas limit so that one the contract refuses is mined and fails (status 0)
+        rather than being refused by gas estimation; returns its receipt."""
+        w3 = self.chain_view().w3
+        sender = Account.from_key(key)
+        tx = call.build_transaction({"from": sender.address, "gas": gas, "chainId": w3.eth.chain_id,
+                                     "nonce": w3.eth.get_transaction_count(sender.address, "pending")})
+        h = w3.eth.send_raw_transaction(sender.sign_transaction(tx).raw_transaction)
+        return w3.eth.wait_for_transaction_receipt(h, timeout=60)
+
+    @staticmethod
+    def refusal(call: Any, sender: str) -> str:
+        """Why the contract refuses ``call`` from ``sender`` now (its revert reason); fails
+        if it would not."""
+        try:
+            call.call({"from": sender})
+        except ContractLogicError as e:
+            return contracts.revert_reason(e) or ""
+        raise AssertionError(f"the contract took {call.fn_name} from {sender}")
+
+    def account_key(self, site: str, address: str, passphrase: str) -> bytes:
+        """A site's account key, from that site's own keystore (what the site itself holds)."""
+        return Keystore(launcher.keystore_of(self.stack.data.resolve(), site)).decrypt(address, passphrase)
+
+    def meter_key(self, site: str, meter: str = "main") -> bytes:
+        """A site's meter key, from the meter's own key folder and passphrase file at that site
+        (what that site holds)."""
+        p = next(p for p in self.stack.procs if module_of(p) == "services.meter" and p.env["GRIDTRADE_SITE"] == site
+                 and p.argv[3:4] != ["emulate"])
+        data = pathlib.Path(p.env["GRIDTRADE_DATA_DIR"])
+        (kf,) = Keystore(data / "meter-keys" / meter).list()
+        return Keystore(kf.path.parent).decrypt(kf.address, (data / "meter-passphrase").read_text().splitlines()[0])
+
+    def domains(self) -> Domains:
+        v = self.chain_view()
+        return Domains(int(v.w3.eth.chain_id), v.token.address, v.market.address, v.registry.address)
 
     # --- the hostile (and the honest sites' requests) ---------------------------------
 
@@ -207,6 +294,15 @@ class AdvGrid:
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(ROOT), "GRIDTRADE_LOG_LEVEL": "WARNING"}
+
+    def continue_seqs(self, site: str, seqs: dict[tuple[str, str], int]) -> None:
+        """The hostile of ``site`` goes on after these seqs of (source, topic): e.g. after
+        what a real publisher of that site has published, so that its next event is the
+        one every subscriber applies next."""
+        path = self.root / f"seqs-{site}.json"
+        state = json.loads(path.read_text()) if path.exists() else {}
+        state.update({f"{source}|{topic}": n for (source, topic), n in seqs.items()})
+        path.write_text(json.dumps(state))
 
     def hostile(self, attack: str, spec: dict[str, Any], site: str = PROBE, timeout: float = 120) -> dict[str, Any]:
         r = subprocess.run(self.argv(attack, spec, site), cwd=ROOT, env=self._env(), capture_output=True,
@@ -245,3 +341,9 @@ def ev(type_: str, source: str, topic_site: str | None = None, **body: Any) -> d
     if topic_site is not None:
         f["topic_site"] = topic_site
     return f
+
+
+def frame(body: Any, source: str, topic_site: str | None = None, **change: Any) -> dict[str, Any]:
+    """An event body (a bus model, e.g. one made and signed by :class:`tests.signing.Meter`)
+    as a frame for the hostile, with ``change`` applied after any signing."""
+    return ev(body.TYPE, source, topic_site, **{**body.model_dump(mode="json"), **change})

@@ -3,7 +3,10 @@ trade; the market pays the seller for what that signature says (capped at the tr
 energy), from the buyer's locked escrow. Anyone may submit; the operator keeps the
 highest signed reading per trade and settles many trades in one ``settleBatch`` after a
 short collection window. A reading whose signer is not the registered meter of the
-trade's buyer is never put in a batch (one bad signature would revert the others)."""
+trade's buyer is never kept: the highest reading held per trade is the highest the buyer's
+meter signed, so no forged one (not even a higher one from the buyer's own site) can take
+its place and keep the meter's real readings from being settled; nor is such a reading
+ever put in a batch (one bad signature would revert the others)."""
 
 from __future__ import annotations
 
@@ -42,8 +45,11 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         body = env.body
         if not isinstance(body, E.Delivery) or body.role != "consumer":
             return False  # the seller's meter only cross-checks; the buyer's meter pays
-        if not body.signature or not body.meter_address:
+        why = self._unbelieved(conn, body)
+        if why:
             self.refused[env.site] = self.refused.get(env.site, 0) + 1
+            log.warning("trade %s: a delivery of %s Wh from site %s is not kept: %s", body.trade_id,
+                        body.delivered_wh, env.site, why)
             return False
         conn.execute(
             "INSERT INTO job_deliveries (trade_id, site, delivered_wh, signature, meter, final, cause) "
@@ -53,6 +59,32 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
             (body.trade_id, body.site, body.delivered_wh, body.signature,
              AsyncWeb3.to_checksum_address(body.meter_address), int(body.final), env.id))
         return True
+
+    def _unbelieved(self, conn: Any, body: E.Delivery) -> str:
+        """Why a buyer's delivery is not kept ("" if it is): it must be the trade's buyer's
+        site's, signed (EIP-712 Delivery, this market) by a meter registered for the trade's
+        buyer. Before the contracts are known a signed one is kept, and checked before it is
+        paid (see :meth:`step`)."""
+        if not body.signature or not body.meter_address:
+            return "unsigned"
+        op = self.op
+        if op.dep is None:
+            return ""
+        trade = conn.execute("SELECT buyer, buyer_site FROM job_trades WHERE trade_id = ?", (body.trade_id,)).fetchone()
+        if trade is None:
+            return "no such trade"
+        buyer, buyer_site = trade
+        if body.site != buyer_site:
+            return f"not the trade's buyer's site ({buyer_site})"
+        signer = typed.recover_delivery(typed.market_domain(op.chain_id, op.dep.market_address), body.trade_id,
+                                        body.delivered_wh, body.signature)
+        if signer is None or signer != AsyncWeb3.to_checksum_address(body.meter_address):
+            return "not signed by the meter it names"
+        row = conn.execute("SELECT account FROM job_meters WHERE registry = ? AND meter = ? AND state = 'done'",
+                           (op.dep.registry_address, signer)).fetchone()
+        if row is None or str(row[0]).lower() != str(buyer).lower():
+            return "not signed by a meter registered for the trade's buyer"
+        return ""
 
     def last_delivery(self, trade_id: str, site: str) -> tuple[int, bool]:
         row = self.conn.execute("SELECT delivered_wh, final FROM job_deliveries WHERE trade_id = ? AND site = ?",
@@ -90,7 +122,10 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         for tid, buyer, _wh, _settled, delivered, sig, meter, cause in due[: op.settings.settle_max_batch]:
             signer = typed.recover_delivery(domain, tid, delivered, sig)
             if signer is None or signer != meter or meters.get(signer, "").lower() != buyer.lower():
-                self._skip[tid] = delivered
+                # (kept before the contracts were known): dropped, so the meter's next reading takes its place
+                async with op.store.atomic() as conn:
+                    conn.execute("DELETE FROM job_deliveries WHERE trade_id = ? AND delivered_wh = ? AND signature = ?",
+                                 (tid, delivered, sig))
                 self.refused["not the buyer's meter"] = self.refused.get("not the buyer's meter", 0) + 1
                 log.warning("trade %s: the delivery of %s Wh is not signed by the buyer's registered meter; "
                             "not settled", tid, delivered)
