@@ -49,6 +49,7 @@ from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.node import ANVIL_DEV_KEY  # noqa: E402
 from services.chain.operator import OperatorService  # noqa: E402
 from services.chain.wallet import WalletService  # noqa: E402
+from tests.signing import Domains, Meter, agreed  # noqa: E402 - signed as the sites sign
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PASS = "bench passphrase"
@@ -113,6 +114,7 @@ async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: i
     settings = ChainSettings(site="market", data_dir=tmp / "chain", **common)  # type: ignore[arg-type]
     ks = Keystore(tmp / "bench" / "keystore", scrypt_n=settings.scrypt_n)  # the bench site's wallet
     seller, buyer = ks.new(PASS, site="bench").address, ks.new(PASS, site="bench").address
+    seller_key, buyer_key = ks.decrypt(seller, PASS), ks.decrypt(buyer, PASS)
     for _ in range(100):
         try:
             w3 = AsyncWeb3(AsyncHTTPProvider(url))
@@ -151,23 +153,24 @@ async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: i
     try:
         for a in (seller, buyer):
             await client.request(C.Unlock(address=a, passphrase=PASS), timeout=30)
-        for i in range(trades):
-            await pub.publish(E.EnergyProduced(reading_id=f"bench/{i}", site="bench", meter="m", account=seller,
-                                               kwh_index=i))
-        await wait_for(lambda: len(of(E.Minted)) >= trades)
+        d = Domains.of(svc)
+        solar, home = Meter("bench", seller), Meter("bench", buyer, name="m2")  # the bench site's two meters
+        for m in (solar, home):
+            await pub.publish(m.announce(d))
+        await pub.publish(solar.production(d, trades * 1000))
+        await wait_for(lambda: sum(m.wh for m in of(E.Minted)) >= trades * 1000)
         await client.request(C.Escrow(account=buyer, action="deposit", amount_wei=trades * PRICE), timeout=30)
         await client.request(C.Approve(account=seller, wh=trades * 1000), timeout=30)
         await wait_for(lambda: not svc.txm.pending() and not wallet.txm.pending())
         for i in range(trades):
-            await auction.publish(E.TradeAgreed(trade_id=f"t{i}", offer_id=f"o{i}", seller=seller, buyer=buyer,
-                                            seller_site="bench", buyer_site="bench", wh=1000, price_wei_per_kwh=PRICE))
+            await auction.publish(agreed(d, f"t{i}", seller_key, buyer_key, 1000, PRICE, seller_site="bench",
+                                         buyer_site="bench"))
         await wait_for(lambda: len(of(E.TradeRecorded)) >= trades)
 
         t0 = time.perf_counter()
         for k in range(1, steps + 1):
             for i in range(trades):
-                await pub.publish(E.Delivery(trade_id=f"t{i}", site="bench", meter="m", role="consumer",
-                                             delivered_wh=1000 * k // steps))
+                await pub.publish(home.delivery(d, f"t{i}", 1000 * k // steps))
             await asyncio.sleep(0.05)  # the meter reports over time, not all at once
         await wait_for(lambda: len(of(E.TradeClosedOnChain)) >= trades)
         elapsed = time.perf_counter() - t0

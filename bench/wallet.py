@@ -43,6 +43,7 @@ from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.operator import OperatorService  # noqa: E402
 from services.chain.wallet import WalletService  # noqa: E402
+from tests.signing import Domains, Meter  # noqa: E402 - signed as the site's meter signs
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from settlement import start_anvil, wait_for  # noqa: E402
@@ -116,11 +117,12 @@ async def run(chain: str, seconds: float, readers: int, mints: int) -> None:
     writer = clients.pop()
     try:
         await writer.request(C.Unlock(address=holder, passphrase=PASS), timeout=60)
-        for i in range(mints):
-            await pub.publish(E.EnergyProduced(reading_id=f"{SITE}/m/{i}", site=SITE, meter="m", account=holder,
-                                               kwh_index=i))
-        await wait_for(lambda: op.store.conn.execute(
-            "SELECT COUNT(*) FROM chain_mints WHERE state = 'done'").fetchone()[0] >= mints, 600)
+        d, meter = Domains.of(op), Meter(SITE, holder)
+        await pub.publish(meter.announce(d))
+        for i in range(1, mints + 1):  # one mint each: the next counter once the last is minted
+            await pub.publish(meter.production(d, i * 1000))
+            await wait_for(lambda i=i: op.store.conn.execute(
+                "SELECT COALESCE(MAX(minted_wh), 0) FROM job_production").fetchone()[0] >= i * 1000, 600)
         await reads(clients, holder, 1.0)  # warm up
         base_n, base_slow = await reads(clients, holder, seconds)
         stop = asyncio.Event()

@@ -487,10 +487,12 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     assert at(tf.balanceOf(market.address)) == 0
     assert w3.eth.get_balance(market.address, block) == DEPOSIT  # escrow left + the seller's credit
     # keys stayed at their hosts: the market host has no keystore file, each site only its own
-    def keystore_files(host: str) -> set[str]:
-        return {str(p) for p in (hosts.data / host).rglob("UTC--*")}
+    def keystore_files(host: str, meter: bool = False) -> set[str]:
+        """The account keystores (or, ``meter``, the meter key files) at a host."""
+        return {str(p) for p in (hosts.data / host).rglob("UTC--*") if ("meter-keys" in p.parts) == meter}
 
-    assert keystore_files("mkt") == set()
+    assert keystore_files("mkt") == set() and keystore_files("mkt", meter=True) == set()
+    assert len(keystore_files("prd", meter=True)) == 1 and len(keystore_files("con", meter=True)) == 1
     assert len(keystore_files("prd")) == 1 and prod_addr[2:].lower() in next(iter(keystore_files("prd")))
     assert len(keystore_files("con")) == 1 and cons_addr[2:].lower() in next(iter(keystore_files("con")))
     for f in (hosts.data / "mkt").rglob("*"):
