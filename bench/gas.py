@@ -1,6 +1,6 @@
 """Gas of whole v2 trades on a real anvil node, against the seed's way, per traded kWh.
 
-    python bench/gas.py [--trades 50] [--kwh 5]
+    python bench/gas.py [--trades 50] [--kwh 5] [--settle-every-kwh 1]
 
 A grid of ``trades`` producers and as many consumers (each party its own account and meter,
 the least favourable case: no storage slot is shared between trades) runs ``trades``
@@ -12,10 +12,11 @@ v2, per round, as the services would drive it:
 - minting: each producer's meter signs its cumulative production counter once per trade's
   worth of energy; the counters are submitted in one mintBatch;
 - open: one transaction per trade, from the seller's signed offer and the buyer's signed bid;
-- settlement: every kWh, each buyer's meter signs its cumulative delivery; the operator submits
-  them in one settleBatch across all trades; the last kWh ends each trade on its own
-  ("delivered in full"). A second variant ends each trade with the buyer's close after 4 kWh,
-  the 5th kWh settled inside the dispute window, then finalize ("closed by the buyer").
+- settlement: every kWh (or every ``--settle-every-kwh``), each buyer's meter signs its
+  cumulative delivery; the operator submits them in one settleBatch across all trades; the
+  last kWh ends each trade on its own ("delivered in full"). A third round ends each trade,
+  one kWh larger than what it delivers, with its buyer's close before the last reading, that
+  reading settled inside the dispute window, then finalize (the unused kWh goes back).
 Meter registration (once per meter, ever) and the sellers' one-time approval are reported
 apart; so are the escrow deposit and credit withdrawal, which the seed had no equivalent of
 (it paid straight from the buyer's account), shown as an extra line once per trade.
@@ -104,8 +105,8 @@ class Tally:
 
 
 class Bench:
-    def __init__(self, w3: AsyncWeb3, n: int, kwh: int) -> None:
-        self.w3, self.n, self.kwh = w3, n, kwh
+    def __init__(self, w3: AsyncWeb3, n: int, kwh: int, every: int = 1) -> None:
+        self.w3, self.n, self.kwh, self.every = w3, n, kwh, every
         self.sellers = [key(f"seller-{i}") for i in range(n)]
         self.buyers = [key(f"buyer-{i}") for i in range(n)]
         self.seller_meters = [key(f"seller-meter-{i}") for i in range(n)]
@@ -219,7 +220,9 @@ class Bench:
             label = "settleBatch, per trade" + (" (ends the trade)" if k * KWH == wh else "")
             t.add("settle", label, await self.gas(mkt.settleBatch(keys, delivered, sigs), self.operator), n)
 
-        for k in range(1, self.kwh + (0 if close_early else 1)):
+        # the operator batches the buyer meters' readings every `every` kWh, and the last one
+        points = sorted({*range(self.every, self.kwh, self.every), self.kwh})
+        for k in points[:-1] if close_early else points:
             await settle_all(k)
         if close_early:
             for gas in await self.gas_many([(mkt.close(k), b.address, 0) for k, b in zip(keys, self.buyers)]):
@@ -254,10 +257,11 @@ class Bench:
         return t
 
 
-def report(n: int, kwh: int, onboarding: Tally, rounds: list[tuple[str, Tally, Tally, Tally]]) -> str:
+def report(n: int, kwh: int, every: int, onboarding: Tally, rounds: list[tuple[str, Tally, Tally, Tally]]) -> str:
     traded = n * kwh
     lines = [f"{n} concurrent trades of {kwh} kWh ({traded} kWh a round), {n} producers and {n} consumers,",
-             "every party its own account and meter; anvil, same run, same node", ""]
+             f"every party its own account and meter; signed deliveries settled every {every} kWh, batched",
+             "across the trades; anvil, same run, same node", ""]
     lines.append("once per meter / account (not in the totals below)")
     for step, gas in onboarding.steps.items():
         per = gas // (2 * n if step == "register meters" else n)
@@ -286,21 +290,21 @@ def report(n: int, kwh: int, onboarding: Tally, rounds: list[tuple[str, Tally, T
     return "\n".join(lines)
 
 
-async def run(url: str, n: int, kwh: int) -> str:
+async def run(url: str, n: int, kwh: int, every: int = 1) -> str:
     w3 = AsyncWeb3(AsyncHTTPProvider(url))
     try:
-        b = Bench(w3, n, kwh)
+        b = Bench(w3, n, kwh, every)
         await b.setup()
         onboarding = await b.onboarding()
         rounds = []
         for name, close_early in (("round 1, fresh accounts and meters, delivered in full", False),
                                   ("round 2, steady state, delivered in full", False),
-                                  (f"round 3, steady state, trades of {kwh + 1} kWh closed by the buyer after "
-                                   f"{kwh - 1} kWh, kWh {kwh} settled in the dispute window, then finalized", True)):
+                                  (f"round 3, steady state, trades of {kwh + 1} kWh closed by the buyer before the "
+                                   f"reading of kWh {kwh}, settled in the dispute window, then finalized", True)):
             v2, escrow = await b.v2_round(len(rounds), close_early)
             seed = await b.seed_round()
             rounds.append((name, v2, escrow, seed))
-        return report(n, kwh, onboarding, rounds)
+        return report(n, kwh, every, onboarding, rounds)
     finally:
         await c.close_provider(w3)
 
@@ -309,10 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trades", type=int, default=50, help="concurrent trades (default 50)")
     parser.add_argument("--kwh", type=int, default=5, help="kWh per trade (default 5)")
+    parser.add_argument("--settle-every-kwh", type=int, default=1, dest="every",
+                        help="kWh between two settlement batches (default 1)")
     args = parser.parse_args(argv)
     proc, url = start_anvil()
     try:
-        print(asyncio.run(run(url, args.trades, args.kwh)))
+        print(asyncio.run(run(url, args.trades, args.kwh, args.every)))
     finally:
         stop_anvil(proc)
 

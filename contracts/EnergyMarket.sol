@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-pragma solidity ^0.8.28;
+pragma solidity ^0.8.28; // 0.8.28: transient state variables (the reentrancy guard)
 
 import {AccessControl} from "./AccessControl.sol";
 import {EIP712} from "./EIP712.sol";
