@@ -232,14 +232,16 @@ def on_chain(w: World) -> dict[str, Any]:
             "deadline": deadline, "closing_at": closing_at}
 
 
-def escrow(g: AdvGrid, address: str) -> dict[str, int]:
-    """An account's balances in the market and the token, read from the chain."""
+def escrow(g: AdvGrid, address: str, block: int | str = "latest") -> dict[str, int]:
+    """An account's balances in the market and the token, read from the chain (at ``block``)."""
     v = g.chain_view()
     m, t = v.market.functions, v.token.functions
-    return {"ether": v.w3.eth.get_balance(address), "free": m.freeEscrow(address).call(),
-            "reserved": m.reservedEscrow(address).call(), "until": m.reservedUntil(address).call(),
-            "locked": m.lockedEscrow(address).call(), "credit": m.credit(address).call(),
-            "tokens": t.balanceOf(address).call()}
+    return {"ether": v.w3.eth.get_balance(address, block), "free": m.freeEscrow(address).call(block_identifier=block),
+            "reserved": m.reservedEscrow(address).call(block_identifier=block),
+            "until": m.reservedUntil(address).call(block_identifier=block),
+            "locked": m.lockedEscrow(address).call(block_identifier=block),
+            "credit": m.credit(address).call(block_identifier=block),
+            "tokens": t.balanceOf(address).call(block_identifier=block)}
 
 
 def escrow_at_rest(w: World) -> dict[str, Any]:
@@ -247,12 +249,14 @@ def escrow_at_rest(w: World) -> dict[str, Any]:
     escrow, the producer's allowance to the market and probe's balances; the consumer's
     locked escrow plus the producer's credit (a settlement moves wei from one to the other)."""
     g = w.g
-    c, p = escrow(g, w.consumer), escrow(g, w.producer)
-    allowance = g.chain_view().token.functions.allowance(w.producer, g.chain_view().market.address).call()
+    v = g.chain_view()
+    block = v.w3.eth.block_number  # one block for all of it: a settlement may be mined between two reads
+    c, p = escrow(g, w.consumer, block), escrow(g, w.producer, block)
+    allowance = v.token.functions.allowance(w.producer, v.market.address).call(block_identifier=block)
     return {"consumer": {k: c[k] for k in ("free", "reserved", "until")},
             "producer": {k: p[k] for k in ("free", "reserved", "until")}, "allowance": allowance,
             "locked_plus_credit": c["locked"] + p["credit"],
-            "probe": {k: v for k, v in escrow(g, w.probe).items() if k != "ether"}}
+            "probe": {k: x for k, x in escrow(g, w.probe, block).items() if k != "ether"}}
 
 
 # --- minting -------------------------------------------------------------------------
