@@ -39,16 +39,20 @@ def check_expiry(expiry: int, min_expiry: float, what: str, grace_s: float) -> N
                                   "opened on-chain); nothing was done")
 
 
+def _signed_by(domain: typed.Domain, signer: str | None, party: str, what: str) -> None:
+    """The recovered ``signer`` of a signed offer or bid must be ``party``."""
+    if signer is None or not _same(signer, party):
+        raise Rejected("bad_signature", f"the {what}'s signature is not {party}'s for this market (chain "
+                                        f"{domain.chain_id}, market {domain.contract}): forged, altered, or signed "
+                                        "for another chain or market; nothing was done")
+
+
 def check_offer(domain: typed.Domain, offer: typed.Offer, signature: str, *, seller: str, wh: int,
                 min_price_wei_per_kwh: int, min_expiry: float, grace_s: float) -> None:
     """An offer signed by ``seller`` that says what the request says."""
     if not _same(offer.seller, seller):
         raise Rejected("invalid", f"the signed offer is {offer.seller}'s, the request is {seller}'s; nothing was done")
-    signer = typed.recover_offer(domain, offer, signature)
-    if signer is None or not _same(signer, seller):
-        raise Rejected("bad_signature", f"the offer's signature is not {seller}'s for this market (chain "
-                                        f"{domain.chain_id}, market {domain.contract}): forged, altered, or signed "
-                                        "for another chain or market; nothing was done")
+    _signed_by(domain, typed.recover_offer(domain, offer, signature), seller, "offer")
     if offer.wh != wh:
         raise Rejected("invalid", f"the signed offer is for {offer.wh} Wh, the request for {wh} Wh; nothing was done")
     if offer.min_price_wei_per_kwh != min_price_wei_per_kwh:
@@ -65,11 +69,7 @@ def check_bid(domain: typed.Domain, bid: typed.Bid, signature: str, *, buyer: st
     for any offer) that says what the request says."""
     if not _same(bid.buyer, buyer):
         raise Rejected("invalid", f"the signed bid is {bid.buyer}'s, the request is {buyer}'s; nothing was done")
-    signer = typed.recover_bid(domain, bid, signature)
-    if signer is None or not _same(signer, buyer):
-        raise Rejected("bad_signature", f"the bid's signature is not {buyer}'s for this market (chain "
-                                        f"{domain.chain_id}, market {domain.contract}): forged, altered, or signed "
-                                        "for another chain or market; nothing was done")
+    _signed_by(domain, typed.recover_bid(domain, bid, signature), buyer, "bid")
     if not _same(bid.offer_id, offer_id):
         what = "a buy order must name no offer (the zero id)" if offer_id == typed.ZERO_ID else \
             f"it must name offer {offer_id}"

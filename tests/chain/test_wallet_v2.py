@@ -15,17 +15,14 @@ from typing import Any
 
 import pytest
 import zmq.asyncio
-from eth_account import Account
 
 from services.bus import Security
 from services.bus import commands as C
 from services.bus import typed
 from services.bus.errors import RequestError
 from services.bus.transport import RpcClient
-from services.chain import contracts
-from services.chain import node as node_mod
 from services.chain.wallet import WalletService, reserve_plan
-from tests.conftest import ROOT, Sources
+from tests.conftest import Sources
 from tests.signing import CHAIN_ID, DOMAIN, MARKET, deployment, later
 
 from .conftest import PASS, Bus, chain_settings, claimed, site_keystore, start_stack, wait_until

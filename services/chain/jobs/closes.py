@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from services.bus import events as E
 from services.bus import typed
@@ -51,10 +51,14 @@ class Closes(Job):
         await self._finalizes()
 
     async def _past_deadline(self) -> None:
-        """Trades whose on-chain deadline passed are closed like any other."""
+        """Trades whose on-chain deadline passed are closed like any other (a write only when
+        there is one: this runs every round)."""
+        due = "close_state = 'none' AND open_state = 'done' AND deadline > 0 AND deadline <= ?"
+        now = int(time.time())
+        if self.conn.execute(f"SELECT 1 FROM job_trades WHERE {due} LIMIT 1", (now,)).fetchone() is None:
+            return
         async with self.op.store.atomic() as conn:
-            conn.execute("UPDATE job_trades SET close_state = 'queued' WHERE close_state = 'none' AND open_state = 'done' "
-                         "AND deadline > 0 AND deadline <= ?", (int(time.time()),))
+            conn.execute(f"UPDATE job_trades SET close_state = 'queued' WHERE {due}", (now,))
 
     async def _closes(self) -> None:
         op = self.op

@@ -6,7 +6,6 @@ trades table here is also what the settlement and close jobs follow."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, ClassVar
 
