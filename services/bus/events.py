@@ -459,6 +459,9 @@ class Deployment(Message):
     registry: Address
     dispute_window_s: int = Field(default=0, ge=0)
     deploy_block: int = Field(ge=0)
+    deploy_block_hash: str = Field(default="", max_length=80,
+                                   description="hash of the deploy block: tells this deployment from one at the same "
+                                               "addresses on a fresh dev chain with the same genesis")
     deployment: str = Field(min_length=1, max_length=64, description="one id per deployment (a redeploy: a new one)")
 
 

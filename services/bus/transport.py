@@ -279,6 +279,7 @@ class Subscriber:
         self._want: dict[str, dict[str, int]] = {}  # source -> topic -> replay through this seq
         self._replays: dict[str, asyncio.Task[None]] = {}  # source -> its running replay
         self._backoff: dict[str, tuple[float, float]] = {}  # source -> (no replay before, last delay)
+        self._failed_at: dict[str, str] = {}  # source -> the replay endpoint its backoff was earned at
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.since = time.time() if start == "latest" else 0.0
@@ -348,6 +349,12 @@ class Subscriber:
             return
         if not self._admit(env.source):
             return
+        failed_at = self._failed_at.get(env.source)
+        if failed_at is not None and failed_at != hb.replay:
+            # the source restarted at a new endpoint: the old one's backoff says nothing of it
+            # (one replay at a time per source still bounds what a source can make us try)
+            self._backoff.pop(env.source, None)
+            self._failed_at.pop(env.source, None)
         self.replay_at[env.source] = hb.replay
         own = f".{env.site}"
         for topic, last in hb.last.items():
@@ -417,6 +424,7 @@ class Subscriber:
             self._replays.pop(source, None)
         if outcome == "done":
             self._backoff.pop(source, None)
+            self._failed_at.pop(source, None)
         elif outcome != "failed":  # the handler failed: retried on the next heartbeat, as ever
             delay = min(max(self._backoff.get(source, (0.0, 0.0))[1] * 2, self.replay_timeout_s),
                         self.REPLAY_BACKOFF_MAX_S)
@@ -424,6 +432,7 @@ class Subscriber:
                 log.warning("%s: replay from %s (%s) %s; retrying with backoff (now %.0f s)", self.name, source,
                             endpoint[:100], outcome.replace("_", " "), delay)
             self._backoff[source] = (time.monotonic() + delay, delay)
+            self._failed_at[source] = endpoint
             if outcome == "timed_out" and self.replay_at.get(source) == endpoint:
                 del self.replay_at[source]  # no more tries until the source beats again
 

@@ -124,7 +124,8 @@ class OperatorService(ChainBase):
                 if not await node.has_code(a):
                     raise ChainError(f"no contract code at the configured address {a}")
         elif not (stored_ident == ident and token and market and registry and await node.has_code(token)
-                  and await node.has_code(market) and await node.has_code(registry)):
+                  and await node.has_code(market) and await node.has_code(registry)
+                  and await self._deploy_block_is_ours(node)):
             if stored_ident is not None:
                 log.warning("fresh chain (stored %s, now %s, or no code at the stored addresses): "
                             "not trusting stored addresses, redeploying", stored_ident[:24], ident[:24])
@@ -138,6 +139,13 @@ class OperatorService(ChainBase):
             ledger.set_meta(c, "market", market)
             ledger.set_meta(c, "registry", registry)
         return token, market, registry, deployment
+
+    async def _deploy_block_is_ours(self, node: Node) -> bool:
+        """Whether the stored deploy block is on this chain: a fresh dev chain may have the
+        same genesis and, from the same deployer, contracts at the same addresses."""
+        conn = self.store.conn
+        stored = ledger.get_meta(conn, "deploy_block_hash")
+        return not stored or await node.block_hash(int(ledger.get_meta(conn, "deploy_block") or 0)) == stored
 
     async def attached(self) -> None:
         """Announce the deployment (once per deployment: a wallet or meter that starts later
@@ -156,7 +164,9 @@ class OperatorService(ChainBase):
                 await self.publish(E.Deployment(chain_id=chain_id, genesis=genesis, token=self.dep.token_address,
                                                 market=self.dep.market_address, registry=self.dep.registry_address,
                                                 dispute_window_s=self.dispute_window_s,
-                                                deploy_block=self.deploy_block, deployment=deployment))
+                                                deploy_block=self.deploy_block, deployment=deployment,
+                                                deploy_block_hash=ledger.get_meta(self.store.conn,
+                                                                                  "deploy_block_hash") or ""))
                 ledger.set_meta(conn, "announced", self.chain_key)
         self.work.set()
         log.info("operator %s, registrar %s", self.operator.address, self.registrar.address if self.registrar else None)
@@ -215,8 +225,10 @@ class OperatorService(ChainBase):
                                          registrar=self.registrar.address, pauser=pauser,
                                          dispute_window_s=s.dispute_window_s)
             block = int(await node.w3.eth.block_number)
+        block_hash = await node.block_hash(block) or ""
         async with self.store.atomic() as c:
             ledger.set_meta(c, "deploy_block", str(block))
+            ledger.set_meta(c, "deploy_block_hash", block_hash)
             ledger.set_meta(c, "deployment", uuid.uuid4().hex)
         log.info("deployed MeterRegistry at %s, EnergyToken at %s and EnergyMarket at %s", dep.registry_address,
                  dep.token_address, dep.market_address)

@@ -163,6 +163,10 @@ class WalletService(ChainBase):
                                    f"{d.genesis[:12]})")
         if not await node.has_code(d.market):
             raise ChainUnavailable(f"no contract at the operator's market address {d.market} on this node (yet)")
+        if d.deploy_block_hash and await node.block_hash(d.deploy_block) != d.deploy_block_hash:
+            # a fresh dev chain: same genesis, the operator's new contracts at the same addresses
+            raise ChainUnavailable(f"the announced deployment's block {d.deploy_block} is not on this node's chain: "
+                                   "waiting for the operator's announcement of the contracts on this chain")
         self.deploy_block = d.deploy_block
         self._attached = d.deployment
         return d.token, d.market, d.registry, d.deployment

@@ -278,6 +278,30 @@ async def test_a_silent_replay_endpoint_stalls_no_other_source(
     assert rec.of("probe/auction") == []
 
 
+async def test_a_restarted_source_is_replayed_at_its_new_endpoint_without_the_old_backoff(
+        grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile) -> None:
+    """A publisher that restarts beats with a new replay endpoint: the backoff earned by
+    the endpoint that went silent must not hold back the replay from the new one."""
+    sub, _ = honest
+    last = {"meter.reading.probe": 10**9}
+    hostile.mode = "silent"
+    hostile.beat_forever("probe/meter", node="probe/meter", site="probe", last=last)
+    await until(lambda: sub.drops.counts["replay_timeout"] >= 2, timeout=10 * sub.replay_timeout_s,
+                what="two timed-out replays from the silent endpoint")
+    for t in hostile._tasks[1:]:
+        t.cancel()
+    not_before = sub._backoff["probe/meter"][0]
+    assert not_before > time.monotonic()  # backing off from the silent endpoint
+    restarted = Hostile(grid)
+    try:
+        restarted.mode = "empty"
+        restarted.beat_forever("probe/meter", node="probe/meter", site="probe", last=last)
+        await until(lambda: restarted.asked, timeout=10 * sub.replay_timeout_s, what="a replay from the new endpoint")
+        assert time.monotonic() < not_before, "the new endpoint waited out the old endpoint's backoff"
+    finally:
+        await restarted.close()
+
+
 async def test_a_heartbeats_last_alone_never_skips_events(
         grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile) -> None:
     """A replay that returns nothing while its head says there is more proves nothing:

@@ -63,6 +63,15 @@ class RpcProxy:
         if method == "eth_getLogs":
             f = body["params"][0]
             self.log_ranges.append((int(f["fromBlock"], 16), int(f["toBlock"], 16)))
+        # a chosen refusal comes before any injected fault: a send that a late answer let
+        # through to the node would be "already known" to a real node when sent again, never
+        # refused, so the refusal must meet the transaction's first send
+        if method == "eth_sendRawTransaction" and self.refuse is not None:
+            msg = self.refuse(bytes.fromhex(body["params"][0].removeprefix("0x")))
+            if msg:
+                self.injected["refused"] += 1
+                return web.json_response({"jsonrpc": "2.0", "id": body.get("id"),
+                                          "error": {"code": -32000, "message": msg}})
         if self.fault_rate and self.rng.random() < self.fault_rate:
             kind = self.rng.choice(("http429", "limit", "late"))
             self.injected[kind] += 1
@@ -74,12 +83,6 @@ class RpcProxy:
             answer = await self._forward(body)  # the node did it; the answer is lost to the client's timeout
             await asyncio.sleep(self.late_s)
             return web.json_response(answer)
-        if method == "eth_sendRawTransaction" and self.refuse is not None:
-            msg = self.refuse(bytes.fromhex(body["params"][0].removeprefix("0x")))
-            if msg:
-                self.injected["refused"] += 1
-                return web.json_response({"jsonrpc": "2.0", "id": body.get("id"),
-                                          "error": {"code": -32000, "message": msg}})
         return web.json_response(await self._forward(body))
 
 
