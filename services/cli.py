@@ -6,7 +6,7 @@
     gridtrade bus tail [PREFIX ...]   print events as JSON lines (with their cause)
     gridtrade bus tail --follow ID    only what ID (an event or command id) led to
     gridtrade bus publish TYPE JSON   publish one event (validated)
-    gridtrade meter|auction|chain|gateway [...]   run a service
+    gridtrade meter|auction|chain|gateway|agent [...]   run a service
     gridtrade account new|list|import [...]       keystore accounts
 """
 
@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any
 
-SERVICES = ("meter", "auction", "chain", "gateway")
+SERVICES = ("meter", "auction", "chain", "gateway", "agent")
 
 
 def _keys(argv: list[str]) -> int:

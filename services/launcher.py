@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 MARKET, PRODUCER, CONSUMER = "market", "solar-1", "home-7"
 SITES = (PRODUCER, CONSUMER)
+FIRST_DEPOSIT_WEI = 10**18  # a first start: the consumer's escrow for its agent's bids
 CHAIN_NODE = "chain-node"  # the anvil node's state, under the data folder
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -56,6 +57,7 @@ class Options:
     producer_account: str = ""
     consumer_account: str = ""
     sim_start: str = ""
+    agents: bool = False  # `gridtrade up` starts them (its --no-agents does not); a plan for tests does not
 
 
 @dataclass
@@ -134,12 +136,58 @@ def plan(o: Options) -> list[Proc]:
             meter.needs_pty = pty
         else:
             add(f"meter-{site}", site, _py("services.meter"), env)
-    for i, site in enumerate((PRODUCER, CONSUMER)):
+    for i, (site, account) in enumerate(((PRODUCER, o.producer_account), (CONSUMER, o.consumer_account))):
+        agent_rpc = f"tcp://{o.host}:{p + 15 + i}"
+        if o.agents:
+            add(f"agent-{site}", site, _py("services.agent"),
+                {"GRIDTRADE_AGENT_BIND": agent_rpc, "GRIDTRADE_AGENT_ACCOUNT": account,
+                 "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}"})
         gw = add(f"gateway-{site}", site, _py("services.gateway"),
                  {"GRIDTRADE_HTTP_HOST": o.host, "GRIDTRADE_HTTP_PORT": str(o.http_port + i),
-                  "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}"}, http=o.http_port + i)
+                  "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}", "GRIDTRADE_AGENT_RPC": agent_rpc},
+                 http=o.http_port + i)
         gw.public_url = f"http://{o.host}:{o.http_port + i}/"
     return procs
+
+
+async def hand_over(o: Options, passphrases: dict[str, str]) -> list[str]:
+    """A first start: the new accounts are unlocked in their sites' wallets for a day (as the
+    owner's login would), so the agents trade at once, and the consumer puts a first
+    deposit in the market's escrow for its agent's bids. Later starts leave this to the
+    owner: a login unlocks the key again. Returns what was done, in words."""
+    from services.bus import RpcClient, Security
+    from services.bus import commands as C
+    import zmq.asyncio
+
+    done: list[str] = []
+    ctx = zmq.asyncio.Context()
+    try:
+        for i, (site, role, account) in enumerate(((PRODUCER, "producer", o.producer_account),
+                                                   (CONSUMER, "consumer", o.consumer_account))):
+            pw = passphrases.get(f"{site} {role}")
+            if not pw or not account:
+                continue
+            sec = Security(o.data.resolve() / "keys", site)
+            sec.start(ctx)
+            wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + 12 + i}", server_site=site, timeout_s=30)
+            try:
+                await wallet.request(C.Unlock(address=account, passphrase=pw, ttl_s=86400))
+                done.append(f"unlocked {site}'s account in its wallet for a day (its agent signs through it)")
+                if role == "consumer" and o.agents:
+                    deadline = time.monotonic() + 60
+                    while (await wallet.request(C.GetBalances(address=account))).ether_wei < FIRST_DEPOSIT_WEI * 2:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the consumer's account was not funded")
+                        await asyncio.sleep(1.0)
+                    await wallet.request(C.Escrow(account=account, action="deposit", amount_wei=FIRST_DEPOSIT_WEI))
+                    done.append(f"deposited {FIRST_DEPOSIT_WEI / 10**18:g} ETH of {site}'s Ether in the market's "
+                                "escrow for its agent's bids")
+            finally:
+                await wallet.close()
+                sec.stop()
+    finally:
+        ctx.destroy(0)
+    return done
 
 
 # --- running the plan -----------------------------------------------------------------
@@ -302,6 +350,15 @@ async def up(o: Options, reset: bool) -> int:
             print("  passphrases (shown this once, stored nowhere; --reset makes new accounts):")
             for label, pw in passphrases.items():
                 print(f"    {label:20} {pw}")
+        if passphrases:
+            try:
+                for line in await hand_over(o, passphrases):
+                    say(line)
+            except Exception as e:  # noqa: BLE001 - the demo runs on; the owner logs in by hand
+                say(f"could not hand the new accounts to their agents ({e}): log in to each wallet once")
+        if o.agents:
+            print("\n  each site's agent trades for it within the limits on its wallet's Agent page "
+                  "(turn it off there, or start with --no-agents, to trade by hand)")
         print(f"\n  logs in {o.data.resolve() / 'logs'}; Ctrl-C stops everything (state is kept).", flush=True)
         watcher = asyncio.create_task(runner.supervise())
         await stop.wait()
@@ -331,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, default=720.0, help="simulated seconds per second (720: a day in 2 min)")
     p.add_argument("--base-port", type=int, default=5550, help="bus ports start here")
     p.add_argument("--http-port", type=int, default=8080, help="the producer's wallet; the consumer's is the next port")
+    p.add_argument("--no-agents", action="store_true", help="start no site agents: trade by hand in the wallets")
     a = p.parse_args(argv)
     if a.chain_url == "embedded" or a.chain_url.startswith("embedded:"):
         print("gridtrade up: the embedded chain lives inside one process, but here the operator and each site's "
@@ -338,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
               "--chain-url http://... (the embedded chain serves the unit tests)", file=sys.stderr)
         return 2
     opts = Options(data=a.data, chain_url=a.chain_url, meters=a.meters, time_scale=a.time_scale,
-                   base_port=a.base_port, http_port=a.http_port, sim_start=a.sim_start)
+                   base_port=a.base_port, http_port=a.http_port, sim_start=a.sim_start,
+                   agents=not a.no_agents)
     return asyncio.run(up(opts, a.reset))
 
 

@@ -406,6 +406,68 @@ class PlaceOrder(Request):
     signature: Signature
 
 
+# --- a site's agent -------------------------------------------------------------------
+
+
+class AgentLimits(BaseModel):
+    """What a site's owner lets its agent do. Prices left empty follow the micro-grid's
+    tariffs (the most paid: retail; the least sold for: feed-in), and the agent never goes
+    beyond the tariffs whatever is set: the utility is always there at those prices."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = Field(default=True, description="off: the agent places nothing (trade by hand)")
+    reserve_soc: float = Field(default=0.2, ge=0, le=1, description="battery state of charge kept for the site")
+    max_buy_wei_per_kwh: Wei | None = Field(default=None, gt=0, description="the most paid per kWh; none: retail")
+    min_sell_wei_per_kwh: Wei | None = Field(default=None, gt=0,
+                                             description="the least sold for per kWh; none: feed-in")
+    max_trade_wh: Wh = Field(default=2000, gt=0, le=10**9, description="the largest single trade")
+    horizon_s: int = Field(default=3600, gt=0, le=7 * 86400, description="site seconds of forecast traded ahead")
+
+
+class AgentAction(Reply):
+    at: float
+    kind: Literal["offer", "bid", "order"]
+    wh: Wh
+    price_wei_per_kwh: Wei
+    offer_id: str = ""
+    ok: bool = True
+    note: str = Field(default="", max_length=500)
+
+
+class AgentState(Reply):
+    site: Name
+    account: str
+    state: Literal["trading", "waiting", "off"]
+    waiting_for: str = ""
+    limits: AgentLimits
+    max_buy_wei_per_kwh: Wei = Field(description="in force: the owner's limit within the tariffs")
+    min_sell_wei_per_kwh: Wei = Field(description="in force: the owner's limit within the tariffs")
+    retail_wei_per_kwh: Wei
+    feed_in_wei_per_kwh: Wei
+    forecast_net_wh: float = 0.0
+    surplus_wh: Wh = 0
+    deficit_wh: Wh = 0
+    soc: float | None = None
+    sim_ts: float | None = None
+    actions: list[AgentAction] = Field(default_factory=list, description="the latest first")
+
+
+@request
+class GetAgent(Request):
+    TYPE: ClassVar[str] = "agent.get"
+    Reply: ClassVar[type[Reply]] = AgentState
+    READ_ONLY: ClassVar[bool] = True
+
+
+@request
+class SetAgentLimits(Request):
+    """The owner's new limits (only from the agent's own site): the next decision follows them."""
+
+    TYPE: ClassVar[str] = "agent.limits"
+    Reply: ClassVar[type[Reply]] = AgentState
+    limits: AgentLimits
+
+
 # --- wire -----------------------------------------------------------------------------
 
 

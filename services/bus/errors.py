@@ -31,6 +31,7 @@ class RequestError(GridtradeError, RuntimeError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.service = ""  # which service answered, where a caller asked several (set by that caller)
 
 
 class RequestTimeout(RequestError, TimeoutError):

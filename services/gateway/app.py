@@ -48,6 +48,7 @@ from .history import History
 from .pages import Pages
 from .config import GatewaySettings
 from .openapi import ROUTES, Route, document, validation_message
+from services.trader import Trader
 from .sessions import Session, SessionStore, LoginThrottle
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,6 @@ STATUS_OF_CODE: dict[str, int] = {
 CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer", "insufficient_escrow",
             "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
             "not_supported", "unsupported", "bad_signature", "replayed"}
-
-
-def cost_wei(wh: int, price_wei_per_kwh: int) -> int:
-    """What ``wh`` costs at a price per kWh, rounded up to whole wei, as the auction counts
-    what a bid needs reserved."""
-    return -(-(wh * price_wei_per_kwh) // 1000)
 
 
 LOCKED_MESSAGE = ("your wallet restarted and locked your account's key: enter your passphrase again "
@@ -171,10 +166,15 @@ class Gateway(Pages):
                  registry: CollectorRegistry | None = None,
                  health: Callable[[], dict[str, Any]] | None = None,
                  clock: Callable[[], float] = time.time, store: Store | None = None,
-                 history: History | None = None) -> None:
+                 history: History | None = None, agent: RpcClient | None = None) -> None:
         self.settings = settings
+        self.agent_client = agent
         self.site = settings.site
         self.chain, self.auction = chain, auction
+        self.trader = Trader(chain, auction, self.site, timeout_s=settings.gateway_rpc_timeout_s,
+                             reserve_timeout_s=settings.gateway_reserve_timeout_s,
+                             offer_grace_s=settings.gateway_offer_grace_s, bid_grace_s=settings.gateway_bid_grace_s,
+                             trade_duration_s=settings.gateway_trade_duration_s)
         self.clock = clock
         # the service's store (<data_dir>/gateway.sqlite); without one (a bare Gateway), memory
         self.sessions = SessionStore(store if store is not None else Store(":memory:"), settings.session_ttl_s)
@@ -200,6 +200,7 @@ class Gateway(Pages):
             "mining": self.mining, "set_mining": self.set_mining, "list_offers": self.list_offers,
             "sell": self.sell, "bid": self.bid, "cancel_offer": self.cancel_offer,
             "list_trades": self.list_trades, "close_trade": self.close_trade,
+            "agent": self.agent, "set_agent_limits": self.set_agent_limits,
             "site_info": self.site_info, "history": self.history_page, "prices": self.prices,
             "readings": self.readings,
         }
@@ -505,27 +506,13 @@ class Gateway(Pages):
     async def sell(self, request: web.Request, session: Session, body: m.SellIn) -> m.OfferPlacedOut:
         """Approve the tokens for the market, have the wallet sign the offer (valid until the
         auction's end plus a grace period, for a trade of the configured duration), place it."""
-        wh = body.energy_wh
-        cid = self.cmd_id(request, session, "sell")
-        try:  # let the market contract lock these tokens once the auction is won
-            await self.chain.request(cmd.Approve(account=session.address, wh=wh),
-                                     timeout=self.settings.gateway_rpc_timeout_s, cmd_id=f"{cid}:approve"[:128])
+        try:
+            placed = await self.trader.sell(session.address, body.energy_wh, body.start_price_wei_per_kwh,
+                                            body.duration_s, now=self.clock(),
+                                            cmd_id=self.cmd_id(request, session, "sell"))
         except RequestError as e:
-            # insufficient_tokens: the allowance left by earlier offers already covers this one
-            # (the chain refuses to approve more than the balance); the auction checks the tokens.
-            if e.code != "insufficient_tokens":
-                raise from_request_error(e, "chain") from None
-        s = self.settings
-        signed: cmd.SignedOffer = await self.ask_chain(
-            cmd.SignOffer(account=session.address, wh=wh, min_price_wei_per_kwh=body.start_price_wei_per_kwh,
-                          expiry=int(self.clock() + body.duration_s + s.gateway_offer_grace_s),
-                          duration_s=s.gateway_trade_duration_s), f"{cid}:sign"[:128])
-        placed: cmd.OfferPlaced = await self.ask_auction(
-            cmd.PlaceOffer(seller=session.address, seller_site=self.site, wh=wh,
-                           start_price_wei_per_kwh=body.start_price_wei_per_kwh, duration_s=body.duration_s,
-                           offer=signed.offer, signature=signed.signature),
-            f"{cid}:offer"[:128])
-        return m.OfferPlacedOut(offer_id=placed.offer_id, ends_at=placed.ends_at, wh=wh)
+            raise from_request_error(e, e.service or "chain") from None
+        return m.OfferPlacedOut(offer_id=placed.offer_id, ends_at=placed.ends_at, wh=body.energy_wh)
 
     async def _open_offer(self, offer_id: str, me: str, price: int) -> tuple[cmd.OfferView, list[cmd.OfferView]]:
         """The open english offer ``offer_id`` and every open offer, with the refusals the
@@ -549,35 +536,17 @@ class Gateway(Pages):
             raise ApiError(409, "closed", f"offer {offer_id} carries no signed offer: it cannot be bid on")
         return offer, offers
 
-    async def reserved_for_bids(self, me: str, offers: list[cmd.OfferView], *, except_offer: str) -> int:
-        """What this account's other holds at the auction need reserved: its winning bids on
-        other open offers and its trades agreed but not yet opened on-chain."""
-        who = me.lower()
-        held = sum(cost_wei(o.wh, o.highest_bid_wei_per_kwh or 0) for o in offers
-                   if o.offer_id != except_offer and o.state == "open" and (o.highest_bidder or "").lower() == who)
-        trades: cmd.Trades = await self.ask_auction(cmd.ListTrades(account=me))
-        held += sum(cost_wei(t.wh, t.price_wei_per_kwh) for t in trades.trades
-                    if t.state == "agreed" and t.buyer.lower() == who)
-        return held
-
     async def bid(self, request: web.Request, session: Session, body: m.BidIn) -> m.BidOut:
         """Reserve the escrow this bid and the account's other live bids need until the bid
         expires (the wallet tops up from free escrow and answers once in a block), have the
         wallet sign the bid, place it."""
         offer_id = self._id(request, "offer_id")
-        me, price = session.address, body.price_wei_per_kwh
-        cid = self.cmd_id(request, session, "bid")
-        offer, offers = await self._open_offer(offer_id, me, price)
-        expiry = int(offer.ends_at + self.settings.gateway_bid_grace_s)
-        total = cost_wei(offer.wh, price) + await self.reserved_for_bids(me, offers, except_offer=offer_id)
-        await self.ask_chain(cmd.Reserve(account=me, total_wei=total, until=expiry), f"{cid}:reserve"[:128],
-                             timeout=self.settings.gateway_reserve_timeout_s)
-        signed: cmd.SignedBid = await self.ask_chain(
-            cmd.SignBid(account=me, offer_id=offer.signed_offer_id, wh=offer.wh, max_price_wei_per_kwh=price,
-                        expiry=expiry), f"{cid}:sign"[:128])
-        r: cmd.BidAccepted = await self.ask_auction(
-            cmd.PlaceBid(offer_id=offer_id, buyer=me, buyer_site=self.site, price_wei_per_kwh=price,
-                         bid=signed.bid, signature=signed.signature), f"{cid}:bid"[:128])
+        offer, offers = await self._open_offer(offer_id, session.address, body.price_wei_per_kwh)
+        try:
+            r = await self.trader.bid(session.address, offer, offers, body.price_wei_per_kwh,
+                                      cmd_id=self.cmd_id(request, session, "bid"))
+        except RequestError as e:
+            raise from_request_error(e, e.service or "chain") from None
         return m.BidOut(bid_id=r.bid_id)
 
     async def cancel_offer(self, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:
@@ -592,6 +561,26 @@ class Gateway(Pages):
             self.parties.learn(t.trade_id, t.seller, t.buyer)
         facts = self.history.facts([t.trade_id for t in r.trades])  # the cards' story
         return m.TradesOut(trades=[m.TradeOut(**{**t.model_dump(), **facts.get(t.trade_id, {})}) for t in r.trades])
+
+    async def agent(self, request: web.Request, session: Session) -> m.AgentOut:
+        return self._agent_out(await self._ask_agent(cmd.GetAgent(), session))
+
+    async def set_agent_limits(self, request: web.Request, session: Session, body: m.AgentLimitsIn) -> m.AgentOut:
+        limits = cmd.AgentLimits(**body.model_dump())
+        return self._agent_out(await self._ask_agent(cmd.SetAgentLimits(limits=limits), session,
+                                                     self.cmd_id(request, session, "agent-limits")))
+
+    async def _ask_agent(self, req: cmd.Request, session: Session, cmd_id: str | None = None) -> cmd.AgentState:
+        if self.agent_client is None:
+            raise ApiError(503, "unavailable", "this site runs no agent")
+        st: cmd.AgentState = await self.ask(self.agent_client, "agent", req, cmd_id)
+        if st.account and st.account.lower() != session.address.lower():
+            raise ApiError(403, "not_your_account", "the site's agent trades for another account of this site")
+        return st
+
+    @staticmethod
+    def _agent_out(st: cmd.AgentState) -> m.AgentOut:
+        return m.AgentOut(**st.model_dump())
 
     async def close_trade(self, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:
         trade_id = self._id(request, "trade_id")

@@ -11,6 +11,7 @@ class GatewaySettings(BusSettings):
     """Everything in :class:`BusSettings` (``GRIDTRADE_SITE`` names this site: it is the
     ``seller_site``/``buyer_site`` of every offer and bid placed here) plus the web side."""
 
+    agent_rpc: str = Field(default="tcp://127.0.0.1:5565", description="this site's agent's request endpoint")
     http_host: str = Field(default="127.0.0.1", description="where the web UI and the API listen")
     http_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
     session_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86400,

@@ -396,3 +396,58 @@ class ReadingPoint(Out):
 class ReadingsOut(Out):
     readings: list[ReadingPoint]
     clock: ClockOut
+
+
+# --- the site's agent ------------------------------------------------------------------------
+
+
+class AgentLimitsIn(In):
+    """The owner's limits for the site's agent. Prices as wei/kWh decimal strings; empty
+    (null) follows the tariff (the most paid: retail; the least sold for: feed-in)."""
+
+    enabled: bool
+    reserve_soc: float = Field(ge=0, le=1, description="battery state of charge kept for the site (0..1)")
+    max_buy_wei_per_kwh: WeiIn | None = None
+    min_sell_wei_per_kwh: WeiIn | None = None
+    max_trade_wh: int = Field(gt=0, le=MAX_WH, description="the largest single trade")
+    horizon_s: int = Field(gt=0, le=7 * 86400, description="site seconds of forecast traded ahead")
+
+
+class AgentLimitsOut(Out):
+    enabled: bool
+    reserve_soc: float
+    max_buy_wei_per_kwh: WeiOut | None
+    min_sell_wei_per_kwh: WeiOut | None
+    max_trade_wh: int
+    horizon_s: int
+
+
+class AgentActionOut(Out):
+    at: float
+    kind: str
+    wh: int
+    price_wei_per_kwh: WeiOut
+    offer_id: str
+    ok: bool
+    note: str
+
+
+class AgentOut(Out):
+    """What the site's agent does and may do: ``state`` trading, waiting (``waiting_for``
+    says for what) or off; the limits in force within the tariffs; its latest actions."""
+
+    site: str
+    account: str
+    state: str
+    waiting_for: str
+    limits: AgentLimitsOut
+    max_buy_wei_per_kwh: WeiOut
+    min_sell_wei_per_kwh: WeiOut
+    retail_wei_per_kwh: WeiOut
+    feed_in_wei_per_kwh: WeiOut
+    forecast_net_wh: float
+    surplus_wh: int
+    deficit_wh: int
+    soc: float | None
+    sim_ts: float | None
+    actions: list[AgentActionOut]

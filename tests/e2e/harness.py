@@ -277,8 +277,11 @@ class Grid:
                 "tokens": t.balanceOf(a).call()}
 
     def trade(self, trade_id: str) -> dict[str, Any]:
-        seller, wh, status, buyer, delivered, price, deadline, closing_at = self.market.functions.trades(
-            keccak(text=trade_id)).call()
+        return self.trade_by_key(keccak(text=trade_id))
+
+    def trade_by_key(self, key: bytes) -> dict[str, Any]:
+        """A trade as the contract holds it, by its on-chain key (the hash of its id)."""
+        seller, wh, status, buyer, delivered, price, deadline, closing_at = self.market.functions.trades(key).call()
         return {"seller": seller, "wh": wh, "status": status, "buyer": buyer, "delivered": delivered, "price": price,
                 "deadline": deadline, "closing_at": closing_at}
 
@@ -306,12 +309,13 @@ class Grid:
 
 
 async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env: dict[str, dict[str, str]] | None
-                     = None, service_env: dict[str, str] | None = None) -> Grid:
+                     = None, service_env: dict[str, str] | None = None, agents: bool = False) -> Grid:
     """Prepare keys and accounts, start every process of the plan, log both users in."""
     data = tmp / "grid"
     base = free_port_block()
     http = base + 46
-    opts = launcher.Options(data=data, chain_url="anvil", time_scale=time_scale, base_port=base, http_port=http)
+    opts = launcher.Options(data=data, chain_url="anvil", time_scale=time_scale, base_port=base, http_port=http,
+                            agents=agents)
     opts, passphrases = launcher.prepare(opts, reset=True)
     assert set(passphrases) == {"solar-1 producer", "home-7 consumer"}, passphrases
     ensure_keys(data.resolve() / "keys", TEST_SITE)  # before any process loads the allow-list

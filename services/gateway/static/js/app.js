@@ -2,6 +2,7 @@
 // at /api/ws. Every amount is shown in the chosen Ether unit and kWh, rounded, with every
 // digit on hover; every action says where it is until it is confirmed or failed.
 
+import { initAgent, loadAgent, renderAgent } from './agent.js';
 import { api, ApiError } from './api.js';
 import { draw } from './charts.js';
 import {
@@ -236,7 +237,7 @@ async function checkSession() {
 
 // --- routing -------------------------------------------------------------------------------
 
-const VIEWS = ['login', 'wallet', 'market', 'history', 'figures'];
+const VIEWS = ['login', 'wallet', 'market', 'history', 'figures', 'agent'];
 
 function show(view) {
   const changed = state.view !== view;
@@ -263,6 +264,7 @@ function route() {
   if (view === 'wallet') { loadWallet(); loadHistory(); loadFigures(); }
   if (view === 'history') loadHistory();
   if (view === 'figures') { loadFigures(); loadMarket(); }
+  if (view === 'agent') loadAgent();
 }
 
 // --- roles and units -----------------------------------------------------------------------
@@ -286,6 +288,7 @@ function applyUnits() {
   renderHistory();
   renderCharts();
   renderTxs();
+  renderAgent();
 }
 
 async function loadSite() {
@@ -1238,6 +1241,8 @@ async function start() {
   window.addEventListener('resize', renderChartsSoon);
   setInterval(tick, 250);
   setInterval(checkSession, 10000);
+  initAgent();
+  setInterval(() => { if (state.view === 'agent') loadAgent(); }, 3000);
   applyUnits();
   setRole('consumer');
   try {
