@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .events import Authority
@@ -47,6 +47,21 @@ class BusSettings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/healthz and /metrics port; 0 = off")
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    tariff_retail_wei_per_kwh: int = Field(
+        default=3_000_000_000_000_000, gt=0, description="the grid's retail tariff (wei per kWh): what a site pays "
+                                                         "the grid for energy; no site agent pays more in the market")
+    tariff_feed_in_wei_per_kwh: int = Field(
+        default=500_000_000_000_000, gt=0, description="the grid's feed-in tariff (wei per kWh): what the grid pays "
+                                                       "a site for energy fed in; no site agent sells for less")
+
+    @model_validator(mode="after")
+    def _tariffs(self) -> BusSettings:
+        if not 0 < self.tariff_feed_in_wei_per_kwh <= self.tariff_retail_wei_per_kwh:
+            raise ValueError(
+                f"the feed-in tariff ({self.tariff_feed_in_wei_per_kwh} wei/kWh) must be more than 0 and at most the "
+                f"retail tariff ({self.tariff_retail_wei_per_kwh} wei/kWh): set GRIDTRADE_TARIFF_FEED_IN_WEI_PER_KWH "
+                f"<= GRIDTRADE_TARIFF_RETAIL_WEI_PER_KWH")
+        return self
 
     @property
     def authority(self) -> Authority:
