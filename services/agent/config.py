@@ -31,6 +31,8 @@ class AgentSettings(BusSettings):
     agent_max_trade_wh: int = Field(default=2000, gt=0, le=10**9)
     agent_horizon_s: int = Field(default=3600, gt=0, le=7 * 86400)
     auction_min_increment_wei_per_kwh: int = Field(default=1, ge=0, description="the auction's (the same variable)")
+    auction_clear_interval_s: float = Field(default=15.0, gt=0, description="the double auction's call interval "
+                                                                           "(the same variable the auction reads)")
 
     def first_limits(self) -> cmd.AgentLimits:
         return cmd.AgentLimits(enabled=self.agent_enabled, reserve_soc=self.agent_reserve_soc,

@@ -48,8 +48,7 @@ class AgentService(Service):
             conn.execute(SCHEMA)
             row = conn.execute("SELECT limits FROM agent_limits WHERE id = 1").fetchone()
         self.limits = cmd.AgentLimits.model_validate_json(row[0]) if row else settings.first_limits()
-        self.tariffs = strategy.Tariffs(retail_wei_per_kwh=settings.tariff_retail_wei_per_kwh,
-                                        feed_in_wei_per_kwh=settings.tariff_feed_in_wei_per_kwh)
+        self.tariffs = strategy.Tariffs.of(settings)
         self.forecast = Naive()
         self.reading: ev.MeterReading | None = None
         self.account = settings.agent_account
@@ -160,8 +159,11 @@ class AgentService(Service):
                                    min_increment=self.settings.auction_min_increment_wei_per_kwh)
         self.last = {"forecast_net_wh": round(net, 1), "surplus_wh": strategy.surplus_wh(site, self.limits),
                      "deficit_wh": strategy.deficit_wh(site, self.limits)}
-        decide = strategy.decide_double if self.settings.agent_market == "double" else strategy.decide_english
-        actions = decide(me, self.limits, self.tariffs, site, market)
+        if self.settings.agent_market == "double":
+            actions = strategy.decide_double(me, self.limits, self.tariffs, site, market,
+                                             slot=strategy.call_slot(time.time(), self.settings.auction_clear_interval_s))
+        else:
+            actions = strategy.decide_english(me, self.limits, self.tariffs, site, market)
         self.waiting_for = ""
         by_id = {o.offer_id: o for o in offers.offers}
         for a in actions:

@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from services.bus import commands as cmd
 
 if TYPE_CHECKING:
     from services.bus.config import BusSettings
@@ -61,22 +61,8 @@ __all__ = [
 MIN_LOT_WH = 100
 
 
-class Limits(BaseModel):
-    """The owner's limits on the site's agent."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(default=True, description="off: the agent places nothing")
-    reserve_soc: float = Field(default=0.2, ge=0, le=1,
-                               description="battery state of charge kept for the site (never sold)")
-    max_buy_wei_per_kwh: int | None = Field(
-        default=None, gt=0, description="the most the agent pays per kWh; None: the retail tariff (never above it)")
-    min_sell_wei_per_kwh: int | None = Field(
-        default=None, gt=0, description="the least the agent sells for per kWh; None: the feed-in tariff "
-                                        "(never below it)")
-    max_trade_wh: int = Field(default=2000, gt=0, le=10**9, description="the largest single trade (Wh)")
-    horizon_s: int = Field(default=3600, gt=0, le=7 * 86400,
-                           description="how far ahead the site's forecast looks (site seconds)")
+Limits = cmd.AgentLimits
+"""The owner's limits: declared once, with the request that carries them to the agent."""
 
 
 @dataclass(frozen=True, slots=True)
