@@ -123,13 +123,16 @@ def plan(o: Options) -> list[Proc]:
                # a first start begins at dawn (Berlin, the sim's default site), so the demo
                # sees the sun soon; a restart continues from the meter's stored time
                "GRIDTRADE_SIM__START": o.sim_start or f"{datetime.date.today()}T05:00:00+00:00"}
+        if role == "consumer":  # the demo's buyer: a home without PV of its own, its battery low at the start
+            env.update({"GRIDTRADE_SIM__PANEL__AREA_M2": "0", "GRIDTRADE_SIM__BATTERY__SOC": "0.1"})
         if account:
             env["GRIDTRADE_ACCOUNT"] = account
         if o.meters == "emulated":
             pty = data / site / "meter.pty"
             emu = add(f"emulator-{site}", site, _py("services.meter", "emulate", "--driver", "line", "--role", role,
                                                    "--link", str(pty), "--time-scale", str(o.time_scale)),
-                      {"GRIDTRADE_SIM__START": env["GRIDTRADE_SIM__START"]})
+                      {k: v for k, v in env.items()
+                       if k.startswith("GRIDTRADE_SIM__") and k != "GRIDTRADE_SIM__TIME_SCALE"})
             emu.health_url = None
             env["GRIDTRADE_METERS"] = json.dumps([{"name": "main", "role": role, "driver": "line", "port": str(pty)}])
             meter = add(f"meter-{site}", site, _py("services.meter"), env)

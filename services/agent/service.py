@@ -197,7 +197,9 @@ class AgentService(Service):
             ok, note = False, f"{e.code}: {e.message}"
             log.info("agent: %s of %d Wh at %d wei/kWh refused: %s", kind, wh, price, note)
         self.counts[f"{kind}:{'ok' if ok else 'refused'}"] += 1
-        self.actions.append(cmd.AgentAction(at=time.time(), kind=kind, wh=wh, price_wei_per_kwh=price,
+        sim_at = self.reading.sim_ts if self.reading is not None else None
+        self.actions.append(cmd.AgentAction(at=time.time(), sim_at=sim_at, kind=kind, wh=wh,
+                                            price_wei_per_kwh=price,
                                             offer_id=offer_id, ok=ok, note=note[:500]))
         if ok:
             log.info("agent: %s of %d Wh at %d wei/kWh placed (%s)", kind, wh, price, offer_id)

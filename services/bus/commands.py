@@ -426,6 +426,7 @@ class AgentLimits(BaseModel):
 
 class AgentAction(Reply):
     at: float
+    sim_at: float | None = Field(default=None, description="the site's (simulated) clock then, from its meter")
     kind: Literal["offer", "bid", "order"]
     wh: Wh
     price_wei_per_kwh: Wei

@@ -424,6 +424,7 @@ class AgentLimitsOut(Out):
 
 class AgentActionOut(Out):
     at: float
+    sim_at: float | None
     kind: str
     wh: int
     price_wei_per_kwh: WeiOut

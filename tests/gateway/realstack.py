@@ -51,7 +51,9 @@ class RealStack:
                  meter_env: dict[str, dict[str, str]] | None = None, env: dict[str, str] | None = None,
                  only: Iterable[str] | None = None, extra_accounts: Iterable[tuple[str, str]] = (),
                  scrypt_n: int | None = None,
-                 add_procs: Callable[[list[launcher.Proc]], list[launcher.Proc]] | None = None) -> None:
+                 add_procs: Callable[[list[launcher.Proc]], list[launcher.Proc]] | None = None,
+                 agents: bool = False) -> None:
+        self.agents = agents  # each site's agent, as `gridtrade up` starts them
         self.data = root / "data"
         self.chain_url, self.time_scale = chain_url, time_scale
         self.meter_env, self.env = meter_env or {}, env or {}
@@ -75,7 +77,7 @@ class RealStack:
     def _start(self) -> None:
         base = free_port_block()
         opts = launcher.Options(data=self.data, chain_url=self.chain_url, time_scale=self.time_scale,
-                                base_port=base, http_port=base + 46, sim_start=SUNNY)
+                                base_port=base, http_port=base + 46, sim_start=SUNNY, agents=self.agents)
         data = self.data.resolve()
         made: dict[str, str] = {}
         if self.scrypt_n is not None:  # tests log in often: accounts made with a cheap scrypt, before prepare()

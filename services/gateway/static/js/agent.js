@@ -45,7 +45,8 @@ export function renderAgent(a = last) {
   const body = $('#agent-actions tbody');
   body.replaceChildren(...a.actions.map((x) => {
     const tr = document.createElement('tr');
-    const cells = [siteTime(x.at, true, true), x.kind === 'bid' ? `bid on ${x.offer_id}` : x.kind,
+    const when = siteTime(x.sim_at == null ? x.at : x.sim_at, true, true);
+    const cells = [when, x.kind === 'bid' ? `bid on ${x.offer_id}` : x.kind,
       energyText(x.wh), priceText(x.price_wei_per_kwh), x.ok ? 'placed' : `refused: ${x.note}`];
     for (const c of cells) { const td = document.createElement('td'); td.textContent = c; tr.append(td); }
     if (!x.ok) tr.className = 'failed';
