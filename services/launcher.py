@@ -36,9 +36,10 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-MARKET, PRODUCER, CONSUMER = "market", "solar-1", "home-7"
+MARKET, PRODUCER, CONSUMER, UTILITY = "market", "solar-1", "home-7", "utility"
 SITES = (PRODUCER, CONSUMER)
 FIRST_DEPOSIT_WEI = 10**18  # a first start: the consumer's escrow for its agent's bids
 CHAIN_NODE = "chain-node"  # the anvil node's state, under the data folder
@@ -56,6 +57,7 @@ class Options:
     host: str = "127.0.0.1"
     producer_account: str = ""
     consumer_account: str = ""
+    utility_account: str = ""
     sim_start: str = ""
     agents: bool = False  # `gridtrade up` starts them (its --no-agents does not); a plan for tests does not
 
@@ -139,6 +141,8 @@ def plan(o: Options) -> list[Proc]:
             meter.needs_pty = pty
         else:
             add(f"meter-{site}", site, _py("services.meter"), env)
+    if o.agents and o.utility_account:
+        add_utility(o, add, chain_url)
     for i, (site, account) in enumerate(((PRODUCER, o.producer_account), (CONSUMER, o.consumer_account))):
         agent_rpc = f"tcp://{o.host}:{p + 15 + i}"
         if o.agents:
@@ -153,6 +157,32 @@ def plan(o: Options) -> list[Proc]:
     return procs
 
 
+UTILITY_SIM = {  # the sim's stand-in for the utility's connection to the grid
+    "GRIDTRADE_SIM__SUPPLY_W": "5000",  # what the grid makes available, minted as it comes
+    "GRIDTRADE_SIM__PANEL__AREA_M2": "0", "GRIDTRADE_SIM__LOAD__SCHEDULE": "[[0, 0]]",
+    "GRIDTRADE_SIM__BATTERY__CAPACITY_WH": "1e9", "GRIDTRADE_SIM__BATTERY__SOC": "0.5",  # the grid takes it all
+}
+
+
+def add_utility(o: Options, add: Callable[..., Proc], chain_url: str) -> None:
+    """The utility grid as counterparty of last resort: a site of its own with a wallet, a
+    meter of each kind at its connection (a producer meter for what it sells, a consumer
+    meter for what it buys) and an agent that buys at the feed-in and sells at the retail
+    tariff. Its trades are recorded, delivered and settled from escrow like any other."""
+    p = o.base_port
+    add(f"wallet-{UTILITY}", UTILITY, _py("services.chain"),
+        {"GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 14}", "GRIDTRADE_CHAIN_URL": chain_url,
+         "GRIDTRADE_CHAIN_ROLE": "site"})
+    meters = [{"name": "supply", "role": "producer", "driver": "sim"},
+              {"name": "intake", "role": "consumer", "driver": "sim"}]
+    add(f"meter-{UTILITY}", UTILITY, _py("services.meter"),
+        {"GRIDTRADE_METERS": json.dumps(meters), "GRIDTRADE_ACCOUNT": o.utility_account,
+         "GRIDTRADE_SIM__TIME_SCALE": str(o.time_scale), **UTILITY_SIM})
+    add(f"agent-{UTILITY}", UTILITY, _py("services.agent"),
+        {"GRIDTRADE_AGENT_BIND": f"tcp://{o.host}:{p + 17}", "GRIDTRADE_AGENT_ACCOUNT": o.utility_account,
+         "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 14}", "GRIDTRADE_AGENT_STRATEGY": "utility"})
+
+
 async def hand_over(o: Options, passphrases: dict[str, str]) -> list[str]:
     """A first start: the new accounts are unlocked in their sites' wallets for a day (as the
     owner's login would), so the agents trade at once, and the consumer puts a first
@@ -165,18 +195,19 @@ async def hand_over(o: Options, passphrases: dict[str, str]) -> list[str]:
     done: list[str] = []
     ctx = zmq.asyncio.Context()
     try:
-        for i, (site, role, account) in enumerate(((PRODUCER, "producer", o.producer_account),
-                                                   (CONSUMER, "consumer", o.consumer_account))):
+        for port, site, role, account in ((12, PRODUCER, "producer", o.producer_account),
+                                          (13, CONSUMER, "consumer", o.consumer_account),
+                                          (14, UTILITY, "grid", o.utility_account)):
             pw = passphrases.get(f"{site} {role}")
             if not pw or not account:
                 continue
             sec = Security(o.data.resolve() / "keys", site)
             sec.start(ctx)
-            wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + 12 + i}", server_site=site, timeout_s=30)
+            wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + port}", server_site=site, timeout_s=30)
             try:
                 await wallet.request(C.Unlock(address=account, passphrase=pw, ttl_s=86400))
                 done.append(f"unlocked {site}'s account in its wallet for a day (its agent signs through it)")
-                if role == "consumer" and o.agents:
+                if role in ("consumer", "grid") and o.agents:  # they bid: escrow first
                     deadline = time.monotonic() + 60
                     while (await wallet.request(C.GetBalances(address=account))).ether_wei < FIRST_DEPOSIT_WEI * 2:
                         if time.monotonic() > deadline:
@@ -235,12 +266,15 @@ def prepare(o: Options, reset: bool) -> tuple[Options, dict[str, str]]:
     data = o.data.resolve()
     (data / "logs").mkdir(parents=True, exist_ok=True)
     (data / CHAIN_NODE).mkdir(parents=True, exist_ok=True)
-    for site in (MARKET, *SITES):
+    for site in (MARKET, *SITES, UTILITY):
         ensure_keys(data / "keys", site)
     move_keystores_home(data)
     shown: dict[str, str] = {}
     accounts = {}
-    for site, label in ((PRODUCER, f"{PRODUCER} producer"), (CONSUMER, f"{CONSUMER} consumer")):
+    labels = [(PRODUCER, f"{PRODUCER} producer"), (CONSUMER, f"{CONSUMER} consumer")]
+    if o.agents:  # the utility's connection trades through an agent only
+        labels.append((UTILITY, f"{UTILITY} grid"))
+    for site, label in labels:
         ks = Keystore(keystore_of(data, site))
         have = {kf.name: kf.address for kf in ks.list()}
         if label not in have:
@@ -251,7 +285,8 @@ def prepare(o: Options, reset: bool) -> tuple[Options, dict[str, str]]:
             shown[label] = passphrase
         accounts[label] = have[label]
     opts = Options(**{**o.__dict__, "producer_account": accounts[f"{PRODUCER} producer"],
-                      "consumer_account": accounts[f"{CONSUMER} consumer"]})
+                      "consumer_account": accounts[f"{CONSUMER} consumer"],
+                      "utility_account": accounts.get(f"{UTILITY} grid", "")})
     return opts, shown
 
 
@@ -349,6 +384,8 @@ async def up(o: Options, reset: bool) -> int:
             if proc.public_url:
                 print(f"  wallet of {proc.env['GRIDTRADE_SITE']:8} {proc.public_url}")
         print(f"\n  accounts: producer {o.producer_account}\n            consumer {o.consumer_account}")
+        if o.utility_account:
+            print(f"            utility  {o.utility_account} (the grid: buys at feed-in, sells at retail)")
         if passphrases:
             print("  passphrases (shown this once, stored nowhere; --reset makes new accounts):")
             for label, pw in passphrases.items():

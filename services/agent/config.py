@@ -19,6 +19,9 @@ class AgentSettings(BusSettings):
     agent_bind: str = Field(default="tcp://127.0.0.1:5565", description="where the agent answers its site's gateway")
     agent_account: str = Field(default="", description="the account it trades for; empty: the site wallet's first")
     agent_every_s: float = Field(default=2.0, gt=0, description="wall seconds between two decisions")
+    agent_strategy: Literal["site", "utility"] = Field(
+        default="site", description="site: trade the site's forecast surplus and deficit; utility: the utility's "
+                                    "connection, buying at the feed-in and selling at the retail tariff")
     agent_market: Literal["english", "double"] = Field(default="english",
                                                        description="which market it trades in (as the auction runs)")
     agent_offer_duration_s: int = Field(default=30, gt=0, le=86400,

@@ -51,6 +51,7 @@ class AgentService(Service):
         self.tariffs = strategy.Tariffs.of(settings)
         self.forecast = Naive()
         self.reading: ev.MeterReading | None = None
+        self.roles: set[str] = set()  # of the site's meters: a producer meter to sell, a consumer meter to buy
         self.account = settings.agent_account
         self.waiting_for = "the first decision"
         self.last: dict[str, Any] = {}
@@ -107,6 +108,7 @@ class AgentService(Service):
         if not isinstance(r, ev.MeterReading):
             return
         self.reading = r
+        self.roles.add(r.role)
         if r.pv_w is not None and r.load_w is not None:
             self.forecast.observe(r.sim_ts if r.sim_ts is not None else env.ts, r.pv_w, r.load_w)
 
@@ -159,11 +161,14 @@ class AgentService(Service):
                                    min_increment=self.settings.auction_min_increment_wei_per_kwh)
         self.last = {"forecast_net_wh": round(net, 1), "surplus_wh": strategy.surplus_wh(site, self.limits),
                      "deficit_wh": strategy.deficit_wh(site, self.limits)}
-        if self.settings.agent_market == "double":
+        if self.settings.agent_strategy == "utility":
+            actions = strategy.decide_utility(me, self.limits, self.tariffs, site, market)
+        elif self.settings.agent_market == "double":
             actions = strategy.decide_double(me, self.limits, self.tariffs, site, market,
                                              slot=strategy.call_slot(time.time(), self.settings.auction_clear_interval_s))
         else:
             actions = strategy.decide_english(me, self.limits, self.tariffs, site, market)
+        actions = views.doable(actions, self.roles)
         self.waiting_for = ""
         by_id = {o.offer_id: o for o in offers.offers}
         for a in actions:

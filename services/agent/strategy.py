@@ -10,9 +10,9 @@ bring a battery below that reserve back up to it. When the position is a surplus
 agent offers it, as far as the account's free energy tokens cover it and less what is
 already on offer or sold: one offer at a time, at least 100 Wh, at most the owner's
 largest trade (2 kWh by default). Selling never plans the battery below the reserve.
-The offer starts at the last price the market cleared at, but never below the owner's
-least selling price and never above the retail tariff, unless the owner's least price is
-itself higher.
+The offer starts at the owner's least selling price (the feed-in tariff by default): the
+english auction lets the buyers bid it up, and the utility stands behind every offer that
+starts at or below the feed-in tariff (see ``decide_utility``).
 
 What it buys. When the position is a deficit the agent bids on other sites' offers of at
 most the energy still missing (and at most the largest trade), cheapest first. It never
@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MIN_LOT_WH", "Action", "Limits", "MarketView", "OfferSeen", "PlaceBid", "PlaceOffer", "PlaceOrder",
-    "SiteView", "Tariffs", "call_slot", "decide_double", "decide_english", "deficit_wh", "effective",
-    "surplus_wh", "willing_to_pay",
+    "SiteView", "Tariffs", "call_slot", "decide_double", "decide_english", "decide_utility", "deficit_wh",
+    "effective", "surplus_wh", "willing_to_pay",
 ]
 
 #: The least energy the agent offers or orders at once (Wh).
@@ -229,22 +229,14 @@ def _same(a: str | None, b: str) -> bool:
     return a is not None and a.lower() == b.lower()
 
 
-def _offer_start(floor: int, tariffs: Tariffs, market: MarketView) -> int:
-    last = market.last_clearing_wei_per_kwh
-    if last is None:
-        return floor
-    return max(floor, min(last, tariffs.retail_wei_per_kwh))
-
-
 def _place_offer(me: str, limits: Limits, tariffs: Tariffs, site: SiteView, market: MarketView) -> list[Action]:
     if any(_same(o.seller, me) for o in market.offers):
         return []
     surplus = surplus_wh(site, limits)
     if surplus < MIN_LOT_WH:
         return []
-    _, floor = effective(limits, tariffs)
-    start = _offer_start(floor, tariffs, market)
-    return [PlaceOffer(wh=min(surplus, limits.max_trade_wh), start_price_wei_per_kwh=start)]
+    _, floor = effective(limits, tariffs)  # an english auction: the buyers bid it up from the floor
+    return [PlaceOffer(wh=min(surplus, limits.max_trade_wh), start_price_wei_per_kwh=floor)]
 
 
 def _needed(offer: OfferSeen, market: MarketView) -> int:
@@ -274,8 +266,7 @@ def _place_bids(me: str, limits: Limits, tariffs: Tariffs, site: SiteView, marke
 
 def decide_english(me: str, limits: Limits, tariffs: Tariffs, site: SiteView, market: MarketView) -> list[Action]:
     """At most one PlaceOffer (when there is no open offer of ``me`` and surplus_wh >= a
-    minimum lot of 100 Wh): wh = min(surplus, max_trade_wh), start price = max(sell floor,
-    last clearing price if any, capped at the buy-side retail tariff).
+    minimum lot of 100 Wh): wh = min(surplus, max_trade_wh), starting at the sell floor.
     Bids: on open offers not by ``me`` (case-insensitive addresses), not already led by
     ``me``, whose wh <= deficit left (deficit_wh minus the wh of bids placed in this same
     decision) and <= max_trade_wh, cheapest needed price first: needed = highest bid +
@@ -284,6 +275,33 @@ def decide_english(me: str, limits: Limits, tariffs: Tariffs, site: SiteView, ma
     if not limits.enabled:
         return []
     return _place_offer(me, limits, tariffs, site, market) + _place_bids(me, limits, tariffs, site, market)
+
+
+def decide_utility(me: str, limits: Limits, tariffs: Tariffs, site: SiteView, market: MarketView) -> list[Action]:
+    """The utility grid as the counterparty of last resort, at its tariffs (english market).
+
+    It buys any surplus offered at or below the feed-in tariff: on each open offer of
+    another account, not led by a bid of at least the feed-in tariff, whose next acceptable
+    bid is within the feed-in tariff, it bids the feed-in tariff. A site's buyer who pays more
+    outbids it; nobody else needs to. It sells at the retail tariff: one standing offer of
+    at most the largest trade (and its free tokens) whenever it has none open. It never pays
+    more than the feed-in tariff nor sells for less than retail, whatever the limits say."""
+    if not limits.enabled:
+        return []
+    feed_in, retail = tariffs.feed_in_wei_per_kwh, tariffs.retail_wei_per_kwh
+    out: list[Action] = []
+    if not any(_same(o.seller, me) for o in market.offers):
+        wh = min(site.tokens_free_wh, limits.max_trade_wh)
+        if wh >= MIN_LOT_WH:
+            out.append(PlaceOffer(wh=wh, start_price_wei_per_kwh=retail))
+    for offer in sorted(market.offers, key=lambda o: (o.ends_at, o.offer_id)):
+        if not _biddable(me, offer, market, limits):
+            continue
+        if offer.highest_bid_wei_per_kwh is not None and offer.highest_bid_wei_per_kwh >= feed_in:
+            continue
+        if _needed(offer, market) <= feed_in:
+            out.append(PlaceBid(offer_id=offer.offer_id, price_wei_per_kwh=feed_in))
+    return out
 
 
 def call_slot(now: float, interval_s: float) -> tuple[float, float]:

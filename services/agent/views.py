@@ -9,7 +9,7 @@ from __future__ import annotations
 from services.auction.lifecycle import LIVE
 from services.bus import commands as cmd
 
-from .strategy import MarketView, OfferSeen, SiteView
+from .strategy import Action, MarketView, OfferSeen, PlaceOffer, PlaceOrder, SiteView
 
 OPEN_TRADE = LIVE | {"agreed"}  # a trade whose energy is still to flow
 
@@ -43,3 +43,13 @@ def site_view(me: str, bal: cmd.Balances, offers: list[cmd.OfferView], trades: l
     return SiteView(soc=soc, battery_wh=battery_wh if soc is not None else 0.0, forecast_net_wh=forecast_net_wh,
                     tokens_free_wh=max(0, bal.tokens_wh - sum(o.wh for o in mine_open)),
                     selling_wh=max(0, selling), buying_wh=max(0, buying))
+
+
+def doable(actions: list[Action], roles: set[str]) -> list[Action]:
+    """What the site's meters let it do: energy sold leaves through a producer meter (it
+    counts the export), energy bought arrives through a consumer meter (it signs the
+    delivery the seller is paid for). A site with only one of them trades only that way."""
+    def ok(a: Action) -> bool:
+        sells = isinstance(a, PlaceOffer) or (isinstance(a, PlaceOrder) and a.side == "sell")
+        return ("producer" if sells else "consumer") in roles
+    return [a for a in actions if ok(a)]

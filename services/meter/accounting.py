@@ -191,10 +191,16 @@ class RelayDecision:
     reason: str
 
 
-def relay_decision(trades: Iterable[TradeView], site: str, now: float, timeout_s: float) -> RelayDecision:
+def relay_decision(trades: Iterable[TradeView], site: str, now: float, timeout_s: float,
+                   role: str | None = None) -> RelayDecision:
     """Closed while a trade involving ``site`` is live, heard within ``timeout_s`` and not
-    flagged; the lowest such trade id is the one followed. Otherwise open, with why."""
-    mine = [t for t in trades if site in (t.seller_site, t.buyer_site)]
+    flagged; the lowest such trade id is the one followed. Otherwise open, with why.
+
+    With ``role``, only the trades this meter's side of the site takes part in: a producer
+    meter's where the site sells, a consumer meter's where it buys (a site with one meter
+    of each, such as the utility's connection, sells and buys at once)."""
+    mine = [t for t in trades if (site == t.seller_site and role != "consumer")
+            or (site == t.buyer_site and role != "producer")]
     live = [t for t in mine if t.state in LIVE]
     fresh = [t for t in live if not t.flagged and not t.omitted and now - t.heard <= timeout_s]
     if fresh:

@@ -77,7 +77,7 @@ class MeterConfig(BaseModel):
         if rated is None:
             if self.driver == "sim":
                 # what the simulated counters can reach: PV into the batteries, the line
-                largest = max(sim.panel.peak_w, sim.line_w * (1.0 + sim.line_loss), 1.0)
+                largest = max(sim.panel.peak_w + sim.supply_w, sim.line_w * (1.0 + sim.line_loss), 1.0)
                 rated = largest * SIM_HEADROOM
             else:
                 rated = DEFAULT_RATED_W

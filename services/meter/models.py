@@ -206,8 +206,10 @@ class Site:
 
     def __init__(self, *, role: str, battery: BatteryConfig, panel: PanelConfig | None, load: Load,
                  ghi: Callable[[float], float], line_w: float, line_loss: float = 0.0,
-                 state: SiteState | None = None, t0: float = 0.0, utc_offset_s: float = 0.0) -> None:
+                 state: SiteState | None = None, t0: float = 0.0, utc_offset_s: float = 0.0,
+                 supply_w: float = 0.0) -> None:
         self.role = role
+        self.supply_w = supply_w
         self.battery = Battery(battery, None if state is None else state.stored_wh)
         self.panel = panel
         self.load = load
@@ -226,7 +228,7 @@ class Site:
         st = self.state
         mid = st.t + dt_s / 2
         hours = dt_s / 3600.0
-        pv_w = panel_power_w(self.ghi(mid), self.panel) if self.panel else 0.0
+        pv_w = (panel_power_w(self.ghi(mid), self.panel) if self.panel else 0.0) + self.supply_w
         load_w = self.load.power_w(mid + self.utc_offset_s)
         import_w = self.line_w if (st.relay_closed and self.role == "consumer") else 0.0
         export_w = self.line_w * (1.0 + self.line_loss) if (st.relay_closed and self.role == "producer") else 0.0

@@ -198,7 +198,7 @@ class MeterRunner:
     def _decide(self, now: float) -> RelayDecision:
         s = self.svc.settings
         try:
-            return relay_decision(self.svc.trade_views(), s.site, now, s.trade_timeout_s)
+            return relay_decision(self.svc.trade_views(), s.site, now, s.trade_timeout_s, role=self.cfg.role)
         except Exception as e:  # noqa: BLE001 - the store could not say: fail safe
             log.warning("meter %s: cannot read the trades (%s): relay opens", self.cfg.name, e)
             return RelayDecision(False, self.decision.trade_id, "trades unreadable")

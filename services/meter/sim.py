@@ -28,6 +28,9 @@ class SimParams(BaseModel):
     panel: PanelConfig = PanelConfig()
     battery: BatteryConfig = BatteryConfig()
     load: LoadConfig = LoadConfig(schedule=DEFAULT_SCHEDULE)
+    supply_w: float = Field(default=0.0, ge=0, le=1e7,
+                            description="a constant source into the site's bus besides its PV, counted as generation "
+                                        "(the utility's connection: what the grid makes available)")
     line_w: float = Field(default=500.0, ge=0, description="power over the line while a trade's relays are closed")
     line_loss: float = Field(default=0.03, ge=0, lt=1, description="share of a producer's export lost on the wire")
     time_scale: float = Field(default=1.0, gt=0, le=1e6, description="simulated seconds per wall second (720: a day in 2 min)")
@@ -67,6 +70,7 @@ class SimSite:
                                    dt.datetime.fromtimestamp(t0, dt.timezone.utc).date())
         self.site = Site(role=role, battery=params.battery, panel=params.panel, load=Load(params.load, profile),
                          ghi=sky.ghi, line_w=params.line_w, line_loss=params.line_loss, state=restored, t0=t0,
+                         supply_w=params.supply_w,
                          utc_offset_s=params.utc_offset_h * 3600)
         self.clock = SimClock(t0, params.time_scale)
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from services.agent import strategy as s
 from services.agent.strategy import (
+    MIN_LOT_WH,
     Limits,
     MarketView,
     OfferSeen,
@@ -175,17 +176,16 @@ def test_disabled_does_nothing() -> None:
     assert s.decide_double(ME, Limits(enabled=False), TARIFFS, view, market(), slot=(NOW, NOW + 15)) == []
 
 
-def test_offers_the_surplus_at_the_last_clearing_price_in_one_lot() -> None:
+def test_offers_the_surplus_from_the_owners_floor_in_one_lot() -> None:
     view = site(forecast_net_wh=5_000.0, tokens_free_wh=10_000)
-    price = 2_000_000_000_000_000
-    assert s.decide_english(ME, Limits(), TARIFFS, view, market(last=price)) == [
-        PlaceOffer(wh=2_000, start_price_wei_per_kwh=price)]
-    assert s.decide_english(ME, Limits(), TARIFFS, view, market()) == [
-        PlaceOffer(wh=2_000, start_price_wei_per_kwh=FEED_IN)]
-    # a clearing below the owner's floor starts at the floor; one above retail at retail
+    for last in (None, FEED_IN, 2_000_000_000_000_000, RETAIL * 2):  # the buyers bid it up, whatever cleared last
+        assert s.decide_english(ME, Limits(), TARIFFS, view, market(last=last)) == [
+            PlaceOffer(wh=2_000, start_price_wei_per_kwh=FEED_IN)]
     lim = Limits(min_sell_wei_per_kwh=FEED_IN * 2)
     assert s.decide_english(ME, lim, TARIFFS, view, market(last=FEED_IN))[0].start_price_wei_per_kwh == FEED_IN * 2
-    assert s.decide_english(ME, lim, TARIFFS, view, market(last=RETAIL * 2))[0].start_price_wei_per_kwh == RETAIL
+    # a floor below the feed-in tariff is lifted to it
+    low = Limits(min_sell_wei_per_kwh=1)
+    assert s.decide_english(ME, low, TARIFFS, view, market())[0].start_price_wei_per_kwh == FEED_IN
 
 
 def test_no_second_offer_and_no_offer_under_a_lot() -> None:
@@ -461,3 +461,43 @@ def test_prop_the_ramp_rises_from_its_start_to_the_cap(lim: Limits, tar: Tariffs
     assert at(NOW + span) == cap
     lo, hi = sorted((a, b))
     assert start <= at(NOW + lo) <= at(NOW + hi) <= cap
+
+
+# ---------------------------------------------------------------- the utility, counterparty of last resort
+
+
+def test_the_utility_buys_at_feed_in_what_nobody_pays_more_for_and_sells_at_retail() -> None:
+    view = site(tokens_free_wh=10_000)
+    cheap = offer("cheap", start=FEED_IN)                                   # no bid yet: the utility stands behind it
+    dear = offer("dear", start=FEED_IN + 1)                                 # asks more than the grid pays
+    outbid = offer("outbid", start=FEED_IN, highest=FEED_IN + 5, bidder=OTHER)  # a site pays more
+    mine = offer("mine", seller=ME, start=RETAIL)
+    got = s.decide_utility(ME, Limits(max_trade_wh=3_000), TARIFFS, view, market(cheap, dear, outbid))
+    assert got == [PlaceOffer(wh=3_000, start_price_wei_per_kwh=RETAIL),
+                   PlaceBid(offer_id="cheap", price_wei_per_kwh=FEED_IN)]
+    # its standing offer is open: no second one; disabled: nothing
+    assert s.decide_utility(ME, Limits(), TARIFFS, view, market(cheap, mine)) == [
+        PlaceBid(offer_id="cheap", price_wei_per_kwh=FEED_IN)]
+    assert s.decide_utility(ME, Limits(enabled=False), TARIFFS, view, market(cheap)) == []
+
+
+@PROPS
+@given(SCENARIOS)
+def test_prop_the_utility_pays_feed_in_and_sells_at_retail(sc: Scenario) -> None:
+    acts = s.decide_utility(ME, sc.lim, sc.tar, sc.view, sc.mk)
+    by_id = {o.offer_id: o for o in sc.mk.offers}
+    assert len([a for a in acts if isinstance(a, PlaceOffer)]) <= 1
+    for a in acts:
+        if isinstance(a, PlaceOffer):
+            assert a.start_price_wei_per_kwh == sc.tar.retail_wei_per_kwh
+            assert MIN_LOT_WH <= a.wh <= min(sc.lim.max_trade_wh, sc.view.tokens_free_wh)
+        else:
+            assert isinstance(a, PlaceBid) and a.price_wei_per_kwh == sc.tar.feed_in_wei_per_kwh
+            o = by_id[a.offer_id]
+            assert o.seller.lower() != ME.lower() and (o.highest_bidder or "").lower() != ME.lower()
+            assert o.wh <= sc.lim.max_trade_wh and sc.mk.now < o.ends_at
+            needed = o.start_price_wei_per_kwh if o.highest_bid_wei_per_kwh is None else \
+                o.highest_bid_wei_per_kwh + sc.mk.min_increment_wei_per_kwh
+            assert needed <= sc.tar.feed_in_wei_per_kwh  # the auction takes it
+    if not sc.lim.enabled:
+        assert acts == []

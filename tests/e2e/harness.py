@@ -269,12 +269,13 @@ class Grid:
         self.market = self.w3.eth.contract(address=to_checksum_address(h["market"]), abi=m_art["abi"])
         self.token = self.w3.eth.contract(address=self.market.functions.token().call(), abi=t_art["abi"])
 
-    def onchain(self, address: str) -> dict[str, int]:
+    def onchain(self, address: str, block: int | str = "latest") -> dict[str, int]:
         a = to_checksum_address(address)
         m, t = self.market.functions, self.token.functions
-        return {"ether": self.w3.eth.get_balance(a), "free": m.freeEscrow(a).call(),
-                "reserved": m.reservedEscrow(a).call(), "locked": m.lockedEscrow(a).call(), "credit": m.credit(a).call(),
-                "tokens": t.balanceOf(a).call()}
+        at = {"block_identifier": block}
+        return {"ether": self.w3.eth.get_balance(a, block), "free": m.freeEscrow(a).call(**at),
+                "reserved": m.reservedEscrow(a).call(**at), "locked": m.lockedEscrow(a).call(**at),
+                "credit": m.credit(a).call(**at), "tokens": t.balanceOf(a).call(**at)}
 
     def trade(self, trade_id: str) -> dict[str, Any]:
         return self.trade_by_key(keccak(text=trade_id))
@@ -288,8 +289,9 @@ class Grid:
     def minted(self) -> list[dict[str, Any]]:
         return [dict(ev["args"]) for ev in self.token.events.Minted().get_logs(from_block=0)]
 
-    def market_events(self, name: str) -> list[dict[str, Any]]:
-        return [dict(ev["args"]) for ev in getattr(self.market.events, name)().get_logs(from_block=0)]
+    def market_events(self, name: str, to_block: int | str = "latest") -> list[dict[str, Any]]:
+        return [dict(ev["args"]) for ev in getattr(self.market.events, name)().get_logs(from_block=0,
+                                                                                     to_block=to_block)]
 
     def ether_from_history(self, address: str) -> int:
         """An account's Ether recomputed from every transaction in every block: what it was
@@ -317,7 +319,8 @@ async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env
     opts = launcher.Options(data=data, chain_url="anvil", time_scale=time_scale, base_port=base, http_port=http,
                             agents=agents)
     opts, passphrases = launcher.prepare(opts, reset=True)
-    assert set(passphrases) == {"solar-1 producer", "home-7 consumer"}, passphrases
+    assert set(passphrases) == {"solar-1 producer", "home-7 consumer", *(["utility grid"] if agents else [])}, \
+        passphrases
     ensure_keys(data.resolve() / "keys", TEST_SITE)  # before any process loads the allow-list
     procs = launcher.plan(opts)
     for p in procs:
@@ -355,6 +358,9 @@ async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env
         for u in (grid.producer, grid.consumer):
             await u.open()
             await grid.login(u)
+        if agents:  # the utility's account, unlocked in its wallet with a first escrow for its bids
+            done = await launcher.hand_over(opts, {"utility grid": passphrases["utility grid"]})
+            assert len(done) == 2, done
     except BaseException:
         await stop_grid(grid)
         raise

@@ -63,6 +63,12 @@ def view(tid: str, state: str, heard: float, omitted: bool = False, seller: str 
 def test_relay_closes_only_for_a_fresh_live_trade_of_this_site() -> None:
     now = 1000.0
     assert relay_decision([], "home-7", now, 5).closed is False
+    # a meter follows the trades of its own side of the site: the seller's producer, the buyer's consumer
+    sale = view("t1", "delivering", now - 1)
+    assert relay_decision([sale], "solar-1", now, 5, role="producer").closed
+    assert not relay_decision([sale], "solar-1", now, 5, role="consumer").closed
+    assert relay_decision([sale], "home-7", now, 5, role="consumer").closed
+    assert not relay_decision([sale], "home-7", now, 5, role="producer").closed
     assert relay_decision([view("t1", "agreed", now)], "home-7", now, 5).closed is False
     d = relay_decision([view("t1", "recorded", now - 1)], "home-7", now, 5)
     assert d.closed and d.trade_id == "t1"
