@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .events import Authority
@@ -47,6 +47,18 @@ class BusSettings(BaseSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/healthz and /metrics port; 0 = off")
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    tariff_retail_wei_per_kwh: int = Field(
+        default=3_000_000_000_000_000, gt=0, description="the utility's retail tariff: what a kWh bought from the "
+                                                         "grid operator costs (the baseline of the site figures)")
+    tariff_feed_in_wei_per_kwh: int = Field(
+        default=500_000_000_000_000, gt=0, description="the utility's feed-in tariff: what a kWh sold to the grid "
+                                                       "operator earns (at most the retail tariff)")
+
+    @model_validator(mode="after")
+    def _tariffs(self) -> BusSettings:
+        if not 0 < self.tariff_feed_in_wei_per_kwh <= self.tariff_retail_wei_per_kwh:
+            raise ValueError("the feed-in tariff must be more than 0 and at most the retail tariff")
+        return self
 
     @property
     def authority(self) -> Authority:
