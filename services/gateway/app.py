@@ -202,7 +202,7 @@ class Gateway(Pages):
             "list_trades": self.list_trades, "close_trade": self.close_trade,
             "agent": self.agent, "set_agent_limits": self.set_agent_limits,
             "site_info": self.site_info, "history": self.history_page, "prices": self.prices,
-            "readings": self.readings,
+            "readings": self.readings, "figures": self.figures_page,
         }
 
     # --- the app ---------------------------------------------------------------------
@@ -214,6 +214,7 @@ class Gateway(Pages):
             app.router.add_route(r.method, r.path, self._endpoint(r), name=r.name)
         app.router.add_get("/api/openapi.json", self.openapi_json)
         app.router.add_get("/api/history.csv", self.history_csv, name="history_csv")
+        app.router.add_get("/api/figures.csv", self.figures_csv, name="figures_csv")
         app.router.add_get("/api/ws", self.websocket)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/healthz", self.healthz)

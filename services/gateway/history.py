@@ -11,7 +11,13 @@ replayed from the publishers' outboxes when it starts again):
   stays in its seller's history;
 - this site's accounts' transactions (``wallet.tx.<site>``), with what the gateway itself
   knows of the ones it sent (the recipient and amount of a transfer);
-- market prices (start bids, bids, trades, double-auction clearings) for the Prices chart.
+- market prices (start bids, bids, trades, double-auction clearings) for the Prices chart;
+- for the site figures (:mod:`services.gateway.figures`): what each chain settlement of a
+  trade of this site added (Wh delivered, wei paid), and per 15 minutes of site time the
+  energy this site's meters counted (``hist_energy``, from the live readings: a producer
+  meter's signed counter, or ``pv_w``, for production; ``load_w`` for consumption),
+  written with the clock every few seconds. Readings that came while the gateway was down
+  are not counted.
 
 It also follows the site's simulated clock from the meter readings the live feed brings
 (``sim_ts``/``time_scale``): anchors (wall time, site time, scale) are kept so that any
@@ -36,7 +42,7 @@ from typing import Any
 from services.bus import events as ev
 from services.bus.store import Store
 
-from . import words
+from . import figures, words
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hist_trades (
@@ -63,9 +69,20 @@ CREATE TABLE IF NOT EXISTS hist_prices (
     ref TEXT NOT NULL DEFAULT '', wh INTEGER, who TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS hist_clock (wall REAL PRIMARY KEY, sim REAL NOT NULL, scale REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS hist_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hist_energy (
+    bucket INTEGER PRIMARY KEY, produced_wh REAL NOT NULL DEFAULT 0, consumed_wh REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS hist_meter_last (meter TEXT PRIMARY KEY, sim REAL NOT NULL, energy_wh INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS hist_settlements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, trade_id TEXT NOT NULL, at REAL NOT NULL, delivered_wh INTEGER NOT NULL,
+    paid_wei TEXT NOT NULL, d_wh INTEGER NOT NULL, d_wei TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS hist_settlements_trade ON hist_settlements (trade_id);
 """
 
 KEEP_PRICES = 5000
+KEEP_BUCKETS = 400 * 96  # 15-minute buckets of site time: 400 site days (at 720x, 80 hours of wall time)
+KEEP_SETTLEMENTS = 100_000
+MAX_LOAD_GAP_S = 3600.0  # site seconds: a longer gap between readings is not filled with a guess of the power
+MAX_COUNTER_GAP_S = 2 * 86400.0  # site seconds: a producer counter's rise over a longer gap is not counted
 READINGS = 2000  # in memory: at 720x one a second is more than a fortnight of site time
 ANCHOR_EVERY_S = 30.0
 ANCHOR_DRIFT_S = 60.0  # site seconds: a meter that restarted its clock starts a new segment
@@ -106,6 +123,13 @@ class History:
         self.role: str | None = row[0] if row else None
         self._role_saved = self.role
         self.readings: collections.deque[dict[str, Any]] = collections.deque(maxlen=READINGS)
+        # the figures' energy: the last reading of each meter (its sim time and counter) and
+        # the buckets' energy not yet written (Wh: [produced, consumed])
+        self.meter_last: dict[str, tuple[float, int]] = {
+            m: (sim, e) for m, sim, e in store.conn.execute("SELECT meter, sim, energy_wh FROM hist_meter_last")}
+        self._meter_dirty: set[str] = set()
+        self._energy: dict[int, list[float]] = {}
+        self._flushing: dict[int, list[float]] = {}
 
     # --- the site's clock ---------------------------------------------------------------
 
@@ -123,24 +147,84 @@ class History:
                               "meter": body.meter, "role": body.role, "power_w": body.power_w, "pv_w": body.pv_w,
                               "load_w": body.load_w, "soc": body.soc, "energy_wh": body.energy_wh,
                               "relay_closed": body.relay_closed})
+        self._count_energy(ts, body)
+
+    def _count_energy(self, ts: float, body: ev.MeterReading) -> None:
+        """The energy since the meter's previous reading, into the 15-minute buckets it spans."""
+        sim = body.sim_ts if body.sim_ts is not None else ts
+        last = self.meter_last.get(body.meter)
+        self.meter_last[body.meter] = (sim, body.energy_wh)
+        self._meter_dirty.add(body.meter)
+        if last is None:
+            return
+        t0, e0 = last
+        dt = sim - t0
+        if dt <= 0:
+            return  # the same instant again, or a clock that went back: a new baseline
+        # powers are the averages of the meter's last step: held over the gap only if it is short
+        # (an hour of site time, or ten wall seconds of a fast simulated clock)
+        short = dt <= max(MAX_LOAD_GAP_S, 10.0 * (body.time_scale or 1.0))
+        produced = 0.0
+        if body.role == "producer":
+            if body.energy_wh >= e0 and dt <= MAX_COUNTER_GAP_S:
+                produced = float(body.energy_wh - e0)
+        elif body.pv_w is not None and short:
+            produced = max(0.0, body.pv_w) * dt / 3600.0
+        consumed = max(0.0, body.load_w) * dt / 3600.0 if body.load_w is not None and short else 0.0
+        for i, wh in ((0, produced), (1, consumed)):
+            if wh > 0:
+                for b, part in figures.spread(t0, sim, wh):
+                    self._energy.setdefault(b, [0.0, 0.0])[i] += part
 
     async def persist(self) -> None:
-        """Write the clock anchor and the role the live feed brought (called now and then)."""
+        """Write the clock anchor, the role and the figures' energy the live feed brought (called
+        now and then)."""
         anchor, self._pending_anchor = self._pending_anchor, None
         role = self.role if self.role != self._role_saved else None
-        if anchor is None and role is None:
+        energy, self._energy = self._energy, {}
+        self._flushing = energy  # still counted by the figures while it is written
+        meters, self._meter_dirty = {m: self.meter_last[m] for m in self._meter_dirty}, set()
+        if anchor is None and role is None and not energy and not meters:
             return
-        async with self.store.atomic() as conn:
-            if anchor is not None:
-                conn.execute("INSERT OR REPLACE INTO hist_clock (wall, sim, scale) VALUES (?, ?, ?)", anchor)
-            if role is not None:
-                conn.execute("INSERT OR REPLACE INTO hist_meta (key, value) VALUES ('role', ?)", (role,))
+        try:
+            async with self.store.atomic() as conn:
+                self._write_energy(conn, energy, meters)
+                if anchor is not None:
+                    conn.execute("INSERT OR REPLACE INTO hist_clock (wall, sim, scale) VALUES (?, ?, ?)", anchor)
+                if role is not None:
+                    conn.execute("INSERT OR REPLACE INTO hist_meta (key, value) VALUES ('role', ?)", (role,))
+        except BaseException:
+            # kept for the next round (and counted in the figures meanwhile)
+            for b, (p, c) in energy.items():
+                acc = self._energy.setdefault(b, [0.0, 0.0])
+                acc[0] += p
+                acc[1] += c
+            self._meter_dirty |= set(meters)
+            if anchor is not None and self._pending_anchor is None:
+                self._pending_anchor = anchor
+            raise
+        finally:
+            self._flushing = {}
         if anchor is not None:
             i = bisect.bisect(self._walls, anchor[0])
             self._walls.insert(i, anchor[0])
             self.anchors.insert(i, anchor)
         if role is not None:
             self._role_saved = role
+
+    @staticmethod
+    def _write_energy(conn: sqlite3.Connection, energy: dict[int, list[float]],
+                      meters: dict[str, tuple[float, int]]) -> None:
+        conn.executemany(
+            "INSERT INTO hist_energy (bucket, produced_wh, consumed_wh) VALUES (?, ?, ?) ON CONFLICT (bucket) DO "
+            "UPDATE SET produced_wh = produced_wh + excluded.produced_wh, "
+            "consumed_wh = consumed_wh + excluded.consumed_wh",
+            [(b, p, c) for b, (p, c) in energy.items()])
+        conn.executemany("INSERT OR REPLACE INTO hist_meter_last (meter, sim, energy_wh) VALUES (?, ?, ?)",
+                         [(m, sim, e) for m, (sim, e) in meters.items()])
+        if energy:
+            conn.execute("DELETE FROM hist_energy WHERE bucket < (SELECT bucket FROM hist_energy ORDER BY bucket DESC "
+                         "LIMIT 1 OFFSET ?)", (KEEP_BUCKETS - 1,))
 
     @staticmethod
     def _project(anchor: tuple[float, float, float] | None, wall: float) -> float:
@@ -186,8 +270,10 @@ class History:
             conn.execute("UPDATE hist_trades SET recorded_at = COALESCE(recorded_at, ?) WHERE trade_id = ?",
                          (ts, body.trade_id))
         elif isinstance(body, ev.Settled):
+            self._settlement(conn, ts, body.trade_id, body.delivered_wh, body.paid_wei)
             self._paid(conn, body.trade_id, body.delivered_wh, body.paid_wei)
         elif isinstance(body, ev.TradeClosedOnChain):
+            self._settlement(conn, ts, body.trade_id, body.delivered_wh, body.paid_wei)
             self._paid(conn, body.trade_id, body.delivered_wh, body.paid_wei)
             conn.execute("UPDATE hist_trades SET refunded_wei = ?, settled_at = COALESCE(settled_at, ?) "
                          "WHERE trade_id = ?", (str(body.refunded_wei), ts, body.trade_id))
@@ -222,6 +308,25 @@ class History:
             "delivered_wh = MAX(hist_trades.delivered_wh, excluded.delivered_wh)",
             (b.trade_id, getattr(b, "offer_id", ""), b.seller, b.buyer, b.seller_site, b.buyer_site, b.wh,
              str(b.price_wei_per_kwh), state, getattr(b, "delivered_wh", 0), ts))
+
+    def _settlement(self, conn: sqlite3.Connection, ts: float, trade_id: str, delivered_wh: int,
+                    paid_wei: int) -> None:
+        """What this settlement added to a trade of this site (the chain's numbers are cumulative)."""
+        row = conn.execute("SELECT 1 FROM hist_trades WHERE trade_id = ? AND (seller_site = ? OR buyer_site = ?)",
+                           (trade_id, self.site, self.site)).fetchone()
+        if row is None:
+            return
+        last = conn.execute("SELECT delivered_wh, paid_wei FROM hist_settlements WHERE trade_id = ? "
+                            "ORDER BY id DESC LIMIT 1", (trade_id,)).fetchone()
+        wh0, wei0 = (last[0], int(last[1])) if last else (0, 0)
+        d_wh, d_wei = max(0, delivered_wh - wh0), max(0, paid_wei - wei0)
+        if not d_wh and not d_wei:
+            return
+        conn.execute("INSERT INTO hist_settlements (trade_id, at, delivered_wh, paid_wei, d_wh, d_wei) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", (trade_id, ts, max(delivered_wh, wh0), str(max(paid_wei, wei0)),
+                                                   d_wh, str(d_wei)))
+        conn.execute("DELETE FROM hist_settlements WHERE id <= (SELECT MAX(id) FROM hist_settlements) - ?",
+                     (KEEP_SETTLEMENTS,))
 
     @staticmethod
     def _paid(conn: sqlite3.Connection, trade_id: str, delivered_wh: int, paid_wei: int) -> None:
@@ -374,6 +479,39 @@ class History:
                    "SELECT at, kind, price, ref, wh, who FROM hist_prices ORDER BY id DESC LIMIT ?", (limit,))]
         out.reverse()
         return out
+
+    def figures(self, account: str, start: int, end: int, tariffs: figures.Tariffs,
+                tz_offset_s: int = 0) -> tuple[list[figures.Row], figures.Row]:
+        """The account's figures per day of site time in ``[start, end)`` and their total
+        (raises :class:`figures.RangeError` for a range it cannot give)."""
+        figures.check_range(start, end, tz_offset_s)
+        wh: dict[int, list[float]] = {}
+        lo, hi = figures.bucket_of(start), end
+        for b, p, c in self.store.conn.execute(
+                "SELECT bucket, produced_wh, consumed_wh FROM hist_energy WHERE bucket >= ? AND bucket < ?", (lo, hi)):
+            wh[b] = [p, c]
+        for pending in (self._flushing, self._energy):
+            for b, (p, c) in pending.items():
+                if lo <= b < hi:
+                    acc = wh.setdefault(b, [0.0, 0.0])
+                    acc[0] += p
+                    acc[1] += c
+        buckets = [(b, round(p * figures.MWH_PER_WH), round(c * figures.MWH_PER_WH)) for b, (p, c) in wh.items()]
+        me = account.lower()
+        settlements = []
+        for at, d_wh, d_wei, seller in self.store.conn.execute(
+                "SELECT s.at, s.d_wh, s.d_wei, t.seller FROM hist_settlements s JOIN hist_trades t USING (trade_id) "
+                "WHERE t.seller = ? COLLATE NOCASE OR t.buyer = ? COLLATE NOCASE ORDER BY s.id", (me, me)):
+            sim = self.sim_of(at)
+            assert sim is not None
+            settlements.append(figures.Settlement(sim_at=sim, wh=d_wh, wei=int(d_wei), sold=seller.lower() == me))
+        return figures.compute(buckets, settlements, start, end, tariffs, tz_offset_s)
+
+    def today(self, tz_offset_s: int = 0) -> tuple[int, int]:
+        """The current day of the site's clock: (start, end) in site time."""
+        now = self.sim_of(self.now())
+        d = figures.day_of(now if now is not None else self.now(), tz_offset_s)
+        return d, d + figures.DAY_S
 
     def recent_readings(self, limit: int = 720) -> list[dict[str, Any]]:
         return list(self.readings)[-limit:]

@@ -452,3 +452,48 @@ class AgentOut(Out):
     soc: float | None
     sim_ts: float | None
     actions: list[AgentActionOut]
+
+
+SignedWeiOut = Annotated[int, PlainSerializer(lambda v: str(v), return_type=str),
+                         WithJsonSchema({"type": "string", "pattern": r"^-?[0-9]{1,78}$",
+                                         "description": "wei as a decimal string, negative when below zero"},
+                                        mode="serialization")]
+"""Wei in a response that may be negative (a cost after earnings, a saving that is a loss)."""
+
+
+class FiguresRow(Out):
+    """A day's (or the range's) figures of the account: energy in Wh (three decimals), money in wei."""
+
+    day: str = Field(description="the day of the site's clock (YYYY-MM-DD), or 'total'")
+    start: int = Field(description="site time, Unix s (inclusive)")
+    end: int = Field(description="site time, Unix s (exclusive)")
+    produced_wh: float = Field(description="counted by the site's meters")
+    consumed_wh: float = Field(description="the site's load, from its meters' readings")
+    bought_local_wh: float = Field(description="delivered to this account in trades, as the chain settled them")
+    sold_local_wh: float = Field(description="delivered by this account in trades, as the chain settled them")
+    bought_local_wei: WeiOut = Field(description="paid by this account in trades (chain settlements)")
+    sold_local_wei: WeiOut = Field(description="paid to this account in trades (chain settlements)")
+    utility_import_wh: float = Field(description="what production and local trades did not cover (per 15 minutes)")
+    utility_export_wh: float = Field(description="the surplus left after consumption and local trades")
+    self_sufficiency: float | None = Field(description="share of consumption not bought from the utility (0..1); "
+                                                       "None when nothing was consumed")
+    baseline_cost_wei: SignedWeiOut = Field(description="utility only: consumption at the retail tariff minus "
+                                                        "production at the feed-in tariff")
+    actual_cost_wei: SignedWeiOut = Field(description="utility import at retail minus export at feed-in, plus paid "
+                                                      "minus earned in local trades")
+    saved_wei: SignedWeiOut = Field(description="baseline minus actual")
+
+
+class TariffsOut(Out):
+    retail_wei_per_kwh: WeiOut
+    feed_in_wei_per_kwh: WeiOut
+
+
+class FiguresOut(Out):
+    start: int = Field(description="the range's start, site time (Unix s)")
+    end: int = Field(description="the range's end (exclusive), site time (Unix s)")
+    tz_offset_s: int = Field(description="days begin at midnight of site time shifted by this many seconds")
+    days: list[FiguresRow]
+    total: FiguresRow
+    tariffs: TariffsOut
+    clock: ClockOut

@@ -30,6 +30,7 @@ class Route:
     status: int = 200
     errors: tuple[int, ...] = ()
     tag: str = "wallet"
+    query: tuple[tuple[str, str], ...] = ()  # optional integer query parameters: (name, description)
 
 
 _SESSION_ERRORS = (401, 503)
@@ -89,6 +90,14 @@ ROUTES: tuple[Route, ...] = (
           "same as CSV: GET /api/history.csv)", m.HistoryOut, errors=(401,), tag="history"),
     Route("GET", "/api/prices", "prices", "The market's start bids, bids, trade and clearing prices over time",
           m.PricesOut, errors=(401,), tag="history"),
+    Route("GET", "/api/figures", "figures",
+          "Your site's figures per day of site time and in total: energy produced, consumed, traded locally (as "
+          "the chain settled it) and exchanged with the utility, self-sufficiency and money saved against the "
+          "utility's tariffs. Query: from, to (site time, Unix s; default the site's current day), tz_offset_s "
+          "(days start at midnight shifted by it; default 0). The same as CSV: GET /api/figures.csv",
+          m.FiguresOut, errors=(400, 401), tag="history",
+          query=(("from", "the range's start, site time (Unix s)"), ("to", "the range's end (exclusive), site time"),
+                 ("tz_offset_s", "days begin at midnight shifted by this many seconds (quarter hours)"))),
     Route("GET", "/api/readings", "readings", "This site's latest meter readings (for the charts)", m.ReadingsOut,
           errors=(401,), tag="history"),
 )
@@ -143,7 +152,9 @@ def document(routes: tuple[Route, ...] = ROUTES, *, title: str = "gridtrade gate
             op["security"] = [{"session": []}]
             op["responses"].setdefault("401", {"description": _REASONS[401],
                                                "content": {"application/json": {"schema": error_ref}}})
-        if params := _path_params(r.path):
+        params = _path_params(r.path) + [{"name": name, "in": "query", "required": False, "description": text,
+                                          "schema": {"type": "integer"}} for name, text in r.query]
+        if params:
             op["parameters"] = params
         if r.body is not None:
             op["requestBody"] = {"required": r.body is not m.Empty,

@@ -1,4 +1,4 @@
-"""The wallet pages' own routes (history, prices, readings, the site's facts) and the
+"""The wallet pages' own routes (history, prices, readings, figures, the site's facts) and the
 balance watch that pushes changed balances to open pages: a mixin of
 :class:`services.gateway.app.Gateway`, kept apart from the trading routes."""
 
@@ -13,6 +13,7 @@ from aiohttp import web
 from services.bus import RequestError
 from services.bus import commands as cmd
 
+from . import figures as fig
 from . import models as m
 from .history import History, to_csv
 
@@ -64,6 +65,68 @@ class Pages:
     async def readings(self: Gateway, request: web.Request, session: Any) -> m.ReadingsOut:
         return m.ReadingsOut(readings=[m.ReadingPoint(**r) for r in self.history.recent_readings()],
                              clock=self.clock_out())
+
+    def _figures(self: Gateway, request: web.Request, session: Any) -> tuple[int, int, int, list[fig.Row], fig.Row]:
+        """The figures ``?from=&to=&tz_offset_s=`` ask for (site time, Unix s; default: the
+        site's current day); a 400 with words for a bad range."""
+        from .app import ApiError
+        q = request.query
+        try:
+            tz = int(q.get("tz_offset_s", "0"))
+        except ValueError:
+            raise ApiError(400, "bad_range", "tz_offset_s must be whole seconds (e.g. 3600)") from None
+        parsed: dict[str, int] = {}
+        for key in ("from", "to"):
+            text = q.get(key, "").strip()
+            if not text:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not value == value or abs(value) > 2**40:  # NaN, inf, or no time at all
+                raise ApiError(400, "bad_range", f"'{key}' must be a time in Unix seconds of the site's clock "
+                                                 "(e.g. 1718000000)")
+            parsed[key] = int(value)
+        try:
+            fig.check_range(0, 1, tz)
+            today = self.history.today(tz)
+            start = parsed.get("from", today[0] if "to" not in parsed else parsed["to"] - fig.DAY_S)
+            end = parsed.get("to", start + fig.DAY_S if "from" in parsed else today[1])
+            tariffs = fig.Tariffs(self.settings.tariff_retail_wei_per_kwh, self.settings.tariff_feed_in_wei_per_kwh)
+            days, total = self.history.figures(session.address, start, end, tariffs, tz)
+        except fig.RangeError as e:
+            raise ApiError(400, "bad_range", str(e)) from None
+        return start, end, tz, days, total
+
+    async def figures_page(self: Gateway, request: web.Request, session: Any) -> m.FiguresOut:
+        start, end, tz, days, total = self._figures(request, session)
+
+        def row(r: fig.Row) -> m.FiguresRow:
+            return m.FiguresRow(
+                day=r.day, start=r.start, end=r.end, produced_wh=fig.wh(r.produced_mwh),
+                consumed_wh=fig.wh(r.consumed_mwh), bought_local_wh=fig.wh(r.bought_local_mwh),
+                sold_local_wh=fig.wh(r.sold_local_mwh), bought_local_wei=r.bought_local_wei,
+                sold_local_wei=r.sold_local_wei, utility_import_wh=fig.wh(r.utility_import_mwh),
+                utility_export_wh=fig.wh(r.utility_export_mwh), self_sufficiency=r.self_sufficiency,
+                baseline_cost_wei=r.baseline_cost_wei, actual_cost_wei=r.actual_cost_wei, saved_wei=r.saved_wei)
+
+        s = self.settings
+        return m.FiguresOut(start=start, end=end, tz_offset_s=tz, days=[row(d) for d in days], total=row(total),
+                            tariffs=m.TariffsOut(retail_wei_per_kwh=s.tariff_retail_wei_per_kwh,
+                                                 feed_in_wei_per_kwh=s.tariff_feed_in_wei_per_kwh),
+                            clock=self.clock_out())
+
+    async def figures_csv(self: Gateway, request: web.Request) -> web.Response:
+        session = self.session_of(request)
+        if session is None:
+            from .app import ApiError
+            raise ApiError(401, "no_session", "log in first (no session, or it has expired)")
+        start, end, _, days, total = self._figures(request, session)
+        name = f"gridtrade-{self.site}-{session.address[:10].lower()}-figures-{fig.day_name(start)}.csv"
+        return web.Response(text=fig.to_csv(days, total), content_type="text/csv", charset="utf-8",
+                            headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                     "Cache-Control": "no-store"})
 
     # --- balances pushed to the pages ------------------------------------------------------
 

@@ -6,10 +6,12 @@ Screenshots go to test-artifacts/, and to docs/ when missing or GRIDTRADE_DOCS_S
 
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 import pathlib
 import re
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -174,6 +176,30 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         await expect(buyer.locator("#fig-load")).to_have_text(re.compile(r"^\d+\.\d\d$"))
         await expect(buyer.locator("#chart-price")).to_be_hidden()
         await expect(buyer.locator("#chart-price-big")).to_contain_text("No bids or trades yet")
+
+        # the site's figures: the site's current (simulated) day, its totals, charts per day, the same as CSV
+        day = buyer.locator("#figures-day")
+        await expect(day).to_have_text(re.compile(r"^2024-0[67]-\d\d \(today, site time\)$"), timeout=WAIT)
+        await expect(buyer.locator("#ft-consumed")).to_have_text(re.compile(r"^\d+(\.\d+)?$"))
+        await expect(buyer.locator("#ft-self")).to_have_text(re.compile(r"^(\d+ %|– \(nothing consumed\))$"))
+        await expect(buyer.locator("#ft-saved")).to_have_attribute("data-wei", re.compile(r"^-?\d+$"))
+        await expect(buyer.locator("#chart-days svg rect.bar").first).to_be_attached(timeout=WAIT)
+        today = (await day.text_content() or "")[:10]
+        assert re.fullmatch(r"2024-0[67]-\d\d", await buyer.locator("#figures-from").input_value())
+        href = await buyer.locator("#figures-csv").get_attribute("href") or ""
+        assert href.startswith("/api/figures.csv?"), href
+        table = list(csv.DictReader(io.StringIO(await (await buyer.request.get(grid.url("home-7") + href)).text())))
+        # (a site day lasts a minute here: the CSV may already be of the next one)
+        assert len(table) == 2 and table[0]["day (site time)"] >= today and table[1]["day (site time)"] == "total"
+        # a range of two days: a bar group per day, the CSV link follows
+        y, mo, d = map(int, today.split("-"))
+        yesterday = time.strftime("%Y-%m-%d", time.gmtime(calendar.timegm((y, mo, d, 0, 0, 0)) - 86400))
+        await buyer.fill("#figures-from", yesterday)
+        await buyer.click("#figures-show")
+        await expect(day).to_have_text(f"{yesterday} to {today} (2 days)", timeout=WAIT)
+        await expect(buyer.locator("#figures-csv")).to_have_attribute("href", re.compile(r"from=\d+&to=\d+"))
+        await buyer.click("#figures-today")
+        await expect(day).to_have_text(re.compile(r"\(today, site time\)$"), timeout=WAIT)
 
         # every page: no serious accessibility violation; screenshots for the README
         for view in VIEWS:

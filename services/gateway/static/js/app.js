@@ -26,6 +26,8 @@ const state = {
   history: [],
   prices: [],
   readings: [],
+  figures: null,        // /api/figures: the site's figures per day of the chosen range
+  figRange: null,       // {from, to} in site time (Unix s), or null for the site's current day
   clock: { wall: Date.now() / 1000, sim: Date.now() / 1000, scale: 1, simulated: false },
   clockSkew: 0,         // server time - local time, seconds
   ws: null,
@@ -263,7 +265,7 @@ function route() {
   if (view === 'market') loadMarket();
   if (view === 'wallet') { loadWallet(); loadHistory(); loadFigures(); }
   if (view === 'history') loadHistory();
-  if (view === 'figures') { loadFigures(); loadMarket(); }
+  if (view === 'figures') { loadFigures(); loadMarket(); loadSiteFigures(); }
   if (view === 'agent') loadAgent();
 }
 
@@ -287,6 +289,7 @@ function applyUnits() {
   renderTrades();
   renderHistory();
   renderCharts();
+  renderSiteFigures();
   renderTxs();
   renderAgent();
 }
@@ -1016,10 +1019,136 @@ function renderFigures() {
     : 'Times are the site\'s (this browser\'s) time.';
 }
 
+// --- the site's figures per day of site time ------------------------------------------------
+
+// days start at midnight of this browser's time zone, as the site's times are shown
+function tzOffset() {
+  const at = state.clock && state.clock.sim ? state.clock.sim * 1000 : Date.now();
+  const o = -new Date(at).getTimezoneOffset() * 60;
+  return o % 900 === 0 && Math.abs(o) <= 14 * 3600 ? o : 0;
+}
+
+function figuresQuery() {
+  const r = state.figRange;
+  return `?${r ? `from=${r.from}&to=${r.to}&` : ''}tz_offset_s=${tzOffset()}`;
+}
+
+async function loadSiteFigures() {
+  if (!state.me) return;
+  const q = figuresQuery();
+  try {
+    state.figures = await api('GET', '/api/figures' + q);
+    $('#figures-status').textContent = '';
+  } catch (e) {
+    $('#figures-status').textContent = e.message;
+    return;
+  }
+  $('#figures-csv').href = '/api/figures.csv' + q;
+  renderSiteFigures();
+}
+
+// a date typed in a date field -> the site's time of that day's midnight (this browser's zone)
+function dayStart(value) {
+  const m = /^(\d{4})-(\d{2})-(\d{2})$/.exec(value || '');
+  return m ? new Date(Number(m[1]), Number(m[2]) - 1, Number(m[3])).getTime() / 1000 : null;
+}
+
+function showRange(ev) {
+  ev.preventDefault();
+  const from = dayStart($('#figures-from').value);
+  const to = dayStart($('#figures-to').value || $('#figures-from').value);
+  if (from == null || to == null) { $('#figures-status').textContent = 'Choose the first and the last day to show.'; return; }
+  if (to < from) { $('#figures-status').textContent = 'The last day comes before the first: choose them again.'; return; }
+  state.figRange = { from, to: to + 86400 };
+  loadSiteFigures();
+}
+
+function showToday() {
+  state.figRange = null;
+  $('#figures-from').value = '';
+  $('#figures-to').value = '';
+  loadSiteFigures();
+}
+
+function renderSiteFigures() {
+  const f = state.figures;
+  if (!f) return;
+  const t = f.total;
+  const days = f.days;
+  const first = days[0] ? days[0].day : '';
+  const last = days.length ? days[days.length - 1].day : '';
+  $('#figures-day').textContent = days.length === 1 ? `${first}${state.figRange ? '' : ' (today, site time)'}`
+    : `${first} to ${last} (${days.length} days)`;
+  if (!$('#figures-from').value) $('#figures-from').value = first;
+  if (!$('#figures-to').value) $('#figures-to').value = last;
+  energy($('#ft-produced'), t.produced_wh);
+  energy($('#ft-consumed'), t.consumed_wh);
+  energy($('#ft-bought'), t.bought_local_wh);
+  energy($('#ft-sold'), t.sold_local_wh);
+  energy($('#ft-import'), t.utility_import_wh);
+  energy($('#ft-export'), t.utility_export_wh);
+  amount($('#ft-bought-wei'), t.bought_local_wei);
+  amount($('#ft-sold-wei'), t.sold_local_wei);
+  amount($('#ft-saved'), t.saved_wei);
+  $('#ft-self').textContent = t.self_sufficiency == null ? '– (nothing consumed)' : `${Math.round(t.self_sufficiency * 100)} %`;
+  $('#ft-retail').textContent = priceText(f.tariffs.retail_wei_per_kwh);
+  $('#ft-feed-in').textContent = priceText(f.tariffs.feed_in_wei_per_kwh);
+  renderDayCharts();
+}
+
+function renderDayCharts() {
+  const f = state.figures;
+  const visible = (id) => { const c = $(id); return c && c.offsetParent !== null ? c : null; };
+  if (!f) return;
+  const mid = (d) => (d.start + d.end) / 2;
+  const per = energyUnit() === 'kWh' ? 1000 : 1;
+  const e = (wh) => wh / per;
+  const days = f.days;
+  const width = Math.max(...days.map((d) => d.end - d.start)) * 0.8;
+  const box = visible('#chart-days');
+  if (box) {
+    const series = [
+      ['produced', '#2c7a3f', (d) => d.produced_wh],
+      ['consumed', '#b3401b', (d) => d.consumed_wh],
+      ['traded locally', '#2a62b0', (d) => d.bought_local_wh + d.sold_local_wh],
+      ['with the utility', '#6b6b6b', (d) => d.utility_import_wh + d.utility_export_wh],
+    ].map(([label, color, get]) => ({ label, color, kind: 'bars',
+      points: days.map((d) => [mid(d), e(get(d)), `${d.day}: ${label} ${energyText(get(d))}`]) }));
+    const t = f.total;
+    draw(box, { title: 'Energy per day', yLabel: energyUnit(), minSpan: 86400 * 1.5, barWidth: width, series,
+      xLabel: 'site day',
+      summary: `In all: produced ${energyText(t.produced_wh)}, consumed ${energyText(t.consumed_wh)}, bought locally `
+        + `${energyText(t.bought_local_wh)}, sold locally ${energyText(t.sold_local_wh)}, from the utility `
+        + `${energyText(t.utility_import_wh)}, to the utility ${energyText(t.utility_export_wh)}.` });
+  }
+  const selfBox = visible('#chart-self');
+  if (selfBox) {
+    const pts = days.filter((d) => d.self_sufficiency != null)
+      .map((d) => [mid(d), Math.round(d.self_sufficiency * 1000) / 10, `${d.day}: ${Math.round(d.self_sufficiency * 100)} %`]);
+    draw(selfBox, { title: 'Self-sufficiency', yLabel: '%', minSpan: 86400 * 1.5, barWidth: width / 2, xLabel: 'site day',
+      series: [{ label: 'self-sufficiency (%)', color: '#2c7a3f', kind: 'bars', points: pts }],
+      empty: 'Nothing consumed in these days yet.',
+      summary: f.total.self_sufficiency == null ? '' : `In all: ${Math.round(f.total.self_sufficiency * 100)} %.` });
+  }
+  const savedBox = visible('#chart-saved');
+  if (savedBox) {
+    const pts = days.map((d) => [mid(d), Number(exactEther(d.saved_wei)), `${d.day}: saved ${etherText(d.saved_wei)}`]);
+    draw(savedBox, { title: 'Saved', yLabel: etherUnit(), minSpan: 86400 * 1.5, barWidth: width / 2, xLabel: 'site day',
+      series: [{ label: `saved against the utility (${etherUnit()})`, color: '#9a6a00', kind: 'bars', points: pts }],
+      summary: `In all: ${etherText(f.total.saved_wei)} saved.` });
+  }
+}
+
 let chartTimer = null;
 function renderChartsSoon() { if (!chartTimer) chartTimer = setTimeout(() => { chartTimer = null; renderCharts(); }, 1000); }
 
+let siteFiguresTimer = null;
+function refreshSiteFigures() {
+  if (!siteFiguresTimer) siteFiguresTimer = setTimeout(() => { siteFiguresTimer = null; loadSiteFigures(); }, 1000);
+}
+
 function renderCharts() {
+  renderDayCharts();
   const visible = (id) => { const c = $(id); return c && c.offsetParent !== null ? c : null; };
   const energyBox = visible('#chart-energy');
   if (energyBox) {
@@ -1172,6 +1301,7 @@ function onEvent(msg) {
       }
       refreshWallet();
       refreshHistory();
+      if (state.view === 'figures') refreshSiteFigures();
       break;
     }
     case 'chain.tx': {
@@ -1237,6 +1367,9 @@ async function start() {
   for (const id of ['#transfer-to', '#transfer-amount']) {
     $(id).addEventListener('input', (e) => { e.target.removeAttribute('aria-invalid'); $(`${id}-error`).textContent = ''; });
   }
+  $('#figures-range').addEventListener('submit', showRange);
+  $('#figures-today').addEventListener('click', showToday);
+  setInterval(() => { if (state.me && state.view === 'figures') loadSiteFigures(); }, 15000);
   window.addEventListener('hashchange', route);
   window.addEventListener('resize', renderChartsSoon);
   setInterval(tick, 250);

@@ -48,8 +48,9 @@ function timeLabel(t, step, first) {
   return (midnight || first) && step >= 3600 ? `${siteTime(t, true).slice(5, 10)} ${siteTime(t)}` : siteTime(t);
 }
 
-// `spec`: {title, yLabel, yUnit, series: [{label, color, kind: 'line'|'dots'|'step', points: [[t, y]]}],
-//          spans: [{from, to, label}], markers: [{t, label}], minSpan (s), yMin0}
+// `spec`: {title, yLabel, yUnit, series: [{label, color, kind: 'line'|'dots'|'step'|'bars', points: [[t, y]]}],
+//          spans: [{from, to, label}], markers: [{t, label}], minSpan (s), yMin0,
+//          barWidth (s: the width of a group of 'bars' side by side around a point's time)}
 export function draw(container, spec) {
   const width = Math.max(280, Math.floor(container.clientWidth || 600));
   const all = spec.series.flatMap((s) => s.points).filter((p) => p[1] != null && Number.isFinite(p[1]));
@@ -60,7 +61,7 @@ export function draw(container, spec) {
   legend.className = 'legend';
   for (const s of spec.series) {
     const li = document.createElement('li');
-    li.innerHTML = `<span class="swatch ${s.kind === 'dots' ? 'dot' : ''}" style="background:${s.color}"></span>`;
+    li.innerHTML = `<span class="swatch ${s.kind === 'dots' ? 'dot' : s.kind === 'bars' ? 'bar' : ''}" style="background:${s.color}"></span>`;
     li.append(document.createTextNode(s.label));
     legend.append(li);
   }
@@ -80,6 +81,7 @@ export function draw(container, spec) {
   let x0 = Math.min(...times);
   let x1 = Math.max(...times);
   const minSpan = spec.minSpan || 3600;
+  if (spec.barWidth) { x0 -= spec.barWidth / 2; x1 += spec.barWidth / 2; }  // whole bars at the edges
   if (x1 - x0 < minSpan) { const mid = (x0 + x1) / 2; x0 = mid - minSpan / 2; x1 = mid + minSpan / 2; }
   const xpad = (x1 - x0) * 0.03;  // no dot sits on an edge
   x0 -= xpad; x1 += xpad;
@@ -132,10 +134,23 @@ export function draw(container, spec) {
     'text-anchor': 'middle', class: 'axis-label' }, spec.yLabel));
   svg.append(gy);
   const plot = el('g', { 'clip-path': `url(#${clip})` });
+  const bars = spec.series.filter((s) => s.kind === 'bars');
   for (const s of spec.series) {
     const pts = s.points.filter((p) => p[1] != null && Number.isFinite(p[1]));
     if (!pts.length) continue;
-    if (s.kind === 'dots') {
+    if (s.kind === 'bars') {
+      // side by side around each point's time, `barWidth` seconds for the group
+      const group = Math.max(3, X(x0 + (spec.barWidth || 3600)) - X(x0));
+      const one = group / bars.length;
+      const i = bars.indexOf(s);
+      for (const p of pts) {
+        const top = Math.min(Y(p[1]), Y(0));
+        const r = el('rect', { x: X(p[0]) - group / 2 + i * one, y: top, width: Math.max(1, one - 1),
+          height: Math.max(p[1] ? 1 : 0, Math.abs(Y(p[1]) - Y(0))), fill: s.color, class: `bar ${s.cls || ''}` });
+        if (p[2]) r.append(el('title', {}, p[2]));
+        plot.append(r);
+      }
+    } else if (s.kind === 'dots') {
       for (const p of pts) {
         const c = el('circle', { cx: X(p[0]), cy: Y(p[1]), r: s.size || 4, fill: s.color, class: `dot ${s.cls || ''}` });
         if (p[2]) c.append(el('title', {}, p[2]));
