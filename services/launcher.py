@@ -193,34 +193,32 @@ async def hand_over(o: Options, passphrases: dict[str, str]) -> list[str]:
     import zmq.asyncio
 
     done: list[str] = []
-    ctx = zmq.asyncio.Context()
-    try:
-        for port, site, role, account in ((12, PRODUCER, "producer", o.producer_account),
-                                          (13, CONSUMER, "consumer", o.consumer_account),
-                                          (14, UTILITY, "grid", o.utility_account)):
-            pw = passphrases.get(f"{site} {role}")
-            if not pw or not account:
-                continue
-            sec = Security(o.data.resolve() / "keys", site)
-            sec.start(ctx)
-            wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + port}", server_site=site, timeout_s=30)
-            try:
-                await wallet.request(C.Unlock(address=account, passphrase=pw, ttl_s=86400))
-                done.append(f"unlocked {site}'s account in its wallet for a day (its agent signs through it)")
-                if role in ("consumer", "grid") and o.agents:  # they bid: escrow first
-                    deadline = time.monotonic() + 60
-                    while (await wallet.request(C.GetBalances(address=account))).ether_wei < FIRST_DEPOSIT_WEI * 2:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the consumer's account was not funded")
-                        await asyncio.sleep(1.0)
-                    await wallet.request(C.Escrow(account=account, action="deposit", amount_wei=FIRST_DEPOSIT_WEI))
-                    done.append(f"deposited {FIRST_DEPOSIT_WEI / 10**18:g} ETH of {site}'s Ether in the market's "
-                                "escrow for its agent's bids")
-            finally:
-                await wallet.close()
-                sec.stop()
-    finally:
-        ctx.destroy(0)
+    for port, site, role, account in ((12, PRODUCER, "producer", o.producer_account),
+                                      (13, CONSUMER, "consumer", o.consumer_account),
+                                      (14, UTILITY, "grid", o.utility_account)):
+        pw = passphrases.get(f"{site} {role}")
+        if not pw or not account:
+            continue
+        ctx = zmq.asyncio.Context()  # one ZAP authenticator per context: one context per site key
+        sec = Security(o.data.resolve() / "keys", site)
+        sec.start(ctx)
+        wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + port}", server_site=site, timeout_s=30)
+        try:
+            await wallet.request(C.Unlock(address=account, passphrase=pw, ttl_s=86400))
+            done.append(f"unlocked {site}'s account in its wallet for a day (its agent signs through it)")
+            if role in ("consumer", "grid") and o.agents:  # they bid: escrow first
+                deadline = time.monotonic() + 60
+                while (await wallet.request(C.GetBalances(address=account))).ether_wei < FIRST_DEPOSIT_WEI * 2:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the account of {site} was not funded")
+                    await asyncio.sleep(1.0)
+                await wallet.request(C.Escrow(account=account, action="deposit", amount_wei=FIRST_DEPOSIT_WEI))
+                done.append(f"deposited {FIRST_DEPOSIT_WEI / 10**18:g} ETH of {site}'s Ether in the market's "
+                            "escrow for its agent's bids")
+        finally:
+            await wallet.close()
+            sec.stop()
+            ctx.destroy(0)
     return done
 
 

@@ -476,11 +476,12 @@ class MeterRunner:
             return
         at = interpolate(list(samples), peer["buyer_ts"])
         assert at is not None
-        # the two ends read at different moments and their relays closed a reading apart:
-        # one reading's worth of flow is timing, not loss
+        # the two ends read at different moments, and each relay closed on its own meter's
+        # reading loop (up to a reading late, at either end): two readings' worth of flow is
+        # timing, not loss (at a high time scale a reading carries many Wh)
         recent = list(samples)[-10:]
         step = max((b[1] - a[1] for a, b in zip(recent, recent[1:])), default=0)
-        if mismatch(peer["buyer_wh"], round(at), s.mismatch_tolerance, s.mismatch_slack_wh + step):
+        if mismatch(peer["buyer_wh"], round(at), s.mismatch_tolerance, s.mismatch_slack_wh + 2 * step):
             self._flag(conn, trade_id, peer["buyer_wh"], round(at),
                        f"mismatch: the buyer's meter signed {peer['buyer_wh']} Wh, the seller exported {round(at)} Wh,"
                        f" beyond the {100 * s.mismatch_tolerance:.0f} % tolerance")
