@@ -183,42 +183,56 @@ def add_utility(o: Options, add: Callable[..., Proc], chain_url: str) -> None:
          "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 14}", "GRIDTRADE_AGENT_STRATEGY": "utility"})
 
 
-async def hand_over(o: Options, passphrases: dict[str, str]) -> list[str]:
-    """A first start: the new accounts are unlocked in their sites' wallets for a day (as the
-    owner's login would), so the agents trade at once, and the consumer puts a first
-    deposit in the market's escrow for its agent's bids. Later starts leave this to the
-    owner: a login unlocks the key again. Returns what was done, in words."""
+WALLET_PORTS = {PRODUCER: 12, CONSUMER: 13, UTILITY: 14}  # a site's wallet: base port + this
+
+
+async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str, *, ttl_s: float = 86400,
+                           deposit_wei: int = 0) -> list[str]:
+    """Unlock ``account`` in its site's wallet (over the bus, with the site's own key, as
+    the site's gateway does at a login) and, with ``deposit_wei``, put that much of its
+    Ether in the market's escrow once it is funded. Returns what was done, in words."""
     from services.bus import RpcClient, Security
     from services.bus import commands as C
     import zmq.asyncio
 
     done: list[str] = []
-    for port, site, role, account in ((12, PRODUCER, "producer", o.producer_account),
-                                      (13, CONSUMER, "consumer", o.consumer_account),
-                                      (14, UTILITY, "grid", o.utility_account)):
+    ctx = zmq.asyncio.Context()  # one ZAP authenticator per context: one context per site key
+    sec = Security(o.data.resolve() / "keys", site)
+    sec.start(ctx)
+    wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + WALLET_PORTS[site]}", server_site=site,
+                       timeout_s=30)
+    try:
+        await wallet.request(C.Unlock(address=account, passphrase=passphrase, ttl_s=ttl_s))
+        done.append(f"unlocked {site}'s account in its wallet for {ttl_s / 3600:g} h (its agent signs through it)")
+        if deposit_wei:
+            deadline = time.monotonic() + 60
+            while (await wallet.request(C.GetBalances(address=account))).ether_wei < deposit_wei * 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the account of {site} was not funded")
+                await asyncio.sleep(1.0)
+            await wallet.request(C.Escrow(account=account, action="deposit", amount_wei=deposit_wei))
+            done.append(f"deposited {deposit_wei / 10**18:g} ETH of {site}'s Ether in the market's escrow for its "
+                        "agent's bids")
+    finally:
+        await wallet.close()
+        sec.stop()
+        ctx.destroy(0)
+    return done
+
+
+async def hand_over(o: Options, passphrases: dict[str, str]) -> list[str]:
+    """A first start: the new accounts are unlocked in their sites' wallets for a day (as the
+    owner's login would), so the agents trade at once, and the consumer and the utility put a
+    first deposit in the market's escrow for their agents' bids. Later starts leave this to
+    the owners: a login to the wallet page (or ``gridtrade up unlock``) unlocks a key again.
+    Returns what was done, in words."""
+    done: list[str] = []
+    for site, role, account in ((PRODUCER, "producer", o.producer_account), (CONSUMER, "consumer", o.consumer_account),
+                                (UTILITY, "grid", o.utility_account)):
         pw = passphrases.get(f"{site} {role}")
-        if not pw or not account:
-            continue
-        ctx = zmq.asyncio.Context()  # one ZAP authenticator per context: one context per site key
-        sec = Security(o.data.resolve() / "keys", site)
-        sec.start(ctx)
-        wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + port}", server_site=site, timeout_s=30)
-        try:
-            await wallet.request(C.Unlock(address=account, passphrase=pw, ttl_s=86400))
-            done.append(f"unlocked {site}'s account in its wallet for a day (its agent signs through it)")
-            if role in ("consumer", "grid") and o.agents:  # they bid: escrow first
-                deadline = time.monotonic() + 60
-                while (await wallet.request(C.GetBalances(address=account))).ether_wei < FIRST_DEPOSIT_WEI * 2:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the account of {site} was not funded")
-                    await asyncio.sleep(1.0)
-                await wallet.request(C.Escrow(account=account, action="deposit", amount_wei=FIRST_DEPOSIT_WEI))
-                done.append(f"deposited {FIRST_DEPOSIT_WEI / 10**18:g} ETH of {site}'s Ether in the market's "
-                            "escrow for its agent's bids")
-        finally:
-            await wallet.close()
-            sec.stop()
-            ctx.destroy(0)
+        if pw and account:
+            done += await unlock_in_wallet(o, site, account, pw, deposit_wei=FIRST_DEPOSIT_WEI
+                                           if role in ("consumer", "grid") and o.agents else 0)
     return done
 
 
@@ -412,7 +426,39 @@ async def up(o: Options, reset: bool) -> int:
         say("stopped.")
 
 
+def unlock_main(argv: list[str]) -> int:
+    """``gridtrade up unlock SITE``: unlock a site's account in its running wallet (the
+    passphrase asked for, or GRIDTRADE_PASSPHRASE), e.g. the utility's after a restart."""
+    import getpass
+
+    from services.chain.keystore import Keystore
+
+    p = argparse.ArgumentParser(prog="gridtrade up unlock", description=unlock_main.__doc__)
+    p.add_argument("site", choices=sorted(WALLET_PORTS))
+    p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(os.environ.get("GRIDTRADE_UP_DATA", "data")))
+    p.add_argument("--base-port", type=int, default=5550)
+    p.add_argument("--hours", type=float, default=24.0, help="how long the wallet keeps it unlocked (at most 168)")
+    a = p.parse_args(argv)
+    accounts = Keystore(keystore_of(a.data.resolve(), a.site)).list()
+    if not accounts:
+        print(f"gridtrade up unlock: no account in the keystore of {a.site}", file=sys.stderr)
+        return 1
+    pw = os.environ.get("GRIDTRADE_PASSPHRASE") or getpass.getpass(f"passphrase of {accounts[0].address}: ")
+    o = Options(data=a.data, base_port=a.base_port)
+    try:
+        for line in asyncio.run(unlock_in_wallet(o, a.site, accounts[0].address, pw,
+                                                 ttl_s=min(a.hours, 168.0) * 3600)):
+            say(line)
+    except Exception as e:  # noqa: BLE001 - said in words
+        say(f"could not unlock: {e}")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["unlock"]:
+        return unlock_main(argv[1:])
     p = argparse.ArgumentParser(prog="gridtrade up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(os.environ.get("GRIDTRADE_UP_DATA", "data")),
                    help="where all state lives (default ./data)")

@@ -171,12 +171,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                       req("chain.unlock", address=producer.address, passphrase=producer.passphrase),
                       {**req("chain.approve", account=producer.address, wh=TRADE_WH + SPARE_WH),
                        "retry_on": RETRY, "retry_s": 30}))
-        sold = sell(g, TRADE_WH, PRICE // 2, SOLD_AUCTION_S)
         spare = sell(g, SPARE_WH, PRICE, 3600)
-        # the consumer's wallet reserves the bid's escrow until the bid expires, signs it; the auction takes it
-        expiry = int(sold["ends_at"] + GRACE_S)
+        # the consumer's wallet reserves the bid's escrow past the bid's expiry (before the
+        # auction starts: a block on a loaded machine may take longer than the auction)
         ok(g.requests(HOME, f"wallet:{HOME}", req("chain.reserve", account=consumer.address,
-                                                  total_wei=cost(TRADE_WH, PRICE), until=expiry)))
+                                                  total_wei=cost(TRADE_WH, PRICE),
+                                                  until=int(time.time() + SOLD_AUCTION_S + GRACE_S + 600))))
+        sold = sell(g, TRADE_WH, PRICE // 2, SOLD_AUCTION_S)
+        # ... signs the bid; the auction takes it
+        expiry = int(sold["ends_at"] + GRACE_S)
         ok(g.requests(HOME, "auction", bid_req(sold, consumer.address, HOME, PRICE,
                                                sign_bid(g, HOME, consumer.address, sold, PRICE, expiry))))
         trade_id = f"t-{sold['offer_id']}"
