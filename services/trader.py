@@ -44,16 +44,20 @@ class Trader:
             e.service = "auction" if client is self.auction else "chain"  # who said it, for the caller's words
             raise
 
-    async def sell(self, account: str, wh: int, start_price_wei_per_kwh: int, duration_s: int, *, now: float,
-                   cmd_id: str) -> cmd.OfferPlaced:
-        """Approve, sign and place an english offer of ``wh`` (auction of ``duration_s``)."""
-        try:  # let the market contract lock these tokens once the auction is won
+    async def _approve(self, account: str, wh: int, cmd_id: str) -> None:
+        """Let the market contract lock these tokens once the offer is won."""
+        try:
             await self._ask(self.wallet, cmd.Approve(account=account, wh=wh), f"{cmd_id}:approve")
         except RequestError as e:
             # insufficient_tokens: the allowance left by earlier offers already covers this one
             # (the chain refuses to approve more than the balance); the auction checks the tokens.
             if e.code != "insufficient_tokens":
                 raise
+
+    async def sell(self, account: str, wh: int, start_price_wei_per_kwh: int, duration_s: int, *, now: float,
+                   cmd_id: str) -> cmd.OfferPlaced:
+        """Approve, sign and place an english offer of ``wh`` (auction of ``duration_s``)."""
+        await self._approve(account, wh, cmd_id)
         signed: cmd.SignedOffer = await self._ask(
             self.wallet, cmd.SignOffer(account=account, wh=wh, min_price_wei_per_kwh=start_price_wei_per_kwh,
                                        expiry=int(now + duration_s + self.offer_grace_s),
@@ -102,11 +106,7 @@ class Trader:
         offer: cmd.Offer | None = None
         bid: cmd.Bid | None = None
         if side == "sell":
-            try:
-                await self._ask(self.wallet, cmd.Approve(account=account, wh=wh), f"{cmd_id}:approve")
-            except RequestError as e:
-                if e.code != "insufficient_tokens":
-                    raise
+            await self._approve(account, wh, cmd_id)
             so: cmd.SignedOffer = await self._ask(
                 self.wallet, cmd.SignOffer(account=account, wh=wh, min_price_wei_per_kwh=limit_price_wei_per_kwh,
                                            expiry=expiry, duration_s=self.trade_duration_s), f"{cmd_id}:sign")
