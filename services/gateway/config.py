@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from services.bus.config import BusSettings
@@ -40,5 +42,10 @@ class GatewaySettings(BusSettings):
     auction_min_increment_wei_per_kwh: int = Field(
         default=1, ge=0, description="the auction's minimum increment (the same variable the auction reads), shown "
                                      "on each offer")
+    auction_market: Literal["english", "double", "both"] = Field(
+        default="english", description="which markets the auction runs (the same variable the auction reads): the "
+                                       "page shows the double auction's panel when it runs")
+    auction_clear_interval_s: float = Field(
+        default=15.0, gt=0, description="the double auction's call interval (the same variable the auction reads)")
     gateway_balance_poll_s: float = Field(default=2.0, gt=0, description="how often the balances of the accounts "
                                           "with a page open are read, to push changes (Ether received) to it")
