@@ -151,7 +151,8 @@ def plan(o: Options) -> list[Proc]:
                  "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}"})
         gw = add(f"gateway-{site}", site, _py("services.gateway"),
                  {"GRIDTRADE_HTTP_HOST": o.host, "GRIDTRADE_HTTP_PORT": str(o.http_port + i),
-                  "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}", "GRIDTRADE_AGENT_RPC": agent_rpc},
+                  "GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}",
+                  "GRIDTRADE_AGENT_RPC": agent_rpc if o.agents else ""},
                  http=o.http_port + i)
         gw.public_url = f"http://{o.host}:{o.http_port + i}/"
     return procs

@@ -113,8 +113,13 @@ class Trader:
             offer, signature = so.offer, so.signature
         else:
             offers: cmd.Offers = await self._ask(self.auction, cmd.ListOffers())
-            total = cost_wei(wh, limit_price_wei_per_kwh) + await self.held_for_bids(account, offers.offers,
-                                                                                    except_offer="")
+            book: cmd.OrderBook = await self._ask(self.auction, cmd.ListOrders(calls=0))
+            who = account.lower()
+            # the account's open buy orders of this call stay covered too
+            held_orders = sum(cost_wei(o.wh, o.limit_price_wei_per_kwh) for o in book.orders
+                              if o.side == "buy" and o.state == "open" and o.account.lower() == who)
+            total = cost_wei(wh, limit_price_wei_per_kwh) + held_orders + await self.held_for_bids(
+                account, offers.offers, except_offer="")
             await self._ask(self.wallet, cmd.Reserve(account=account, total_wei=total, until=expiry),
                             f"{cmd_id}:reserve", timeout=self.reserve_timeout_s)
             sb: cmd.SignedBid = await self._ask(

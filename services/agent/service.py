@@ -38,6 +38,10 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS agent_limits (id INTEGER PRIMARY KEY CHECK 
 LOCKED = "the account is locked in the site's wallet: log in to the wallet page once to let the agent trade"
 
 
+async def _nothing() -> None:
+    return None
+
+
 class AgentService(Service):
     name: ClassVar[str] = "agent"
     settings: AgentSettings
@@ -150,20 +154,22 @@ class AgentService(Service):
             return []
         me = await self._account()
         wallet, auction = self.trader.wallet, self.trader.auction
-        bal, offers, mine, every = await asyncio.gather(
+        double = self.settings.agent_market == "double"
+        bal, offers, mine, every, book = await asyncio.gather(
             wallet.request(cmd.GetBalances(address=me)), auction.request(cmd.ListOffers()),
-            auction.request(cmd.ListTrades(account=me)), auction.request(cmd.ListTrades()))
+            auction.request(cmd.ListTrades(account=me)), auction.request(cmd.ListTrades()),
+            auction.request(cmd.ListOrders(calls=0)) if double else _nothing())
         now_sim = r.sim_ts if r.sim_ts is not None else time.time()
         net = self.forecast.net_wh(now_sim, self.limits.horizon_s)
         site = views.site_view(me, bal, offers.offers, mine.trades, soc=r.soc, battery_wh=self.settings.agent_battery_wh,
-                               forecast_net_wh=net)
+                               forecast_net_wh=net, orders=book.orders if book is not None else ())
         market = views.market_view(me, offers.offers, every.trades, now=time.time(),
                                    min_increment=self.settings.auction_min_increment_wei_per_kwh)
         self.last = {"forecast_net_wh": round(net, 1), "surplus_wh": strategy.surplus_wh(site, self.limits),
                      "deficit_wh": strategy.deficit_wh(site, self.limits)}
         if self.settings.agent_strategy == "utility":
             actions = strategy.decide_utility(me, self.limits, self.tariffs, site, market)
-        elif self.settings.agent_market == "double":
+        elif double:  # its open orders of the current call count as committed: one order per call
             actions = strategy.decide_double(me, self.limits, self.tariffs, site, market,
                                              slot=strategy.call_slot(time.time(), self.settings.auction_clear_interval_s))
         else:

@@ -6,6 +6,8 @@ The auction's listings and the wallet's balances become the strategy's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services.auction.lifecycle import LIVE
 from services.bus import commands as cmd
 
@@ -31,17 +33,25 @@ def market_view(me: str, offers: list[cmd.OfferView], trades: list[cmd.TradeView
 
 
 def site_view(me: str, bal: cmd.Balances, offers: list[cmd.OfferView], trades: list[cmd.TradeView], *,
-              soc: float | None, battery_wh: float, forecast_net_wh: float) -> SiteView:
-    """The account's energy already committed: Wh in its open offers and the undelivered
-    rest of its trades as seller (selling); Wh under its leading bids and the undelivered
-    rest of its trades as buyer (buying). Its free tokens: balance minus open offers."""
+              soc: float | None, battery_wh: float, forecast_net_wh: float,
+              orders: Sequence[cmd.BookOrder] = ()) -> SiteView:
+    """The account's energy already committed: Wh in its open offers and sell orders and
+    the undelivered rest of its trades as seller (selling); Wh under its leading bids, its
+    open buy orders and the undelivered rest of its trades as buyer (buying). Its free
+    tokens: balance minus open offers and sell orders. ``orders``: the double auction's
+    book of the current call (``ListOrders``); a sell order the offers list already holds
+    is counted once."""
     mine_open = [o for o in offers if o.state == "open" and _is(o.seller, me)]
     leading = [o for o in offers if o.state == "open" and _is(o.highest_bidder, me)]
     live = [t for t in trades if t.state in OPEN_TRADE]
-    selling = sum(o.wh for o in mine_open) + sum(t.wh - t.delivered_wh for t in live if _is(t.seller, me))
-    buying = sum(o.wh for o in leading) + sum(t.wh - t.delivered_wh for t in live if _is(t.buyer, me))
+    listed = {o.offer_id for o in mine_open}
+    my_orders = [o for o in orders if o.state == "open" and _is(o.account, me) and o.order_id not in listed]
+    sell_orders = sum(o.wh for o in my_orders if o.side == "sell")
+    buy_orders = sum(o.wh for o in my_orders if o.side == "buy")
+    selling = sum(o.wh for o in mine_open) + sell_orders + sum(t.wh - t.delivered_wh for t in live if _is(t.seller, me))
+    buying = sum(o.wh for o in leading) + buy_orders + sum(t.wh - t.delivered_wh for t in live if _is(t.buyer, me))
     return SiteView(soc=soc, battery_wh=battery_wh if soc is not None else 0.0, forecast_net_wh=forecast_net_wh,
-                    tokens_free_wh=max(0, bal.tokens_wh - sum(o.wh for o in mine_open)),
+                    tokens_free_wh=max(0, bal.tokens_wh - sum(o.wh for o in mine_open) - sell_orders),
                     selling_wh=max(0, selling), buying_wh=max(0, buying))
 
 

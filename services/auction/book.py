@@ -246,6 +246,45 @@ def round_cleared(conn: sqlite3.Connection, round_: int) -> bool:
     return conn.execute("SELECT 1 FROM rounds WHERE round = ?", (round_,)).fetchone() is not None
 
 
+def current_call(conn: sqlite3.Connection, now: float, interval_s: float) -> int:
+    """The call an order placed at ``now`` joins: the one holding ``now`` (calls every
+    ``interval_s`` seconds, aligned to Unix time), or the next not cleared yet when the
+    clock cleared it already."""
+    round_ = int(now // interval_s)
+    while round_cleared(conn, round_):
+        round_ += 1
+    return round_
+
+
+def clears_at(round_: int, interval_s: float) -> float:
+    return (round_ + 1) * interval_s
+
+
+_BOOK_COLS = "order_id, side, account, site, wh, limit_price, placed_at, state, filled_wh"
+
+
+def book_of_round(conn: sqlite3.Connection, round_: int) -> list[dict[str, object]]:
+    """The orders of call ``round_`` as the book shows them: asks (sells) by price up, then
+    bids (buys) by price down, ties by order id (the clearing's order); ``filled_wh`` None
+    while the call is open."""
+    rows = conn.execute(f"SELECT {_BOOK_COLS} FROM orders WHERE round = ?", (round_,)).fetchall()
+    out = [{"order_id": r[0], "side": r[1], "account": r[2], "site": r[3], "wh": r[4],
+            "limit_price_wei_per_kwh": int(r[5]), "placed_at": r[6], "state": r[7],
+            "filled_wh": None if r[7] == "open" else r[8]} for r in rows]
+    out.sort(key=lambda o: o["order_id"])  # type: ignore[arg-type,return-value]
+    out.sort(key=lambda o: (o["side"] != "sell",
+                            o["limit_price_wei_per_kwh"] if o["side"] == "sell" else -o["limit_price_wei_per_kwh"]))  # type: ignore[operator]
+    return out
+
+
+def cleared_calls(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, object]]:
+    """The latest ``limit`` cleared calls, oldest first (price None: nothing crossed)."""
+    rows = conn.execute("SELECT round, cleared_at, price, volume_wh FROM rounds ORDER BY round DESC LIMIT ?",
+                        (limit,)).fetchall()
+    return [{"round": r[0], "cleared_at": r[1], "price_wei_per_kwh": None if r[2] is None else int(r[2]),
+             "volume_wh": r[3]} for r in reversed(rows)]
+
+
 def open_sell_orders(conn: sqlite3.Connection, include_closed: bool) -> list[tuple]:  # type: ignore[type-arg]
     where = "side = 'sell'" + ("" if include_closed else " AND state = 'open'")
     return conn.execute(f"SELECT order_id, account, site, wh, limit_price, placed_at, round, state, filled_wh, "

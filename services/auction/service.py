@@ -1,7 +1,8 @@
 """The auction service: the wiring between the pure engines, the store and the bus.
 
 - Request/reply: PlaceOffer, PlaceBid, CancelOffer, CloseTrade, ListOffers, ListTrades,
-  PlaceOrder. A site acts only for itself: the site of an offer, bid or order must be the
+  PlaceOrder, ListOrders (the double auction's book of the call being collected and the
+  latest cleared calls). A site acts only for itself: the site of an offer, bid or order must be the
   calling site (the request server's ``Caller``, from its key) and its account must
   belong to that site (the chain service says whose it is, with the balances asked
   anyway), else ``not_your_account``; an offer is cancelled only by its seller's site, a
@@ -111,6 +112,7 @@ class AuctionService(Service):
         self.rpc = self.serve(s.bind)
         for req_cls, fn in ((cmd.CancelOffer, self.cancel_offer), (cmd.CloseTrade, self.close_trade),
                             (cmd.ListOffers, self.list_offers), (cmd.ListTrades, self.list_trades),
+                            (cmd.ListOrders, self.list_orders),
                             (cmd.Ping, self.ping)):
             self.rpc.handle(req_cls, fn)
         # what the chain says is asked before the command's transaction: a slow chain holds
@@ -454,7 +456,7 @@ class AuctionService(Service):
         return int(t // self.settings.auction_clear_interval_s)
 
     def _clears_at(self, round_: int) -> float:
-        return (round_ + 1) * self.settings.auction_clear_interval_s
+        return book.clears_at(round_, self.settings.auction_clear_interval_s)
 
     @_answers
     async def order_balances(self, req: cmd.PlaceOrder, caller: Caller) -> cmd.Balances:
@@ -468,9 +470,7 @@ class AuctionService(Service):
     @_answers
     async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderPlaced:
         now = time.time()
-        round_ = self._round_of(now)
-        while book.round_cleared(self.conn, round_):
-            round_ += 1
+        round_ = book.current_call(self.conn, now, self.settings.auction_clear_interval_s)
         if book.has_opposite_order(self.conn, req.account, req.side, round_):
             raise Rejected("own_offer", f"this account has a {'buy' if req.side == 'sell' else 'sell'} order "
                                         "in the same call; it would trade with itself")
@@ -581,6 +581,20 @@ class AuctionService(Service):
                     start_price_wei_per_kwh=int(limit), opened_at=placed_at, ends_at=self._clears_at(round_),
                     state="filled" if state in ("filled", "partial") else state, signed_offer_id=signed_id or ""))
         return cmd.Offers(offers=views)
+
+    async def list_orders(self, req: cmd.ListOrders, caller: Caller) -> cmd.OrderBook:
+        """The call being collected now (its orders, when it clears) and the latest cleared calls."""
+        interval = self.settings.auction_clear_interval_s
+        async with self.store.atomic() as conn:
+            now = time.time()
+            round_ = book.current_call(conn, now, interval)
+            orders = book.book_of_round(conn, round_)
+            calls = book.cleared_calls(conn, req.calls)
+            last = book.book_of_round(conn, int(calls[-1]["round"])) if calls else []  # type: ignore[call-overload]
+        return cmd.OrderBook(market=self.settings.auction_market, round=round_, clears_at=book.clears_at(round_, interval),
+                             interval_s=interval, now=now, orders=[cmd.BookOrder(**o) for o in orders],  # type: ignore[arg-type]
+                             last_orders=[cmd.BookOrder(**o) for o in last],  # type: ignore[arg-type]
+                             calls=[cmd.ClearedCall(**c) for c in calls])  # type: ignore[arg-type]
 
     async def list_trades(self, req: cmd.ListTrades, caller: Caller) -> cmd.Trades:
         async with self.store.atomic() as conn:

@@ -406,6 +406,51 @@ class PlaceOrder(Request):
     signature: Signature
 
 
+class BookOrder(Reply):
+    """An order in the double auction's book."""
+
+    order_id: Id
+    side: Literal["sell", "buy"]
+    account: Address
+    site: Name
+    wh: Wh
+    limit_price_wei_per_kwh: Wei
+    placed_at: float
+    state: Literal["open", "filled", "partial", "expired"] = "open"
+    filled_wh: Wh | None = Field(default=None, description="filled at the call's clearing; None while it is open")
+
+
+class ClearedCall(Reply):
+    round: int = Field(ge=0)
+    cleared_at: float
+    price_wei_per_kwh: Wei | None = Field(description="the one price of the call; None when nothing crossed")
+    volume_wh: Wh
+
+
+class OrderBook(Reply):
+    """The double auction's call being collected now, and the calls cleared before it."""
+
+    market: Literal["english", "double", "both"] = Field(description="which markets the auction runs")
+    round: int = Field(ge=0, description="the call being collected now")
+    clears_at: float = Field(description="Unix s: when that call is cleared")
+    interval_s: float = Field(description="one call every this many seconds, aligned to Unix time")
+    now: float = Field(description="the auction's clock, so pages can correct their countdowns")
+    orders: list[BookOrder] = Field(description="the current call's orders: asks by price up, bids by price down")
+    last_orders: list[BookOrder] = Field(default_factory=list,
+                                         description="the orders of the latest cleared call, with their fills")
+    calls: list[ClearedCall] = Field(description="the latest cleared calls, oldest first")
+
+
+@request
+class ListOrders(Request):
+    """The double auction's order book (public, like the offers)."""
+
+    TYPE: ClassVar[str] = "auction.orders"
+    Reply: ClassVar[type[Reply]] = OrderBook
+    READ_ONLY: ClassVar[bool] = True
+    calls: int = Field(default=50, ge=0, le=500, description="how many of the latest cleared calls")
+
+
 # --- a site's agent -------------------------------------------------------------------
 
 

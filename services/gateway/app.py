@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import pathlib
 import re
 import time
@@ -70,6 +71,8 @@ CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer
             "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
             "not_supported", "unsupported", "bad_signature", "replayed"}
 
+
+AGENT_TIMEOUT_S = 2.0  # the agent runs at this site: it answers at once or not at all
 
 LOCKED_MESSAGE = ("your wallet restarted and locked your account's key: enter your passphrase again "
                   "(nothing was done)")
@@ -200,6 +203,7 @@ class Gateway(Pages):
             "mining": self.mining, "set_mining": self.set_mining, "list_offers": self.list_offers,
             "sell": self.sell, "bid": self.bid, "cancel_offer": self.cancel_offer,
             "list_trades": self.list_trades, "close_trade": self.close_trade,
+            "list_orders": self.list_orders, "place_order": self.place_order,
             "agent": self.agent, "set_agent_limits": self.set_agent_limits,
             "site_info": self.site_info, "history": self.history_page, "prices": self.prices,
             "readings": self.readings, "figures": self.figures_page,
@@ -556,6 +560,37 @@ class Gateway(Pages):
                                self.cmd_id(request, session, "cancel"))
         return m.OkOut()
 
+    async def list_orders(self, request: web.Request, session: Session) -> m.OrdersOut:
+        r: cmd.OrderBook = await self.ask_auction(cmd.ListOrders())
+        me = session.address.lower()
+
+        def out(o: cmd.BookOrder) -> m.BookOrderOut:
+            return m.BookOrderOut(**o.model_dump(), mine=o.account.lower() == me)
+
+        return m.OrdersOut(market=r.market, round=r.round, clears_at=r.clears_at, interval_s=r.interval_s,
+                           now=self.clock(), orders=[out(o) for o in r.orders],
+                           last_orders=[out(o) for o in r.last_orders],
+                           calls=[m.ClearedCallOut(**c.model_dump()) for c in r.calls])
+
+    async def place_order(self, request: web.Request, session: Session, body: m.OrderIn) -> m.OrderPlacedOut:
+        """An order for the double auction's current call: the wallet approves the tokens (a
+        sell) or reserves the escrow (a buy) and signs it, valid past the call's clearing."""
+        if self.settings.auction_market == "english":
+            raise ApiError(409, "unsupported", "this market runs the english auction only: sell and bid on offers "
+                                               "instead; nothing was done")
+        interval = self.settings.auction_clear_interval_s
+        now = self.clock()
+        # valid through the call being collected and the next one (the clock may just have cleared this one)
+        duration = max(1, math.ceil((math.floor(now / interval) + 2) * interval - now))
+        try:
+            placed = await self.trader.order(session.address, body.side, body.energy_wh, body.limit_price_wei_per_kwh,
+                                             now=now, duration_s=duration,
+                                             cmd_id=self.cmd_id(request, session, f"order-{body.side}"))
+        except RequestError as e:
+            raise from_request_error(e, e.service or "chain") from None
+        return m.OrderPlacedOut(order_id=placed.order_id, side=body.side, wh=body.energy_wh,
+                                limit_price_wei_per_kwh=body.limit_price_wei_per_kwh)
+
     async def list_trades(self, request: web.Request, session: Session) -> m.TradesOut:
         r: cmd.Trades = await self.ask_auction(cmd.ListTrades())
         for t in r.trades:
@@ -573,8 +608,8 @@ class Gateway(Pages):
 
     async def _ask_agent(self, req: cmd.Request, session: Session, cmd_id: str | None = None) -> cmd.AgentState:
         if self.agent_client is None:
-            raise ApiError(503, "unavailable", "this site runs no agent")
-        st: cmd.AgentState = await self.ask(self.agent_client, "agent", req, cmd_id)
+            raise ApiError(503, "unavailable", "this site runs no agent: trade by hand on the Market page")
+        st: cmd.AgentState = await self.ask(self.agent_client, "agent", req, cmd_id, timeout=AGENT_TIMEOUT_S)
         if st.account and st.account.lower() != session.address.lower():
             raise ApiError(403, "not_your_account", "the site's agent trades for another account of this site")
         return st

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from services.bus.config import BusSettings
@@ -11,7 +13,8 @@ class GatewaySettings(BusSettings):
     """Everything in :class:`BusSettings` (``GRIDTRADE_SITE`` names this site: it is the
     ``seller_site``/``buyer_site`` of every offer and bid placed here) plus the web side."""
 
-    agent_rpc: str = Field(default="tcp://127.0.0.1:5565", description="this site's agent's request endpoint")
+    agent_rpc: str = Field(default="", description="this site's agent's request endpoint; empty: the site runs no "
+                                                   "agent (its page says so, its owner trades by hand)")
     http_host: str = Field(default="127.0.0.1", description="where the web UI and the API listen")
     http_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
     session_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86400,
@@ -40,5 +43,10 @@ class GatewaySettings(BusSettings):
     auction_min_increment_wei_per_kwh: int = Field(
         default=1, ge=0, description="the auction's minimum increment (the same variable the auction reads), shown "
                                      "on each offer")
+    auction_market: Literal["english", "double", "both"] = Field(
+        default="english", description="which markets the auction runs (the same variable the auction reads): the "
+                                       "page shows the double auction's panel when it runs")
+    auction_clear_interval_s: float = Field(
+        default=15.0, gt=0, description="the double auction's call interval (the same variable the auction reads)")
     gateway_balance_poll_s: float = Field(default=2.0, gt=0, description="how often the balances of the accounts "
                                           "with a page open are read, to push changes (Ether received) to it")

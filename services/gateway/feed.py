@@ -1,6 +1,6 @@
 """Which bus events a logged-in user may see, and how they look on the websocket (pure).
 
-Public market events (offers, bids, closed offers, trade steps, double-auction calls) go
+Public market events (offers, bids, closed offers, trade steps, double-auction orders and calls) go
 to everyone logged in; meter readings and relay changes only of this gateway's site; chain transactions only
 of the user's own account; payments (settled/recorded/closed on chain) and meter mismatches
 only to the trade's seller and buyer; mining changes to everyone.
@@ -12,8 +12,8 @@ from typing import Any
 
 from services.bus import events as ev
 
-PUBLIC = (ev.OfferOpened, ev.BidPlaced, ev.OfferClosed, ev.TradeAgreed, ev.TradeStatus, ev.MarketCleared,
-          ev.MiningChanged)
+PUBLIC = (ev.OfferOpened, ev.BidPlaced, ev.OfferClosed, ev.TradeAgreed, ev.TradeStatus, ev.OrderPlaced,
+          ev.MarketCleared, ev.MiningChanged)
 PER_TRADE = (ev.TradeRecorded, ev.Settled, ev.TradeClosedOnChain, ev.Delivery, ev.DeliveryMismatch)
 
 # the bus prefixes the gateway subscribes to (a site's meter readings are added per site)

@@ -154,6 +154,34 @@ def kwh_to_wh(kwh: str) -> int:
         raise ValueError("not a number of kWh") from e
 
 
+class OrderIn(In):
+    """A double-auction order for the call being collected: ``wh`` (integer Wh) or ``kwh``
+    (a decimal string with up to 3 decimals), not both; the limit price per kWh."""
+
+    side: Literal["sell", "buy"]
+    wh: int | None = Field(default=None, gt=0, le=MAX_WH)
+    kwh: str | None = Field(default=None, pattern=r"^[0-9]{1,7}(\.[0-9]{1,3})?$",
+                            description="kWh with up to 3 decimals (1 token = 1 kWh = 1000 Wh)")
+    limit_price_wei_per_kwh: WeiIn = Field(description="a sell order's least price, a buy order's most")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> OrderIn:
+        if (self.wh is None) == (self.kwh is None):
+            raise ValueError("give the energy as either wh or kwh")
+        if self.limit_price_wei_per_kwh <= 0:
+            raise ValueError("limit_price_wei_per_kwh must be more than 0")
+        if self.energy_wh <= 0 or self.energy_wh > MAX_WH:
+            raise ValueError(f"the energy must be between 1 Wh and {MAX_WH} Wh")
+        return self
+
+    @property
+    def energy_wh(self) -> int:
+        if self.wh is not None:
+            return self.wh
+        assert self.kwh is not None
+        return kwh_to_wh(self.kwh)
+
+
 class BidIn(In):
     price_wei_per_kwh: WeiIn
 
@@ -283,6 +311,47 @@ class BidOut(Out):
     bid_id: str
 
 
+class OrderPlacedOut(Out):
+    order_id: str
+    side: Literal["sell", "buy"]
+    wh: int
+    limit_price_wei_per_kwh: WeiOut
+
+
+class BookOrderOut(Out):
+    order_id: str
+    side: Literal["sell", "buy"]
+    account: str
+    site: str
+    wh: int
+    limit_price_wei_per_kwh: WeiOut
+    placed_at: float
+    state: str = Field(description="open while its call collects; then filled, partial or expired")
+    filled_wh: int | None = Field(description="filled at its call's clearing; null while the call is open")
+    mine: bool = Field(description="the session's own order")
+
+
+class ClearedCallOut(Out):
+    round: int
+    cleared_at: float
+    price_wei_per_kwh: WeiOut | None = Field(description="the call's one price; null when nothing crossed")
+    volume_wh: int
+
+
+class OrdersOut(Out):
+    """The double auction: the book of the call being collected (asks by price up, then bids
+    by price down), when it clears, and the latest cleared calls (oldest first) for a chart."""
+
+    market: str = Field(description="which markets the auction runs: english, double or both")
+    round: int
+    clears_at: float = Field(description="Unix s: when the current call is cleared")
+    interval_s: float
+    now: float = Field(description="the gateway's clock, so pages can correct their countdowns")
+    orders: list[BookOrderOut]
+    last_orders: list[BookOrderOut] = Field(description="the latest cleared call's orders, with their fills")
+    calls: list[ClearedCallOut]
+
+
 class Mismatch(Out):
     buyer_wh: int
     seller_wh: int
@@ -342,6 +411,10 @@ class SiteOut(Out):
     explorer_tx_url: str = Field(description="a block explorer's page of a transaction: {hash} is replaced; empty "
                                              "when none is configured")
     min_increment_wei_per_kwh: WeiOut = Field(description="a bid beats the highest by at least this much")
+    auction_market: Literal["english", "double", "both"] = Field(
+        default="english", description="which markets run: the english auction, the double auction (orders: "
+                                       "/api/orders), or both")
+    clear_interval_s: float = Field(default=15.0, description="the double auction's call interval")
 
 
 class HistoryRow(Out):

@@ -75,6 +75,15 @@ ROUTES: tuple[Route, ...] = (
           errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
     Route("POST", "/api/offers/{offer_id}/cancel", "cancel_offer", "Cancel an own offer without bids", m.OkOut,
           body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
+    Route("GET", "/api/orders", "list_orders",
+          "The double auction: the order book of the call being collected (your orders marked mine), when it "
+          "clears, and the latest cleared calls' prices and volumes", m.OrdersOut,
+          errors=(*_SESSION_ERRORS, 502), tag="market"),
+    Route("POST", "/api/orders", "place_order",
+          "Place a double-auction order for the call being collected (the site's wallet approves the tokens or "
+          "reserves the escrow, then signs it); every fill of a call pays the call's one clearing price",
+          m.OrderPlacedOut, body=m.OrderIn, status=201, errors=(400, 401, 403, 409, 415, 422, *_BACKEND),
+          tag="market"),
     Route("GET", "/api/trades", "list_trades", "Trades (all of the market's)", m.TradesOut,
           errors=(*_SESSION_ERRORS, 502), tag="market"),
     Route("POST", "/api/trades/{trade_id}/close", "close_trade", "Close Connection: end a live trade", m.OkOut,
@@ -85,7 +94,7 @@ ROUTES: tuple[Route, ...] = (
           "Set the site's agent's limits (off: trade by hand); its next decision follows them", m.AgentOut,
           body=m.AgentLimitsIn, errors=(*_SESSION_ERRORS, 422, 502), tag="agent"),
     Route("GET", "/api/site", "site_info", "This site: its role, its (simulated) clock, the block explorer, the "
-          "auction's minimum increment", m.SiteOut, auth=False, tag="history"),
+          "auction's minimum increment, which markets run", m.SiteOut, auth=False, tag="history"),
     Route("GET", "/api/history", "history", "Your trades, ended offers and Ether transactions, newest first (the "
           "same as CSV: GET /api/history.csv)", m.HistoryOut, errors=(401,), tag="history"),
     Route("GET", "/api/prices", "prices", "The market's start bids, bids, trade and clearing prices over time",

@@ -43,7 +43,9 @@ class Pages:
         role = self.history.role if self.history.role in ("producer", "consumer") else None
         return m.SiteOut(site=self.site, role=role, clock=self.clock_out(),  # type: ignore[arg-type]
                          explorer_tx_url=self.settings.explorer_tx_url,
-                         min_increment_wei_per_kwh=self.settings.auction_min_increment_wei_per_kwh)
+                         min_increment_wei_per_kwh=self.settings.auction_min_increment_wei_per_kwh,
+                         auction_market=self.settings.auction_market,
+                         clear_interval_s=self.settings.auction_clear_interval_s)
 
     async def history_page(self: Gateway, request: web.Request, session: Any) -> m.HistoryOut:
         return m.HistoryOut(rows=[m.HistoryRow(**r) for r in self.history.rows(session.address)],

@@ -43,7 +43,7 @@ class GatewayService(Service):
         auction = self.client(s.auction_rpc, s.auction_site)
         # the pages' record in a store of its own (its subscription keeps its own offsets)
         self.history_store = Store(s.data_dir / "history.sqlite")
-        agent = self.client(s.agent_rpc, s.site)  # this site's agent: its owner's limits
+        agent = self.client(s.agent_rpc, s.site) if s.agent_rpc else None  # this site's agent: its owner's limits
         self.gateway = Gateway(s, chain=wallet, auction=auction, agent=agent, registry=self.registry,
                                health=self.health,
                                store=self.store,  # sessions live in <data_dir>/gateway.sqlite

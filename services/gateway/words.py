@@ -149,6 +149,8 @@ def _nums(pattern: str, text: str) -> list[int] | None:
 def for_person(code: str, message: str, *, route: str = "", body: Any = None, now: float = 0.0) -> Said:
     """The refusal ``code``/``message`` a service gave to ``route``, for the person whose
     session made the request."""
+    if route == "place_order" and getattr(body, "side", None) in ("sell", "buy"):
+        route = f"place_order_{body.side}"
     me_is = "the seller" if route in SELLER_ROUTES else "the buyer" if route in BUYER_ROUTES else None
     m = message
 

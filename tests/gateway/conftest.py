@@ -23,6 +23,7 @@ __all__ = ["Person", "Stack", "http", "login", "stack"]
 ETHER = 10**18
 ESCROW = ETHER  # deposited once by the consumer and the third account
 MIN_TOKENS_WH = 3_000  # minted from the producer's sunny morning before the first test
+CLEAR_INTERVAL_S = 5.0  # the double auction's call interval on this grid
 SERVICES = ("hub", "anvil", "chain", "auction", "wallet-solar-1", "meter-solar-1", "wallet-home-7", "meter-home-7")
 
 
@@ -32,7 +33,10 @@ def real_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
     # wallet's throttle behind it (tests/chain/test_sites.py) gets room so later tests can log in
     grid = RealStack(tmp_path_factory.mktemp("gateway-grid"), chain_url="anvil", time_scale=1440,
                      meter_env={"meter-home-7": CONSUMER_SITE},
-                     env={"GRIDTRADE_HEARTBEAT_S": "0.5", "GRIDTRADE_UNLOCK_MAX_FAILURES": "50"},
+                     env={"GRIDTRADE_HEARTBEAT_S": "0.5", "GRIDTRADE_UNLOCK_MAX_FAILURES": "50",
+                          # both markets: the english auction's tests and the double auction's (a call every 5 s)
+                          "GRIDTRADE_AUCTION_MARKET": "both",
+                          "GRIDTRADE_AUCTION_CLEAR_INTERVAL_S": str(CLEAR_INTERVAL_S)},
                      only=SERVICES, extra_accounts=[("third", "home-7 third")], scrypt_n=2**10)
     grid.start()
     grid.prepared = False  # type: ignore[attr-defined]
@@ -69,7 +73,8 @@ class Stack:
             "hub_pub": env["GRIDTRADE_HUB_PUB"], "hub_sub": env["GRIDTRADE_HUB_SUB"], "heartbeat_s": 0.5,
             "chain_rpc": env["GRIDTRADE_CHAIN_RPC"], "auction_rpc": env["GRIDTRADE_AUCTION_RPC"],
             "wallet_rpc": self.grid.wallet_rpc(site),
-            "http_port": 0, "gateway_rpc_timeout_s": 5.0}
+            "http_port": 0, "gateway_rpc_timeout_s": 5.0,
+            "auction_market": "both", "auction_clear_interval_s": CLEAR_INTERVAL_S}
         base.update(kw)
         gw = GatewayService(GatewaySettings(**base))
         try:

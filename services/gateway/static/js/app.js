@@ -4,6 +4,7 @@
 
 import { initAgent, loadAgent, renderAgent } from './agent.js';
 import { api, ApiError } from './api.js';
+import { initOrders, loadOrders, onOrdersEvent, renderOrders, setOrdersMarket } from './orders.js';
 import { draw } from './charts.js';
 import {
   checkAddress, costWei, countdown, energyText, energyUnit, etherText, etherUnit, exactEther, fmtEnergy, fmtEther,
@@ -262,7 +263,7 @@ function route() {
   const name = (location.hash.match(/^#\/(\w+)/) || [])[1];
   const view = VIEWS.includes(name) && name !== 'login' ? name : 'wallet';
   show(view);
-  if (view === 'market') loadMarket();
+  if (view === 'market') { loadMarket(); loadOrders(); }
   if (view === 'wallet') { loadWallet(); loadHistory(); loadFigures(); }
   if (view === 'history') loadHistory();
   if (view === 'figures') { loadFigures(); loadMarket(); loadSiteFigures(); }
@@ -276,6 +277,7 @@ function setRole(role) {
   document.body.dataset.role = state.role;
   for (const el of $$('[data-for]')) el.hidden = el.dataset.for !== state.role;
   $('#role-name').textContent = state.role;
+  if (state.site) setOrdersMarket(state.site.auction_market, state.role);
 }
 
 function applyUnits() {
@@ -292,6 +294,7 @@ function applyUnits() {
   renderSiteFigures();
   renderTxs();
   renderAgent();
+  renderOrders();
 }
 
 async function loadSite() {
@@ -302,6 +305,7 @@ async function loadSite() {
     state.clockSkew = site.clock.wall - Date.now() / 1000;
     $('#site-name').textContent = site.site;
     if (site.role) setRole(site.role);
+    setOrdersMarket(site.auction_market, state.role);
   } catch (e) { /* the pages work without it */ }
 }
 
@@ -637,7 +641,8 @@ const OUTCOME = { sold: 'sold', expired: 'expired without bids', cancelled: 'can
 
 function renderOffers() {
   const box = $('#offers');
-  const list = [...state.offers.values()].filter((o) => o.state === 'open' || o.endedAt)
+  // the double auction's sell orders are in its own panel's order book, not offers to bid on
+  const list = [...state.offers.values()].filter((o) => o.market !== 'double' && (o.state === 'open' || o.endedAt))
     .sort((a, b) => a.ends_at - b.ends_at);
   const cards = list.map((o) => {
     let card = box.querySelector(`[data-offer="${CSS.escape(o.offer_id)}"]`);
@@ -1257,6 +1262,10 @@ function onEvent(msg) {
       break;
     case 'market.cleared':
       if (b.price_wei_per_kwh != null) addPrice('clear', msg.ts, b.price_wei_per_kwh, `round ${b.round}`);
+      onOrdersEvent(msg.type);
+      break;
+    case 'market.order_placed':
+      onOrdersEvent(msg.type);
       break;
     case 'trade.agreed':
     case 'trade.status': {
@@ -1375,6 +1384,7 @@ async function start() {
   setInterval(tick, 250);
   setInterval(checkSession, 10000);
   initAgent();
+  initOrders({ simOf, mine, run: (button, fn, statusEl) => guarded(button, fn, { statusEl }) });
   setInterval(() => { if (state.view === 'agent') loadAgent(); }, 3000);
   applyUnits();
   setRole('consumer');
