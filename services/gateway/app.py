@@ -608,7 +608,7 @@ class Gateway(Pages):
 
     async def _ask_agent(self, req: cmd.Request, session: Session, cmd_id: str | None = None) -> cmd.AgentState:
         if self.agent_client is None:
-            raise ApiError(503, "unavailable", "this site runs no agent: trade by hand on the Market page")
+            raise ApiError(404, "no_agent", "this site runs no agent: trade by hand on the Market page")
         st: cmd.AgentState = await self.ask(self.agent_client, "agent", req, cmd_id, timeout=AGENT_TIMEOUT_S)
         if st.account and st.account.lower() != session.address.lower():
             raise ApiError(403, "not_your_account", "the site's agent trades for another account of this site")

@@ -89,10 +89,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/trades/{trade_id}/close", "close_trade", "Close Connection: end a live trade", m.OkOut,
           body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
     Route("GET", "/api/agent", "agent", "This site's agent: what it does, its limits in force, its latest actions",
-          m.AgentOut, errors=(*_SESSION_ERRORS, 502), tag="agent"),
+          m.AgentOut, errors=(*_SESSION_ERRORS, 404, 502), tag="agent"),
     Route("PUT", "/api/agent/limits", "set_agent_limits",
           "Set the site's agent's limits (off: trade by hand); its next decision follows them", m.AgentOut,
-          body=m.AgentLimitsIn, errors=(*_SESSION_ERRORS, 422, 502), tag="agent"),
+          body=m.AgentLimitsIn, errors=(*_SESSION_ERRORS, 404, 422, 502), tag="agent"),
     Route("GET", "/api/site", "site_info", "This site: its role, its (simulated) clock, the block explorer, the "
           "auction's minimum increment, which markets run", m.SiteOut, auth=False, tag="history"),
     Route("GET", "/api/history", "history", "Your trades, ended offers and Ether transactions, newest first (the "

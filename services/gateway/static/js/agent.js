@@ -59,7 +59,7 @@ export async function loadAgent() {
   try {
     renderAgent(await api('GET', '/api/agent'));
   } catch (e) {
-    $('#agent-state').textContent = 'Not reachable';
+    $('#agent-state').textContent = e.code === 'no_agent' ? 'No agent at this site' : 'Not reachable';
     $('#agent-waiting').textContent = e.message;
   }
 }
