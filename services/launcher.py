@@ -91,6 +91,7 @@ def plan(o: Options) -> list[Proc]:
         "GRIDTRADE_CHAIN_SITE": MARKET,
         "GRIDTRADE_AUCTION_RPC": f"tcp://{o.host}:{p + 11}",
         "GRIDTRADE_AUCTION_SITE": MARKET,
+        "GRIDTRADE_UTILITY_SITE": UTILITY,  # the figures count its trades as the exchange with the grid
         "GRIDTRADE_METRICS_HOST": o.host,
     }
     procs: list[Proc] = []

@@ -54,6 +54,11 @@ class BusSettings(BaseSettings):
         default=500_000_000_000_000, gt=0, description="the grid's feed-in tariff (wei per kWh): what the grid pays "
                                                        "a site for energy fed in; no site agent sells for less")
 
+    utility_site: str = Field(
+        default="utility", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="the site name of the utility grid's connection; its trades are the micro-grid's exchange with "
+                    "the grid, not local trades")
+
     @model_validator(mode="after")
     def _tariffs(self) -> BusSettings:
         if not 0 < self.tariff_feed_in_wei_per_kwh <= self.tariff_retail_wei_per_kwh:

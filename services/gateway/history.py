@@ -13,11 +13,12 @@ replayed from the publishers' outboxes when it starts again):
   knows of the ones it sent (the recipient and amount of a transfer);
 - market prices (start bids, bids, trades, double-auction clearings) for the Prices chart;
 - for the site figures (:mod:`services.gateway.figures`): what each chain settlement of a
-  trade of this site added (Wh delivered, wei paid), and per 15 minutes of site time the
-  energy this site's meters counted (``hist_energy``, from the live readings: a producer
-  meter's signed counter, or ``pv_w``, for production; ``load_w`` for consumption),
-  written with the clock every few seconds. Readings that came while the gateway was down
-  are not counted.
+  trade of this site added (Wh delivered, wei paid), with the trade's parties and their
+  sites (a trade with the utility's site is told from a local one by them), and per 15
+  minutes of site time the energy this site's meters counted (``hist_energy``, from the
+  live readings: a producer meter's signed counter, or ``pv_w``, for production;
+  ``load_w`` for consumption), written with the clock every few seconds. Readings that
+  came while the gateway was down are not counted.
 
 It also follows the site's simulated clock from the meter readings the live feed brings
 (``sim_ts``/``time_scale``): anchors (wall time, site time, scale) are kept so that any
@@ -74,10 +75,12 @@ CREATE TABLE IF NOT EXISTS hist_energy (
 CREATE TABLE IF NOT EXISTS hist_meter_last (meter TEXT PRIMARY KEY, sim REAL NOT NULL, energy_wh INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS hist_settlements (
     id INTEGER PRIMARY KEY AUTOINCREMENT, trade_id TEXT NOT NULL, at REAL NOT NULL, delivered_wh INTEGER NOT NULL,
-    paid_wei TEXT NOT NULL, d_wh INTEGER NOT NULL, d_wei TEXT NOT NULL);
+    paid_wei TEXT NOT NULL, d_wh INTEGER NOT NULL, d_wei TEXT NOT NULL, seller TEXT, buyer TEXT,
+    seller_site TEXT, buyer_site TEXT);
 CREATE INDEX IF NOT EXISTS hist_settlements_trade ON hist_settlements (trade_id);
 """
 
+SETTLEMENT_PARTIES = ("seller", "buyer", "seller_site", "buyer_site")
 KEEP_PRICES = 5000
 KEEP_BUCKETS = 400 * 96  # 15-minute buckets of site time: 400 site days (at 720x, 80 hours of wall time)
 KEEP_SETTLEMENTS = 100_000
@@ -114,6 +117,10 @@ class History:
     def __init__(self, store: Store, site: str, clock: Any = time.time) -> None:
         self.store, self.site, self.now = store, site, clock
         store.conn.executescript(SCHEMA)
+        have = {r[1] for r in store.conn.execute("PRAGMA table_info(hist_settlements)")}
+        for col in SETTLEMENT_PARTIES:  # a store from before the settlements named their parties
+            if col not in have:
+                store.conn.execute(f"ALTER TABLE hist_settlements ADD COLUMN {col} TEXT")
         self.anchors: list[tuple[float, float, float]] = [
             (w, s, k) for w, s, k in store.conn.execute("SELECT wall, sim, scale FROM hist_clock ORDER BY wall")]
         self._walls = [a[0] for a in self.anchors]
@@ -312,9 +319,9 @@ class History:
     def _settlement(self, conn: sqlite3.Connection, ts: float, trade_id: str, delivered_wh: int,
                     paid_wei: int) -> None:
         """What this settlement added to a trade of this site (the chain's numbers are cumulative)."""
-        row = conn.execute("SELECT 1 FROM hist_trades WHERE trade_id = ? AND (seller_site = ? OR buyer_site = ?)",
-                           (trade_id, self.site, self.site)).fetchone()
-        if row is None:
+        parties = conn.execute("SELECT seller, buyer, seller_site, buyer_site FROM hist_trades WHERE trade_id = ? "
+                               "AND (seller_site = ? OR buyer_site = ?)", (trade_id, self.site, self.site)).fetchone()
+        if parties is None:
             return
         last = conn.execute("SELECT delivered_wh, paid_wei FROM hist_settlements WHERE trade_id = ? "
                             "ORDER BY id DESC LIMIT 1", (trade_id,)).fetchone()
@@ -322,9 +329,11 @@ class History:
         d_wh, d_wei = max(0, delivered_wh - wh0), max(0, paid_wei - wei0)
         if not d_wh and not d_wei:
             return
-        conn.execute("INSERT INTO hist_settlements (trade_id, at, delivered_wh, paid_wei, d_wh, d_wei) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", (trade_id, ts, max(delivered_wh, wh0), str(max(paid_wei, wei0)),
-                                                   d_wh, str(d_wei)))
+        # each increment names the trade's parties and their sites: the figures tell trades with
+        # the utility from local ones by the other party's site
+        conn.execute("INSERT INTO hist_settlements (trade_id, at, delivered_wh, paid_wei, d_wh, d_wei, seller, buyer, "
+                     "seller_site, buyer_site) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (trade_id, ts, max(delivered_wh, wh0), str(max(paid_wei, wei0)), d_wh, str(d_wei), *parties))
         conn.execute("DELETE FROM hist_settlements WHERE id <= (SELECT MAX(id) FROM hist_settlements) - ?",
                      (KEEP_SETTLEMENTS,))
 
@@ -480,10 +489,11 @@ class History:
         out.reverse()
         return out
 
-    def figures(self, account: str, start: int, end: int, tariffs: figures.Tariffs,
-                tz_offset_s: int = 0) -> tuple[list[figures.Row], figures.Row]:
+    def figures(self, account: str, start: int, end: int, tariffs: figures.Tariffs, tz_offset_s: int = 0,
+                utility_site: str = "utility") -> tuple[list[figures.Row], figures.Row]:
         """The account's figures per day of site time in ``[start, end)`` and their total
-        (raises :class:`figures.RangeError` for a range it cannot give)."""
+        (raises :class:`figures.RangeError` for a range it cannot give); a trade whose other
+        party is on ``utility_site`` counts as bought from or sold to the utility."""
         figures.check_range(start, end, tz_offset_s)
         wh: dict[int, list[float]] = {}
         lo, hi = figures.bucket_of(start), end
@@ -499,12 +509,19 @@ class History:
         buckets = [(b, round(p * figures.MWH_PER_WH), round(c * figures.MWH_PER_WH)) for b, (p, c) in wh.items()]
         me = account.lower()
         settlements = []
-        for at, d_wh, d_wei, seller in self.store.conn.execute(
-                "SELECT s.at, s.d_wh, s.d_wei, t.seller FROM hist_settlements s JOIN hist_trades t USING (trade_id) "
-                "WHERE t.seller = ? COLLATE NOCASE OR t.buyer = ? COLLATE NOCASE ORDER BY s.id", (me, me)):
+        for at, d_wh, d_wei, seller, seller_site, buyer_site in self.store.conn.execute(
+                "SELECT at, d_wh, d_wei, seller, seller_site, buyer_site FROM (SELECT s.id, s.at, s.d_wh, s.d_wei, "
+                "COALESCE(s.seller, t.seller) AS seller, COALESCE(s.buyer, t.buyer) AS buyer, "
+                "COALESCE(s.seller_site, t.seller_site) AS seller_site, "
+                "COALESCE(s.buyer_site, t.buyer_site) AS buyer_site "
+                "FROM hist_settlements s LEFT JOIN hist_trades t USING (trade_id)) "
+                "WHERE seller = ? COLLATE NOCASE OR buyer = ? COLLATE NOCASE ORDER BY id", (me, me)):
             sim = self.sim_of(at)
             assert sim is not None
-            settlements.append(figures.Settlement(sim_at=sim, wh=d_wh, wei=int(d_wei), sold=seller.lower() == me))
+            sold = seller.lower() == me
+            other_site = buyer_site if sold else seller_site
+            settlements.append(figures.Settlement(sim_at=sim, wh=d_wh, wei=int(d_wei), sold=sold,
+                                                  utility=other_site == utility_site))
         return figures.compute(buckets, settlements, start, end, tariffs, tz_offset_s)
 
     def today(self, tz_offset_s: int = 0) -> tuple[int, int]:

@@ -542,18 +542,33 @@ class FiguresRow(Out):
     end: int = Field(description="site time, Unix s (exclusive)")
     produced_wh: float = Field(description="counted by the site's meters")
     consumed_wh: float = Field(description="the site's load, from its meters' readings")
-    bought_local_wh: float = Field(description="delivered to this account in trades, as the chain settled them")
-    sold_local_wh: float = Field(description="delivered by this account in trades, as the chain settled them")
-    bought_local_wei: WeiOut = Field(description="paid by this account in trades (chain settlements)")
-    sold_local_wei: WeiOut = Field(description="paid to this account in trades (chain settlements)")
-    utility_import_wh: float = Field(description="what production and local trades did not cover (per 15 minutes)")
-    utility_export_wh: float = Field(description="the surplus left after consumption and local trades")
-    self_sufficiency: float | None = Field(description="share of consumption not bought from the utility (0..1); "
-                                                       "None when nothing was consumed")
+    bought_local_wh: float = Field(description="delivered to this account in local trades (the other party not "
+                                               "on the utility's site), as the chain settled them")
+    sold_local_wh: float = Field(description="delivered by this account in local trades, as the chain settled them")
+    bought_local_wei: WeiOut = Field(description="paid by this account in local trades (chain settlements)")
+    sold_local_wei: WeiOut = Field(description="paid to this account in local trades (chain settlements)")
+    bought_utility_wh: float = Field(description="bought from the utility: delivered to this account in trades with "
+                                                 "the utility's site, as the chain settled them")
+    sold_utility_wh: float = Field(description="sold to the utility: delivered by this account in trades with the "
+                                               "utility's site, as the chain settled them")
+    bought_utility_wei: WeiOut = Field(description="paid by this account to the utility in its trades (chain "
+                                                   "settlements)")
+    sold_utility_wei: WeiOut = Field(description="paid to this account by the utility in its trades (chain "
+                                                 "settlements)")
+    unmatched_import_wh: float = Field(
+        description="what neither production nor trades covered (per 15 minutes): the site's own battery, load "
+                    "not served, or a grid connection outside the market")
+    unmatched_export_wh: float = Field(
+        description="the surplus neither consumption nor trades took (per 15 minutes): stored in the site's own "
+                    "battery, curtailed, or fed in outside the market")
+    self_sufficiency: float | None = Field(description="share of consumption covered by own production and local "
+                                                       "trades (these first, per 15 minutes), not by the utility nor "
+                                                       "the unmatched import (0..1); None when nothing was consumed")
     baseline_cost_wei: SignedWeiOut = Field(description="utility only: consumption at the retail tariff minus "
                                                         "production at the feed-in tariff")
-    actual_cost_wei: SignedWeiOut = Field(description="utility import at retail minus export at feed-in, plus paid "
-                                                      "minus earned in local trades")
+    actual_cost_wei: SignedWeiOut = Field(description="paid to minus earned from the utility in its trades, plus paid "
+                                                      "minus earned in local trades, plus the unmatched import at "
+                                                      "retail minus the unmatched export at feed-in")
     saved_wei: SignedWeiOut = Field(description="baseline minus actual")
 
 

@@ -96,7 +96,8 @@ class Pages:
             start = parsed.get("from", today[0] if "to" not in parsed else parsed["to"] - fig.DAY_S)
             end = parsed.get("to", start + fig.DAY_S if "from" in parsed else today[1])
             tariffs = fig.Tariffs(self.settings.tariff_retail_wei_per_kwh, self.settings.tariff_feed_in_wei_per_kwh)
-            days, total = self.history.figures(session.address, start, end, tariffs, tz)
+            days, total = self.history.figures(session.address, start, end, tariffs, tz,
+                                                utility_site=self.settings.utility_site)
         except fig.RangeError as e:
             raise ApiError(400, "bad_range", str(e)) from None
         return start, end, tz, days, total
@@ -109,8 +110,10 @@ class Pages:
                 day=r.day, start=r.start, end=r.end, produced_wh=fig.wh(r.produced_mwh),
                 consumed_wh=fig.wh(r.consumed_mwh), bought_local_wh=fig.wh(r.bought_local_mwh),
                 sold_local_wh=fig.wh(r.sold_local_mwh), bought_local_wei=r.bought_local_wei,
-                sold_local_wei=r.sold_local_wei, utility_import_wh=fig.wh(r.utility_import_mwh),
-                utility_export_wh=fig.wh(r.utility_export_mwh), self_sufficiency=r.self_sufficiency,
+                sold_local_wei=r.sold_local_wei, bought_utility_wh=fig.wh(r.bought_utility_mwh),
+                sold_utility_wh=fig.wh(r.sold_utility_mwh), bought_utility_wei=r.bought_utility_wei,
+                sold_utility_wei=r.sold_utility_wei, unmatched_import_wh=fig.wh(r.unmatched_import_mwh),
+                unmatched_export_wh=fig.wh(r.unmatched_export_mwh), self_sufficiency=r.self_sufficiency,
                 baseline_cost_wei=r.baseline_cost_wei, actual_cost_wei=r.actual_cost_wei, saved_wei=r.saved_wei)
 
         s = self.settings

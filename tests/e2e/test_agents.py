@@ -1,7 +1,9 @@
 """A simulated day with the sites' agents on and nobody clicking Sell or Buy: the agents
 trade within their owners' limits, the utility stands behind them at its tariffs, the
 trades are delivered and settled on-chain, and the money adds up against the chain to the
-wei.
+wei. Then trading stops (every agent off, the utility's over the bus) and each site's
+figures of those days close their energy balance and tell, to the wei, what the chain
+settled: locally and with the utility apart.
 
 Real parts: anvil, the hub, the auction, the operator's chain service, each site's wallet,
 meter (simulated site), agent and gateway, and the utility's wallet, meters and agent, as
@@ -12,10 +14,16 @@ consumer's bids."""
 from __future__ import annotations
 
 import pathlib
+from decimal import Decimal
 from typing import Any
 
 import pytest
+import zmq.asyncio
 
+from services import launcher
+from services.bus import RpcClient, Security
+from services.bus import commands as C
+from services.gateway import figures as fig
 
 from .harness import Grid, cost, start_grid, stop_grid
 
@@ -29,6 +37,7 @@ AGENT_ENV = {
     "GRIDTRADE_DISPUTE_WINDOW_S": "2",
 }
 DAY_S = 86400
+CLOSED = 3  # EnergyMarket.Status.Closed
 
 
 def trades_at(grid: Grid, block: int) -> list[dict[str, Any]]:
@@ -40,6 +49,52 @@ def trades_at(grid: Grid, block: int) -> list[dict[str, Any]]:
         out.append({"id": e["tradeId"], "seller": seller.lower(), "buyer": buyer.lower(), "wh": wh, "status": status,
                     "delivered": delivered, "price": price})
     return out
+
+
+async def utility_agent_off(grid: Grid) -> C.AgentState:
+    """The utility's agent turned off over the bus, as its own site (the launcher's hand_over
+    talks to the utility's wallet the same way)."""
+    o = grid.options
+    ctx = zmq.asyncio.Context()
+    sec = Security(o.data.resolve() / "keys", launcher.UTILITY)
+    sec.start(ctx)
+    agent = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + 17}", server_site=launcher.UTILITY, timeout_s=30)
+    try:
+        state: C.AgentState = await agent.request(C.GetAgent())
+        return await agent.request(C.SetAgentLimits(limits=state.limits.model_copy(update={"enabled": False})))
+    finally:
+        await agent.close()
+        sec.stop()
+        ctx.destroy(0)
+
+
+def mwh(row: dict[str, Any], key: str) -> int:
+    return int(Decimal(str(row[key])) * 1000)
+
+
+def balance_closes(row: dict[str, Any]) -> bool:
+    return (mwh(row, "produced_wh") + mwh(row, "bought_local_wh") + mwh(row, "bought_utility_wh")
+            + mwh(row, "unmatched_import_wh")
+            == mwh(row, "consumed_wh") + mwh(row, "sold_local_wh") + mwh(row, "sold_utility_wh")
+            + mwh(row, "unmatched_export_wh"))
+
+
+def shown(row: dict[str, Any]) -> str:
+    def kwh(key: str) -> str:
+        return f"{row[key] / 1000:.3f}"
+
+    def eth(key: str) -> str:
+        return f"{Decimal(int(row[key])) / 10**18:.6f}"
+
+    ss = row["self_sufficiency"]
+    return (f"{row['day']}: produced {kwh('produced_wh')} kWh, consumed {kwh('consumed_wh')} kWh, "
+            f"local bought {kwh('bought_local_wh')} kWh for {eth('bought_local_wei')} ETH / sold "
+            f"{kwh('sold_local_wh')} kWh for {eth('sold_local_wei')} ETH, utility bought {kwh('bought_utility_wh')} "
+            f"kWh for {eth('bought_utility_wei')} ETH / sold {kwh('sold_utility_wh')} kWh for "
+            f"{eth('sold_utility_wei')} ETH, unmatched in {kwh('unmatched_import_wh')} / out "
+            f"{kwh('unmatched_export_wh')} kWh, self-sufficiency "
+            f"{'-' if ss is None else f'{ss * 100:.1f} %'}, saved {eth('saved_wei')} ETH "
+            f"(utility only {eth('baseline_cost_wei')}, actual {eth('actual_cost_wei')})")
 
 
 @pytest.mark.anvil
@@ -119,5 +174,86 @@ async def test_agents_trade_a_simulated_day_without_a_click(tmp_path: pathlib.Pa
         assert grid.w3.eth.get_balance(grid.market.address, block) == all_escrow
         print("trades of the day:", [(t["seller"][:8], t["buyer"][:8], t["wh"], t["delivered"], t["price"])
                                      for t in trades])
+
+        # --- the site figures of those days, against the chain ---
+        # trading stops: the consumer's agent off (its owner), the utility's (over the bus)
+        agent_c = await cons.call("GET", "/api/agent")
+        out = await cons.call("PUT", "/api/agent/limits", {**agent_c["limits"], "enabled": False})
+        assert out["state"] == "off", out
+        assert (await utility_agent_off(grid)).state == "off"
+
+        # every trade closed on the chain, and no new one since the last look
+        seen = [-1]
+
+        def all_closed() -> list[dict[str, Any]] | None:
+            now = trades_at(grid, grid.w3.eth.block_number)
+            opened, seen[0] = seen[0], len(now)
+            return now if len(now) == opened and all(t["status"] == CLOSED for t in now) else None
+        final = await grid.until("every trade closed on the chain, no new one", all_closed, timeout=240, every=3.0)
+        settled_all = grid.market_events("Settled")
+        paid = {t["id"]: sum(e["paidWei"] for e in settled_all if e["tradeId"] == t["id"]) for t in final}
+        assert len(final) >= len(trades)
+
+        # the figures of the simulated days so far, each site's, until its history has every settlement
+        now_sim = (await prod.call("GET", "/api/site"))["clock"]["sim"]
+        start, end = fig.day_of(day0), fig.day_of(now_sim) + DAY_S
+        query = f"/api/figures?from={start}&to={end}"
+        got: dict[str, dict[str, Any]] = {}
+        why: list[Any] = []
+
+        async def figures_match() -> bool:
+            for name, user, me in (("producer solar-1", prod, p_), ("consumer home-7", cons, c_)):
+                f = await user.call("GET", query)
+                t = f["total"]
+                mine = [x for x in final if me in (x["seller"], x["buyer"])]
+                want = {
+                    "sold_utility_wei": sum(paid[x["id"]] for x in mine if x["seller"] == me and x["buyer"] == util),
+                    "bought_utility_wei": sum(paid[x["id"]] for x in mine if x["buyer"] == me and x["seller"] == util),
+                    "sold_local_wei": sum(paid[x["id"]] for x in mine if x["seller"] == me and x["buyer"] != util),
+                    "bought_local_wei": sum(paid[x["id"]] for x in mine if x["buyer"] == me and x["seller"] != util),
+                    "sold_utility_wh": sum(x["delivered"] for x in mine if x["seller"] == me and x["buyer"] == util),
+                    "bought_utility_wh": sum(x["delivered"] for x in mine if x["buyer"] == me and x["seller"] == util),
+                    "sold_local_wh": sum(x["delivered"] for x in mine if x["seller"] == me and x["buyer"] != util),
+                    "bought_local_wh": sum(x["delivered"] for x in mine if x["buyer"] == me and x["seller"] != util),
+                }
+                have = {k: (int(t[k]) if k.endswith("_wei") else t[k]) for k in want}
+                why[:] = [name, want, have]
+                if have != want:
+                    return False
+                got[name] = f
+            return True
+        try:
+            await grid.until("each site's figures to show every settlement of the chain", figures_match, timeout=90,
+                             every=2.0)
+        except BaseException:
+            raise AssertionError(f"the figures and the chain disagree: {why}") from None
+
+        for name, f in got.items():
+            rows = [*f["days"], f["total"]]
+            # (a) the energy balance closes exactly, each day and in total
+            for r in rows:
+                assert balance_closes(r), (name, r)
+                assert r["saved_wei"] == str(int(r["baseline_cost_wei"]) - int(r["actual_cost_wei"])), (name, r)
+            # (b) the money is the chain's, to the wei: all it was paid, all it paid, the utility's part apart
+            me = p_ if name.startswith("producer") else c_
+            t = f["total"]
+            assert int(t["sold_local_wei"]) + int(t["sold_utility_wei"]) == sum(
+                paid[x["id"]] for x in final if x["seller"] == me), name
+            assert int(t["bought_local_wei"]) + int(t["bought_utility_wei"]) == sum(
+                paid[x["id"]] for x in final if x["buyer"] == me), name
+            for k in ("produced_wh", "consumed_wh", "bought_local_wei", "sold_local_wei", "bought_utility_wei",
+                      "sold_utility_wei", "saved_wei"):
+                assert sum(Decimal(str(d[k])) for d in f["days"]) == Decimal(str(t[k])), (name, k)
+        # the two sites traded with each other: what one sold locally the other bought, and the utility took part
+        between = sum(paid[x["id"]] for x in final if x["seller"] == p_ and x["buyer"] == c_)
+        assert between > 0
+        assert int(got["producer solar-1"]["total"]["sold_local_wei"]) == between
+        assert int(got["consumer home-7"]["total"]["bought_local_wei"]) == between
+        assert sum(int(f["total"][k]) for f in got.values() for k in ("sold_utility_wei", "bought_utility_wei")) > 0
+        # (c) the figures, to be quoted
+        for name, f in got.items():
+            print(f"figures of the {name} ({len(f['days'])} site days, {fig.day_name(start)} on):")
+            for r in [*f["days"], f["total"]]:
+                print("  " + shown(r))
     finally:
         await stop_grid(grid)

@@ -1,7 +1,8 @@
 """The site figures: the pure computation (the energy balance closes for every bucket and
 day, the savings formula), the history that feeds it (readings into 15-minute buckets of
-site time, the chain's settlements into increments; both survive a restart), and the API on
-the real grid: JSON and CSV agree, and what was bought and sold locally is what the chain
+site time, the chain's settlements into increments that name the trade's sites, so trades
+with the utility's site are told from local ones; all survive a restart), and the API on the
+real grid: JSON and CSV agree, and what was bought and sold locally is what the chain
 settled, to the wei."""
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ T = fig.Tariffs(retail_wei_per_kwh=3 * 10**15, feed_in_wei_per_kwh=5 * 10**14)
 DAY0 = 1_718_928_000  # 2024-06-21 00:00 UTC
 ME = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 OTHER = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
+UTIL = "0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf"
 
 
 def closes(r: fig.Row) -> bool:
-    return (r.produced_mwh + r.bought_local_mwh + r.utility_import_mwh
-            == r.consumed_mwh + r.sold_local_mwh + r.utility_export_mwh)
+    return (r.produced_mwh + r.bought_local_mwh + r.bought_utility_mwh + r.unmatched_import_mwh
+            == r.consumed_mwh + r.sold_local_mwh + r.sold_utility_mwh + r.unmatched_export_mwh)
 
 
 # --- pure -----------------------------------------------------------------------------------------
@@ -42,16 +44,17 @@ def closes(r: fig.Row) -> bool:
 buckets_st = st.lists(st.tuples(st.integers(0, 3 * 96 - 1), st.integers(0, 2_000_000), st.integers(0, 2_000_000)),
                       max_size=40)
 settle_st = st.lists(st.tuples(st.integers(0, 3 * 86400 - 1), st.integers(0, 5000), st.integers(0, 10**16),
-                               st.booleans()), max_size=20)
+                               st.booleans(), st.booleans()), max_size=20)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(buckets_st, settle_st, st.integers(0, 86400), st.integers(1, 3 * 86400), st.sampled_from([0, 3600, -19800]))
 def test_the_energy_balance_closes_for_every_bucket_day_and_range(
-        buckets: list[tuple[int, int, int]], settles: list[tuple[int, int, int, bool]], start_off: int, length: int,
-        tz: int) -> None:
+        buckets: list[tuple[int, int, int]], settles: list[tuple[int, int, int, bool, bool]], start_off: int,
+        length: int, tz: int) -> None:
     bs = [(DAY0 + i * fig.BUCKET_S, p, c) for i, p, c in buckets]
-    ss = [fig.Settlement(sim_at=DAY0 + t + 0.5, wh=wh, wei=wei, sold=sold) for t, wh, wei, sold in settles]
+    ss = [fig.Settlement(sim_at=DAY0 + t + 0.5, wh=wh, wei=wei, sold=sold, utility=u)
+          for t, wh, wei, sold, u in settles]
     start, end = DAY0 + start_off, DAY0 + start_off + length
     days, total = fig.compute(bs, ss, start, end, T, tz)
     # each day of the range, once, in order, clipped to it
@@ -60,45 +63,88 @@ def test_the_energy_balance_closes_for_every_bucket_day_and_range(
     assert all(fig.day_of(d.start, tz) == fig.day_of(d.end - 1, tz) for d in days)
     for r in [*days, total]:
         assert closes(r), r
-        assert r.utility_import_mwh >= 0 and r.utility_export_mwh >= 0
+        assert r.unmatched_import_mwh >= 0 and r.unmatched_export_mwh >= 0
         assert r.saved_wei == r.baseline_cost_wei - r.actual_cost_wei
+        assert r.actual_cost_wei == (r.bought_utility_wei - r.sold_utility_wei + r.bought_local_wei - r.sold_local_wei
+                                     + fig.cost_wei(r.unmatched_import_mwh, T.retail_wei_per_kwh)
+                                     - fig.cost_wei(r.unmatched_export_mwh, T.feed_in_wei_per_kwh))
         ss_ = r.self_sufficiency
         assert ss_ is None if r.consumed_mwh == 0 else 0.0 <= ss_ <= 1.0
+        # what production and local trades did not cover came from the utility or the unmatched import
+        assert 0 <= r.consumed_mwh - r.covered_mwh <= r.bought_utility_mwh + r.unmatched_import_mwh
     # the total is the days' sum; only what lies in the range counts
-    for f in ("produced_mwh", "consumed_mwh", "utility_import_mwh", "utility_export_mwh", "sold_local_wei",
-              "bought_local_wei", "saved_wei"):
+    for f in (*fig.ENERGY, "baseline_cost_wei", "actual_cost_wei", "saved_wei"):
         assert getattr(total, f) == sum(getattr(d, f) for d in days)
     assert total.produced_mwh == sum(p for b, p, _ in bs if start <= b < end)
-    assert total.sold_local_wei == sum(s.wei for s in ss if s.sold and start <= s.sim_at < end)
+    inside = [s for s in ss if start <= s.sim_at < end]
+    # each settlement counts once, on its side: local or with the utility, sold or bought
+    for sold, utility, wei, mwh in ((True, False, "sold_local_wei", "sold_local_mwh"),
+                                    (False, False, "bought_local_wei", "bought_local_mwh"),
+                                    (True, True, "sold_utility_wei", "sold_utility_mwh"),
+                                    (False, True, "bought_utility_wei", "bought_utility_mwh")):
+        mine = [s for s in inside if s.sold == sold and s.utility == utility]
+        assert getattr(total, wei) == sum(s.wei for s in mine)
+        assert getattr(total, mwh) == sum(s.wh for s in mine) * fig.MWH_PER_WH
     # per bucket: never importing and exporting at once
     for b, p, c in bs:
         imp, exp = fig.balance(p, c, 0, 0)
         assert imp == 0 or exp == 0
 
 
-def test_a_day_by_hand_and_the_savings() -> None:
-    # 08:00 a producer's surplus; 20:00 it buys 1 kWh locally and imports the rest
-    bs = [(DAY0 + 8 * 3600, 3_000_000, 1_000_000), (DAY0 + 20 * 3600, 0, 1_500_000)]
-    ss = [fig.Settlement(DAY0 + 8 * 3600 + 60, 1500, 2 * 10**15 * 3 // 2, sold=True),
-          fig.Settlement(DAY0 + 20 * 3600 + 60, 1000, 2 * 10**15, sold=False)]
+def test_a_day_by_hand_with_a_utility_trade_and_the_savings() -> None:
+    # 08:00 a surplus: 1.5 kWh sold locally, 0.25 kWh to the utility (at feed-in), 0.25 kWh left
+    # over (into the battery); 12:00 a little load and nothing else (from the battery); 20:00
+    # 1 kWh bought locally and 0.5 kWh from the utility (at retail): the trade with the
+    # utility counts as the utility's, not as local
+    bs = [(DAY0 + 8 * 3600, 3_000_000, 1_000_000), (DAY0 + 12 * 3600, 0, 200_000), (DAY0 + 20 * 3600, 0, 1_500_000)]
+    ss = [fig.Settlement(DAY0 + 8 * 3600 + 60, 1500, 3 * 10**15, sold=True),
+          fig.Settlement(DAY0 + 8 * 3600 + 120, 250, 125 * 10**12, sold=True, utility=True),
+          fig.Settlement(DAY0 + 20 * 3600 + 60, 1000, 2 * 10**15, sold=False),
+          fig.Settlement(DAY0 + 20 * 3600 + 120, 500, 15 * 10**14, sold=False, utility=True)]
     days, total = fig.compute(bs, ss, DAY0, DAY0 + 86400, T)
     [d] = days
     assert d.day == "2024-06-21" and (d.start, d.end) == (DAY0, DAY0 + 86400)
-    assert (d.produced_mwh, d.consumed_mwh) == (3_000_000, 2_500_000)
+    assert (d.produced_mwh, d.consumed_mwh) == (3_000_000, 2_700_000)
     assert (d.sold_local_mwh, d.bought_local_mwh) == (1_500_000, 1_000_000)
-    # 08:00: 3 + 0 - 1.5 - 1 = +0.5 kWh exported; 20:00: 0 + 1 - 0 - 1.5 = -0.5 kWh imported
-    assert (d.utility_export_mwh, d.utility_import_mwh) == (500_000, 500_000)
-    assert d.self_sufficiency == pytest.approx(1 - 0.5 / 2.5)
-    baseline = 2.5 * 3 * 10**15 - 3 * 5 * 10**14  # all consumed at retail, all produced at feed-in
-    actual = 0.5 * 3 * 10**15 - 0.5 * 5 * 10**14 + 2 * 10**15 - 3 * 10**15
-    assert d.baseline_cost_wei == int(baseline) and d.actual_cost_wei == int(actual)
-    assert d.saved_wei == int(baseline - actual) == total.saved_wei
+    assert (d.sold_local_wei, d.bought_local_wei) == (3 * 10**15, 2 * 10**15)
+    assert (d.sold_utility_mwh, d.bought_utility_mwh) == (250_000, 500_000)
+    assert (d.sold_utility_wei, d.bought_utility_wei) == (125 * 10**12, 15 * 10**14)
+    # 08:00: 3 - 1.5 - 0.25 - 1 = +0.25 kWh unmatched out; 12:00: -0.2 kWh unmatched in; 20:00: 0 + 1 + 0.5 - 1.5 = 0
+    assert (d.unmatched_export_mwh, d.unmatched_import_mwh) == (250_000, 200_000)
+    assert closes(d) and 3_000_000 + 1_000_000 + 500_000 + 200_000 == 2_700_000 + 1_500_000 + 250_000 + 250_000
+    # covered by production and local trades: all but the utility's 0.5 and the unmatched 0.2 kWh
+    assert d.covered_mwh == 2_000_000 and d.self_sufficiency == pytest.approx(1 - 0.7 / 2.7)
+    baseline = 27 * 3 * 10**14 - 3 * 5 * 10**14  # all consumed at retail, all produced at feed-in
+    actual = (15 * 10**14 - 125 * 10**12  # paid to / earned from the utility in its trades
+              + 2 * 10**15 - 3 * 10**15  # paid / earned locally
+              + 2 * 3 * 10**14 - 25 * 5 * 10**12)  # unmatched in at retail, out at feed-in
+    assert d.baseline_cost_wei == baseline == 66 * 10**14 and d.actual_cost_wei == actual == 85 * 10**13
+    assert d.saved_wei == baseline - actual == total.saved_wei
+    # the same day with the utility's trades taken as local ones: counted as local, not as the utility's
+    local = [fig.Settlement(s.sim_at, s.wh, s.wei, s.sold) for s in ss]
+    [e], _ = fig.compute(bs, local, DAY0, DAY0 + 86400, T)
+    assert (e.bought_local_mwh, e.bought_utility_mwh, e.sold_local_wei) == (1_500_000, 0, 3_125 * 10**12)
     # the CSV: a line per day and the total, exact kWh and Ether
     rows = list(csv.reader(io.StringIO(fig.to_csv(days, total))))
     assert rows[0] == fig.CSV_HEADER and [r[0] for r in rows[1:]] == ["2024-06-21", "total"]
     line = dict(zip(rows[0], rows[1]))
     assert line["produced (kWh)"] == "3" and line["bought from the utility (kWh)"] == "0.5"
-    assert Decimal(line["saved (Ether)"]) * 10**18 == d.saved_wei and line["self-sufficiency (%)"] == "80.0"
+    assert line["sold to the utility (kWh)"] == "0.25" and line["unmatched import (kWh)"] == "0.2"
+    assert line["paid to the utility (Ether)"] == "0.0015" and line["earned from the utility (Ether)"] == "0.000125"
+    assert line["bought locally (kWh)"] == "1" and line["paid locally (Ether)"] == "0.002"
+    assert Decimal(line["saved (Ether)"]) * 10**18 == d.saved_wei and line["self-sufficiency (%)"] == "74.1"
+
+
+def test_energy_sold_out_of_a_battery_is_not_consumption_covered_from_outside() -> None:
+    # noon: 1 kWh produced, 0.5 kWh consumed, 1 kWh sold locally (half of it out of the battery);
+    # night: 0.6 kWh sold to the utility out of the battery, 0.2 kWh consumed from it
+    bs = [(DAY0 + 12 * 3600, 1_000_000, 500_000), (DAY0 + 22 * 3600, 0, 200_000)]
+    ss = [fig.Settlement(DAY0 + 12 * 3600 + 60, 1000, 10**15, sold=True),
+          fig.Settlement(DAY0 + 22 * 3600 + 60, 600, 3 * 10**14, sold=True, utility=True)]
+    [d], _ = fig.compute(bs, ss, DAY0, DAY0 + 86400, T)
+    assert (d.unmatched_import_mwh, d.unmatched_export_mwh) == (500_000 + 800_000, 0) and closes(d)
+    # the noon consumption was the site's own; the night's came from the battery (unmatched)
+    assert d.covered_mwh == 500_000 and d.self_sufficiency == pytest.approx(0.5 / 0.7)
 
 
 def test_bad_ranges_are_refused_with_words() -> None:
@@ -147,6 +193,13 @@ async def test_the_history_counts_readings_and_settlements_and_keeps_them(tmp_pa
             trade_id="t2", offer_id="o2", seller=OTHER, buyer=ME, seller_site="x", buyer_site="y", wh=1,
             price_wei_per_kwh=1))
         h.apply(conn, wall[0] + 4, ev.Settled(trade_id="t2", delivered_wh=1, paid_wei=1, tx_hash="0x3"))
+        # a trade with the utility's site: the utility's, not local
+        h.apply(conn, wall[0] + 5, ev.TradeAgreed(
+            trade_id="t3", offer_id="o3", seller=ME, buyer=UTIL, seller_site="solar-1", buyer_site="utility", wh=300,
+            price_wei_per_kwh=5 * 10**14))
+        h.apply(conn, wall[0] + 5, ev.Settled(trade_id="t3", delivered_wh=200, paid_wei=10**14, tx_hash="0x4"))
+        h.apply(conn, wall[0] + 6, ev.TradeClosedOnChain(trade_id="t3", delivered_wh=300, paid_wei=15 * 10**13,
+                                                         refunded_wei=0, tx_hash="0x5"))
     wall[0] += 7
     before_write = h.figures(ME, DAY0, DAY0 + 86400, T)
     await h.persist()
@@ -155,18 +208,57 @@ async def test_the_history_counts_readings_and_settlements_and_keeps_them(tmp_pa
     assert total.produced_mwh == 500_000  # the counter: 5 x 100 Wh
     assert total.consumed_mwh == 6 * 72_000  # 360 W x 720 s, six intervals (the last one's load counts)
     assert (total.sold_local_mwh, total.sold_local_wei) == (800_000, 16 * 10**14)  # the chain's cumulative numbers
-    assert total.bought_local_mwh == 0 and closes(total)
+    assert (total.sold_utility_mwh, total.sold_utility_wei) == (300_000, 15 * 10**13)
+    assert total.bought_local_mwh == total.bought_utility_mwh == 0 and closes(total)
     assert h.figures(OTHER, DAY0, DAY0 + 86400, T)[1].bought_local_wei == 16 * 10**14
+    # another name for the utility's site: the same trade is local
+    other = h.figures(ME, DAY0, DAY0 + 86400, T, utility_site="grid")[1]
+    assert (other.sold_local_wei, other.sold_utility_wei) == (16 * 10**14 + 15 * 10**13, 0)
     h.store.close()
     # a restart: the buckets, the settlements and the meter's last reading are kept
     h2 = History(Store(path), "solar-1", clock=lambda: wall[0])
+    assert h2.figures(ME, DAY0, DAY0 + 86400, T) == (days, total)
+    # the split is the settlements' own: it holds without the trades' rows
+    h2.store.conn.execute("DELETE FROM hist_trades")
     assert h2.figures(ME, DAY0, DAY0 + 86400, T) == (days, total)
     h2.reading(wall[0] + 1, reading(sim0 + 720 * 7, 4100))  # counts on from the kept reading
     assert h2.figures(ME, DAY0, DAY0 + 86400, T)[1].produced_mwh == 600_000
     h2.store.close()
 
 
+async def test_a_store_from_before_the_settlements_named_their_sites(tmp_path: pathlib.Path) -> None:
+    """Settlements written before they carried the trade's sites count by the trades' rows."""
+    import sqlite3
+    path = tmp_path / "history.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE hist_settlements (id INTEGER PRIMARY KEY AUTOINCREMENT, trade_id TEXT NOT NULL, "
+        "at REAL NOT NULL, delivered_wh INTEGER NOT NULL, paid_wei TEXT NOT NULL, d_wh INTEGER NOT NULL, d_wei TEXT NOT NULL);"
+        "INSERT INTO hist_settlements (trade_id, at, delivered_wh, paid_wei, d_wh, d_wei) "
+        f"VALUES ('t9', {DAY0 + 3600}, 100, '300000000000000', 100, '300000000000000');")
+    old.commit()
+    old.close()
+    h = History(Store(path), "home-7", clock=lambda: float(DAY0 + 7200))
+    with h.store.transaction() as conn:
+        h.apply(conn, DAY0 + 3000, ev.TradeAgreed(
+            trade_id="t9", offer_id="o9", seller=UTIL, buyer=ME, seller_site="utility", buyer_site="home-7", wh=100,
+            price_wei_per_kwh=3 * 10**15))
+        h.apply(conn, DAY0 + 3700, ev.TradeClosedOnChain(trade_id="t9", delivered_wh=100, paid_wei=3 * 10**14,
+                                                         refunded_wei=0, tx_hash="0x9"))
+    total = h.figures(ME, DAY0, DAY0 + 86400, T)[1]
+    assert (total.bought_utility_mwh, total.bought_utility_wei, total.bought_local_wei) == (100_000, 3 * 10**14, 0)
+    h.store.close()
+
+
 # --- the API on the real grid ---------------------------------------------------------------------
+
+
+def balance_closes(d: dict[str, Any]) -> bool:
+    """A figures row of the API closes its energy balance, to the mWh."""
+    def mwh(key: str) -> int:
+        return int(Decimal(str(d[key])) * 1000)
+    return (mwh("produced_wh") + mwh("bought_local_wh") + mwh("bought_utility_wh") + mwh("unmatched_import_wh")
+            == mwh("consumed_wh") + mwh("sold_local_wh") + mwh("sold_utility_wh") + mwh("unmatched_export_wh"))
 
 
 async def figures_of(h: aiohttp.ClientSession, base: str, query: str = "") -> tuple[dict[str, Any], list[list[str]]]:
@@ -188,15 +280,18 @@ def agree(js: dict[str, Any], rows: list[list[str]]) -> None:
         line = dict(zip(rows[0], r))
         for col, key in (("produced (kWh)", "produced_wh"), ("consumed (kWh)", "consumed_wh"),
                          ("bought locally (kWh)", "bought_local_wh"), ("sold locally (kWh)", "sold_local_wh"),
-                         ("bought from the utility (kWh)", "utility_import_wh"),
-                         ("sold to the utility (kWh)", "utility_export_wh")):
+                         ("bought from the utility (kWh)", "bought_utility_wh"),
+                         ("sold to the utility (kWh)", "sold_utility_wh"),
+                         ("unmatched import (kWh)", "unmatched_import_wh"),
+                         ("unmatched export (kWh)", "unmatched_export_wh")):
             assert Decimal(line[col]) * 1000 == Decimal(str(d[key])), (col, line, d)
         for col, key in (("paid locally (Ether)", "bought_local_wei"), ("earned locally (Ether)", "sold_local_wei"),
+                         ("paid to the utility (Ether)", "bought_utility_wei"),
+                         ("earned from the utility (Ether)", "sold_utility_wei"),
                          ("utility-only cost (Ether)", "baseline_cost_wei"), ("actual cost (Ether)", "actual_cost_wei"),
                          ("saved (Ether)", "saved_wei")):
             assert Decimal(line[col]) * 10**18 == int(d[key]), (col, line, d)
-        assert round(d["produced_wh"] + d["bought_local_wh"] + d["utility_import_wh"], 3) == \
-            round(d["consumed_wh"] + d["sold_local_wh"] + d["utility_export_wh"], 3)
+        assert balance_closes(d), d
 
 
 async def test_figures_in_json_and_csv_match_the_chains_settlements(stack: Stack) -> None:

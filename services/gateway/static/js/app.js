@@ -1090,10 +1090,14 @@ function renderSiteFigures() {
   energy($('#ft-consumed'), t.consumed_wh);
   energy($('#ft-bought'), t.bought_local_wh);
   energy($('#ft-sold'), t.sold_local_wh);
-  energy($('#ft-import'), t.utility_import_wh);
-  energy($('#ft-export'), t.utility_export_wh);
+  energy($('#ft-bought-utility'), t.bought_utility_wh);
+  energy($('#ft-sold-utility'), t.sold_utility_wh);
+  energy($('#ft-unmatched-import'), t.unmatched_import_wh);
+  energy($('#ft-unmatched-export'), t.unmatched_export_wh);
   amount($('#ft-bought-wei'), t.bought_local_wei);
   amount($('#ft-sold-wei'), t.sold_local_wei);
+  amount($('#ft-bought-utility-wei'), t.bought_utility_wei);
+  amount($('#ft-sold-utility-wei'), t.sold_utility_wei);
   amount($('#ft-saved'), t.saved_wei);
   $('#ft-self').textContent = t.self_sufficiency == null ? '– (nothing consumed)' : `${Math.round(t.self_sufficiency * 100)} %`;
   $('#ft-retail').textContent = priceText(f.tariffs.retail_wei_per_kwh);
@@ -1116,15 +1120,17 @@ function renderDayCharts() {
       ['produced', '#2c7a3f', (d) => d.produced_wh],
       ['consumed', '#b3401b', (d) => d.consumed_wh],
       ['traded locally', '#2a62b0', (d) => d.bought_local_wh + d.sold_local_wh],
-      ['with the utility', '#6b6b6b', (d) => d.utility_import_wh + d.utility_export_wh],
+      ['with the utility', '#6b6b6b', (d) => d.bought_utility_wh + d.sold_utility_wh],
+      ['unmatched', '#a3a3a3', (d) => d.unmatched_import_wh + d.unmatched_export_wh],
     ].map(([label, color, get]) => ({ label, color, kind: 'bars',
       points: days.map((d) => [mid(d), e(get(d)), `${d.day}: ${label} ${energyText(get(d))}`]) }));
     const t = f.total;
     draw(box, { title: 'Energy per day', yLabel: energyUnit(), minSpan: 86400 * 1.5, barWidth: width, series,
       xLabel: 'site day',
       summary: `In all: produced ${energyText(t.produced_wh)}, consumed ${energyText(t.consumed_wh)}, bought locally `
-        + `${energyText(t.bought_local_wh)}, sold locally ${energyText(t.sold_local_wh)}, from the utility `
-        + `${energyText(t.utility_import_wh)}, to the utility ${energyText(t.utility_export_wh)}.` });
+        + `${energyText(t.bought_local_wh)}, sold locally ${energyText(t.sold_local_wh)}, bought from the utility `
+        + `${energyText(t.bought_utility_wh)}, sold to the utility ${energyText(t.sold_utility_wh)}, unmatched `
+        + `${energyText(t.unmatched_import_wh)} in and ${energyText(t.unmatched_export_wh)} out.` });
   }
   const selfBox = visible('#chart-self');
   if (selfBox) {
