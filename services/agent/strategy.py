@@ -22,8 +22,9 @@ only if that is within what the agent is willing to pay at that moment.
 
 The price ramp. What the agent is willing to pay for an offer rises with the offer's
 auction: when the auction opens it is the last clearing price (the feed-in tariff when
-nothing has traded yet), and it rises in a straight line to the owner's most paid price
-at the auction's end. So the agent pays a little over the going price when it can, and
+nothing has traded yet), and it rises in a straight line to the owner's most paid price,
+reached three quarters into the auction (so that a bid at that price still lands before
+the auction closes). So the agent pays a little over the going price when it can, and
 up to its limit only when the auction is about to close.
 
 The tariffs as bounds. Energy bought from the grid costs the retail tariff and energy fed
@@ -59,6 +60,9 @@ __all__ = [
 
 #: The least energy the agent offers or orders at once (Wh).
 MIN_LOT_WH = 100
+#: The share of an auction after which the ramp is at the owner's cap (the rest is time for
+#: a bid at the cap to be signed and placed before the auction closes).
+RAMP_SHARE = 0.75
 
 
 Limits = cmd.AgentLimits
@@ -217,12 +221,14 @@ def _ramp(start: int, cap: int, fraction: float) -> int:
 
 def willing_to_pay(limits: Limits, tariffs: Tariffs, market: MarketView, offer: OfferSeen) -> int:
     """The price ramp (see the module docstring): from the last clearing price (or the
-    feed-in tariff when none) at the offer's opening toward the owner's most-paid limit at
-    its end, linear in (now - opened_at) / (ends_at - opened_at), clamped to [0,1].
-    Never above the effective buy cap."""
+    feed-in tariff when none) at the offer's opening to the owner's most-paid limit
+    ``RAMP_SHARE`` into its auction, linear in time, then held. Never above the effective
+    buy cap."""
     cap, _ = effective(limits, tariffs)
     start = _ramp_start(cap, tariffs, market)
-    return _ramp(start, cap, _elapsed(market.now, offer.opened_at, offer.ends_at))
+    # the cap is reached RAMP_SHARE into the auction: a bid at the cap still lands before it closes
+    full_at = offer.opened_at + RAMP_SHARE * (offer.ends_at - offer.opened_at)
+    return _ramp(start, cap, _elapsed(market.now, offer.opened_at, full_at))
 
 
 def _same(a: str | None, b: str) -> bool:

@@ -53,8 +53,13 @@ sold out of a battery in a bucket does not count as consumption covered from out
 - baseline (utility only): ``cost(consumed, retail) - cost(produced, feed_in)``: everything
   consumed bought at the retail tariff, everything produced sold at the feed-in tariff;
 - actual: ``bought_utility_wei - sold_utility_wei`` (what was paid to and earned from the
-  utility in its trades, as the chain settled them) ``+ bought_local_wei - sold_local_wei
-  + cost(unmatched_import, retail) - cost(unmatched_export, feed_in)``;
+  utility in its trades, as the chain settled them) ``+ bought_local_wei - sold_local_wei``,
+  plus the day's NET unmatched energy at the tariffs: ``cost(max(0, unmatched_import -
+  unmatched_export), retail) - cost(max(0, unmatched_export - unmatched_import),
+  feed_in)``. The unmatched flows of a day are mostly the site's battery charging in one
+  quarter hour and giving it back in another; pricing both ways would count energy bought
+  once twice. What the day took out of the battery (net) is valued as if bought back at
+  retail, what it left there as if sold at feed-in;
 - saved = baseline - actual (negative: the site did worse than with the utility alone).
 
 Each day's money is computed from that day's sums; the total row's money is the sum of the
@@ -167,10 +172,11 @@ def money(row: Row, t: Tariffs) -> None:
     """Fill in a row's baseline, actual cost and savings from its sums."""
     row.baseline_cost_wei = cost_wei(row.consumed_mwh, t.retail_wei_per_kwh) - cost_wei(row.produced_mwh,
                                                                                          t.feed_in_wei_per_kwh)
+    net = row.unmatched_import_mwh - row.unmatched_export_mwh  # what the day took from the battery (or shed)
     row.actual_cost_wei = (row.bought_utility_wei - row.sold_utility_wei
                            + row.bought_local_wei - row.sold_local_wei
-                           + cost_wei(row.unmatched_import_mwh, t.retail_wei_per_kwh)
-                           - cost_wei(row.unmatched_export_mwh, t.feed_in_wei_per_kwh))
+                           + cost_wei(max(net, 0), t.retail_wei_per_kwh)
+                           - cost_wei(max(-net, 0), t.feed_in_wei_per_kwh))
     row.saved_wei = row.baseline_cost_wei - row.actual_cost_wei
 
 

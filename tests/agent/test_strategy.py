@@ -131,12 +131,15 @@ def test_a_forecast_deficit_is_met_from_the_battery_above_the_reserve_first() ->
 # ---------------------------------------------------------------- the price ramp
 
 
-def test_the_ramp_starts_at_the_last_clearing_price_and_reaches_the_owners_cap_at_the_end() -> None:
+def test_the_ramp_starts_at_the_last_clearing_price_and_reaches_the_owners_cap_before_the_end() -> None:
     lim = Limits(max_buy_wei_per_kwh=2_000_000_000_000_000)
     o = offer(opened_at=NOW, ends_at=NOW + 100)
     last = 1_000_000_000_000_000
+    assert s.RAMP_SHARE == 0.75
     assert s.willing_to_pay(lim, TARIFFS, market(o, last=last, now=NOW), o) == last
-    assert s.willing_to_pay(lim, TARIFFS, market(o, last=last, now=NOW + 50), o) == 1_500_000_000_000_000
+    assert s.willing_to_pay(lim, TARIFFS, market(o, last=last, now=NOW + 37.5), o) == 1_500_000_000_000_000
+    # at the cap three quarters in: a bid at the cap is still placed before the auction closes
+    assert s.willing_to_pay(lim, TARIFFS, market(o, last=last, now=NOW + 75), o) == 2_000_000_000_000_000
     assert s.willing_to_pay(lim, TARIFFS, market(o, last=last, now=NOW + 100), o) == 2_000_000_000_000_000
     assert s.willing_to_pay(lim, TARIFFS, market(o, last=last, now=NOW + 500), o) == 2_000_000_000_000_000
     assert s.willing_to_pay(lim, TARIFFS, market(o, last=last, now=NOW - 500), o) == last

@@ -115,13 +115,12 @@ async def test_agents_trade_a_simulated_day_without_a_click(tmp_path: pathlib.Pa
         dear = await prod.call("POST", "/api/offers", {"wh": 100, "start_price_wei_per_kwh": str(RETAIL + 1),
                                                        "duration_s": 20})
 
-        # the agents trade, nobody clicking: between the two sites, and with the utility
+        # the agents trade, nobody clicking: first between the two sites
         def settled_between() -> set[tuple[str, str]]:
             return {(t["seller"], t["buyer"]) for t in trades_at(grid, grid.w3.eth.block_number) if t["delivered"]}
 
-        await grid.until("a trade between the sites and one with the utility, each delivered and settled",
-                         lambda: (p_, c_) in settled_between() and any(util in pair for pair in settled_between()),
-                         timeout=300, every=1.0)
+        await grid.until("a trade between the sites, delivered and settled", lambda: (p_, c_) in settled_between(),
+                         timeout=240, every=1.0)
         agent_p = await prod.call("GET", "/api/agent")
         agent_c = await cons.call("GET", "/api/agent")
         assert agent_p["state"] == "trading" and agent_c["state"] == "trading", (agent_p, agent_c)
@@ -132,10 +131,21 @@ async def test_agents_trade_a_simulated_day_without_a_click(tmp_path: pathlib.Pa
         for a in agent_p["actions"]:
             assert a["wh"] <= MAX_TRADE_WH and int(a["price_wei_per_kwh"]) >= FEED_IN, a
 
-        # the owner turns the producer's agent off: it places nothing more
+        # the consumer's owner turns its agent off: the producer's surplus goes to the utility, at feed-in
+        off = await cons.call("PUT", "/api/agent/limits", {**agent_c["limits"], "enabled": False})
+        assert off["state"] == "off", off
+        await grid.until("the utility to buy the producer's surplus", lambda: (p_, util) in settled_between(),
+                         timeout=240, every=1.0)
+
+        # the producer's owner turns its agent off, the consumer's (looking 4 h ahead) is on again: with no
+        # local offer left, it buys its deficit from the utility at retail
         out = await prod.call("PUT", "/api/agent/limits", {**agent_p["limits"], "enabled": False})
         assert out["state"] == "off" and out["limits"]["enabled"] is False, out
         placed = len((await prod.call("GET", "/api/agent"))["actions"])
+        on = await cons.call("PUT", "/api/agent/limits", {**agent_c["limits"], "enabled": True, "horizon_s": 4 * 3600})
+        assert on["state"] != "off", on
+        await grid.until("the consumer to buy from the utility", lambda: (util, c_) in settled_between(),
+                         timeout=240, every=1.0)
 
         # the rest of the simulated day
         async def day_over() -> bool:
