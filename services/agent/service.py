@@ -167,7 +167,10 @@ class AgentService(Service):
                                    min_increment=self.settings.auction_min_increment_wei_per_kwh)
         self.last = {"forecast_net_wh": round(net, 1), "surplus_wh": strategy.surplus_wh(site, self.limits),
                      "deficit_wh": strategy.deficit_wh(site, self.limits)}
-        if self.settings.agent_strategy == "utility":
+        if self.settings.agent_strategy == "utility" and double and book is not None:
+            sides = frozenset(o.side for o in book.orders if o.state == "open" and o.account.lower() == me.lower())
+            actions = strategy.decide_utility_double(me, self.limits, self.tariffs, site, open_sides=sides)
+        elif self.settings.agent_strategy == "utility":
             actions = strategy.decide_utility(me, self.limits, self.tariffs, site, market)
         elif double:  # its open orders of the current call count as committed: one order per call
             actions = strategy.decide_double(me, self.limits, self.tariffs, site, market,

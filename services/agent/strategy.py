@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MIN_LOT_WH", "Action", "Limits", "MarketView", "OfferSeen", "PlaceBid", "PlaceOffer", "PlaceOrder",
-    "SiteView", "Tariffs", "call_slot", "decide_double", "decide_english", "decide_utility", "deficit_wh",
+    "SiteView", "Tariffs", "call_slot", "decide_double", "decide_english", "decide_utility",
+    "decide_utility_double", "deficit_wh",
     "effective", "surplus_wh", "willing_to_pay",
 ]
 
@@ -307,6 +308,24 @@ def decide_utility(me: str, limits: Limits, tariffs: Tariffs, site: SiteView, ma
             continue
         if _needed(offer, market) <= feed_in:
             out.append(PlaceBid(offer_id=offer.offer_id, price_wei_per_kwh=feed_in))
+    return out
+
+
+def decide_utility_double(me: str, limits: Limits, tariffs: Tariffs, site: SiteView, *,
+                          open_sides: frozenset[str] = frozenset()) -> list[Action]:
+    """The utility in the double auction: it quotes the spread in every call, a buy order of
+    the largest trade at the feed-in tariff and a sell order of the largest trade its free
+    tokens cover at the retail tariff, each side once per call (``open_sides``: the sides it
+    already has an order of in the current call). Whatever the call clears at between them,
+    the sites' unmatched surplus and demand meet the grid at its tariffs."""
+    if not limits.enabled:
+        return []
+    out: list[Action] = []
+    if "sell" not in open_sides and min(site.tokens_free_wh, limits.max_trade_wh) >= MIN_LOT_WH:
+        out.append(PlaceOrder(side="sell", wh=min(site.tokens_free_wh, limits.max_trade_wh),
+                              limit_price_wei_per_kwh=tariffs.retail_wei_per_kwh))
+    if "buy" not in open_sides:
+        out.append(PlaceOrder(side="buy", wh=limits.max_trade_wh, limit_price_wei_per_kwh=tariffs.feed_in_wei_per_kwh))
     return out
 
 

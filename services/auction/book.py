@@ -224,10 +224,18 @@ def open_order_rounds(conn: sqlite3.Connection) -> list[int]:
     return [r[0] for r in conn.execute("SELECT DISTINCT round FROM orders WHERE state = 'open' ORDER BY round")]
 
 
-def has_opposite_order(conn: sqlite3.Connection, account: str, side: str, round_: int) -> bool:
+def crossing_own_order(conn: sqlite3.Connection, account: str, side: str, limit_wei_per_kwh: int,
+                       round_: int) -> int | None:
+    """The limit of ``account``'s own open order of the other side in ``round_`` that an
+    order of ``side`` at ``limit_wei_per_kwh`` would trade with (a buy at or above its sell,
+    a sell at or below its buy), or None. A buy below its own sell (a market maker's
+    spread) never meets it."""
     other = "buy" if side == "sell" else "sell"
-    return conn.execute("SELECT 1 FROM orders WHERE round = ? AND state = 'open' AND side = ? AND lower(account) = ?",
-                        (round_, other, account.lower())).fetchone() is not None
+    for (limit,) in conn.execute("SELECT limit_price FROM orders WHERE round = ? AND state = 'open' AND side = ? "
+                                 "AND lower(account) = ?", (round_, other, account.lower())):
+        if (int(limit) <= limit_wei_per_kwh) if side == "buy" else (int(limit) >= limit_wei_per_kwh):
+            return int(limit)
+    return None
 
 
 def finish_round(conn: sqlite3.Connection, round_: int, result: double.Clearing, now: float) -> None:

@@ -471,9 +471,12 @@ class AuctionService(Service):
     async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderPlaced:
         now = time.time()
         round_ = book.current_call(self.conn, now, self.settings.auction_clear_interval_s)
-        if book.has_opposite_order(self.conn, req.account, req.side, round_):
-            raise Rejected("own_offer", f"this account has a {'buy' if req.side == 'sell' else 'sell'} order "
-                                        "in the same call; it would trade with itself")
+        crossed = book.crossing_own_order(self.conn, req.account, req.side, req.limit_price_wei_per_kwh, round_)
+        if crossed is not None:
+            other = "buy" if req.side == "sell" else "sell"
+            raise Rejected("own_offer", f"this account has a {other} order at {crossed} wei/kWh in the same call "
+                                        f"that this {req.side} order would trade with: it would trade with itself "
+                                        "(a buy below your own sell, a spread, is taken)")
         self._check_signed_order(req, self._clears_at(round_))
         signed_fact: typed.Offer | typed.Bid = req.offer if req.side == "sell" else req.bid  # type: ignore[assignment]
         self._not_taken("orders", signed_fact.offer_id if isinstance(signed_fact, typed.Offer) else signed_fact.bid_id,

@@ -504,3 +504,16 @@ def test_prop_the_utility_pays_feed_in_and_sells_at_retail(sc: Scenario) -> None
             assert needed <= sc.tar.feed_in_wei_per_kwh  # the auction takes it
     if not sc.lim.enabled:
         assert acts == []
+
+
+def test_the_utility_quotes_the_spread_in_each_double_auction_call_once_per_side() -> None:
+    view = site(tokens_free_wh=10_000)
+    lim = Limits(max_trade_wh=1_500)
+    both = s.decide_utility_double(ME, lim, TARIFFS, view)
+    assert both == [PlaceOrder(side="sell", wh=1_500, limit_price_wei_per_kwh=RETAIL),
+                    PlaceOrder(side="buy", wh=1_500, limit_price_wei_per_kwh=FEED_IN)]
+    assert s.decide_utility_double(ME, lim, TARIFFS, view, open_sides=frozenset({"sell"})) == both[1:]
+    assert s.decide_utility_double(ME, lim, TARIFFS, view, open_sides=frozenset({"sell", "buy"})) == []
+    # no tokens to sell: it only buys; off: nothing
+    assert s.decide_utility_double(ME, lim, TARIFFS, site(tokens_free_wh=50)) == both[1:]
+    assert s.decide_utility_double(ME, Limits(enabled=False), TARIFFS, view) == []

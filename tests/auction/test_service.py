@@ -17,7 +17,7 @@ from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
 
-from tests.signing import DOMAIN
+from tests.signing import DOMAIN, later as later_s
 
 from .conftest import (BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, Sources, account, key_of, offer, order,
                        outbox, settings, until)
@@ -453,3 +453,24 @@ async def test_each_step_names_its_cause(grid: Grid, fake_chain: FakeChain) -> N
     [agreed] = envelopes(db, "trade.agreed")
     assert agreed["cause"] == bids[B2]["id"] and agreed["v"] == 2
     assert all(e["cause"] is None for e in envelopes(db, "trade.heartbeat"))  # a timer's own beat
+
+
+async def test_a_market_maker_quotes_a_spread_in_one_call_but_never_crosses_itself(
+        grid: Grid, fake_chain: FakeChain) -> None:
+    """The utility buys at the feed-in and sells at the retail tariff in the same call: its
+    buy below its own sell can never trade with it, so both are taken; an order that would
+    meet its own other side is refused and changes nothing."""
+    maker = account("utility")
+    fake_chain.set(maker.address, tokens_wh=10_000, escrow_reserved_wei=10**16)
+    s = settings(grid, fake_chain.endpoint, auction_market="double", auction_clear_interval_s=86400.0)
+    exp = later_s(2 * 86400)  # valid past the call's end (a day's call: the whole test is in one)
+    async with Running(grid, s) as m:
+        sell = await m.call(order("sell", maker, 2000, 300, site="solar-1", expiry=exp))
+        buy = await m.call(order("buy", maker, 2000, 100, site="solar-1", expiry=exp))  # under its own sell
+        for side, price in (("buy", 300), ("buy", 301), ("sell", 100), ("sell", 99)):
+            with pytest.raises(RequestError) as e:
+                await m.call(order(side, maker, 100, price, site="solar-1", expiry=exp))
+            assert e.value.code == "own_offer" and "trade with itself" in e.value.message
+        book = await m.call(cmd.ListOrders(calls=0))
+        assert sorted((o.order_id, o.side, o.limit_price_wei_per_kwh) for o in book.orders) == sorted(
+            [(sell.order_id, "sell", 300), (buy.order_id, "buy", 100)])

@@ -51,21 +51,50 @@ def trades_at(grid: Grid, block: int) -> list[dict[str, Any]]:
     return out
 
 
-async def utility_agent_off(grid: Grid) -> C.AgentState:
-    """The utility's agent turned off over the bus, as its own site (the launcher's hand_over
-    talks to the utility's wallet the same way)."""
+def money_adds_up(grid: Grid, trades: list[dict[str, Any]], parties: set[str], block: int, *, consumer: str) -> None:
+    """Against the chain at ``block``, to the wei: each trade paid exactly for what was
+    delivered; each party's escrow is what it put in less what it paid, its credit what it
+    earned; the consumer holds the tokens delivered to it; the market holds exactly the
+    parties' escrow and credit."""
+    settled = grid.market_events("Settled", to_block=block)
+    paid_of = {t["id"]: sum(e["paidWei"] for e in settled if e["tradeId"] == t["id"]) for t in trades}
+    for t in trades:
+        assert paid_of[t["id"]] == cost(t["delivered"], t["price"]), t
+    deposits = grid.market_events("Deposited", to_block=block)
+    for who in parties:
+        on = grid.onchain(who, block)
+        put_in = sum(e["amountWei"] for e in deposits if e["account"].lower() == who)
+        paid = sum(paid_of[t["id"]] for t in trades if t["buyer"] == who)
+        earned = sum(paid_of[t["id"]] for t in trades if t["seller"] == who)
+        assert on["free"] + on["reserved"] + on["locked"] == put_in - paid, (who, on, put_in, paid)
+        assert on["credit"] == earned, (who, on, earned)
+    cons_on = grid.onchain(consumer, block)
+    assert cons_on["tokens"] == sum(t["delivered"] for t in trades if t["buyer"] == consumer), cons_on
+    all_escrow = sum(sum(grid.onchain(w, block)[k] for k in ("free", "reserved", "locked", "credit"))
+                     for w in parties)
+    assert grid.w3.eth.get_balance(grid.market.address, block) == all_escrow
+
+
+async def utility_agent(grid: Grid, req: C.Request) -> C.AgentState:
+    """A request to the utility's agent over the bus, as its own site (the launcher's
+    hand_over talks to the utility's wallet the same way)."""
     o = grid.options
     ctx = zmq.asyncio.Context()
     sec = Security(o.data.resolve() / "keys", launcher.UTILITY)
     sec.start(ctx)
     agent = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + 17}", server_site=launcher.UTILITY, timeout_s=30)
     try:
-        state: C.AgentState = await agent.request(C.GetAgent())
-        return await agent.request(C.SetAgentLimits(limits=state.limits.model_copy(update={"enabled": False})))
+        state: C.AgentState = await agent.request(req)
+        return state
     finally:
         await agent.close()
         sec.stop()
         ctx.destroy(0)
+
+
+async def utility_agent_off(grid: Grid) -> C.AgentState:
+    state = await utility_agent(grid, C.GetAgent())
+    return await utility_agent(grid, C.SetAgentLimits(limits=state.limits.model_copy(update={"enabled": False})))
 
 
 def mwh(row: dict[str, Any], key: str) -> int:
@@ -165,23 +194,7 @@ async def test_agents_trade_a_simulated_day_without_a_click(tmp_path: pathlib.Pa
                 assert t["price"] == FEED_IN, t  # the utility pays its feed-in tariff, no more
             if t["seller"] == util:
                 assert t["price"] >= RETAIL, t  # and sells at retail, no less
-        settled = grid.market_events("Settled", to_block=block)
-        paid_of = {t["id"]: sum(e["paidWei"] for e in settled if e["tradeId"] == t["id"]) for t in trades}
-        for t in trades:
-            assert paid_of[t["id"]] == cost(t["delivered"], t["price"]), t
-        deposits = grid.market_events("Deposited", to_block=block)
-        for who in parties:
-            on = grid.onchain(who, block)
-            put_in = sum(e["amountWei"] for e in deposits if e["account"].lower() == who)
-            paid = sum(paid_of[t["id"]] for t in trades if t["buyer"] == who)
-            earned = sum(paid_of[t["id"]] for t in trades if t["seller"] == who)
-            assert on["free"] + on["reserved"] + on["locked"] == put_in - paid, (who, on, put_in, paid)
-            assert on["credit"] == earned, (who, on, earned)
-        cons_on = grid.onchain(cons.address, block)
-        assert cons_on["tokens"] == sum(t["delivered"] for t in trades if t["buyer"] == c_), cons_on
-        all_escrow = sum(sum(grid.onchain(w, block)[k] for k in ("free", "reserved", "locked", "credit"))
-                         for w in parties)
-        assert grid.w3.eth.get_balance(grid.market.address, block) == all_escrow
+        money_adds_up(grid, trades, parties, block, consumer=c_)
         print("trades of the day:", [(t["seller"][:8], t["buyer"][:8], t["wh"], t["delivered"], t["price"])
                                      for t in trades])
 
