@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from eth_utils import to_checksum_address
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema,
@@ -116,22 +116,21 @@ class MiningIn(In):
     action: Literal["start", "stop"]
 
 
-class SellIn(In):
-    """Sell energy tokens: give ``wh`` (integer Wh) or ``kwh`` (a decimal string with up to
-    3 decimals, e.g. ``"1.5"``), not both."""
+class EnergyIn(In):
+    """A body that gives an energy: ``wh`` (integer Wh) or ``kwh`` (a decimal string with up
+    to 3 decimals, e.g. ``"1.5"``), not both; and a price per kWh, named by the subclass."""
 
+    PRICE: ClassVar[str] = ""
     wh: int | None = Field(default=None, gt=0, le=MAX_WH)
     kwh: str | None = Field(default=None, pattern=r"^[0-9]{1,7}(\.[0-9]{1,3})?$",
                             description="kWh with up to 3 decimals (1 token = 1 kWh = 1000 Wh)")
-    start_price_wei_per_kwh: WeiIn
-    duration_s: int = Field(gt=0, le=7 * 86400, description="how long the auction runs, in seconds")
 
     @model_validator(mode="after")
-    def _one_amount(self) -> SellIn:
+    def _one_amount(self) -> EnergyIn:
         if (self.wh is None) == (self.kwh is None):
             raise ValueError("give the energy as either wh or kwh")
-        if self.start_price_wei_per_kwh <= 0:
-            raise ValueError("start_price_wei_per_kwh must be more than 0")
+        if getattr(self, self.PRICE) <= 0:
+            raise ValueError(f"{self.PRICE} must be more than 0")
         if self.energy_wh <= 0 or self.energy_wh > MAX_WH:
             raise ValueError(f"the energy must be between 1 Wh and {MAX_WH} Wh")
         return self
@@ -142,6 +141,15 @@ class SellIn(In):
             return self.wh
         assert self.kwh is not None
         return kwh_to_wh(self.kwh)
+
+
+class SellIn(EnergyIn):
+    """Sell energy tokens: give ``wh`` (integer Wh) or ``kwh`` (a decimal string with up to
+    3 decimals, e.g. ``"1.5"``), not both."""
+
+    PRICE: ClassVar[str] = "start_price_wei_per_kwh"
+    start_price_wei_per_kwh: WeiIn
+    duration_s: int = Field(gt=0, le=7 * 86400, description="how long the auction runs, in seconds")
 
 
 def kwh_to_wh(kwh: str) -> int:
@@ -154,32 +162,13 @@ def kwh_to_wh(kwh: str) -> int:
         raise ValueError("not a number of kWh") from e
 
 
-class OrderIn(In):
+class OrderIn(EnergyIn):
     """A double-auction order for the call being collected: ``wh`` (integer Wh) or ``kwh``
     (a decimal string with up to 3 decimals), not both; the limit price per kWh."""
 
+    PRICE: ClassVar[str] = "limit_price_wei_per_kwh"
     side: Literal["sell", "buy"]
-    wh: int | None = Field(default=None, gt=0, le=MAX_WH)
-    kwh: str | None = Field(default=None, pattern=r"^[0-9]{1,7}(\.[0-9]{1,3})?$",
-                            description="kWh with up to 3 decimals (1 token = 1 kWh = 1000 Wh)")
     limit_price_wei_per_kwh: WeiIn = Field(description="a sell order's least price, a buy order's most")
-
-    @model_validator(mode="after")
-    def _one_amount(self) -> OrderIn:
-        if (self.wh is None) == (self.kwh is None):
-            raise ValueError("give the energy as either wh or kwh")
-        if self.limit_price_wei_per_kwh <= 0:
-            raise ValueError("limit_price_wei_per_kwh must be more than 0")
-        if self.energy_wh <= 0 or self.energy_wh > MAX_WH:
-            raise ValueError(f"the energy must be between 1 Wh and {MAX_WH} Wh")
-        return self
-
-    @property
-    def energy_wh(self) -> int:
-        if self.wh is not None:
-            return self.wh
-        assert self.kwh is not None
-        return kwh_to_wh(self.kwh)
 
 
 class BidIn(In):
