@@ -97,7 +97,9 @@ def test_up_starts_everything_prints_the_wallets_and_stops_on_ctrl_c(tmp_path) -
         for _, url in urls:
             assert get(url)[0] == 200 and get(url + "healthz")[0] == 200
         kids = children_of(proc.pid)
-        assert len(kids) == len(plan(Options()))
+        # every part of the default plan: the sites' agents and the utility's site included
+        assert len(kids) == len(plan(Options(agents=True, utility_account="0x" + "11" * 20)))
+        assert "utility  0x" in out and "unlocked utility's account" in out
         assert not (tmp_path / "data" / "market" / "keystore").exists()  # the market holds no user keystore
         for pw in passphrases.values():  # printed to the person, never written to disk or logs
             for f in (tmp_path / "data").rglob("*"):
@@ -179,7 +181,8 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
     base = free_port_block(100)  # the plan's ports and the wallets' HTTP ports at base+80, +81
     data = tmp_path / "data"
     args = [sys.executable, "-m", "services.cli", "up", "--data", str(data), "--base-port", str(base),
-            "--http-port", str(base + 80), "--time-scale", "1440", "--sim-start", "2024-06-21T09:00:00+00:00"]
+            "--http-port", str(base + 80), "--time-scale", "1440", "--sim-start", "2024-06-21T09:00:00+00:00",
+            "--no-agents"]  # a trade by hand, as in the seed: the state across a restart is the test's own
     logs: list[str] = []
 
     def start() -> tuple[subprocess.Popen[str], str]:
@@ -284,3 +287,27 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
             assert a["tokens_wh"] - b["tokens_wh"] == a["generated_wh"] - b["generated_wh"] >= 0, (b, a)
     finally:
         stop(proc)
+
+
+def test_the_plan_with_agents_gives_each_site_its_agent_and_the_utility_its_site() -> None:
+    procs = plan(Options(agents=True, utility_account="0x" + "11" * 20, producer_account="0x" + "22" * 20,
+                         consumer_account="0x" + "33" * 20))
+    by = {p.name: p for p in procs}
+    assert {"agent-solar-1", "agent-home-7", "wallet-utility", "meter-utility", "agent-utility"} <= set(by)
+    assert len({p.health_url for p in procs if p.health_url}) == len([p for p in procs if p.health_url])
+    binds = [p.env["GRIDTRADE_AGENT_BIND"] for p in procs if p.name.startswith("agent-")]
+    wallets = [p.env["GRIDTRADE_WALLET_RPC"] for p in procs if p.name.startswith("wallet-")]
+    assert len(set(binds)) == 3 and len(set(wallets)) == 3 and not set(binds) & set(wallets)
+    for site, account in (("solar-1", "0x" + "22" * 20), ("home-7", "0x" + "33" * 20), ("utility", "0x" + "11" * 20)):
+        agent = by[f"agent-{site}"].env
+        assert agent["GRIDTRADE_SITE"] == site and agent["GRIDTRADE_AGENT_ACCOUNT"] == account
+        assert agent["GRIDTRADE_WALLET_RPC"] == by[f"wallet-{site}"].env["GRIDTRADE_WALLET_RPC"]  # its own wallet
+    for site in ("solar-1", "home-7"):  # each gateway asks its own site's agent
+        assert by[f"gateway-{site}"].env["GRIDTRADE_AGENT_RPC"] == by[f"agent-{site}"].env["GRIDTRADE_AGENT_BIND"]
+    assert by["agent-utility"].env["GRIDTRADE_AGENT_STRATEGY"] == "utility"
+    roles = [m["role"] for m in json.loads(by["meter-utility"].env["GRIDTRADE_METERS"])]
+    assert sorted(roles) == ["consumer", "producer"]  # it sells through one meter, buys through the other
+    # without agents: no agent, no utility, and the gateways know there is none
+    plain = {p.name: p for p in plan(Options())}
+    assert not [n for n in plain if n.startswith("agent-") or n.endswith("-utility")]
+    assert plain["gateway-home-7"].env["GRIDTRADE_AGENT_RPC"] == ""
