@@ -474,6 +474,13 @@ class AgentLimitsIn(In):
     max_trade_wh: int = Field(gt=0, le=MAX_WH, description="the largest single trade")
     horizon_s: int = Field(gt=0, le=7 * 86400, description="site seconds of forecast traded ahead")
 
+    @model_validator(mode="after")
+    def _prices(self) -> AgentLimitsIn:
+        for name in ("max_buy_wei_per_kwh", "min_sell_wei_per_kwh"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be more than 0, or empty to follow the tariff")
+        return self
+
 
 class AgentLimitsOut(Out):
     enabled: bool

@@ -189,7 +189,10 @@ async def test_anyone_closes_after_the_deadline_and_finalizes_after_the_window(f
     await env.at(deadline)
     r = await env.tx(env.market.close(key), env.other)
     assert env.events(r, env.d.market, "TradeClosing")[0]["closedBy"] == env.other
-    await env.at(deadline + DISPUTE_WINDOW_S)
+    # the window runs from the close's own block (on anvil a little after the deadline)
+    closing_at = (await env.trade(trade))[7]
+    assert closing_at >= deadline
+    await env.at(closing_at + DISPUTE_WINDOW_S)
     r = await env.tx(env.market.finalize(key), env.other)
     assert env.events(r, env.d.market, "TradeClosed")[0]["returnedWh"] == 1500
     assert await env.tokens(env.d.market.address) == 0
