@@ -79,18 +79,21 @@ async def test_keys_are_kept_encrypted_at_the_site_and_survive_a_restart(
 
 
 async def test_what_a_meter_signs_recovers_to_the_address_it_announced(grid: Grid, bus: Bus) -> None:
-    """A site with a producer and a consumer meter, in a trade: each key is announced for
-    the site's account (registry domain); production (token domain), the consumer's
-    delivery and the producer's export (market domain) recover to the announced keys."""
+    """A site with a producer and a consumer meter, buying in one trade and selling in
+    another (each meter follows its own side's trade): each key is announced for the site's
+    account (registry domain); production (token domain), the consumer's delivery and the
+    producer's export (market domain) recover to the announced keys."""
     assert bus.pub is not None
     sim = SimParams(time_scale=20000, start=NOON, battery={"capacity_wh": 200000, "soc": 0.5})
     s = settings(grid, "home-7", account=ACCOUNT, meters=METERS, sim=sim, delivery_granularity_wh=0)
     dep = await bus.deploy()
-    hb = Heartbeats(bus, ["t1"])
+    hb = Heartbeats(bus, ["t1", "t2"])
     try:
         async with running(s):
             await until(lambda: len(bus.of("meter.key")) == 2, what="two keys announced")
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.pub.publish(status("t1", "recorded"))  # home-7 buys: its consumer meter counts
+            sale = status("t2", "recorded").model_copy(update={"seller_site": "home-7", "buyer_site": "solar-1"})
+            await bus.pub.publish(sale)  # home-7 sells: its producer meter counts the export
             await until(lambda: bus.of("meter.delivery", meter="grid") and bus.of("meter.delivery", meter="pv")
                         and bus.of("meter.energy_produced"), what="production, delivery and export")
     finally:
@@ -105,8 +108,10 @@ async def test_what_a_meter_signs_recovers_to_the_address_it_announced(grid: Gri
                for p in bus.of("meter.energy_produced"))
     assert all(typed.recover_delivery(market, "t1", d.delivered_wh, d.signature) == announced["grid"]
                == d.meter_address for d in bus.of("meter.delivery", meter="grid"))
-    assert all(typed.recover_export(market, "t1", d.delivered_wh, d.signature) == announced["pv"]
+    assert all(d.trade_id == "t1" for d in bus.of("meter.delivery", meter="grid"))
+    assert all(d.trade_id == "t2" for d in bus.of("meter.delivery", meter="pv"))
+    assert all(typed.recover_export(market, "t2", d.delivered_wh, d.signature) == announced["pv"]
                == d.meter_address for d in bus.of("meter.delivery", meter="pv"))
     # a signature of one kind is not another's: the export does not pass as a delivery
     d = bus.of("meter.delivery", meter="pv")[-1]
-    assert typed.recover_delivery(market, "t1", d.delivered_wh, d.signature) != announced["pv"]
+    assert typed.recover_delivery(market, "t2", d.delivered_wh, d.signature) != announced["pv"]
