@@ -7,7 +7,8 @@ What it sells. The site's energy position over the coming horizon (one hour by d
 is its forecast production minus consumption, plus the battery's energy above the reserve
 the owner keeps for the site (20 % of the capacity by default), minus what it takes to
 bring a battery below that reserve back up to it. When the position is a surplus the
-agent offers it, as far as the account's free energy tokens cover it and less what is
+agent offers it, but never more than the battery holds above the reserve now (a trade
+delivers at once, from the battery), as far as the account's free energy tokens cover it and less what is
 already on offer or sold: one offer at a time, at least 100 Wh, at most the owner's
 largest trade (2 kWh by default). Selling never plans the battery below the reserve.
 The offer starts at the owner's least selling price (the feed-in tariff by default): the
@@ -185,8 +186,14 @@ def _position_wh(site: SiteView, limits: Limits) -> float:
 
 def surplus_wh(site: SiteView, limits: Limits) -> int:
     """Wh sellable now: the energy position less what is already being sold, as far as
-    the free tokens cover it; >= 0. Never drains the battery below ``reserve_soc``."""
-    left = math.floor(_position_wh(site, limits)) - max(site.selling_wh, 0)
+    the free tokens cover it; >= 0. Never drains the battery below ``reserve_soc``: with a
+    battery known, no more than it holds above the reserve (a trade delivers at once, from
+    the battery; the forecast's later production is sold once it is there)."""
+    position = _position_wh(site, limits)
+    battery = _battery_wh(site, limits)
+    if site.soc is not None and _finite(site.battery_wh) > 0:
+        position = min(position, battery)
+    left = math.floor(position) - max(site.selling_wh, 0)
     return max(min(site.tokens_free_wh, left), 0)
 
 

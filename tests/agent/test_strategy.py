@@ -99,13 +99,17 @@ def test_effective_defaults_to_the_tariffs_and_keeps_within_them() -> None:
 # ---------------------------------------------------------------- surplus and deficit
 
 
-def test_surplus_is_the_forecast_and_the_battery_above_the_reserve_within_free_tokens() -> None:
+def test_surplus_is_what_the_battery_holds_above_the_reserve_within_the_position_and_free_tokens() -> None:
     lim = Limits(reserve_soc=0.2)
     view = site(soc=0.5, battery_wh=10_000.0, forecast_net_wh=1_000.0, tokens_free_wh=100_000)
-    assert s.surplus_wh(view, lim) == 1_000 + 3_000
+    # a trade delivers at once, from the battery: the forecast's 1 kWh is sold once it is there
+    assert s.surplus_wh(view, lim) == 3_000
+    assert s.surplus_wh(dataclasses.replace(view, forecast_net_wh=-1_000.0), lim) == 2_000  # the load's share kept
     assert s.surplus_wh(dataclasses.replace(view, tokens_free_wh=2_500), lim) == 2_500
-    assert s.surplus_wh(dataclasses.replace(view, selling_wh=3_500), lim) == 500
+    assert s.surplus_wh(dataclasses.replace(view, selling_wh=2_500), lim) == 500
     assert s.surplus_wh(dataclasses.replace(view, selling_wh=9_000), lim) == 0
+    # no battery known: the forecast alone
+    assert s.surplus_wh(site(forecast_net_wh=1_000.0, tokens_free_wh=100_000), lim) == 1_000
     assert s.deficit_wh(view, lim) == 0
 
 

@@ -24,13 +24,9 @@ AGENT_ENV = {"GRIDTRADE_AGENT_EVERY_S": "1", "GRIDTRADE_AGENT_OFFER_DURATION_S":
 
 @pytest.fixture
 def agent_grid(tmp_path: pathlib.Path) -> Iterator[RealStack]:
-    grid = RealStack(tmp_path, chain_url="anvil", time_scale=1440, env=AGENT_ENV, agents=True,
-                     meter_env={"meter-home-7": CONSUMER_SITE})
-    grid.start()
-    try:
+    with RealStack(tmp_path, chain_url="anvil", time_scale=1440, env=AGENT_ENV, agents=True,
+                   meter_env={"meter-home-7": CONSUMER_SITE}) as grid:
         yield grid
-    finally:
-        grid.stop()
 
 
 def offers_made(grid: RealStack) -> int:

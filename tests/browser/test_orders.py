@@ -26,13 +26,9 @@ DOUBLE_ENV = {"GRIDTRADE_AUCTION_MARKET": "both", "GRIDTRADE_AUCTION_CLEAR_INTER
 
 @pytest.fixture
 def double_grid(tmp_path: pathlib.Path) -> Iterator[RealStack]:
-    grid = RealStack(tmp_path, chain_url="anvil", time_scale=1440, env=DOUBLE_ENV,
-                     meter_env={"meter-home-7": CONSUMER_SITE})
-    grid.start()
-    try:
+    with RealStack(tmp_path, chain_url="anvil", time_scale=1440, env=DOUBLE_ENV,
+                   meter_env={"meter-home-7": CONSUMER_SITE}) as grid:
         yield grid
-    finally:
-        grid.stop()
 
 
 async def left_in_call(page: Page) -> float:

@@ -66,6 +66,12 @@ class RealStack:
 
     # -- start and stop --
 
+    def __enter__(self) -> RealStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def start(self) -> RealStack:
         try:
             self._start()
