@@ -165,3 +165,25 @@ async def no_leaked_tasks():
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("GRIDTRADE_LOG_LEVEL", "INFO")
+
+
+# The suite runs on several workers (pytest-xdist, ``--dist loadgroup``; most of its time is
+# spent waiting for simulated time, blocks and browsers, not computing). A file stays on one
+# worker, so its module fixtures are built once; files that share a machine-wide resource (the
+# Docker engine, network namespaces) share one group, so they never run side by side.
+SHARED_GROUPS = {"tests/deploy/": "docker", "tests/e2e/test_two_hosts.py": "netns"}
+# handed out first, longest first, so that no worker is left alone with a long file at the end
+LONG_FIRST = ("tests/deploy/", "tests/contracts/test_invariants.py", "tests/e2e/", "tests/browser/",
+              "tests/chain/test_real_chain.py", "tests/adversarial/", "tests/launcher/", "tests/chain/")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def where(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    for item in items:
+        path = where(item)
+        group = next((g for prefix, g in SHARED_GROUPS.items() if path.startswith(prefix)), path)
+        item.add_marker(pytest.mark.xdist_group(group))
+    rank = {prefix: i for i, prefix in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: next((i for prefix, i in rank.items() if where(item).startswith(prefix)), len(rank)))
