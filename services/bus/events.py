@@ -341,7 +341,7 @@ class TradeAgreed(Message):
 
 @event
 class TradeStatus(Message):
-    """A step of the trade lifecycle (see DESIGN section 4)."""
+    """A step of the trade lifecycle (see docs/architecture.md, "One trade, event by event")."""
 
     TYPE: ClassVar[str] = "trade.status"
     ORIGIN: ClassVar[Origin] = Origin.AUCTION
