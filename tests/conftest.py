@@ -167,14 +167,20 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("GRIDTRADE_LOG_LEVEL", "INFO")
 
 
-# The suite runs on several workers (pytest-xdist, ``--dist loadgroup``; most of its time is
-# spent waiting for simulated time, blocks and browsers, not computing). A file stays on one
-# worker, so its module fixtures are built once; files that share a machine-wide resource (the
-# Docker engine, network namespaces) share one group, so they never run side by side.
-SHARED_GROUPS = {"tests/deploy/": "docker", "tests/e2e/test_two_hosts.py": "netns"}
-# handed out first, longest first, so that no worker is left alone with a long file at the end
-LONG_FIRST = ("tests/deploy/", "tests/contracts/test_invariants.py", "tests/e2e/", "tests/browser/",
-              "tests/chain/test_real_chain.py", "tests/adversarial/", "tests/launcher/", "tests/chain/")
+# The suite runs on 3 workers (pytest-xdist, ``--dist loadgroup``): most of its time is spent
+# waiting for simulated time, blocks and browsers, not computing. A file stays on one worker, so
+# its module fixtures are built once. The files that start a whole grid of processes run in two
+# streams, one file at a time each, so that a 2-core machine never runs more than two grids at
+# once; the Docker and network-namespace files (machine-wide resources) are in the same stream.
+HEAVY_GROUPS = {
+    "tests/deploy/": "grids-a", "tests/e2e/test_two_hosts.py": "grids-a", "tests/e2e/test_kill.py": "grids-a",
+    "tests/launcher/": "grids-a",
+    "tests/e2e/": "grids-b", "tests/browser/": "grids-b",
+}
+# handed out first, so that the two streams start at once and no worker is left alone with a
+# long file at the end
+LONG_FIRST = ("tests/deploy/", "tests/e2e/", "tests/contracts/test_invariants.py", "tests/browser/",
+              "tests/launcher/", "tests/adversarial/", "tests/chain/test_real_chain.py", "tests/chain/")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -183,7 +189,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     for item in items:
         path = where(item)
-        group = next((g for prefix, g in SHARED_GROUPS.items() if path.startswith(prefix)), path)
+        group = next((g for prefix, g in HEAVY_GROUPS.items() if path.startswith(prefix)), path)
         item.add_marker(pytest.mark.xdist_group(group))
     rank = {prefix: i for i, prefix in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: next((i for prefix, i in rank.items() if where(item).startswith(prefix)), len(rank)))

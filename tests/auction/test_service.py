@@ -258,8 +258,9 @@ async def test_delivery_fulfils_and_operator_may_close(grid: Grid, fake_chain: F
                                                       chain_events: Sources) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
-        o1 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-        o2 = (await m.call(offer(wh=1000, duration=0.3))).offer_id
+        # long enough for both bids to come in on a loaded machine
+        o1 = (await m.call(offer(wh=1000, duration=3.0))).offer_id
+        o2 = (await m.call(offer(wh=1000, duration=3.0))).offer_id
         await m.call(m.bid(o1, B1, 1000))
         await m.call(m.bid(o2, B2, 1000))
         await until(lambda: len(outbox(db, "trade.agreed")) == 2)

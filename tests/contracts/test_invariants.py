@@ -248,7 +248,9 @@ class MarketMachine(RuleBasedStateMachine):
         self.chain = chain
         self.model = Model()
         self.snap = chain.snapshot()
-        self.now = int(chain.w3.eth.get_block("pending")["timestamp"]) + 1
+        # py-evm dates its pending block by the wall clock and cannot go back: the model's clock
+        # starts a day ahead, so that a slow run's wall clock never overtakes it
+        self.now = int(chain.w3.eth.get_block("pending")["timestamp"]) + 1 + (0 if chain.anvil else 86400)
         self.offers: list[Signed] = []
         self.bids: list[Signed] = []
         self.paid: dict[int, int] = {}  # Σ Settled.paidWei per trade, from the receipts
