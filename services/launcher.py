@@ -343,6 +343,7 @@ class Runner:
         self.running: dict[str, asyncio.subprocess.Process] = {}
         self.restarts: dict[str, int] = {}
         self.stopping = False
+        self.retired: set[str] = set()  # stopped on purpose before the others: not restarted
 
     async def start(self, proc: Proc) -> None:
         assert proc.log is not None
@@ -375,16 +376,22 @@ class Runner:
             await asyncio.sleep(1)
             for proc in self.procs:
                 child = self.running.get(proc.name)
-                if child is None or child.returncode is None or self.stopping:
+                if child is None or child.returncode is None or self.stopping or proc.name in self.retired:
                     continue
                 n = self.restarts[proc.name] = self.restarts.get(proc.name, 0) + 1
                 say(f"{proc.name} exited ({child.returncode}); restarting (#{n}); log: {proc.log}")
                 await asyncio.sleep(min(30, 2 ** min(n, 5) / 4))
                 await self.start(proc)
 
-    async def stop(self) -> None:
-        self.stopping = True
+    async def stop(self, only: set[str] | None = None) -> None:
+        """Stop every part (``only``: just these, and do not restart them), the last started first."""
+        if only is None:
+            self.stopping = True
+        else:
+            self.retired |= only
         for proc in reversed(self.procs):
+            if only is not None and proc.name not in only:
+                continue
             child = self.running.get(proc.name)
             if child is not None and child.returncode is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
