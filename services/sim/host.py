@@ -50,7 +50,8 @@ def services_of(spec: HostSpec, site: HostedSite, data: pathlib.Path, now: float
     """A site's wallet, meter and agent (not started)."""
     import datetime as dt
 
-    own: dict[str, Any] = {"site": site.name, "data_dir": data / site.name, "metrics_port": 0}
+    own: dict[str, Any] = {"site": site.name, "data_dir": data / site.name, "keys_dir": data / "keys",
+                           "metrics_port": 0}
     wallet = WalletService(ChainSettings(**own, chain_role="site", chain_url=spec.chain_url,
                                          wallet_rpc=site.wallet_rpc))
     start = dt.datetime.fromtimestamp(site_start(spec, now), dt.timezone.utc)

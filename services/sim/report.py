@@ -152,6 +152,7 @@ class Report:
     prices: list[Price]
     trades: int
     wall_s: float
+    tz_offset_s: int = 0
 
     @property
     def total(self) -> figures.Row:
@@ -189,7 +190,8 @@ def table(r: Report) -> str:
     """The figures as a table of text (kWh, ETH)."""
     head = (f"{'site':<12} {'role':<8} {'produced':>9} {'consumed':>9} {'bought':>9} {'sold':>9} {'from util':>9} "
             f"{'to util':>9} {'self-suff':>9} {'saved ETH':>10}")
-    lines = [f"{r.name}: {figures.day_name(r.start)} .. {figures.day_name(r.end - 1)} (site time), "
+    lines = [f"{r.name}: {figures.day_name(r.start, r.tz_offset_s)} .. {figures.day_name(r.end - 1, r.tz_offset_s)} "
+             "(local site time), "
              f"{len(r.rows) - (r.utility in r.rows)} sites, {r.trades} trades, {r.wall_s:.0f} s wall time",
              "energy in kWh; bought/sold: locally, between sites; from/to util: with the utility", "", head,
              "-" * len(head)]
@@ -316,5 +318,5 @@ def prices_svg(r: Report) -> str:
         rad = 1.5 + min(6.0, (p.wh / 250) ** 0.5)
         body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{rad:.1f}" fill="#2a9d8f" fill-opacity="0.6"/>')
     body.append(f'<text x="{left + plot_w / 2}" y="{height - 12}" text-anchor="middle">site time since '
-                f'{figures.day_name(r.start)} 00:00 (local)</text>')
+                f'{figures.day_name(r.start, r.tz_offset_s)} 00:00 (local)</text>')
     return _svg(width, height, body, f"{r.name}: clearing prices")

@@ -231,12 +231,14 @@ class Simulation:
         assert c is not None
         t = self.scenario.tariffs
         start, end = int(self.start_sim), int(self.end_sim)
-        rows = c.figures(start, end, figures.Tariffs(t.retail_wei_per_kwh, t.feed_in_wei_per_kwh),
-                         round(self.scenario.utc_offset_h() * 3600), launcher.UTILITY)
+        tz = round(self.scenario.utc_offset_h() * 3600)
+        rows = c.figures(start, end, figures.Tariffs(t.retail_wei_per_kwh, t.feed_in_wei_per_kwh), tz,
+                         launcher.UTILITY)
         roles = {s.name: s.meter_role for s in self.scenario.all_sites}
         wall = (self.ended or time.monotonic()) - self.started
         return rep.Report(name=self.scenario.grid.name, start=start, end=end, roles=roles, rows=rows,
-                          utility=launcher.UTILITY, prices=list(c.prices), trades=len(c.agreed), wall_s=wall)
+                          utility=launcher.UTILITY, prices=list(c.prices), trades=len(c.agreed), wall_s=wall,
+                          tz_offset_s=tz)
 
     def write(self, r: rep.Report) -> pathlib.Path:
         out = self.options.data.resolve() / "report"
