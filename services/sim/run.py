@@ -13,9 +13,10 @@ an owner's login would) and each buying site and the utility put a first deposit
 market's escrow (as ``gridtrade up``'s first start does). Every site's simulated clock
 starts at local midnight of the scenario's start day.
 
-A one-line bar of simulated time runs on stderr. After ``--days`` of simulated time the
-sites stop (agents, then meters, then wallets), the trades still open are given a moment
-to settle, the market stops, and the report is printed and written to ``<data>/report/``
+A one-line bar of simulated time runs on stderr. After ``--days`` of simulated time every
+agent is turned off, the trades still open are given a minute to be delivered and settled
+(the report covers that time too), the sites stop (agents, then meters, then wallets),
+then the market, and the report is printed and written to ``<data>/report/``
 (figures.csv, prices.csv, energy.svg, prices.svg; SVG, no PNG: matplotlib is not a
 dependency).
 """
@@ -215,22 +216,58 @@ class Simulation:
             print(file=sys.stderr)
         return True
 
+    async def agents_off(self) -> None:
+        """Every agent (the utility's too) turned off, as its owner would in the wallet
+        page: over the bus, with the site's own key, to its agent."""
+        from services.bus import RpcClient, Security
+        from services.bus import commands as C
+        import zmq.asyncio
+
+        o = self.options
+        endpoints = {site.name: site.agent_rpc for spec in self.specs for site in spec.sites}
+        endpoints[launcher.UTILITY] = f"tcp://{o.host}:{o.base_port + 17}"
+        limit = asyncio.Semaphore(8)
+
+        async def one(site: str, endpoint: str) -> None:
+            async with limit:
+                ctx = zmq.asyncio.Context()  # one ZAP authenticator per context: one context per site key
+                sec = Security(o.data.resolve() / "keys", site)
+                sec.start(ctx)
+                agent = RpcClient(ctx, sec, endpoint, server_site=site, timeout_s=30)
+                try:
+                    state = await agent.request(C.GetAgent())
+                    await agent.request(C.SetAgentLimits(limits=state.limits.model_copy(update={"enabled": False})))
+                finally:
+                    await agent.close()
+                    sec.stop()
+                    ctx.destroy(0)
+
+        await asyncio.gather(*(one(s, e) for s, e in endpoints.items()))
+
     async def drain(self, timeout: float = 60.0) -> int:
-        """Stop the sites and the utility; give the open trades ``timeout`` s to settle.
-        Returns the trades still open."""
+        """The end of the run: the agents stop trading, the open trades are given ``timeout``
+        s to be delivered and settled, then the sites and the utility stop (the market runs
+        on until :meth:`stop`). Returns the trades still open."""
         assert self.runner is not None and self.collector is not None
-        parts = {p.name for p in self.procs if p.name in self.host_names() or p.name.endswith(f"-{launcher.UTILITY}")}
-        await self.runner.stop(only=parts)
+        try:
+            await self.agents_off()
+        except Exception as e:  # noqa: BLE001 - said; the sites stop anyway
+            say(f"could not turn every agent off ({e}); stopping the sites")
         deadline = time.monotonic() + timeout
         while self.collector.live_trades() and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
+        parts = {p.name for p in self.procs if p.name in self.host_names() or p.name.endswith(f"-{launcher.UTILITY}")}
+        await self.runner.stop(only=parts)
         return self.collector.live_trades()
 
     def report(self) -> rep.Report:
         c = self.collector
         assert c is not None
         t = self.scenario.tariffs
-        start, end = int(self.start_sim), int(self.end_sim)
+        # to the sites' clock now: the run's days and the time its last trades took to settle
+        now = c.sim_of(time.time()) or self.end_sim
+        start = int(self.start_sim)
+        end = max(int(self.end_sim), figures.bucket_of(now) + figures.BUCKET_S)
         tz = round(self.scenario.utc_offset_h() * 3600)
         rows = c.figures(start, end, figures.Tariffs(t.retail_wei_per_kwh, t.feed_in_wei_per_kwh), tz,
                          launcher.UTILITY)
