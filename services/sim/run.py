@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -134,7 +135,9 @@ class Simulation:
     async def start(self) -> None:
         self.started = time.monotonic()
         say(f"preparing {len(self.sites)} sites (keys, accounts) in {self.options.data.resolve()} ...")
-        o, self.accounts, passphrases = await asyncio.to_thread(prepare, self.options, self.scenario)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="simulate-prepare") as pool:  # scrypt
+            o, self.accounts, passphrases = await asyncio.get_running_loop().run_in_executor(
+                pool, prepare, self.options, self.scenario)
         self.options = o
         self.procs, self.specs = sim_plan(o, self.scenario, self.sim, self.accounts)
         self.runner = runner = launcher.Runner(self.procs)

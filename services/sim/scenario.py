@@ -209,8 +209,9 @@ def expand(s: Scenario) -> tuple[Site, ...]:
     for i in range(g.households):
         pv = i in with_pv
         peak = float(rng.randrange(15, 41) * 100) if pv else 0.0  # 1.5 - 4 kWp
-        capacity = float(rng.choice((4800, 7200, 9600)) if pv else rng.choice((2400, 4800)))
-        soc = rng.randrange(20, 61, 5) / 100
+        # with PV a bank of 4.8 - 9.6 kWh, 20 - 60 % full; without, a small one running low
+        capacity = float(rng.choice((4800, 7200, 9600)) if pv else rng.choice((1200, 2400)))
+        soc = rng.randrange(20, 61, 5) / 100 if pv else rng.randrange(10, 31, 5) / 100
         annual = float(rng.randrange(15, 46) * 100)  # 1500 - 4500 kWh a year
         out.append(Site(name=f"{g.prefix}-{i + 1:0{width}d}", pv_peak_w=peak,
                         battery=Battery(capacity_wh=capacity, soc=soc), load=Load(profile="h25", annual_kwh=annual),

@@ -38,7 +38,7 @@ def test_village_20_is_hosted_ten_sites_a_process_each_site_on_its_own(tmp_path:
     auction = next(p for p in procs if p.name == "auction")
     assert auction.env["GRIDTRADE_AUCTION_MARKET"] == "english"
     assert auction.env["GRIDTRADE_TARIFF_FEED_IN_WEI_PER_KWH"] == str(sc.tariffs.feed_in_wei_per_kwh)
-    assert next(p for p in procs if p.name == "agent-utility").env["GRIDTRADE_AGENT_MAX_TRADE_WH"] == "500"
+    assert next(p for p in procs if p.name == "agent-utility").env["GRIDTRADE_AGENT_MAX_TRADE_WH"] == "300"
 
     # one host's services: three per site, each site with its own key, data folder and stores
     h = host_mod.Host(specs[1], o.data.resolve())
