@@ -116,3 +116,14 @@ def test_listed_sites_come_first_and_the_seed_matters(seed: int) -> None:
     assert sites[0].name == "solar-1" and sites[1].name == "house-001"
     other = S.parse({**data, "generate": {"households": 30, "pv_share": 0.5, "seed": seed + 1}}).all_sites
     assert [s.pv_peak_w for s in sites] != [s.pv_peak_w for s in other]
+
+
+def test_simulate_exits_2_naming_the_field(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import main
+
+    f = tmp_path / "bad.toml"
+    f.write_text((ROOT / "scenarios" / "village-20.toml").read_text().replace("pv_share = 0.4", "pv_share = 1.4"))
+    assert main(["simulate", str(f), "--data", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert f"{f}: generate.pv_share: Input should be less than or equal to 1" in err, err
+    assert not (tmp_path / "d").exists()  # nothing was started
