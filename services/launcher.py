@@ -218,7 +218,7 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
     the site's gateway does at a login) and, with ``deposit_wei``, put that much of its
     Ether in the market's escrow once it is funded. ``endpoint``: the wallet's request
     endpoint (default: the demo's port of ``site``). Returns what was done, in words."""
-    from services.bus import RpcClient, Security
+    from services.bus import RequestError, RpcClient, Security
     from services.bus import commands as C
     import zmq.asyncio
 
@@ -233,7 +233,16 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
         done.append(f"unlocked {site}'s account in its wallet for {ttl_s / 3600:g} h (its agent signs through it)")
         if deposit_wei:
             deadline = time.monotonic() + 60
-            while (await wallet.request(C.GetBalances(address=account))).ether_wei < deposit_wei * 2:
+
+            async def funded() -> bool:
+                try:
+                    return (await wallet.request(C.GetBalances(address=account))).ether_wei >= deposit_wei * 2
+                except RequestError as e:  # a wallet that has not attached to the chain yet: not yet
+                    if e.code != "chain_unavailable":
+                        raise
+                    return False
+
+            while not await funded():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the account of {site} was not funded")
                 await asyncio.sleep(1.0)
