@@ -213,7 +213,7 @@ WALLET_PORTS = {PRODUCER: 12, CONSUMER: 13, UTILITY: 14}  # a site's wallet: bas
 
 
 async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str, *, ttl_s: float = 86400,
-                           deposit_wei: int = 0, endpoint: str | None = None) -> list[str]:
+                           deposit_wei: int = 0, endpoint: str | None = None, timeout_s: float = 30) -> list[str]:
     """Unlock ``account`` in its site's wallet (over the bus, with the site's own key, as
     the site's gateway does at a login) and, with ``deposit_wei``, put that much of its
     Ether in the market's escrow once it is funded. ``endpoint``: the wallet's request
@@ -227,7 +227,7 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
     sec = Security(o.data.resolve() / "keys", site)
     sec.start(ctx)
     wallet = RpcClient(ctx, sec, endpoint or f"tcp://{o.host}:{o.base_port + WALLET_PORTS[site]}", server_site=site,
-                       timeout_s=30)
+                       timeout_s=timeout_s)
     try:
         await wallet.request(C.Unlock(address=account, passphrase=passphrase, ttl_s=ttl_s))
         done.append(f"unlocked {site}'s account in its wallet for {ttl_s / 3600:g} h (its agent signs through it)")

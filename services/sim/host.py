@@ -52,8 +52,10 @@ def services_of(spec: HostSpec, site: HostedSite, data: pathlib.Path, now: float
 
     own: dict[str, Any] = {"site": site.name, "data_dir": data / site.name, "keys_dir": data / "keys",
                            "metrics_port": 0}
+    # a site's own transactions are few (a deposit, reservations for bids): looked after once a
+    # second rather than five times, which many wallets in one loop feel
     wallet = WalletService(ChainSettings(**own, chain_role="site", chain_url=spec.chain_url,
-                                         wallet_rpc=site.wallet_rpc))
+                                         wallet_rpc=site.wallet_rpc, poll_s=1.0))
     start = dt.datetime.fromtimestamp(site_start(spec, now), dt.timezone.utc)
     sim = SimParams.model_validate({**site.sim, "time_scale": spec.time_scale, "start": start})
     meter = MeterService(MeterSettings(**own, role=site.role, account=site.account or None, sim=sim))

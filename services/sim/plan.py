@@ -38,7 +38,7 @@ class SimOptions(BaseModel):
     model_config = ConfigDict(frozen=True)
     days: float = Field(default=1.0, gt=0, le=366)
     per_host: int = Field(default=10, ge=1, le=500, description="sites per site host process")
-    agent_every_s: float = Field(default=2.0, gt=0, description="wall seconds between two decisions of an agent")
+    agent_every_s: float = Field(default=3.0, gt=0, description="wall seconds between two decisions of an agent")
     offer_duration_s: int = Field(default=10, gt=0, description="an agent's english auction (wall s)")
     clear_interval_s: float = Field(default=5.0, gt=0, description="the double auction's call interval (wall s)")
     deposit_wei: int = Field(default=10**18, ge=0, description="first escrow of each buying site and the utility")

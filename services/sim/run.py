@@ -183,7 +183,7 @@ class Simulation:
             async with limit:
                 await launcher.unlock_in_wallet(self.options, site, self.accounts[site], passphrases[site],
                                                 ttl_s=7 * 86400, deposit_wei=self.sim.deposit_wei if site in buyers
-                                                else 0, endpoint=endpoints.get(site))
+                                                else 0, endpoint=endpoints.get(site), timeout_s=120)
 
         await asyncio.gather(*(one(s) for s in passphrases))
 
