@@ -218,7 +218,7 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
     the site's gateway does at a login) and, with ``deposit_wei``, put that much of its
     Ether in the market's escrow once it is funded. ``endpoint``: the wallet's request
     endpoint (default: the demo's port of ``site``). Returns what was done, in words."""
-    from services.bus import RequestError, RpcClient, Security
+    from services.bus import RequestError, RequestTimeout, RpcClient, Security
     from services.bus import commands as C
     import zmq.asyncio
 
@@ -232,11 +232,13 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
         await wallet.request(C.Unlock(address=account, passphrase=passphrase, ttl_s=ttl_s))
         done.append(f"unlocked {site}'s account in its wallet for {ttl_s / 3600:g} h (its agent signs through it)")
         if deposit_wei:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + max(60.0, 2 * timeout_s)
 
             async def funded() -> bool:
                 try:
                     return (await wallet.request(C.GetBalances(address=account))).ether_wei >= deposit_wei * 2
+                except RequestTimeout:  # a busy wallet: a read, asked again
+                    return False
                 except RequestError as e:  # a wallet that has not attached to the chain yet: not yet
                     if e.code != "chain_unavailable":
                         raise

@@ -10,8 +10,8 @@ anvil, the operator's chain service and the auction; the utility's wallet, meter
 and the site hosts (:mod:`services.sim.host`), each running the wallet, meter and agent of
 many sites. Once they are up each account is unlocked in its site's wallet for the run (as
 an owner's login would) and each buying site and the utility put a first deposit in the
-market's escrow (as ``gridtrade up``'s first start does). Every site's simulated clock
-starts at local midnight of the scenario's start day.
+market's escrow (as ``gridtrade up``'s first start does). Then the sites' meters start,
+and every site's simulated clock with them, at local midnight of the scenario's start day.
 
 A one-line bar of simulated time runs on stderr. After ``--days`` of simulated time every
 agent is turned off, the trades still open are given a minute to be delivered and settled
@@ -44,6 +44,7 @@ from services.bus import ensure_keys
 from services.gateway import figures
 
 from . import report as rep
+from .host import go_path
 from .plan import SCRYPT_N, HostSpec, SimOptions, ports_needed, sim_plan, spec_path
 from .scenario import Scenario, ScenarioError
 from .scenario import load as load_scenario
@@ -144,15 +145,9 @@ class Simulation:
         hub = self.proc("hub")
         self.collector = rep.Collector(o.data.resolve() / "keys", COLLECTOR, hub.env["GRIDTRADE_HUB_SUB"],
                                        self.accounts, market=self.scenario.grid.market)
-        hosts = set(self.host_names())
-        epoch_set = False
+        for spec in self.specs:
+            spec_path(o.data, spec.name).write_text(spec.model_dump_json())
         for i, proc in enumerate(self.procs, 1):
-            if proc.name in hosts and not epoch_set:  # the sites' clocks: one run, one clock
-                epoch = time.time()
-                for spec in self.specs:
-                    spec_path(o.data, spec.name).write_text(spec.model_copy(update={"epoch": epoch})
-                                                            .model_dump_json())
-                epoch_set = True
             say(f"[{i}/{len(self.procs)}] starting {proc.name}"
                 + (f" ({len(proc.extra['sites'].split(','))} sites)" if "sites" in proc.extra else "") + " ...")
             await runner.start(proc)
@@ -165,6 +160,8 @@ class Simulation:
         say("handing the accounts to their agents (unlock in each wallet, first escrow deposits) ...")
         await self.hand_over(passphrases)
         passphrases.clear()
+        # the sites' meters start now, and with them their day: one run, one clock
+        go_path(o.data.resolve()).write_text(repr(time.time()))
         self._watcher = asyncio.create_task(runner.supervise(), name="simulate-supervise")
 
     async def _until(self, what: str, check, timeout: float) -> None:

@@ -42,22 +42,25 @@ def test_village_20_is_hosted_ten_sites_a_process_each_site_on_its_own(tmp_path:
 
     # one host's services: three per site, each site with its own key, data folder and stores
     h = host_mod.Host(specs[1], o.data.resolve())
+    h.build_meters(epoch=1000.0, now=1000.0)
     try:
-        assert len(h.sites) == 10
-        every = [svc for svcs in h.sites.values() for svc in svcs]
+        assert len(h.wallets) == len(h.meters) == len(h.agents) == 10
+        every = h.every()
         assert len({(svc.settings.site, svc.name) for svc in every}) == 30
-        for name, (wallet, meter, agent) in h.sites.items():
+        for name in h.wallets:
+            wallet, meter, agent = h.wallets[name], h.meters[name], h.agents[name]
             assert {wallet.settings.site, meter.settings.site, agent.settings.site} == {name}
             assert {wallet.settings.data_dir, meter.settings.data_dir, agent.settings.data_dir} == {
                 o.data.resolve() / name}
             assert wallet.keystore.list()[0].address == accounts[name] == agent.settings.agent_account
             assert meter.settings.sim.battery.capacity_wh == agent.settings.agent_battery_wh
+            assert meter.settings.sim.start == sc.start_utc()  # the clock starts at local midnight
+            assert wallet.settings.wallet_rpc == agent.settings.wallet_rpc != h.wallets[
+                next(n for n in h.wallets if n != name)].settings.wallet_rpc
         assert len({svc.security.public for svc in every}) == 10  # one CURVE key per site
         assert len({str(svc.store.path) for svc in every}) == 30
     finally:
-        for svc in every:
-            svc.store.close()
-            svc.ctx.term()
+        h.close()
 
 
 def test_hosts_share_one_clock_from_the_scenario_start() -> None:
