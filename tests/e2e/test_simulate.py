@@ -32,7 +32,7 @@ from tests.conftest import free_port_block
 from .harness import cost
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SCALE = 576.0  # a simulated day in 150 s of wall time
+SCALE = 720.0  # a simulated day in 120 s of wall time
 HOUR = 3600
 
 
@@ -103,7 +103,7 @@ async def sigkill_and_restarted(sim: Simulation, name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.anvil
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 async def test_village_20_trades_a_day_through_kills_of_the_auction_and_the_chain(tmp_path: pathlib.Path) -> None:
     sc = load(ROOT / "scenarios" / "village-20.toml")
     base = free_port_block(ports_needed(len(sc.all_sites)))
