@@ -59,6 +59,7 @@ class Collector:
         self.trade_sites: dict[str, tuple[str, str]] = {}
         self.agreed: list[ev.TradeAgreed] = []
         self.prices: list[Price] = []
+        self.latest_wall = 0.0  # the wall time of the latest event heard
         self.sub = Subscriber(self.ctx, self.security, self.store, hub_sub=hub_sub, hub_site=market_site,
                               prefixes=[ev.MeterReading.TYPE, *(c.TYPE for c in TRADE_EVENTS), ev.MarketCleared.TYPE],
                               handler=self.handle, start="earliest", name="simulate report",
@@ -80,6 +81,7 @@ class Collector:
 
     def handle(self, env: Any, conn: Any) -> None:
         b, ts = env.body, env.ts
+        self.latest_wall = max(self.latest_wall, ts)
         if isinstance(b, ev.MeterReading):
             h = self.histories.get(b.site)
             if h is not None:

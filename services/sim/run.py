@@ -264,8 +264,8 @@ class Simulation:
         c = self.collector
         assert c is not None
         t = self.scenario.tariffs
-        # to the sites' clock now: the run's days and the time its last trades took to settle
-        now = c.sim_of(time.time()) or self.end_sim
+        # to the sites' clock at the latest event heard: the run's days and the time its last trades took to settle
+        now = c.sim_of(c.latest_wall) or self.end_sim
         start = int(self.start_sim)
         end = max(int(self.end_sim), figures.bucket_of(now) + figures.BUCKET_S)
         tz = round(self.scenario.utc_offset_h() * 3600)
