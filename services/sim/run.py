@@ -147,7 +147,10 @@ class Simulation:
                                        self.accounts, market=self.scenario.grid.market)
         for spec in self.specs:
             spec_path(o.data, spec.name).write_text(spec.model_dump_json())
+        utility_meter = f"meter-{launcher.UTILITY}"  # its clock starts with the sites' (below)
         for i, proc in enumerate(self.procs, 1):
+            if proc.name == utility_meter:
+                continue
             say(f"[{i}/{len(self.procs)}] starting {proc.name}"
                 + (f" ({len(proc.extra['sites'].split(','))} sites)" if "sites" in proc.extra else "") + " ...")
             await runner.start(proc)
@@ -162,6 +165,8 @@ class Simulation:
         passphrases.clear()
         # the sites' meters start now, and with them their day: one run, one clock
         go_path(o.data.resolve()).write_text(repr(time.time()))
+        await runner.start(self.proc(utility_meter))
+        await runner.wait_healthy(self.proc(utility_meter))
         self._watcher = asyncio.create_task(runner.supervise(), name="simulate-supervise")
 
     async def _until(self, what: str, check, timeout: float) -> None:
@@ -264,8 +269,8 @@ class Simulation:
         c = self.collector
         assert c is not None
         t = self.scenario.tariffs
-        # to the sites' clock at the latest event heard: the run's days and the time its last trades took to settle
-        now = c.sim_of(c.latest_wall) or self.end_sim
+        # to the latest clock at the latest event heard: the run's days and the time its last trades took to settle
+        now = max([h.sim_of(c.latest_wall) or 0.0 for h in c.histories.values()] + [self.end_sim])
         start = int(self.start_sim)
         end = max(int(self.end_sim), figures.bucket_of(now) + figures.BUCKET_S)
         tz = round(self.scenario.utc_offset_h() * 3600)
