@@ -270,7 +270,8 @@ class Simulation:
         assert c is not None
         t = self.scenario.tariffs
         # to the latest clock at the latest event heard: the run's days and the time its last trades took to settle
-        now = max([h.sim_of(c.latest_wall) or 0.0 for h in c.histories.values()] + [self.end_sim])
+        now = max([h.sim_of(c.latest_wall) or 0.0 for h in c.histories.values() if h.live is not None]
+                  + [self.end_sim])
         start = int(self.start_sim)
         end = max(int(self.end_sim), figures.bucket_of(now) + figures.BUCKET_S)
         tz = round(self.scenario.utc_offset_h() * 3600)
