@@ -133,8 +133,8 @@ def sim_plan(o: launcher.Options, sc: Scenario, so: SimOptions,
                                      wallet_rpc=f"tcp://{h}:{p + SITE_PORTS + 2 * i}",
                                      agent_rpc=f"tcp://{h}:{p + SITE_PORTS + 2 * i + 1}"))
         name = f"host-{k + 1}"
-        host = HostSpec(name=name, data=o.data.resolve(), sites=hosted, chain_url=planner.chain_url, market=sc.grid.market,
-                        time_scale=o.time_scale, start=start)
+        host = HostSpec(name=name, data=o.data.resolve(), sites=hosted, chain_url=planner.chain_url,
+                        market=sc.grid.market, time_scale=o.time_scale, start=start)
         specs.append(host)
         port = p + HOST_HEALTH + k
         proc = planner.add(name, launcher.MARKET, launcher._py("services.sim.host", str(spec_path(o.data, name))),

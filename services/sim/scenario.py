@@ -17,7 +17,7 @@ A scenario file is TOML::
 
     [utility]                   # the grid's connection, a market participant of its own
     supply_w = 20000            # what the grid makes available (minted as it comes)
-    max_trade_wh = 2000         # its largest single trade
+    max_trade_wh = 300          # its lots (an agent bids only on lots up to its own largest trade)
 
     [[sites]]
     name = "solar-1"
@@ -31,7 +31,7 @@ A scenario file is TOML::
     households = 20
     pv_share = 0.4
     seed = 1
-    agent = { max_trade_wh = 600 }  # limits every generated household starts with
+    agent = { max_trade_wh = 400, horizon_s = 7200 }  # limits every generated household starts with
 
 A site with PV sells through a producer meter, one without buys through a consumer meter
 (``role`` sets it otherwise). Listed sites come first, generated ones (``house-001`` ...)
