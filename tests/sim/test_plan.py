@@ -69,3 +69,15 @@ def test_hosts_share_one_clock_from_the_scenario_start() -> None:
                       start=sc.start_utc(), epoch=1000.0)
     assert host_mod.site_start(spec, 1000.0) == sc.start_utc().timestamp()
     assert host_mod.site_start(spec, 1003.0) == sc.start_utc().timestamp() + 300  # a host started later catches up
+
+
+def test_village_100_is_ten_hosts_within_its_port_block() -> None:
+    sc = load(ROOT / "scenarios" / "village-100.toml")
+    o = launcher.Options(data=pathlib.Path("/nonexistent/sim"), base_port=20000, utility_account="0x" + "1" * 40)
+    accounts = {s.name: f"0x{i:040x}" for i, s in enumerate(sc.all_sites, 1)}
+    procs, specs = P.sim_plan(o, sc, P.SimOptions(), accounts)
+    assert [len(s.sites) for s in specs] == [10] * 10
+    assert [p.name for p in procs][-10:] == [f"host-{k}" for k in range(1, 11)]
+    ports = [int(e.rsplit(":", 1)[1]) for s in specs for site in s.sites for e in (site.wallet_rpc, site.agent_rpc)]
+    ports += [int(p.health_url.rsplit(":", 1)[1].split("/")[0]) for p in procs if p.health_url]
+    assert len(ports) == len(set(ports)) and max(ports) < o.base_port + P.ports_needed(100)
