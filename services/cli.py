@@ -1,6 +1,7 @@
 """``gridtrade``: one command for every part.
 
     gridtrade up                      the whole demo on this machine
+    gridtrade simulate SCENARIO       a scenario of many sites on the real services, then its report
     gridtrade keys [--site S ...]     create CURVE key pairs (and allow them)
     gridtrade bus hub                 run the hub (XSUB/XPUB proxy)
     gridtrade bus tail [PREFIX ...]   print events as JSON lines (with their cause)
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module("services.chain.__main__").main(["account", *rest]) or 0)
     if cmd == "up":
         return int(importlib.import_module("services.launcher").main(rest) or 0)
+    if cmd == "simulate":
+        return int(importlib.import_module("services.sim.run").main(rest) or 0)
     print(f"gridtrade: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -78,45 +78,69 @@ def _py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+class Planner:
+    """Builds a plan: the environment every process shares (the bus, the market's
+    endpoints, the keys) and :meth:`add` for one process with its own. ``gridtrade up``'s
+    plan and ``gridtrade simulate``'s (:mod:`services.sim.plan`) both start with
+    :meth:`market`."""
+
+    def __init__(self, o: Options) -> None:
+        self.o = o
+        p = o.base_port
+        self.data = o.data.resolve()
+        self.common = {
+            "GRIDTRADE_KEYS_DIR": str(self.data / "keys"),
+            "GRIDTRADE_HUB_PUB": f"tcp://{o.host}:{p}",
+            "GRIDTRADE_HUB_SUB": f"tcp://{o.host}:{p + 1}",
+            "GRIDTRADE_HUB_SITE": MARKET,
+            "GRIDTRADE_CHAIN_RPC": f"tcp://{o.host}:{p + 10}",
+            "GRIDTRADE_CHAIN_SITE": MARKET,
+            "GRIDTRADE_AUCTION_RPC": f"tcp://{o.host}:{p + 11}",
+            "GRIDTRADE_AUCTION_SITE": MARKET,
+            "GRIDTRADE_UTILITY_SITE": UTILITY,  # the figures count its trades as the exchange with the grid
+            "GRIDTRADE_METRICS_HOST": o.host,
+        }
+        self.procs: list[Proc] = []
+        self._metrics = iter(range(p + 20, p + 40))
+        self.chain_url = f"http://{o.host}:{p + 45}" if o.chain_url == "anvil" else o.chain_url
+
+    def add(self, name: str, site: str, argv: list[str], env: dict[str, str], *, http: int | None = None) -> Proc:
+        """One process: the shared environment, its site's name and data folder, ``env``;
+        its ``/healthz`` on ``http`` (else the next metrics port, set for it)."""
+        o = self.o
+        port = http if http is not None else next(self._metrics)
+        e = {**self.common, "GRIDTRADE_SITE": site, "GRIDTRADE_DATA_DIR": str(self.data / site), **env}
+        if http is None:
+            e["GRIDTRADE_METRICS_PORT"] = str(port)
+        proc = Proc(name, argv, e, health_url=f"http://{o.host}:{port}/healthz",
+                    log=self.data / "logs" / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def market(self, auction_env: dict[str, str] | None = None) -> None:
+        """The hub, the anvil node (unless another chain is named), the operator's chain
+        service and the auction."""
+        o, p, data, common = self.o, self.o.base_port, self.data, self.common
+        self.add("hub", MARKET, _py("services.bus"), {"GRIDTRADE_PUB_BIND": common["GRIDTRADE_HUB_PUB"],
+                                                      "GRIDTRADE_SUB_BIND": common["GRIDTRADE_HUB_SUB"]})
+        if o.chain_url == "anvil":
+            anvil = shutil.which("anvil") or str(ROOT / "node_modules" / ".bin" / "anvil")
+            # the chain node's state: dumped every second and on exit, loaded at the next start
+            self.procs.append(Proc("anvil", [anvil, "--host", o.host, "--port", str(p + 45), "--silent",
+                                             "--state", str(data / CHAIN_NODE / "state.json"), "--state-interval",
+                                             "1"], {},
+                                   health_url=None, log=data / "logs" / "anvil.log", extra={"rpc": self.chain_url}))
+        self.add("chain", MARKET, _py("services.chain"), {"GRIDTRADE_CHAIN_URL": self.chain_url,
+                                                          "GRIDTRADE_CHAIN_ROLE": "operator"})
+        self.add("auction", MARKET, _py("services.auction"), dict(auction_env or {}))
+
+
 def plan(o: Options) -> list[Proc]:
     """Every process of the demo, in start order, with its environment."""
     p = o.base_port
-    data = o.data.resolve()
-    common = {
-        "GRIDTRADE_KEYS_DIR": str(data / "keys"),
-        "GRIDTRADE_HUB_PUB": f"tcp://{o.host}:{p}",
-        "GRIDTRADE_HUB_SUB": f"tcp://{o.host}:{p + 1}",
-        "GRIDTRADE_HUB_SITE": MARKET,
-        "GRIDTRADE_CHAIN_RPC": f"tcp://{o.host}:{p + 10}",
-        "GRIDTRADE_CHAIN_SITE": MARKET,
-        "GRIDTRADE_AUCTION_RPC": f"tcp://{o.host}:{p + 11}",
-        "GRIDTRADE_AUCTION_SITE": MARKET,
-        "GRIDTRADE_UTILITY_SITE": UTILITY,  # the figures count its trades as the exchange with the grid
-        "GRIDTRADE_METRICS_HOST": o.host,
-    }
-    procs: list[Proc] = []
-    metrics = iter(range(p + 20, p + 40))
-
-    def add(name: str, site: str, argv: list[str], env: dict[str, str], *, http: int | None = None) -> Proc:
-        port = http if http is not None else next(metrics)
-        e = {**common, "GRIDTRADE_SITE": site, "GRIDTRADE_DATA_DIR": str(data / site), **env}
-        if http is None:
-            e["GRIDTRADE_METRICS_PORT"] = str(port)
-        proc = Proc(name, argv, e, health_url=f"http://{o.host}:{port}/healthz", log=data / "logs" / f"{name}.log")
-        procs.append(proc)
-        return proc
-
-    add("hub", MARKET, _py("services.bus"), {"GRIDTRADE_PUB_BIND": common["GRIDTRADE_HUB_PUB"],
-                                             "GRIDTRADE_SUB_BIND": common["GRIDTRADE_HUB_SUB"]})
-    chain_url = f"http://{o.host}:{p + 45}" if o.chain_url == "anvil" else o.chain_url
-    if o.chain_url == "anvil":
-        anvil = shutil.which("anvil") or str(ROOT / "node_modules" / ".bin" / "anvil")
-        # the chain node's state: dumped every second and on exit, loaded at the next start
-        procs.append(Proc("anvil", [anvil, "--host", o.host, "--port", str(p + 45), "--silent",
-                                    "--state", str(data / CHAIN_NODE / "state.json"), "--state-interval", "1"], {},
-                          health_url=None, log=data / "logs" / "anvil.log", extra={"rpc": chain_url}))
-    add("chain", MARKET, _py("services.chain"), {"GRIDTRADE_CHAIN_URL": chain_url, "GRIDTRADE_CHAIN_ROLE": "operator"})
-    add("auction", MARKET, _py("services.auction"), {})
+    planner = Planner(o)
+    planner.market()
+    add, procs, chain_url, data = planner.add, planner.procs, planner.chain_url, planner.data
     for i, (site, role, account) in enumerate(((PRODUCER, "producer", o.producer_account),
                                                (CONSUMER, "consumer", o.consumer_account))):
         wallet_rpc = {"GRIDTRADE_WALLET_RPC": f"tcp://{o.host}:{p + 12 + i}"}
@@ -189,11 +213,12 @@ WALLET_PORTS = {PRODUCER: 12, CONSUMER: 13, UTILITY: 14}  # a site's wallet: bas
 
 
 async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str, *, ttl_s: float = 86400,
-                           deposit_wei: int = 0) -> list[str]:
+                           deposit_wei: int = 0, endpoint: str | None = None, timeout_s: float = 30) -> list[str]:
     """Unlock ``account`` in its site's wallet (over the bus, with the site's own key, as
     the site's gateway does at a login) and, with ``deposit_wei``, put that much of its
-    Ether in the market's escrow once it is funded. Returns what was done, in words."""
-    from services.bus import RpcClient, Security
+    Ether in the market's escrow once it is funded. ``endpoint``: the wallet's request
+    endpoint (default: the demo's port of ``site``). Returns what was done, in words."""
+    from services.bus import RequestError, RequestTimeout, RpcClient, Security
     from services.bus import commands as C
     import zmq.asyncio
 
@@ -201,14 +226,25 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
     ctx = zmq.asyncio.Context()  # one ZAP authenticator per context: one context per site key
     sec = Security(o.data.resolve() / "keys", site)
     sec.start(ctx)
-    wallet = RpcClient(ctx, sec, f"tcp://{o.host}:{o.base_port + WALLET_PORTS[site]}", server_site=site,
-                       timeout_s=30)
+    wallet = RpcClient(ctx, sec, endpoint or f"tcp://{o.host}:{o.base_port + WALLET_PORTS[site]}", server_site=site,
+                       timeout_s=timeout_s)
     try:
         await wallet.request(C.Unlock(address=account, passphrase=passphrase, ttl_s=ttl_s))
         done.append(f"unlocked {site}'s account in its wallet for {ttl_s / 3600:g} h (its agent signs through it)")
         if deposit_wei:
-            deadline = time.monotonic() + 60
-            while (await wallet.request(C.GetBalances(address=account))).ether_wei < deposit_wei * 2:
+            deadline = time.monotonic() + max(60.0, 2 * timeout_s)
+
+            async def funded() -> bool:
+                try:
+                    return (await wallet.request(C.GetBalances(address=account))).ether_wei >= deposit_wei * 2
+                except RequestTimeout:  # a busy wallet: a read, asked again
+                    return False
+                except RequestError as e:  # a wallet that has not attached to the chain yet: not yet
+                    if e.code != "chain_unavailable":
+                        raise
+                    return False
+
+            while not await funded():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the account of {site} was not funded")
                 await asyncio.sleep(1.0)
@@ -318,6 +354,7 @@ class Runner:
         self.running: dict[str, asyncio.subprocess.Process] = {}
         self.restarts: dict[str, int] = {}
         self.stopping = False
+        self.retired: set[str] = set()  # stopped on purpose before the others: not restarted
 
     async def start(self, proc: Proc) -> None:
         assert proc.log is not None
@@ -350,16 +387,22 @@ class Runner:
             await asyncio.sleep(1)
             for proc in self.procs:
                 child = self.running.get(proc.name)
-                if child is None or child.returncode is None or self.stopping:
+                if child is None or child.returncode is None or self.stopping or proc.name in self.retired:
                     continue
                 n = self.restarts[proc.name] = self.restarts.get(proc.name, 0) + 1
                 say(f"{proc.name} exited ({child.returncode}); restarting (#{n}); log: {proc.log}")
                 await asyncio.sleep(min(30, 2 ** min(n, 5) / 4))
                 await self.start(proc)
 
-    async def stop(self) -> None:
-        self.stopping = True
+    async def stop(self, only: set[str] | None = None) -> None:
+        """Stop every part (``only``: just these, and do not restart them), the last started first."""
+        if only is None:
+            self.stopping = True
+        else:
+            self.retired |= only
         for proc in reversed(self.procs):
+            if only is not None and proc.name not in only:
+                continue
             child = self.running.get(proc.name)
             if child is not None and child.returncode is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

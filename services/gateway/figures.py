@@ -302,11 +302,16 @@ def to_csv(days: list[Row], total: Row) -> str:
     w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(CSV_HEADER)
     for r in [*days, total]:
-        ss = r.self_sufficiency
-        w.writerow([r.day, _iso(r.start), _iso(r.end), _kwh(r.produced_mwh), _kwh(r.consumed_mwh),
-                    _kwh(r.bought_local_mwh), _kwh(r.sold_local_mwh), _kwh(r.bought_utility_mwh),
-                    _kwh(r.sold_utility_mwh), _kwh(r.unmatched_import_mwh), _kwh(r.unmatched_export_mwh),
-                    _ether(r.bought_local_wei), _ether(r.sold_local_wei), _ether(r.bought_utility_wei),
-                    _ether(r.sold_utility_wei), "" if ss is None else f"{ss * 100:.1f}",
-                    _ether(r.baseline_cost_wei), _ether(r.actual_cost_wei), _ether(r.saved_wei)])
+        w.writerow(csv_row(r))
     return buf.getvalue()
+
+
+def csv_row(r: Row) -> list[str]:
+    """One row's CSV fields (:data:`CSV_HEADER`)."""
+    ss = r.self_sufficiency
+    return [r.day, _iso(r.start), _iso(r.end), _kwh(r.produced_mwh), _kwh(r.consumed_mwh),
+            _kwh(r.bought_local_mwh), _kwh(r.sold_local_mwh), _kwh(r.bought_utility_mwh),
+            _kwh(r.sold_utility_mwh), _kwh(r.unmatched_import_mwh), _kwh(r.unmatched_export_mwh),
+            _ether(r.bought_local_wei), _ether(r.sold_local_wei), _ether(r.bought_utility_wei),
+            _ether(r.sold_utility_wei), "" if ss is None else f"{ss * 100:.1f}",
+            _ether(r.baseline_cost_wei), _ether(r.actual_cost_wei), _ether(r.saved_wei)]

@@ -1,0 +1,1 @@
+"""``gridtrade simulate``: a scenario of many sites run on the real services."""

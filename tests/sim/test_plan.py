@@ -1,0 +1,83 @@
+"""A scenario as processes: many sites per site host, each with its own key, account, data
+folder and ports; the market and the utility as ``gridtrade up`` plans them."""
+
+from __future__ import annotations
+
+import pathlib
+
+from services import launcher
+from services.sim import host as host_mod
+from services.sim import plan as P
+from services.sim import run
+from services.sim.scenario import load
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_village_20_is_hosted_ten_sites_a_process_each_site_on_its_own(tmp_path: pathlib.Path) -> None:
+    sc = load(ROOT / "scenarios" / "village-20.toml")
+    o = launcher.Options(data=tmp_path / "sim", base_port=30000, time_scale=576)
+    o, accounts, passphrases = run.prepare(o, sc)
+    procs, specs = P.sim_plan(o, sc, P.SimOptions(per_host=10), accounts)
+    names = [p.name for p in procs]
+    assert names == ["hub", "anvil", "chain", "auction", "wallet-utility", "meter-utility", "agent-utility",
+                     "host-1", "host-2"]
+    assert [len(s.sites) for s in specs] == [10, 10]
+    sites = [site for s in specs for site in s.sites]
+    assert [s.name for s in sites] == [s.name for s in sc.all_sites]
+    # each site its own account, and the passphrase is nowhere in the plan
+    assert len({s.account for s in sites}) == 20 and all(s.account == accounts[s.name] for s in sites)
+    blob = "".join(s.model_dump_json() for s in specs) + "".join(str(p.env) + str(p.argv) for p in procs)
+    assert not any(pw in blob for pw in passphrases.values())
+    # every port once, inside the block the plan asks for
+    ports = [int(e.rsplit(":", 1)[1]) for s in sites for e in (s.wallet_rpc, s.agent_rpc)]
+    ports += [int(p.health_url.rsplit(":", 1)[1].split("/")[0]) for p in procs if p.health_url]
+    ports += [45 + o.base_port, o.base_port, o.base_port + 1, o.base_port + 10, o.base_port + 11]
+    assert len(ports) == len(set(ports)) and all(o.base_port <= q < o.base_port + P.ports_needed(20) for q in ports)
+    # the scenario's market, tariffs and utility reach the services
+    auction = next(p for p in procs if p.name == "auction")
+    assert auction.env["GRIDTRADE_AUCTION_MARKET"] == "english"
+    assert auction.env["GRIDTRADE_TARIFF_FEED_IN_WEI_PER_KWH"] == str(sc.tariffs.feed_in_wei_per_kwh)
+    assert next(p for p in procs if p.name == "agent-utility").env["GRIDTRADE_AGENT_MAX_TRADE_WH"] == "300"
+
+    # one host's services: three per site, each site with its own key, data folder and stores
+    h = host_mod.Host(specs[1], o.data.resolve())
+    h.build_meters(epoch=1000.0, now=1000.0)
+    try:
+        assert len(h.wallets) == len(h.meters) == len(h.agents) == 10
+        every = h.every()
+        assert len({(svc.settings.site, svc.name) for svc in every}) == 30
+        for name in h.wallets:
+            wallet, meter, agent = h.wallets[name], h.meters[name], h.agents[name]
+            assert {wallet.settings.site, meter.settings.site, agent.settings.site} == {name}
+            assert {wallet.settings.data_dir, meter.settings.data_dir, agent.settings.data_dir} == {
+                o.data.resolve() / name}
+            assert wallet.keystore.list()[0].address == accounts[name] == agent.settings.agent_account
+            assert meter.settings.sim.battery.capacity_wh == agent.settings.agent_battery_wh
+            assert meter.settings.sim.start == sc.start_utc()  # the clock starts at local midnight
+            assert wallet.settings.wallet_rpc == agent.settings.wallet_rpc != h.wallets[
+                next(n for n in h.wallets if n != name)].settings.wallet_rpc
+        assert len({svc.security.public for svc in every}) == 10  # one CURVE key per site
+        assert len({str(svc.store.path) for svc in every}) == 30
+    finally:
+        h.close()
+
+
+def test_hosts_share_one_clock_from_the_scenario_start() -> None:
+    sc = load(ROOT / "scenarios" / "demo.toml")
+    spec = P.HostSpec(name="h", data=pathlib.Path("/x"), sites=[], chain_url="", market="english", time_scale=100,
+                      start=sc.start_utc(), epoch=1000.0)
+    assert host_mod.site_start(spec, 1000.0) == sc.start_utc().timestamp()
+    assert host_mod.site_start(spec, 1003.0) == sc.start_utc().timestamp() + 300  # a host started later catches up
+
+
+def test_village_100_is_ten_hosts_within_its_port_block() -> None:
+    sc = load(ROOT / "scenarios" / "village-100.toml")
+    o = launcher.Options(data=pathlib.Path("/nonexistent/sim"), base_port=20000, utility_account="0x" + "1" * 40)
+    accounts = {s.name: f"0x{i:040x}" for i, s in enumerate(sc.all_sites, 1)}
+    procs, specs = P.sim_plan(o, sc, P.SimOptions(), accounts)
+    assert [len(s.sites) for s in specs] == [10] * 10
+    assert [p.name for p in procs][-10:] == [f"host-{k}" for k in range(1, 11)]
+    ports = [int(e.rsplit(":", 1)[1]) for s in specs for site in s.sites for e in (site.wallet_rpc, site.agent_rpc)]
+    ports += [int(p.health_url.rsplit(":", 1)[1].split("/")[0]) for p in procs if p.health_url]
+    assert len(ports) == len(set(ports)) and max(ports) < o.base_port + P.ports_needed(100)
