@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "up":
         return int(importlib.import_module("services.launcher").main(rest) or 0)
     if cmd == "simulate":
-        return int(importlib.import_module("services.sim.run").main(rest) or 0)
+        return int(importlib.import_module("services.simulate.run").main(rest) or 0)
     print(f"gridtrade: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -81,7 +81,7 @@ def _py(module: str, *args: str) -> list[str]:
 class Planner:
     """Builds a plan: the environment every process shares (the bus, the market's
     endpoints, the keys) and :meth:`add` for one process with its own. ``gridtrade up``'s
-    plan and ``gridtrade simulate``'s (:mod:`services.sim.plan`) both start with
+    plan and ``gridtrade simulate``'s (:mod:`services.simulate.plan`) both start with
     :meth:`market`."""
 
     def __init__(self, o: Options) -> None:

@@ -24,9 +24,9 @@ from web3 import HTTPProvider, Web3
 
 from services import launcher
 from services.chain.contracts import load_artifact
-from services.sim.plan import SimOptions, ports_needed
-from services.sim.run import Simulation
-from services.sim.scenario import load
+from services.simulate.plan import SimOptions, ports_needed
+from services.simulate.run import Simulation
+from services.simulate.scenario import load
 from tests.conftest import free_port_block
 
 from .harness import cost
@@ -219,7 +219,7 @@ async def test_village_20_trades_a_day_through_kills_of_the_auction_and_the_chai
               f"{sum(t['delivered'] for t in local) / 1000:.2f} kWh delivered locally), {left} open at the end; "
               f"a day in {wall_day:.0f} s of wall time ({24 * HOUR / wall_day:.0f} site s per wall s, "
               f"start-up included)")
-        from services.sim import report as rep
+        from services.simulate import report as rep
         print(rep.table(r))
     finally:
         await sim.stop()

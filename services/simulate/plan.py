@@ -1,9 +1,9 @@
-"""A scenario as processes (pure: the plan is data; :mod:`services.sim.run` runs it).
+"""A scenario as processes (pure: the plan is data; :mod:`services.simulate.run` runs it).
 
 The market is ``gridtrade up``'s (:class:`services.launcher.Planner`: the hub, anvil, the
 operator's chain service, the auction) and so is the utility (its wallet, meters and agent,
 :func:`services.launcher.add_utility`). The sites are hosted: a *site host* process
-(:mod:`services.sim.host`) runs the wallet, meter and agent services of up to
+(:mod:`services.simulate.host`) runs the wallet, meter and agent services of up to
 ``per_host`` sites in one asyncio loop. Each site keeps its own CURVE key (its name), its
 own data folder ``<data>/<site>/`` (keystore, stores, meter keys) and its own request
 ports, all fixed by the plan so that a restarted host is found where it was.
@@ -137,7 +137,7 @@ def sim_plan(o: launcher.Options, sc: Scenario, so: SimOptions,
                         market=sc.grid.market, time_scale=o.time_scale, start=start)
         specs.append(host)
         port = p + HOST_HEALTH + k
-        proc = planner.add(name, launcher.MARKET, launcher._py("services.sim.host", str(spec_path(o.data, name))),
+        proc = planner.add(name, launcher.MARKET, launcher._py("services.simulate.host", str(spec_path(o.data, name))),
                            {"GRIDTRADE_METRICS_PORT": str(port)}, http=port)
         proc.env["GRIDTRADE_DATA_DIR"] = str(planner.data / "hosts")
         proc.extra["sites"] = ",".join(s.name for s in hosted)

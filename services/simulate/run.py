@@ -7,7 +7,7 @@ account per site in that site's own keystore, its passphrase made at random and 
 memory only, for the run (so a run cannot be continued later: its keys stay encrypted).
 Then, with the launcher's runner and supervision (a part that dies is restarted): the hub,
 anvil, the operator's chain service and the auction; the utility's wallet, meters and agent;
-and the site hosts (:mod:`services.sim.host`), each running the wallet, meter and agent of
+and the site hosts (:mod:`services.simulate.host`), each running the wallet, meter and agent of
 many sites. Once they are up each account is unlocked in its site's wallet for the run (as
 an owner's login would) and each buying site and the utility put a first deposit in the
 market's escrow (as ``gridtrade up``'s first start does). Then the sites' meters start,

@@ -1,5 +1,5 @@
-"""``python -m services.sim.host SPEC.json``: a site host, the wallet, meter and agent
-services of many sites in one asyncio loop (the spec: :class:`services.sim.plan.HostSpec`).
+"""``python -m services.simulate.host SPEC.json``: a site host, the wallet, meter and agent
+services of many sites in one asyncio loop (the spec: :class:`services.simulate.plan.HostSpec`).
 
 Each site's services are the ordinary service classes, each with its own settings: the
 site's name (its CURVE key), its data folder ``<data>/<site>/``, its wallet's and agent's
@@ -178,7 +178,7 @@ async def serve(spec: HostSpec, settings: BusSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m services.sim.host SPEC.json", file=sys.stderr)
+        print("usage: python -m services.simulate.host SPEC.json", file=sys.stderr)
         return 2
     settings = BusSettings()
     configure_logging(settings.log_level)

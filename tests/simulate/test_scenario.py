@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.meter.sim import SimParams
-from services.sim import scenario as S
+from services.simulate import scenario as S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

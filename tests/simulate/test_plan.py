@@ -6,10 +6,10 @@ from __future__ import annotations
 import pathlib
 
 from services import launcher
-from services.sim import host as host_mod
-from services.sim import plan as P
-from services.sim import run
-from services.sim.scenario import load
+from services.simulate import host as host_mod
+from services.simulate import plan as P
+from services.simulate import run
+from services.simulate.scenario import load
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
