@@ -240,6 +240,7 @@ async def bus_run(mode: str, keys: pathlib.Path, hub_pub: str, hub_sub: str, n: 
 class MarketRun:
     orders: int
     trades: int
+    volume_wh: int
     book_s: float
     sort_s: float
     worst_slot_s: float
@@ -264,7 +265,7 @@ def market_run(n: int, slots: int, seed: int = 1) -> MarketRun:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # as services/bus/store.py
     book.create(conn)
-    trades = 0
+    trades = volume = 0
     worst = 0.0
     t0 = time.perf_counter()
     for s, orders in enumerate(days):
@@ -282,6 +283,7 @@ def market_run(n: int, slots: int, seed: int = 1) -> MarketRun:
                                           price_wei_per_kwh=result.price_wei_per_kwh or 0), "double", float(s))
         conn.execute("COMMIT")
         trades += len(result.fills)
+        volume += result.volume_wh
         worst = max(worst, time.perf_counter() - ts)
     book_s = time.perf_counter() - t0
     conn.close()
@@ -289,7 +291,7 @@ def market_run(n: int, slots: int, seed: int = 1) -> MarketRun:
     for orders in days:
         sorted(orders, key=lambda o: o.limit_price_wei_per_kwh)
     sort_s = time.perf_counter() - t0
-    return MarketRun(orders=n * slots, trades=trades, book_s=book_s, sort_s=sort_s, worst_slot_s=worst)
+    return MarketRun(orders=n * slots, trades=trades, volume_wh=volume, book_s=book_s, sort_s=sort_s, worst_slot_s=worst)
 
 
 # --- chain and gas ----------------------------------------------------------------------
@@ -386,6 +388,9 @@ async def main_async(a: argparse.Namespace) -> None:
         print(f"{n:>5} {m.orders:>7} {m.trades:>7} {m.orders / m.book_s:9,.0f} {m.trades / m.book_s:9,.0f} "
               f"{m.orders / m.sort_s:17,.0f} {m.sort_s / m.book_s:6.3f} {m.worst_slot_s * 1e3:13.1f}")
 
+    if a.no_chain:
+        print("\n(chain and gas skipped: --no-chain)")
+        return
     print(f"\n== chain: the operator's batched settle path on anvil ({trades} trades of 1 kWh, one Delivery each)")
     ch = await settlement.measure(trades, 1)
     print(f"opened (trade recorded on chain): {trades / ch.opened_s:7.1f} trades/s")
@@ -397,6 +402,12 @@ async def main_async(a: argparse.Namespace) -> None:
     v2_gas, seed_gas = await gas_run(g_trades, g_kwh)
     print(f"v2: {v2_gas:,.0f} gas/kWh; seed's way (baseline): {seed_gas:,.0f} gas/kWh; ratio {v2_gas / seed_gas:.3f} "
           f"({g_trades} trades of {g_kwh} kWh)")
+    per_day = 30_000_000 / 5 * 86_400
+    for n in sizes:
+        kwh_day = markets[n].volume_wh / 1000 * 96 / slots
+        print(f"{n:>5} sites: {kwh_day:,.0f} kWh traded a day in this market -> {v2_gas * kwh_day:,.0f} "
+              f"gas a day; a PoA chain of 30M gas per 5 s block carries {per_day / (v2_gas * kwh_day):,.1f} such "
+              "micro-grids")
 
     print(f"\n== per slot at each size, against the {BUDGET_S:.0f} s budget (time scale {TIME_SCALE})")
     print(f"{'sites':>5} {'bus s':>7} {'market s':>9} {'trades':>7} {'chain open s':>12} {'chain settle s':>14} "
@@ -436,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trades", type=int, default=0, help="trades settled on anvil (default 60; 20 with --quick)")
     p.add_argument("--quick", action="store_true", help="a shorter run: 24 slots, 20 chain trades, small gas round")
     p.add_argument("--profile", action="store_true", help="cProfile the subscriber at the largest size")
+    p.add_argument("--no-chain", action="store_true", help="skip the parts on anvil (chain, gas)")
     a = p.parse_args(argv)
     asyncio.run(main_async(a))
 

@@ -297,6 +297,7 @@ class Subscriber:
         self._failed_at: dict[str, str] = {}  # source -> the replay endpoint its backoff was earned at
         self._holding = False  # collecting a batch: replays asked for start after it commits
         self._pending: dict[tuple[str, str], int] = {}  # (source, topic) -> seq of the batch being collected
+        self._wanted: dict[str, bool] = {}  # topic -> wants(topic)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.since = time.time() if start == "latest" else 0.0
@@ -339,7 +340,7 @@ class Subscriber:
                 pass
             self._holding = True
             beats: list[Envelope] = []
-            batch: list[Envelope] = []
+            batch: list[tuple[Envelope, tuple[str, str]]] = []
             try:
                 for frames in received:
                     try:
@@ -349,9 +350,15 @@ class Subscriber:
                         continue
                     if isinstance(env.body, Heartbeat):
                         beats.append(env)
-                    elif self.wants(env.topic):
-                        if self._on_event(env):
-                            batch.append(env)
+                        continue
+                    topic = env.topic
+                    wanted = self._wanted.get(topic)
+                    if wanted is None:
+                        if len(self._wanted) >= 4096:  # topics are known types of allowed sites; bound it anyway
+                            self._wanted.clear()
+                        wanted = self._wanted[topic] = self.wants(topic)
+                    if wanted and self._on_event(env, key := (env.source, topic)):
+                        batch.append((env, key))
                 self._pending.clear()
                 if batch:
                     await self._apply_batch(batch)
@@ -404,25 +411,24 @@ class Subscriber:
             if last > self.offsets.get(key, 0):
                 self._want_replay(env.source, topic, last)
 
-    def _on_event(self, env: Envelope) -> bool:
+    def _on_event(self, env: Envelope, key: tuple[str, str]) -> bool:
         """True if ``env`` is the next event of its (source, topic), counting the batch
         being collected: it joins the batch. Otherwise it is a duplicate (dropped) or left
-        to its source's replay."""
-        key = (env.source, env.topic)
+        to its source's replay. ``key`` is (source, topic) of ``env``."""
         if key not in self.offsets and key not in self._pending:
             if not self._admit(env.source):
                 return False
             if self.start_mode == "latest":
                 self.offsets[key] = max(0, env.seq - 1 - self.LATEST_LOOKBACK)
         if env.source in self._replays:  # its replay brings this one, in order
-            self._want_replay(env.source, env.topic, env.seq)
+            self._want_replay(env.source, key[1], env.seq)
             return False
         have = self._pending.get(key) or self.offsets.get(key, 0)
         if env.seq <= have:
-            self.drops.drop("duplicate", f"{env.topic} seq {env.seq}")
+            self.drops.drop("duplicate", f"{key[1]} seq {env.seq}")
             return False
         if env.seq > have + 1:  # a gap: the publisher's outbox has them all, this one too
-            self._want_replay(env.source, env.topic, env.seq)
+            self._want_replay(env.source, key[1], env.seq)
             return False
         self._pending[key] = env.seq
         return True
@@ -500,7 +506,7 @@ class Subscriber:
                     return "done"  # its own committed last: nothing is missing
                 self.drops.drop("replay_unproven", f"{source} {topic}: nothing after {after}, last {last}")
                 return "did_not_deliver"
-            batch: list[Envelope] = []
+            batch: list[tuple[Envelope, tuple[str, str]]] = []
             have = after
             outcome = ""
             for data in rows:
@@ -518,7 +524,7 @@ class Subscriber:
                     continue
                 if env.seq > have + 1:  # the publisher pruned them
                     self.drops.drop("pruned", f"{topic} seqs {have + 1}..{env.seq - 1}")
-                batch.append(env)
+                batch.append((env, key))
                 have = env.seq
             for start in range(0, len(batch), self.max_batch):  # what came before a bad row still counts
                 chunk = batch[start:start + self.max_batch]
@@ -549,8 +555,8 @@ class Subscriber:
                 return (last if type(last) is int else None), frames[1:]
         return None
 
-    async def _apply_batch(self, batch: list[Envelope]) -> int:
-        """Apply ``batch`` (each event the next of its (source, topic), in order) in one
+    async def _apply_batch(self, batch: list[tuple[Envelope, tuple[str, str]]]) -> int:
+        """Apply ``batch`` (each event with its (source, topic), the next of it, in order) in one
         transaction that also stores the offsets; returns how many events were applied or
         read past. An event its publisher may not publish is only read past. A handler
         that fails undoes its own event (a savepoint) and holds back the later events of
@@ -561,8 +567,7 @@ class Subscriber:
         handler = self.handler
         try:
             async with self.store.atomic() as conn:
-                for env in batch:
-                    key = (env.source, env.topic)
+                for env, key in batch:
                     if key in held:
                         held_back += 1
                         continue
