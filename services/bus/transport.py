@@ -317,6 +317,9 @@ class Subscriber:
         for p in [*self.prefixes, HEARTBEAT_TOPIC]:
             self.sub.subscribe(p.encode())
         self.sub.connect(self.hub_sub)
+        # the same socket seen synchronously, to drain what it holds without a Future per
+        # frame (the asyncio socket looks at the socket's events before it waits again)
+        self._drain = zmq.Socket.shadow(self.sub.underlying)
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-recv")
 
     async def stop(self) -> None:
@@ -330,12 +333,12 @@ class Subscriber:
             self.sub.close(0)
 
     async def _run(self) -> None:
-        recv = self.sub.recv_multipart
+        recv, drain, NOBLOCK = self.sub.recv_multipart, self._drain.recv_multipart, zmq.NOBLOCK  # noqa: N806
         while True:
             received = [await recv()]
             try:
                 while len(received) < self.max_batch:
-                    received.append(await recv(zmq.NOBLOCK))
+                    received.append(drain(NOBLOCK))
             except zmq.Again:
                 pass
             self._holding = True
