@@ -585,7 +585,7 @@ class Subscriber:
                         with self.store.savepoint(), envelope.caused_by(env.id):
                             # what the handler publishes was caused by env
                             result = handler(env, conn)
-                            if inspect.isawaitable(result):
+                            if result is not None and inspect.isawaitable(result):
                                 await result
                     except asyncio.CancelledError:
                         raise
