@@ -362,8 +362,11 @@ class Subscriber:
                         if len(self._wanted) >= 4096:  # topics are known types of allowed sites; bound it anyway
                             self._wanted.clear()
                         wanted = self._wanted[topic] = self.wants(topic)
-                    if wanted and self._on_event(env, key := (env.source, topic)):
-                        batch.append((env, key))
+                    try:
+                        if wanted and self._on_event(env, key := (env.source, topic)):
+                            batch.append((env, key))
+                    except Exception:  # noqa: BLE001 - the subscriber keeps working
+                        log.exception("%s: failed on %s seq %s", self.name, topic, env.seq)
                 self._pending.clear()
                 if batch:
                     await self._apply_batch(batch)
