@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -100,7 +101,54 @@ async def baseline(url: str, n: int) -> float:
         await contracts.close_provider(w3)
 
 
+@dataclass
+class Result:
+    """One measured run of the chain service's settlement on anvil, and its baseline."""
+
+    trades: int
+    steps: int
+    opened_s: float
+    """From the first TradeAgreed published to the last trade recorded on chain."""
+    settled: int
+    settle_txs: int
+    settle_gas: int
+    elapsed: float
+    """From the first Delivery published to the last trade closed on chain."""
+    baseline_s: float
+    """As many pre-signed plain transfers as settlements, to the last receipt."""
+
+    @property
+    def kwh(self) -> float:
+        return self.trades  # 1 kWh a trade
+
+    @property
+    def rate(self) -> float:
+        return self.settled / self.elapsed
+
+    @property
+    def baseline_rate(self) -> float:
+        return self.settled / self.baseline_s
+
+
 async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: int = 0) -> None:
+    r = await measure(trades, steps, block_time, confirmations)
+    settled, elapsed, base, kwh = r.settled, r.elapsed, r.baseline_s, r.kwh
+    settle_txs, settle_gas = r.settle_txs, r.settle_gas
+    svc_rate = settled / elapsed
+    base_rate = settled / base
+    mining = f"a block every {block_time:g} s" if block_time else "a block per transaction"
+    print(f"trades: {trades} x 1 kWh, {steps} delivery readings each ({trades * steps} Delivery events); "
+          f"anvil: {mining}; final at depth {confirmations}")
+    print(f"service:  {settled} settlements in {settle_txs} settle transactions, {elapsed:.2f} s "
+          f"-> {svc_rate:.1f} settlements/s, {kwh / elapsed:.2f} kWh/s")
+    print(f"          gas per settled kWh: {settle_gas / kwh:,.0f} (settle gas {settle_gas:,} for {kwh:.0f} kWh)")
+    print(f"baseline: {settled} pre-signed plain transfers straight to anvil, {base:.2f} s "
+          f"-> {base_rate:.1f} tx/s, 21,000 gas each")
+    print(f"ratio service/baseline (per-second rate): {svc_rate / base_rate:.3f}")
+    print(f"ratio gas per settled kWh / gas per plain transfer: {settle_gas / kwh / 21000:.2f}")
+
+
+async def measure(trades: int, steps: int, block_time: float = 0.0, confirmations: int = 0) -> Result:
     anvil, url = start_anvil(block_time)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="gridtrade-bench-"))
     keys = tmp / "keys"
@@ -162,10 +210,12 @@ async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: i
         await client.request(C.Escrow(account=buyer, action="deposit", amount_wei=trades * PRICE), timeout=30)
         await client.request(C.Approve(account=seller, wh=trades * 1000), timeout=30)
         await wait_for(lambda: not svc.txm.pending() and not wallet.txm.pending())
+        t_open = time.perf_counter()
         for i in range(trades):
             await auction.publish(agreed(d, f"t{i}", seller_key, buyer_key, 1000, PRICE, seller_site="bench",
                                          buyer_site="bench"))
         await wait_for(lambda: len(of(E.TradeRecorded)) >= trades)
+        opened_s = time.perf_counter() - t_open
 
         t0 = time.perf_counter()
         for k in range(1, steps + 1):
@@ -178,7 +228,6 @@ async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: i
         rows = svc.store.conn.execute(
             "SELECT COUNT(*), SUM(gas_used) FROM chain_txs WHERE kind = 'settle' AND status = 'confirmed'").fetchone()
         settle_txs, settle_gas = int(rows[0]), int(rows[1])
-        kwh = sum(1000 for _ in range(trades)) / 1000
         base = await baseline(url, len(settled))
     finally:
         await client.close()
@@ -197,18 +246,8 @@ async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: i
         os.killpg(anvil.pid, signal.SIGTERM)
         anvil.wait()
 
-    svc_rate = len(settled) / elapsed
-    base_rate = len(settled) / base
-    mining = f"a block every {block_time:g} s" if block_time else "a block per transaction"
-    print(f"trades: {trades} x 1 kWh, {steps} delivery readings each ({trades * steps} Delivery events); "
-          f"anvil: {mining}; final at depth {confirmations}")
-    print(f"service:  {len(settled)} settlements in {settle_txs} settle transactions, {elapsed:.2f} s "
-          f"-> {svc_rate:.1f} settlements/s, {kwh / elapsed:.2f} kWh/s")
-    print(f"          gas per settled kWh: {settle_gas / kwh:,.0f} (settle gas {settle_gas:,} for {kwh:.0f} kWh)")
-    print(f"baseline: {len(settled)} pre-signed plain transfers straight to anvil, {base:.2f} s "
-          f"-> {base_rate:.1f} tx/s, 21,000 gas each")
-    print(f"ratio service/baseline (per-second rate): {svc_rate / base_rate:.3f}")
-    print(f"ratio gas per settled kWh / gas per plain transfer: {settle_gas / kwh / 21000:.2f}")
+    return Result(trades=trades, steps=steps, opened_s=opened_s, settled=len(settled), settle_txs=settle_txs,
+                  settle_gas=settle_gas, elapsed=elapsed, baseline_s=base)
 
 
 def main() -> None:

@@ -24,7 +24,11 @@ class Store:
     await inside (other tasks wait for it); ``with store.transaction()`` is the same for
     code that does not await. Either joins a transaction the current task already holds.
     ``on_commit`` callbacks run after the outermost COMMIT (the publisher sends staged
-    events there), ``on_rollback`` callbacks after a ROLLBACK.
+    events there), ``on_rollback`` callbacks after a ROLLBACK, the last registered first
+    (each undoes its own step, as an undo log). ``with store.savepoint():`` inside a
+    transaction is a part of it that can fail alone: its writes and its callbacks are
+    undone, the rest of the transaction goes on (the subscriber applies a batch of events
+    so, one savepoint per event).
 
     Subscribers record the last applied seq per (source, topic) in ``bus_offsets``, and
     the request server keeps the replies of executed command ids in ``bus_commands``
@@ -88,7 +92,7 @@ class Store:
             self._depth, self._owner = 0, None
             self.conn.execute("ROLLBACK")
             hooks, self._rollback_hooks, self._commit_hooks = self._rollback_hooks, [], []
-            for fn in hooks:
+            for fn in reversed(hooks):
                 fn()
             raise
         self._depth, self._owner = 0, None
@@ -96,6 +100,33 @@ class Store:
         hooks, self._commit_hooks, self._rollback_hooks = self._commit_hooks, [], []
         for fn in hooks:
             fn()
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[sqlite3.Connection]:
+        """A part of the current task's transaction that can fail alone: on an exception its
+        writes are rolled back, the ``on_rollback`` callbacks registered inside it run (the
+        last first), those of ``on_commit`` are forgotten, and the exception goes on; the
+        enclosing transaction stays open. May await inside (the transaction is held)."""
+        if not self.in_transaction:
+            raise BusError("a savepoint needs the current task's open transaction")
+        name = f"sp{self._depth}"
+        commits, rollbacks = len(self._commit_hooks), len(self._rollback_hooks)
+        self.conn.execute(f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth -= 1
+            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute(f"RELEASE {name}")
+            undo = self._rollback_hooks[rollbacks:]
+            del self._rollback_hooks[rollbacks:]
+            del self._commit_hooks[commits:]
+            for fn in reversed(undo):
+                fn()
+            raise
+        self._depth -= 1
+        self.conn.execute(f"RELEASE {name}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
