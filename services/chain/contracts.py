@@ -205,6 +205,18 @@ def open_args(
             typed.sig_bytes(bid_sig), wh, price_wei_per_kwh]
 
 
+def opening(
+    trade_id: str, offer: typed.Offer, offer_sig: str | bytes, bid: typed.Bid, bid_sig: str | bytes, wh: int,
+    price_wei_per_kwh: int,
+) -> tuple[Any, ...]:
+    """One entry of EnergyMarket.openBatch (an ``Opening``): the arguments of one ``open``."""
+    def raw(sig: str | bytes) -> bytes:
+        return sig if isinstance(sig, bytes) else typed.sig_bytes(sig)
+
+    return (typed.trade_key(trade_id), offer.as_tuple(), raw(offer_sig), bid.as_tuple(), raw(bid_sig), wh,
+            price_wei_per_kwh)
+
+
 async def close_provider(w3: AsyncWeb3) -> None:
     """Release what an AsyncWeb3's provider holds: HTTP/websocket sessions and, for HTTP, the
     thread pool web3 8 keeps for its session-cache lock (its disconnect() leaves that running).
