@@ -115,7 +115,8 @@ CREATE TABLE IF NOT EXISTS job_trades (
             ready.append((tid, buyer, contracts.opening(tid, o, offer_sig, b, bid_sig, int(wh), int(price)), cause))
         batch = [r for r in ready if r[0] not in self._alone][: op.settings.open_max_batch]
         if len(batch) > 1 and await self._open_batch(batch):
-            return
+            opened = {r[0] for r in batch}
+            ready = [r for r in ready if r[0] in self._alone and r[0] not in opened]
         for tid, buyer, entry, cause in ready:  # one by one: a refused entry is refused alone, with its reason
             await self._open_one(tid, buyer, entry, cause)
 
