@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         # unseen while the service was down)
         self._closing: set[str] = set()  # trade ids whose TradeClosing log was seen: settled without waiting
         self._closing_block: int | None = None  # the market's logs are followed from here
+        self._closings_read = 0.0  # when they were last read (monotonic)
         self.held_back = 0  # readings held back in the last round (their trade not due yet)
 
     def record(self, env: Any, conn: Any) -> bool:
@@ -147,6 +148,10 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         assert op.dep is not None and op.node is not None
         if self._closing_block is not None and all(h[8] for h in self._held()):
             return  # nothing held back: the logs are read from the same block when something is
+        now = time.monotonic()
+        if now - self._closings_read < min(1.0, op.dispute_window_s / 4):
+            return  # not every round: a node's logs once a second are soon enough for any dispute window
+        self._closings_read = now
         async with guard():
             head = int(await op.node.w3.eth.block_number)
         if self._closing_block is None:
