@@ -11,12 +11,17 @@ exist, as on a running grid).
 v2, per round, as the services would drive it:
 - minting: each producer's meter signs its cumulative production counter once per trade's
   worth of energy; the counters are submitted in one mintBatch;
-- open: one transaction per trade, from the seller's signed offer and the buyer's signed bid;
-- settlement: every kWh (or every ``--settle-every-kwh``), each buyer's meter signs its
-  cumulative delivery; the operator submits them in one settleBatch across all trades; the
-  last kWh ends each trade on its own ("delivered in full"). A third round ends each trade,
-  one kWh larger than what it delivers, with its buyer's close before the last reading, that
-  reading settled inside the dispute window, then finalize (the unused kWh goes back).
+- open: the operator's chain service collects the trades an auction round agrees and opens
+  them in one openBatch (up to its ``open_max_batch``, 50), each from the seller's signed
+  offer and the buyer's signed bid;
+- settlement: the buyer's meter signs its cumulative delivery (every 10 Wh); the operator
+  settles a trade's latest reading once it is ``settle_every_wh`` above what is settled
+  (default 1000 Wh: every kWh, ``--settle-every-kwh``) and the reading that ends the trade, in
+  one settleBatch across all trades; the last kWh ends each trade on its own ("delivered in
+  full"). A third round settles each trade once, at the end (``settle_every_wh`` of the
+  trade's size or more). A fourth round ends each trade, one kWh larger than what it
+  delivers, with its buyer's close before the last reading, that reading settled inside the
+  dispute window, then finalize (the unused kWh goes back).
 Meter registration (once per meter, ever) and the sellers' one-time approval are reported
 apart; so are the escrow deposit and credit withdrawal, which the seed had no equivalent of
 (it paid straight from the buyer's account), shown as an extra line once per trade.
@@ -56,6 +61,7 @@ ETHER = 10**18
 PRICE = 150 * 10**12  # wei per kWh
 KWH = 1000  # Wh
 DISPUTE_WINDOW_S = 600
+OPEN_MAX_BATCH = 50  # the operator's open_max_batch
 
 SEED_BASELINE = """// SPDX-License-Identifier: MIT
 pragma solidity ^0.8.24;
@@ -105,8 +111,8 @@ class Tally:
 
 
 class Bench:
-    def __init__(self, w3: AsyncWeb3, n: int, kwh: int, every: int = 1) -> None:
-        self.w3, self.n, self.kwh, self.every = w3, n, kwh, every
+    def __init__(self, w3: AsyncWeb3, n: int, kwh: int) -> None:
+        self.w3, self.n, self.kwh = w3, n, kwh
         self.sellers = [key(f"seller-{i}") for i in range(n)]
         self.buyers = [key(f"buyer-{i}") for i in range(n)]
         self.seller_meters = [key(f"seller-meter-{i}") for i in range(n)]
@@ -177,7 +183,7 @@ class Bench:
 
     # ------------------------------------------------------------------ v2 trades
 
-    async def v2_round(self, round_no: int, close_early: bool) -> tuple[Tally, Tally]:
+    async def v2_round(self, close_early: bool, every: int) -> tuple[Tally, Tally]:
         """One round of n concurrent trades; returns (trade lifecycle, escrow in/out)."""
         t, escrow = Tally(), Tally()
         tok, mkt = self.d.token.functions, self.d.market.functions
@@ -195,9 +201,10 @@ class Bench:
         for gas in await self.gas_many([(mkt.depositAndReserve(until), b.address, c.cost(wh, PRICE))
                                         for b in self.buyers]):
             escrow.add("deposit", "depositAndReserve", gas)
-        # open: one transaction per trade, from the seller's signed offer and the buyer's signed bid
+        # open: the operator's chain service opens the trades an auction round agreed in one
+        # openBatch (up to open_max_batch, 50), each from the seller's signed offer and the buyer's signed bid
         now = (await self.w3.eth.get_block("latest"))["timestamp"]
-        ids, sends = [], []
+        ids, entries = [], []
         for s, b in zip(self.sellers, self.buyers):
             self.trade_no += 1
             trade_id = f"bench-{self.trade_no}"
@@ -205,12 +212,12 @@ class Bench:
                                 expiry=now + 3600, duration_s=7200)
             bid = typed.Bid(bid_id=typed.new_id(), offer_id=offer.offer_id, buyer=b.address, wh=wh,
                             max_price_wei_per_kwh=PRICE, expiry=now + 3600)
-            args = c.open_args(trade_id, offer, typed.sign_offer(s.key, mdom, offer), bid,
-                               typed.sign_bid(b.key, mdom, bid), wh, PRICE)
-            sends.append((mkt.open(*args), self.operator, 0))
+            entries.append(c.opening(trade_id, offer, typed.sign_offer(s.key, mdom, offer), bid,
+                                     typed.sign_bid(b.key, mdom, bid), wh, PRICE))
             ids.append(trade_id)
-        for gas in await self.gas_many(sends):
-            t.add("open", "open", gas)
+        for i in range(0, n, OPEN_MAX_BATCH):
+            batch = entries[i:i + OPEN_MAX_BATCH]
+            t.add("open", "openBatch, per trade", await self.gas(mkt.openBatch(batch), self.operator), len(batch))
         keys = [typed.trade_key(i) for i in ids]
 
         async def settle_all(k: int) -> None:
@@ -220,8 +227,9 @@ class Bench:
             label = "settleBatch, per trade" + (" (ends the trade)" if k * KWH == wh else "")
             t.add("settle", label, await self.gas(mkt.settleBatch(keys, delivered, sigs), self.operator), n)
 
-        # the operator batches the buyer meters' readings every `every` kWh, and the last one
-        points = sorted({*range(self.every, self.kwh, self.every), self.kwh})
+        # the operator settles a trade's held reading every `every` kWh (settle_every_wh), and the one that
+        # ends it, batched across the trades
+        points = sorted({*range(every, self.kwh, every), self.kwh})
         for k in points[:-1] if close_early else points:
             await settle_all(k)
         if close_early:
@@ -260,8 +268,10 @@ class Bench:
 def report(n: int, kwh: int, every: int, onboarding: Tally, rounds: list[tuple[str, Tally, Tally, Tally]]) -> str:
     traded = n * kwh
     lines = [f"{n} concurrent trades of {kwh} kWh ({traded} kWh a round), {n} producers and {n} consumers,",
-             f"every party its own account and meter; signed deliveries settled every {every} kWh, batched",
-             "across the trades; anvil, same run, same node", ""]
+             "every party its own account and meter; the trades opened in openBatch transactions of up to",
+             f"{OPEN_MAX_BATCH}; signed deliveries settled every {every} kWh (the operator's settle_every_wh "
+             f"{every * KWH}) or once at the end,",
+             "batched across the trades; anvil, same run, same node", ""]
     lines.append("once per meter / account (not in the totals below)")
     for step, gas in onboarding.steps.items():
         per = gas // (2 * n if step == "register meters" else n)
@@ -293,15 +303,17 @@ def report(n: int, kwh: int, every: int, onboarding: Tally, rounds: list[tuple[s
 async def run(url: str, n: int, kwh: int, every: int = 1) -> str:
     w3 = AsyncWeb3(AsyncHTTPProvider(url))
     try:
-        b = Bench(w3, n, kwh, every)
+        b = Bench(w3, n, kwh)
         await b.setup()
         onboarding = await b.onboarding()
         rounds = []
-        for name, close_early in (("round 1, fresh accounts and meters, delivered in full", False),
-                                  ("round 2, steady state, delivered in full", False),
-                                  (f"round 3, steady state, trades of {kwh + 1} kWh closed by the buyer before the "
-                                   f"reading of kWh {kwh}, settled in the dispute window, then finalized", True)):
-            v2, escrow = await b.v2_round(len(rounds), close_early)
+        for name, close_early, settle_every in (
+                (f"round 1, fresh accounts and meters, delivered in full, settled every {every} kWh", False, every),
+                (f"round 2, steady state, delivered in full, settled every {every} kWh", False, every),
+                ("round 3, steady state, delivered in full, settled once, at the end", False, kwh),
+                (f"round 4, steady state, trades of {kwh + 1} kWh closed by the buyer before the reading of kWh "
+                 f"{kwh}, settled every {every} kWh and in the dispute window, then finalized", True, every)):
+            v2, escrow = await b.v2_round(close_early, settle_every)
             seed = await b.seed_round()
             rounds.append((name, v2, escrow, seed))
         return report(n, kwh, every, onboarding, rounds)
@@ -314,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trades", type=int, default=50, help="concurrent trades (default 50)")
     parser.add_argument("--kwh", type=int, default=5, help="kWh per trade (default 5)")
     parser.add_argument("--settle-every-kwh", type=int, default=1, dest="every",
-                        help="kWh between two settlement batches (default 1)")
+                        help="kWh between two settlements of a trade (default 1: the operator's settle_every_wh 1000)")
     args = parser.parse_args(argv)
     proc, url = start_anvil()
     try:

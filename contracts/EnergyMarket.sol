@@ -77,6 +77,17 @@ contract EnergyMarket is AccessControl, EIP712 {
         uint256 expiry;
     }
 
+    /// @notice One entry of openBatch: the arguments of one `open`.
+    struct Opening {
+        bytes32 tradeId;
+        Offer offer;
+        bytes offerSig;
+        Bid bid;
+        bytes bidSig;
+        uint256 wh;
+        uint256 priceWeiPerKwh;
+    }
+
     enum Status {
         None,
         Open,
@@ -322,13 +333,27 @@ contract EnergyMarket is AccessControl, EIP712 {
         uint256 wh,
         uint256 priceWeiPerKwh
     ) external nonReentrant onlyRole(OPERATOR_ROLE, "EnergyMarket: caller is not the operator") whenNotPaused {
-        require(tradeId != bytes32(0), "EnergyMarket: zero trade id");
-        require(trades[tradeId].status == Status.None, "EnergyMarket: trade exists");
-        _checkSigned(offer, offerSig, bid, bidSig);
-        _fill(offer, bid, wh);
-        _start(tradeId, offer, bid, wh, priceWeiPerKwh);
+        _open(tradeId, offer, offerSig, bid, bidSig, wh, priceWeiPerKwh);
+    }
 
-        require(token.transferFrom(offer.seller, address(this), wh), "EnergyMarket: token transfer failed");
+    /// @notice Opens many trades in one transaction, each exactly as `open` would, in order (an
+    ///         entry sees what the entries before it filled and locked). All or nothing: an entry
+    ///         that `open` would refuse reverts the whole batch with that entry's reason, so no
+    ///         entry can ride on another's signatures, fills or escrow; the operator's service
+    ///         then opens the entries one by one, so one bad entry delays the others by a round
+    ///         and blocks none of them.
+    /// @dev Reverts "EnergyMarket: caller is not the operator", "EnergyMarket: paused", and any reason of `open`.
+    function openBatch(Opening[] calldata openings)
+        external
+        nonReentrant
+        onlyRole(OPERATOR_ROLE, "EnergyMarket: caller is not the operator")
+        whenNotPaused
+    {
+        uint256 n = openings.length;
+        for (uint256 i; i < n; ++i) {
+            Opening calldata o = openings[i];
+            _open(o.tradeId, o.offer, o.offerSig, o.bid, o.bidSig, o.wh, o.priceWeiPerKwh);
+        }
     }
 
     /// @notice Settles trade `tradeId` up to the cumulative `deliveredWh` signed by the buyer's meter
@@ -491,6 +516,25 @@ contract EnergyMarket is AccessControl, EIP712 {
     }
 
     // ---------------------------------------------------------------- internals
+
+    /// @dev open's checks and effects, then the seller's tokens pulled in.
+    function _open(
+        bytes32 tradeId,
+        Offer calldata offer,
+        bytes calldata offerSig,
+        Bid calldata bid,
+        bytes calldata bidSig,
+        uint256 wh,
+        uint256 priceWeiPerKwh
+    ) private {
+        require(tradeId != bytes32(0), "EnergyMarket: zero trade id");
+        require(trades[tradeId].status == Status.None, "EnergyMarket: trade exists");
+        _checkSigned(offer, offerSig, bid, bidSig);
+        _fill(offer, bid, wh);
+        _start(tradeId, offer, bid, wh, priceWeiPerKwh);
+
+        require(token.transferFrom(offer.seller, address(this), wh), "EnergyMarket: token transfer failed");
+    }
 
     /// @dev Moves a trade's settled delivery up to `target` (> settled, <= wh): credits the seller,
     ///      moves the tokens to the buyer, and ends the trade when it is fully delivered.

@@ -376,7 +376,7 @@ class TxFields(Message):
     """What every transaction update says, the operator's and a wallet's alike."""
 
     tx_hash: str
-    kind: str = Field(description="mint, open, settle, close (the operator's); transfer, deposit, withdraw, "
+    kind: str = Field(description="mint, open, open_batch, settle, close (the operator's); transfer, deposit, withdraw, "
                                   "withdraw_credit, approve (a wallet's)")
     ref: str = Field(default="", description="what it is for: reading id, trade id, ...")
     account: Address

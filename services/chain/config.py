@@ -64,6 +64,13 @@ class ChainSettings(BusSettings):
     settle_window_s: float = Field(default=0.3, ge=0,
                                    description="deliveries are collected this long, then settled in one batch")
     settle_max_batch: int = Field(default=50, ge=1, le=500)
+    settle_every_wh: int = Field(
+        default=1000, ge=0, description="a trade's signed delivery is settled once it is this many Wh above what is "
+                                        "settled (0: every reading); at once when it ends the trade, is the meter's "
+                                        "final reading, or the trade is being closed")
+    open_window_s: float = Field(default=0.3, ge=0,
+                                 description="agreed trades are collected this long, then opened in one batch")
+    open_max_batch: int = Field(default=50, ge=1, le=200)
     close_grace_s: float = Field(default=10.0, ge=0,
                                  description="a trade closed before it is fully delivered is closed on-chain when the "
                                              "buyer meter's last Delivery (final, sent as its relay opens) arrives, "

@@ -173,6 +173,27 @@ async def deploy(
     return Deployment(token=token, market=market, registry=registry)
 
 
+async def deploy_market(
+    w3: AsyncWeb3,
+    deployer: Sender,
+    token_address: str,
+    registry_address: str,
+    *,
+    operator: str,
+    pauser: str,
+    dispute_window_s: int,
+) -> Deployment:
+    """Deploy a new EnergyMarket next to an existing EnergyToken and MeterRegistry (the way to
+    move a deployment to a market of a later version: tokens, mint counters and meter
+    registrations stay where they are); return the three bound. Roles as in :func:`deploy`."""
+    admin = _address(deployer)
+    token, registry = to_checksum_address(token_address), to_checksum_address(registry_address)
+    market = await _deploy_one(w3, MARKET, deployer, token, registry, admin, to_checksum_address(operator),
+                               to_checksum_address(pauser), dispute_window_s)
+    bound = attach(w3, token, market.address, registry)
+    return Deployment(token=bound.token, market=market, registry=bound.registry)
+
+
 async def _deploy_one(w3: AsyncWeb3, name: str, deployer: Sender, *args: Any) -> AsyncContract:
     art = load_artifact(name)
     factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
@@ -203,6 +224,18 @@ def open_args(
     ``typed.trade_key(trade_id)``), from a signed offer and bid (0x-hex signatures)."""
     return [typed.trade_key(trade_id), offer.as_tuple(), typed.sig_bytes(offer_sig), bid.as_tuple(),
             typed.sig_bytes(bid_sig), wh, price_wei_per_kwh]
+
+
+def opening(
+    trade_id: str, offer: typed.Offer, offer_sig: str | bytes, bid: typed.Bid, bid_sig: str | bytes, wh: int,
+    price_wei_per_kwh: int,
+) -> tuple[Any, ...]:
+    """One entry of EnergyMarket.openBatch (an ``Opening``): the arguments of one ``open``."""
+    def raw(sig: str | bytes) -> bytes:
+        return sig if isinstance(sig, bytes) else typed.sig_bytes(sig)
+
+    return (typed.trade_key(trade_id), offer.as_tuple(), raw(offer_sig), bid.as_tuple(), raw(bid_sig), wh,
+            price_wei_per_kwh)
 
 
 async def close_provider(w3: AsyncWeb3) -> None:

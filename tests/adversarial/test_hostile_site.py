@@ -60,6 +60,9 @@ DISPUTE_WINDOW_S = 30
 # the line carries 10 W while a trade runs: at the sim's 1440x, 4 Wh a second, so the
 # trade is still delivering when the buyer closes it at the end
 LINE = {"GRIDTRADE_SIM__LINE_W": "10"}
+# the operator settles a trade's reading every 100 Wh (25 s of this line; its default 1000 Wh
+# would be minutes), so the tests see settlement follow the buyer's meter while the trade runs
+SETTLE_EVERY_WH = 100
 RETRY = ["insufficient_funds", "insufficient_tokens", "rejected", "chain_unavailable"]
 
 # what each kind of service's subscriber takes (its prefixes, from its code); keyed by
@@ -145,7 +148,8 @@ def bid_req(offer: dict[str, Any], account: str, site: str, price: int, signed: 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("adversarial")
-    g = AdvGrid(root, env={"GRIDTRADE_HEARTBEAT_S": "0.5", "GRIDTRADE_DISPUTE_WINDOW_S": str(DISPUTE_WINDOW_S)},
+    g = AdvGrid(root, env={"GRIDTRADE_HEARTBEAT_S": "0.5", "GRIDTRADE_DISPUTE_WINDOW_S": str(DISPUTE_WINDOW_S),
+                           "GRIDTRADE_SETTLE_EVERY_WH": str(SETTLE_EVERY_WH)},
                 probe_scrypt_n=2**15, meter_env={f"meter-{SOLAR}": LINE, f"meter-{HOME}": {**CONSUMER_SITE, **LINE}})
     try:
         g.start()

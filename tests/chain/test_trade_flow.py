@@ -14,6 +14,7 @@ import pathlib
 from typing import Any
 
 import pytest
+from eth_account import Account
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from services.bus import commands as C
@@ -184,5 +185,83 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         await rounds(svc)
         assert len(peer.listener.of(E.TradeClosedOnChain)) == 3
         assert not [u for u in peer.listener.of(E.TxUpdate) if u.kind == "close"]
+    finally:
+        await stack.stop()
+
+
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
+async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: str, request: pytest.FixtureRequest,
+                                                                     bus: Bus, tmp_path: pathlib.Path,
+                                                                     peer_factory: Any) -> None:
+    """Agreements that arrive together are opened in one openBatch; one the contract refuses
+    (a bid signature that is not the buyer's) does not keep the others from opening: they are
+    opened one by one and it is refused alone, with its reason. A reading below the
+    settlement step is held back, and is settled at once when the buyer closes the trade
+    on-chain behind the auction's back (the dispute window must not pass it by)."""
+    url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
+    seller, seller_key = keys(tmp_path, "solar-1")
+    buyer, buyer_key = keys(tmp_path, "home-7")
+    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), open_window_s=1.0,
+                              dispute_window_s=3600)
+    svc = stack.operator
+    try:
+        peer = await peer_factory(stack)
+        for a, site in ((seller, "solar-1"), (buyer, "home-7")):
+            await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
+        dm = Domains.of(svc)
+        solar, home = Meter("solar-1", seller), Meter("home-7", buyer, name="m2")
+        for m in (solar, home):
+            await peer.publish(m.announce(dm))
+        await peer.publish(solar.production(dm, 6000))
+        await peer.listener.wait_for(lambda: sum(x.wh for x in peer.listener.of(E.Minted)) >= 6000)
+        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
+        appr = await peer.request(C.Approve(account=seller, wh=6000), site="solar-1")
+        await settled(peer, [dep.tx_hash, appr.tx_hash])
+        ev = peer.listener
+
+        def agree(tid: str) -> E.TradeAgreed:
+            return agreed(dm, tid, seller_key, buyer_key, 1000, PRICE, seller_site="solar-1", buyer_site="home-7")
+
+        # three honest agreements together: one openBatch
+        for tid in ("g-0", "g-1", "g-2"):
+            await peer.publish(agree(tid))
+        await ev.wait_for(lambda: len(ev.of(E.TradeRecorded)) >= 3)
+        opens = [u for u in ev.of(E.TxUpdate) if u.kind in ("open", "open_batch") and u.status == "confirmed"]
+        assert [(u.kind, u.ref) for u in opens] == [("open_batch", "g-0,g-1,g-2")]
+
+        # two honest and one whose bid signature is the offer's: the batch is refused, the honest two open alone
+        bad = agree("x-1")
+        bad = bad.model_copy(update={"bid_signature": bad.offer_signature})
+        for body in (agree("h-0"), bad, agree("h-1")):
+            await peer.publish(body)
+        await ev.wait_for(lambda: {r.trade_id for r in ev.of(E.TradeRecorded)} >= {"h-0", "h-1"})
+        failed = await ev.wait_for(lambda: [u for u in ev.of(E.TxUpdate) if u.ref == "x-1" and u.status == "failed"])
+        assert failed[0].kind == "open" and "bid not signed by buyer" in failed[0].reason
+        assert "x-1" not in {r.trade_id for r in ev.of(E.TradeRecorded)}
+        d = svc.dep
+        for tid, status in (("h-0", contracts.STATUS_OPEN), ("h-1", contracts.STATUS_OPEN),
+                            ("x-1", contracts.STATUS_NONE)):
+            assert (await d.market.functions.trades(contracts.id32(tid)).call())[2] == status
+
+        # a reading below the step (settle_every_wh 1000) is held; a full one is settled
+        await peer.publish(home.delivery(dm, "g-0", 300))
+        await peer.publish(home.delivery(dm, "g-1", 1000))
+        await ev.wait_for(lambda: [s for s in ev.of(E.Settled) if s.trade_id == "g-1"])
+        await rounds(svc)
+        assert not [s for s in ev.of(E.Settled) if s.trade_id == "g-0"]
+        assert (await d.market.functions.trades(contracts.id32("g-0")).call())[4] == 0
+        assert svc.settlements.held_back == 1
+
+        # the buyer closes g-0 on-chain itself: its held reading is settled in the dispute window
+        w3 = svc.node.w3
+        close = d.market.functions.close(contracts.id32("g-0"))
+        tx = await close.build_transaction({"from": buyer, "nonce": await w3.eth.get_transaction_count(buyer)})
+        raw = Account.sign_transaction(tx, buyer_key).raw_transaction
+        receipt = await w3.eth.wait_for_transaction_receipt(await w3.eth.send_raw_transaction(raw))
+        assert receipt["status"] == 1
+        paid = await ev.wait_for(lambda: [s for s in ev.of(E.Settled) if s.trade_id == "g-0"])
+        assert [(s.delivered_wh, s.paid_wei) for s in paid] == [(300, contracts.cost(300, PRICE))]
+        t = await d.market.functions.trades(contracts.id32("g-0")).call()
+        assert (t[2], t[4]) == (contracts.STATUS_CLOSING, 300)
     finally:
         await stack.stop()

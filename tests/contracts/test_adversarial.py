@@ -9,6 +9,7 @@ them, the buyer holds escrow, both have registered meters.
 from __future__ import annotations
 
 import pytest
+from web3 import AsyncWeb3
 
 from services.bus import typed
 from services.chain import contracts as c
@@ -317,3 +318,116 @@ async def test_pause_blocks_open_and_mint_but_not_withdraw(funded: Env) -> None:
     await env.tx(env.market.withdraw(free), env.buyer)
     await env.tx(env.market.withdrawCredit(), env.seller)
     assert (await env.escrow(env.buyer))[0] == 0 and await env.market.credit(env.seller).call() == 0
+
+
+# ------------------------------------------------------------------ many trades opened at once
+
+
+async def test_only_the_operator_opens_a_batch(funded: Env) -> None:
+    env = funded
+    offer, osig = await env.offer(1000)
+    bid, bsig = await env.bid(offer, 1000)
+    entry = c.opening(new_id(), offer, osig, bid, bsig, 1000, PRICE)
+    before = await env.books()
+    for who in (env.seller, env.buyer, env.other, env.admin, env.pauser):
+        assert await env.reverts(env.market.openBatch([entry]), who) == M + "caller is not the operator"
+    await env.tx(env.market.pause(), env.pauser)
+    assert await env.reverts(env.market.openBatch([entry]), env.operator) == M + "paused"
+    assert await env.books() == before
+    assert await fills(env, offer, bid) == (0, 0)
+
+
+@pytest.mark.parametrize("bad", ["unsigned", "forged by the operator", "altered terms", "another chain",
+                                 "replayed", "over-filled across entries", "same trade twice",
+                                 "escrow spent by an earlier entry", "bid of a stranger"])
+async def test_a_bad_entry_reverts_the_whole_batch(funded: Env, bad: str) -> None:
+    """The operator puts one entry nobody signed for (or that over-fills what was signed, or
+    replays a trade) next to honest ones: nothing opens, no fill moves, and the batch's reason
+    is the bad entry's."""
+    env = funded
+    honest = []
+    for wh in (1000, 500):
+        offer, osig = await env.offer(wh)
+        bid, bsig = await env.bid(offer, wh)
+        honest.append((offer, osig, bid, bsig, wh))
+    entries = [c.opening(new_id(), o, os_, b, bs, wh, PRICE) for o, os_, b, bs, wh in honest]
+    offer, osig = await env.offer(1000)
+    bid, bsig = await env.bid(offer, 1000)
+    op_key = env.keys[env.operator]
+    elsewhere = typed.market_domain(env.chain_id + 1, env.d.market_address)
+    if bad == "unsigned":
+        extra, reason = [c.opening(new_id(), offer, b"\0" * 65, bid, bsig, 1000, PRICE)], "bad signature"
+    elif bad == "forged by the operator":
+        forged = typed.sig_bytes(typed.sign_bid(op_key, env.market_domain, bid))
+        extra, reason = [c.opening(new_id(), offer, osig, bid, forged, 1000, PRICE)], "bid not signed by buyer"
+    elif bad == "altered terms":
+        more = offer.model_copy(update={"wh": 5000})
+        extra, reason = [c.opening(new_id(), more, osig, bid, bsig, 1000, PRICE)], "offer not signed by seller"
+    elif bad == "another chain":
+        other = typed.sig_bytes(typed.sign_offer(env.keys[env.seller], elsewhere, offer))
+        extra, reason = [c.opening(new_id(), offer, other, bid, bsig, 1000, PRICE)], "offer not signed by seller"
+    elif bad == "replayed":  # the first honest entry's offer and bid again, under a new trade id
+        o, os_, b, bs, wh = honest[0]
+        extra, reason = [c.opening(new_id(), o, os_, b, bs, wh, PRICE)], "offer overfilled"
+    elif bad == "over-filled across entries":  # two halves that fit alone and not together
+        extra = [c.opening(new_id(), offer, osig, bid, bsig, 600, PRICE),
+                 c.opening(new_id(), offer, osig, bid, bsig, 600, PRICE)]
+        reason = "offer overfilled"
+    elif bad == "same trade twice":
+        tid = new_id()
+        extra = [c.opening(tid, offer, osig, bid, bsig, 500, PRICE), c.opening(tid, offer, osig, bid, bsig, 500, PRICE)]
+        reason = "trade exists"
+    elif bad == "escrow spent by an earlier entry":  # each fits the buyer's escrow, not all of them
+        free = (await env.escrow(env.buyer))[0]
+        dear = free - cost(500, PRICE)  # wei per kWh: 1000 Wh of it fits the escrow alone, not after the first entry
+        big, big_sig = await env.offer(1000, dear)
+        big_bid, big_bsig = await env.bid(big, 1000, dear)
+        extra = [c.opening(new_id(), big, big_sig, big_bid, big_bsig, 1000, dear)]
+        reason = "escrow does not cover trade"
+    else:  # a bid signed by a stranger with escrow, for the buyer's account
+        stranger_bid = bid.model_copy(update={"buyer": env.other})
+        await env.tx(env.market.deposit(), env.other, value=10**18)
+        extra, reason = [c.opening(new_id(), offer, osig, stranger_bid, bsig, 1000, PRICE)], "bid not signed by buyer"
+    before = await env.books()
+    fills_before = [await fills(env, o, b) for o, _, b, _, _ in honest] + [await fills(env, offer, bid)]
+    for batch in (entries + extra, extra + entries, entries[:1] + extra + entries[1:]):
+        assert await env.reverts(env.market.openBatch(batch), env.operator) == M + reason
+        assert await env.books() == before
+        assert [await fills(env, o, b) for o, _, b, _, _ in honest] + [await fills(env, offer, bid)] == fills_before
+    # the honest entries alone open, exactly as one open each would
+    r = await env.tx(env.market.openBatch(entries), env.operator)
+    opened = env.events(r, env.d.market, "TradeOpened")
+    assert [e["tradeId"] for e in opened] == [e[0] for e in entries]
+    assert [await fills(env, o, b) for o, _, b, _, _ in honest] == [(1000, 1000), (500, 500)]
+    assert (await env.escrow(env.buyer))[3] == cost(1000, PRICE) + cost(500, PRICE)
+    assert await env.tokens(env.d.market.address) == 1500
+    for e, (o, _, b, _, wh) in zip(entries, honest):
+        t = await env.market.trades(e[0]).call()
+        assert (t[0], t[1], t[2], t[3], t[5]) == (o.seller, wh, c.STATUS_OPEN, b.buyer, PRICE)
+
+
+async def test_a_batch_opens_what_the_same_opens_one_by_one_would(w3: AsyncWeb3) -> None:
+    """Two deployments side by side: one open per trade on one, one openBatch on the other; the
+    books come out the same (escrow taken reserved first, fills shared by entries of one offer)."""
+    one, many = await make_env(w3), await make_env(w3)
+    results = []
+    for env, batched in ((one, False), (many, True)):
+        await env.fund(seller_wh=10_000, buyer_wei=10**18)
+        await env.tx(env.market.depositAndReserve(await env.now() + 3600), env.buyer, value=cost(1500, PRICE))
+        offer, osig = await env.offer(3000, PRICE, offer_id="0x" + "11" * 32)
+        any_bid, any_bsig = await env.bid(None, 2500, PRICE, bid_id="0x" + "22" * 32)
+        rows = [("a", 1000), ("b", 1200)]
+        entries = [c.opening(tid, offer, osig, any_bid, any_bsig, wh, PRICE) for tid, wh in rows]
+        if batched:
+            await env.tx(env.market.openBatch(entries), env.operator)
+        else:
+            for e in entries:
+                await env.tx(env.market.open(*e), env.operator)
+        results.append(([await env.escrow(a) for a in (env.buyer, env.seller)],
+                         [await env.tokens(a) for a in (env.buyer, env.seller, env.d.market.address)],
+                         await fills(env, offer, any_bid),
+                         [(await env.trade(tid))[:6] for tid, _ in rows]))
+    # the deployments differ only in their addresses; the accounts are the same dev accounts
+    assert results[0][1:] == results[1][1:]
+    assert [e[:2] + e[3:] for e in results[0][0]] == [e[:2] + e[3:] for e in results[1][0]]
+    assert results[1][2] == (2200, 2200)

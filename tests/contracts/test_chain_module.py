@@ -126,3 +126,42 @@ async def test_mined_revert_raises_transaction_reverted(env: Env) -> None:
     reverted = next(r for r in results if isinstance(r, c.TransactionReverted))
     assert reverted.receipt["status"] == 0
     assert (await env.escrow(env.buyer))[0] == 0
+
+
+async def test_a_new_market_next_to_an_existing_token_and_registry(env: Env) -> None:
+    """The move to a later market: a new EnergyMarket on the same token and registry. The tokens,
+    the mint counters and the meter registrations carry over; the old market keeps its own
+    escrow and trades until they are withdrawn and ended; the new one opens batches."""
+    await env.fund()
+    old_trade = await env.open_trade(1000)
+    d = await c.deploy_market(env.w3, env.admin, env.d.token_address, env.d.registry_address,
+                              operator=env.operator, pauser=env.pauser, dispute_window_s=60)
+    assert d.market_address != env.d.market_address
+    assert (d.token_address, d.registry_address) == (env.d.token_address, env.d.registry_address)
+    m = d.market.functions
+    assert (await m.token().call(), await m.registry().call()) == (env.d.token_address, env.d.registry_address)
+    assert await m.hasRole(c.OPERATOR_ROLE, env.operator).call() and await m.disputeWindow().call() == 60
+    # the seller moves its approval, the buyer its free escrow
+    await env.tx(env.token.approve(d.market_address, 2**256 - 1), env.seller)
+    free = (await env.escrow(env.buyer))[0]
+    await env.tx(env.market.withdraw(free), env.buyer)
+    await env.tx(m.deposit(), env.buyer, value=free)
+    dom = d.market_domain(env.chain_id)
+    entries = []
+    for i in range(2):
+        offer = typed.Offer(offer_id=typed.new_id(), seller=env.seller, wh=1000, min_price_wei_per_kwh=10**15,
+                            expiry=await env.now() + 600, duration_s=600)
+        bid = typed.Bid(bid_id=typed.new_id(), offer_id=offer.offer_id, buyer=env.buyer, wh=1000,
+                        max_price_wei_per_kwh=10**15, expiry=await env.now() + 600)
+        entries.append(c.opening(f"moved-{i}", offer, typed.sig_bytes(typed.sign_offer(env.keys[env.seller], dom, offer)),
+                                 bid, typed.sig_bytes(typed.sign_bid(env.keys[env.buyer], dom, bid)), 1000, 10**15))
+    await env.tx(m.openBatch(entries), env.operator)
+    # the buyer's meter, registered once in the shared registry, pays on the new market
+    sig = typed.sig_bytes(typed.sign_delivery(env.buyer_meter.key, dom, "moved-0", 1000))
+    await env.tx(m.settle(typed.trade_key("moved-0"), 1000, sig), env.other)
+    assert (await m.trades(typed.trade_key("moved-0")).call())[2] == c.STATUS_CLOSED
+    assert await m.credit(env.seller).call() == c.cost(1000, 10**15)
+    # the old market's trade is untouched, and still settles there
+    assert (await env.trade(old_trade))[2] == c.STATUS_OPEN
+    await env.settle(old_trade, 1000)
+    assert (await env.trade(old_trade))[2] == c.STATUS_CLOSED

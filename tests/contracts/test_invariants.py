@@ -571,6 +571,50 @@ class MarketMachine(RuleBasedStateMachine):
     def do_open(self, data: st.DataObject, o: Signed, b: Signed, wh: int | None = None, price: int | None = None,
                 trick: str | None = None) -> None:
         ch, m = self.chain, self.model
+        trick = trick or data.draw(st.sampled_from(["none"] * 12 + ["offer-tampered", "bid-tampered", "offer-by-buyer",
+                                                          "bid-high-s", "stranger"]), label="trick")
+        sender = ch.other if trick == "stranger" else ch.operator
+        entry, expected, apply = self.plan_open(data, m, o, b, wh, price, trick)
+        checks = [(sender != ch.operator, M + "caller is not the operator"), (m.market_paused, M + "paused")]
+        expected = next((reason for failed, reason in checks if failed), expected)
+        self.call(ch.market.functions.open(*entry), sender, expected)
+        if expected is None:
+            apply()
+
+    @rule(n=st.integers(0, 4), data=st.data())
+    def open_batch(self, n: int, data: st.DataObject) -> None:
+        """The operator's batch of opens (or a stranger's try): fresh and stored offers and bids,
+        mostly good, sometimes one bad entry, which must revert the whole batch with its reason
+        (entries after the first see what the earlier ones filled and locked)."""
+        ch = self.chain
+        trial, expected, entries = copy.deepcopy(self.model), None, []
+        for _ in range(n):
+            if self.offers and self.bids and data.draw(st.booleans(), label="stored"):
+                o, b = data.draw(st.sampled_from(self.offers), label="offer"), data.draw(st.sampled_from(self.bids),
+                                                                                          label="bid")
+            else:
+                o = self.make_offer(data)
+                b = self.make_bid(data, o.terms)
+            trick = data.draw(st.sampled_from(["none"] * 12 + ["offer-tampered", "bid-tampered", "offer-by-buyer",
+                                                                "bid-high-s"]), label="trick")
+            entry, bad, apply = self.plan_open(data, trial, o, b, None, None, trick)
+            entries.append(entry)
+            if bad is None and expected is None:
+                apply()
+            elif expected is None:
+                expected = bad
+        sender = data.draw(st.sampled_from([ch.operator] * 4 + [ch.other]), label="submitter")
+        checks = [(sender != ch.operator, M + "caller is not the operator"), (self.model.market_paused, M + "paused")]
+        expected = next((reason for failed, reason in checks if failed), expected)
+        self.call(ch.market.functions.openBatch(entries), sender, expected)
+        if expected is None:
+            self.model = trial
+
+    def plan_open(self, data: st.DataObject, m: Model, o: Signed, b: Signed, wh: int | None, price: int | None,
+                  trick: str) -> tuple[tuple[Any, ...], str | None, Any]:
+        """One open's arguments (an Opening), the reason the market refuses it on model `m` (None:
+        it opens), and what opening it does to `m`. The caller checks the caller and the pause."""
+        ch = self.chain
         offer, bid, osig, bsig = o.terms, b.terms, o.sig, b.sig
         free_ids = [i for i in range(N_TRADE_IDS) if i not in m.trades]
         tid = data.draw(st.sampled_from(free_ids) | st.integers(0, N_TRADE_IDS - 1) if free_ids
@@ -583,8 +627,6 @@ class MarketMachine(RuleBasedStateMachine):
         if price is None:
             price = data.draw(st.integers(min(lo, hi), max(lo, hi)) | st.sampled_from([0, lo, hi, hi + 1, max(lo - 1, 0)]),
                               label="price")
-        trick = trick or data.draw(st.sampled_from(["none"] * 12 + ["offer-tampered", "bid-tampered", "offer-by-buyer",
-                                                          "bid-high-s", "stranger"]), label="trick")
         if trick == "offer-tampered":
             offer = offer.model_copy(update={"wh": offer.wh + 1000})
         elif trick == "bid-tampered":
@@ -593,14 +635,11 @@ class MarketMachine(RuleBasedStateMachine):
             osig = typed.sig_bytes(typed.sign_offer(ch.keys[bid.buyer], ch.market_domain(), offer))
         elif trick == "bid-high-s":
             bsig = high_s(bsig)
-        sender = ch.other if trick == "stranger" else ch.operator
 
         t_now, free, reserved = self.now, m.free.get(bid.buyer, 0), m.reserved.get(bid.buyer, 0)
         due = cost(wh, price)
         offer_sig_ok = trick != "offer-tampered" and (trick != "offer-by-buyer" or offer.seller == bid.buyer)
         checks = [
-            (sender != ch.operator, M + "caller is not the operator"),
-            (m.market_paused, M + "paused"),
             (tid in m.trades, M + "trade exists"),
             (not offer_sig_ok, M + "offer not signed by seller"),
             (trick == "bid-high-s", M + "bad signature"),
@@ -621,9 +660,9 @@ class MarketMachine(RuleBasedStateMachine):
             (m.tokens.get(offer.seller, 0) < wh, "ERC20: transfer amount exceeds balance"),
         ]
         expected = next((reason for failed, reason in checks if failed), None)
-        self.call(ch.market.functions.open(typed.trade_key(f"trade-{tid}"), offer.as_tuple(), osig, bid.as_tuple(),
-                                           bsig, wh, price), sender, expected)
-        if expected is None:
+        entry = (typed.trade_key(f"trade-{tid}"), offer.as_tuple(), osig, bid.as_tuple(), bsig, wh, price)
+
+        def apply() -> None:
             m.offer_filled[(offer.seller, offer.offer_id)] = m.offer_filled.get((offer.seller, offer.offer_id), 0) + wh
             m.bid_filled[(bid.buyer, bid.bid_id)] = m.bid_filled.get((bid.buyer, bid.bid_id), 0) + wh
             m.trades[tid] = Trade(seller=offer.seller, buyer=bid.buyer, wh=wh, price=price,
@@ -636,6 +675,8 @@ class MarketMachine(RuleBasedStateMachine):
             m.add("tokens", ch.market.address, wh)
             if m.allowance.get(offer.seller, 0) != MAX256:
                 m.allowance[offer.seller] -= wh
+
+        return entry, expected, apply
 
     # -------------------------------------------------------------- settle, close, finalize
 

@@ -42,7 +42,8 @@ PLAN = {
 @pytest.mark.timeout(600)
 async def test_trade_survives_sigkill_of_each_service(tmp_path: pathlib.Path) -> None:
     grid = await start_grid(tmp_path, time_scale=1440,
-                            meter_env={"meter-home-7": CONSUMER_METER, "meter-solar-1": LINE})
+                            meter_env={"meter-home-7": CONSUMER_METER, "meter-solar-1": LINE},
+                            service_env={"GRIDTRADE_SETTLE_EVERY_WH": "50"})  # paid in steps, as in test_trade
     try:
         async def between(stage: str) -> None:
             for name in PLAN.get(stage, []):

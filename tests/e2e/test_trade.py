@@ -22,13 +22,16 @@ from .keys import assert_keys_stay_home, hostile_site_gets_nothing
 # a delivery is published every 100 Wh, so the seller is paid in visible steps
 CONSUMER_METER = {"GRIDTRADE_SIM__PANEL__AREA_M2": "0", "GRIDTRADE_SIM__BATTERY__SOC": "0.1",
                   "GRIDTRADE_DELIVERY_GRANULARITY_WH": "100"}
+# ... and the operator settles each of them (its default is every 1000 Wh, for gas: the
+# 2 kWh trade here would show one step before the close)
+STEPS = {"GRIDTRADE_SETTLE_EVERY_WH": "100"}
 
 
 @pytest.mark.slow
 @pytest.mark.anvil
 @pytest.mark.timeout(600)
 async def test_trade_end_to_end(tmp_path: pathlib.Path) -> None:
-    grid = await start_grid(tmp_path, time_scale=1440, meter_env={"meter-home-7": CONSUMER_METER})
+    grid = await start_grid(tmp_path, time_scale=1440, meter_env={"meter-home-7": CONSUMER_METER}, service_env=STEPS)
     try:
         out = await run_trade(grid)
         final = await check_final(grid, out)

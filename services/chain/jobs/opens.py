@@ -2,11 +2,17 @@
 carries the seller's signed offer and the buyer's signed bid; the market contract checks
 both (and the price, the amounts, the expiries and what the offer and the bid have
 filled already), so the operator cannot open a trade its parties did not sign. The
-trades table here is also what the settlement and close jobs follow."""
+agreements that arrive within ``open_window_s`` (an auction round agrees many trades at
+once) are opened together in one ``openBatch``, which shares the transaction's base cost
+and the contract's cold reads; the contract opens all of a batch or none, so when the chain
+refuses a batch its trades are opened one by one, each refused alone with its own reason.
+The trades table here is also what the settlement and close jobs follow."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any, ClassVar
 
 from web3 import AsyncWeb3
@@ -16,6 +22,7 @@ from services.bus import typed
 from services.bus.envelope import caused_by
 
 from .. import contracts
+from ..errors import TxRejected
 from ..node import guard
 from . import Job
 
@@ -23,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class Opens(Job):
-    kinds = ("open",)
+    kinds = ("open", "open_batch")
     SCHEMA: ClassVar[str] = """
 CREATE TABLE IF NOT EXISTS job_trades (
     trade_id TEXT PRIMARY KEY, seller TEXT NOT NULL, buyer TEXT NOT NULL, buyer_site TEXT NOT NULL,
@@ -38,6 +45,11 @@ CREATE TABLE IF NOT EXISTS job_trades (
 """
     # open_state: queued -> sent -> done | failed. close_state: none -> queued (the auction
     # closed it) -> sent -> closing (dispute window) -> finalizing -> done.
+
+    def __init__(self, op: Any) -> None:
+        super().__init__(op)
+        self._due_since: float | None = None
+        self._alone: set[str] = set()  # trade ids whose batch reverted once mined: opened one by one
 
     def record(self, env: Any, conn: Any) -> bool:
         body = env.body
@@ -74,6 +86,18 @@ CREATE TABLE IF NOT EXISTS job_trades (
         rows = self.conn.execute(
             "SELECT trade_id, buyer, wh, price, offer, offer_sig, bid, bid_sig, cause FROM job_trades "
             "WHERE open_state = 'queued' ORDER BY seq LIMIT 100").fetchall()
+        if not rows:
+            self._due_since = None
+            return
+        now = time.monotonic()
+        if self._due_since is None:
+            self._due_since = now
+        window = op.settings.open_window_s
+        if now - self._due_since < window:
+            asyncio.get_running_loop().call_later(window, op.work.set)
+            return  # collect a little longer (an auction round agrees many trades at once), then open them together
+        self._due_since = None
+        ready: list[tuple[str, str, tuple[Any, ...], str | None]] = []  # (trade id, buyer, Opening, cause)
         for tid, buyer, wh, price, offer, offer_sig, bid, bid_sig, cause in rows:
             status, _, _, _ = await self.on_chain(tid)
             async with op.store.atomic() as conn, caused_by(cause):
@@ -87,32 +111,74 @@ CREATE TABLE IF NOT EXISTS job_trades (
                                  (why, tid))
                     await op.fail_job("open", tid, buyer, why)
                     continue
-                o, b = typed.Offer.model_validate_json(offer), typed.Bid.model_validate_json(bid)
-                data = op.dep.market.encode_abi("open", args=[
-                    typed.trade_key(tid), o.as_tuple(), typed.sig_bytes(offer_sig), b.as_tuple(),
-                    typed.sig_bytes(bid_sig), int(wh), int(price)])
-                h, refused = await self.send(op.operator, kind="open", ref=tid, to=op.dep.market_address, data=data,
-                                             account=buyer)
-                if h:
-                    conn.execute("UPDATE job_trades SET open_state = 'sent', open_tx = ? WHERE trade_id = ?", (h, tid))
-                elif refused:
-                    conn.execute("UPDATE job_trades SET open_state = 'failed', reason = ? WHERE trade_id = ?",
-                                 (refused[:500], tid))
+            o, b = typed.Offer.model_validate_json(offer), typed.Bid.model_validate_json(bid)
+            ready.append((tid, buyer, contracts.opening(tid, o, offer_sig, b, bid_sig, int(wh), int(price)), cause))
+        batch = [r for r in ready if r[0] not in self._alone][: op.settings.open_max_batch]
+        if len(batch) > 1 and await self._open_batch(batch):
+            opened = {r[0] for r in batch}
+            ready = [r for r in ready if r[0] in self._alone and r[0] not in opened]
+        for tid, buyer, entry, cause in ready:  # one by one: a refused entry is refused alone, with its reason
+            await self._open_one(tid, buyer, entry, cause)
+
+    async def _open_batch(self, batch: list[tuple[str, str, tuple[Any, ...], str | None]]) -> bool:
+        """One openBatch for many agreed trades (all or nothing in the contract). False when the
+        chain refuses it: the caller then opens them one by one, so that a bad entry is refused
+        alone and the others open."""
+        op = self.op
+        assert op.dep is not None and op.txm is not None and op.operator is not None
+        data = op.dep.market.encode_abi("openBatch", args=[[entry for _, _, entry, _ in batch]])
+        try:
+            tx = await op.txm.build(op.operator.address, to=op.dep.market_address, data=data)
+        except TxRejected as e:
+            log.info("a batch of %d opens refused (%s): opening them one by one", len(batch), e.reason)
+            return False
+        tids = [tid for tid, _, _, _ in batch]
+        causes = {tid: cause for tid, _, _, cause in batch}
+        async with op.store.atomic() as conn, caused_by(batch[0][3]):  # a batch: its first trade's agreement
+            h = await op.txm.prepare(op.operator, tx, kind="open_batch", ref=",".join(tids)[:500],
+                                     meta={"trades": tids, "causes": causes})
+            conn.executemany("UPDATE job_trades SET open_state = 'sent', open_tx = ? WHERE trade_id = ?",
+                             [(h, tid) for tid in tids])
+        return True
+
+    async def _open_one(self, tid: str, buyer: str, entry: tuple[Any, ...], cause: str | None) -> None:
+        op = self.op
+        assert op.dep is not None
+        data = op.dep.market.encode_abi("open", args=list(entry))
+        async with op.store.atomic() as conn, caused_by(cause):
+            h, refused = await self.send(op.operator, kind="open", ref=tid, to=op.dep.market_address, data=data,
+                                         account=buyer)
+            if h:
+                conn.execute("UPDATE job_trades SET open_state = 'sent', open_tx = ? WHERE trade_id = ?", (h, tid))
+            elif refused:
+                conn.execute("UPDATE job_trades SET open_state = 'failed', reason = ? WHERE trade_id = ?",
+                             (refused[:500], tid))
 
     async def final(self, kind: str, row: dict[str, Any], receipt: Any, ok: bool, reason: str) -> None:
         op = self.op
         assert op.dep is not None
-        tid = row["ref"]
+        if kind == "open_batch":
+            tids = list(row["meta"].get("trades", []))
+            causes = row["meta"].get("causes", {})
+        else:
+            tids, causes = [row["ref"]], {}
         if ok:
-            deadline = 0
-            for ev in self.logs(op.dep.market, "TradeOpened", receipt):
-                deadline = int(ev["args"]["deadline"])
-            self.conn.execute("UPDATE job_trades SET open_state = 'done', deadline = ? WHERE trade_id = ?",
-                              (deadline, tid))
-            await op.publish(E.TradeRecorded(trade_id=tid, tx_hash=row["tx_hash"]))
+            deadlines = {bytes(ev["args"]["tradeId"]): int(ev["args"]["deadline"])
+                         for ev in self.logs(op.dep.market, "TradeOpened", receipt)}
+            for tid in tids:
+                self.conn.execute("UPDATE job_trades SET open_state = 'done', deadline = ? WHERE trade_id = ?",
+                                  (deadlines.get(typed.trade_key(tid), 0), tid))
+                if kind == "open_batch":
+                    with caused_by(causes.get(tid)):  # each trade's own agreement
+                        await op.publish(E.TradeRecorded(trade_id=tid, tx_hash=row["tx_hash"]))
+                else:
+                    await op.publish(E.TradeRecorded(trade_id=tid, tx_hash=row["tx_hash"]))
         else:  # look at the chain again next round (a reverted open is refused there with its reason)
-            self.conn.execute("UPDATE job_trades SET open_state = 'queued', reason = ? WHERE trade_id = ?",
-                              (reason[:500], tid))
+            for tid in tids:
+                self.conn.execute("UPDATE job_trades SET open_state = 'queued', reason = ? WHERE trade_id = ?",
+                                  (reason[:500], tid))
+            if kind == "open_batch":
+                self._alone.update(tids)  # the batch failed once mined: these go one by one
         op.store.on_commit(op.work.set)
 
     def tokens_locked(self, address: str) -> int:

@@ -6,7 +6,19 @@ short collection window. A reading whose signer is not the registered meter of t
 trade's buyer is never kept: the highest reading held per trade is the highest the buyer's
 meter signed, so no forged one (not even a higher one from the buyer's own site) can take
 its place and keep the meter's real readings from being settled; nor is such a reading
-ever put in a batch (one bad signature would revert the others)."""
+ever put in a batch (one bad signature would revert the others).
+
+How often: the readings are cumulative, so one settlement pays for every Wh since the last
+one, and each costs about a signature check and a few storage writes whatever it covers.
+A trade's held reading is settled once it is ``settle_every_wh`` above what is settled
+(0: every reading), and at once when it ends the trade (it reaches the trade's energy, or
+it is the meter's final reading), when the trade is being closed (by the auction, past its
+deadline, or on-chain by anyone: the market's ``TradeClosing`` logs are followed while a
+reading is held back), so the dispute window never passes with a held reading unpaid, and
+everything held when the service starts (it may have missed a close while it was down).
+Until then the buyer's Ether for the trade stays locked in the market: holding a reading
+back delays the seller's credit, and changes neither what is paid nor who may submit it
+(the seller's site holds the same signed reading)."""
 
 from __future__ import annotations
 
@@ -22,9 +34,13 @@ from services.bus import typed
 from services.bus.envelope import caused_by
 
 from .. import contracts
+from ..node import guard
 from . import Job
 
 log = logging.getLogger(__name__)
+
+REORG_OVERLAP = 16
+"""Blocks read again each time the market's TradeClosing logs are followed."""
 
 
 class Settlements(Job):
@@ -40,6 +56,13 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         self._due_since: float | None = None
         self._skip: dict[str, int] = {}  # trade id -> signed Wh not settleable (until the meter moves on)
         self.refused: dict[str, int] = {}  # site -> deliveries not signed by the buyer's registered meter
+        self._started = False
+        self._unseen: set[str] = set()  # trades held at the first round: settled at once (a close may have passed
+        # unseen while the service was down)
+        self._closing: set[str] = set()  # trade ids whose TradeClosing log was seen: settled without waiting
+        self._closing_block: int | None = None  # the market's logs are followed from here
+        self._closings_read = 0.0  # when they were last read (monotonic)
+        self.held_back = 0  # readings held back in the last round (their trade not due yet)
 
     def record(self, env: Any, conn: Any) -> bool:
         body = env.body
@@ -91,19 +114,68 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
                                 (trade_id, site)).fetchone()
         return (0, False) if row is None else (int(row[0]), bool(row[1]))
 
-    def _due(self) -> list[tuple[str, str, int, int, str, str, str, str | None]]:
+    def _held(self) -> list[tuple[str, str, int, int, str, str, str, str | None, bool]]:
+        """Every trade's reading above what is settled: (trade id, buyer, wh, settled, delivered,
+        signature, meter, cause, whether it is due now)."""
         rows = self.conn.execute(
-            "SELECT t.trade_id, t.buyer, t.wh, t.settled_wh, d.delivered_wh, d.signature, d.meter, d.cause "
-            "FROM job_trades t JOIN job_deliveries d ON d.trade_id = t.trade_id AND d.site = t.buyer_site "
-            "WHERE t.open_state = 'done' AND t.close_state != 'done' AND t.settle_tx = '' "
+            "SELECT t.trade_id, t.buyer, t.wh, t.settled_wh, d.delivered_wh, d.signature, d.meter, d.cause, d.final, "
+            "t.close_state FROM job_trades t JOIN job_deliveries d ON d.trade_id = t.trade_id "
+            "AND d.site = t.buyer_site WHERE t.open_state = 'done' AND t.close_state != 'done' AND t.settle_tx = '' "
             "AND MIN(d.delivered_wh, t.wh) > t.settled_wh ORDER BY t.seq").fetchall()
-        return [(tid, buyer, int(wh), int(settled), int(d), sig, meter, cause)  # type: ignore[misc]
-                for tid, buyer, wh, settled, d, sig, meter, cause in rows if self._skip.get(tid) != int(d)]
+        every = self.op.settings.settle_every_wh
+        out = []
+        for tid, buyer, wh, settled, d, sig, meter, cause, final, close_state in rows:
+            if self._skip.get(tid) == int(d):
+                continue
+            target = min(int(d), int(wh))
+            if not self._started:
+                self._unseen.add(tid)
+            due = (every == 0 or tid in self._unseen or bool(final) or target >= int(wh) or close_state != "none"
+                   or tid in self._closing or target - int(settled) >= every)
+            out.append((tid, buyer, int(wh), int(settled), int(d), sig, meter, cause, due))
+        return out
+
+    def _due(self) -> list[tuple[str, str, int, int, str, str, str, str | None]]:
+        held = self._held()
+        self.held_back = sum(1 for h in held if not h[8])
+        return [h[:8] for h in held if h[8]]  # type: ignore[misc]
+
+    async def _follow_closings(self) -> None:
+        """While a reading is held back, the market's TradeClosing logs since the last look (a
+        few blocks again each time: a reorg may move a close to a block already read) make
+        that trade's reading due: a party may close on-chain without the auction."""
+        op = self.op
+        assert op.dep is not None and op.node is not None
+        if self._closing_block is not None and all(h[8] for h in self._held()):
+            return  # nothing held back: the logs are read from the same block when something is
+        now = time.monotonic()
+        if now - self._closings_read < min(1.0, op.dispute_window_s / 4):
+            return  # not every round: a node's logs once a second are soon enough for any dispute window
+        self._closings_read = now
+        async with guard():
+            head = int(await op.node.w3.eth.block_number)
+        if self._closing_block is None:
+            self._closing_block = head  # from the start: the first round settles everything held
+            return
+        start = max(0, self._closing_block - REORG_OVERLAP)
+        while start <= head:
+            upto = min(head, start + op.settings.logs_range - 1)
+            async with guard():
+                logs = await op.dep.market.events.TradeClosing().get_logs(from_block=start, to_block=upto)
+            keys = {bytes(ev["args"]["tradeId"]) for ev in logs}
+            if keys:
+                for (tid,) in self.conn.execute("SELECT trade_id FROM job_trades WHERE close_state != 'done'"):
+                    if typed.trade_key(tid) in keys:
+                        self._closing.add(tid)
+            start = upto + 1
+        self._closing_block = head
 
     async def step(self) -> None:
         op = self.op
         assert op.dep is not None and op.txm is not None and op.operator is not None
+        await self._follow_closings()
         due = self._due()
+        self._started = True
         if not due:
             self._due_since = None
             return
@@ -164,6 +236,7 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
             tid = keys.get(bytes(ev["args"]["tradeId"]))
             if tid is None:
                 continue
+            self._unseen.discard(tid)
             r = conn.execute("SELECT price, settled_wh FROM job_trades WHERE trade_id = ?", (tid,)).fetchone()
             delivered = int(ev["args"]["deliveredWh"])
             with caused_by(causes.get(tid)):  # each trade's own delivery, not the batch's first
@@ -180,4 +253,4 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         op.store.on_commit(op.work.set)
 
     def health(self) -> dict[str, Any]:
-        return {"deliveries_refused": dict(self.refused)}
+        return {"deliveries_refused": dict(self.refused), "deliveries_held_back": self.held_back}
