@@ -4,15 +4,14 @@
 meter readings and the market's trade and settlement events go into one
 :class:`services.gateway.history.History` per site (in memory), the record a site's gateway
 keeps, so a site's figures here are the ones its wallet page would show
-(:mod:`services.gateway.figures`). The rest is pure: the table, the CSV and two SVG charts
-(drawn here: matplotlib is not a dependency).
+(:mod:`services.gateway.figures`). The rest is pure: the table, the CSV and two PNG charts
+(matplotlib).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import html
 import io
 import logging
 import statistics
@@ -245,80 +244,51 @@ def prices_csv(r: Report) -> str:
     return buf.getvalue()
 
 
-# --- charts, as SVG ------------------------------------------------------------------------------
+# --- charts, as PNG (matplotlib, headless) -------------------------------------------------------
 
 COLOURS = {"produced": "#f2b705", "consumed": "#555555", "bought locally": "#2a9d8f", "sold locally": "#8ecae6",
            "from the utility": "#e76f51", "to the utility": "#f4a261"}
 
 
-def _svg(width: int, height: int, body: list[str], title: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">\n'
-            f'<title>{html.escape(title)}</title><rect width="100%" height="100%" fill="white"/>\n'
-            f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>\n'
-            + "\n".join(body) + "\n</svg>\n")
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
 
 
-def energy_svg(r: Report) -> str:
+def energy_png(r: Report) -> bytes:
     """Per site: grouped bars of its kWh (produced, consumed, local and utility trades)."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no display
+
     sites = [s for s in r.rows if s != r.utility]
-    keys = list(COLOURS)
-    values = {s: [r.rows[s].produced_mwh, r.rows[s].consumed_mwh, r.rows[s].bought_local_mwh,
-                  r.rows[s].sold_local_mwh, r.rows[s].bought_utility_mwh, r.rows[s].sold_utility_mwh] for s in sites}
-    top = max([v for vs in values.values() for v in vs] + [1])
-    group, bar = len(keys) * 5 + 10, 5
-    left, plot_h, bottom = 60, 300, 90
-    width, height = max(640, left + 20 + group * len(sites)), 40 + plot_h + bottom
-    body = []
-    for i in range(5):  # the scale
-        v = top * i / 4
-        y = 40 + plot_h - plot_h * i / 4
-        body.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                    f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{v / 1e6:.1f}</text>')
-    body.append(f'<text x="14" y="{40 + plot_h / 2}" transform="rotate(-90 14 {40 + plot_h / 2})" '
-                f'text-anchor="middle">kWh</text>')
-    for j, s in enumerate(sites):
-        x0 = left + 10 + j * group
-        for k, v in enumerate(values[s]):
-            h = plot_h * v / top
-            body.append(f'<rect x="{x0 + k * bar}" y="{40 + plot_h - h:.1f}" width="{bar}" height="{h:.1f}" '
-                        f'fill="{COLOURS[keys[k]]}"><title>{html.escape(s)}: {keys[k]} {v / 1e6:.2f} kWh</title>'
-                        '</rect>')
-        body.append(f'<text x="{x0 + 12}" y="{40 + plot_h + 8}" transform="rotate(60 {x0 + 12} {40 + plot_h + 8})">'
-                    f'{html.escape(s)}</text>')
-    for k, key in enumerate(keys):  # the legend
-        x = left + k * 100
-        body.append(f'<rect x="{x}" y="{height - 16}" width="10" height="10" fill="{COLOURS[key]}"/>'
-                    f'<text x="{x + 14}" y="{height - 7}">{key}</text>')
-    return _svg(width, height, body, f"{r.name}: energy per site")
+    values = [[x.produced_mwh, x.consumed_mwh, x.bought_local_mwh, x.sold_local_mwh, x.bought_utility_mwh,
+               x.sold_utility_mwh] for x in (r.rows[s] for s in sites)]
+    fig = Figure(figsize=(max(6.4, 0.45 * len(sites) + 2), 4.2))
+    ax = fig.add_subplot()
+    width = 0.8 / len(COLOURS)
+    for k, (label, colour) in enumerate(COLOURS.items()):
+        ax.bar([j + k * width for j in range(len(sites))], [v[k] / 1e6 for v in values], width, label=label,
+               color=colour)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sites))], sites, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("kWh")
+    ax.set_title(f"{r.name}: energy per site")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
+    ax.grid(axis="y", color="#ddd")
+    return _png(fig)
 
 
-def prices_svg(r: Report) -> str:
+def prices_png(r: Report) -> bytes:
     """The clearing prices over site time (a dot per trade or call, its area the energy)."""
-    width, height, left, plot_h, plot_w = 720, 380, 80, 280, 600
-    body = []
+    from matplotlib.figure import Figure
+
     pts = [p for p in r.prices if p.sim_at is not None]
-    lo = min([p.price_wei_per_kwh for p in pts], default=0)
-    hi = max([p.price_wei_per_kwh for p in pts], default=1)
-    lo, hi = (lo * 0.95, hi * 1.05) if hi > lo else (lo * 0.5, hi * 1.5 + 1)
-    span = max(r.end - r.start, 1)
-    for i in range(5):
-        v = lo + (hi - lo) * i / 4
-        y = 40 + plot_h - plot_h * i / 4
-        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                    f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{v / 1e15:.3f}</text>')
-    hours = max(1, round(span / 3600))
-    step = max(1, hours // 8)
-    for hh in range(0, hours + 1, step):
-        x = left + plot_w * hh * 3600 / span
-        body.append(f'<text x="{x:.1f}" y="{40 + plot_h + 16}" text-anchor="middle">{hh} h</text>')
-    body.append(f'<text x="16" y="{40 + plot_h / 2}" transform="rotate(-90 16 {40 + plot_h / 2})" '
-                f'text-anchor="middle">price (10^15 wei per kWh)</text>')
-    for p in pts:
-        x = left + plot_w * min(max((p.sim_at - r.start) / span, 0), 1)
-        y = 40 + plot_h - plot_h * (p.price_wei_per_kwh - lo) / (hi - lo)
-        rad = 1.5 + min(6.0, (p.wh / 250) ** 0.5)
-        body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{rad:.1f}" fill="#2a9d8f" fill-opacity="0.6"/>')
-    body.append(f'<text x="{left + plot_w / 2}" y="{height - 12}" text-anchor="middle">site time since '
-                f'{figures.day_name(r.start, r.tz_offset_s)} 00:00 (local)</text>')
-    return _svg(width, height, body, f"{r.name}: clearing prices")
+    fig = Figure(figsize=(7.2, 3.8))
+    ax = fig.add_subplot()
+    ax.scatter([(p.sim_at - r.start) / 3600 for p in pts], [p.price_wei_per_kwh / 1e15 for p in pts],
+               s=[4 + p.wh / 25 for p in pts], color="#2a9d8f", alpha=0.6)
+    ax.set_xlim(0, max(r.end - r.start, 3600) / 3600)
+    ax.set_xlabel(f"site hours since {figures.day_name(r.start, r.tz_offset_s)} 00:00 (local)")
+    ax.set_ylabel("price (10^15 wei per kWh)")
+    ax.set_title(f"{r.name}: clearing prices" + ("" if pts else " (no trade)"))
+    ax.grid(color="#ddd")
+    return _png(fig)

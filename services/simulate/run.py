@@ -17,8 +17,7 @@ A one-line bar of simulated time runs on stderr. After ``--days`` of simulated t
 agent is turned off, the trades still open are given a minute to be delivered and settled
 (the report covers that time too), the sites stop (agents, then meters, then wallets),
 then the market, and the report is printed and written to ``<data>/report/``
-(figures.csv, prices.csv, energy.svg, prices.svg; SVG, no PNG: matplotlib is not a
-dependency).
+(figures.csv, prices.csv, and the charts energy.png and prices.png).
 """
 
 from __future__ import annotations
@@ -288,8 +287,8 @@ class Simulation:
         out.mkdir(parents=True, exist_ok=True)
         (out / "figures.csv").write_text(rep.to_csv(r))
         (out / "prices.csv").write_text(rep.prices_csv(r))
-        (out / "energy.svg").write_text(rep.energy_svg(r))
-        (out / "prices.svg").write_text(rep.prices_svg(r))
+        (out / "energy.png").write_bytes(rep.energy_png(r))
+        (out / "prices.png").write_bytes(rep.prices_png(r))
         return out
 
     async def stop(self) -> None:
@@ -330,8 +329,7 @@ async def simulate(sc: Scenario, o: launcher.Options, so: SimOptions) -> int:
         r = sim.report()
         print(rep.table(r), flush=True)
         out = sim.write(r)
-        say(f"report written to {out} (figures.csv, prices.csv, energy.svg, prices.svg; no PNG: matplotlib is not "
-            "installed)")
+        say(f"report written to {out} (figures.csv, prices.csv, energy.png, prices.png)")
         return 0
     except (SimError, RuntimeError) as e:
         say(f"failed: {e}")

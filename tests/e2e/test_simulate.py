@@ -214,7 +214,9 @@ async def test_village_20_trades_a_day_through_kills_of_the_auction_and_the_chai
         assert total.consumed_mwh > 0
         assert total.sold_local_mwh == total.bought_local_mwh == 1000 * sum(t["delivered"] for t in local)
         out = sim.write(r)
-        assert {p.name for p in out.iterdir()} >= {"figures.csv", "prices.csv", "energy.svg", "prices.svg"}
+        assert {p.name for p in out.iterdir()} >= {"figures.csv", "prices.csv", "energy.png", "prices.png"}
+        for chart in ("energy.png", "prices.png"):  # real images, not empty files
+            assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / chart).stat().st_size > 5000
         print(f"\n{len(trades)} trades on the chain ({len(local)} local, "
               f"{sum(t['delivered'] for t in local) / 1000:.2f} kWh delivered locally), {left} open at the end; "
               f"a day in {wall_day:.0f} s of wall time ({24 * HOUR / wall_day:.0f} site s per wall s, "

@@ -81,3 +81,26 @@ def test_village_100_is_ten_hosts_within_its_port_block() -> None:
     ports = [int(e.rsplit(":", 1)[1]) for s in specs for site in s.sites for e in (site.wallet_rpc, site.agent_rpc)]
     ports += [int(p.health_url.rsplit(":", 1)[1].split("/")[0]) for p in procs if p.health_url]
     assert len(ports) == len(set(ports)) and max(ports) < o.base_port + P.ports_needed(100)
+
+
+def test_the_reports_charts_are_pngs_of_every_site_and_every_price() -> None:
+    from services.gateway import figures
+    from services.simulate import report as rep
+
+    rows = {}
+    for i, site in enumerate(["house-001", "house-002", "solar-1", "utility"]):
+        rows[site] = figures.Row(day="total", start=0, end=86400, produced_mwh=1_000_000 * i,
+                                 consumed_mwh=500_000 * (i + 1), bought_local_mwh=100_000 * i)
+    prices = [rep.Price(sim_at=3600.0 * h, price_wei_per_kwh=5 * 10**14 + h, wh=100 * h) for h in range(1, 20)]
+    r = rep.Report(name="test", start=0, end=86400, roles={}, rows=rows, utility="utility", prices=prices, trades=19,
+                   wall_s=1.0)
+    pngs = [rep.energy_png(r), rep.prices_png(r),
+            rep.prices_png(rep.Report(name="none", start=0, end=86400, roles={}, rows=rows, utility="utility",
+                                      prices=[], trades=0, wall_s=1.0))]
+    for png in pngs:
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # more sites make a wider chart; the PNG's width is in its header
+    wider = rep.Report(name="many", start=0, end=86400, roles={}, utility="utility", prices=prices, trades=19,
+                       wall_s=1.0, rows={f"house-{i:03}": rows["solar-1"] for i in range(60)})
+    width = int.from_bytes(pngs[0][16:20], "big")
+    assert int.from_bytes(rep.energy_png(wider)[16:20], "big") > width
