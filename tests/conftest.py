@@ -167,7 +167,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("GRIDTRADE_LOG_LEVEL", "INFO")
 
 
-# The suite runs on 3 workers (pytest-xdist, ``--dist loadgroup``): most of its time is spent
+# The suite runs on 3 workers (pytest-xdist; the scheduler below): most of its time is spent
 # waiting for simulated time, blocks and browsers, not computing. A file stays on one worker, so
 # its module fixtures are built once. The files that start a whole grid of processes run in two
 # streams, one file at a time each, so that a 2-core machine never runs more than two grids at
@@ -183,13 +183,28 @@ LONG_FIRST = ("tests/deploy/", "tests/e2e/", "tests/contracts/test_invariants.py
               "tests/launcher/", "tests/adversarial/", "tests/chain/test_real_chain.py", "tests/chain/")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def where(item: pytest.Item) -> str:
-        return item.nodeid.split("::")[0]
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::")[0]
 
-    for item in items:
-        path = where(item)
-        group = next((g for prefix, g in HEAVY_GROUPS.items() if path.startswith(prefix)), path)
-        item.add_marker(pytest.mark.xdist_group(group))
+
+def _group_of(nodeid: str) -> str:
+    path = _file_of(nodeid)
+    return next((g for prefix, g in HEAVY_GROUPS.items() if path.startswith(prefix)), path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {prefix: i for i, prefix in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: next((i for prefix, i in rank.items() if where(item).startswith(prefix)), len(rank)))
+    items.sort(key=lambda item: next((i for prefix, i in rank.items() if item.nodeid.startswith(prefix)), len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Scopes are the groups above (xdist's own ``xdist_group`` marker rewrites node ids, which
+    pytest 9 no longer lets a plugin do); handed out in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GridScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of(nodeid)
+
+    return GridScheduling(config, log)
