@@ -23,8 +23,11 @@ LINE = {"GRIDTRADE_SIM__LINE_W": "60"}
 
 @pytest.fixture
 def real_grid(tmp_path: pathlib.Path) -> Iterator[RealStack]:
+    # the operator settles every 100 Wh (its default 1000 Wh is for gas), so the page shows the
+    # payments grow while the trade runs
     grid = RealStack(tmp_path, chain_url="anvil", time_scale=1440,
-                     meter_env={"meter-solar-1": LINE, "meter-home-7": {**CONSUMER_SITE, **LINE}})
+                     meter_env={"meter-solar-1": LINE, "meter-home-7": {**CONSUMER_SITE, **LINE}},
+                     env={"GRIDTRADE_SETTLE_EVERY_WH": "100"})
     grid.start()
     try:
         yield grid

@@ -77,6 +77,9 @@ METER_ENV = {
     "meter-producer": LINE,
     "meter-consumer": {**LINE, "GRIDTRADE_SIM__PANEL__AREA_M2": "0", "GRIDTRADE_SIM__BATTERY__SOC": "0.1",
                        "GRIDTRADE_DELIVERY_GRANULARITY_WH": "50"},
+    # the operator settles each of them (its default is every 1000 Wh, for gas), so the
+    # payments are seen to grow in steps, as in tests/e2e/test_kill.py
+    "chain": {"GRIDTRADE_SETTLE_EVERY_WH": "50"},
 }
 CLOSE_AT = 300  # Wh: the consumer closes soon after the restarts, well before the 2 kWh are through
 

@@ -355,9 +355,12 @@ def _run(net: Net, hosts: Hosts, wallets: list[Wallet]) -> None:
     hosts.service("hub", "mkt", "services.bus", 9100, {"GRIDTRADE_PUB_BIND": "tcp://0.0.0.0:5550",
                                                        "GRIDTRADE_SUB_BIND": "tcp://0.0.0.0:5551"})
     hosts.wait_healthy("hub")
+    # the operator settles every 50 Wh (its default is every 1000 Wh, for gas: this 1 kWh trade
+    # would be settled once, at its end), so a part is settled before the cut
     hosts.service("chain", "mkt", "services.chain", 9101, {"GRIDTRADE_CHAIN_URL": f"http://{m}:8545",
                                                            "GRIDTRADE_CHAIN_ROLE": "operator",
-                                                           "GRIDTRADE_CHAIN_BIND": "tcp://0.0.0.0:5560"})
+                                                           "GRIDTRADE_CHAIN_BIND": "tcp://0.0.0.0:5560",
+                                                           "GRIDTRADE_SETTLE_EVERY_WH": "50"})
     hosts.service("auction", "mkt", "services.auction", 9102, {"GRIDTRADE_AUCTION_BIND": "tcp://0.0.0.0:5561"})
     # the two sites, each on its own host: its wallet (reached on loopback by its gateway only), meter, gateway
     wallet = {"GRIDTRADE_CHAIN_URL": f"http://{m}:8545", "GRIDTRADE_CHAIN_ROLE": "site",

@@ -60,10 +60,11 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def start_up(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """Start ``gridtrade up`` as a process; return it and what it printed until it was ready
-    (the deadline is a failure, not a time assertion)."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_up(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start ``gridtrade up`` as a process (``env``: settings added for every part); return it
+    and what it printed until it was ready (the deadline is a failure, not a time assertion)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     out = ""
     deadline = time.monotonic() + 300
     assert proc.stdout is not None
@@ -184,9 +185,12 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
             "--http-port", str(base + 80), "--time-scale", "1440", "--sim-start", "2024-06-21T09:00:00+00:00",
             "--no-agents"]  # a trade by hand, as in the seed: the state across a restart is the test's own
     logs: list[str] = []
+    # the operator settles every 100 Wh (its default is every 1000 Wh, for gas: the 1 kWh trade
+    # here would be paid once, at its end), so the buyer closes a trade that has paid a part
+    steps = {"GRIDTRADE_SETTLE_EVERY_WH": "100"}
 
     def start() -> tuple[subprocess.Popen[str], str]:
-        proc, out = start_up(args)
+        proc, out = start_up(args, steps)
         logs.append(out)
         return proc, out
 
@@ -195,7 +199,7 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
         rest, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "stopped." in rest, rest
 
-    proc, out = start_up(args)
+    proc, out = start_up(args, steps)
     try:
         urls = dict(re.findall(r"wallet of (\S+)\s+(http://\S+)", out))
         passphrases = dict(re.findall(r"^\s+(solar-1 producer|home-7 consumer)\s+(\S+)$", out, re.M))
