@@ -110,24 +110,26 @@ Sender = str | LocalAccount
 whose key signs the transaction here (any chain)."""
 
 
-async def send(w3: AsyncWeb3, call: Any, sender: Sender, value: int = 0) -> TxReceipt:
+async def send(w3: AsyncWeb3, call: Any, sender: Sender, value: int = 0, gas: int | None = None) -> TxReceipt:
     """Send a contract call or constructor (`contract.functions.f(...)` / `contract.constructor(...)`)
     from `sender`, wait for the receipt and return it.
 
     A call that would revert raises (ContractLogicError on JSON-RPC nodes, eth_tester's
-    TransactionFailed on the embedded chain; `revert_reason` reads either) before anything is sent.
+    TransactionFailed on the embedded chain; `revert_reason` reads either) before anything is sent,
+    unless `gas` is given (the caller estimated it: nothing is estimated here).
     A transaction mined with status 0 raises TransactionReverted.
     A local account's nonce is the node's count of its mined transactions, so this is not for
     concurrent sends from one key (the chain service keeps its own nonces for that).
     """
+    params: dict[str, Any] = {"value": value} if gas is None else {"value": value, "gas": gas}
     if isinstance(sender, LocalAccount):
         tx = await call.build_transaction(
-            {"from": sender.address, "value": value, "nonce": await w3.eth.get_transaction_count(sender.address)}
+            {"from": sender.address, **params, "nonce": await w3.eth.get_transaction_count(sender.address)}
         )
         signed = sender.sign_transaction(tx)
         tx_hash = await w3.eth.send_raw_transaction(signed.raw_transaction)
     else:
-        tx_hash = await call.transact({"from": sender, "value": value})
+        tx_hash = await call.transact({"from": sender, **params})
     receipt = await w3.eth.wait_for_transaction_receipt(tx_hash)
     if receipt["status"] != 1:
         raise TransactionReverted(receipt)

@@ -107,15 +107,19 @@ async def test_revert_reasons_come_through_from_both_chains(env: Env) -> None:
 
 @pytest.mark.parametrize("w3", ["anvil"], indirect=True)  # needs anvil's automine switch
 async def test_mined_revert_raises_transaction_reverted(env: Env) -> None:
-    """Two withdrawals of the whole free escrow both pass the pre-flight estimate when they sit
-    in the same block; the second is mined with status 0."""
+    """Two withdrawals of the whole free escrow both pass the pre-flight estimate (both made
+    before either is sent) and sit in the same block; the second is mined with status 0."""
     w3 = env.w3
     await env.tx(env.market.deposit(), env.buyer, value=1000)
+    gas = [await env.market.withdraw(1000).estimate_gas({"from": env.buyer}) for _ in range(2)]
     await w3.provider.make_request("evm_setAutomine", [False])
     try:
-        first = asyncio.create_task(c.send(w3, env.market.withdraw(1000), env.buyer))
-        second = asyncio.create_task(c.send(w3, env.market.withdraw(1000), env.buyer))
+        first = asyncio.create_task(c.send(w3, env.market.withdraw(1000), env.buyer, gas=gas[0]))
+        second = asyncio.create_task(c.send(w3, env.market.withdraw(1000), env.buyer, gas=gas[1]))
         while (await w3.provider.make_request("txpool_status", []))["result"]["pending"] != "0x2":
+            for t in (first, second):  # a send that failed before the block would leave this waiting
+                if t.done() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
             await asyncio.sleep(0.01)
         await w3.provider.make_request("evm_mine", [])
         results = await asyncio.gather(first, second, return_exceptions=True)
