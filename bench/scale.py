@@ -320,9 +320,10 @@ async def gas_run(trades: int, kwh: int) -> tuple[float, float]:
         b = gas_bench.Bench(w3, trades, kwh)
         await b.setup()
         await b.onboarding()
-        await b.v2_round(0, False)
+        # settled every kWh, the operator's default (settle_every_wh 1000)
+        await b.v2_round(False, 1)
         await b.seed_round()
-        v2, _ = await b.v2_round(1, False)  # steady state: balances, credit and counters exist
+        v2, _ = await b.v2_round(False, 1)  # steady state: balances, credit and counters exist
         seed = await b.seed_round()
         traded = trades * kwh
         return v2.total / traded, seed.total / traded
