@@ -126,7 +126,10 @@ class Planner:
         if o.chain_url == "anvil":
             anvil = shutil.which("anvil") or str(ROOT / "node_modules" / ".bin" / "anvil")
             # the chain node's state: dumped every second and on exit, loaded at the next start
+            # the dev accounts hold a million Ether each (anvil's default is 10,000): the operator
+            # gives each new account 100 (dev_fund_wei), and a simulated village has hundreds
             self.procs.append(Proc("anvil", [anvil, "--host", o.host, "--port", str(p + 45), "--silent",
+                                             "--balance", "1000000",
                                              "--state", str(data / CHAIN_NODE / "state.json"), "--state-interval",
                                              "1"], {},
                                    health_url=None, log=data / "logs" / "anvil.log", extra={"rpc": self.chain_url}))

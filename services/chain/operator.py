@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -68,6 +69,7 @@ class OperatorService(ChainBase):
         self.registrar: LocalAccount | None = None
         self.dispute_window_s = settings.dispute_window_s
         self._funded_seen: set[str] = set()  # chain key + address checked for funding
+        self._fund_retry_at: dict[str, float] = {}  # chain key + address -> when to try funding it again
         self.job_rounds = 0
         self.meters = Meters(self)
         self.mints = Mints(self)
@@ -259,10 +261,13 @@ class OperatorService(ChainBase):
             seen = f"{self.chain_key}|{address}"
             if seen in self._funded_seen:
                 continue
+            if time.monotonic() < self._fund_retry_at.get(seen, 0.0):
+                continue
             try:
                 await self.fund(address)
-            except TxRejected as e:
-                log.warning("could not fund %s: %s", address, e.reason)
+            except TxRejected as e:  # e.g. the operator's own Ether ran out: said once a minute, not every round
+                log.warning("could not fund %s (trying again in a minute): %s", address, e.reason)
+                self._fund_retry_at[seen] = time.monotonic() + 60.0
                 continue
             self._funded_seen.add(seen)
 

@@ -40,6 +40,24 @@ def keys(tmp_path: pathlib.Path, site: str, name: str = "") -> tuple[str, bytes]
     return address, ks.decrypt(address, PASS)
 
 
+async def ready_to_trade(peer: Any, svc: Any, seller: str, buyer: str, wh: int) -> tuple[Any, Any, Any]:
+    """Both accounts unlocked at their sites, both meters announced, ``wh`` minted to the
+    seller from its meter's signed counter, the buyer's deposit and the seller's approval
+    mined: (the domains, the seller's meter, the buyer's meter)."""
+    for a, site in ((seller, "solar-1"), (buyer, "home-7")):
+        await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
+    dm = Domains.of(svc)
+    solar, home = Meter("solar-1", seller), Meter("home-7", buyer, name="m2")
+    for m in (solar, home):
+        await peer.publish(m.announce(dm))
+    await peer.publish(solar.production(dm, wh))
+    await peer.listener.wait_for(lambda: sum(x.wh for x in peer.listener.of(E.Minted)) >= wh)
+    dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
+    appr = await peer.request(C.Approve(account=seller, wh=wh), site="solar-1")
+    await settled(peer, [dep.tx_hash, appr.tx_hash])
+    return dm, solar, home
+
+
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
 async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureRequest, bus: Bus,
                                           tmp_path: pathlib.Path, peer_factory: Any) -> None:
@@ -151,17 +169,7 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
     svc = stack.operator
     try:
         peer = await peer_factory(stack)
-        for a, site in ((seller, "solar-1"), (buyer, "home-7")):
-            await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
-        dm = Domains.of(svc)
-        solar, home = Meter("solar-1", seller), Meter("home-7", buyer, name="m2")
-        for m in (solar, home):
-            await peer.publish(m.announce(dm))
-        await peer.publish(solar.production(dm, 3000))
-        await peer.listener.wait_for(lambda: sum(x.wh for x in peer.listener.of(E.Minted)) >= 3000)
-        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
-        appr = await peer.request(C.Approve(account=seller, wh=3000), site="solar-1")
-        await settled(peer, [dep.tx_hash, appr.tx_hash])
+        dm, solar, home = await ready_to_trade(peer, svc, seller, buyer, 3000)
         ids = [f"b-{i}" for i in range(3)]
         for tid in ids:
             await peer.publish(agreed(dm, tid, seller_key, buyer_key, 1000, PRICE, seller_site="solar-1",
@@ -206,17 +214,7 @@ async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: st
     svc = stack.operator
     try:
         peer = await peer_factory(stack)
-        for a, site in ((seller, "solar-1"), (buyer, "home-7")):
-            await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
-        dm = Domains.of(svc)
-        solar, home = Meter("solar-1", seller), Meter("home-7", buyer, name="m2")
-        for m in (solar, home):
-            await peer.publish(m.announce(dm))
-        await peer.publish(solar.production(dm, 6000))
-        await peer.listener.wait_for(lambda: sum(x.wh for x in peer.listener.of(E.Minted)) >= 6000)
-        dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
-        appr = await peer.request(C.Approve(account=seller, wh=6000), site="solar-1")
-        await settled(peer, [dep.tx_hash, appr.tx_hash])
+        dm, solar, home = await ready_to_trade(peer, svc, seller, buyer, 6000)
         ev = peer.listener
 
         def agree(tid: str) -> E.TradeAgreed:
