@@ -17,7 +17,9 @@ and a buyer's bid); the operator only pays the gas and batches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from eth_account.signers.local import LocalAccount
@@ -37,6 +39,23 @@ class Job:
 
     def __init__(self, op: OperatorService) -> None:
         self.op = op
+        self._due_since: float | None = None
+
+    def collecting(self, due: bool, window_s: float) -> bool:
+        """Whether to wait before sending what is due: work that comes due together (an
+        auction round agrees many trades, a meter's readings of many trades arrive) is
+        collected for ``window_s`` from when the first of it came due, then sent together."""
+        if not due:
+            self._due_since = None
+            return True
+        now = time.monotonic()
+        if self._due_since is None:
+            self._due_since = now
+        if now - self._due_since < window_s:
+            asyncio.get_running_loop().call_later(window_s, self.op.work.set)
+            return True
+        self._due_since = None
+        return False
 
     @property
     def conn(self) -> Any:

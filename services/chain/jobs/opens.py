@@ -10,9 +10,7 @@ The trades table here is also what the settlement and close jobs follow."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from typing import Any, ClassVar
 
 from web3 import AsyncWeb3
@@ -48,7 +46,6 @@ CREATE TABLE IF NOT EXISTS job_trades (
 
     def __init__(self, op: Any) -> None:
         super().__init__(op)
-        self._due_since: float | None = None
         self._alone: set[str] = set()  # trade ids whose batch reverted once mined: opened one by one
 
     def record(self, env: Any, conn: Any) -> bool:
@@ -86,17 +83,8 @@ CREATE TABLE IF NOT EXISTS job_trades (
         rows = self.conn.execute(
             "SELECT trade_id, buyer, wh, price, offer, offer_sig, bid, bid_sig, cause FROM job_trades "
             "WHERE open_state = 'queued' ORDER BY seq LIMIT 100").fetchall()
-        if not rows:
-            self._due_since = None
-            return
-        now = time.monotonic()
-        if self._due_since is None:
-            self._due_since = now
-        window = op.settings.open_window_s
-        if now - self._due_since < window:
-            asyncio.get_running_loop().call_later(window, op.work.set)
-            return  # collect a little longer (an auction round agrees many trades at once), then open them together
-        self._due_since = None
+        if self.collecting(bool(rows), op.settings.open_window_s):
+            return  # nothing to open, or an auction round's trades still coming: opened together
         ready: list[tuple[str, str, tuple[Any, ...], str | None]] = []  # (trade id, buyer, Opening, cause)
         for tid, buyer, wh, price, offer, offer_sig, bid, bid_sig, cause in rows:
             status, _, _, _ = await self.on_chain(tid)

@@ -22,7 +22,6 @@ back delays the seller's credit, and changes neither what is paid nor who may su
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any, ClassVar
@@ -53,7 +52,6 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
 
     def __init__(self, op: Any) -> None:
         super().__init__(op)
-        self._due_since: float | None = None
         self._skip: dict[str, int] = {}  # trade id -> signed Wh not settleable (until the meter moves on)
         self.refused: dict[str, int] = {}  # site -> deliveries not signed by the buyer's registered meter
         self._started = False
@@ -176,17 +174,8 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         await self._follow_closings()
         due = self._due()
         self._started = True
-        if not due:
-            self._due_since = None
-            return
-        now = time.monotonic()
-        if self._due_since is None:
-            self._due_since = now
-        window = op.settings.settle_window_s
-        if now - self._due_since < window:
-            asyncio.get_running_loop().call_later(window, op.work.set)
-            return  # collect a little longer, then settle them together
-        self._due_since = None
+        if self.collecting(bool(due), op.settings.settle_window_s):
+            return  # nothing to settle, or more readings still coming: settled together
         domain = typed.market_domain(op.chain_id, op.dep.market_address)
         meters = op.meters.accounts_of(op.dep.registry_address)
         batch: list[tuple[str, int, str]] = []
