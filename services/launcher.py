@@ -232,7 +232,10 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
     wallet = RpcClient(ctx, sec, endpoint or f"tcp://{o.host}:{o.base_port + WALLET_PORTS[site]}", server_site=site,
                        timeout_s=timeout_s)
     try:
-        await wallet.request(C.Unlock(address=account, passphrase=passphrase, ttl_s=ttl_s))
+        # asked again (the same command: executed once, its stored reply returned) when no reply
+        # comes within a quarter of the time: a reply can be lost when the link is re-made
+        await wallet.request(C.Unlock(address=account, passphrase=passphrase, ttl_s=ttl_s), timeout=timeout_s / 4,
+                             retries=3)
         done.append(f"unlocked {site}'s account in its wallet for {ttl_s / 3600:g} h (its agent signs through it)")
         if deposit_wei:
             deadline = time.monotonic() + max(60.0, 2 * timeout_s)
@@ -251,7 +254,8 @@ async def unlock_in_wallet(o: Options, site: str, account: str, passphrase: str,
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the account of {site} was not funded")
                 await asyncio.sleep(1.0)
-            await wallet.request(C.Escrow(account=account, action="deposit", amount_wei=deposit_wei))
+            await wallet.request(C.Escrow(account=account, action="deposit", amount_wei=deposit_wei),
+                                 timeout=timeout_s / 4, retries=3)
             done.append(f"deposited {deposit_wei / 10**18:g} ETH of {site}'s Ether in the market's escrow for its "
                         "agent's bids")
     finally:
