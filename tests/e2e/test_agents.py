@@ -137,7 +137,13 @@ async def test_agents_trade_a_simulated_day_without_a_click(tmp_path: pathlib.Pa
         day0 = (await prod.call("GET", "/api/site"))["clock"]["sim"]
         # the consumer's one act: escrow for its agent's bids
         await cons.call("POST", "/api/escrow/deposit", {"amount_wei": str(DEPOSIT)})
-        await grid.until("the deposit in escrow", lambda: grid.onchain(cons.address)["free"] >= DEPOSIT, timeout=60)
+        # its agent may reserve (bid) or lock (win) some of it at once: the deposit counts in all three
+
+        def escrowed() -> int:
+            e = grid.onchain(cons.address)
+            return e["free"] + e["reserved"] + e["locked"]
+
+        await grid.until("the deposit in escrow", lambda: escrowed() >= DEPOSIT, timeout=60)
 
         # a seller (by hand, here) asks more than the consumer's agent may pay: no bid, ever
         await grid.until("tokens to offer by hand", lambda: grid.onchain(prod.address)["tokens"] >= 100, timeout=90)
