@@ -87,6 +87,19 @@ async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | N
     await retrying(grid, "the deposit to show as free escrow", funded, cons)
     await stage("funded")
 
+    # a wallet that restarted has locked the consumer's key: its page says "log in once", and
+    # the consumer does so before the auction starts (a login is slow on a loaded machine and
+    # the auction lasts AUCTION_S; a bid while locked answering 401 is tested in tests/gateway)
+    async def unlocked() -> bool:
+        w = await cons.wallet()
+        if w["unlocked"] is False:
+            await grid.login(cons)
+            w = await cons.wallet()
+        assert w["unlocked"] is True, f"the consumer's key: unlocked={w['unlocked']}"
+        return True
+
+    await retrying(grid, "the consumer's key to be unlocked", unlocked, cons)
+
     # 3. the producer sells
     offer = await retrying(grid, "placing the offer", lambda: prod.call(
         "POST", "/api/offers", {"wh": SELL_WH, "start_price_wei_per_kwh": str(START_PRICE), "duration_s": AUCTION_S},
