@@ -112,39 +112,37 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
                                 (trade_id, site)).fetchone()
         return (0, False) if row is None else (int(row[0]), bool(row[1]))
 
-    def _held(self) -> list[tuple[str, str, int, int, str, str, str, str | None, bool]]:
+    def _held(self) -> list[tuple[str, str, int, int, int, str, str, str | None, bool, str]]:
         """Every trade's reading above what is settled: (trade id, buyer, wh, settled, delivered,
-        signature, meter, cause, whether it is due now)."""
+        signature, meter, cause, whether it is final, the trade's close state)."""
         rows = self.conn.execute(
             "SELECT t.trade_id, t.buyer, t.wh, t.settled_wh, d.delivered_wh, d.signature, d.meter, d.cause, d.final, "
             "t.close_state FROM job_trades t JOIN job_deliveries d ON d.trade_id = t.trade_id "
             "AND d.site = t.buyer_site WHERE t.open_state = 'done' AND t.close_state != 'done' AND t.settle_tx = '' "
             "AND MIN(d.delivered_wh, t.wh) > t.settled_wh ORDER BY t.seq").fetchall()
-        every = self.op.settings.settle_every_wh
         out = []
         for tid, buyer, wh, settled, d, sig, meter, cause, final, close_state in rows:
             if self._skip.get(tid) == int(d):
                 continue
-            target = min(int(d), int(wh))
             if not self._started:
                 self._unseen.add(tid)
-            due = (every == 0 or tid in self._unseen or bool(final) or target >= int(wh) or close_state != "none"
-                   or tid in self._closing or target - int(settled) >= every)
-            out.append((tid, buyer, int(wh), int(settled), int(d), sig, meter, cause, due))
+            out.append((tid, buyer, int(wh), int(settled), int(d), sig, meter, cause, bool(final), close_state))
         return out
 
-    def _due(self) -> list[tuple[str, str, int, int, str, str, str, str | None]]:
-        held = self._held()
-        self.held_back = sum(1 for h in held if not h[8])
-        return [h[:8] for h in held if h[8]]  # type: ignore[misc]
+    def _is_due(self, h: tuple[str, str, int, int, int, str, str, str | None, bool, str]) -> bool:
+        tid, _, wh, settled, delivered, _, _, _, final, close_state = h
+        every = self.op.settings.settle_every_wh
+        target = min(delivered, wh)
+        return (every == 0 or tid in self._unseen or final or target >= wh or close_state != "none"
+                or tid in self._closing or target - settled >= every)
 
-    async def _follow_closings(self) -> None:
+    async def _follow_closings(self, held_back: bool) -> None:
         """While a reading is held back, the market's TradeClosing logs since the last look (a
         few blocks again each time: a reorg may move a close to a block already read) make
         that trade's reading due: a party may close on-chain without the auction."""
         op = self.op
         assert op.dep is not None and op.node is not None
-        if self._closing_block is not None and all(h[8] for h in self._held()):
+        if self._closing_block is not None and not held_back:
             return  # nothing held back: the logs are read from the same block when something is
         now = time.monotonic()
         if now - self._closings_read < min(1.0, op.dispute_window_s / 4):
@@ -171,8 +169,10 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
     async def step(self) -> None:
         op = self.op
         assert op.dep is not None and op.txm is not None and op.operator is not None
-        await self._follow_closings()
-        due = self._due()
+        held = self._held()  # read once a round: what is due is decided in memory
+        await self._follow_closings(held_back=not all(self._is_due(h) for h in held))
+        due = [h[:8] for h in held if self._is_due(h)]
+        self.held_back = len(held) - len(due)
         self._started = True
         if self.collecting(bool(due), op.settings.settle_window_s):
             return  # nothing to settle, or more readings still coming: settled together
