@@ -158,8 +158,30 @@ def decode_json(data: bytes | str) -> Envelope:
         raise DecodeError(cause_of(err), str(errors[:2])) from None
 
 
+SHARED_TYPES = (b"bus.heartbeat.",)
+"""Topics (``type.site``) of types every subscriber receives from every source (a heartbeat a second each): decoded
+once per process, however many subscribers it runs (a simulation's site host runs a few
+hundred), instead of once per subscriber."""
+SHARED_KEEP = 4096
+_shared: dict[bytes, Envelope] = {}
+
+
 def decode(frames: list[bytes]) -> Envelope:
-    """Decode ``[topic, envelope]``; the topic must be the envelope's own."""
+    """Decode ``[topic, envelope]``; the topic must be the envelope's own. The same frames
+    of a :data:`SHARED_TYPES` topic give the same envelope (frozen, read only) in this
+    process; a frame that does not decode is never kept."""
+    if len(frames) == 2 and frames[0].startswith(SHARED_TYPES):
+        env = _shared.get(frames[1])
+        if env is None:
+            env = _decode(frames)
+            if len(_shared) >= SHARED_KEEP:
+                del _shared[next(iter(_shared))]  # the oldest: dicts keep insertion order
+            _shared[frames[1]] = env
+        return env
+    return _decode(frames)
+
+
+def _decode(frames: list[bytes]) -> Envelope:
     if len(frames) != 2:
         raise DecodeError("frames", f"expected 2 frames, got {len(frames)}")
     env = decode_json(frames[1])

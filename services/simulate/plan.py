@@ -42,6 +42,9 @@ class SimOptions(BaseModel):
     offer_duration_s: int = Field(default=10, gt=0, description="an agent's english auction (wall s)")
     clear_interval_s: float = Field(default=5.0, gt=0, description="the double auction's call interval (wall s)")
     deposit_wei: int = Field(default=10**18, ge=0, description="first escrow of each buying site and the utility")
+    heartbeat_s: float | None = Field(default=None, gt=0, description=(
+        "the bus heartbeat interval of every service (default: a second per 25 sites, at least 1): every "
+        "subscriber hears every publisher's heartbeat, so their count grows with the square of the sites"))
     env: dict[str, str] = Field(default_factory=dict, description="more GRIDTRADE_* settings for every service")
 
 
@@ -83,6 +86,13 @@ def host_count(n_sites: int, per_host: int) -> int:
     return -(-n_sites // per_host)
 
 
+def heartbeat_s(sc: Scenario, so: SimOptions) -> float:
+    """A second per 25 sites (at least 1): with S sites about 3S publishers each beat to 3S
+    subscribers, and a heartbeat only starts the replay of what a subscriber missed, so a
+    large run notices a gap a few seconds later rather than spending its CPU on beats."""
+    return so.heartbeat_s if so.heartbeat_s is not None else max(1.0, len(sc.all_sites) / 25)
+
+
 def service_env(sc: Scenario, so: SimOptions) -> dict[str, str]:
     """What every service of the run is told besides the launcher's shared environment."""
     return {
@@ -94,6 +104,7 @@ def service_env(sc: Scenario, so: SimOptions) -> dict[str, str]:
         "GRIDTRADE_AGENT_OFFER_DURATION_S": str(so.offer_duration_s),
         "GRIDTRADE_DISPUTE_WINDOW_S": "2",
         "GRIDTRADE_SCRYPT_N": str(SCRYPT_N), "GRIDTRADE_METER_SCRYPT_N": str(SCRYPT_N),
+        "GRIDTRADE_HEARTBEAT_S": f"{heartbeat_s(sc, so):g}",
         **so.env,
     }
 

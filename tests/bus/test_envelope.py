@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.bus import DecodeError, envelope
-from services.bus.events import Delivery
+from services.bus.events import Delivery, Heartbeat
 
 
 def frame(body: dict, **env: object) -> bytes:
@@ -48,3 +48,27 @@ def test_any_bytes_decode_or_raise_a_countable_cause(data: bytes) -> None:
         assert e.cause in {"garbage", "invalid", "unknown_type", "version"}
     else:  # the rare bytes that are a valid envelope survive a round trip
         assert envelope.decode_json(env.model_dump_json()) == env
+
+
+def test_a_heartbeat_is_decoded_once_per_process_whatever_the_number_of_subscribers() -> None:
+    """Every subscriber gets every source's heartbeat each second: a process hosting many
+    sites' services (a simulation's site host) would decode the same frames once per
+    subscriber, O(sites^2) on the machine. The same heartbeat frames give the same (frozen)
+    envelope; events and a changed byte are decoded anew, and a bad frame is never kept."""
+    beat = envelope.make(Heartbeat(node="n-1", replay="tcp://127.0.0.1:1", site="home-7",
+                                   last={"meter.delivery.home-7": 3}), source="home-7/meter", seq=9)
+    frames = envelope.encode(beat)
+    first = envelope.decode(frames)
+    assert first == beat and envelope.decode(list(frames)) is first
+    again = envelope.encode(envelope.make(beat.body, source="home-7/meter", seq=10))
+    assert envelope.decode(again) is not first and envelope.decode(again).seq == 10
+    ev = envelope.encode(envelope.make(Delivery(**DELIVERY), source="home-7/meter", seq=7))
+    assert envelope.decode(ev) is not envelope.decode(ev)  # a handler's event is its own
+    bad = [frames[0], frames[1].replace(b'"seq":9', b'"seq":0')]
+    for _ in range(2):
+        with pytest.raises(DecodeError):
+            envelope.decode(bad)
+    many = [envelope.encode(envelope.make(beat.body, source="home-7/meter", seq=s)) for s in range(11, 11 + 5000)]
+    for f in many:
+        envelope.decode(f)
+    assert envelope.decode(frames) is not first  # bounded: the oldest are forgotten

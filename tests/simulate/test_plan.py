@@ -81,6 +81,9 @@ def test_village_100_is_ten_hosts_within_its_port_block() -> None:
     ports = [int(e.rsplit(":", 1)[1]) for s in specs for site in s.sites for e in (site.wallet_rpc, site.agent_rpc)]
     ports += [int(p.health_url.rsplit(":", 1)[1].split("/")[0]) for p in procs if p.health_url]
     assert len(ports) == len(set(ports)) and max(ports) < o.base_port + P.ports_needed(100)
+    # every service beats less often than a two-site grid's: 300 publishers beat to 300 subscribers
+    assert {p.env.get("GRIDTRADE_HEARTBEAT_S") for p in procs if p.name != "anvil"} == {"4"}
+    assert P.service_env(load(ROOT / "scenarios" / "village-20.toml"), P.SimOptions())["GRIDTRADE_HEARTBEAT_S"] == "1"
 
 
 def test_the_reports_charts_are_pngs_of_every_site_and_every_price() -> None:
