@@ -522,6 +522,10 @@ async def connect(url: str, *, timeout_s: float = 10.0, retries: int = 4) -> Nod
             await w3.provider.connect()
     else:
         raise ValueError(f"unknown chain URL {url!r}: use 'embedded' or an http(s):// or ws(s):// URL")
+    # web3's validation layer asks the node its chain id before every eth_call and estimate
+    # (twice the requests for every read); the chain id is checked once, by the node's identity
+    # against the deployment, and the node refuses a transaction signed for another chain
+    w3.middleware_onion.remove("validation")
     probe = Node(w3, url)
     try:
         await probe.probe()

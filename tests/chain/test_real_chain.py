@@ -13,6 +13,7 @@ import sqlite3
 from typing import Any
 
 import pytest
+from eth_account import Account
 from eth_utils import keccak
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
@@ -20,7 +21,7 @@ from services.bus import commands as C
 from services.bus import events as E
 from services.chain import contracts
 from services.chain.keystore import Keystore
-from services.chain.node import ANVIL_DEV_KEY
+from services.chain.node import ANVIL_DEV_KEY, connect
 from tests.chain_fixtures import start_anvil, stop_anvil
 
 from tests.signing import Domains, Meter, agreed
@@ -444,4 +445,34 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
         await op.stop()
         await proxy.stop()
         await contracts.close_provider(w3)
+        stop_anvil(anvil)
+
+
+async def test_a_read_is_one_request_to_the_node() -> None:
+    """web3's default validation layer asks the node its chain id before every eth_call and
+    estimate: twice the requests for every balance a wallet reads (a 100-site run's wallets
+    could not answer their agents in time). The chain id is known from the node's identity;
+    the node itself refuses a transaction signed for another chain."""
+    anvil, url = start_anvil()
+    proxy = RpcProxy(url)
+    purl = await proxy.start()
+    node = await connect(purl)
+    try:
+        await node.identity()
+        before = proxy.calls["eth_chainId"]
+        dev = Account.from_key(ANVIL_DEV_KEY)
+        for _ in range(5):
+            assert await node.w3.eth.call({"to": dev.address, "data": "0x"}) == b""
+        assert await node.w3.eth.estimate_gas({"from": dev.address, "to": dev.address, "value": 1}) == 21000
+        assert proxy.calls["eth_call"] == 5 and proxy.calls["eth_estimateGas"] == 1
+        assert proxy.calls["eth_chainId"] == before, proxy.calls
+        # a transaction for another chain is still refused, by the node
+        w3 = node.w3
+        tx = {"to": dev.address, "value": 1, "gas": 21000, "nonce": await w3.eth.get_transaction_count(dev.address),
+              "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 1, "chainId": 1}
+        with pytest.raises(Exception, match="(?i)chain"):
+            await w3.eth.send_raw_transaction(dev.sign_transaction(tx).raw_transaction)
+    finally:
+        await node.close()
+        await proxy.stop()
         stop_anvil(anvil)
