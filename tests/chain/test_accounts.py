@@ -143,3 +143,12 @@ def test_account_cli_per_site_and_geth_import(tmp_path: pathlib.Path, monkeypatc
     claim = claims.sign(old.decrypt(legacy.address, "pw"), "home-7")
     assert old.set_claim(legacy.address, "home-7", claim).claim == claim
     assert [(k.site, k.claim) for k in old.list()] == [("home-7", claim)]
+
+
+def test_signatures_are_made_and_checked_in_c() -> None:
+    """Every meter reading, offer, bid and delivery is signed and recovered; pure-Python
+    secp256k1 took 9 ms a signature on this machine (coincurve: 1.4 ms), which a
+    simulation of a hundred sites' meters felt."""
+    from eth_keys.backends import get_backend
+
+    assert type(get_backend()).__name__ == "CoinCurveECCBackend"
