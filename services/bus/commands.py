@@ -116,7 +116,8 @@ class Balances(Reply):
     credit_wei: Wei = Field(default=0, description="paid to this seller, not yet withdrawn")
     tokens_wh: Wh = 0
     tokens_locked_wh: Wh = 0
-    generated_wh: Wh = 0
+    generated_wh: Wh = Field(default=0, description="Wh minted to the account so far (a site's wallet follows its "
+                                                   "own accounts' mints only: 0 for another's)")
     site: str = Field(default="", description="the site the account belongs to; empty if the chain service "
                                               "holds no such account")
 

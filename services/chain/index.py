@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
+
+from web3 import AsyncWeb3
 
 from services.bus.store import Store
 
@@ -53,10 +57,17 @@ class MintedIndex:
         self._checkpoints.clear()
         self._verified = None
 
-    async def catch_up(self, node: Node, token: Any, *, key: str, deploy_block: int, depth: int) -> int:
-        """Index up to ``head - depth``; returns the block the totals are complete to."""
+    async def catch_up(self, node: Node, token: Any, *, key: str, deploy_block: int, depth: int,
+                       accounts: Sequence[str] | None = None) -> int:
+        """Index up to ``head - depth``; returns the block the totals are complete to.
+        ``accounts``: index only the mints to these (the node filters by the indexed
+        recipient; a site's wallet needs its own, not every site's); another set of accounts
+        is another index, read from the deployment (or from what was stored for that set)."""
+        if accounts is not None:
+            wanted = sorted({AsyncWeb3.to_checksum_address(a) for a in accounts})
+            key = f"{key}:{hashlib.sha256(','.join(wanted).encode()).hexdigest()[:16]}"
         async with self.lock:  # one catch-up at a time; the others then find it done
-            if self.key != key:  # first use on this chain: from what is stored
+            if self.key != key:  # first use on this chain (or for these accounts): from what is stored
                 self._load(key, deploy_block)
             head, head_hash = await node.head()
             if self.hash and (self._verified != (head, head_hash) or time.monotonic() - self._verified_at > 5.0):
@@ -68,8 +79,12 @@ class MintedIndex:
                 return self.block
             while self.block < target:
                 upto = min(target, self.block + self.logs_range)
+                if accounts is not None and not wanted:
+                    self.block = upto  # no account: nothing of it to read
+                    continue
+                filters = {"argument_filters": {"to": wanted}} if accounts is not None else {}
                 async with guard():
-                    logs = await token.events.Minted().get_logs(from_block=self.block + 1, to_block=upto)
+                    logs = await token.events.Minted().get_logs(from_block=self.block + 1, to_block=upto, **filters)
                 self.calls += 1
                 for ev in logs:
                     to = str(ev["args"]["to"])

@@ -332,7 +332,11 @@ class ChainBase(Service):
         returns the block it is complete to. A view never scans from the deployment."""
         node, dep, _ = self._ready()
         return await self.minted.catch_up(node, dep.token, key=self.chain_key, deploy_block=self.deploy_block,
-                                          depth=self.confirmations)
+                                          depth=self.confirmations, accounts=self.minted_accounts())
+
+    def minted_accounts(self) -> list[str] | None:
+        """Whose mints the index follows (None: every account's)."""
+        return None
 
     async def save_minted(self) -> None:
         """Catch the generated totals up and store them with their block."""

@@ -187,6 +187,11 @@ class WalletService(ChainBase):
 
     # --- claims ---------------------------------------------------------------------------
 
+    def minted_accounts(self) -> list[str] | None:
+        """A site's wallet follows the mints to its own accounts only (the node filters them:
+        with many sites, every wallet decoding every site's mints grew with their square)."""
+        return [kf.address for kf in self.accounts()]
+
     def accounts(self) -> list[KeyFile]:
         """This site's accounts: the files of its keystore that name this site (or none)."""
         site = self.settings.site

@@ -24,6 +24,7 @@ class RpcProxy:
         self.upstream = upstream
         self.calls: Counter[str] = Counter()
         self.log_ranges: list[tuple[int, int]] = []
+        self.log_topics: list[list[Any]] = []  # each eth_getLogs's topic filter
         self.injected: Counter[str] = Counter()
         self.fault_rate = 0.0
         self.late_s = 1.5  # an injected slow answer comes this late (longer than the client waits)
@@ -63,6 +64,7 @@ class RpcProxy:
         if method == "eth_getLogs":
             f = body["params"][0]
             self.log_ranges.append((int(f["fromBlock"], 16), int(f["toBlock"], 16)))
+            self.log_topics.append(list(f.get("topics") or []))
         # a chosen refusal comes before any injected fault: a send that a late answer let
         # through to the node would be "already known" to a real node when sent again, never
         # refused, so the refusal must meet the transaction's first send
