@@ -155,17 +155,18 @@ class AgentService(Service):
         me = await self._account()
         wallet, auction = self.trader.wallet, self.trader.auction
         double = self.settings.agent_market == "double"
-        bal, offers, every, book = await asyncio.gather(
+        # its own trades, and the market's latest for the last clearing price (not the whole
+        # day's trades of every site each decision: that grew with the sites and the hours)
+        bal, offers, mine, latest, book = await asyncio.gather(
             wallet.request(cmd.GetBalances(address=me)), auction.request(cmd.ListOffers()),
-            auction.request(cmd.ListTrades()),
+            auction.request(cmd.ListTrades(account=me)), auction.request(cmd.ListTrades(last=1)),
             auction.request(cmd.ListOrders(calls=0)) if double else _nothing())
-        who = me.lower()  # its own trades: from the one listing, not a second request each decision
-        mine_trades = [t for t in every.trades if who in (t.seller.lower(), t.buyer.lower())]
+        mine_trades = mine.trades
         now_sim = r.sim_ts if r.sim_ts is not None else time.time()
         net = self.forecast.net_wh(now_sim, self.limits.horizon_s)
         site = views.site_view(me, bal, offers.offers, mine_trades, soc=r.soc, battery_wh=self.settings.agent_battery_wh,
                                forecast_net_wh=net, orders=book.orders if book is not None else ())
-        market = views.market_view(me, offers.offers, every.trades, now=time.time(),
+        market = views.market_view(me, offers.offers, latest.trades, now=time.time(),
                                    min_increment=self.settings.auction_min_increment_wei_per_kwh)
         self.last = {"forecast_net_wh": round(net, 1), "surplus_wh": strategy.surplus_wh(site, self.limits),
                      "deficit_wh": strategy.deficit_wh(site, self.limits)}

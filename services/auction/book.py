@@ -361,14 +361,16 @@ def save_trade(conn: sqlite3.Connection, t: lifecycle.Trade, now: float) -> None
                  "WHERE trade_id = ?", (t.state, t.delivered_wh, str(t.paid_wei), t.reason, now, t.trade_id))
 
 
-def trades(conn: sqlite3.Connection, account: str | None = None) -> list[lifecycle.Trade]:
-    if account is None:
-        rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades ORDER BY agreed_at, trade_id")
-    else:
-        a = account.lower()
-        rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades WHERE lower(seller) = ? OR lower(buyer) = ? "
-                            "ORDER BY agreed_at, trade_id", (a, a))
-    return [_trade(r) for r in rows]
+def trades(conn: sqlite3.Connection, account: str | None = None, last: int | None = None) -> list[lifecycle.Trade]:
+    """The trades (of ``account``, as seller or buyer), oldest first; ``last``: only the latest so many."""
+    where, args = ("", ()) if account is None else (
+        "WHERE lower(seller) = ? OR lower(buyer) = ? ", (account.lower(), account.lower()))
+    if last is None:
+        rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades {where}ORDER BY agreed_at, trade_id", args)
+        return [_trade(r) for r in rows]
+    rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades {where}ORDER BY agreed_at DESC, trade_id DESC LIMIT ?",
+                        (*args, last))
+    return [_trade(r) for r in reversed(rows.fetchall())]
 
 
 def live_trades(conn: sqlite3.Connection) -> list[lifecycle.Trade]:

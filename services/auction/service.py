@@ -601,7 +601,7 @@ class AuctionService(Service):
 
     async def list_trades(self, req: cmd.ListTrades, caller: Caller) -> cmd.Trades:
         async with self.store.atomic() as conn:
-            ts = book.trades(conn, req.account)
+            ts = book.trades(conn, req.account, req.last)
         return cmd.Trades(trades=[cmd.TradeView(trade_id=t.trade_id, offer_id=t.offer_id, seller=t.seller,
                                                 buyer=t.buyer, seller_site=t.seller_site, buyer_site=t.buyer_site,
                                                 wh=t.wh, price_wei_per_kwh=t.price_wei_per_kwh, state=t.state,

@@ -384,7 +384,8 @@ class ListTrades(Request):
     TYPE: ClassVar[str] = "auction.trades"
     Reply: ClassVar[type[Reply]] = Trades
     READ_ONLY: ClassVar[bool] = True
-    account: Address | None = None
+    account: Address | None = Field(default=None, description="only the trades this account sells or buys in")
+    last: int | None = Field(default=None, ge=1, le=10_000, description="only the latest this many (oldest first)")
 
 
 class OrderPlaced(Reply):

@@ -189,8 +189,14 @@ async def test_a_winning_bid_that_cannot_be_opened_falls_back_to_the_next_funded
         assert agreed["bid"] == b1.bid.model_dump() and agreed["bid_signature"] == b1.signature
         assert agreed["offer"] == m.signed[o].model_dump()
         assert states(tid) == ["agreed", "failed"] and states(f"{tid}-2") == ["agreed"]
-        trades = {t.trade_id: t for t in (await m.call(cmd.ListTrades())).trades}
+        every = (await m.call(cmd.ListTrades())).trades
+        trades = {t.trade_id: t for t in every}
         assert (trades[tid].state, trades[tid].reason) == ("failed", "EnergyMarket: bid expired")
+        # the latest only (an agent's last clearing price), and one account's, oldest first
+        assert [t.trade_id for t in every] == [tid, f"{tid}-2"]
+        assert (await m.call(cmd.ListTrades(last=1))).trades == every[-1:]
+        assert (await m.call(cmd.ListTrades(last=5))).trades == every
+        assert [t.trade_id for t in (await m.call(cmd.ListTrades(account=B3, last=1))).trades] == [tid]
         assert trades[f"{tid}-2"].state == "agreed"
         [env] = [e for e in envelopes(db, "trade.agreed") if e["body"]["trade_id"] == f"{tid}-2"]
         assert env["cause"] == failed.id  # the failure led to it
