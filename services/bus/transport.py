@@ -866,7 +866,9 @@ class RpcClient:
             if fut is not None and not fut.done():
                 fut.set_result(rep)
 
-    async def close(self) -> None:
+    async def _drop_connection(self) -> None:
+        """Close the socket (the next request opens another); the replies waited for stay
+        waited for, by command id."""
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -875,9 +877,16 @@ class RpcClient:
             self.sock.close(0)
             self.sock = None
 
+    async def close(self) -> None:
+        await self._drop_connection()
+
     async def request(self, req: R | Request, *, timeout: float | None = None, cmd_id: str | None = None,
                       retries: int = 0) -> Any:
-        """Send ``req`` and return its typed reply; a retry reuses the same command id."""
+        """Send ``req`` and return its typed reply; a retry reuses the same command id (the
+        command executes once) on a new connection: a reply goes back on the connection its
+        request came in on, and one that broke and was made again meanwhile loses it, as
+        it may lose what follows. ``retries`` is for a client used by one caller at a
+        time: a reconnection also drops the replies other requests still wait for."""
         cmd_id = cmd_id or uuid.uuid4().hex
         data = commands.wrap(req, cmd_id).model_dump_json().encode()
         if cmd_id in self._waiting:  # the same command is already on its way: share its reply
@@ -887,6 +896,8 @@ class RpcClient:
         self._waiting[cmd_id] = fut
         try:
             for attempt in range(retries + 1):
+                if attempt:
+                    await self._drop_connection()
                 await self._open().send(data)
                 try:
                     rep = await asyncio.wait_for(asyncio.shield(fut), timeout or self.timeout_s)

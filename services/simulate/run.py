@@ -112,6 +112,7 @@ class Simulation:
     collector: rep.Collector | None = None
     started: float = 0.0
     ended: float = 0.0
+    not_handed: list[str] = dataclasses.field(default_factory=list)  # sites whose hand-over failed: no agent trades
     _watcher: asyncio.Task | None = None
 
     @property
@@ -186,7 +187,15 @@ class Simulation:
                                                 ttl_s=7 * 86400, deposit_wei=self.sim.deposit_wei if site in buyers
                                                 else 0, endpoint=endpoints.get(site), timeout_s=120)
 
-        await asyncio.gather(*(one(s) for s in passphrases))
+        sites = list(passphrases)
+        got = await asyncio.gather(*(one(s) for s in sites), return_exceptions=True)
+        failed = {site: r for site, r in zip(sites, got) if isinstance(r, BaseException)}
+        if len(failed) == len(sites):
+            raise SimError(f"no account could be handed to its agent: {next(iter(failed.values()))}")
+        if failed:  # the run goes on without them: those agents wait, as after a wallet's restart
+            say(f"{len(failed)} site(s) not handed to their agents (they will not trade): "
+                + "; ".join(f"{site}: {e}" for site, e in sorted(failed.items())))
+        self.not_handed = sorted(failed)
 
     def bar(self, sim: float | None) -> str:
         c = self.collector

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -122,6 +123,46 @@ async def test_timeout_then_retry_with_the_same_id_executes_once(grid: Grid, act
     await client.close()
     await srv.stop()
     sec.stop()
+
+
+async def test_a_retry_goes_on_a_new_connection(grid: Grid, actx) -> None:  # type: ignore[no-untyped-def]
+    """A reply is sent back on the connection its request came in on; when that connection
+    is broken and made again (under load: a handshake that took too long), the reply is
+    dropped by the server's socket, and the same connection may stay unusable. A retry
+    (same command id, so the command still executes once) is sent on a connection of its
+    own. The server here is a stand-in ROUTER that never answers on the connection that
+    brought the first request, as the 100-site run's wallet never did."""
+    sec = grid.security("market")
+    sec.start(actx)
+    router = actx.socket(zmq.ROUTER)
+    router.linger = 0
+    sec.serve(router, "tcp://127.0.0.1:*")
+    router.bind("tcp://127.0.0.1:*")
+    endpoint = router.last_endpoint.decode()
+    seen: list[tuple[bytes, str]] = []
+
+    async def serve() -> None:
+        while True:
+            ident, *_, data = await router.recv_multipart()
+            cmd_id = json.loads(data)["cmd_id"]
+            seen.append((ident, cmd_id))
+            if ident != seen[0][0]:  # not on the first connection
+                rep = ReplyEnvelope(cmd_id=cmd_id, ok=True, result=Pong(node="market/x", uptime_s=1.0).model_dump())
+                await router.send_multipart([ident, rep.model_dump_json().encode()])
+
+    task = asyncio.create_task(serve())
+    client = RpcClient(actx, grid.security("home-7"), endpoint, server_site="market")
+    try:
+        pong = await client.request(Ping(), timeout=1.0, retries=2, cmd_id="ping-1")
+        assert pong.node == "market/x"
+        assert [c for _, c in seen] == ["ping-1", "ping-1"] and seen[0][0] != seen[1][0]
+        assert await client.request(Ping(), timeout=5.0) == pong  # the new connection serves what follows
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+        router.close(0)
+        sec.stop()
 
 
 def stranger_keys(tmp_path):  # type: ignore[no-untyped-def]
