@@ -35,7 +35,7 @@ from services.bus import Caller, Service, RpcServer
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.errors import RequestError
-from services.bus.retry import Backoff, LogThrottle
+from services.bus.retry import Backoff, LogThrottle, worth_logging
 
 from . import contracts, ledger
 from . import node as node_mod
@@ -248,8 +248,8 @@ class ChainBase(Service):
                 raise
             except Exception:  # noqa: BLE001 - a bug in one step must not stop the service
                 failures += 1
-                if failures < 5 or failures % 100 == 0:
-                    log.exception("chain: %s failed", getattr(step, "__name__", step))
+                if worth_logging(failures):
+                    log.exception("chain: %s failed (%d times in a row)", getattr(step, "__name__", step), failures)
             try:
                 await asyncio.wait_for(wake.wait(), every)
             except asyncio.TimeoutError:
