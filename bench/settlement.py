@@ -38,12 +38,11 @@ import zmq.asyncio  # noqa: E402
 from eth_account import Account  # noqa: E402
 from web3 import AsyncHTTPProvider, AsyncWeb3  # noqa: E402
 
-from services.bus import Security, ensure_keys  # noqa: E402
+from services.bus import Publisher, RpcClient, Security, Subscriber, ensure_keys  # noqa: E402
 from services.bus import commands as C  # noqa: E402
 from services.bus import events as E  # noqa: E402
 from services.bus.hub import Hub  # noqa: E402
 from services.bus.store import Store  # noqa: E402
-from services.bus.transport import Publisher, RpcClient, Subscriber  # noqa: E402
 from services.chain import contracts  # noqa: E402
 from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402

@@ -33,12 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import zmq.asyncio  # noqa: E402
 
-from services.bus import Security, ensure_keys  # noqa: E402
+from services.bus import Publisher, RpcClient, Security, ensure_keys  # noqa: E402
 from services.bus import commands as C  # noqa: E402
 from services.bus import events as E  # noqa: E402
 from services.bus.hub import Hub  # noqa: E402
 from services.bus.store import Store  # noqa: E402
-from services.bus.transport import Publisher, RpcClient  # noqa: E402
 from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.operator import OperatorService  # noqa: E402

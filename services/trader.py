@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.bus import RequestError
+from services.bus import RequestError, RpcClient
 from services.bus import commands as cmd
-from services.bus.transport import RpcClient
 from services.bus.typed import ZERO_ID
 
 from services.auction.english import cost_wei  # what a bid needs reserved, as the auction counts it

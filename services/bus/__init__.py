@@ -1,5 +1,6 @@
 """The shared contract between services: typed events and commands, the wire, pub/sub
-through the hub with replay, request/reply, CURVE keys, the service base."""
+through the hub (``pubsub``) with replay (``replay``), request/reply (``rpc``), CURVE keys,
+the service base, backoff and log throttling (``retry``)."""
 
 from .config import BusSettings
 from .envelope import Envelope
@@ -7,7 +8,8 @@ from .errors import BusError, DecodeError, GridtradeError, RequestError, Request
 from .keys import Security, ensure_keys
 from .service import Service, configure_logging, run_service
 from .store import Store
-from .transport import Caller, Publisher, RpcClient, RpcServer, Subscriber
+from .pubsub import Publisher, Subscriber
+from .rpc import Caller, RpcClient, RpcServer
 
 __all__ = [
     "BusError", "BusSettings", "Caller", "DecodeError", "Envelope", "GridtradeError", "Publisher", "RequestError",

@@ -23,6 +23,7 @@ from eth_account.messages import encode_defunct
 from eth_utils import is_hex_address, to_checksum_address
 
 from .events import AccountClaimed
+from .retry import worth_logging
 
 log = logging.getLogger(__name__)
 
@@ -97,5 +98,5 @@ class Claims:
 
     def _refuse(self, cause: str, detail: str) -> None:
         n = self.refused[cause] = self.refused.get(cause, 0) + 1
-        if n <= 10 or n % 1000 == 0:
+        if worth_logging(n):
             log.warning("refused an account claim (%s, %d so far): %s", cause, n, detail)

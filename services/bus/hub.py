@@ -6,7 +6,8 @@ upstream unchanged so publishers only send what someone wants. Every published m
 must be ``[topic, envelope]`` with the topic ``type.site``, and ``site`` (the part after
 the last dot) must be the site whose CURVE key sent it (the frame's ZAP ``User-Id``, see
 :mod:`.keys`). Anything else is dropped, counted by (cause, sending site) in
-:attr:`Hub.drops` and logged once per (cause, site):
+:attr:`Hub.drops` and logged by the one rule of :mod:`.retry` (the first per (cause, site),
+then its 10th, 100th...):
 
 - ``site``: the topic names another site than the sender's key;
 - ``frames``: not exactly two frames;
@@ -33,6 +34,7 @@ from collections import Counter
 import zmq
 
 from .keys import Security
+from .retry import worth_logging
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +180,10 @@ class Hub:
             site = "?"
         key = (cause, site)
         self.drops[key] += 1
-        if self.drops[key] == 1:
-            log.warning("hub: dropped a message from site %s (%s; topic %r); further drops of this cause from "
-                        "this site are only counted", site, cause, first.bytes[:80])
+        if worth_logging(self.drops[key]):
+            log.warning("hub: dropped a message from site %s (%s; topic %r); %d so far of this cause from this site "
+                        "(only counted, logged again at the 10th, 100th...)", site, cause, first.bytes[:80],
+                        self.drops[key])
 
     def stop(self) -> None:
         if self._thread is None:

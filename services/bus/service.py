@@ -21,7 +21,8 @@ from .config import BusSettings
 from .errors import GridtradeError
 from .keys import Security
 from .store import Store
-from .transport import Handler, Publisher, RpcClient, RpcServer, Subscriber
+from .pubsub import Handler, Publisher, Subscriber
+from .rpc import RpcClient, RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Service:
             "applied": sum(s.applied for s in self.subscribers),
             "handler_failures": sum(s.failed for s in self.subscribers),  # retried from the outbox
             "dropped": {c: n for s in self.subscribers for c, n in s.drops.counts.items()},
-            "rpc": [s.endpoint for s in self.servers if hasattr(s, "endpoint")],
+            "rpc": [s.endpoint for s in self.servers if s.endpoint],
             "rpc_busy": {site or "(no identity)": n for s in self.servers for site, n in s.busy.items()},
         }
 

@@ -17,7 +17,6 @@ import asyncio
 import time
 import contextlib
 import logging
-import random
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,6 +37,8 @@ from web3.exceptions import (
     Web3RPCError,
 )
 from web3.providers import AsyncHTTPProvider
+
+from services.bus.retry import Backoff
 
 from .contracts import close_provider, revert_reason
 from .errors import ChainUnavailable, NotSupported, RateLimited, RpcTimeout, TxRejected
@@ -157,6 +158,7 @@ class RetryingHTTPProvider(AsyncHTTPProvider):
     async def make_request(self, method: Any, params: Any) -> Any:
         data = self.encode_rpc_request(method, params)
         cause, detail = "transport", ""
+        backoff = Backoff(self.backoff_s, 5.0, jitter=0.25)
         for attempt in range(self.retries + 1):
             try:
                 resp = self.decode_rpc_response(await self._make_request(method, data))
@@ -178,7 +180,7 @@ class RetryingHTTPProvider(AsyncHTTPProvider):
                 cause, detail = transient, str(err.get("message", ""))[:200]  # type: ignore[union-attr]
             self.transient[cause] += 1
             if attempt < self.retries:
-                await asyncio.sleep(min(self.backoff_s * 2**attempt, 5.0) * (0.75 + random.random() / 2))
+                await asyncio.sleep(backoff.failed())
         log.warning("chain node: %s of %s persisted over %d attempts (%s)", cause, method, self.retries + 1, detail)
         if cause == "rate_limit":
             raise RateLimited(f"chain node rate limit on {method}: {detail}")

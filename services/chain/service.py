@@ -35,6 +35,7 @@ from services.bus import Caller, Service, RpcServer
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.errors import RequestError
+from services.bus.retry import Backoff, LogThrottle, worth_logging
 
 from . import contracts, ledger
 from . import node as node_mod
@@ -182,7 +183,7 @@ class ChainBase(Service):
 
     async def supervise(self) -> None:
         await self._started.wait()
-        delay, warned = 0.2, False
+        backoff, unusable = Backoff(0.2, self.settings.backoff_max_s), LogThrottle()
         while True:
             try:
                 if self.node is None:
@@ -192,19 +193,18 @@ class ChainBase(Service):
                     await self.node.probe()
                 await self.attach()
                 self.connected.set()
-                if warned:
+                if unusable.reset():
                     log.info("chain node reachable again")
-                delay, warned = 0.2, False
+                backoff.reset()
                 await self.run_workers()
             except ChainUnavailable as e:
                 self.connected.clear()
-                if not warned:
-                    log.warning("%s: chain node %s not usable (%s); retrying with backoff up to %.0fs", self.role,
-                                self.settings.chain_url, e, self.settings.backoff_max_s)
-                    warned = True
+                if not unusable.count():
                     self.reconnects += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.backoff_max_s)
+                if unusable.hit():
+                    log.warning("%s: chain node %s not usable (%s; %d tries so far); retrying with backoff up to %.0fs",
+                                self.role, self.settings.chain_url, e, unusable.count(), self.settings.backoff_max_s)
+                await asyncio.sleep(backoff.failed())
             except ChainError as e:  # configuration: cannot go on
                 log.error("chain (%s): %s", self.role, e)
                 self.request_stop()
@@ -212,8 +212,7 @@ class ChainBase(Service):
             except Exception:  # noqa: BLE001 - a bug: log it, keep trying
                 self.connected.clear()
                 log.exception("chain: supervisor step failed; retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.backoff_max_s)
+                await asyncio.sleep(backoff.failed())
 
     async def run_workers(self) -> None:
         assert self.txm is not None
@@ -249,8 +248,8 @@ class ChainBase(Service):
                 raise
             except Exception:  # noqa: BLE001 - a bug in one step must not stop the service
                 failures += 1
-                if failures < 5 or failures % 100 == 0:
-                    log.exception("chain: %s failed", getattr(step, "__name__", step))
+                if worth_logging(failures):
+                    log.exception("chain: %s failed (%d times in a row)", getattr(step, "__name__", step), failures)
             try:
                 await asyncio.wait_for(wake.wait(), every)
             except asyncio.TimeoutError:

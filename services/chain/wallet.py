@@ -49,6 +49,7 @@ from services.bus import commands as C
 from services.bus import events as E
 from services.bus import typed
 from services.bus.errors import RequestError, RequestTimeout
+from services.bus.retry import worth_logging
 
 from . import ledger
 from .config import ChainSettings
@@ -250,7 +251,7 @@ class WalletService(ChainBase):
             return
         site = str(caller)
         n = self.refused[site] = self.refused.get(site, 0) + 1
-        if n <= 10 or n % 1000 == 0:
+        if worth_logging(n):
             log.warning("refused a request of site %s: this is the wallet of site %s (%d so far)", site,
                         self.settings.site, n)
         raise RequestError("not_your_site", f"this is the wallet of site {self.settings.site}; it serves that "

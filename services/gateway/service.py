@@ -11,10 +11,9 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from services.bus import Envelope, Service
+from services.bus import Envelope, Service, Subscriber
 from services.bus import events as ev
 from services.bus.store import Store
-from services.bus.transport import Subscriber
 
 from . import feed, history
 from .app import Gateway

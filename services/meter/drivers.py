@@ -19,8 +19,9 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from collections.abc import Callable
+
+from services.bus.retry import Backoff, LogThrottle
 
 from .config import MeterConfig
 from .errors import DriverError, ProtocolError
@@ -28,28 +29,6 @@ from .models import Counters
 from .sim import SimParams, SimSite
 
 log = logging.getLogger(__name__)
-
-
-class Backoff:
-    """Exponential backoff: ``initial``, doubling, capped at ``cap``; ``reset()`` on success."""
-
-    def __init__(self, initial: float = 0.2, cap: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.initial, self.cap, self._clock = initial, cap, clock
-        self.delay = 0.0
-        self.not_before = 0.0
-        self.failures = 0
-
-    def failed(self) -> float:
-        self.failures += 1
-        self.delay = self.initial if self.delay == 0 else min(self.delay * 2, self.cap)
-        self.not_before = self._clock() + self.delay
-        return self.delay
-
-    def reset(self) -> None:
-        self.delay, self.not_before, self.failures = 0.0, 0.0, 0
-
-    def wait_left(self) -> float:
-        return max(0.0, self.not_before - self._clock())
 
 
 class Driver:
@@ -110,7 +89,7 @@ class SerialDriver(Driver):
         super().__init__(cfg)
         self.backoff = backoff or Backoff()
         self._lock = asyncio.Lock()
-        self._first_failure_logged = False
+        self._failures = LogThrottle()  # the port's failures since it was last opened
 
     async def _open(self) -> None:
         raise NotImplementedError
@@ -130,17 +109,15 @@ class SerialDriver(Driver):
             raise DriverError(f"cannot open {self.cfg.port}: {e}") from e
         self.connected = True
         self.connects += 1
-        if self.connects > 1 or self._first_failure_logged:
+        if self._failures.reset() or self.connects > 1:
             log.info("meter %s: port %s open again", self.cfg.name, self.cfg.port)
-        self._first_failure_logged = False
 
     def _failed(self, reason: str, e: BaseException) -> None:
         self.errors[reason] += 1
         delay = self.backoff.failed()
-        if not self._first_failure_logged:
-            log.warning("meter %s: %s on %s (%s); retrying with backoff up to %.1f s",
-                        self.cfg.name, reason, self.cfg.port, e, self.backoff.cap)
-            self._first_failure_logged = True
+        if self._failures.hit():
+            log.warning("meter %s: %s on %s (%s; %d failures so far); retrying with backoff up to %.1f s",
+                        self.cfg.name, reason, self.cfg.port, e, self._failures.count(), self.backoff.cap)
         else:
             log.debug("meter %s: %s again, next try in %.2f s", self.cfg.name, reason, delay)
 

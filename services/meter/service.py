@@ -38,12 +38,13 @@ from services.bus import typed
 from services.bus.envelope import Envelope, caused_by
 from services.bus.events import (Delivery, DeliveryMismatch, Deployment, EnergyProduced, MeterKey, MeterReading,
                                  RelayChanged, TradeHeartbeat, TradeStatus)
+from services.bus.retry import Backoff
 from services.bus.service import Service
 
 from .accounting import (LIVE, CounterState, ReadingJudgement, RelayDecision, TradeView, interpolate, judge_reading,
                          lagging, mismatch, production_steps, relay_decision)
 from .config import MeterConfig, MeterSettings
-from .drivers import Backoff, Driver, SimDriver, make_driver
+from .drivers import Driver, SimDriver, make_driver
 from .errors import MeterError
 from .keys import MeterKey as Key
 from .keys import load_or_create, passphrase

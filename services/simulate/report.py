@@ -20,11 +20,10 @@ from typing import Any
 
 import zmq.asyncio
 
-from services.bus import Security
+from services.bus import Security, Subscriber
 from services.bus import events as ev
 from services.bus.events import Authority
 from services.bus.store import Store
-from services.bus.transport import Subscriber
 from services.gateway import figures
 from services.gateway.history import History
 

@@ -1,5 +1,6 @@
 """A hostile site with its own valid key, through the real hub: the publish policy of each
-event type, replays that prove what they skip, and a replay endpoint that never answers.
+event type, replays that prove what they skip, a replay endpoint that never answers, and
+malformed replay requests and replies (refused, changing nothing).
 
 The hostile site ('probe') publishes only under its own site name, so these tests hold
 with the hub's identity check as well as without it.
@@ -18,7 +19,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from services.bus import Store, Subscriber, envelope
+from services.bus import Store, Subscriber, envelope, replay
 from services.bus import events as ev
 from services.bus.events import Authority, Heartbeat
 
@@ -90,14 +91,27 @@ class Hostile:
     async def _serve(self) -> None:
         while True:
             frames = await self.router.recv_multipart()
-            req = json.loads(frames[-1])
-            self.asked.append(req)
-            if self.mode == "empty":
-                head = {**req, "n": 0, "last": 10**9}
-                await self.router.send_multipart([frames[0], json.dumps(head).encode()])
-            elif self.mode == "foreign":
-                head = {**req, "n": len(self.foreign), "last": 10**9}
-                await self.router.send_multipart([frames[0], json.dumps(head).encode(), *self.foreign])
+            self.asked.append(json.loads(frames[-1]))
+            if self.mode != "silent":
+                await self.router.send_multipart([frames[0], *self.answer(replay.decode_request(frames[-1]))])
+
+    def answer(self, req: replay.ReplayRequest) -> list[bytes]:
+        asked = dict(id=req.id, topic=req.topic, after=req.after, upto=req.upto)
+        if self.mode == "empty":
+            return [replay.ReplayHead(**asked, n=0, last=10**9).encode()]
+        if self.mode == "foreign":
+            return [replay.ReplayHead(**asked, n=len(self.foreign), last=10**9).encode(), *self.foreign]
+        if self.mode == "garbage":
+            return [b"\xff not json"]
+        if self.mode == "version 1":  # the untyped replay of before
+            return [json.dumps({"topic": req.topic, "after": req.after, "upto": req.upto, "n": 0, "last": 0}).encode()]
+        if self.mode == "refused":
+            return [replay.ReplayRefused(id=req.id, code="invalid", message="no").encode()]
+        if self.mode == "other range":  # a head for what was not asked, with an event of the range asked
+            return [replay.ReplayHead(**{**asked, "after": req.after + 1}, n=1, last=10**9).encode(), *self.foreign]
+        if self.mode == "short":  # says two rows, sends one
+            return [replay.ReplayHead(**asked, n=2, last=10**9).encode(), *self.foreign]
+        raise AssertionError(self.mode)
 
     async def send(self, body: ev.Message, source: str, seq: int | None = None) -> None:
         self._seq += 1
@@ -290,9 +304,9 @@ async def test_a_restarted_source_is_replayed_at_its_new_endpoint_without_the_ol
                 what="two timed-out replays from the silent endpoint")
     for t in hostile._tasks[1:]:
         t.cancel()
-    assert "probe/meter" in sub._backoff  # backing off from the silent endpoint
+    backoff = sub.replays.backoff["probe/meter"]  # backing off from the silent endpoint
     # as after a long outage: the backoff the old endpoint earned would hold a replay for an hour
-    sub._backoff["probe/meter"] = (time.monotonic() + 3600, 3600.0)
+    backoff.delay, backoff.not_before = 3600.0, time.monotonic() + 3600
     restarted = Hostile(grid)
     try:
         restarted.mode = "empty"
@@ -328,6 +342,79 @@ async def test_a_replay_serving_another_sources_events_is_refused(
     assert rec.rows() == []
     await sources.publish(ev.TradeAgreed(offer_id="o-1", **TRADE))  # the real market/auction seq 1
     await until(lambda: rec.of("market/auction") == [("trade.agreed", 1)], what="the real event applied")
+
+
+@pytest.mark.parametrize(("mode", "cause"), [
+    ("garbage", "replay_garbage"), ("version 1", "replay_version"), ("refused", "replay_refused"),
+    ("other range", "replay_invalid"), ("short", "replay_invalid"),
+])
+async def test_a_malformed_replay_reply_is_refused_and_changes_nothing(
+        grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile, mode: str, cause: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An answer that does not decode, speaks the untyped replay of version 1, refuses, or
+    does not match what was asked applies nothing (even a valid row that came with it) and
+    moves no offset; the source is backed off, and its live events in order still apply."""
+    sub, rec = honest
+    hostile.mode = mode
+    hostile.foreign = [envelope.encode(envelope.make(reading("probe", 1), source="probe/meter", seq=1))[1]]
+    with caplog.at_level("WARNING"):
+        hostile.beat_forever("probe/meter", node="probe/meter", site="probe", last={"meter.reading.probe": 5})
+        await until(lambda: sub.drops.counts[cause] >= 1, what=f"the {mode} reply refused")
+        await until(lambda: "probe/meter" in sub.replays.backoff, what="backing off")
+    assert rec.of("probe/meter") == []
+    assert sub.offsets.get(("probe/meter", "meter.reading.probe"), 0) == 0
+    if mode == "version 1":
+        assert any("replay version 1" in r.getMessage() and "upgrade" in r.getMessage() for r in caplog.records)
+    await hostile.send(reading("probe", 1), "probe/meter", seq=1)
+    await until(lambda: rec.of("probe/meter") == [("meter.reading", 1)], what="seq 1 applied live")
+
+
+@pytest.mark.parametrize(("request_frame", "code"), [
+    pytest.param(b"\x00garbage", "garbage", id="not-json"),
+    pytest.param(b"[1, 2]", "garbage", id="not-an-object"),
+    pytest.param(json.dumps({"topic": "meter.reading.solar-1", "after": 0, "upto": 9}).encode(), "version",
+                 id="untyped-version-1"),
+    pytest.param(json.dumps({"v": 3, "type": "bus.replay", "id": "a", "topic": "t", "after": 0, "upto": 1}).encode(),
+                 "version", id="newer-version"),
+    pytest.param(json.dumps({"v": 2, "type": "bus.replay", "id": "a", "topic": "t", "after": -1, "upto": 1}).encode(),
+                 "invalid", id="negative-seq"),
+    pytest.param(json.dumps({"v": 2, "type": "bus.replay", "id": "a", "topic": "x" * 10_000, "after": 0,
+                             "upto": 1}).encode(), "invalid", id="huge-topic"),
+    pytest.param(json.dumps({"v": 2, "type": "bus.replay", "id": "a", "topic": "t", "after": 0, "upto": 1,
+                             "sql": "1"}).encode(), "invalid", id="unknown-field"),
+    pytest.param(json.dumps({"v": 2, "type": "bus.replay_head", "id": "a", "topic": "t", "after": 0, "upto": 1,
+                             "n": 0, "last": 0}).encode(), "invalid", id="a-head-as-request"),
+])
+async def test_a_malformed_replay_request_is_refused_and_changes_nothing(
+        grid: Grid, sources: Sources, actx: zmq.asyncio.Context, request_frame: bytes, code: str) -> None:
+    """A publisher answers a request it cannot serve with a typed refusal (and counts it),
+    serves nothing, and goes on serving well-formed requests."""
+    pub = await sources.publisher("solar-1/meter")
+    for i in range(3):
+        await pub.publish(reading("solar-1", i))
+    outbox = list(pub.store.conn.execute("SELECT topic, seq, data FROM bus_outbox ORDER BY topic, seq"))
+    sec = grid.security("probe")
+    sec.start(actx)
+    sock = actx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sec.connect_to(sock, pub.replay_endpoint, "solar-1")
+        sock.connect(pub.replay_endpoint)
+        await sock.send(request_frame)
+        frames = await asyncio.wait_for(sock.recv_multipart(), 10)
+        refusal = replay.decode_reply(frames[0])
+        assert isinstance(refusal, replay.ReplayRefused) and refusal.code == code and len(frames) == 1
+        assert pub.replays is not None and pub.replays.drops.counts[code] == 1
+        assert list(pub.store.conn.execute("SELECT topic, seq, data FROM bus_outbox ORDER BY topic, seq")) == outbox
+        good = replay.ReplayRequest(id="b", topic="meter.reading.solar-1", after=1, upto=9)
+        await sock.send(good.encode())
+        frames = await asyncio.wait_for(sock.recv_multipart(), 10)
+        head = replay.decode_reply(frames[0])
+        assert isinstance(head, replay.ReplayHead) and (head.id, head.n, head.last) == ("b", 2, 3)
+        assert [envelope.decode_json(f).seq for f in frames[1:]] == [2, 3]
+    finally:
+        sock.close(0)
+        sec.stop()
 
 
 def test_every_event_type_declares_who_may_publish_it() -> None:

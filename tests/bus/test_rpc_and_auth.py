@@ -364,7 +364,7 @@ async def test_stored_replies_are_pruned_by_age_and_kept_within_the_window(grid:
 
 
 def test_drop_counts_keep_a_bounded_set_of_causes() -> None:
-    from services.bus.transport import DropCounter
+    from services.bus.sockets import DropCounter
 
     d = DropCounter("test")
     for i in range(1000):

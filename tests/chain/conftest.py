@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
-from services.bus import Security
+from services.bus import RpcClient, Security, Subscriber
 from services.bus.store import Store
-from services.bus.transport import RpcClient, Subscriber
 from services.bus import commands as C
 from services.bus import events as E
 from services.chain.config import ChainSettings

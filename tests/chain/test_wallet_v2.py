@@ -16,11 +16,10 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
-from services.bus import Security
+from services.bus import RpcClient, Security
 from services.bus import commands as C
 from services.bus import typed
 from services.bus.errors import RequestError
-from services.bus.transport import RpcClient
 from services.chain.wallet import WalletService, reserve_plan
 from tests.conftest import Sources
 from tests.signing import CHAIN_ID, DOMAIN, MARKET, deployment, later

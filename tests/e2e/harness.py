@@ -30,9 +30,8 @@ from eth_utils import keccak, to_checksum_address
 from web3 import HTTPProvider, Web3
 
 from services import launcher
-from services.bus import Security, ensure_keys
+from services.bus import Security, Subscriber, ensure_keys
 from services.bus.store import Store
-from services.bus.transport import Subscriber
 from services.chain.contracts import load_artifact
 from tests.conftest import free_port_block
 

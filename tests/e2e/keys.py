@@ -14,12 +14,11 @@ import zmq.asyncio
 from eth_account import Account
 
 from services import launcher
-from services.bus import RequestError, RpcClient, Security
+from services.bus import Publisher, RequestError, RpcClient, Security
 from services.bus import claims
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.store import Store
-from services.bus.transport import Publisher
 from services.chain.keystore import Keystore
 
 

@@ -10,7 +10,8 @@ import random
 import pytest
 
 from services.meter.config import MeterConfig
-from services.meter.drivers import Backoff, Driver, make_driver
+from services.bus.retry import Backoff
+from services.meter.drivers import Driver, make_driver
 from services.meter.emulator import LineEmulator, ModbusEmulator, make_emulator
 from services.meter.errors import DriverError, MeterError, ProtocolError
 from services.meter.models import Counters
@@ -199,14 +200,3 @@ async def test_line_meter_watchdog_opens_the_relay_when_the_host_goes_quiet(tmp_
     finally:
         await drv.close()
         await emu.close()
-
-
-def test_backoff_doubles_and_caps() -> None:
-    now = [0.0]
-    b = Backoff(0.1, 1.0, clock=lambda: now[0])
-    assert [b.failed() for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
-    assert b.wait_left() == 1.0
-    now[0] = 0.5
-    assert b.wait_left() == 0.5
-    b.reset()
-    assert b.wait_left() == 0 and b.failed() == 0.1
