@@ -105,6 +105,8 @@ class Publisher:
         self._tasks: list[asyncio.Task[None]] = []
         self._hb_seq = 0
         self.sent = 0
+        self.pub: zmq.asyncio.Socket | None = None  # both opened by start()
+        self.router: zmq.asyncio.Socket | None = None
 
     async def start(self) -> None:
         self.pub = _socket(self.ctx, zmq.PUB)
@@ -133,9 +135,9 @@ class Publisher:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        for s in ("pub", "router"):
-            if hasattr(self, s):
-                getattr(self, s).close(0)
+        for sock in (self.pub, self.router):
+            if sock is not None:
+                sock.close(0)
 
     def stage(self, body: Message, cause: str | None | _Unset = _FROM_CONTEXT) -> Envelope:
         """Write ``body`` into the current task's open transaction; sent after COMMIT.
@@ -301,6 +303,7 @@ class Subscriber:
         self._pending: dict[tuple[str, str], int] = {}  # (source, topic) -> seq of the batch being collected
         self._wanted: dict[str, bool] = {}  # topic -> wants(topic)
         self._task: asyncio.Task[None] | None = None
+        self.sub: zmq.asyncio.Socket | None = None  # opened by start()
         self.connected = asyncio.Event()
         self.since = time.time() if start == "latest" else 0.0
 
@@ -331,7 +334,7 @@ class Subscriber:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
         self._replays.clear()
-        if hasattr(self, "sub"):
+        if self.sub is not None:
             self.sub.close(0)
 
     async def _run(self) -> None:
@@ -679,6 +682,8 @@ class RpcServer:
         self._pruner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.started = time.time()
+        self.sock: zmq.asyncio.Socket | None = None  # opened by start(), bound to ``endpoint``
+        self.endpoint: str | None = None
 
     def handle(self, req_cls: type[Request], fn: RpcHandler, prefetch: Prefetch | None = None) -> None:
         """``fn(req, caller)`` runs inside the store transaction that remembers its reply. With
@@ -706,7 +711,7 @@ class RpcServer:
             for t in self._inflight:
                 t.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        if hasattr(self, "sock"):
+        if self.sock is not None:
             self.sock.close(0)
 
     async def prune(self, now: float | None = None) -> int:
