@@ -26,7 +26,7 @@ class _HubMetrics:
         self.service = service
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        hub = getattr(self.service, "hub", None)
+        hub = self.service.hub
         if hub is None:
             return
         fwd = CounterMetricFamily("gridtrade_hub_forwarded", "messages the hub forwarded")
@@ -42,6 +42,10 @@ class HubService(Service):
     name = "hub"
     settings: HubSettings
 
+    def __init__(self, settings: HubSettings) -> None:
+        super().__init__(settings)
+        self.hub: Hub | None = None  # its sockets are opened in setup()
+
     async def setup(self) -> None:
         s = self.settings
         # the hub's sockets live on a context of their own (a sync one, for the proxy thread)
@@ -50,10 +54,13 @@ class HubService(Service):
         self.hub.start()
 
     async def teardown(self) -> None:
-        self.hub.stop()
+        if self.hub is not None:
+            self.hub.stop()
 
     def health(self) -> dict[str, Any]:
         hub = self.hub
+        if hub is None:  # not set up
+            return super().health()
         return {**super().health(), "endpoints": list(hub.endpoints), "identity_checked": hub.checks,
                 "forwarded": hub.forwarded,
                 "hub_dropped": {f"{cause}/{site}": n for (cause, site), n in sorted(hub.drop_counts().items())}}

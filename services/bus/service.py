@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar
 
 import zmq.asyncio
@@ -25,6 +25,27 @@ from .pubsub import Handler, Publisher, Subscriber
 from .rpc import RpcClient, RpcServer
 
 log = logging.getLogger(__name__)
+
+
+def health_routes(health: Callable[[], dict[str, Any]], registry: CollectorRegistry | None = None,
+                  refresh: Callable[[], None] | None = None) -> list[web.RouteDef]:
+    """The ``/healthz`` route (``health()`` as JSON: 200 while it says ready, else 503) and,
+    given a registry, ``/metrics`` (its samples in Prometheus' text format, ``refresh()``
+    first): what every service serves, and what the gateway and a site host add to their apps."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        h = health()
+        return web.json_response(h, status=200 if h.get("ready") else 503)
+
+    routes = [web.get("/healthz", healthz)]
+    if registry is not None:
+        async def metrics(_: web.Request) -> web.Response:
+            if refresh is not None:
+                refresh()
+            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        routes.append(web.get("/metrics", metrics))
+    return routes
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -61,6 +82,7 @@ class Service:
         self._stopping = False
         self.started_at = time.time()
         self.ready = False
+        self._runner: web.AppRunner | None = None  # /healthz and /metrics, when metrics_port is set
 
     # --- parts a subclass asks for in setup() ----------------------------------------
 
@@ -166,8 +188,9 @@ class Service:
             await c.close()
         with contextlib.suppress(Exception):
             await self.teardown()
-        if hasattr(self, "_runner"):
+        if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
         self.security.stop()
         await asyncio.sleep(0)
         self.store.close()
@@ -185,24 +208,19 @@ class Service:
         finally:
             await self.stop()
 
+    def refresh_metrics(self) -> None:
+        """The gauges that are read from the bus parts, brought up to date before ``/metrics``."""
+        self.m_applied.set(sum(s.applied for s in self.subscribers))
+        for s in self.subscribers:
+            for cause, n in s.drops.counts.items():
+                self.m_dropped.labels(cause).set(n)
+        for srv in self.servers:
+            for site, n in srv.busy.items():
+                self.m_busy.labels(site or "(no identity)").set(n)
+
     async def _start_http(self) -> None:
-        async def healthz(_: web.Request) -> web.Response:
-            h = self.health()
-            return web.json_response(h, status=200 if h.get("ready") else 503)
-
-        async def metrics(_: web.Request) -> web.Response:
-            self.m_applied.set(sum(s.applied for s in self.subscribers))
-            for s in self.subscribers:
-                for cause, n in s.drops.counts.items():
-                    self.m_dropped.labels(cause).set(n)
-            for srv in self.servers:
-                for site, n in srv.busy.items():
-                    self.m_busy.labels(site or "(no identity)").set(n)
-            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
         app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/metrics", metrics)
+        app.add_routes(health_routes(self.health, self.registry, self.refresh_metrics))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.settings.metrics_host, self.settings.metrics_port).start()

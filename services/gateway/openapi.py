@@ -1,13 +1,15 @@
-"""The route table and the OpenAPI 3 document built from it (pure: no I/O).
+"""What a route of the API is, and the OpenAPI 3 document built from the routes (pure: no I/O).
 
-Each route is declared once, in :data:`ROUTES`, with the pydantic models of its body and
-its answer. The app validates request bodies with exactly these models and the document
-at ``/api/openapi.json`` is generated from them, so the two cannot drift.
+Each route is declared once, on its handler (``@api(Route(...))`` in
+:mod:`services.gateway.routes`), with the pydantic models of its body and its answer. The
+app validates request bodies with exactly these models and the document at
+``/api/openapi.json`` is generated from them, so the two cannot drift.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -33,84 +35,6 @@ class Route:
     query: tuple[tuple[str, str], ...] = ()  # optional integer query parameters: (name, description)
 
 
-_SESSION_ERRORS = (401, 503)
-_BACKEND = (502, 503)
-
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/api/accounts", "list_accounts", "Local accounts for the login page", m.AccountsOut,
-          auth=False, errors=_BACKEND, tag="session"),
-    Route("POST", "/api/session", "login", "Log in: unlock an account with its passphrase", m.SessionOut,
-          body=m.Login, auth=False, errors=(400, 401, 415, 422, 429, *_BACKEND), tag="session"),
-    Route("GET", "/api/session", "whoami", "The logged-in account", m.SessionOut, errors=(401,), tag="session"),
-    Route("POST", "/api/session/unlock", "unlock",
-          "Unlock the session's account again with its passphrase (after its wallet restarted, actions that "
-          "sign answer 401 with code locked; the session itself stays)", m.SessionOut, body=m.UnlockIn,
-          errors=(400, 401, 415, 422, 429, *_BACKEND), tag="session"),
-    Route("DELETE", "/api/session", "logout", "Log out: lock the account and end the session", m.OkOut,
-          errors=(401,), tag="session"),
-    Route("GET", "/api/wallet", "wallet", "Tokens, generation, Ether, escrow and pending transactions", m.WalletOut,
-          errors=(*_SESSION_ERRORS, 502)),
-    Route("GET", "/api/pending", "pending", "This account's pending transactions", m.PendingOut,
-          errors=(*_SESSION_ERRORS, 502)),
-    Route("POST", "/api/transfers", "transfer", "Send Ether to another participant", m.TxSentOut, body=m.TransferIn,
-          status=202, errors=(400, 401, 409, 415, 422, *_BACKEND)),
-    Route("POST", "/api/escrow/deposit", "escrow_deposit", "Move Ether into the market's escrow", m.TxSentOut,
-          body=m.EscrowIn, status=202, errors=(400, 401, 409, 415, 422, *_BACKEND)),
-    Route("POST", "/api/escrow/withdraw", "escrow_withdraw", "Take free escrow back", m.TxSentOut,
-          body=m.EscrowIn, status=202, errors=(400, 401, 409, 415, 422, *_BACKEND)),
-    Route("POST", "/api/credit/withdraw", "withdraw_credit", "Take out what buyers paid this seller", m.TxSentOut,
-          body=m.EscrowIn, status=202, errors=(400, 401, 409, 415, 422, *_BACKEND)),
-    Route("GET", "/api/mining", "mining", "Whether blocks are being produced", m.MiningOut,
-          errors=(*_SESSION_ERRORS, 502)),
-    Route("POST", "/api/mining", "set_mining", "Start or stop mining", m.MiningOut, body=m.MiningIn,
-          errors=(400, 401, 409, 415, 422, *_BACKEND)),
-    Route("GET", "/api/offers", "list_offers", "Open offers with their highest bids", m.OffersOut,
-          errors=(*_SESSION_ERRORS, 502), tag="market"),
-    Route("POST", "/api/offers", "sell", "Sell energy tokens in an auction (the site's wallet signs the offer)",
-          m.OfferPlacedOut, body=m.SellIn,
-          status=201, errors=(400, 401, 409, 415, 422, *_BACKEND), tag="market"),
-    Route("POST", "/api/offers/{offer_id}/bids", "bid",
-          "Bid on an offer: the site's wallet reserves the escrow the bid and the account's other winning bids need "
-          "until the bid expires, then signs the bid", m.BidOut, body=m.BidIn, status=201,
-          errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
-    Route("POST", "/api/offers/{offer_id}/cancel", "cancel_offer", "Cancel an own offer without bids", m.OkOut,
-          body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
-    Route("GET", "/api/orders", "list_orders",
-          "The double auction: the order book of the call being collected (your orders marked mine), when it "
-          "clears, and the latest cleared calls' prices and volumes", m.OrdersOut,
-          errors=(*_SESSION_ERRORS, 502), tag="market"),
-    Route("POST", "/api/orders", "place_order",
-          "Place a double-auction order for the call being collected (the site's wallet approves the tokens or "
-          "reserves the escrow, then signs it); every fill of a call pays the call's one clearing price",
-          m.OrderPlacedOut, body=m.OrderIn, status=201, errors=(400, 401, 403, 409, 415, 422, *_BACKEND),
-          tag="market"),
-    Route("GET", "/api/trades", "list_trades", "Trades (all of the market's)", m.TradesOut,
-          errors=(*_SESSION_ERRORS, 502), tag="market"),
-    Route("POST", "/api/trades/{trade_id}/close", "close_trade", "Close Connection: end a live trade", m.OkOut,
-          body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *_BACKEND), tag="market"),
-    Route("GET", "/api/agent", "agent", "This site's agent: what it does, its limits in force, its latest actions",
-          m.AgentOut, errors=(*_SESSION_ERRORS, 404, 502), tag="agent"),
-    Route("PUT", "/api/agent/limits", "set_agent_limits",
-          "Set the site's agent's limits (off: trade by hand); its next decision follows them", m.AgentOut,
-          body=m.AgentLimitsIn, errors=(*_SESSION_ERRORS, 404, 422, 502), tag="agent"),
-    Route("GET", "/api/site", "site_info", "This site: its role, its (simulated) clock, the block explorer, the "
-          "auction's minimum increment, which markets run", m.SiteOut, auth=False, tag="history"),
-    Route("GET", "/api/history", "history", "Your trades, ended offers and Ether transactions, newest first (the "
-          "same as CSV: GET /api/history.csv)", m.HistoryOut, errors=(401,), tag="history"),
-    Route("GET", "/api/prices", "prices", "The market's start bids, bids, trade and clearing prices over time",
-          m.PricesOut, errors=(401,), tag="history"),
-    Route("GET", "/api/figures", "figures",
-          "Your site's figures per day of site time and in total: energy produced, consumed, traded locally (as "
-          "the chain settled it) and exchanged with the utility, self-sufficiency and money saved against the "
-          "utility's tariffs. Query: from, to (site time, Unix s; default the site's current day), tz_offset_s "
-          "(days start at midnight shifted by it; default 0). The same as CSV: GET /api/figures.csv",
-          m.FiguresOut, errors=(400, 401), tag="history",
-          query=(("from", "the range's start, site time (Unix s)"), ("to", "the range's end (exclusive), site time"),
-                 ("tz_offset_s", "days begin at midnight shifted by this many seconds (quarter hours)"))),
-    Route("GET", "/api/readings", "readings", "This site's latest meter readings (for the charts)", m.ReadingsOut,
-          errors=(401,), tag="history"),
-)
-
 _REASONS = {400: "Malformed request",
             401: "No session (code no_session: log in first), a wrong passphrase (bad_credentials), or the "
                  "account's key is locked in its wallet (locked: POST /api/session/unlock)",
@@ -128,7 +52,7 @@ def _path_params(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def document(routes: tuple[Route, ...] = ROUTES, *, title: str = "gridtrade gateway",
+def document(routes: Sequence[Route], *, title: str = "gridtrade gateway",
              version: str = "0.1.0", cookie: str = "gridtrade_session") -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``routes``."""
     pairs: list[tuple[type[BaseModel], Any]] = [(m.ErrorOut, "serialization")]

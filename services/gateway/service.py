@@ -1,10 +1,9 @@
 """The gateway service: bus parts (a client of this site's wallet, one of the market's
-auction, a live event feed) plus the aiohttp server that serves the API, the websocket and
-the web UI."""
+auction, a live event feed, the history's durable feed) plus the aiohttp server that serves
+the API, the websocket and the web UI, with its background work (:mod:`.background`)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any, ClassVar
@@ -15,14 +14,13 @@ from services.bus import Envelope, Service, Subscriber
 from services.bus import events as ev
 from services.bus.store import Store
 
-from . import feed, history
-from .app import Gateway
-from .history import History
+from . import background, feed, history
+from .app import make_app
 from .config import GatewaySettings
+from .history import History
+from .state import Gateway
 
 log = logging.getLogger(__name__)
-
-PRUNE_EVERY_S = 60.0
 
 
 class GatewayService(Service):
@@ -31,65 +29,39 @@ class GatewayService(Service):
 
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings)
+        s = settings
+        # keys, passphrases and signatures go to this site's own wallet only, never to
+        # another host's; the auction (at the market) only gets offers and bids
+        wallet = self.client(s.wallet_rpc, s.wallet_site or s.site)
+        auction = self.client(s.auction_rpc, s.auction_site)
+        agent = self.client(s.agent_rpc, s.site) if s.agent_rpc else None  # this site's agent: its owner's limits
+        # the pages' record in a store of its own (its subscription keeps its own offsets)
+        self.history_store = Store(s.data_dir / "history.sqlite")
+        self.gateway = Gateway(s, chain=wallet, auction=auction, agent=agent, registry=self.registry,
+                               health=self.health, refresh=self.refresh_metrics,
+                               store=self.store,  # sessions live in <data_dir>/gateway.sqlite
+                               history=History(self.history_store, s.site))
+        self.runner: web.AppRunner | None = None  # the web server, from start() until stopping()
         self.url = ""
         self.port = 0
 
     async def setup(self) -> None:
         s = self.settings
-        # keys, passphrases and signatures go to this site's own wallet only, never to
-        # another host's; the auction (at the market) only gets offers and bids
-        wallet = self.client(s.wallet_rpc, s.wallet_site or s.site)
-        auction = self.client(s.auction_rpc, s.auction_site)
-        # the pages' record in a store of its own (its subscription keeps its own offsets)
-        self.history_store = Store(s.data_dir / "history.sqlite")
-        agent = self.client(s.agent_rpc, s.site) if s.agent_rpc else None  # this site's agent: its owner's limits
-        self.gateway = Gateway(s, chain=wallet, auction=auction, agent=agent, registry=self.registry,
-                               health=self.health,
-                               store=self.store,  # sessions live in <data_dir>/gateway.sqlite
-                               history=History(self.history_store, s.site))
-        await self.prune_sessions()
-        self.spawn(self._prune_forever(), name="gateway-session-prune")
         # a live feed: what happened before this gateway started is read through the API
-        self.feed = self.subscribe([*feed.PREFIXES, f"{ev.MeterReading.TYPE}.{s.site}",
-                                    f"{ev.RelayChanged.TYPE}.{s.site}", f"{ev.WalletTx.TYPE}.{s.site}"],
-                                   self.on_event, start="latest")
+        self.subscribe([*feed.PREFIXES, f"{ev.MeterReading.TYPE}.{s.site}",
+                        f"{ev.RelayChanged.TYPE}.{s.site}", f"{ev.WalletTx.TYPE}.{s.site}"],
+                       self.on_event, start="latest")
         # the history: durable, so what happened while this gateway was down is replayed into it
-        self.history_feed = Subscriber(self.ctx, self.security, self.history_store, hub_sub=s.hub_sub,
-                                       hub_site=s.hub_site, prefixes=history.prefixes(s.site),
-                                       handler=self.on_history, start="earliest", name=f"{self.source} history",
-                                       authority=s.authority)
-        self.subscribers.append(self.history_feed)
-        self.spawn(self.gateway.watch_balances(s.gateway_balance_poll_s), name="gateway-balances")
-        self.spawn(self._persist_history(), name="gateway-history-clock")
+        self.subscribers.append(Subscriber(self.ctx, self.security, self.history_store, hub_sub=s.hub_sub,
+                                           hub_site=s.hub_site, prefixes=history.prefixes(s.site),
+                                           handler=self.on_history, start="earliest",
+                                           name=f"{self.source} history", authority=s.authority))
 
     def on_history(self, env: Envelope, conn: Any) -> None:
         self.gateway.history.apply(conn, env.ts, env.body)
 
-    async def _persist_history(self) -> None:
-        while True:
-            await asyncio.sleep(5.0)
-            try:
-                await self.gateway.history.persist()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - tried again next round
-                log.exception("saving the site's clock failed")
-
     async def prune_sessions(self) -> int:
-        n = await self.gateway.sessions.purge(time.time())
-        if n:
-            log.info("pruned %d expired session(s)", n)
-        return n
-
-    async def _prune_forever(self) -> None:
-        while True:
-            await asyncio.sleep(PRUNE_EVERY_S)
-            try:
-                await self.prune_sessions()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - tried again next round
-                log.exception("pruning expired sessions failed")
+        return await background.prune_sessions(self.gateway)
 
     def on_event(self, env: Envelope, conn: Any) -> None:
         body = env.body
@@ -101,8 +73,9 @@ class GatewayService(Service):
 
     async def start(self) -> None:
         await super().start()
-        self.runner = web.AppRunner(self.gateway.make_app(), access_log=None, shutdown_timeout=2.0)
-        await self.runner.setup()
+        self.runner = web.AppRunner(make_app(self.gateway, background=background.BACKGROUND), access_log=None,
+                                    shutdown_timeout=2.0)
+        await self.runner.setup()  # the background work starts here (expired sessions pruned first)
         site = web.TCPSite(self.runner, self.settings.http_host, self.settings.http_port)
         await site.start()
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
@@ -111,15 +84,14 @@ class GatewayService(Service):
         log.info("gateway of site %s serving %s", self.settings.site, self.url)
 
     async def stopping(self) -> None:
-        if hasattr(self, "runner"):
-            await self.runner.cleanup()
+        if self.runner is not None:
+            await self.runner.cleanup()  # stops taking requests, closes the websockets, ends the background work
+            self.runner = None
 
     async def teardown(self) -> None:
-        if hasattr(self, "history_store"):
-            self.history_store.close()
+        self.history_store.close()
 
     def health(self) -> dict[str, Any]:
         h = super().health()
-        if hasattr(self, "gateway"):
-            h.update(url=self.url, sessions=self.gateway.sessions.live(time.time()), websockets=len(self.gateway.clients))
+        h.update(url=self.url, sessions=self.gateway.sessions.live(time.time()), websockets=len(self.gateway.clients))
         return h

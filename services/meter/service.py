@@ -512,13 +512,19 @@ class MeterService(Service):
     name = "meter"
     settings: MeterSettings
 
-    async def setup(self) -> None:
-        s = self.settings
+    def __init__(self, settings: MeterSettings) -> None:
+        super().__init__(settings)
+        self.runners: list[MeterRunner] = []  # one per configured meter, made in setup()
+        self._loops: list[asyncio.Task[None]] = []  # their reading loops, from start() until stopping()
         # site -> its Deliveries not believed (not the trade's buyer, unsigned, a key it did not announce);
         # and the same by reason
         self.deliveries_refused: dict[str, int] = {}
         self.deliveries_refused_why: collections.Counter[str] = collections.Counter()
         self.keys_refused: dict[str, int] = {}  # site -> its MeterKey announcements with a bad signature
+        self.deployment: Deployed | None = None  # read from the store in setup()
+
+    async def setup(self) -> None:
+        s = self.settings
         migrate(self.store.conn)
         self.deployment = deployed(self.store.conn)
         keys = await self._keys()
@@ -540,7 +546,6 @@ class MeterService(Service):
         if s.account is None and keys:
             log.warning("no GRIDTRADE_ACCOUNT: the meter keys are not announced for registration until one is set "
                         "(production is counted and signed meanwhile)")
-        self.runners: list[MeterRunner] = []
         for cfg in s.meters:
             state = None
             if cfg.driver == "sim":
@@ -548,7 +553,6 @@ class MeterService(Service):
                 state = json.loads(row["sim_state"]) if row and row["sim_state"] else None
             driver = make_driver(cfg, s.sim, state=state, backoff=Backoff(s.backoff_initial_s, s.backoff_max_s))
             self.runners.append(MeterRunner(self, cfg, driver, keys.get(cfg.name)))
-        self._loops: list[asyncio.Task[None]] = []
 
     async def _keys(self) -> dict[str, Key]:
         """Each keyed meter's key, made on its first start; production is counted for one
@@ -607,18 +611,17 @@ class MeterService(Service):
         return self.pub.stage(body)
 
     async def stopping(self) -> None:
-        loops = getattr(self, "_loops", [])
-        for t in loops:
+        for t in self._loops:
             t.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
-        for r in getattr(self, "runners", []):  # a clean stop leaves no relay closed
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for r in self.runners:  # a clean stop leaves no relay closed
             if r.cfg.trade:
                 with contextlib.suppress(MeterError, Exception):
                     await asyncio.wait_for(r.driver.set_relay(False), 2)
                     await r.note_relay(False, None, "meter service stopping")
 
     async def teardown(self) -> None:
-        for r in getattr(self, "runners", []):
+        for r in self.runners:
             await r.driver.close()
 
     # --- what we hear ---------------------------------------------------------------
@@ -727,9 +730,9 @@ class MeterService(Service):
             self.g_errors.labels(r.cfg.name, reason).set(n)
 
     def health(self) -> dict[str, Any]:
-        dep = getattr(self, "deployment", None)
-        return {**super().health(), "meters": {r.cfg.name: r.health() for r in getattr(self, "runners", [])},
+        dep = self.deployment
+        return {**super().health(), "meters": {r.cfg.name: r.health() for r in self.runners},
                 "deployment": dep.deployment if dep else None,
-                "deliveries_refused": dict(getattr(self, "deliveries_refused", {})),
-                "deliveries_refused_why": dict(getattr(self, "deliveries_refused_why", {})),
-                "meter_keys_refused": dict(getattr(self, "keys_refused", {}))}
+                "deliveries_refused": dict(self.deliveries_refused),
+                "deliveries_refused_why": dict(self.deliveries_refused_why),
+                "meter_keys_refused": dict(self.keys_refused)}

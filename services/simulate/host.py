@@ -29,7 +29,7 @@ from services.agent.config import AgentSettings
 from services.agent.service import AgentService
 from services.bus import Service
 from services.bus.config import BusSettings
-from services.bus.service import configure_logging
+from services.bus.service import configure_logging, health_routes
 from services.chain.config import ChainSettings
 from services.chain.wallet import WalletService
 from services.meter.config import MeterSettings
@@ -150,12 +150,8 @@ async def serve(spec: HostSpec, settings: BusSettings) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    async def healthz(_: web.Request) -> web.Response:
-        h = host.health()
-        return web.json_response(h, status=200 if h["ready"] else 503)
-
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
+    app.add_routes(health_routes(host.health))  # /healthz only: the sites' services keep their own metrics
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     if settings.metrics_port:

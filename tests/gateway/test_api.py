@@ -13,7 +13,7 @@ import pytest
 
 from services.bus import commands as cmd
 from services.gateway import models as m
-from services.gateway.openapi import ROUTES
+from services.gateway.routes import ROUTES
 
 from .conftest import Stack, http, login
 

@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestServer
 from services.bus import RequestError
 from services.bus import commands as cmd
 from services.bus import events as ev
-from services.gateway.app import Gateway
+from services.gateway.app import make_app
 from services.gateway.config import GatewaySettings
+from services.gateway.state import Gateway
 
 ME = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"  # the EIP-55 example address
 SELLER = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
@@ -76,7 +77,7 @@ async def gw(tmp_path: Any) -> Any:
     })
     settings = GatewaySettings(site="home-7", data_dir=tmp_path, explorer_tx_url="https://explorer.example/tx/{hash}")
     g = Gateway(settings, chain=chain, auction=auction, clock=clock)  # type: ignore[arg-type]
-    server = TestServer(g.make_app())
+    server = TestServer(make_app(g))
     await server.start_server()
     g.test_url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
     g.backends = (chain, auction, clock, balances)  # type: ignore[attr-defined]
