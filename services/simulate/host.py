@@ -54,9 +54,9 @@ def _own(site: HostedSite, data: pathlib.Path) -> dict[str, Any]:
 
 def wallet_of(spec: HostSpec, site: HostedSite, data: pathlib.Path) -> WalletService:
     # a site's own transactions are few (a deposit, reservations for bids): looked after once a
-    # second rather than five times, which many wallets in one loop feel
+    # second or less often (the run's pace) rather than five times, which many wallets in one loop feel
     return WalletService(ChainSettings(**_own(site, data), chain_role="site", chain_url=spec.chain_url,
-                                       wallet_rpc=site.wallet_rpc, poll_s=1.0))
+                                       wallet_rpc=site.wallet_rpc, poll_s=spec.wallet_poll_s))
 
 
 def agent_of(spec: HostSpec, site: HostedSite, data: pathlib.Path) -> AgentService:

@@ -16,6 +16,7 @@ wallet at ``p + 100 + 2i`` and agent at ``p + 101 + 2i``: a block of
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import pathlib
 
@@ -38,13 +39,15 @@ class SimOptions(BaseModel):
     model_config = ConfigDict(frozen=True)
     days: float = Field(default=1.0, gt=0, le=366)
     per_host: int = Field(default=10, ge=1, le=500, description="sites per site host process")
-    agent_every_s: float = Field(default=3.0, gt=0, description="wall seconds between two decisions of an agent")
-    offer_duration_s: int = Field(default=10, gt=0, description="an agent's english auction (wall s)")
-    clear_interval_s: float = Field(default=5.0, gt=0, description="the double auction's call interval (wall s)")
+    agent_every_s: float | None = Field(default=None, gt=0, description="wall seconds between two decisions of an "
+                                        "agent (default 3 x pace)")
+    offer_duration_s: int | None = Field(default=None, gt=0, description="an agent's english auction (wall s; "
+                                         "default 10 x pace)")
+    clear_interval_s: float | None = Field(default=None, gt=0, description="the double auction's call interval "
+                                           "(wall s; default 5 x pace)")
     deposit_wei: int = Field(default=10**18, ge=0, description="first escrow of each buying site and the utility")
-    heartbeat_s: float | None = Field(default=None, gt=0, description=(
-        "the bus heartbeat interval of every service (default: a second per 25 sites, at least 1): every "
-        "subscriber hears every publisher's heartbeat, so their count grows with the square of the sites"))
+    heartbeat_s: float | None = Field(default=None, gt=0, description="the bus heartbeat interval of every "
+                                      "service (default: the pace)")
     env: dict[str, str] = Field(default_factory=dict, description="more GRIDTRADE_* settings for every service")
 
 
@@ -76,6 +79,7 @@ class HostSpec(BaseModel):
     time_scale: float
     start: dt.datetime
     epoch: float = 0.0
+    wallet_poll_s: float = Field(default=1.0, gt=0, description="how often each wallet follows the chain")
 
 
 def ports_needed(n_sites: int) -> int:
@@ -86,25 +90,58 @@ def host_count(n_sites: int, per_host: int) -> int:
     return -(-n_sites // per_host)
 
 
-def heartbeat_s(sc: Scenario, so: SimOptions) -> float:
-    """A second per 25 sites (at least 1): with S sites about 3S publishers each beat to 3S
-    subscribers, and a heartbeat only starts the replay of what a subscriber missed, so a
-    large run notices a gap a few seconds later rather than spending its CPU on beats."""
-    return so.heartbeat_s if so.heartbeat_s is not None else max(1.0, len(sc.all_sites) / 25)
+SITES_AT_FULL_PACE = 25
+FULL_PACE_SCALE = 360.0  # a day in four minutes
+
+
+def pace(n_sites: int) -> float:
+    """How many times slower than a small run, in wall time, a run of ``n_sites`` goes:
+    1 up to 25 sites, then in proportion (4 at 100). Every site costs CPU per wall second
+    (a meter reading, a wallet following the chain, an agent's decision, and heartbeats
+    heard by every subscriber, growing with the square of the sites), so a large run reads,
+    decides and beats that much less often and its clock runs that much slower: per
+    simulated hour a site does what it does in a small run, and one machine carries it."""
+    return max(1.0, n_sites / SITES_AT_FULL_PACE)
+
+
+def default_time_scale(n_sites: int) -> float:
+    """360 (a day in four minutes) up to 25 sites; slower beyond, with the pace."""
+    return FULL_PACE_SCALE / pace(n_sites)
+
+
+@dataclasses.dataclass(frozen=True)
+class Intervals:
+    """The wall-time intervals of a run (see :func:`pace`)."""
+
+    heartbeat_s: float
+    reading_s: float
+    wallet_poll_s: float
+    agent_every_s: float
+    offer_duration_s: int
+    clear_interval_s: float
+
+    @classmethod
+    def of(cls, sc: Scenario, so: SimOptions) -> Intervals:
+        k = pace(len(sc.all_sites))
+        return cls(heartbeat_s=so.heartbeat_s or k, reading_s=k, wallet_poll_s=k,
+                   agent_every_s=so.agent_every_s or 3.0 * k, offer_duration_s=so.offer_duration_s or round(10 * k),
+                   clear_interval_s=so.clear_interval_s or 5.0 * k)
 
 
 def service_env(sc: Scenario, so: SimOptions) -> dict[str, str]:
     """What every service of the run is told besides the launcher's shared environment."""
+    iv = Intervals.of(sc, so)
     return {
         "GRIDTRADE_TARIFF_RETAIL_WEI_PER_KWH": str(sc.tariffs.retail_wei_per_kwh),
         "GRIDTRADE_TARIFF_FEED_IN_WEI_PER_KWH": str(sc.tariffs.feed_in_wei_per_kwh),
         "GRIDTRADE_AUCTION_MARKET": sc.grid.market, "GRIDTRADE_AGENT_MARKET": sc.grid.market,
-        "GRIDTRADE_AUCTION_CLEAR_INTERVAL_S": str(so.clear_interval_s),
-        "GRIDTRADE_AGENT_EVERY_S": str(so.agent_every_s),
-        "GRIDTRADE_AGENT_OFFER_DURATION_S": str(so.offer_duration_s),
+        "GRIDTRADE_AUCTION_CLEAR_INTERVAL_S": f"{iv.clear_interval_s:g}",
+        "GRIDTRADE_AGENT_EVERY_S": f"{iv.agent_every_s:g}",
+        "GRIDTRADE_AGENT_OFFER_DURATION_S": str(iv.offer_duration_s),
+        "GRIDTRADE_READING_INTERVAL_S": f"{iv.reading_s:g}",
         "GRIDTRADE_DISPUTE_WINDOW_S": "2",
         "GRIDTRADE_SCRYPT_N": str(SCRYPT_N), "GRIDTRADE_METER_SCRYPT_N": str(SCRYPT_N),
-        "GRIDTRADE_HEARTBEAT_S": f"{heartbeat_s(sc, so):g}",
+        "GRIDTRADE_HEARTBEAT_S": f"{iv.heartbeat_s:g}",
         **so.env,
     }
 
@@ -145,7 +182,8 @@ def sim_plan(o: launcher.Options, sc: Scenario, so: SimOptions,
                                      agent_rpc=f"tcp://{h}:{p + SITE_PORTS + 2 * i + 1}"))
         name = f"host-{k + 1}"
         host = HostSpec(name=name, data=o.data.resolve(), sites=hosted, chain_url=planner.chain_url,
-                        market=sc.grid.market, time_scale=o.time_scale, start=start)
+                        market=sc.grid.market, time_scale=o.time_scale, start=start,
+                        wallet_poll_s=Intervals.of(sc, so).wallet_poll_s)
         specs.append(host)
         port = p + HOST_HEALTH + k
         proc = planner.add(name, launcher.MARKET, launcher._py("services.simulate.host", str(spec_path(o.data, name))),

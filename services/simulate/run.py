@@ -44,13 +44,13 @@ from services.gateway import figures
 
 from . import report as rep
 from .host import go_path
-from .plan import SCRYPT_N, HostSpec, SimOptions, ports_needed, sim_plan, spec_path
+from .plan import (FULL_PACE_SCALE, SCRYPT_N, SITES_AT_FULL_PACE, HostSpec, SimOptions, default_time_scale,
+                   ports_needed, sim_plan, spec_path)
 from .scenario import Scenario, ScenarioError
 from .scenario import load as load_scenario
 
 MARKER = ".gridtrade-simulate"
 COLLECTOR = "sim-report"  # the report's own key: it only listens
-DEFAULT_SCALE = 360.0  # a day in four minutes
 
 
 class SimError(RuntimeError):
@@ -353,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", type=pathlib.Path, help="a scenario file (TOML; see scenarios/ and the README)")
     p.add_argument("--days", type=float, default=1.0, help="simulated days to run (default 1)")
-    p.add_argument("--time-scale", type=float, default=DEFAULT_SCALE,
-                   help=f"simulated seconds per second (default {DEFAULT_SCALE:g}: a day in 4 minutes)")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help=f"simulated seconds per second (default {FULL_PACE_SCALE:g}, a day in 4 minutes, up to "
+                        f"{SITES_AT_FULL_PACE} sites; beyond, slower in proportion: 90 for 100 sites, whose meters, "
+                        "wallets and agents then also read, follow and decide 4 times less often in wall time)")
     p.add_argument("--data", type=pathlib.Path, default=pathlib.Path("sim-data"),
                    help="where the run keeps its state and report (default ./sim-data; started afresh)")
     p.add_argument("--base-port", type=int, default=5550, help="its ports start here (100 + 2 per site of them)")
@@ -369,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # the options' own checks
         print(f"gridtrade simulate: {e}", file=sys.stderr)
         return 2
+    if a.time_scale is None:
+        a.time_scale = default_time_scale(len(sc.all_sites))
     if not 0 < a.time_scale <= 1e5:
         print("gridtrade simulate: --time-scale must be more than 0 and at most 100000", file=sys.stderr)
         return 2

@@ -81,9 +81,19 @@ def test_village_100_is_ten_hosts_within_its_port_block() -> None:
     ports = [int(e.rsplit(":", 1)[1]) for s in specs for site in s.sites for e in (site.wallet_rpc, site.agent_rpc)]
     ports += [int(p.health_url.rsplit(":", 1)[1].split("/")[0]) for p in procs if p.health_url]
     assert len(ports) == len(set(ports)) and max(ports) < o.base_port + P.ports_needed(100)
-    # every service beats less often than a two-site grid's: 300 publishers beat to 300 subscribers
-    assert {p.env.get("GRIDTRADE_HEARTBEAT_S") for p in procs if p.name != "anvil"} == {"4"}
-    assert P.service_env(load(ROOT / "scenarios" / "village-20.toml"), P.SimOptions())["GRIDTRADE_HEARTBEAT_S"] == "1"
+    # a hundred sites go at a quarter of a small run's pace in wall time: every service beats,
+    # every meter reads, every wallet follows the chain and every agent decides 4 times less
+    # often, and the clock runs 4 times slower, so that per simulated hour a site does the same
+    python = [p for p in procs if p.name != "anvil"]
+    assert {p.env.get("GRIDTRADE_HEARTBEAT_S") for p in python} == {"4"}
+    assert {p.env.get("GRIDTRADE_READING_INTERVAL_S") for p in python} == {"4"}
+    assert {(p.env["GRIDTRADE_AGENT_EVERY_S"], p.env["GRIDTRADE_AGENT_OFFER_DURATION_S"]) for p in python} == {
+        ("12", "40")}
+    assert {s.wallet_poll_s for s in specs} == {4.0}
+    assert P.default_time_scale(100) == 90 and P.default_time_scale(20) == P.default_time_scale(2) == 360
+    small = P.service_env(load(ROOT / "scenarios" / "village-20.toml"), P.SimOptions())
+    assert (small["GRIDTRADE_HEARTBEAT_S"], small["GRIDTRADE_READING_INTERVAL_S"], small["GRIDTRADE_AGENT_EVERY_S"],
+            small["GRIDTRADE_AGENT_OFFER_DURATION_S"]) == ("1", "1", "3", "10")
 
 
 def test_the_reports_charts_are_pngs_of_every_site_and_every_price() -> None:
