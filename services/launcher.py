@@ -38,6 +38,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 MARKET, PRODUCER, CONSUMER, UTILITY = "market", "solar-1", "home-7", "utility"
 SITES = (PRODUCER, CONSUMER)
@@ -376,15 +377,21 @@ class Runner:
             cwd=ROOT, start_new_session=True)
         log.close()
 
-    async def wait_healthy(self, proc: Proc, timeout: float = 180) -> None:
+    async def wait_until(self, proc: Proc, what: str, check: Callable[[], Any], timeout: float) -> None:
+        """Poll ``check`` until it is true; raises RuntimeError naming ``what`` and the
+        part's log when ``proc`` exits meanwhile or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        while proc.health_url and not healthy(proc.health_url):
+        while not check():
             child = self.running[proc.name]
             if child.returncode is not None:
                 raise RuntimeError(f"{proc.name} exited with {child.returncode}; see {proc.log}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.name} is not healthy after {timeout:.0f} s; see {proc.log}")
+                raise RuntimeError(f"{what}: not after {timeout:.0f} s; see {proc.log}")
             await asyncio.sleep(0.3)
+
+    async def wait_healthy(self, proc: Proc, timeout: float = 180) -> None:
+        await self.wait_until(proc, f"{proc.name} healthy", lambda: not proc.health_url or healthy(proc.health_url),
+                              timeout)
         if proc.name == "anvil":
             await asyncio.sleep(1.0)
 

@@ -158,8 +158,8 @@ class Simulation:
             if proc.name == "hub":
                 await self.collector.start()
             if proc.name == "chain":
-                await self._until("the operator to deploy the contracts",
-                                  lambda: (_health(proc.health_url) or {}).get("market"), 120)
+                await runner.wait_until(proc, "the operator's contracts deployed",
+                                        lambda: (_health(proc.health_url) or {}).get("market"), 120)
         say("handing the accounts to their agents (unlock in each wallet, first escrow deposits) ...")
         await self.hand_over(passphrases)
         passphrases.clear()
@@ -168,13 +168,6 @@ class Simulation:
         await runner.start(self.proc(utility_meter))
         await runner.wait_healthy(self.proc(utility_meter))
         self._watcher = asyncio.create_task(runner.supervise(), name="simulate-supervise")
-
-    async def _until(self, what: str, check, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise SimError(f"waited {timeout:.0f} s for {what}")
-            await asyncio.sleep(0.5)
 
     async def hand_over(self, passphrases: dict[str, str]) -> None:
         buyers = {s.name for s in self.scenario.all_sites if s.meter_role == "consumer"} | {launcher.UTILITY}
