@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from .errors import Rejected
+from services.bus import refusals
 
 State = Literal["agreed", "recorded", "delivering", "fulfilled", "closed", "settled", "failed"]
 
@@ -36,10 +36,9 @@ LIVE: frozenset[str] = frozenset({"recorded", "delivering"})
 FINAL: frozenset[str] = frozenset({"settled", "failed"})
 
 
-class InvalidTransition(Rejected):
+class InvalidTransition(refusals.InvalidTransition):
     def __init__(self, trade_id: str, from_state: str, to_state: str, why: str = "") -> None:
-        super().__init__("invalid_transition",
-                         f"trade {trade_id}: cannot go from {from_state} to {to_state}" + (f" ({why})" if why else ""))
+        super().__init__(f"trade {trade_id}: cannot go from {from_state} to {to_state}" + (f" ({why})" if why else ""))
         self.trade_id = trade_id
         self.from_state = from_state
         self.to_state = to_state
@@ -136,9 +135,9 @@ def close(trade: Trade, *, by: str, operator: str | None = None, reason: str = "
     """Close Connection: only the buyer, the seller or the operator, only while not yet
     ended; ``reason`` says why, in words (the TradeStatus carries it)."""
     if not may_close(trade, by, operator):
-        raise Rejected("not_allowed", "only the buyer, the seller or the operator can close a trade")
+        raise refusals.NotAllowed("only the buyer, the seller or the operator can close a trade")
     if trade.state not in ("agreed", "recorded", "delivering"):
-        raise Rejected("closed", f"trade {trade.trade_id} is already {trade.state}")
+        raise refusals.Closed(f"trade {trade.trade_id} is already {trade.state}")
     trade, a = _go(trade, "closed", reason)
     return trade, [a]
 

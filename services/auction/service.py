@@ -38,14 +38,12 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-from services.bus import Caller, Envelope, RequestError, RequestTimeout, Service
+from services.bus import Caller, Envelope, RequestError, RequestTimeout, Service, refusals
 from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
@@ -53,24 +51,8 @@ from services.bus.envelope import caused_by
 
 from . import book, double, english, lifecycle, signed
 from .config import AuctionSettings
-from .errors import Rejected
 
 log = logging.getLogger(__name__)
-
-Req = TypeVar("Req", bound=cmd.Request)
-
-
-def _answers(fn: Callable[[Any, Req], Awaitable[cmd.Reply]]) -> Callable[[Any, Req], Awaitable[cmd.Reply]]:
-    """Turn the rules' refusals into request errors with their stable code."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, req: Req, caller: Caller, *args: Any) -> cmd.Reply:
-        try:
-            return await fn(self, req, caller, *args)
-        except Rejected as e:
-            raise RequestError(e.code, e.message) from None
-
-    return wrapper
 
 
 def trade_status(t: lifecycle.Trade, step: lifecycle.Step | None = None) -> ev.TradeStatus:
@@ -143,22 +125,22 @@ class AuctionService(Service):
     def _acts_for(caller: Caller, site: str) -> None:
         """The body names ``site``: only that site's key may send it."""
         if not caller.may_act_for(site):
-            raise Rejected("not_your_account", f"this request came from site {caller}, not {site}: a site acts only "
-                                               "for its own accounts; nothing was done")
+            raise refusals.NotYourAccount(f"this request came from site {caller}, not {site}: a site acts only "
+                                          "for its own accounts; nothing was done")
 
     @staticmethod
     def _belongs(bal: cmd.Balances, address: str, site: str) -> None:
         """The chain service says whose account ``address`` is: it must be ``site``'s."""
         if not bal.site:
-            raise Rejected("unknown_account", f"the chain service holds no account {address}; nothing was done")
+            raise refusals.UnknownAccount(f"the chain service holds no account {address}; nothing was done")
         if bal.site != site:
-            raise Rejected("not_your_account", f"account {address} belongs to site {bal.site}, not {site}; "
-                                               "nothing was done")
+            raise refusals.NotYourAccount(f"account {address} belongs to site {bal.site}, not {site}; "
+                                          "nothing was done")
 
     def _need(self, market: str) -> None:
         if not getattr(self.settings, market):
-            raise Rejected("unsupported", f"this market does not run the {market} auction "
-                                          f"(GRIDTRADE_AUCTION_MARKET={self.settings.auction_market})")
+            raise refusals.Unsupported(f"this market does not run the {market} auction "
+                                       f"(GRIDTRADE_AUCTION_MARKET={self.settings.auction_market})")
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -168,8 +150,8 @@ class AuctionService(Service):
         """The EIP-712 domain every signed offer and bid must be in: the operator's market."""
         d = self.deployment
         if d is None:
-            raise Rejected("unavailable", "the market's contracts are not announced yet (chain.deployment): signed "
-                                          "offers and bids cannot be checked; try again later")
+            raise refusals.Unavailable("the market's contracts are not announced yet (chain.deployment): signed "
+                                       "offers and bids cannot be checked; try again later")
         return typed.market_domain(d.chain_id, d.market)
 
     @property
@@ -179,8 +161,8 @@ class AuctionService(Service):
     def _not_taken(self, table: str, signed_id: str, what: str) -> None:
         taken = book.signed_taken(self.conn, table, signed_id)
         if taken is not None:
-            raise Rejected("replayed", f"this signed {what} ({signed_id}) was placed already ({taken}): sign a new "
-                                       "one; nothing was done")
+            raise refusals.Replayed(f"this signed {what} ({signed_id}) was placed already ({taken}): sign a new "
+                                    "one; nothing was done")
 
     def _follow(self, body: ev.Deployment, conn: sqlite3.Connection) -> None:
         """The operator announced its contracts: offers and bids are signed for its market."""
@@ -198,20 +180,19 @@ class AuctionService(Service):
             reply: cmd.Balances = await self.chain.request(cmd.GetBalances(address=address),
                                                            timeout=self.settings.auction_balance_timeout_s)
         except RequestTimeout:
-            raise Rejected("unavailable", f"cannot check {what} now: the chain service does not answer") from None
+            raise refusals.Unavailable(f"cannot check {what} now: the chain service does not answer") from None
         except RequestError as e:
-            raise Rejected("unavailable", f"cannot check {what} now: the chain service says {e.code}: {e.message}") \
+            raise refusals.Unavailable(f"cannot check {what} now: the chain service says {e.code}: {e.message}") \
                 from None
         return reply
 
     # --- english --------------------------------------------------------------------
 
-    @_answers
     async def offer_balances(self, req: cmd.PlaceOffer, caller: Caller) -> cmd.Balances:
         self._need("english")
         self._acts_for(caller, req.seller_site)
         if req.duration_s > self.settings.auction_max_duration_s:
-            raise Rejected("invalid", f"the longest auction is {self.settings.auction_max_duration_s:g} s")
+            raise refusals.Invalid(f"the longest auction is {self.settings.auction_max_duration_s:g} s")
         signed.check_offer(self._domain(), req.offer, req.signature, seller=req.seller, wh=req.wh,
                            min_price_wei_per_kwh=req.start_price_wei_per_kwh,
                            min_expiry=time.time() + req.duration_s + self.grace_s, grace_s=self.grace_s)
@@ -219,7 +200,6 @@ class AuctionService(Service):
         self._belongs(bal, req.seller, req.seller_site)
         return bal
 
-    @_answers
     async def place_offer(self, req: cmd.PlaceOffer, caller: Caller, bal: cmd.Balances) -> cmd.OfferPlaced:
         now = time.time()
         signed.check_expiry(req.offer.expiry, now + req.duration_s + self.grace_s, "offer", self.grace_s)
@@ -231,9 +211,9 @@ class AuctionService(Service):
                                        start_price_wei_per_kwh=req.start_price_wei_per_kwh, duration_s=req.duration_s,
                                        now=now, tokens_free_wh=bal.tokens_wh - reserved, signed=req.offer,
                                        signature=req.signature)
-        except Rejected as e:
-            if e.code == "no_tokens" and reserved:
-                raise Rejected(e.code, f"{e.message} ({reserved} Wh already held by open offers and trades)") from None
+        except refusals.Refusal as e:
+            if isinstance(e, refusals.NoTokens) and reserved:
+                raise refusals.NoTokens(f"{e.message} ({reserved} Wh already held by open offers and trades)") from None
             raise
         book.insert_offer(self.conn, offer)
         opened = await self.bus.publish(ev.OfferOpened(offer_id=offer.offer_id, seller=offer.seller,
@@ -244,7 +224,6 @@ class AuctionService(Service):
         self.store.on_commit(self._deadline_changed.set)
         return cmd.OfferPlaced(offer_id=offer.offer_id, ends_at=offer.ends_at)
 
-    @_answers
     async def bid_balances(self, req: cmd.PlaceBid, caller: Caller) -> cmd.Balances:
         """A bid the rules refuse anyway is refused without asking the chain."""
         self._need("english")
@@ -258,7 +237,6 @@ class AuctionService(Service):
         self._belongs(bal, req.buyer, req.buyer_site)
         return bal
 
-    @_answers
     async def place_bid(self, req: cmd.PlaceBid, caller: Caller, bal: cmd.Balances) -> cmd.BidAccepted:
         now = time.time()  # when it reached us (inside the lock: the clock cannot close it meanwhile)
         inc = self.settings.auction_min_increment_wei_per_kwh
@@ -284,18 +262,17 @@ class AuctionService(Service):
 
     def _check_signed_bid(self, offer: english.Offer, req: cmd.PlaceBid) -> None:
         if offer.signed is None:
-            raise Rejected("closed", f"offer {offer.offer_id} carries no signed offer: no trade can be opened from it")
+            raise refusals.Closed(f"offer {offer.offer_id} carries no signed offer: no trade can be opened from it")
         signed.check_bid(self._domain(), req.bid, req.signature, buyer=req.buyer, offer_id=offer.signed.offer_id,
                          wh=offer.wh, max_price_wei_per_kwh=req.price_wei_per_kwh,
                          min_expiry=offer.ends_at + self.grace_s, grace_s=self.grace_s)
 
-    @_answers
     async def cancel_offer(self, req: cmd.CancelOffer, caller: Caller) -> cmd.Ok:
         now = time.time()
         offer = book.get_offer(self.conn, req.offer_id)
         if offer is not None and not caller.may_act_for(offer.seller_site):
-            raise Rejected("not_allowed", f"offer {offer.offer_id} is site {offer.seller_site}'s: only its seller's "
-                                          "site can cancel it")
+            raise refusals.NotAllowed(f"offer {offer.offer_id} is site {offer.seller_site}'s: only its seller's "
+                                      "site can cancel it")
         offer = english.cancel(offer, seller=req.seller, now=now)
         book.close_offer(self.conn, offer, now)
         await self.bus.publish(ev.OfferClosed(offer_id=offer.offer_id, outcome="cancelled"))
@@ -396,7 +373,7 @@ class AuctionService(Service):
             assert bid.signed is not None
             try:
                 bal = await self.balances(bid.buyer, "escrow")
-            except Rejected as e:
+            except refusals.Refusal as e:
                 log.warning("trade %s failed; the next bid %s waits: %s", failed_id, bid.bid_id, e.message)
                 return None
             async with self.store.atomic() as conn, caused_by(cause):
@@ -406,7 +383,7 @@ class AuctionService(Service):
                     english.check_reserve(needed_wei=english.cost_wei(offer.wh, bid.price_wei_per_kwh),
                                           reserved_wei=bal.escrow_reserved_wei, reserved_until=bal.reserved_until,
                                           expiry=bid.signed.expiry, held_wei=book.reserved_wei(conn, bid.buyer))
-                except Rejected as e:
+                except refusals.Refusal as e:
                     log.info("trade %s failed; bid %s of %s is not funded: %s", failed_id, bid.bid_id, bid.buyer,
                              e.message)
                     continue
@@ -458,7 +435,6 @@ class AuctionService(Service):
     def _clears_at(self, round_: int) -> float:
         return book.clears_at(round_, self.settings.auction_clear_interval_s)
 
-    @_answers
     async def order_balances(self, req: cmd.PlaceOrder, caller: Caller) -> cmd.Balances:
         self._need("double")
         self._acts_for(caller, req.site)
@@ -467,16 +443,15 @@ class AuctionService(Service):
         self._belongs(bal, req.account, req.site)
         return bal
 
-    @_answers
     async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderPlaced:
         now = time.time()
         round_ = book.current_call(self.conn, now, self.settings.auction_clear_interval_s)
         crossed = book.crossing_own_order(self.conn, req.account, req.side, req.limit_price_wei_per_kwh, round_)
         if crossed is not None:
             other = "buy" if req.side == "sell" else "sell"
-            raise Rejected("own_offer", f"this account has a {other} order at {crossed} wei/kWh in the same call "
-                                        f"that this {req.side} order would trade with: it would trade with itself "
-                                        "(a buy below your own sell, a spread, is taken)")
+            raise refusals.OwnOffer(f"this account has a {other} order at {crossed} wei/kWh in the same call "
+                                    f"that this {req.side} order would trade with: it would trade with itself "
+                                    "(a buy below your own sell, a spread, is taken)")
         self._check_signed_order(req, self._clears_at(round_))
         signed_fact: typed.Offer | typed.Bid = req.offer if req.side == "sell" else req.bid  # type: ignore[assignment]
         self._not_taken("orders", signed_fact.offer_id if isinstance(signed_fact, typed.Offer) else signed_fact.bid_id,
@@ -490,7 +465,7 @@ class AuctionService(Service):
         else:
             free = bal.tokens_wh - book.reserved_wh(self.conn, req.account)
             if free < req.wh:
-                raise Rejected("no_tokens", f"the seller has {max(free, 0)} Wh of free tokens, the order needs {req.wh} Wh")
+                raise refusals.NoTokens(f"the seller has {max(free, 0)} Wh of free tokens, the order needs {req.wh} Wh")
         order = double.Order(order_id=f"d-{book.next_number(self.conn, 'order'):010d}", side=req.side,
                              account=req.account, site=req.site, wh=req.wh,
                              limit_price_wei_per_kwh=req.limit_price_wei_per_kwh, signed=signed_fact,
@@ -508,13 +483,13 @@ class AuctionService(Service):
         domain, g = self._domain(), self.grace_s
         if req.side == "sell":
             if req.offer is None or req.bid is not None:
-                raise Rejected("invalid", "a sell order carries the seller's signed offer (and no bid); nothing was done")
+                raise refusals.Invalid("a sell order carries the seller's signed offer (and no bid); nothing was done")
             signed.check_offer(domain, req.offer, req.signature, seller=req.account, wh=req.wh,
                                min_price_wei_per_kwh=req.limit_price_wei_per_kwh, min_expiry=clears_at + g, grace_s=g)
         else:
             if req.bid is None or req.offer is not None:
-                raise Rejected("invalid", "a buy order carries the buyer's signed bid with the zero offer id (and no "
-                                          "offer); nothing was done")
+                raise refusals.Invalid("a buy order carries the buyer's signed bid with the zero offer id (and no "
+                                       "offer); nothing was done")
             signed.check_bid(domain, req.bid, req.signature, buyer=req.account, offer_id=typed.ZERO_ID, wh=req.wh,
                              max_price_wei_per_kwh=req.limit_price_wei_per_kwh, min_expiry=clears_at + g, grace_s=g)
 
@@ -610,11 +585,10 @@ class AuctionService(Service):
 
     # --- trade lifecycle ------------------------------------------------------------
 
-    @_answers
     async def close_trade(self, req: cmd.CloseTrade, caller: Caller) -> cmd.Ok:
         trade = book.get_trade(self.conn, req.trade_id)
         if trade is None:
-            raise Rejected("not_found", "no such trade")
+            raise refusals.NotFound("no such trade")
         market = self.settings.site
         operator = self.settings.auction_operator
         by = req.by.lower()
@@ -629,10 +603,10 @@ class AuctionService(Service):
             role, site = "", ""
         if not role or not caller.may_act_for(site):
             if role == "operator":
-                raise Rejected("not_allowed", "only the market's own site closes a trade as the operator")
-            raise Rejected("not_allowed", f"trade {trade.trade_id} is closed by its buyer's site ({trade.buyer_site}), "
-                                          f"its seller's site ({trade.seller_site}) or the market only, each for its "
-                                          "own account")
+                raise refusals.NotAllowed("only the market's own site closes a trade as the operator")
+            raise refusals.NotAllowed(f"trade {trade.trade_id} is closed by its buyer's site ({trade.buyer_site}), "
+                                      f"its seller's site ({trade.seller_site}) or the market only, each for its "
+                                      "own account")
         trade, steps = lifecycle.close(trade, by=req.by, operator=operator, reason=f"closed by the {role}")
         await self._steps(self.conn, trade, steps)
         return cmd.Ok()
@@ -685,7 +659,7 @@ class AuctionService(Service):
         except lifecycle.InvalidTransition as e:
             log.warning("ignoring %s for trade %s: %s", env.type, trade_id, e.message)
             return
-        except Rejected as e:
+        except refusals.Refusal as e:
             log.warning("ignoring %s for trade %s: %s", env.type, trade_id, e.message)
             return
         await self._steps(conn, trade, steps)

@@ -3,14 +3,16 @@ through the hub with replay, request/reply, CURVE keys, the service base."""
 
 from .config import BusSettings
 from .envelope import Envelope
-from .errors import BusError, DecodeError, GridtradeError, RequestError, RequestTimeout
+from . import refusals
+from .errors import BusError, DecodeError, GridtradeError, RequestError
+from .refusals import Refusal, RequestTimeout
 from .keys import Security, ensure_keys
 from .service import Service, configure_logging, run_service
 from .store import Store
 from .transport import Caller, Publisher, RpcClient, RpcServer, Subscriber
 
 __all__ = [
-    "BusError", "BusSettings", "Caller", "DecodeError", "Envelope", "GridtradeError", "Publisher", "RequestError",
+    "BusError", "BusSettings", "Caller", "DecodeError", "Envelope", "GridtradeError", "Publisher", "Refusal", "RequestError",
     "RequestTimeout", "RpcClient", "RpcServer", "Security", "Service", "Store", "Subscriber",
-    "configure_logging", "ensure_keys", "run_service",
+    "configure_logging", "ensure_keys", "refusals", "run_service",
 ]

@@ -37,7 +37,7 @@ from services.bus import Caller, RpcServer
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.claims import Claims
-from services.bus.errors import RequestError
+from services.bus import refusals
 
 from . import contracts, ledger
 from .config import ChainSettings
@@ -329,8 +329,8 @@ class OperatorService(ChainBase):
         """Any site may ask the status; only the market's site starts and stops mining."""
         market = self.is_market(caller)
         if not market and req.action != "status":
-            raise RequestError("not_allowed", f"mining is started and stopped by the market (site "
-                               f"{self.settings.site}) only; nothing was done")
+            raise refusals.NotAllowed(f"mining is started and stopped by the market (site "
+                                      f"{self.settings.site}) only; nothing was done")
         node, _, txm = self._ready()
         if not node.supports_mining and req.action != "status":
             await node.set_mining(req.action == "start")  # raises NotSupported

@@ -34,7 +34,7 @@ from web3 import AsyncWeb3
 from services.bus import Caller, Service, RpcServer
 from services.bus import commands as C
 from services.bus import events as E
-from services.bus.errors import RequestError
+from services.bus import refusals
 
 from . import contracts, ledger
 from . import node as node_mod
@@ -59,28 +59,29 @@ R = TypeVar("R")
 
 
 def _errors(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Turn the service's errors into clear request errors (code + message)."""
+    """Turn the service's errors into the refusals they mean (code + message)."""
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> R:
         try:
             return await fn(*args)
         except UnknownAccount as e:
-            raise RequestError("unknown_account", str(e)) from None
+            raise refusals.UnknownAccount(str(e)) from None
         except BadPassphrase as e:
-            raise RequestError("bad_passphrase", str(e)) from None
+            raise refusals.BadPassphrase(str(e)) from None
         except AccountLocked as e:
-            raise RequestError("locked", str(e)) from None
+            raise refusals.Locked(str(e)) from None
         except ChainUnavailable as e:
-            raise RequestError("chain_unavailable", f"{e}; try again later") from None
+            raise refusals.ChainUnavailable(f"{e}; try again later") from None
         except NotSupported as e:
-            raise RequestError("not_supported", str(e)) from None
+            raise refusals.NotSupported(str(e)) from None
         except TxRejected as e:
             low = e.reason.lower()
-            code = "insufficient_funds" if ("insufficient funds" in low or "enough balance" in low) else "rejected"
-            raise RequestError(code, f"nothing was sent: {e.reason}") from None
+            refusal = (refusals.InsufficientFunds if ("insufficient funds" in low or "enough balance" in low)
+                       else refusals.Rejected)
+            raise refusal(f"nothing was sent: {e.reason}") from None
         except KeystoreError as e:
-            raise RequestError("keystore", str(e)) from None
+            raise refusals.Keystore(str(e)) from None
 
     return wrapper
 

@@ -39,7 +39,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from services.bus import RequestError, RequestTimeout, RpcClient
+from services.bus import RequestError, RequestTimeout, RpcClient, refusals
 from services.bus.store import Store
 from services.bus import commands as cmd
 from services.bus import events as ev
@@ -58,19 +58,10 @@ STATIC = pathlib.Path(__file__).resolve().parent / "static"
 WS_QUEUE = 1000
 _ID = re.compile(m.ID_PATTERN)
 
-# request-error codes of the chain and auction services -> HTTP status
-STATUS_OF_CODE: dict[str, int] = {
-    "not_found": 404, "unknown_account": 404,
-    "not_allowed": 403, "not_your_account": 403, "not_your_site": 403,
-    "too_many_attempts": 429,
-    "invalid": 422, "bad_request": 422, "bad_amount": 422,
-    "locked": 401,
-    "timeout": 503, "unavailable": 503, "chain_unavailable": 503, "busy": 503,
-}
-CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer", "insufficient_escrow",
-            "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
-            "not_supported", "unsupported", "bad_signature", "replayed"}
-
+# what the chain service answers an unlock of a wrong account or passphrase (to a person: wrong credentials)
+WRONG_ACCOUNT = frozenset(r.code for r in (refusals.BadPassphrase, refusals.UnknownAccount, refusals.NotYourAccount,
+                                           refusals.NotYourSite, refusals.Invalid, refusals.BadRequest,
+                                           refusals.Keystore))
 
 AGENT_TIMEOUT_S = 2.0  # the agent runs at this site: it answers at once or not at all
 
@@ -102,6 +93,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
         self.fix = fix or {}
 
+    @classmethod
+    def of(cls, refusal: type[refusals.Refusal], message: str, headers: dict[str, str] | None = None) -> ApiError:
+        """The gateway's own refusal with a code the services use too: its declared status."""
+        return cls(refusal.status, refusal.code, message, headers)
+
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
                    fix: dict[str, str] | None = None) -> web.Response:
@@ -125,20 +121,19 @@ def for_person(e: ApiError, route: str, body: Any, now: float) -> ApiError:
 
 
 def from_request_error(e: RequestError, service: str) -> ApiError:
+    """A service's refusal as an HTTP error: the status its code is declared with (see
+    :mod:`services.bus.refusals`); a service that cannot answer now is ``unavailable``."""
     if isinstance(e, RequestTimeout):
-        return ApiError(503, "unavailable", f"the {service} service does not answer; try again in a moment")
-    if e.code == "locked":  # the key is locked in the wallet (it restarted, or its unlock ran out)
-        return ApiError(401, "locked", LOCKED_MESSAGE)
-    if e.code in STATUS_OF_CODE:
-        status = STATUS_OF_CODE[e.code]
-        if status == 503:
-            return ApiError(503, "unavailable", f"the {service} service cannot do this now: {e.message}")
-        return ApiError(status, e.code, e.message)
-    if e.code in CONFLICT:
-        return ApiError(409, e.code, e.message)
-    if e.code == "internal":
-        return ApiError(502, "upstream_error", f"the {service} service failed: {e.message}")
-    return ApiError(409, e.code, e.message)
+        return ApiError(refusals.Unavailable.status, refusals.Unavailable.code,
+                        f"the {service} service does not answer; try again in a moment")
+    if e.code == refusals.Locked.code:  # the key is locked in the wallet (it restarted, or its unlock ran out)
+        return ApiError.of(refusals.Locked, LOCKED_MESSAGE)
+    status = refusals.status_of(e.code)
+    if status == 503:
+        return ApiError(status, refusals.Unavailable.code, f"the {service} service cannot do this now: {e.message}")
+    if e.code == refusals.Internal.code:
+        return ApiError(status, "upstream_error", f"the {service} service failed: {e.message}")
+    return ApiError(status, e.code, e.message)
 
 
 @dataclass(eq=False)
@@ -298,11 +293,11 @@ class Gateway(Pages):
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
         if not isinstance(data, dict):
-            raise ApiError(422, "invalid", "the body must be a JSON object")
+            raise ApiError.of(refusals.Invalid, "the body must be a JSON object")
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            raise ApiError(422, "invalid", validation_message(e)) from None
+            raise ApiError.of(refusals.Invalid, validation_message(e)) from None
 
     def session_of(self, request: web.Request) -> Session | None:
         return self.sessions.get(request.cookies.get(self.cookie), self.clock())
@@ -339,7 +334,7 @@ class Gateway(Pages):
         """The UI's files, read once into memory (a few hundred kB; no executor threads)."""
         found = self.assets.get(name)
         if found is None:
-            raise ApiError(404, "not_found", "no such page or file")
+            raise ApiError.of(refusals.NotFound, "no such page or file")
         body, ctype = found
         return web.Response(body=body, content_type=ctype, charset="utf-8" if ctype.startswith("text/")
                             or ctype.endswith("javascript") else None, headers={"Cache-Control": "no-cache"})
@@ -372,26 +367,24 @@ class Gateway(Pages):
         wait = self.throttle.retry_after(keys, now)
         if wait > 0:
             self.metrics.logins.labels("throttled").inc()
-            raise ApiError(429, "too_many_attempts",
-                           f"too many failed logins; try again in {int(wait) + 1} s",
-                           {"Retry-After": str(int(wait) + 1)})
+            raise ApiError.of(refusals.TooManyAttempts, f"too many failed logins; try again in {int(wait) + 1} s",
+                              {"Retry-After": str(int(wait) + 1)})
         try:
             unlocked: cmd.Unlocked = await self.chain.request(
                 cmd.Unlock(address=address, passphrase=passphrase, ttl_s=ttl_s),
                 timeout=self.settings.gateway_rpc_timeout_s)
         except RequestError as e:
             # another site's account is refused by the chain service: to a person, a wrong account
-            if e.code in ("bad_passphrase", "unknown_account", "not_your_account", "not_your_site", "invalid",
-                          "bad_request", "keystore"):
+            if e.code in WRONG_ACCOUNT:
                 self.throttle.failed(keys, self.clock())
                 self.metrics.logins.labels("failed").inc()
                 raise ApiError(401, "bad_credentials", wrong) from None
-            if e.code == "too_many_attempts":  # the chain service's own throttle
+            if e.code == refusals.TooManyAttempts.code:  # the chain service's own throttle
                 self.metrics.logins.labels("throttled").inc()
                 found = re.search(r"try again in (\d+) s", e.message)
                 wait_s = found.group(1) if found else "60"
-                raise ApiError(429, "too_many_attempts", f"too many failed logins; try again in {wait_s} s",
-                               {"Retry-After": wait_s}) from None
+                raise ApiError.of(refusals.TooManyAttempts, f"too many failed logins; try again in {wait_s} s",
+                                  {"Retry-After": wait_s}) from None
             raise from_request_error(e, "chain") from None
         self.throttle.succeeded([keys[0]])
         self.metrics.logins.labels("ok").inc()
@@ -469,7 +462,7 @@ class Gateway(Pages):
 
     async def transfer(self, request: web.Request, session: Session, body: m.TransferIn) -> m.TxSentOut:
         if body.to.lower() == session.address.lower():
-            raise ApiError(422, "invalid", "to: that is your own account")
+            raise ApiError.of(refusals.Invalid, "to: that is your own account")
         sent: cmd.TxSent = await self.ask_chain(
             cmd.Transfer(sender=session.address, to=body.to, amount_wei=body.amount_wei),
             self.cmd_id(request, session, "transfer"))
@@ -528,17 +521,17 @@ class Gateway(Pages):
             closed = next((o for o in (await self.ask_auction(cmd.ListOffers(include_closed=True))).offers
                            if o.offer_id == offer_id and o.market == "english"), None)
             if closed is None:
-                raise ApiError(404, "not_found", "no such offer")
-            raise ApiError(409, "closed", f"offer {offer_id} is {closed.state}")
+                raise ApiError.of(refusals.NotFound, "no such offer")
+            raise ApiError.of(refusals.Closed, f"offer {offer_id} is {closed.state}")
         if offer.seller.lower() == me.lower():
-            raise ApiError(409, "own_offer", "a seller cannot bid on their own offer")
+            raise ApiError.of(refusals.OwnOffer, "a seller cannot bid on their own offer")
         floor = offer.highest_bid_wei_per_kwh or offer.start_price_wei_per_kwh
         if price < floor:
             words = (f"the highest bid is {offer.highest_bid_wei_per_kwh} wei/kWh" if offer.highest_bid_wei_per_kwh
                      else f"the start bid is {offer.start_price_wei_per_kwh} wei/kWh")
-            raise ApiError(409, "too_low", f"{words}; nothing was done")
+            raise ApiError.of(refusals.TooLow, f"{words}; nothing was done")
         if not offer.signed_offer_id:
-            raise ApiError(409, "closed", f"offer {offer_id} carries no signed offer: it cannot be bid on")
+            raise ApiError.of(refusals.Closed, f"offer {offer_id} carries no signed offer: it cannot be bid on")
         return offer, offers
 
     async def bid(self, request: web.Request, session: Session, body: m.BidIn) -> m.BidOut:
@@ -576,8 +569,8 @@ class Gateway(Pages):
         """An order for the double auction's current call: the wallet approves the tokens (a
         sell) or reserves the escrow (a buy) and signs it, valid past the call's clearing."""
         if self.settings.auction_market == "english":
-            raise ApiError(409, "unsupported", "this market runs the english auction only: sell and bid on offers "
-                                               "instead; nothing was done")
+            raise ApiError.of(refusals.Unsupported, "this market runs the english auction only: sell and bid on "
+                                                    "offers instead; nothing was done")
         interval = self.settings.auction_clear_interval_s
         now = self.clock()
         # valid through the call being collected and the next one (the clock may just have cleared this one)
@@ -611,7 +604,7 @@ class Gateway(Pages):
             raise ApiError(404, "no_agent", "this site runs no agent: trade by hand on the Market page")
         st: cmd.AgentState = await self.ask(self.agent_client, "agent", req, cmd_id, timeout=AGENT_TIMEOUT_S)
         if st.account and st.account.lower() != session.address.lower():
-            raise ApiError(403, "not_your_account", "the site's agent trades for another account of this site")
+            raise ApiError.of(refusals.NotYourAccount, "the site's agent trades for another account of this site")
         return st
 
     @staticmethod
@@ -629,7 +622,7 @@ class Gateway(Pages):
     def _id(request: web.Request, name: str) -> str:
         value = request.match_info[name]
         if not _ID.match(value):
-            raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
+            raise ApiError.of(refusals.NotFound, f"no such {name.removesuffix('_id')}")
         return value
 
     # --- websocket ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.auction.errors import Rejected
+from services.bus.refusals import Refusal
 from services.auction.service import AuctionService
 from services.bus import RequestError
 from services.bus import commands as cmd
@@ -265,7 +265,7 @@ async def test_without_the_operators_deployment_nothing_signed_is_taken(grid: Gr
     assert kept is not None and deployment().model_dump_json() == kept[0]  # what a restart starts from
     svc = AuctionService(settings(grid, fake_chain.endpoint, data_dir=grid.root / "market-fresh"))
     try:
-        with pytest.raises(Rejected) as e:
+        with pytest.raises(Refusal) as e:
             svc._domain()
         assert e.value.code == "unavailable" and "chain.deployment" in e.value.message
     finally:
