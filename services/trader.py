@@ -18,6 +18,7 @@ from typing import Any
 
 from services.bus import RequestError
 from services.bus import commands as cmd
+from services.bus.states import TradeState
 from services.bus.transport import RpcClient
 from services.bus.typed import ZERO_ID
 
@@ -76,7 +77,7 @@ class Trader:
                    if o.offer_id != except_offer and o.state == "open" and (o.highest_bidder or "").lower() == who)
         trades: cmd.Trades = await self._ask(self.auction, cmd.ListTrades(account=account))
         held += sum(cost_wei(t.wh, t.price_wei_per_kwh) for t in trades.trades
-                    if t.state == "agreed" and t.buyer.lower() == who)
+                    if t.state == TradeState.AGREED and t.buyer.lower() == who)
         return held
 
     async def bid(self, account: str, offer: cmd.OfferView, offers: list[cmd.OfferView], price_wei_per_kwh: int, *,

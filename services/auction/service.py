@@ -48,6 +48,8 @@ from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.states import OPEN
+from services.bus.states import TradeState as S
 
 from . import book, double, english, lifecycle, signed
 from .config import AuctionSettings
@@ -641,7 +643,7 @@ class AuctionService(Service):
             elif isinstance(body, ev.Settled):
                 trade, steps = lifecycle.paid(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei), []
             elif isinstance(body, ev.TxUpdate):
-                if body.kind != "open" or body.status != "failed" or trade.state != "agreed":
+                if body.kind != "open" or body.status != "failed" or trade.state != S.AGREED:
                     return
                 trade, steps = lifecycle.failed(trade, body.reason or "the chain could not record the trade")
                 fall_back = self.settings.english and book.trade_market(conn, trade_id) == "english"
@@ -651,7 +653,7 @@ class AuctionService(Service):
                     log.warning("ignoring a delivery mismatch of trade %s from site %s: only its seller's site %s "
                                 "closes a trade for it", trade_id, env.site, trade.seller_site)
                     return
-                if trade.state not in ("agreed", "recorded", "delivering"):
+                if trade.state not in OPEN:
                     return  # ended already
                 trade, steps = lifecycle.close(trade, by=trade.seller, reason=mismatch_reason(body))
             else:

@@ -18,6 +18,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .states import TradeState
 from .typed import Bid, Offer
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -317,9 +318,6 @@ class MarketCleared(Message):
 
 
 # --- trades ---------------------------------------------------------------------------
-
-TradeState = Literal["agreed", "recorded", "delivering", "fulfilled", "closed", "settled", "failed"]
-
 
 @event
 class TradeAgreed(Message):

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 from services.bus import RequestError, RequestTimeout, RpcClient, refusals
 from services.bus.store import Store
 from services.bus import commands as cmd
+from services.bus import states
 from services.bus import events as ev
 
 from . import feed, models as m, words
@@ -70,6 +71,9 @@ LOCKED_MESSAGE = ("your wallet restarted and locked your account's key: enter yo
 
 CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml",
                  ".png": "image/png", ".ico": "image/x-icon", ".json": "application/json", ".txt": "text/plain"}
+
+
+TRADE_STATES_JS = "js/trade_states.js"  # served from services/bus/states.py, not from a file
 
 
 def load_assets(root: pathlib.Path) -> dict[str, tuple[bytes, str]]:
@@ -189,6 +193,8 @@ class Gateway(Pages):
         self.cookie = cookie_name(self.site)
         self.openapi = document(cookie=self.cookie)
         self.assets = load_assets(STATIC)
+        # the web UI's trade states, generated from the one enum (no copy of them to drift)
+        self.assets[TRADE_STATES_JS] = (states.js_module().encode(), CONTENT_TYPES[".js"])
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             "list_accounts": self.list_accounts, "login": self.login, "whoami": self.whoami, "logout": self.logout,
             "unlock": self.unlock,

@@ -23,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-LIVE = frozenset({"recorded", "delivering"})
-ENDED = frozenset({"fulfilled", "closed", "settled", "failed"})
+from services.bus.states import LIVE
 
 
 def counter_delta(last: int | None, now: int) -> tuple[int, bool]:

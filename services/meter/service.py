@@ -39,8 +39,9 @@ from services.bus.envelope import Envelope, caused_by
 from services.bus.events import (Delivery, DeliveryMismatch, Deployment, EnergyProduced, MeterKey, MeterReading,
                                  RelayChanged, TradeHeartbeat, TradeStatus)
 from services.bus.service import Service
+from services.bus.states import ENDED, LIVE, sql_list
 
-from .accounting import (LIVE, CounterState, ReadingJudgement, RelayDecision, TradeView, interpolate, judge_reading,
+from .accounting import (CounterState, ReadingJudgement, RelayDecision, TradeView, interpolate, judge_reading,
                          lagging, mismatch, production_steps, relay_decision)
 from .config import MeterConfig, MeterSettings
 from .drivers import Backoff, Driver, SimDriver, make_driver
@@ -626,7 +627,7 @@ class MeterService(Service):
         rows = self.store.conn.execute(
             "SELECT t.trade_id, t.state, t.seller_site, t.buyer_site, t.heard, t.omitted, COALESCE(p.flagged, 0)"
             " FROM meter_trades t LEFT JOIN meter_peer p ON p.trade_id = t.trade_id"
-            " WHERE t.state NOT IN ('fulfilled', 'closed', 'settled', 'failed')")
+            f" WHERE t.state NOT IN {sql_list(ENDED)}")
         return [TradeView(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6])) for r in rows]
 
     async def on_event(self, env: Envelope, conn: sqlite3.Connection) -> None:
@@ -637,14 +638,14 @@ class MeterService(Service):
             conn.execute(
                 "INSERT INTO meter_trades (trade_id, state, seller_site, buyer_site, wh, heard) VALUES (?,?,?,?,?,?)"
                 " ON CONFLICT (trade_id) DO UPDATE SET state = excluded.state, heard = MAX(heard, excluded.heard),"
-                " omitted = CASE WHEN excluded.state IN ('recorded', 'delivering') THEN 0 ELSE omitted END",
+                f" omitted = CASE WHEN excluded.state IN {sql_list(LIVE)} THEN 0 ELSE omitted END",
                 (body.trade_id, body.state, body.seller_site, body.buyer_site, body.wh,
                  env.ts if body.state in LIVE else 0.0))
         elif isinstance(body, TradeHeartbeat):
             live = set(body.live)
             for trade_id, state in conn.execute(
                     "SELECT trade_id, state FROM meter_trades"
-                    " WHERE state NOT IN ('fulfilled', 'closed', 'settled', 'failed')").fetchall():
+                    f" WHERE state NOT IN {sql_list(ENDED)}").fetchall():
                 if trade_id in live:
                     conn.execute("UPDATE meter_trades SET heard = MAX(heard, ?), omitted = 0 WHERE trade_id = ?",
                                  (env.ts, trade_id))

@@ -274,3 +274,11 @@ async def test_changed_balances_are_pushed_to_the_open_page(gw: Gateway) -> None
                 break
             await asyncio.sleep(0.02)
         assert not gw.clients
+
+
+async def test_the_page_gets_the_trade_states_generated_from_the_enum(gw: Gateway) -> None:
+    from services.bus.states import js_module
+
+    async with aiohttp.ClientSession() as h, h.get(gw.test_url + "/static/js/trade_states.js") as r:  # type: ignore
+        assert r.status == 200 and r.content_type == "text/javascript"
+        assert await r.text() == js_module()

@@ -18,6 +18,7 @@ from typing import Any
 from services.bus import events as E
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.states import TradeState
 
 from .. import contracts
 from . import Job
@@ -38,7 +39,7 @@ class Closes(Job):
 
     def record(self, env: Any, conn: Any) -> bool:
         body = env.body
-        if not isinstance(body, E.TradeStatus) or body.state not in ("closed", "fulfilled"):
+        if not isinstance(body, E.TradeStatus) or body.state not in (TradeState.CLOSED, TradeState.FULFILLED):
             return False
         Opens.insert(conn, body, env.id)
         conn.execute("UPDATE job_trades SET close_state = 'queued', close_wh = MAX(close_wh, ?), close_cause = ? "
