@@ -99,7 +99,7 @@ class Trader:
         return accepted
 
     async def order(self, account: str, side: str, wh: int, limit_price_wei_per_kwh: int, *, now: float,
-                    duration_s: int, cmd_id: str) -> cmd.OrderPlaced:
+                    duration_s: int, cmd_id: str) -> cmd.OrderAccepted:
         """Sign and place a double-auction order valid for ``duration_s`` (at least one call)
         plus the grace: a sell order carries a signed offer (tokens approved first), a buy
         order a signed bid for the zero offer id (escrow reserved first)."""
@@ -128,7 +128,7 @@ class Trader:
                                          max_price_wei_per_kwh=limit_price_wei_per_kwh, expiry=expiry),
                 f"{cmd_id}:sign")
             bid, signature = sb.bid, sb.signature
-        placed: cmd.OrderPlaced = await self._ask(
+        placed: cmd.OrderAccepted = await self._ask(
             self.auction, cmd.PlaceOrder(side=side, account=account, site=self.site, wh=wh,
                                          limit_price_wei_per_kwh=limit_price_wei_per_kwh, offer=offer, bid=bid,
                                          signature=signature), f"{cmd_id}:order")

@@ -3,7 +3,7 @@
 ::
 
     agreed ──TradeRecorded──▶ recorded ──(at once)──▶ delivering ──delivered ≥ wh──▶ fulfilled ─┐
-      │                          │                       │                                     ├─TradeClosedOnChain─▶ settled
+      │                          │                       │                                     ├─TradeClosed─▶ settled
       └─────── CloseTrade (buyer, seller or operator) ───┴──────────────▶ closed ──────────────┘
 
 ``failed`` is reached from ``agreed`` when the chain could not record the trade.

@@ -21,10 +21,10 @@
   expiry, together with what its other winning bids, buy orders and unopened trades
   hold (``unfunded`` says how much to reserve). ``TradeAgreed`` carries both signed
   facts: the operator opens the trade from them.
-- A winning bid whose trade the chain could not open (``TxUpdate`` open failed) is
+- A winning bid whose trade the chain could not open (``ChainTx`` open failed) is
   followed by the next-best bid of another buyer that is still valid and funded: a new
   trade ``t-<offer>-<n>``; the failed one stays failed.
-- A ``DeliveryMismatch`` from the trade's seller's site closes the trade, with the
+- A ``MeterMismatch`` from the trade's seller's site closes the trade, with the
   reason in words in its ``TradeStatus``.
 - The market clock (english): sleeps until the earliest open deadline, then closes every
   due offer in one transaction; on start it first settles whatever fell due while the
@@ -65,7 +65,7 @@ def trade_status(t: lifecycle.Trade, step: lifecycle.Step | None = None) -> ev.T
                           reason=step.reason if step else t.reason)
 
 
-def mismatch_reason(body: ev.DeliveryMismatch) -> str:
+def mismatch_reason(body: ev.MeterMismatch) -> str:
     """Why the seller's site closed the trade, in words."""
     words = body.reason or (f"its meter counted {body.seller_wh} Wh sent and the buyer's meter {body.buyer_wh} Wh "
                             f"received, past the tolerance of {body.tolerance:g}")
@@ -104,8 +104,8 @@ class AuctionService(Service):
         self.rpc.handle(cmd.PlaceOffer, self.place_offer, prefetch=self.offer_balances)
         self.rpc.handle(cmd.PlaceBid, self.place_bid, prefetch=self.bid_balances)
         self.rpc.handle(cmd.PlaceOrder, self.place_order, prefetch=self.order_balances)
-        self.subscribe([ev.TradeRecorded.TYPE, ev.TradeClosedOnChain.TYPE, ev.Settled.TYPE, ev.TxUpdate.TYPE,
-                        ev.Delivery.TYPE, ev.DeliveryMismatch.TYPE, ev.Deployment.TYPE], self.on_event)
+        self.subscribe([ev.TradeRecorded.TYPE, ev.TradeClosed.TYPE, ev.Settled.TYPE, ev.ChainTx.TYPE,
+                        ev.Delivery.TYPE, ev.MeterMismatch.TYPE, ev.Deployment.TYPE], self.on_event)
         if s.english:
             self.spawn(self._market_clock(), "auction-clock")
             self.spawn(self._fallbacks(), "auction-fallbacks")
@@ -445,7 +445,7 @@ class AuctionService(Service):
         self._belongs(bal, req.account, req.site)
         return bal
 
-    async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderPlaced:
+    async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderAccepted:
         now = time.time()
         round_ = book.current_call(self.conn, now, self.settings.auction_clear_interval_s)
         crossed = book.crossing_own_order(self.conn, req.account, req.side, req.limit_price_wei_per_kwh, round_)
@@ -477,7 +477,7 @@ class AuctionService(Service):
                                               account=order.account, site=order.site, wh=order.wh,
                                               limit_price_wei_per_kwh=order.limit_price_wei_per_kwh, placed_at=now,
                                               clears_at=self._clears_at(round_)))
-        return cmd.OrderPlaced(order_id=order.order_id)
+        return cmd.OrderAccepted(order_id=order.order_id)
 
     def _check_signed_order(self, req: cmd.PlaceOrder, clears_at: float) -> None:
         """A sell order carries the seller's signed offer, a buy order the buyer's signed bid
@@ -638,16 +638,16 @@ class AuctionService(Service):
                 if body.role != "consumer" or body.site != trade.buyer_site:
                     return  # the buyer's meter counts; the seller's cross-checks elsewhere, others' not at all
                 trade, steps = lifecycle.delivery(trade, body.delivered_wh)
-            elif isinstance(body, ev.TradeClosedOnChain):
+            elif isinstance(body, ev.TradeClosed):
                 trade, steps = lifecycle.closed_on_chain(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei)
             elif isinstance(body, ev.Settled):
                 trade, steps = lifecycle.paid(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei), []
-            elif isinstance(body, ev.TxUpdate):
+            elif isinstance(body, ev.ChainTx):
                 if body.kind != "open" or body.status != "failed" or trade.state != S.AGREED:
                     return
                 trade, steps = lifecycle.failed(trade, body.reason or "the chain could not record the trade")
                 fall_back = self.settings.english and book.trade_market(conn, trade_id) == "english"
-            elif isinstance(body, ev.DeliveryMismatch):
+            elif isinstance(body, ev.MeterMismatch):
                 # the seller's site compares its export with the buyer's signed delivery; only it may end the trade so
                 if env.site != trade.seller_site:
                     log.warning("ignoring a delivery mismatch of trade %s from site %s: only its seller's site %s "

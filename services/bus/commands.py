@@ -386,7 +386,7 @@ class ListTrades(Request):
     account: Address | None = None
 
 
-class OrderPlaced(Reply):
+class OrderAccepted(Reply):
     order_id: Id
 
 
@@ -395,7 +395,7 @@ class PlaceOrder(Request):
     """An order for the double auction (pay-as-clear call market)."""
 
     TYPE: ClassVar[str] = "auction.order"
-    Reply: ClassVar[type[Reply]] = OrderPlaced
+    Reply: ClassVar[type[Reply]] = OrderAccepted
     side: Literal["sell", "buy"]
     account: Address
     site: Name

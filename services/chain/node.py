@@ -39,7 +39,7 @@ from web3.exceptions import (
 )
 from web3.providers import AsyncHTTPProvider
 
-from .contracts import close_provider, revert_reason
+from .bindings import close_provider, revert_reason
 from .errors import ChainUnavailable, NotSupported, RateLimited, RpcTimeout, TxRejected
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from services.bus import commands as C
 from services.bus import events as E
 from services.bus import refusals
 
-from . import contracts, ledger
+from . import bindings, ledger
 from . import node as node_mod
 from .config import ChainSettings
 from .errors import (
@@ -98,7 +98,7 @@ class ChainBase(Service):
         ledger.init(self.store.conn)
         self.node: Node | None = None
         self.txm: TxManager | None = None
-        self.dep: contracts.Deployment | None = None
+        self.dep: bindings.Deployment | None = None
         self.chain_key = ""
         self.chain_id = 0
         self.deploy_block = 0
@@ -157,7 +157,7 @@ class ChainBase(Service):
 
     def tx_event(self) -> Callable[..., E.Message]:
         """The event class of this role's transactions' progress."""
-        return E.TxUpdate
+        return E.ChainTx
 
     def final_hooks(self) -> dict[str, OnFinal]:
         """Handlers of final transactions by kind."""
@@ -265,7 +265,7 @@ class ChainBase(Service):
         chain_id, genesis = await node.identity()
         ident = f"{chain_id}:{genesis}"
         token, market, registry, deployment = await self.contracts_on(node, ident)
-        self.dep = contracts.attach(node.w3, token, market, registry)
+        self.dep = bindings.attach(node.w3, token, market, registry)
         self.chain_id = chain_id
         self.chain_key = f"{ident}:{market.lower()}:{deployment}"  # a redeploy starts a new key
         self.confirmations = (s.confirmation_depth if s.confirmation_depth is not None
@@ -289,7 +289,7 @@ class ChainBase(Service):
     async def ping(self, req: C.Ping, caller: Caller) -> C.Pong:
         return C.Pong(node=self.source, uptime_s=time.time() - self.started_at)
 
-    def _ready(self) -> tuple[Node, contracts.Deployment, TxManager]:
+    def _ready(self) -> tuple[Node, bindings.Deployment, TxManager]:
         if not self.connected.is_set() or self.node is None or self.dep is None or self.txm is None:
             raise ChainUnavailable("not connected to the chain node")
         return self.node, self.dep, self.txm

@@ -58,7 +58,7 @@ from .errors import AccountLocked, ChainUnavailable, UnknownAccount
 from .keystore import KeyFile, Keystore
 from .node import Node, guard
 from .service import ChainBase, _errors
-from .sessions import Sessions, TooManyAttempts, UnlockThrottle
+from .unlocks import Sessions, TooManyAttempts, UnlockThrottle
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class WalletService(ChainBase):
                 log.warning("keystore file %s holds a claim that is not its key's: ignored", kf.path.name)
                 continue
             async with self.store.atomic() as conn:
-                await self.publish(E.AccountClaimed(site=site, address=kf.address, name=kf.name[:64],
+                await self.publish(E.WalletAccount(site=site, address=kf.address, name=kf.name[:64],
                                                     signature=kf.claim))
                 ledger.set_meta(conn, key, kf.claim)
             n += 1

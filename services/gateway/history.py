@@ -99,7 +99,7 @@ def prefixes(site: str) -> list[str]:
     """What the history subscribes to (durably)."""
     return [ev.OfferOpened.TYPE, ev.BidPlaced.TYPE, ev.OfferClosed.TYPE, ev.MarketCleared.TYPE,
             ev.TradeAgreed.TYPE, ev.TradeStatus.TYPE, ev.TradeRecorded.TYPE, ev.Settled.TYPE,
-            ev.TradeClosedOnChain.TYPE, ev.DeliveryMismatch.TYPE, f"{ev.WalletTx.TYPE}.{site}"]
+            ev.TradeClosed.TYPE, ev.MeterMismatch.TYPE, f"{ev.WalletTx.TYPE}.{site}"]
 
 
 def closed_by(reason: str, state: str) -> str:
@@ -281,12 +281,12 @@ class History:
         elif isinstance(body, ev.Settled):
             self._settlement(conn, ts, body.trade_id, body.delivered_wh, body.paid_wei)
             self._paid(conn, body.trade_id, body.delivered_wh, body.paid_wei)
-        elif isinstance(body, ev.TradeClosedOnChain):
+        elif isinstance(body, ev.TradeClosed):
             self._settlement(conn, ts, body.trade_id, body.delivered_wh, body.paid_wei)
             self._paid(conn, body.trade_id, body.delivered_wh, body.paid_wei)
             conn.execute("UPDATE hist_trades SET refunded_wei = ?, settled_at = COALESCE(settled_at, ?) "
                          "WHERE trade_id = ?", (str(body.refunded_wei), ts, body.trade_id))
-        elif isinstance(body, ev.DeliveryMismatch):
+        elif isinstance(body, ev.MeterMismatch):
             conn.execute("UPDATE hist_trades SET mismatch = ? WHERE trade_id = ?",
                          (json.dumps({"buyer_wh": body.buyer_wh, "seller_wh": body.seller_wh,
                                       "tolerance": body.tolerance, "reason": body.reason, "at": ts}),

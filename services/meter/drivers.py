@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from .config import MeterConfig
 from .errors import DriverError, ProtocolError
-from .models import Counters
+from .physics import Counters
 from .sim import SimParams, SimSite
 
 log = logging.getLogger(__name__)

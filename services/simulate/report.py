@@ -31,8 +31,8 @@ from services.gateway.history import History
 
 log = logging.getLogger(__name__)
 
-TRADE_EVENTS = (ev.TradeAgreed, ev.TradeStatus, ev.TradeRecorded, ev.Settled, ev.TradeClosedOnChain,
-                ev.DeliveryMismatch)
+TRADE_EVENTS = (ev.TradeAgreed, ev.TradeStatus, ev.TradeRecorded, ev.Settled, ev.TradeClosed,
+                ev.MeterMismatch)
 
 
 @dataclasses.dataclass(frozen=True)

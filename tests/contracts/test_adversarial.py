@@ -12,8 +12,8 @@ import pytest
 from web3 import AsyncWeb3
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.chain.bindings import cost
 
 from .conftest import DISPUTE_WINDOW_S, PRICE, Env, high_s, make_env, meter_key, new_id
 

@@ -1,4 +1,4 @@
-"""services.chain.contracts: deploy with a key per role (from a local key too), attach and
+"""services.chain.bindings: deploy with a key per role (from a local key too), attach and
 discover, artifacts on chain, costs, revert reasons."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError
 
 from services.bus import typed
-from services.chain import contracts as c
+from services.chain import bindings as c
 
 from .conftest import ETHER, Env, new_id
 

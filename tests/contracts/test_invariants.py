@@ -36,8 +36,8 @@ from web3 import EthereumTesterProvider, Web3
 from web3.logs import EventLogErrorFlags
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.chain.bindings import cost
 
 from .conftest import ANVIL_MNEMONIC, high_s
 

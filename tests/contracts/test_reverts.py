@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.chain.bindings import cost
 
 from .conftest import DISPUTE_WINDOW_S, PRICE, Env, high_s, new_id
 

@@ -5,8 +5,8 @@ replayed reading skipped), a close, the dispute window, finalize, and the withdr
 from __future__ import annotations
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.chain.bindings import cost
 
 from .conftest import DISPUTE_WINDOW_S, DURATION_S, ETHER, Env, fee, new_id
 

@@ -33,7 +33,7 @@ from services import launcher
 from services.bus import Security, ensure_keys
 from services.bus.store import Store
 from services.bus.transport import Subscriber
-from services.chain.contracts import load_artifact
+from services.chain.bindings import load_artifact
 from tests.conftest import free_port_block
 
 TEST_SITE = "e2e-watch"

@@ -20,7 +20,7 @@ from services.bus import typed
 from services.bus.envelope import caused_by
 from services.bus.states import TradeState
 
-from .. import contracts
+from .. import bindings
 from . import Job
 from .opens import Opens
 
@@ -82,7 +82,7 @@ class Closes(Job):
                         asyncio.get_running_loop().call_later(left, op.work.set)
                         continue
                 status, on_chain, _, _ = await op.opens.on_chain(tid)
-                if status != contracts.STATUS_OPEN:
+                if status != bindings.STATUS_OPEN:
                     await self.sync(tid, status, on_chain)
                     continue
                 async with op.store.atomic() as conn:
@@ -104,7 +104,7 @@ class Closes(Job):
         for tid, cause in rows:
             with caused_by(cause):
                 status, on_chain, _, closing_at = await op.opens.on_chain(tid)
-                if status != contracts.STATUS_CLOSING:
+                if status != bindings.STATUS_CLOSING:
                     await self.sync(tid, status, on_chain)
                     continue
                 end = closing_at + window
@@ -129,11 +129,11 @@ class Closes(Job):
         submitted): catch up."""
         async with self.op.store.atomic() as conn:
             conn.execute("UPDATE job_trades SET settled_wh = MAX(settled_wh, ?) WHERE trade_id = ?", (on_chain, tid))
-            if status == contracts.STATUS_CLOSING:
+            if status == bindings.STATUS_CLOSING:
                 conn.execute("UPDATE job_trades SET close_state = 'closing' WHERE trade_id = ? "
                              "AND close_state IN ('none', 'queued', 'sent')", (tid,))
                 self.op.store.on_commit(self.op.work.set)
-            elif status == contracts.STATUS_CLOSED:
+            elif status == bindings.STATUS_CLOSED:
                 await self.closed(conn, tid, on_chain, "")
 
     async def closed(self, conn: Any, tid: str, delivered: int, tx_hash: str, refunded: int | None = None) -> None:
@@ -144,10 +144,10 @@ class Closes(Job):
         conn.execute("UPDATE job_trades SET close_state = 'done', closed_published = 1, settled_wh = MAX(settled_wh, ?)"
                      " WHERE trade_id = ?", (delivered, tid))
         if not published:
-            paid = contracts.cost(delivered, price)
-            await self.op.publish(E.TradeClosedOnChain(
+            paid = bindings.cost(delivered, price)
+            await self.op.publish(E.TradeClosed(
                 trade_id=tid, delivered_wh=delivered, paid_wei=paid, tx_hash=tx_hash,
-                refunded_wei=refunded if refunded is not None else contracts.cost(wh, price) - paid))
+                refunded_wei=refunded if refunded is not None else bindings.cost(wh, price) - paid))
 
     async def final(self, kind: str, row: dict[str, Any], receipt: Any, ok: bool, reason: str) -> None:
         op = self.op

@@ -19,7 +19,7 @@ from services.bus import events as E
 from services.bus import typed
 from services.bus.envelope import caused_by
 
-from .. import contracts
+from .. import bindings
 from ..errors import TxRejected
 from ..node import guard
 from . import Job
@@ -89,7 +89,7 @@ CREATE TABLE IF NOT EXISTS job_trades (
         for tid, buyer, wh, price, offer, offer_sig, bid, bid_sig, cause in rows:
             status, _, _, _ = await self.on_chain(tid)
             async with op.store.atomic() as conn, caused_by(cause):
-                if status != contracts.STATUS_NONE:
+                if status != bindings.STATUS_NONE:
                     conn.execute("UPDATE job_trades SET open_state = 'done' WHERE trade_id = ?", (tid,))
                     await op.publish(E.TradeRecorded(trade_id=tid, tx_hash=""))
                     continue
@@ -100,7 +100,7 @@ CREATE TABLE IF NOT EXISTS job_trades (
                     await op.fail_job("open", tid, buyer, why)
                     continue
             o, b = typed.Offer.model_validate_json(offer), typed.Bid.model_validate_json(bid)
-            ready.append((tid, buyer, contracts.opening(tid, o, offer_sig, b, bid_sig, int(wh), int(price)), cause))
+            ready.append((tid, buyer, bindings.opening(tid, o, offer_sig, b, bid_sig, int(wh), int(price)), cause))
         batch = [r for r in ready if r[0] not in self._alone][: op.settings.open_max_batch]
         if len(batch) > 1 and await self._open_batch(batch):
             opened = {r[0] for r in batch}
