@@ -13,11 +13,12 @@ import sqlite3
 from collections.abc import Iterator
 
 from services.bus import typed
+from services.bus.prices import wei_for
 from services.bus.states import LIVE
 from services.bus.states import TradeState as S
 
 from . import double, lifecycle
-from .english import Bid, Offer, cost_wei
+from .english import Bid, Offer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS auction_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -394,12 +395,12 @@ def reserved_wei(conn: sqlite3.Connection, buyer: str, *, except_offer: str | No
     for wh, price in _rows(conn, "SELECT o.wh, bd.price FROM offers o JOIN bids bd ON bd.bid_id = o.highest_bid "
                                  "WHERE o.state = 'open' AND lower(bd.buyer) = ? AND o.offer_id != ?",
                            (b, except_offer or "")):
-        total += cost_wei(wh, int(price))
+        total += wei_for(wh, int(price), round_up=True)
     for wh, price in _rows(conn, "SELECT wh, limit_price FROM orders WHERE state = 'open' AND side = 'buy' "
                                  "AND lower(account) = ?", (b,)):
-        total += cost_wei(wh, int(price))
+        total += wei_for(wh, int(price), round_up=True)
     for wh, price in _rows(conn, "SELECT wh, price FROM trades WHERE state = ? AND lower(buyer) = ?", (S.AGREED, b)):
-        total += cost_wei(wh, int(price))
+        total += wei_for(wh, int(price), round_up=True)
     return total
 
 

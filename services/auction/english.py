@@ -23,15 +23,11 @@ from collections.abc import Iterable
 from typing import Literal
 
 from services.bus import refusals, typed
+from services.bus.prices import wei_for
 
-__all__ = ["Bid", "Offer", "cost_wei"]
+__all__ = ["Bid", "Offer"]
 
 OfferState = Literal["open", "sold", "expired", "cancelled", "filled"]
-
-
-def cost_wei(wh: int, price_wei_per_kwh: int) -> int:
-    """What ``wh`` costs at a price per kWh, rounded up to whole wei (never under-covered)."""
-    return -(-(wh * price_wei_per_kwh) // 1000)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,7 +119,7 @@ def check_bid(offer: Offer | None, *, buyer: str, price_wei_per_kwh: int, now: f
             raise refusals.TooLow(f"the start bid is {floor} wei/kWh")
         raise refusals.TooLow(f"the highest bid is {offer.highest.price_wei_per_kwh} wei/kWh; "
                               f"bid at least {floor} wei/kWh")
-    return cost_wei(offer.wh, price_wei_per_kwh)
+    return wei_for(offer.wh, price_wei_per_kwh, round_up=True)
 
 
 def check_reserve(*, needed_wei: int, reserved_wei: int, reserved_until: int, expiry: int, held_wei: int = 0,

@@ -48,6 +48,7 @@ from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.prices import wei_for
 from services.bus.states import OPEN
 from services.bus.states import TradeState as S
 
@@ -382,7 +383,7 @@ class AuctionService(Service):
                 if book.fallback_of(conn, failed_id)[0] != "pending":
                     return None
                 try:
-                    english.check_reserve(needed_wei=english.cost_wei(offer.wh, bid.price_wei_per_kwh),
+                    english.check_reserve(needed_wei=wei_for(offer.wh, bid.price_wei_per_kwh, round_up=True),
                                           reserved_wei=bal.escrow_reserved_wei, reserved_until=bal.reserved_until,
                                           expiry=bid.signed.expiry, held_wei=book.reserved_wei(conn, bid.buyer))
                 except refusals.Refusal as e:
@@ -460,7 +461,7 @@ class AuctionService(Service):
                         "offer" if req.side == "sell" else "bid")
         if req.side == "buy":
             assert req.bid is not None
-            english.check_reserve(needed_wei=english.cost_wei(req.wh, req.limit_price_wei_per_kwh),
+            english.check_reserve(needed_wei=wei_for(req.wh, req.limit_price_wei_per_kwh, round_up=True),
                                   reserved_wei=bal.escrow_reserved_wei, reserved_until=bal.reserved_until,
                                   expiry=req.bid.expiry, held_wei=book.reserved_wei(self.conn, req.account),
                                   what="buy order")

@@ -224,16 +224,6 @@ class TxManager:
 
     # --- broadcasting and tracking -------------------------------------------------------
 
-    async def run(self, poll_s: float) -> None:
-        """Broadcast and track until cancelled. Raises ChainUnavailable to the supervisor."""
-        while True:
-            await self.step()
-            try:
-                await asyncio.wait_for(self.wake.wait(), poll_s)
-            except asyncio.TimeoutError:
-                pass
-            self.wake.clear()
-
     async def step(self) -> None:
         rows = ledger.pending_txs(self.store.conn)
         now = time.monotonic()

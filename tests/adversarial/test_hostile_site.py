@@ -40,6 +40,7 @@ from eth_account import Account
 from services import launcher
 from services.bus import events as E
 from services.bus import typed
+from services.bus.prices import wei_for
 from services.chain import bindings
 from services.chain.keystore import Keystore
 from services.chain.operator import CONSUMED as OPERATOR_CONSUMES
@@ -118,7 +119,7 @@ def ok(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cost(wh: int, price: int) -> int:
-    return bindings.cost(wh, price)
+    return wei_for(wh, price)
 
 
 def sell(g: AdvGrid, wh: int, price: int, auction_s: float) -> dict[str, Any]:

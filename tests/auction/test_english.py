@@ -6,6 +6,7 @@ import pytest
 
 from services.auction import english
 from services.bus import typed
+from services.bus.prices import wei_for
 from services.bus.refusals import Refusal
 
 SELLER = "0x" + "a" * 40
@@ -28,10 +29,10 @@ def bid(o, buyer=B1, price=1000, now=110.0, inc=10, bid_id=None):
 
 
 def test_cost_rounds_up():
-    assert english.cost_wei(1000, 7) == 7
-    assert english.cost_wei(1, 7) == 1  # 0.007 wei -> 1
-    assert english.cost_wei(1500, 3) == 5  # 4.5 -> 5
-    assert english.cost_wei(0, 10**18) == 0
+    assert wei_for(1000, 7, round_up=True) == 7
+    assert wei_for(1, 7, round_up=True) == 1  # 0.007 wei -> 1
+    assert wei_for(1500, 3, round_up=True) == 5  # 4.5 -> 5
+    assert wei_for(0, 10**18, round_up=True) == 0
 
 
 def test_offer_deadline_is_absolute():

@@ -18,6 +18,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from services.bus import commands as C
 from services.bus import events as E
+from services.bus.prices import wei_for
 from services.chain import bindings
 from services.chain.keystore import Keystore
 from services.chain.node import ANVIL_DEV_KEY
@@ -207,9 +208,9 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
 
         assert sorted((m.meter, m.wh) for m in ev.of(E.Minted)) == sorted((m.address, 1000) for m in meters)
         assert len(ev.of(E.TradeRecorded)) == 1
-        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, bindings.cost(600, PRICE))]
+        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, wei_for(600, PRICE))]
         assert [(c.delivered_wh, c.paid_wei) for c in ev.of(E.TradeClosed)] == [
-            (600, bindings.cost(600, PRICE))]
+            (600, wei_for(600, PRICE))]
 
         await assert_no_gaps(w3, [tmp_path / "market" / "chain.sqlite",
                                   *(tmp_path / site / "wallet.sqlite" for site in ("solar-1", "home-7"))],
@@ -220,8 +221,8 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         assert await t.balanceOf(seller).call() == 3000 - 600
         assert await t.balanceOf(buyer).call() == 600
         assert await t.balanceOf(d.market_address).call() == 0
-        assert await m.credit(seller).call() == bindings.cost(600, PRICE)
-        assert await m.freeEscrow(buyer).call() == 10**18 - bindings.cost(600, PRICE)
+        assert await m.credit(seller).call() == wei_for(600, PRICE)
+        assert await m.freeEscrow(buyer).call() == 10**18 - wei_for(600, PRICE)
         assert await m.lockedEscrow(buyer).call() == 0
     finally:
         await bindings.close_provider(w3)

@@ -18,6 +18,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.errors import RequestError
+from services.bus.prices import wei_for
 from services.chain import bindings
 from services.chain.keystore import Keystore
 from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
@@ -182,7 +183,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
             assert [u.status for u in ups if u.tx_hash == h and u.status != "pending"] == ["confirmed"], h
         assert [(m.produced_wh, m.wh) for m in ev.of(E.Minted)] == [(1000, 1000), (2000, 1000)]
         assert len(ev.of(E.TradeRecorded)) == 1
-        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, bindings.cost(600, PRICE))]
+        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, wei_for(600, PRICE))]
         assert len(ev.of(E.TradeClosed)) == 1
 
         import sqlite3
@@ -200,8 +201,8 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         assert await t.totalSupply().call() == 2000
         assert await t.balanceOf(seller).call() == 2000 - 600
         assert await t.balanceOf(buyer).call() == 600
-        assert await m.credit(seller).call() == bindings.cost(600, PRICE)
-        assert await m.freeEscrow(buyer).call() == 10**18 - bindings.cost(600, PRICE)
+        assert await m.credit(seller).call() == wei_for(600, PRICE)
+        assert await m.freeEscrow(buyer).call() == 10**18 - wei_for(600, PRICE)
         assert await m.lockedEscrow(buyer).call() == 0
         assert await w3.eth.get_balance(bob) == bob_start + 1
         for account, n in op_rows:  # nothing sent beyond what the store knows (the admin key deploys)

@@ -19,6 +19,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from services.bus import commands as C
 from services.bus import events as E
+from services.bus.prices import wei_for
 from services.chain import bindings
 from tests.signing import Domains, Meter, agreed
 
@@ -118,7 +119,7 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         dd = bindings.attach(w3, svc.dep.token_address, svc.dep.market_address, svc.dep.registry_address)
         m, t = dd.market.functions, dd.token.functions
         delivered = 1260
-        paid = bindings.cost(delivered, PRICE)
+        paid = wei_for(delivered, PRICE)
         assert await t.totalSupply().call() == 2000
         assert await t.balanceOf(seller).call() == 2000 - delivered
         assert await t.balanceOf(buyer).call() == delivered
@@ -133,9 +134,9 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         assert sum(x.wh for x in ev.of(E.Minted)) == 2000 and max(x.produced_wh for x in ev.of(E.Minted)) == 2000
         assert len(ev.of(E.TradeRecorded)) == 1
         assert [(c.delivered_wh, c.paid_wei, c.refunded_wei) for c in closed] == [
-            (delivered, paid, bindings.cost(1500, PRICE) - paid)]
+            (delivered, paid, wei_for(1500, PRICE) - paid)]
         assert [s.delivered_wh for s in ev.of(E.Settled)][-1] == delivered
-        assert all(s.paid_wei == bindings.cost(s.delivered_wh, PRICE) for s in ev.of(E.Settled))
+        assert all(s.paid_wei == wei_for(s.delivered_wh, PRICE) for s in ev.of(E.Settled))
 
         bal = await peer.request(C.GetBalances(address=seller), site="solar-1")
         assert (bal.tokens_wh, bal.generated_wh, bal.credit_wei) == (2000 - delivered, 2000, paid)
@@ -185,7 +186,7 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
                                                  seller_site="solar-1", buyer_site="home-7", wh=1000,
                                                  price_wei_per_kwh=PRICE, delivered_wh=1000))
         d = svc.dep
-        assert await d.market.functions.credit(seller).call() == 3 * bindings.cost(1000, PRICE)
+        assert await d.market.functions.credit(seller).call() == 3 * wei_for(1000, PRICE)
         assert await d.token.functions.balanceOf(buyer).call() == 3000
         await peer.listener.wait_for(lambda: True)
         await wait_until(lambda: svc.store.conn.execute(
@@ -258,7 +259,7 @@ async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: st
         receipt = await w3.eth.wait_for_transaction_receipt(await w3.eth.send_raw_transaction(raw))
         assert receipt["status"] == 1
         paid = await ev.wait_for(lambda: [s for s in ev.of(E.Settled) if s.trade_id == "g-0"])
-        assert [(s.delivered_wh, s.paid_wei) for s in paid] == [(300, bindings.cost(300, PRICE))]
+        assert [(s.delivered_wh, s.paid_wei) for s in paid] == [(300, wei_for(300, PRICE))]
         t = await d.market.functions.trades(bindings.id32("g-0")).call()
         assert (t[2], t[4]) == (bindings.STATUS_CLOSING, 300)
     finally:

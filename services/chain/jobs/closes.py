@@ -18,6 +18,7 @@ from typing import Any
 from services.bus import events as E
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.prices import wei_for
 from services.bus.states import TradeState
 
 from .. import bindings
@@ -89,8 +90,7 @@ class Closes(Job):
                     h, refused = await self.send(op.operator, kind="close", ref=tid, to=op.dep.market_address,
                                                  data=op.dep.market.encode_abi("close", args=[typed.trade_key(tid)]))
                     if h:
-                        conn.execute("UPDATE job_trades SET close_state = 'sent', close_tx = ? WHERE trade_id = ?",
-                                     (h, tid))
+                        conn.execute("UPDATE job_trades SET close_state = 'sent' WHERE trade_id = ?", (tid,))
                     elif refused:
                         conn.execute("UPDATE job_trades SET close_state = 'failed', reason = ? WHERE trade_id = ?",
                                      (refused[:500], tid))
@@ -116,8 +116,7 @@ class Closes(Job):
                                                  data=op.dep.market.encode_abi("finalize", args=[typed.trade_key(tid)]),
                                                  later_if=WINDOW_OPEN)
                     if h:
-                        conn.execute("UPDATE job_trades SET close_state = 'finalizing', close_tx = ? WHERE trade_id = ?",
-                                     (h, tid))
+                        conn.execute("UPDATE job_trades SET close_state = 'finalizing' WHERE trade_id = ?", (tid,))
                     elif refused:
                         conn.execute("UPDATE job_trades SET close_state = 'failed', reason = ? WHERE trade_id = ?",
                                      (refused[:500], tid))
@@ -144,10 +143,10 @@ class Closes(Job):
         conn.execute("UPDATE job_trades SET close_state = 'done', closed_published = 1, settled_wh = MAX(settled_wh, ?)"
                      " WHERE trade_id = ?", (delivered, tid))
         if not published:
-            paid = bindings.cost(delivered, price)
+            paid = wei_for(delivered, price)
             await self.op.publish(E.TradeClosed(
                 trade_id=tid, delivered_wh=delivered, paid_wei=paid, tx_hash=tx_hash,
-                refunded_wei=refunded if refunded is not None else bindings.cost(wh, price) - paid))
+                refunded_wei=refunded if refunded is not None else wei_for(wh, price) - paid))
 
     async def final(self, kind: str, row: dict[str, Any], receipt: Any, ok: bool, reason: str) -> None:
         op = self.op

@@ -31,6 +31,7 @@ from web3 import AsyncWeb3
 from services.bus import events as E
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.prices import wei_for
 
 from .. import bindings
 from ..node import guard
@@ -232,7 +233,7 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
                 if r is not None and delivered > int(r[1]):
                     conn.execute("UPDATE job_trades SET settled_wh = ? WHERE trade_id = ?", (delivered, tid))
                     await op.publish(E.Settled(trade_id=tid, delivered_wh=delivered,
-                                               paid_wei=bindings.cost(delivered, int(r[0])), tx_hash=row["tx_hash"]))
+                                               paid_wei=wei_for(delivered, int(r[0])), tx_hash=row["tx_hash"]))
         for ev in self.logs(op.dep.market, "TradeClosed", receipt) if ok else []:
             tid = keys.get(bytes(ev["args"]["tradeId"]))
             if tid is not None:  # a full delivery closes the trade in the contract
