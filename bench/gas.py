@@ -54,7 +54,8 @@ from web3 import AsyncHTTPProvider, AsyncWeb3  # noqa: E402
 
 from contracts import build  # noqa: E402
 from services.bus import typed  # noqa: E402
-from services.chain import contracts as c  # noqa: E402
+from services.bus.prices import wei_for  # noqa: E402
+from services.chain import bindings as c  # noqa: E402
 from tests.chain_fixtures import start_anvil, stop_anvil  # noqa: E402
 
 ETHER = 10**18
@@ -198,7 +199,7 @@ class Bench:
               await self.gas(tok.mintBatch([m.address for m in self.seller_meters], produced, sigs), self.operator), n)
         # each buyer deposits what its trade costs (reserved at bid time), as a site's wallet would
         until = (await self.w3.eth.get_block("latest"))["timestamp"] + 3600
-        for gas in await self.gas_many([(mkt.depositAndReserve(until), b.address, c.cost(wh, PRICE))
+        for gas in await self.gas_many([(mkt.depositAndReserve(until), b.address, wei_for(wh, PRICE))
                                         for b in self.buyers]):
             escrow.add("deposit", "depositAndReserve", gas)
         # open: the operator's chain service opens the trades an auction round agreed in one

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from services.meter import lineproto, registers  # noqa: E402
 from timing import best_of  # noqa: E402
-from services.meter.models import BatteryConfig, Counters, Load, LoadConfig, PanelConfig, Site  # noqa: E402
+from services.meter.physics import BatteryConfig, Counters, Load, LoadConfig, PanelConfig, Site  # noqa: E402
 
 
 

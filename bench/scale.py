@@ -311,7 +311,7 @@ async def gas_run(trades: int, kwh: int) -> tuple[float, float]:
     import gas as gas_bench
     from web3 import AsyncHTTPProvider, AsyncWeb3
 
-    from services.chain import contracts
+    from services.chain import bindings
     from tests.chain_fixtures import start_anvil, stop_anvil  # as bench/gas.py
 
     proc, url = start_anvil()
@@ -328,7 +328,7 @@ async def gas_run(trades: int, kwh: int) -> tuple[float, float]:
         traded = trades * kwh
         return v2.total / traded, seed.total / traded
     finally:
-        await contracts.close_provider(w3)
+        await bindings.close_provider(w3)
         stop_anvil(proc)
 
 

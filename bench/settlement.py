@@ -43,7 +43,7 @@ from services.bus import commands as C  # noqa: E402
 from services.bus import events as E  # noqa: E402
 from services.bus.hub import Hub  # noqa: E402
 from services.bus.store import Store  # noqa: E402
-from services.chain import contracts  # noqa: E402
+from services.chain import bindings  # noqa: E402
 from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.node import ANVIL_DEV_KEY  # noqa: E402
@@ -97,7 +97,7 @@ async def baseline(url: str, n: int) -> float:
             await w3.eth.wait_for_transaction_receipt(h, poll_latency=0.01)
         return time.perf_counter() - t0
     finally:
-        await contracts.close_provider(w3)
+        await bindings.close_provider(w3)
 
 
 @dataclass
@@ -166,10 +166,10 @@ async def measure(trades: int, steps: int, block_time: float = 0.0, confirmation
         try:
             w3 = AsyncWeb3(AsyncHTTPProvider(url))
             await w3.eth.chain_id
-            await contracts.close_provider(w3)
+            await bindings.close_provider(w3)
             break
         except OSError:
-            await contracts.close_provider(w3)
+            await bindings.close_provider(w3)
             await asyncio.sleep(0.1)
     svc = OperatorService(settings)
     await svc.start()
@@ -221,7 +221,7 @@ async def measure(trades: int, steps: int, block_time: float = 0.0, confirmation
             for i in range(trades):
                 await pub.publish(home.delivery(d, f"t{i}", 1000 * k // steps))
             await asyncio.sleep(0.05)  # the meter reports over time, not all at once
-        await wait_for(lambda: len(of(E.TradeClosedOnChain)) >= trades)
+        await wait_for(lambda: len(of(E.TradeClosed)) >= trades)
         elapsed = time.perf_counter() - t0
         settled = of(E.Settled)
         rows = svc.store.conn.execute(

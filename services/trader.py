@@ -18,9 +18,10 @@ from typing import Any
 
 from services.bus import RequestError, RpcClient
 from services.bus import commands as cmd
+from services.bus.prices import wei_for  # what a bid needs reserved (rounded up), as the auction counts it
+from services.bus.states import TradeState
 from services.bus.typed import ZERO_ID
 
-from services.auction.english import cost_wei  # what a bid needs reserved, as the auction counts it
 
 
 @dataclass
@@ -71,11 +72,11 @@ class Trader:
         """What this account's other holds at the auction need reserved: its leading bids on
         other open offers and its trades agreed but not yet opened on-chain."""
         who = account.lower()
-        held = sum(cost_wei(o.wh, o.highest_bid_wei_per_kwh or 0) for o in offers
+        held = sum(wei_for(o.wh, o.highest_bid_wei_per_kwh or 0, round_up=True) for o in offers
                    if o.offer_id != except_offer and o.state == "open" and (o.highest_bidder or "").lower() == who)
         trades: cmd.Trades = await self._ask(self.auction, cmd.ListTrades(account=account))
-        held += sum(cost_wei(t.wh, t.price_wei_per_kwh) for t in trades.trades
-                    if t.state == "agreed" and t.buyer.lower() == who)
+        held += sum(wei_for(t.wh, t.price_wei_per_kwh, round_up=True) for t in trades.trades
+                    if t.state == TradeState.AGREED and t.buyer.lower() == who)
         return held
 
     async def bid(self, account: str, offer: cmd.OfferView, offers: list[cmd.OfferView], price_wei_per_kwh: int, *,
@@ -83,7 +84,7 @@ class Trader:
         """Reserve, sign and place a bid on the open english ``offer`` (one of ``offers``,
         the auction's listing: the account's other leading bids stay covered)."""
         expiry = int(offer.ends_at + self.bid_grace_s)
-        total = cost_wei(offer.wh, price_wei_per_kwh) + await self.held_for_bids(account, offers,
+        total = wei_for(offer.wh, price_wei_per_kwh, round_up=True) + await self.held_for_bids(account, offers,
                                                                                   except_offer=offer.offer_id)
         await self._ask(self.wallet, cmd.Reserve(account=account, total_wei=total, until=expiry), f"{cmd_id}:reserve",
                         timeout=self.reserve_timeout_s)
@@ -97,7 +98,7 @@ class Trader:
         return accepted
 
     async def order(self, account: str, side: str, wh: int, limit_price_wei_per_kwh: int, *, now: float,
-                    duration_s: int, cmd_id: str) -> cmd.OrderPlaced:
+                    duration_s: int, cmd_id: str) -> cmd.OrderAccepted:
         """Sign and place a double-auction order valid for ``duration_s`` (at least one call)
         plus the grace: a sell order carries a signed offer (tokens approved first), a buy
         order a signed bid for the zero offer id (escrow reserved first)."""
@@ -115,9 +116,9 @@ class Trader:
             book: cmd.OrderBook = await self._ask(self.auction, cmd.ListOrders(calls=0))
             who = account.lower()
             # the account's open buy orders of this call stay covered too
-            held_orders = sum(cost_wei(o.wh, o.limit_price_wei_per_kwh) for o in book.orders
+            held_orders = sum(wei_for(o.wh, o.limit_price_wei_per_kwh, round_up=True) for o in book.orders
                               if o.side == "buy" and o.state == "open" and o.account.lower() == who)
-            total = cost_wei(wh, limit_price_wei_per_kwh) + held_orders + await self.held_for_bids(
+            total = wei_for(wh, limit_price_wei_per_kwh, round_up=True) + held_orders + await self.held_for_bids(
                 account, offers.offers, except_offer="")
             await self._ask(self.wallet, cmd.Reserve(account=account, total_wei=total, until=expiry),
                             f"{cmd_id}:reserve", timeout=self.reserve_timeout_s)
@@ -126,7 +127,7 @@ class Trader:
                                          max_price_wei_per_kwh=limit_price_wei_per_kwh, expiry=expiry),
                 f"{cmd_id}:sign")
             bid, signature = sb.bid, sb.signature
-        placed: cmd.OrderPlaced = await self._ask(
+        placed: cmd.OrderAccepted = await self._ask(
             self.auction, cmd.PlaceOrder(side=side, account=account, site=self.site, wh=wh,
                                          limit_price_wei_per_kwh=limit_price_wei_per_kwh, offer=offer, bid=bid,
                                          signature=signature), f"{cmd_id}:order")

@@ -31,7 +31,7 @@ import requests
 from web3 import AsyncHTTPProvider, AsyncWeb3, HTTPProvider, Web3
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
-from services.chain.contracts import close_provider
+from services.chain.bindings import close_provider
 from tests.conftest import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any, ClassVar
 
-from services.bus import Caller, RequestError, Service
+from services.bus import Caller, RequestError, Service, refusals
 from services.bus import commands as cmd
 from services.bus import events as ev
 from services.trader import Trader
@@ -78,7 +78,7 @@ class AgentService(Service):
 
     def _own_site(self, caller: Caller) -> None:
         if not caller.may_act_for(self.settings.site):
-            raise RequestError("not_your_site", f"only site {self.settings.site} sets its agent's limits")
+            raise refusals.NotYourSite(f"only site {self.settings.site} sets its agent's limits")
 
     def state(self) -> cmd.AgentState:
         cap, floor = strategy.effective(self.limits, self.tariffs)
@@ -139,7 +139,7 @@ class AgentService(Service):
         if not self.account:
             accounts: cmd.Accounts = await self.trader.wallet.request(cmd.ListAccounts())
             if not accounts.accounts:
-                raise RequestError("unknown_account", "the site's wallet holds no account yet")
+                raise refusals.UnknownAccount("the site's wallet holds no account yet")
             self.account = accounts.accounts[0].address
         return self.account
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.auction.lifecycle import LIVE
 from services.bus import commands as cmd
+from services.bus.states import OPEN
 
 from .strategy import Action, MarketView, OfferSeen, PlaceOffer, PlaceOrder, SiteView
-
-OPEN_TRADE = LIVE | {"agreed"}  # a trade whose energy is still to flow
-
 
 def _is(a: str | None, b: str) -> bool:
     return (a or "").lower() == b.lower()
@@ -43,7 +40,7 @@ def site_view(me: str, bal: cmd.Balances, offers: list[cmd.OfferView], trades: l
     is counted once."""
     mine_open = [o for o in offers if o.state == "open" and _is(o.seller, me)]
     leading = [o for o in offers if o.state == "open" and _is(o.highest_bidder, me)]
-    live = [t for t in trades if t.state in OPEN_TRADE]
+    live = [t for t in trades if t.state in OPEN]
     listed = {o.offer_id for o in mine_open}
     my_orders = [o for o in orders if o.state == "open" and _is(o.account, me) and o.order_id not in listed]
     sell_orders = sum(o.wh for o in my_orders if o.side == "sell")

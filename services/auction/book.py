@@ -13,9 +13,12 @@ import sqlite3
 from collections.abc import Iterator
 
 from services.bus import typed
+from services.bus.prices import wei_for
+from services.bus.states import LIVE
+from services.bus.states import TradeState as S
 
 from . import double, lifecycle
-from .english import Bid, Offer, cost_wei
+from .english import Bid, Offer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS auction_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -308,7 +311,7 @@ _TRADE_COLS = ("trade_id, offer_id, seller, buyer, seller_site, buyer_site, wh, 
 def _trade(row: tuple) -> lifecycle.Trade:  # type: ignore[type-arg]
     (trade_id, offer_id, seller, buyer, seller_site, buyer_site, wh, price, state, delivered, paid, reason) = row
     return lifecycle.Trade(trade_id=trade_id, offer_id=offer_id, seller=seller, buyer=buyer, seller_site=seller_site,
-                           buyer_site=buyer_site, wh=wh, price_wei_per_kwh=int(price), state=state,
+                           buyer_site=buyer_site, wh=wh, price_wei_per_kwh=int(price), state=S(state),
                            delivered_wh=delivered, paid_wei=int(paid), reason=reason)
 
 
@@ -374,7 +377,7 @@ def trades(conn: sqlite3.Connection, account: str | None = None, last: int | Non
 
 
 def live_trades(conn: sqlite3.Connection) -> list[lifecycle.Trade]:
-    states = tuple(sorted(lifecycle.LIVE))
+    states = tuple(sorted(LIVE))
     marks = ",".join("?" * len(states))
     rows = conn.execute(f"SELECT {_TRADE_COLS} FROM trades WHERE state IN ({marks}) ORDER BY trade_id", states)
     return [_trade(r) for r in rows]
@@ -394,12 +397,12 @@ def reserved_wei(conn: sqlite3.Connection, buyer: str, *, except_offer: str | No
     for wh, price in _rows(conn, "SELECT o.wh, bd.price FROM offers o JOIN bids bd ON bd.bid_id = o.highest_bid "
                                  "WHERE o.state = 'open' AND lower(bd.buyer) = ? AND o.offer_id != ?",
                            (b, except_offer or "")):
-        total += cost_wei(wh, int(price))
+        total += wei_for(wh, int(price), round_up=True)
     for wh, price in _rows(conn, "SELECT wh, limit_price FROM orders WHERE state = 'open' AND side = 'buy' "
                                  "AND lower(account) = ?", (b,)):
-        total += cost_wei(wh, int(price))
-    for wh, price in _rows(conn, "SELECT wh, price FROM trades WHERE state = 'agreed' AND lower(buyer) = ?", (b,)):
-        total += cost_wei(wh, int(price))
+        total += wei_for(wh, int(price), round_up=True)
+    for wh, price in _rows(conn, "SELECT wh, price FROM trades WHERE state = ? AND lower(buyer) = ?", (S.AGREED, b)):
+        total += wei_for(wh, int(price), round_up=True)
     return total
 
 
@@ -412,6 +415,6 @@ def reserved_wh(conn: sqlite3.Connection, seller: str) -> int:
     for (wh,) in _rows(conn, "SELECT wh FROM orders WHERE state = 'open' AND side = 'sell' AND lower(account) = ?",
                        (s,)):
         total += wh
-    for (wh,) in _rows(conn, "SELECT wh FROM trades WHERE state = 'agreed' AND lower(seller) = ?", (s,)):
+    for (wh,) in _rows(conn, "SELECT wh FROM trades WHERE state = ? AND lower(seller) = ?", (S.AGREED, s)):
         total += wh
     return total

@@ -12,8 +12,8 @@ checked by :mod:`services.auction.signed` before it gets here): the trade is ope
 on-chain from the two.
 
 Everything here takes plain values (``now`` included) and either returns a result or
-raises :class:`Rejected` with a stable ``code``; the service turns that into a
-``RequestError``.
+raises one of the refusals of :mod:`services.bus.refusals` (a stable ``code``), which the
+service answers the request with.
 """
 
 from __future__ import annotations
@@ -22,18 +22,12 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Literal
 
-from services.bus import typed
+from services.bus import refusals, typed
+from services.bus.prices import wei_for
 
-from .errors import Rejected
-
-__all__ = ["Bid", "Offer", "Rejected", "cost_wei"]
+__all__ = ["Bid", "Offer"]
 
 OfferState = Literal["open", "sold", "expired", "cancelled", "filled"]
-
-
-def cost_wei(wh: int, price_wei_per_kwh: int) -> int:
-    """What ``wh`` costs at a price per kWh, rounded up to whole wei (never under-covered)."""
-    return -(-(wh * price_wei_per_kwh) // 1000)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,13 +79,13 @@ def open_offer(*, offer_id: str, seller: str, seller_site: str, wh: int, start_p
                signature: str = "") -> Offer:
     """A new offer, if the seller's free tokens cover it."""
     if wh <= 0:
-        raise Rejected("invalid", "an offer needs a positive amount of energy (Wh)")
+        raise refusals.Invalid("an offer needs a positive amount of energy (Wh)")
     if start_price_wei_per_kwh <= 0:
-        raise Rejected("invalid", "the start price must be positive")
+        raise refusals.Invalid("the start price must be positive")
     if not duration_s > 0:
-        raise Rejected("invalid", "the duration must be positive")
+        raise refusals.Invalid("the duration must be positive")
     if tokens_free_wh < wh:
-        raise Rejected("no_tokens", f"the seller has {tokens_free_wh} Wh of free tokens, the offer needs {wh} Wh")
+        raise refusals.NoTokens(f"the seller has {tokens_free_wh} Wh of free tokens, the offer needs {wh} Wh")
     return Offer(offer_id=offer_id, seller=seller, seller_site=seller_site, wh=wh,
                  start_price_wei_per_kwh=start_price_wei_per_kwh, opened_at=now, ends_at=now + duration_s,
                  signed=signed, signature=signature)
@@ -112,20 +106,20 @@ def check_bid(offer: Offer | None, *, buyer: str, price_wei_per_kwh: int, now: f
     :func:`check_reserve`, so a bid that is refused for a plain reason costs nothing.
     """
     if offer is None:
-        raise Rejected("not_found", "no such offer")
+        raise refusals.NotFound("no such offer")
     if price_wei_per_kwh <= 0:
-        raise Rejected("invalid", "the price must be positive")
+        raise refusals.Invalid("the price must be positive")
     if not offer.is_open(now):
-        raise Rejected("closed", f"offer {offer.offer_id} is {'past its deadline' if offer.state == 'open' else offer.state}")
+        raise refusals.Closed(f"offer {offer.offer_id} is {'past its deadline' if offer.state == 'open' else offer.state}")
     if same_account(buyer, offer.seller):
-        raise Rejected("own_offer", "a seller cannot bid on their own offer")
+        raise refusals.OwnOffer("a seller cannot bid on their own offer")
     floor = min_next_bid(offer, min_increment_wei_per_kwh)
     if price_wei_per_kwh < floor:
         if offer.highest is None:
-            raise Rejected("too_low", f"the start bid is {floor} wei/kWh")
-        raise Rejected("too_low", f"the highest bid is {offer.highest.price_wei_per_kwh} wei/kWh; "
-                                  f"bid at least {floor} wei/kWh")
-    return cost_wei(offer.wh, price_wei_per_kwh)
+            raise refusals.TooLow(f"the start bid is {floor} wei/kWh")
+        raise refusals.TooLow(f"the highest bid is {offer.highest.price_wei_per_kwh} wei/kWh; "
+                              f"bid at least {floor} wei/kWh")
+    return wei_for(offer.wh, price_wei_per_kwh, round_up=True)
 
 
 def check_reserve(*, needed_wei: int, reserved_wei: int, reserved_until: int, expiry: int, held_wei: int = 0,
@@ -144,8 +138,8 @@ def check_reserve(*, needed_wei: int, reserved_wei: int, reserved_until: int, ex
     else:
         has = f"{reserved_wei} wei reserved"
     others = f", on top of {held_wei} wei held by the buyer's other bids, orders and trades" if held_wei else ""
-    raise Rejected("unfunded", f"the {what} needs {needed_wei} wei of escrow reserved until {expiry}{others}; the "
-                               f"buyer has {has}: reserve {total} wei in all until {expiry} (nothing was done)")
+    raise refusals.Unfunded(f"the {what} needs {needed_wei} wei of escrow reserved until {expiry}{others}; the "
+                            f"buyer has {has}: reserve {total} wei in all until {expiry} (nothing was done)")
 
 
 def place_bid(offer: Offer, *, bid_id: str, buyer: str, buyer_site: str, price_wei_per_kwh: int,
@@ -174,22 +168,22 @@ def winner(bids: Iterable[Bid]) -> Bid | None:
 
 def cancel(offer: Offer | None, *, seller: str, now: float) -> Offer:
     if offer is None:
-        raise Rejected("not_found", "no such offer")
+        raise refusals.NotFound("no such offer")
     if not same_account(seller, offer.seller):
-        raise Rejected("not_allowed", "only the seller can cancel an offer")
+        raise refusals.NotAllowed("only the seller can cancel an offer")
     if offer.state != "open":
-        raise Rejected("closed", f"offer {offer.offer_id} is already {offer.state}")
+        raise refusals.Closed(f"offer {offer.offer_id} is already {offer.state}")
     if offer.bids:
-        raise Rejected("has_bids", "an offer with bids cannot be cancelled")
+        raise refusals.HasBids("an offer with bids cannot be cancelled")
     return dataclasses.replace(offer, state="cancelled")
 
 
 def settle(offer: Offer, now: float) -> Offer:
     """Close an offer whose deadline passed: sold to the highest bid, or expired."""
     if offer.state != "open":
-        raise Rejected("closed", f"offer {offer.offer_id} is already {offer.state}")
+        raise refusals.Closed(f"offer {offer.offer_id} is already {offer.state}")
     if now < offer.ends_at:
-        raise Rejected("invalid", f"offer {offer.offer_id} runs until {offer.ends_at}")
+        raise refusals.Invalid(f"offer {offer.offer_id} runs until {offer.ends_at}")
     return dataclasses.replace(offer, state="sold" if offer.highest is not None else "expired")
 
 

@@ -21,10 +21,10 @@
   expiry, together with what its other winning bids, buy orders and unopened trades
   hold (``unfunded`` says how much to reserve). ``TradeAgreed`` carries both signed
   facts: the operator opens the trade from them.
-- A winning bid whose trade the chain could not open (``TxUpdate`` open failed) is
+- A winning bid whose trade the chain could not open (``ChainTx`` open failed) is
   followed by the next-best bid of another buyer that is still valid and funded: a new
   trade ``t-<offer>-<n>``; the failed one stays failed.
-- A ``DeliveryMismatch`` from the trade's seller's site closes the trade, with the
+- A ``MeterMismatch`` from the trade's seller's site closes the trade, with the
   reason in words in its ``TradeStatus``.
 - The market clock (english): sleeps until the earliest open deadline, then closes every
   due offer in one transaction; on start it first settles whatever fell due while the
@@ -38,39 +38,24 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-from services.bus import Caller, Envelope, RequestError, RequestTimeout, Service
+from services.bus import Caller, Envelope, RequestError, RequestTimeout, Service, refusals
 from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.prices import wei_for
+from services.bus.states import OPEN
+from services.bus.states import TradeState as S
 
 from . import book, double, english, lifecycle, signed
 from .config import AuctionSettings
-from .errors import Rejected
 
 log = logging.getLogger(__name__)
-
-Req = TypeVar("Req", bound=cmd.Request)
-
-
-def _answers(fn: Callable[[Any, Req], Awaitable[cmd.Reply]]) -> Callable[[Any, Req], Awaitable[cmd.Reply]]:
-    """Turn the rules' refusals into request errors with their stable code."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, req: Req, caller: Caller, *args: Any) -> cmd.Reply:
-        try:
-            return await fn(self, req, caller, *args)
-        except Rejected as e:
-            raise RequestError(e.code, e.message) from None
-
-    return wrapper
 
 
 def trade_status(t: lifecycle.Trade, step: lifecycle.Step | None = None) -> ev.TradeStatus:
@@ -81,7 +66,7 @@ def trade_status(t: lifecycle.Trade, step: lifecycle.Step | None = None) -> ev.T
                           reason=step.reason if step else t.reason)
 
 
-def mismatch_reason(body: ev.DeliveryMismatch) -> str:
+def mismatch_reason(body: ev.MeterMismatch) -> str:
     """Why the seller's site closed the trade, in words."""
     words = body.reason or (f"its meter counted {body.seller_wh} Wh sent and the buyer's meter {body.buyer_wh} Wh "
                             f"received, past the tolerance of {body.tolerance:g}")
@@ -120,8 +105,8 @@ class AuctionService(Service):
         self.rpc.handle(cmd.PlaceOffer, self.place_offer, prefetch=self.offer_balances)
         self.rpc.handle(cmd.PlaceBid, self.place_bid, prefetch=self.bid_balances)
         self.rpc.handle(cmd.PlaceOrder, self.place_order, prefetch=self.order_balances)
-        self.subscribe([ev.TradeRecorded.TYPE, ev.TradeClosedOnChain.TYPE, ev.Settled.TYPE, ev.TxUpdate.TYPE,
-                        ev.Delivery.TYPE, ev.DeliveryMismatch.TYPE, ev.Deployment.TYPE], self.on_event)
+        self.subscribe([ev.TradeRecorded.TYPE, ev.TradeClosed.TYPE, ev.Settled.TYPE, ev.ChainTx.TYPE,
+                        ev.Delivery.TYPE, ev.MeterMismatch.TYPE, ev.Deployment.TYPE], self.on_event)
         if s.english:
             self.spawn(self._market_clock(), "auction-clock")
             self.spawn(self._fallbacks(), "auction-fallbacks")
@@ -143,22 +128,22 @@ class AuctionService(Service):
     def _acts_for(caller: Caller, site: str) -> None:
         """The body names ``site``: only that site's key may send it."""
         if not caller.may_act_for(site):
-            raise Rejected("not_your_account", f"this request came from site {caller}, not {site}: a site acts only "
-                                               "for its own accounts; nothing was done")
+            raise refusals.NotYourAccount(f"this request came from site {caller}, not {site}: a site acts only "
+                                          "for its own accounts; nothing was done")
 
     @staticmethod
     def _belongs(bal: cmd.Balances, address: str, site: str) -> None:
         """The chain service says whose account ``address`` is: it must be ``site``'s."""
         if not bal.site:
-            raise Rejected("unknown_account", f"the chain service holds no account {address}; nothing was done")
+            raise refusals.UnknownAccount(f"the chain service holds no account {address}; nothing was done")
         if bal.site != site:
-            raise Rejected("not_your_account", f"account {address} belongs to site {bal.site}, not {site}; "
-                                               "nothing was done")
+            raise refusals.NotYourAccount(f"account {address} belongs to site {bal.site}, not {site}; "
+                                          "nothing was done")
 
     def _need(self, market: str) -> None:
         if not getattr(self.settings, market):
-            raise Rejected("unsupported", f"this market does not run the {market} auction "
-                                          f"(GRIDTRADE_AUCTION_MARKET={self.settings.auction_market})")
+            raise refusals.Unsupported(f"this market does not run the {market} auction "
+                                       f"(GRIDTRADE_AUCTION_MARKET={self.settings.auction_market})")
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -168,8 +153,8 @@ class AuctionService(Service):
         """The EIP-712 domain every signed offer and bid must be in: the operator's market."""
         d = self.deployment
         if d is None:
-            raise Rejected("unavailable", "the market's contracts are not announced yet (chain.deployment): signed "
-                                          "offers and bids cannot be checked; try again later")
+            raise refusals.Unavailable("the market's contracts are not announced yet (chain.deployment): signed "
+                                       "offers and bids cannot be checked; try again later")
         return typed.market_domain(d.chain_id, d.market)
 
     @property
@@ -179,8 +164,8 @@ class AuctionService(Service):
     def _not_taken(self, table: str, signed_id: str, what: str) -> None:
         taken = book.signed_taken(self.conn, table, signed_id)
         if taken is not None:
-            raise Rejected("replayed", f"this signed {what} ({signed_id}) was placed already ({taken}): sign a new "
-                                       "one; nothing was done")
+            raise refusals.Replayed(f"this signed {what} ({signed_id}) was placed already ({taken}): sign a new "
+                                    "one; nothing was done")
 
     def _follow(self, body: ev.Deployment, conn: sqlite3.Connection) -> None:
         """The operator announced its contracts: offers and bids are signed for its market."""
@@ -198,20 +183,19 @@ class AuctionService(Service):
             reply: cmd.Balances = await self.chain.request(cmd.GetBalances(address=address),
                                                            timeout=self.settings.auction_balance_timeout_s)
         except RequestTimeout:
-            raise Rejected("unavailable", f"cannot check {what} now: the chain service does not answer") from None
+            raise refusals.Unavailable(f"cannot check {what} now: the chain service does not answer") from None
         except RequestError as e:
-            raise Rejected("unavailable", f"cannot check {what} now: the chain service says {e.code}: {e.message}") \
+            raise refusals.Unavailable(f"cannot check {what} now: the chain service says {e.code}: {e.message}") \
                 from None
         return reply
 
     # --- english --------------------------------------------------------------------
 
-    @_answers
     async def offer_balances(self, req: cmd.PlaceOffer, caller: Caller) -> cmd.Balances:
         self._need("english")
         self._acts_for(caller, req.seller_site)
         if req.duration_s > self.settings.auction_max_duration_s:
-            raise Rejected("invalid", f"the longest auction is {self.settings.auction_max_duration_s:g} s")
+            raise refusals.Invalid(f"the longest auction is {self.settings.auction_max_duration_s:g} s")
         signed.check_offer(self._domain(), req.offer, req.signature, seller=req.seller, wh=req.wh,
                            min_price_wei_per_kwh=req.start_price_wei_per_kwh,
                            min_expiry=time.time() + req.duration_s + self.grace_s, grace_s=self.grace_s)
@@ -219,7 +203,6 @@ class AuctionService(Service):
         self._belongs(bal, req.seller, req.seller_site)
         return bal
 
-    @_answers
     async def place_offer(self, req: cmd.PlaceOffer, caller: Caller, bal: cmd.Balances) -> cmd.OfferPlaced:
         now = time.time()
         signed.check_expiry(req.offer.expiry, now + req.duration_s + self.grace_s, "offer", self.grace_s)
@@ -231,9 +214,9 @@ class AuctionService(Service):
                                        start_price_wei_per_kwh=req.start_price_wei_per_kwh, duration_s=req.duration_s,
                                        now=now, tokens_free_wh=bal.tokens_wh - reserved, signed=req.offer,
                                        signature=req.signature)
-        except Rejected as e:
-            if e.code == "no_tokens" and reserved:
-                raise Rejected(e.code, f"{e.message} ({reserved} Wh already held by open offers and trades)") from None
+        except refusals.Refusal as e:
+            if isinstance(e, refusals.NoTokens) and reserved:
+                raise refusals.NoTokens(f"{e.message} ({reserved} Wh already held by open offers and trades)") from None
             raise
         book.insert_offer(self.conn, offer)
         opened = await self.bus.publish(ev.OfferOpened(offer_id=offer.offer_id, seller=offer.seller,
@@ -244,7 +227,6 @@ class AuctionService(Service):
         self.store.on_commit(self._deadline_changed.set)
         return cmd.OfferPlaced(offer_id=offer.offer_id, ends_at=offer.ends_at)
 
-    @_answers
     async def bid_balances(self, req: cmd.PlaceBid, caller: Caller) -> cmd.Balances:
         """A bid the rules refuse anyway is refused without asking the chain."""
         self._need("english")
@@ -258,7 +240,6 @@ class AuctionService(Service):
         self._belongs(bal, req.buyer, req.buyer_site)
         return bal
 
-    @_answers
     async def place_bid(self, req: cmd.PlaceBid, caller: Caller, bal: cmd.Balances) -> cmd.BidAccepted:
         now = time.time()  # when it reached us (inside the lock: the clock cannot close it meanwhile)
         inc = self.settings.auction_min_increment_wei_per_kwh
@@ -284,18 +265,17 @@ class AuctionService(Service):
 
     def _check_signed_bid(self, offer: english.Offer, req: cmd.PlaceBid) -> None:
         if offer.signed is None:
-            raise Rejected("closed", f"offer {offer.offer_id} carries no signed offer: no trade can be opened from it")
+            raise refusals.Closed(f"offer {offer.offer_id} carries no signed offer: no trade can be opened from it")
         signed.check_bid(self._domain(), req.bid, req.signature, buyer=req.buyer, offer_id=offer.signed.offer_id,
                          wh=offer.wh, max_price_wei_per_kwh=req.price_wei_per_kwh,
                          min_expiry=offer.ends_at + self.grace_s, grace_s=self.grace_s)
 
-    @_answers
     async def cancel_offer(self, req: cmd.CancelOffer, caller: Caller) -> cmd.Ok:
         now = time.time()
         offer = book.get_offer(self.conn, req.offer_id)
         if offer is not None and not caller.may_act_for(offer.seller_site):
-            raise Rejected("not_allowed", f"offer {offer.offer_id} is site {offer.seller_site}'s: only its seller's "
-                                          "site can cancel it")
+            raise refusals.NotAllowed(f"offer {offer.offer_id} is site {offer.seller_site}'s: only its seller's "
+                                      "site can cancel it")
         offer = english.cancel(offer, seller=req.seller, now=now)
         book.close_offer(self.conn, offer, now)
         await self.bus.publish(ev.OfferClosed(offer_id=offer.offer_id, outcome="cancelled"))
@@ -396,17 +376,17 @@ class AuctionService(Service):
             assert bid.signed is not None
             try:
                 bal = await self.balances(bid.buyer, "escrow")
-            except Rejected as e:
+            except refusals.Refusal as e:
                 log.warning("trade %s failed; the next bid %s waits: %s", failed_id, bid.bid_id, e.message)
                 return None
             async with self.store.atomic() as conn, caused_by(cause):
                 if book.fallback_of(conn, failed_id)[0] != "pending":
                     return None
                 try:
-                    english.check_reserve(needed_wei=english.cost_wei(offer.wh, bid.price_wei_per_kwh),
+                    english.check_reserve(needed_wei=wei_for(offer.wh, bid.price_wei_per_kwh, round_up=True),
                                           reserved_wei=bal.escrow_reserved_wei, reserved_until=bal.reserved_until,
                                           expiry=bid.signed.expiry, held_wei=book.reserved_wei(conn, bid.buyer))
-                except Rejected as e:
+                except refusals.Refusal as e:
                     log.info("trade %s failed; bid %s of %s is not funded: %s", failed_id, bid.bid_id, bid.buyer,
                              e.message)
                     continue
@@ -458,7 +438,6 @@ class AuctionService(Service):
     def _clears_at(self, round_: int) -> float:
         return book.clears_at(round_, self.settings.auction_clear_interval_s)
 
-    @_answers
     async def order_balances(self, req: cmd.PlaceOrder, caller: Caller) -> cmd.Balances:
         self._need("double")
         self._acts_for(caller, req.site)
@@ -467,30 +446,29 @@ class AuctionService(Service):
         self._belongs(bal, req.account, req.site)
         return bal
 
-    @_answers
-    async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderPlaced:
+    async def place_order(self, req: cmd.PlaceOrder, caller: Caller, bal: cmd.Balances) -> cmd.OrderAccepted:
         now = time.time()
         round_ = book.current_call(self.conn, now, self.settings.auction_clear_interval_s)
         crossed = book.crossing_own_order(self.conn, req.account, req.side, req.limit_price_wei_per_kwh, round_)
         if crossed is not None:
             other = "buy" if req.side == "sell" else "sell"
-            raise Rejected("own_offer", f"this account has a {other} order at {crossed} wei/kWh in the same call "
-                                        f"that this {req.side} order would trade with: it would trade with itself "
-                                        "(a buy below your own sell, a spread, is taken)")
+            raise refusals.OwnOffer(f"this account has a {other} order at {crossed} wei/kWh in the same call "
+                                    f"that this {req.side} order would trade with: it would trade with itself "
+                                    "(a buy below your own sell, a spread, is taken)")
         self._check_signed_order(req, self._clears_at(round_))
         signed_fact: typed.Offer | typed.Bid = req.offer if req.side == "sell" else req.bid  # type: ignore[assignment]
         self._not_taken("orders", signed_fact.offer_id if isinstance(signed_fact, typed.Offer) else signed_fact.bid_id,
                         "offer" if req.side == "sell" else "bid")
         if req.side == "buy":
             assert req.bid is not None
-            english.check_reserve(needed_wei=english.cost_wei(req.wh, req.limit_price_wei_per_kwh),
+            english.check_reserve(needed_wei=wei_for(req.wh, req.limit_price_wei_per_kwh, round_up=True),
                                   reserved_wei=bal.escrow_reserved_wei, reserved_until=bal.reserved_until,
                                   expiry=req.bid.expiry, held_wei=book.reserved_wei(self.conn, req.account),
                                   what="buy order")
         else:
             free = bal.tokens_wh - book.reserved_wh(self.conn, req.account)
             if free < req.wh:
-                raise Rejected("no_tokens", f"the seller has {max(free, 0)} Wh of free tokens, the order needs {req.wh} Wh")
+                raise refusals.NoTokens(f"the seller has {max(free, 0)} Wh of free tokens, the order needs {req.wh} Wh")
         order = double.Order(order_id=f"d-{book.next_number(self.conn, 'order'):010d}", side=req.side,
                              account=req.account, site=req.site, wh=req.wh,
                              limit_price_wei_per_kwh=req.limit_price_wei_per_kwh, signed=signed_fact,
@@ -500,7 +478,7 @@ class AuctionService(Service):
                                               account=order.account, site=order.site, wh=order.wh,
                                               limit_price_wei_per_kwh=order.limit_price_wei_per_kwh, placed_at=now,
                                               clears_at=self._clears_at(round_)))
-        return cmd.OrderPlaced(order_id=order.order_id)
+        return cmd.OrderAccepted(order_id=order.order_id)
 
     def _check_signed_order(self, req: cmd.PlaceOrder, clears_at: float) -> None:
         """A sell order carries the seller's signed offer, a buy order the buyer's signed bid
@@ -508,13 +486,13 @@ class AuctionService(Service):
         domain, g = self._domain(), self.grace_s
         if req.side == "sell":
             if req.offer is None or req.bid is not None:
-                raise Rejected("invalid", "a sell order carries the seller's signed offer (and no bid); nothing was done")
+                raise refusals.Invalid("a sell order carries the seller's signed offer (and no bid); nothing was done")
             signed.check_offer(domain, req.offer, req.signature, seller=req.account, wh=req.wh,
                                min_price_wei_per_kwh=req.limit_price_wei_per_kwh, min_expiry=clears_at + g, grace_s=g)
         else:
             if req.bid is None or req.offer is not None:
-                raise Rejected("invalid", "a buy order carries the buyer's signed bid with the zero offer id (and no "
-                                          "offer); nothing was done")
+                raise refusals.Invalid("a buy order carries the buyer's signed bid with the zero offer id (and no "
+                                       "offer); nothing was done")
             signed.check_bid(domain, req.bid, req.signature, buyer=req.account, offer_id=typed.ZERO_ID, wh=req.wh,
                              max_price_wei_per_kwh=req.limit_price_wei_per_kwh, min_expiry=clears_at + g, grace_s=g)
 
@@ -610,11 +588,10 @@ class AuctionService(Service):
 
     # --- trade lifecycle ------------------------------------------------------------
 
-    @_answers
     async def close_trade(self, req: cmd.CloseTrade, caller: Caller) -> cmd.Ok:
         trade = book.get_trade(self.conn, req.trade_id)
         if trade is None:
-            raise Rejected("not_found", "no such trade")
+            raise refusals.NotFound("no such trade")
         market = self.settings.site
         operator = self.settings.auction_operator
         by = req.by.lower()
@@ -629,10 +606,10 @@ class AuctionService(Service):
             role, site = "", ""
         if not role or not caller.may_act_for(site):
             if role == "operator":
-                raise Rejected("not_allowed", "only the market's own site closes a trade as the operator")
-            raise Rejected("not_allowed", f"trade {trade.trade_id} is closed by its buyer's site ({trade.buyer_site}), "
-                                          f"its seller's site ({trade.seller_site}) or the market only, each for its "
-                                          "own account")
+                raise refusals.NotAllowed("only the market's own site closes a trade as the operator")
+            raise refusals.NotAllowed(f"trade {trade.trade_id} is closed by its buyer's site ({trade.buyer_site}), "
+                                      f"its seller's site ({trade.seller_site}) or the market only, each for its "
+                                      "own account")
         trade, steps = lifecycle.close(trade, by=req.by, operator=operator, reason=f"closed by the {role}")
         await self._steps(self.conn, trade, steps)
         return cmd.Ok()
@@ -662,22 +639,22 @@ class AuctionService(Service):
                 if body.role != "consumer" or body.site != trade.buyer_site:
                     return  # the buyer's meter counts; the seller's cross-checks elsewhere, others' not at all
                 trade, steps = lifecycle.delivery(trade, body.delivered_wh)
-            elif isinstance(body, ev.TradeClosedOnChain):
+            elif isinstance(body, ev.TradeClosed):
                 trade, steps = lifecycle.closed_on_chain(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei)
             elif isinstance(body, ev.Settled):
                 trade, steps = lifecycle.paid(trade, delivered_wh=body.delivered_wh, paid_wei=body.paid_wei), []
-            elif isinstance(body, ev.TxUpdate):
-                if body.kind != "open" or body.status != "failed" or trade.state != "agreed":
+            elif isinstance(body, ev.ChainTx):
+                if body.kind != "open" or body.status != "failed" or trade.state != S.AGREED:
                     return
                 trade, steps = lifecycle.failed(trade, body.reason or "the chain could not record the trade")
                 fall_back = self.settings.english and book.trade_market(conn, trade_id) == "english"
-            elif isinstance(body, ev.DeliveryMismatch):
+            elif isinstance(body, ev.MeterMismatch):
                 # the seller's site compares its export with the buyer's signed delivery; only it may end the trade so
                 if env.site != trade.seller_site:
                     log.warning("ignoring a delivery mismatch of trade %s from site %s: only its seller's site %s "
                                 "closes a trade for it", trade_id, env.site, trade.seller_site)
                     return
-                if trade.state not in ("agreed", "recorded", "delivering"):
+                if trade.state not in OPEN:
                     return  # ended already
                 trade, steps = lifecycle.close(trade, by=trade.seller, reason=mismatch_reason(body))
             else:
@@ -685,7 +662,7 @@ class AuctionService(Service):
         except lifecycle.InvalidTransition as e:
             log.warning("ignoring %s for trade %s: %s", env.type, trade_id, e.message)
             return
-        except Rejected as e:
+        except refusals.Refusal as e:
             log.warning("ignoring %s for trade %s: %s", env.type, trade_id, e.message)
             return
         await self._steps(conn, trade, steps)

@@ -4,7 +4,9 @@ the service base, backoff and log throttling (``retry``)."""
 
 from .config import BusSettings
 from .envelope import Envelope
-from .errors import BusError, DecodeError, GridtradeError, RequestError, RequestTimeout
+from . import refusals
+from .errors import BusError, DecodeError, GridtradeError, RequestError
+from .refusals import Refusal, RequestTimeout
 from .keys import Security, ensure_keys
 from .service import Service, configure_logging, run_service
 from .store import Store
@@ -12,7 +14,7 @@ from .pubsub import Publisher, Subscriber
 from .rpc import Caller, RpcClient, RpcServer
 
 __all__ = [
-    "BusError", "BusSettings", "Caller", "DecodeError", "Envelope", "GridtradeError", "Publisher", "RequestError",
+    "BusError", "BusSettings", "Caller", "DecodeError", "Envelope", "GridtradeError", "Publisher", "Refusal", "RequestError",
     "RequestTimeout", "RpcClient", "RpcServer", "Security", "Service", "Store", "Subscriber",
-    "configure_logging", "ensure_keys", "run_service",
+    "configure_logging", "ensure_keys", "refusals", "run_service",
 ]

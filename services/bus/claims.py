@@ -4,7 +4,7 @@ Keystores live at their sites: the market holds none, so it cannot look up whose
 account is. Instead, when an account is created or imported at a site (the key is in hand
 then) the site's wallet signs :func:`claim_text` with the account key (EIP-191 personal
 message) and keeps the signature beside the keystore file; it announces it on the bus as
-:class:`~services.bus.events.AccountClaimed` (publish policy SITE_NAMED: a site can only
+:class:`~services.bus.events.WalletAccount` (publish policy SITE_NAMED: a site can only
 announce claims naming itself). Whoever needs to know (the auction, the operator) checks
 the signature and keeps the map in :class:`Claims`: the first valid claim of an address
 binds it; a later claim naming another site is refused and counted.
@@ -22,7 +22,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_hex_address, to_checksum_address
 
-from .events import AccountClaimed
+from .events import WalletAccount
 from .retry import worth_logging
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Claims:
     def addresses(self, site: str | None = None) -> list[str]:
         return [a for a, s in self._site.items() if site is None or s == site]
 
-    def apply(self, conn: sqlite3.Connection, claim: AccountClaimed) -> bool:
+    def apply(self, conn: sqlite3.Connection, claim: WalletAccount) -> bool:
         """Record a claim if it is valid and does not contradict an earlier one; True if it
         binds an address that was not bound before."""
         address = to_checksum_address(claim.address)

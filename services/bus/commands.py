@@ -388,7 +388,7 @@ class ListTrades(Request):
     last: int | None = Field(default=None, ge=1, le=10_000, description="only the latest this many (oldest first)")
 
 
-class OrderPlaced(Reply):
+class OrderAccepted(Reply):
     order_id: Id
 
 
@@ -397,7 +397,7 @@ class PlaceOrder(Request):
     """An order for the double auction (pay-as-clear call market)."""
 
     TYPE: ClassVar[str] = "auction.order"
-    Reply: ClassVar[type[Reply]] = OrderPlaced
+    Reply: ClassVar[type[Reply]] = OrderAccepted
     side: Literal["sell", "buy"]
     account: Address
     site: Name

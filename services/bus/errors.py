@@ -25,7 +25,10 @@ class DecodeError(GridtradeError, ValueError):
 
 
 class RequestError(GridtradeError, RuntimeError):
-    """A request was answered with an error (``code`` is stable, ``message`` is for people)."""
+    """A request was answered with an error (``code`` is stable, ``message`` is for people).
+
+    A service raises one of the classes in :mod:`services.bus.refusals`, which declare each
+    code once with its HTTP status; a caller gets this class with the code from the wire."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -33,9 +36,3 @@ class RequestError(GridtradeError, RuntimeError):
         self.message = message
         self.service = ""  # which service answered, where a caller asked several (set by that caller)
 
-
-class RequestTimeout(RequestError, TimeoutError):
-    """No reply came within the request's timeout."""
-
-    def __init__(self, message: str = "no reply in time") -> None:
-        super().__init__("timeout", message)

@@ -18,6 +18,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .states import TradeState
 from .typed import Bid, Offer
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -207,7 +208,7 @@ class EnergyProduced(Message):
 
 
 @event
-class RelayChanged(Message):
+class MeterRelay(Message):
     TYPE: ClassVar[str] = "meter.relay"
     ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED
     site: Name
@@ -236,7 +237,7 @@ class Delivery(Message):
 
 
 @event
-class DeliveryMismatch(Message):
+class MeterMismatch(Message):
     TYPE: ClassVar[str] = "meter.mismatch"
     ORIGIN: ClassVar[Origin] = Origin.ANY_SITE
     trade_id: Id
@@ -318,9 +319,6 @@ class MarketCleared(Message):
 
 # --- trades ---------------------------------------------------------------------------
 
-TradeState = Literal["agreed", "recorded", "delivering", "fulfilled", "closed", "settled", "failed"]
-
-
 @event
 class TradeAgreed(Message):
     TYPE: ClassVar[str] = "trade.agreed"
@@ -388,7 +386,7 @@ class TxFields(Message):
 
 
 @event
-class TxUpdate(TxFields):
+class ChainTx(TxFields):
     """A transaction the chain service sent, from hash to receipt."""
 
     TYPE: ClassVar[str] = "chain.tx"
@@ -427,7 +425,7 @@ class Settled(Message):
 
 
 @event
-class TradeClosedOnChain(Message):
+class TradeClosed(Message):
     TYPE: ClassVar[str] = "chain.trade_closed"
     ORIGIN: ClassVar[Origin] = Origin.CHAIN
     trade_id: Id
@@ -438,7 +436,7 @@ class TradeClosedOnChain(Message):
 
 
 @event
-class MiningChanged(Message):
+class ChainMining(Message):
     TYPE: ClassVar[str] = "chain.mining"
     ORIGIN: ClassVar[Origin] = Origin.CHAIN
     mining: bool
@@ -469,7 +467,7 @@ class Deployment(Message):
 
 
 @event
-class AccountClaimed(Message):
+class WalletAccount(Message):
     """A site's wallet says an account is its own, with the account key's signature of
     ``claim_text(site, address)`` (EIP-191 personal message): only whoever holds the key
     could have signed it. The first valid claim of an address binds it to its site; the
@@ -486,7 +484,7 @@ class AccountClaimed(Message):
 @event
 class WalletTx(TxFields):
     """A transaction a site's wallet sent for one of its accounts, from hash to receipt
-    (what :class:`TxUpdate` is for the operator's transactions)."""
+    (what :class:`ChainTx` is for the operator's transactions)."""
 
     TYPE: ClassVar[str] = "wallet.tx"
     ORIGIN: ClassVar[Origin] = Origin.SITE_NAMED

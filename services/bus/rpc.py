@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from . import commands, envelope
 from .commands import Reply, ReplyEnvelope, Request
-from .errors import DecodeError, GridtradeError, RequestError, RequestTimeout
+from .errors import DecodeError, GridtradeError, RequestError
+from .refusals import BadRequest, Busy, Failed, Internal, RequestTimeout, Unsupported
 from .keys import Security, peer_site
 from .retry import worth_logging
 from .sockets import DropCounter, open_socket
@@ -173,7 +174,7 @@ class RpcServer:
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             cmd_id = str(json.loads(data).get("cmd_id", ""))[:128]
         rep = ReplyEnvelope(cmd_id=cmd_id, ok=False, error=commands.ErrorInfo(
-            code="busy", message=f"too many requests of this site at once (limit {self.max_inflight_per_site}); "
+            code=Busy.code, message=f"too many requests of this site at once (limit {self.max_inflight_per_site}); "
                                  "nothing was done: try again shortly"))
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart([ident, rep.model_dump_json().encode()], flags=zmq.NOBLOCK)
@@ -199,11 +200,11 @@ class RpcServer:
         except DecodeError as e:
             self.drops.drop(e.cause, e.detail)
             return ReplyEnvelope(cmd_id=cmd_id, ok=False,
-                                 error=commands.ErrorInfo(code="bad_request", message=f"{e.cause}: {e.detail}"[:2000]))
+                                 error=commands.ErrorInfo(code=BadRequest.code, message=f"{e.cause}: {e.detail}"[:2000]))
         fn, prefetch = self.handlers.get(env.type, (None, None))
         if fn is None:
             return ReplyEnvelope(cmd_id=env.cmd_id, ok=False,
-                                 error=commands.ErrorInfo(code="unsupported", message=f"{self.name} does not serve {env.type}"))
+                                 error=commands.ErrorInfo(code=Unsupported.code, message=f"{self.name} does not serve {env.type}"))
         key = self._key(env.cmd_id, caller)
         cause = envelope.current_cause.set(env.cmd_id)  # what the handler publishes was caused by this command
         try:
@@ -227,11 +228,11 @@ class RpcServer:
         except RequestError as e:
             return ReplyEnvelope(cmd_id=env.cmd_id, ok=False, error=commands.ErrorInfo(code=e.code, message=e.message))
         except GridtradeError as e:
-            return ReplyEnvelope(cmd_id=env.cmd_id, ok=False, error=commands.ErrorInfo(code="failed", message=str(e)))
+            return ReplyEnvelope(cmd_id=env.cmd_id, ok=False, error=commands.ErrorInfo(code=Failed.code, message=str(e)))
         except Exception:  # noqa: BLE001 - a bug must not take the server down
             log.exception("%s: %s failed", self.name, env.type)
             return ReplyEnvelope(cmd_id=env.cmd_id, ok=False,
-                                 error=commands.ErrorInfo(code="internal", message="internal error; see the service log"))
+                                 error=commands.ErrorInfo(code=Internal.code, message="internal error; see the service log"))
         finally:
             envelope.current_cause.reset(cause)
         self.executed += 1

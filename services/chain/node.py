@@ -40,7 +40,7 @@ from web3.providers import AsyncHTTPProvider
 
 from services.bus.retry import Backoff
 
-from .contracts import close_provider, revert_reason
+from .bindings import close_provider, revert_reason
 from .errors import ChainUnavailable, NotSupported, RateLimited, RpcTimeout, TxRejected
 
 log = logging.getLogger(__name__)

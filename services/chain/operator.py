@@ -37,9 +37,9 @@ from services.bus import Caller, RpcServer
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.claims import Claims
-from services.bus.errors import RequestError
+from services.bus import refusals
 
-from . import contracts, ledger
+from . import bindings, ledger
 from .config import ChainSettings
 from .errors import ChainError, KeystoreError, TxRejected
 from .jobs import Job
@@ -84,7 +84,7 @@ class OperatorService(ChainBase):
 
     def register(self, srv: RpcServer) -> None:
         self.subscribe(list(self.consumes), self.on_event)
-        self.subscribe([E.AccountClaimed.TYPE], self.on_claim)
+        self.subscribe([E.WalletAccount.TYPE], self.on_claim)
         for req, fn in ((C.GetBalances, self.balances), (C.GetTokensLocked, self.tokens_locked),
                         (C.SetMining, self.set_mining), (C.ListPending, self.list_pending)):
             srv.handle(req, fn)
@@ -98,7 +98,7 @@ class OperatorService(ChainBase):
         return h
 
     def tx_event(self) -> Any:
-        return E.TxUpdate
+        return E.ChainTx
 
     def final_hooks(self) -> dict[str, OnFinal]:
         hooks: dict[str, OnFinal] = {}
@@ -223,7 +223,7 @@ class OperatorService(ChainBase):
             log.warning("the operator key deploys and so holds the admin role: move it to a key kept offline "
                         "(grantRole, then renounceRole)")
         async with guard():
-            dep = await contracts.deploy(node.w3, deployer, operator=self.operator.address,
+            dep = await bindings.deploy(node.w3, deployer, operator=self.operator.address,
                                          registrar=self.registrar.address, pauser=pauser,
                                          dispute_window_s=s.dispute_window_s)
             block = int(await node.w3.eth.block_number)
@@ -273,7 +273,7 @@ class OperatorService(ChainBase):
 
     def on_claim(self, env: Any, conn: Any) -> None:
         """A site's wallet announces one of its accounts (runs in the subscriber's transaction)."""
-        if isinstance(env.body, E.AccountClaimed) and self.claims.apply(conn, env.body):
+        if isinstance(env.body, E.WalletAccount) and self.claims.apply(conn, env.body):
             log.info("account %s belongs to site %s", env.body.address, env.body.site)
             self.store.on_commit(self.work.set)
 
@@ -299,7 +299,7 @@ class OperatorService(ChainBase):
 
     async def fail_job(self, kind: str, ref: str, account: str, reason: str) -> None:
         """A job the chain refuses: nothing is sent; say so on the bus."""
-        await self.publish(E.TxUpdate(tx_hash="", kind=kind, ref=ref, account=account, status="failed",
+        await self.publish(E.ChainTx(tx_hash="", kind=kind, ref=ref, account=account, status="failed",
                                       reason=reason[:500]))
         log.warning("%s %s refused: %s", kind, ref, reason)
 
@@ -329,8 +329,8 @@ class OperatorService(ChainBase):
         """Any site may ask the status; only the market's site starts and stops mining."""
         market = self.is_market(caller)
         if not market and req.action != "status":
-            raise RequestError("not_allowed", f"mining is started and stopped by the market (site "
-                               f"{self.settings.site}) only; nothing was done")
+            raise refusals.NotAllowed(f"mining is started and stopped by the market (site "
+                                      f"{self.settings.site}) only; nothing was done")
         node, _, txm = self._ready()
         if not node.supports_mining and req.action != "status":
             await node.set_mining(req.action == "start")  # raises NotSupported
@@ -339,7 +339,7 @@ class OperatorService(ChainBase):
             was = await node.mining()
             await node.set_mining(on, self.settings.block_interval_s)
             if was != on:
-                await self.publish(E.MiningChanged(mining=on))
+                await self.publish(E.ChainMining(mining=on))
                 log.info("mining %s", "started" if on else "stopped")
             if on:
                 self.store.on_commit(txm.wake.set)

@@ -34,10 +34,11 @@ from web3 import AsyncWeb3
 from services.bus import Caller, Service, RpcServer
 from services.bus import commands as C
 from services.bus import events as E
+from services.bus import refusals
 from services.bus.errors import RequestError
 from services.bus.retry import Backoff, LogThrottle, worth_logging
 
-from . import contracts, ledger
+from . import bindings, ledger
 from . import node as node_mod
 from .config import ChainSettings
 from .errors import (
@@ -60,28 +61,29 @@ R = TypeVar("R")
 
 
 def _errors(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Turn the service's errors into clear request errors (code + message)."""
+    """Turn the service's errors into the refusals they mean (code + message)."""
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> R:
         try:
             return await fn(*args)
         except UnknownAccount as e:
-            raise RequestError("unknown_account", str(e)) from None
+            raise refusals.UnknownAccount(str(e)) from None
         except BadPassphrase as e:
-            raise RequestError("bad_passphrase", str(e)) from None
+            raise refusals.BadPassphrase(str(e)) from None
         except AccountLocked as e:
-            raise RequestError("locked", str(e)) from None
+            raise refusals.Locked(str(e)) from None
         except ChainUnavailable as e:
-            raise RequestError("chain_unavailable", f"{e}; try again later") from None
+            raise refusals.ChainUnavailable(f"{e}; try again later") from None
         except NotSupported as e:
-            raise RequestError("not_supported", str(e)) from None
+            raise refusals.NotSupported(str(e)) from None
         except TxRejected as e:
             low = e.reason.lower()
-            code = "insufficient_funds" if ("insufficient funds" in low or "enough balance" in low) else "rejected"
-            raise RequestError(code, f"nothing was sent: {e.reason}") from None
+            refusal = (refusals.InsufficientFunds if ("insufficient funds" in low or "enough balance" in low)
+                       else refusals.Rejected)
+            raise refusal(f"nothing was sent: {e.reason}") from None
         except KeystoreError as e:
-            raise RequestError("keystore", str(e)) from None
+            raise refusals.Keystore(str(e)) from None
 
     return wrapper
 
@@ -98,7 +100,7 @@ class ChainBase(Service):
         ledger.init(self.store.conn)
         self.node: Node | None = None
         self.txm: TxManager | None = None
-        self.dep: contracts.Deployment | None = None
+        self.dep: bindings.Deployment | None = None
         self.chain_key = ""
         self.chain_id = 0
         self.deploy_block = 0
@@ -157,7 +159,7 @@ class ChainBase(Service):
 
     def tx_event(self) -> Callable[..., E.Message]:
         """The event class of this role's transactions' progress."""
-        return E.TxUpdate
+        return E.ChainTx
 
     def final_hooks(self) -> dict[str, OnFinal]:
         """Handlers of final transactions by kind."""
@@ -263,7 +265,7 @@ class ChainBase(Service):
         chain_id, genesis = await node.identity()
         ident = f"{chain_id}:{genesis}"
         token, market, registry, deployment = await self.contracts_on(node, ident)
-        self.dep = contracts.attach(node.w3, token, market, registry)
+        self.dep = bindings.attach(node.w3, token, market, registry)
         self.chain_id = chain_id
         self.chain_key = f"{ident}:{market.lower()}:{deployment}"  # a redeploy starts a new key
         self.confirmations = (s.confirmation_depth if s.confirmation_depth is not None
@@ -287,7 +289,7 @@ class ChainBase(Service):
     async def ping(self, req: C.Ping, caller: Caller) -> C.Pong:
         return C.Pong(node=self.source, uptime_s=time.time() - self.started_at)
 
-    def _ready(self) -> tuple[Node, contracts.Deployment, TxManager]:
+    def _ready(self) -> tuple[Node, bindings.Deployment, TxManager]:
         if not self.connected.is_set() or self.node is None or self.dep is None or self.txm is None:
             raise ChainUnavailable("not connected to the chain node")
         return self.node, self.dep, self.txm

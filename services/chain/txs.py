@@ -3,12 +3,12 @@ that follow the market, replacement of what is not mined in time, a confirmation
 reorgs, and JSON-RPC errors told apart from refusals.
 
 The life of a transaction (one row of ``chain_txs`` per account and nonce; its id is the
-hash of its first signed version, the one ``TxUpdate`` and ``TxSent`` name):
+hash of its first signed version, the one ``ChainTx`` and ``TxSent`` name):
 
 1. ``prepare`` (inside a store transaction): estimate gas (a revert is refused here, and
    nothing is sent), check the balance, take the next nonce, sign with fees from the
    node's fee history, store the unsigned transaction and the signed raw bytes with
-   status ``pending`` and stage a ``TxUpdate pending``. Only after COMMIT does the
+   status ``pending`` and stage a ``ChainTx pending``. Only after COMMIT does the
    broadcaster send it, so a crash never leaves a sent transaction we do not know.
 2. Broadcast. The node's answer is sorted (``node.refusal``): fees too low for it now
    -> re-signed, same nonce, current fees (at least +12.5 % over the last version, as
@@ -23,7 +23,7 @@ hash of its first signed version, the one ``TxUpdate`` and ``TxSent`` name):
    higher fees within ``fee_cap_wei``. Unknown to the node (dropped, node restarted) ->
    sent again; if the node now refuses it, as in 2.
 4. Finality: a ``mined`` transaction is final once ``confirmations`` blocks are on top of
-   it. Only then is it marked ``confirmed`` or ``failed`` and ``TxUpdate`` plus the
+   it. Only then is it marked ``confirmed`` or ``failed`` and ``ChainTx`` plus the
    domain events (via ``on_final``) staged, in one store transaction: each is published
    once. A reorg that takes its block away turns it back into ``pending``; it is sent
    again and mined again. A no-op that filled the nonce ends the transaction ``failed``
@@ -49,7 +49,7 @@ from hexbytes import HexBytes
 from web3 import AsyncWeb3
 
 from services.bus.envelope import caused_by, current_cause
-from services.bus.events import TxUpdate
+from services.bus.events import ChainTx
 from services.bus.store import Store
 
 from . import ledger
@@ -92,10 +92,10 @@ class TxManager:
     def __init__(self, node: Node, store: Store, publish: Publish, *, chain: str, gas_margin: float = 1.25,
                  resend_after_s: float = 3.0, confirmations: int = 0, replace_after_s: float = 30.0,
                  fee_cap_wei: int = 500 * 10**9, min_tip_wei: int = PRIORITY_FEE, bump: float = 0.125,
-                 signer: Signer | None = None, update: Callable[..., Any] = TxUpdate) -> None:
+                 signer: Signer | None = None, update: Callable[..., Any] = ChainTx) -> None:
         self.node, self.store, self.publish = node, store, publish
         self.update = update
-        """Builds the event of a transaction's progress: TxUpdate (the operator's) or a
+        """Builds the event of a transaction's progress: ChainTx (the operator's) or a
         site's WalletTx (a wallet's)."""
         self.chain = chain
         self.gas_margin = gas_margin
@@ -223,16 +223,6 @@ class TxManager:
                      "VALUES (?, ?, ?, ?, ?, ?, ?)", (self.chain, tx_hash, tx_hash, raw, json.dumps(fees), int(noop), now))
 
     # --- broadcasting and tracking -------------------------------------------------------
-
-    async def run(self, poll_s: float) -> None:
-        """Broadcast and track until cancelled. Raises ChainUnavailable to the supervisor."""
-        while True:
-            await self.step()
-            try:
-                await asyncio.wait_for(self.wake.wait(), poll_s)
-            except asyncio.TimeoutError:
-                pass
-            self.wake.clear()
 
     async def step(self) -> None:
         rows = ledger.pending_txs(self.store.conn)

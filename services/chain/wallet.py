@@ -48,7 +48,9 @@ from services.bus import claims as claims_mod
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus import typed
-from services.bus.errors import RequestError, RequestTimeout
+from services.bus import refusals
+from services.bus.errors import RequestError
+from services.bus.refusals import RequestTimeout
 from services.bus.retry import worth_logging
 
 from . import ledger
@@ -57,7 +59,7 @@ from .errors import AccountLocked, ChainUnavailable, UnknownAccount
 from .keystore import KeyFile, Keystore
 from .node import Node, guard
 from .service import ChainBase, _errors
-from .sessions import Sessions, TooManyAttempts, UnlockThrottle
+from .unlocks import Sessions, TooManyAttempts, UnlockThrottle
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,10 @@ def reserve_plan(*, total_wei: int, until: int, reserved_wei: int, reserved_unti
     if missing == 0 and reserved_until >= until:
         return None
     if missing > free_wei:
-        raise RequestError("insufficient_escrow",
-                           f"nothing was sent: reserving {total_wei} wei until {until} needs {missing} wei more than "
-                           f"the {reserved_wei} wei reserved now, and the free escrow holds {free_wei} wei; deposit "
-                           f"at least {missing - free_wei} wei more")
+        raise refusals.InsufficientEscrow(
+            f"nothing was sent: reserving {total_wei} wei until {until} needs {missing} wei more than "
+            f"the {reserved_wei} wei reserved now, and the free escrow holds {free_wei} wei; deposit "
+            f"at least {missing - free_wei} wei more")
     return missing
 
 
@@ -236,7 +238,7 @@ class WalletService(ChainBase):
                 log.warning("keystore file %s holds a claim that is not its key's: ignored", kf.path.name)
                 continue
             async with self.store.atomic() as conn:
-                await self.publish(E.AccountClaimed(site=site, address=kf.address, name=kf.name[:64],
+                await self.publish(E.WalletAccount(site=site, address=kf.address, name=kf.name[:64],
                                                     signature=kf.claim))
                 ledger.set_meta(conn, key, kf.claim)
             n += 1
@@ -254,8 +256,8 @@ class WalletService(ChainBase):
         if worth_logging(n):
             log.warning("refused a request of site %s: this is the wallet of site %s (%d so far)", site,
                         self.settings.site, n)
-        raise RequestError("not_your_site", f"this is the wallet of site {self.settings.site}; it serves that "
-                                            f"site only, not {site}; nothing was done")
+        raise refusals.NotYourSite(f"this is the wallet of site {self.settings.site}; it serves that "
+                                   f"site only, not {site}; nothing was done")
 
     def _account(self, caller: Caller, address: str) -> KeyFile:
         """This site's keystore file of ``address``, for a caller of this site."""
@@ -279,8 +281,8 @@ class WalletService(ChainBase):
             slot = self.unlock_throttle.begin(kf.address, caller.site or "")
         except TooManyAttempts as e:
             wait = int(e.retry_after_s) + 1
-            raise RequestError("too_many_attempts", f"too many failed unlock attempts for {e.what}; nothing was "
-                                                    f"tried; try again in {wait} s") from None
+            raise refusals.TooManyAttempts(f"too many failed unlock attempts for {e.what}; nothing was "
+                                           f"tried; try again in {wait} s") from None
         loop = asyncio.get_running_loop()
         key = await loop.run_in_executor(self._pool, self.keystore.decrypt, kf.address,
                                          req.passphrase.get_secret_value())
@@ -356,8 +358,8 @@ class WalletService(ChainBase):
                 why = f"free {free} wei"
                 if reserved and held:
                     why += f"; {reserved} wei reserved for bids until {until}, {until - now} s from now"
-                raise RequestError("insufficient_escrow", f"nothing was sent: {req.amount_wei} wei exceeds the escrow "
-                                                          f"that can be withdrawn now, {withdrawable} wei ({why})")
+                raise refusals.InsufficientEscrow(f"nothing was sent: {req.amount_wei} wei exceeds the escrow "
+                                                  f"that can be withdrawn now, {withdrawable} wei ({why})")
             tx = await txm.build(signer.address, to=dep.market_address,
                                  data=m.encode_abi("withdraw", args=[req.amount_wei]))
             kind = "withdraw"
@@ -365,9 +367,8 @@ class WalletService(ChainBase):
             async with guard():
                 credit = await m.functions.credit(signer.address).call()
             if credit == 0 or req.amount_wei > credit:
-                raise RequestError("insufficient_credit",
-                                   f"nothing was sent: {req.amount_wei} wei exceeds the credit of {credit} wei "
-                                   "(withdraw_credit takes all of it)")
+                raise refusals.InsufficientCredit(f"nothing was sent: {req.amount_wei} wei exceeds the credit of "
+                                                  f"{credit} wei (withdraw_credit takes all of it)")
             tx = await txm.build(signer.address, to=dep.market_address, data=m.encode_abi("withdrawCredit", args=[]))
             kind = "withdraw_credit"
         return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind=kind, ref=str(req.amount_wei)))
@@ -414,15 +415,15 @@ class WalletService(ChainBase):
         while True:
             row = ledger.get_tx(self.store.conn, tx_hash)
             if row is None:
-                raise RequestError("internal", f"transaction {tx_hash} is not in this wallet's books")
+                raise refusals.Internal(f"transaction {tx_hash} is not in this wallet's books")
             ok = row["ok"]
             if row["status"] == "confirmed" or (row["status"] == "mined" and ok == 1):
                 return
             if row["status"] == "failed" or (row["status"] == "mined" and ok == 0):
-                raise RequestError("rejected", f"the {row['kind']} transaction {tx_hash} failed: "
-                                               f"{row['reason'] or row['note'] or 'reverted'}")
+                raise refusals.Rejected(f"the {row['kind']} transaction {tx_hash} failed: "
+                                        f"{row['reason'] or row['note'] or 'reverted'}")
             if loop.time() > end:
-                raise RequestError("timeout", f"the {row['kind']} transaction {tx_hash} is not in a block after "
+                raise refusals.RequestTimeout(f"the {row['kind']} transaction {tx_hash} is not in a block after "
                                               f"{self.settings.reserve_wait_s:.0f} s; it stays pending (ask again to "
                                               "wait for it)")
             await asyncio.sleep(0.05)
@@ -432,14 +433,14 @@ class WalletService(ChainBase):
         signer = self._signer(caller, account)
         domain = self.market_domain()
         if expiry <= time.time():
-            raise RequestError("invalid", f"nothing was signed: the {what}'s expiry {expiry} has passed already")
+            raise refusals.Invalid(f"nothing was signed: the {what}'s expiry {expiry} has passed already")
         return signer, domain
 
     @staticmethod
-    def _invalid(e: ValidationError) -> RequestError:
+    def _invalid(e: ValidationError) -> refusals.Invalid:
         err = e.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
-        return RequestError("invalid", f"nothing was signed: {where}: {err.get('msg', 'invalid')}")
+        return refusals.Invalid(f"nothing was signed: {where}: {err.get('msg', 'invalid')}")
 
     @_errors
     async def sign_offer(self, req: C.SignOffer, caller: Caller) -> C.SignedOffer:
@@ -477,15 +478,15 @@ class WalletService(ChainBase):
         signer = self._signer(caller, req.account)
         _, dep, txm = self._ready()
         if req.wh <= 0:
-            raise RequestError("bad_amount", "nothing was sent: approve a positive number of Wh")
+            raise refusals.BadAmount("nothing was sent: approve a positive number of Wh")
         t = dep.token.functions
         async with guard():
             balance = await t.balanceOf(signer.address).call()
             allowance = await t.allowance(signer.address, dep.market_address).call()
         want = allowance + req.wh
         if want > balance:
-            raise RequestError("insufficient_tokens", f"nothing was sent: approving {want} Wh in all exceeds the "
-                                                      f"token balance of {balance} Wh")
+            raise refusals.InsufficientTokens(f"nothing was sent: approving {want} Wh in all exceeds the "
+                                              f"token balance of {balance} Wh")
         tx = await txm.build(signer.address, to=dep.token_address,
                              data=dep.token.encode_abi("approve", args=[dep.market_address, want]))
         return C.TxSent(tx_hash=await txm.prepare(signer, tx, kind="approve", ref=str(req.wh)))
@@ -495,8 +496,8 @@ class WalletService(ChainBase):
         """The status only: mining is started and stopped by the market's operator."""
         self._own_site(caller)
         if req.action != "status":
-            raise RequestError("not_allowed", f"mining is started and stopped by the market's operator (site "
-                                              f"{self.settings.chain_site}) only; nothing was done")
+            raise refusals.NotAllowed(f"mining is started and stopped by the market's operator (site "
+                                      f"{self.settings.chain_site}) only; nothing was done")
         return await self.mining_status(controllable=False)
 
     @_errors

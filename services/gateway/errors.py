@@ -1,5 +1,5 @@
-"""The gateway's refusals: :class:`ApiError`, its JSON body, the request-error codes of the
-chain and auction services mapped to HTTP statuses (one table, one function), and the
+"""The gateway's refusals: :class:`ApiError`, its JSON body, a service's refusal as an HTTP
+error (its status is the one its code is declared with in :mod:`services.bus.refusals`), and the
 rewording of a refusal for the person at this wallet (see words.py).
 
 Every error is JSON ``{"error": {"code", "message"}}`` (``fix`` added when the page can
@@ -12,22 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from services.bus import RequestError, RequestTimeout
+from services.bus import RequestError, RequestTimeout, refusals
 
 from . import words
-
-# request-error codes of the chain and auction services -> HTTP status
-STATUS_OF_CODE: dict[str, int] = {
-    "not_found": 404, "unknown_account": 404,
-    "not_allowed": 403, "not_your_account": 403, "not_your_site": 403,
-    "too_many_attempts": 429,
-    "invalid": 422, "bad_request": 422, "bad_amount": 422,
-    "locked": 401,
-    "timeout": 503, "unavailable": 503, "chain_unavailable": 503, "busy": 503,
-}
-CONFLICT = {"too_low", "closed", "has_bids", "unfunded", "no_tokens", "own_offer", "insufficient_escrow",
-            "insufficient_credit", "insufficient_tokens", "insufficient_funds", "rejected", "invalid_transition",
-            "not_supported", "unsupported", "bad_signature", "replayed"}
 
 LOCKED_MESSAGE = ("your wallet restarted and locked your account's key: enter your passphrase again "
                   "(nothing was done)")
@@ -41,6 +28,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
         self.fix = fix or {}
+
+    @classmethod
+    def of(cls, refusal: type[refusals.Refusal], message: str, headers: dict[str, str] | None = None) -> ApiError:
+        """The gateway's own refusal with a code the services use too: its declared status."""
+        return cls(refusal.status, refusal.code, message, headers)
 
 
 def no_session() -> ApiError:
@@ -70,17 +62,16 @@ def for_person(e: ApiError, route: str, body: Any, now: float) -> ApiError:
 
 
 def from_request_error(e: RequestError, service: str) -> ApiError:
+    """A service's refusal as an HTTP error: the status its code is declared with (see
+    :mod:`services.bus.refusals`); a service that cannot answer now is ``unavailable``."""
     if isinstance(e, RequestTimeout):
-        return ApiError(503, "unavailable", f"the {service} service does not answer; try again in a moment")
-    if e.code == "locked":  # the key is locked in the wallet (it restarted, or its unlock ran out)
-        return ApiError(401, "locked", LOCKED_MESSAGE)
-    if e.code in STATUS_OF_CODE:
-        status = STATUS_OF_CODE[e.code]
-        if status == 503:
-            return ApiError(503, "unavailable", f"the {service} service cannot do this now: {e.message}")
-        return ApiError(status, e.code, e.message)
-    if e.code in CONFLICT:
-        return ApiError(409, e.code, e.message)
-    if e.code == "internal":
-        return ApiError(502, "upstream_error", f"the {service} service failed: {e.message}")
-    return ApiError(409, e.code, e.message)
+        return ApiError(refusals.Unavailable.status, refusals.Unavailable.code,
+                        f"the {service} service does not answer; try again in a moment")
+    if e.code == refusals.Locked.code:  # the key is locked in the wallet (it restarted, or its unlock ran out)
+        return ApiError.of(refusals.Locked, LOCKED_MESSAGE)
+    status = refusals.status_of(e.code)
+    if status == 503:
+        return ApiError(status, refusals.Unavailable.code, f"the {service} service cannot do this now: {e.message}")
+    if e.code == refusals.Internal.code:
+        return ApiError(status, "upstream_error", f"the {service} service failed: {e.message}")
+    return ApiError(status, e.code, e.message)

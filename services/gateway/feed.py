@@ -13,11 +13,11 @@ from typing import Any
 from services.bus import events as ev
 
 PUBLIC = (ev.OfferOpened, ev.BidPlaced, ev.OfferClosed, ev.TradeAgreed, ev.TradeStatus, ev.OrderPlaced,
-          ev.MarketCleared, ev.MiningChanged)
-PER_TRADE = (ev.TradeRecorded, ev.Settled, ev.TradeClosedOnChain, ev.Delivery, ev.DeliveryMismatch)
+          ev.MarketCleared, ev.ChainMining)
+PER_TRADE = (ev.TradeRecorded, ev.Settled, ev.TradeClosed, ev.Delivery, ev.MeterMismatch)
 
 # the bus prefixes the gateway subscribes to (a site's meter readings are added per site)
-PREFIXES = tuple(sorted({c.TYPE for c in (*PUBLIC, *PER_TRADE, ev.TxUpdate, ev.Minted)}))
+PREFIXES = tuple(sorted({c.TYPE for c in (*PUBLIC, *PER_TRADE, ev.ChainTx, ev.Minted)}))
 
 
 class Parties:
@@ -44,9 +44,9 @@ def visible(body: ev.Message, *, account: str, site: str, parties: Parties) -> b
     """May the user logged in as ``account`` at this gateway's ``site`` see ``body``?"""
     if isinstance(body, PUBLIC):
         return True
-    if isinstance(body, (ev.MeterReading, ev.RelayChanged)):
+    if isinstance(body, (ev.MeterReading, ev.MeterRelay)):
         return body.site == site
-    if isinstance(body, (ev.TxUpdate, ev.Minted)):
+    if isinstance(body, (ev.ChainTx, ev.Minted)):
         return body.account.lower() == account.lower()
     if isinstance(body, PER_TRADE):
         p = parties.of(body.trade_id)

@@ -41,6 +41,8 @@ import time
 from typing import Any
 
 from services.bus import events as ev
+from services.bus.states import OPEN
+from services.bus.states import TradeState as S
 from services.bus.store import Store
 
 from . import figures, words
@@ -97,7 +99,7 @@ def prefixes(site: str) -> list[str]:
     """What the history subscribes to (durably)."""
     return [ev.OfferOpened.TYPE, ev.BidPlaced.TYPE, ev.OfferClosed.TYPE, ev.MarketCleared.TYPE,
             ev.TradeAgreed.TYPE, ev.TradeStatus.TYPE, ev.TradeRecorded.TYPE, ev.Settled.TYPE,
-            ev.TradeClosedOnChain.TYPE, ev.DeliveryMismatch.TYPE, f"{ev.WalletTx.TYPE}.{site}"]
+            ev.TradeClosed.TYPE, ev.MeterMismatch.TYPE, f"{ev.WalletTx.TYPE}.{site}"]
 
 
 def closed_by(reason: str, state: str) -> str:
@@ -110,7 +112,7 @@ def closed_by(reason: str, state: str) -> str:
         return "mismatch"
     if "on chain" in low or "deadline" in low:
         return "chain"
-    return "delivered" if state == "fulfilled" else ""
+    return "delivered" if state == S.FULFILLED else ""
 
 
 class History:
@@ -257,21 +259,21 @@ class History:
 
     def apply(self, conn: sqlite3.Connection, ts: float, body: ev.Message) -> None:
         if isinstance(body, ev.TradeAgreed):
-            self._trade(conn, body, "agreed", ts)
+            self._trade(conn, body, S.AGREED, ts)
             conn.execute("UPDATE hist_trades SET agreed_at = COALESCE(agreed_at, ?) WHERE trade_id = ?",
                          (ts, body.trade_id))
             self._price(conn, ts, "trade", body.price_wei_per_kwh, body.trade_id, body.wh, body.buyer)
         elif isinstance(body, ev.TradeStatus):
             self._trade(conn, body, body.state, ts)
-            sets = {"recorded": "recorded_at = COALESCE(recorded_at, :ts)",
-                    "closed": "closed_at = COALESCE(closed_at, :ts), closed_reason = :reason",
-                    "fulfilled": "closed_at = COALESCE(closed_at, :ts), closed_reason = :reason",
-                    "settled": "settled_at = COALESCE(settled_at, :ts), closed_at = COALESCE(closed_at, :ts), "
+            sets = {S.RECORDED: "recorded_at = COALESCE(recorded_at, :ts)",
+                    S.CLOSED: "closed_at = COALESCE(closed_at, :ts), closed_reason = :reason",
+                    S.FULFILLED: "closed_at = COALESCE(closed_at, :ts), closed_reason = :reason",
+                    S.SETTLED: "settled_at = COALESCE(settled_at, :ts), closed_at = COALESCE(closed_at, :ts), "
                                "closed_reason = CASE WHEN closed_reason = '' THEN :reason ELSE closed_reason END",
-                    "failed": "failed_reason = :reason, closed_at = COALESCE(closed_at, :ts)"}.get(body.state)
+                    S.FAILED: "failed_reason = :reason, closed_at = COALESCE(closed_at, :ts)"}.get(body.state)
             if sets:
                 conn.execute(f"UPDATE hist_trades SET {sets} WHERE trade_id = :id",
-                             {"ts": ts, "reason": body.reason or ("all delivered" if body.state == "fulfilled" else ""),
+                             {"ts": ts, "reason": body.reason or ("all delivered" if body.state == S.FULFILLED else ""),
                               "id": body.trade_id})
         elif isinstance(body, ev.TradeRecorded):
             conn.execute("UPDATE hist_trades SET recorded_at = COALESCE(recorded_at, ?) WHERE trade_id = ?",
@@ -279,12 +281,12 @@ class History:
         elif isinstance(body, ev.Settled):
             self._settlement(conn, ts, body.trade_id, body.delivered_wh, body.paid_wei)
             self._paid(conn, body.trade_id, body.delivered_wh, body.paid_wei)
-        elif isinstance(body, ev.TradeClosedOnChain):
+        elif isinstance(body, ev.TradeClosed):
             self._settlement(conn, ts, body.trade_id, body.delivered_wh, body.paid_wei)
             self._paid(conn, body.trade_id, body.delivered_wh, body.paid_wei)
             conn.execute("UPDATE hist_trades SET refunded_wei = ?, settled_at = COALESCE(settled_at, ?) "
                          "WHERE trade_id = ?", (str(body.refunded_wei), ts, body.trade_id))
-        elif isinstance(body, ev.DeliveryMismatch):
+        elif isinstance(body, ev.MeterMismatch):
             conn.execute("UPDATE hist_trades SET mismatch = ? WHERE trade_id = ?",
                          (json.dumps({"buyer_wh": body.buyer_wh, "seller_wh": body.seller_wh,
                                       "tolerance": body.tolerance, "reason": body.reason, "at": ts}),
@@ -311,7 +313,7 @@ class History:
         conn.execute(
             "INSERT INTO hist_trades (trade_id, offer_id, seller, buyer, seller_site, buyer_site, wh, price, state, "
             "delivered_wh, agreed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trade_id) DO UPDATE SET "
-            "state = CASE WHEN excluded.state = 'agreed' THEN hist_trades.state ELSE excluded.state END, "
+            f"state = CASE WHEN excluded.state = '{S.AGREED}' THEN hist_trades.state ELSE excluded.state END, "
             "delivered_wh = MAX(hist_trades.delivered_wh, excluded.delivered_wh)",
             (b.trade_id, getattr(b, "offer_id", ""), b.seller, b.buyer, b.seller_site, b.buyer_site, b.wh,
              str(b.price_wei_per_kwh), state, getattr(b, "delivered_wh", 0), ts))
@@ -474,7 +476,7 @@ class History:
                 "seller": "closed by you" if you == "seller" else "closed by the seller",
                 "operator": "closed by the market", "chain": "closed on the chain",
                 "mismatch": "closed: the meters disagreed",
-                "delivered": "all delivered"}.get(who, "running" if state in ("agreed", "recorded", "delivering")
+                "delivered": "all delivered"}.get(who, "running" if state in OPEN
                                                   else state)
         if mismatch:
             mm = json.loads(mismatch)

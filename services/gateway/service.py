@@ -49,7 +49,7 @@ class GatewayService(Service):
         s = self.settings
         # a live feed: what happened before this gateway started is read through the API
         self.subscribe([*feed.PREFIXES, f"{ev.MeterReading.TYPE}.{s.site}",
-                        f"{ev.RelayChanged.TYPE}.{s.site}", f"{ev.WalletTx.TYPE}.{s.site}"],
+                        f"{ev.MeterRelay.TYPE}.{s.site}", f"{ev.WalletTx.TYPE}.{s.site}"],
                        self.on_event, start="latest")
         # the history: durable, so what happened while this gateway was down is replayed into it
         self.subscribers.append(Subscriber(self.ctx, self.security, self.history_store, hub_sub=s.hub_sub,
@@ -66,8 +66,8 @@ class GatewayService(Service):
     def on_event(self, env: Envelope, conn: Any) -> None:
         body = env.body
         if isinstance(body, ev.WalletTx):  # this site's wallet's transactions look like any other to the UI
-            body = ev.TxUpdate(**body.model_dump(exclude={"site"}))
-            self.gateway.on_event(ev.TxUpdate.TYPE, env.ts, body)
+            body = ev.ChainTx(**body.model_dump(exclude={"site"}))
+            self.gateway.on_event(ev.ChainTx.TYPE, env.ts, body)
             return
         self.gateway.on_event(env.type, env.ts, body)
 

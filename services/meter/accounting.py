@@ -23,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-LIVE = frozenset({"recorded", "delivering"})
-ENDED = frozenset({"fulfilled", "closed", "settled", "failed"})
+from services.bus.states import LIVE
 
 
 def counter_delta(last: int | None, now: int) -> tuple[int, bool]:
@@ -174,7 +173,7 @@ def production_steps(produced_wh: int, announced_wh: int, granularity_wh: int, *
 
 
 @dataclasses.dataclass(frozen=True)
-class TradeView:
+class MeteredTrade:
     trade_id: str
     state: str
     seller_site: str
@@ -191,7 +190,7 @@ class RelayDecision:
     reason: str
 
 
-def relay_decision(trades: Iterable[TradeView], site: str, now: float, timeout_s: float,
+def relay_decision(trades: Iterable[MeteredTrade], site: str, now: float, timeout_s: float,
                    role: str | None = None) -> RelayDecision:
     """Closed while a trade involving ``site`` is live, heard within ``timeout_s`` and not
     flagged; the lowest such trade id is the one followed. Otherwise open, with why.

@@ -25,7 +25,7 @@ from services.bus.retry import Backoff, LogThrottle
 
 from .config import MeterConfig
 from .errors import DriverError, ProtocolError
-from .models import Counters
+from .physics import Counters
 from .sim import SimParams, SimSite
 
 log = logging.getLogger(__name__)

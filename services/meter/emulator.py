@@ -26,7 +26,7 @@ import tty
 
 from . import lineproto as lp
 from .errors import ProtocolError
-from .models import Counters
+from .physics import Counters
 from .registers import READ_COUNT_EXPORT, encode_counters
 
 log = logging.getLogger(__name__)

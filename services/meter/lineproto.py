@@ -41,7 +41,7 @@ import math
 from typing import Union
 
 from .errors import ProtocolError
-from .models import Counters
+from .physics import Counters
 
 MAX_LINE = 128
 _MAX_WH = 2**63

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import ProtocolError
-from .models import Counters
+from .physics import Counters
 
 READ_ADDRESS = 0x0000
 READ_COUNT = 8

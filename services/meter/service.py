@@ -5,7 +5,7 @@ Per meter, every ``reading_interval_s``: the relay is decided from the trades he
 driven from the reading, then one store transaction holds the counters believed, the
 meter's cumulative production and what of it was announced, the trade's delivered Wh, and
 the events they cause (``MeterReading``, ``EnergyProduced``, ``Delivery``,
-``DeliveryMismatch``, ``RelayChanged``) staged in the outbox. A SIGKILL at any point
+``MeterMismatch``, ``MeterRelay``) staged in the outbox. A SIGKILL at any point
 therefore either keeps all of it or none of it: no production step is announced twice or
 skipped. A reading that implies more than the meter's rated power, or a counter that went
 back and is not confirmed yet, counts nothing (:mod:`services.meter.accounting`).
@@ -36,19 +36,20 @@ from prometheus_client import Gauge
 
 from services.bus import typed
 from services.bus.envelope import Envelope, caused_by
-from services.bus.events import (Delivery, DeliveryMismatch, Deployment, EnergyProduced, MeterKey, MeterReading,
-                                 RelayChanged, TradeHeartbeat, TradeStatus)
+from services.bus.events import (Delivery, Deployment, EnergyProduced, MeterKey, MeterMismatch, MeterReading,
+                                 MeterRelay, TradeHeartbeat, TradeStatus)
 from services.bus.retry import Backoff
 from services.bus.service import Service
+from services.bus.states import ENDED, LIVE, sql_list
 
-from .accounting import (LIVE, CounterState, ReadingJudgement, RelayDecision, TradeView, interpolate, judge_reading,
+from .accounting import (CounterState, ReadingJudgement, RelayDecision, MeteredTrade, interpolate, judge_reading,
                          lagging, mismatch, production_steps, relay_decision)
 from .config import MeterConfig, MeterSettings
 from .drivers import Driver, SimDriver, make_driver
 from .errors import MeterError
 from .keys import MeterKey as Key
 from .keys import load_or_create, passphrase
-from .models import Counters
+from .physics import Counters
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class MeterRunner:
     def _decide(self, now: float) -> RelayDecision:
         s = self.svc.settings
         try:
-            return relay_decision(self.svc.trade_views(), s.site, now, s.trade_timeout_s, role=self.cfg.role)
+            return relay_decision(self.svc.metered_trades(), s.site, now, s.trade_timeout_s, role=self.cfg.role)
         except Exception as e:  # noqa: BLE001 - the store could not say: fail safe
             log.warning("meter %s: cannot read the trades (%s): relay opens", self.cfg.name, e)
             return RelayDecision(False, self.decision.trade_id, "trades unreadable")
@@ -321,7 +322,7 @@ class MeterRunner:
         if row["relay_closed"] is not None and bool(row["relay_closed"]) == closed:
             return
         conn.execute("UPDATE meter_counters SET relay_closed = ? WHERE meter = ?", (int(closed), self.cfg.name))
-        self.svc.stage(RelayChanged(site=self.svc.settings.site, meter=self.cfg.name, closed=closed,
+        self.svc.stage(MeterRelay(site=self.svc.settings.site, meter=self.cfg.name, closed=closed,
                                     trade_id=trade_id, reason=reason[:200]))
         log.info("meter %s: relay %s (%s)", self.cfg.name, "closed" if closed else "open", reason)
 
@@ -493,7 +494,7 @@ class MeterRunner:
         conn.execute("INSERT INTO meter_peer (trade_id, buyer_wh, buyer_ts, flagged, reason) VALUES (?, ?, 0, 1, ?)"
                      " ON CONFLICT (trade_id) DO UPDATE SET flagged = 1, reason = excluded.reason",
                      (trade_id, buyer_wh, reason))
-        self.svc.stage(DeliveryMismatch(trade_id=trade_id, buyer_wh=buyer_wh, seller_wh=max(seller_wh, 0),
+        self.svc.stage(MeterMismatch(trade_id=trade_id, buyer_wh=buyer_wh, seller_wh=max(seller_wh, 0),
                                         tolerance=s.mismatch_tolerance, site=s.site, reason=reason[:300]))
         log.warning("trade %s flagged: %s", trade_id, reason)
 
@@ -626,12 +627,12 @@ class MeterService(Service):
 
     # --- what we hear ---------------------------------------------------------------
 
-    def trade_views(self) -> list[TradeView]:
+    def metered_trades(self) -> list[MeteredTrade]:
         rows = self.store.conn.execute(
             "SELECT t.trade_id, t.state, t.seller_site, t.buyer_site, t.heard, t.omitted, COALESCE(p.flagged, 0)"
             " FROM meter_trades t LEFT JOIN meter_peer p ON p.trade_id = t.trade_id"
-            " WHERE t.state NOT IN ('fulfilled', 'closed', 'settled', 'failed')")
-        return [TradeView(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6])) for r in rows]
+            f" WHERE t.state NOT IN {sql_list(ENDED)}")
+        return [MeteredTrade(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6])) for r in rows]
 
     async def on_event(self, env: Envelope, conn: sqlite3.Connection) -> None:
         body, site = env.body, self.settings.site
@@ -641,14 +642,14 @@ class MeterService(Service):
             conn.execute(
                 "INSERT INTO meter_trades (trade_id, state, seller_site, buyer_site, wh, heard) VALUES (?,?,?,?,?,?)"
                 " ON CONFLICT (trade_id) DO UPDATE SET state = excluded.state, heard = MAX(heard, excluded.heard),"
-                " omitted = CASE WHEN excluded.state IN ('recorded', 'delivering') THEN 0 ELSE omitted END",
+                f" omitted = CASE WHEN excluded.state IN {sql_list(LIVE)} THEN 0 ELSE omitted END",
                 (body.trade_id, body.state, body.seller_site, body.buyer_site, body.wh,
                  env.ts if body.state in LIVE else 0.0))
         elif isinstance(body, TradeHeartbeat):
             live = set(body.live)
             for trade_id, state in conn.execute(
                     "SELECT trade_id, state FROM meter_trades"
-                    " WHERE state NOT IN ('fulfilled', 'closed', 'settled', 'failed')").fetchall():
+                    f" WHERE state NOT IN {sql_list(ENDED)}").fetchall():
                 if trade_id in live:
                     conn.execute("UPDATE meter_trades SET heard = MAX(heard, ?), omitted = 0 WHERE trade_id = ?",
                                  (env.ts, trade_id))

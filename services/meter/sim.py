@@ -1,5 +1,5 @@
 """The simulated site behind the ``sim`` driver and the emulators: parameters, a scaled
-clock, and the wiring of pvlib/demandlib into the pure :mod:`models`."""
+clock, and the wiring of pvlib/demandlib into the pure :mod:`physics`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .models import BatteryConfig, Counters, Load, LoadConfig, PanelConfig, Site, SiteState, site_counters
+from .physics import BatteryConfig, Counters, Load, LoadConfig, PanelConfig, Site, SiteState, site_counters
 
 DEFAULT_SCHEDULE = [(0, 80.0), (6, 250.0), (8, 120.0), (12, 300.0), (14, 120.0), (18, 600.0), (22, 150.0)]
 
@@ -50,7 +50,7 @@ class SimClock:
 
 
 class SimSite:
-    """A :class:`~services.meter.models.Site` run on a :class:`SimClock`; restored from a
+    """A :class:`~services.meter.physics.Site` run on a :class:`SimClock`; restored from a
     saved state it continues where it stopped (counters, battery, simulated time)."""
 
     def __init__(self, params: SimParams, role: str, state: dict | None = None) -> None:

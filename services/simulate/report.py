@@ -23,15 +23,15 @@ import zmq.asyncio
 from services.bus import Security, Subscriber
 from services.bus import events as ev
 from services.bus.events import Authority
+from services.bus.states import FINAL, TradeState
 from services.bus.store import Store
 from services.gateway import figures
 from services.gateway.history import History
 
 log = logging.getLogger(__name__)
 
-FINAL = ("settled", "failed")
-TRADE_EVENTS = (ev.TradeAgreed, ev.TradeStatus, ev.TradeRecorded, ev.Settled, ev.TradeClosedOnChain,
-                ev.DeliveryMismatch)
+TRADE_EVENTS = (ev.TradeAgreed, ev.TradeStatus, ev.TradeRecorded, ev.Settled, ev.TradeClosed,
+                ev.MeterMismatch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Collector:
             self.trade_sites.setdefault(b.trade_id, (b.seller_site, b.buyer_site))
             if isinstance(b, ev.TradeAgreed):
                 self.agreed.append(b)
-                self.trade_state.setdefault(b.trade_id, "agreed")
+                self.trade_state.setdefault(b.trade_id, TradeState.AGREED)
                 if self.market == "english":  # each trade its own price (a call market's: its clearing)
                     self.prices.append(Price(self.sim_of(ts), b.price_wei_per_kwh, b.wh))
             elif self.trade_state.get(b.trade_id) not in FINAL or b.state in FINAL:

@@ -40,7 +40,7 @@ from web3.exceptions import ContractLogicError
 
 from services import launcher
 from services.bus import ensure_keys
-from services.chain import contracts
+from services.chain import bindings
 from services.chain.keystore import Keystore
 from tests.gateway.realstack import RealStack
 from tests.signing import Domains
@@ -234,11 +234,11 @@ class AdvGrid:
             rpc = next(p.extra["rpc"] for p in self.stack.procs if p.name == "anvil")
             w3 = Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": 30}))
             market = w3.eth.contract(address=Web3.to_checksum_address(self.health(self.chain)["market"]),
-                                     abi=contracts.load_artifact(contracts.MARKET)["abi"])
+                                     abi=bindings.load_artifact(bindings.MARKET)["abi"])
             token = w3.eth.contract(address=market.functions.token().call(),
-                                    abi=contracts.load_artifact(contracts.TOKEN)["abi"])
+                                    abi=bindings.load_artifact(bindings.TOKEN)["abi"])
             registry = w3.eth.contract(address=market.functions.registry().call(),
-                                       abi=contracts.load_artifact(contracts.REGISTRY)["abi"])
+                                       abi=bindings.load_artifact(bindings.REGISTRY)["abi"])
             self._view = ChainView(w3, token, market, registry)
         return self._view
 
@@ -260,7 +260,7 @@ class AdvGrid:
         try:
             call.call({"from": sender})
         except ContractLogicError as e:
-            return contracts.revert_reason(e) or ""
+            return bindings.revert_reason(e) or ""
         raise AssertionError(f"the contract took {call.fn_name} from {sender}")
 
     def account_key(self, site: str, address: str, passphrase: str) -> bytes:

@@ -40,7 +40,8 @@ from eth_account import Account
 from services import launcher
 from services.bus import events as E
 from services.bus import typed
-from services.chain import contracts
+from services.bus.prices import wei_for
+from services.chain import bindings
 from services.chain.keystore import Keystore
 from services.chain.operator import CONSUMED as OPERATOR_CONSUMES
 from services.gateway.feed import PREFIXES as GATEWAY_CONSUMES
@@ -68,10 +69,10 @@ RETRY = ["insufficient_funds", "insufficient_tokens", "rejected", "chain_unavail
 # what each kind of service's subscriber takes (its prefixes, from its code); keyed by
 # store (a chain service's role), see wants()
 WANTS = {
-    "chain": (*OPERATOR_CONSUMES, E.AccountClaimed.TYPE),  # the market's operator
+    "chain": (*OPERATOR_CONSUMES, E.WalletAccount.TYPE),  # the market's operator
     "wallet": (E.Deployment.TYPE,),  # a site's wallet
-    "auction": (E.TradeRecorded.TYPE, E.TradeClosedOnChain.TYPE, E.Settled.TYPE, E.TxUpdate.TYPE, E.Delivery.TYPE,
-                E.DeliveryMismatch.TYPE, E.Deployment.TYPE),
+    "auction": (E.TradeRecorded.TYPE, E.TradeClosed.TYPE, E.Settled.TYPE, E.ChainTx.TYPE, E.Delivery.TYPE,
+                E.MeterMismatch.TYPE, E.Deployment.TYPE),
     "meter": ("trade.status.", "trade.heartbeat.", "meter.delivery.", "meter.key.", "chain.deployment."),
     "gateway": tuple(GATEWAY_CONSUMES),
 }
@@ -118,7 +119,7 @@ def ok(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cost(wh: int, price: int) -> int:
-    return contracts.cost(wh, price)
+    return wei_for(wh, price)
 
 
 def sell(g: AdvGrid, wh: int, price: int, auction_s: float) -> dict[str, Any]:
@@ -412,7 +413,7 @@ def test_a_site_cannot_be_paid_for_a_delivery_it_did_not_measure(world: World) -
                                                       "WHERE trade_id = ?", (tid,))
     t = on_chain(world)
     signed_wh = [b["delivered_wh"] for b in buyer_meter_deliveries(world)]  # read last: it only grows
-    assert t["status"] == contracts.STATUS_OPEN and close_state == "none"
+    assert t["status"] == bindings.STATUS_OPEN and close_state == "none"
     assert settled <= t["delivered"] <= max(signed_wh) < TRADE_WH, (settled, t, max(signed_wh))
     assert t["delivered"] in signed_wh  # exactly a figure the buyer's meter signed
     said = max(signed_wh)
@@ -422,7 +423,7 @@ def test_a_site_cannot_be_paid_for_a_delivery_it_did_not_measure(world: World) -
     peer = g.rows(g.meters[SOLAR], "meter", "SELECT buyer_wh, flagged, site FROM meter_peer WHERE trade_id = ?",
                   (tid,))
     assert all(wh <= said and not flagged and site == HOME for wh, flagged, site in peer), (peer, said)
-    assert g.outbox(g.meters[SOLAR], "meter", f"{E.DeliveryMismatch.TYPE}.{SOLAR}") == []
+    assert g.outbox(g.meters[SOLAR], "meter", f"{E.MeterMismatch.TYPE}.{SOLAR}") == []
 
 
 # --- trade and market events -------------------------------------------------------------
@@ -465,8 +466,8 @@ def test_trade_and_market_events_from_a_site_open_nothing_and_switch_no_relay(wo
                   (world.trade_id,)) == [("done", "none")]
     assert not g.rows(chain, "chain", "SELECT 1 FROM chain_txs WHERE ref LIKE '%t-forged%'")
     v = g.chain_view()
-    assert v.market.functions.trades(typed.trade_key("t-forged")).call()[2] == contracts.STATUS_NONE
-    assert on_chain(world)["status"] == contracts.STATUS_OPEN
+    assert v.market.functions.trades(typed.trade_key("t-forged")).call()[2] == bindings.STATUS_NONE
+    assert on_chain(world)["status"] == bindings.STATUS_OPEN
     assert escrow_at_rest(world) == at_rest
     listing = ok(g.requests(PROBE, "auction", req("auction.trades"), req("auction.offers")))
     assert {t["trade_id"] for t in listing[0]["result"]["trades"]} == {world.trade_id}
@@ -787,17 +788,17 @@ def test_a_site_cannot_claim_another_sites_account_or_forge_its_wallet_txs(world
     forger = f"{PROBE}/forger"
     claims = [
         # home-7's genuine claim of its own account, replayed in home-7's name: dropped at the hub
-        ev(E.AccountClaimed.TYPE, f"{HOME}/wallet", site=HOME, address=world.consumer, signature=home_claim),
+        ev(E.WalletAccount.TYPE, f"{HOME}/wallet", site=HOME, address=world.consumer, signature=home_claim),
         # the same under its own topic: the body names another site (policy)
-        ev(E.AccountClaimed.TYPE, forger, site=HOME, address=world.consumer, signature=home_claim),
+        ev(E.WalletAccount.TYPE, forger, site=HOME, address=world.consumer, signature=home_claim),
         # in its own name, another site's account, with that site's signature (of another text)
-        ev(E.AccountClaimed.TYPE, forger, site=PROBE, address=world.consumer, signature=home_claim),
+        ev(E.WalletAccount.TYPE, forger, site=PROBE, address=world.consumer, signature=home_claim),
         # ... with its own account key's signature (of its own address)
-        ev(E.AccountClaimed.TYPE, forger, site=PROBE, address=world.producer, signature=probe_claim),
+        ev(E.WalletAccount.TYPE, forger, site=PROBE, address=world.producer, signature=probe_claim),
         # ... a signature that is nobody's
-        ev(E.AccountClaimed.TYPE, forger, site=PROBE, address=world.producer, signature="0x" + "11" * 65),
+        ev(E.WalletAccount.TYPE, forger, site=PROBE, address=world.producer, signature="0x" + "11" * 65),
         # an address nobody claimed yet, with a signature not of its key
-        ev(E.AccountClaimed.TYPE, forger, site=PROBE, address=nobody, signature=probe_claim),
+        ev(E.WalletAccount.TYPE, forger, site=PROBE, address=nobody, signature=probe_claim),
     ]
     fake_tx = dict(tx_hash="0x" + "ab" * 32, kind="deposit", ref=str(10**18), account=world.consumer,
                    status="confirmed", block=1)
@@ -811,7 +812,7 @@ def test_a_site_cannot_claim_another_sites_account_or_forge_its_wallet_txs(world
     # (under its own topic a wallet.tx reaches nobody: a gateway takes its own site's only)
     assert out["sent"] == len(claims) + len(txs)
     g.expect_counts(before, merge({g.hub.name: {"site/probe": 1 + len(txs)}},
-                                  want_counts(g, [(E.AccountClaimed.TYPE, PROBE)]),
+                                  want_counts(g, [(E.WalletAccount.TYPE, PROBE)]),
                                   {chain.name: {"claims_refused:bad_signature": 4, "claims_refused:other_site": 0}}))
     # every account still belongs to its own site at the operator; nothing bound to probe but its own
     for address, site in ((world.consumer, HOME), (world.producer, SOLAR), (world.probe, PROBE), (nobody, "")):
@@ -860,7 +861,7 @@ def test_a_trade_agreed_with_altered_signed_terms_is_refused_by_the_contract(wor
                       "EnergyMarket: bid not signed by buyer"),
     }
     at_rest = escrow_at_rest(world)
-    failed_before = [e["body"]["ref"] for e in g.outbox(chain, "chain", f"{E.TxUpdate.TYPE}.{MARKET}")
+    failed_before = [e["body"]["ref"] for e in g.outbox(chain, "chain", f"{E.ChainTx.TYPE}.{MARKET}")
                      if e["body"]["status"] == "failed"]
     before = g.counts()
     g.hostile("publish", {"frames": [ev(E.TradeAgreed.TYPE, f"{MARKET}/auction", trade_id=tid, **terms, **t)
@@ -870,9 +871,9 @@ def test_a_trade_agreed_with_altered_signed_terms_is_refused_by_the_contract(wor
     for tid, (_, reason) in forged.items():
         (why,), = g.rows(chain, "chain", "SELECT reason FROM job_trades WHERE trade_id = ?", (tid,))
         assert reason in why, (tid, why)
-        assert v.market.functions.trades(typed.trade_key(tid)).call()[2] == contracts.STATUS_NONE
+        assert v.market.functions.trades(typed.trade_key(tid)).call()[2] == bindings.STATUS_NONE
     # said on the bus, as the operator says a refused job (chain.tx failed); nothing sent, nothing moved
-    failed = [e["body"]["ref"] for e in g.outbox(chain, "chain", f"{E.TxUpdate.TYPE}.{MARKET}")
+    failed = [e["body"]["ref"] for e in g.outbox(chain, "chain", f"{E.ChainTx.TYPE}.{MARKET}")
               if e["body"]["status"] == "failed"]
     assert sorted(set(failed) - set(failed_before)) == sorted(forged)
     assert not g.rows(chain, "chain", "SELECT 1 FROM chain_txs WHERE ref LIKE 't-altered%' OR ref LIKE 't-again%' "
@@ -902,7 +903,7 @@ def test_a_buyer_closing_early_cannot_keep_a_later_delivery_from_settling(world:
     receipt = g.send(key, v.market.functions.close(world.key))
     assert receipt["status"] == 1, receipt
     t = on_chain(world)
-    assert t["status"] == contracts.STATUS_CLOSING, t
+    assert t["status"] == bindings.STATUS_CLOSING, t
     at_close, closing_at = t["delivered"], t["closing_at"]
     said_at_close = buyer_meter_delivered(world)
     # the meters go on: the buyer's meter's next signed readings settle in the window
@@ -912,7 +913,7 @@ def test_a_buyer_closing_early_cannot_keep_a_later_delivery_from_settling(world:
              if e["args"]["tradeId"] == world.key]
     assert later, "nothing settled after the buyer's close"
     assert all(closing_at <= v.w3.eth.get_block(e["blockNumber"])["timestamp"] < closing_at + window for e in later)
-    assert on_chain(world)["status"] == contracts.STATUS_CLOSING
+    assert on_chain(world)["status"] == bindings.STATUS_CLOSING
     # the buyer presses Close Connection: the relays open, the meter's last reading settles, and after the
     # window the trade is finalized
     ok(g.requests(HOME, "auction", req("auction.close", trade_id=world.trade_id, by=world.consumer)))
@@ -925,7 +926,7 @@ def test_a_buyer_closing_early_cannot_keep_a_later_delivery_from_settling(world:
     assert len(final) == 1, final
     delivered = final[0]["delivered_wh"]
     t = on_chain(world)
-    assert t["status"] == contracts.STATUS_CLOSED and t["delivered"] == delivered == buyer_meter_delivered(world), t
+    assert t["status"] == bindings.STATUS_CLOSED and t["delivered"] == delivered == buyer_meter_delivered(world), t
     assert at_close < delivered < TRADE_WH
     (settled,), = g.rows(chain, "chain", "SELECT settled_wh FROM job_trades WHERE trade_id = ?", (world.trade_id,))
     assert settled == delivered

@@ -55,7 +55,7 @@ def test_without_curve_a_peer_publishing_in_another_sites_name_is_believed(insec
     assert g.health(g.hub)["identity_checked"] is False
     meter = Meter(site=SOLAR, account=THIEF, name="main")  # the thief's own meter key
     g.hostile("publish", {"frames": [
-        frame(E.AccountClaimed(site=SOLAR, address=THIEF, name="solar-1 producer",
+        frame(E.WalletAccount(site=SOLAR, address=THIEF, name="solar-1 producer",
                                signature=claims.sign(THIEF_KEY, SOLAR)), f"{SOLAR}/wallet"),
         frame(meter.announce(d), f"{SOLAR}/meter"),
         frame(meter.production(d, 4242), f"{SOLAR}/meter")]})

@@ -6,7 +6,8 @@ import pytest
 
 from services.auction import english
 from services.bus import typed
-from services.auction.english import Rejected
+from services.bus.prices import wei_for
+from services.bus.refusals import Refusal
 
 SELLER = "0x" + "a" * 40
 B1 = "0x" + "b" * 40
@@ -28,10 +29,10 @@ def bid(o, buyer=B1, price=1000, now=110.0, inc=10, bid_id=None):
 
 
 def test_cost_rounds_up():
-    assert english.cost_wei(1000, 7) == 7
-    assert english.cost_wei(1, 7) == 1  # 0.007 wei -> 1
-    assert english.cost_wei(1500, 3) == 5  # 4.5 -> 5
-    assert english.cost_wei(0, 10**18) == 0
+    assert wei_for(1000, 7, round_up=True) == 7
+    assert wei_for(1, 7, round_up=True) == 1  # 0.007 wei -> 1
+    assert wei_for(1500, 3, round_up=True) == 5  # 4.5 -> 5
+    assert wei_for(0, 10**18, round_up=True) == 0
 
 
 def test_offer_deadline_is_absolute():
@@ -41,18 +42,18 @@ def test_offer_deadline_is_absolute():
 
 
 def test_offer_needs_tokens():
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         offer(tokens_free_wh=2499)
     assert e.value.code == "no_tokens"
     for bad in (dict(wh=0), dict(start_price_wei_per_kwh=0), dict(duration_s=0)):
-        with pytest.raises(Rejected) as e:
+        with pytest.raises(Refusal) as e:
             offer(**bad)
         assert e.value.code == "invalid"
 
 
 def test_first_bid_must_reach_start():
     o = offer()
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         bid(o, price=999)
     assert e.value.code == "too_low" and "1000" in e.value.message
     o2, b = bid(o, price=1000)
@@ -61,7 +62,7 @@ def test_first_bid_must_reach_start():
 
 def test_next_bid_must_beat_by_increment():
     o, _ = bid(offer(), price=1000)
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         bid(o, buyer=B2, price=1009, inc=10)
     assert e.value.code == "too_low"
     o, b = bid(o, buyer=B2, price=1010, inc=10)
@@ -69,33 +70,33 @@ def test_next_bid_must_beat_by_increment():
 
 
 def test_seller_cannot_bid_any_case():
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         bid(offer(), buyer=SELLER.upper().replace("0X", "0x"))
     assert e.value.code == "own_offer"
 
 
 def test_closed_offer_refuses_bids():
     o = offer()
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         bid(o, now=160.0)
     assert e.value.code == "closed"
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         bid(english.cancel(o, seller=SELLER, now=101), now=101)
     assert e.value.code == "closed"
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         english.check_bid(None, buyer=B1, price_wei_per_kwh=5, now=0, min_increment_wei_per_kwh=1)
     assert e.value.code == "not_found"
 
 
 def test_reserved_escrow_until_the_bids_expiry_covers_it():
     english.check_reserve(needed_wei=10, reserved_wei=10, reserved_until=500, expiry=500)
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         english.check_reserve(needed_wei=10, reserved_wei=9, reserved_until=500, expiry=500)
     assert e.value.code == "unfunded" and "reserve 10 wei in all until 500" in e.value.message
-    with pytest.raises(Rejected) as e:  # other bids and trades hold part of it
+    with pytest.raises(Refusal) as e:  # other bids and trades hold part of it
         english.check_reserve(needed_wei=10, reserved_wei=15, reserved_until=500, expiry=500, held_wei=6)
     assert e.value.code == "unfunded" and "6 wei held" in e.value.message and "reserve 16 wei" in e.value.message
-    with pytest.raises(Rejected) as e:  # enough, but it could be withdrawn before the bid expires
+    with pytest.raises(Refusal) as e:  # enough, but it could be withdrawn before the bid expires
         english.check_reserve(needed_wei=10, reserved_wei=100, reserved_until=499, expiry=500)
     assert e.value.code == "unfunded" and "only until 499" in e.value.message
 
@@ -129,22 +130,22 @@ def test_highest_wins_earliest_on_tie():
 
 def test_settle_only_after_deadline_and_once():
     o = offer()
-    with pytest.raises(Rejected):
+    with pytest.raises(Refusal):
         english.settle(o, 159.0)
     done = english.settle(o, 1e9)
     assert done.state == "expired" and done.highest is None
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         english.settle(done, 1e9)
     assert e.value.code == "closed"
 
 
 def test_cancel_rules():
     o = offer()
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         english.cancel(o, seller=B1, now=101)
     assert e.value.code == "not_allowed"
     o2, _ = bid(o)
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         english.cancel(o2, seller=SELLER, now=111)
     assert e.value.code == "has_bids"
     assert english.cancel(o, seller=SELLER, now=101).state == "cancelled"

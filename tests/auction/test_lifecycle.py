@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.auction import lifecycle as lc
-from services.auction.errors import Rejected
+from services.bus.refusals import Refusal
 
 SELLER = "0x" + "a" * 40
 BUYER = "0x" + "b" * 40
@@ -46,7 +46,7 @@ def test_repeated_recorded_is_a_no_op():
 
 def test_buyer_seller_or_operator_closes():
     t, _ = lc.recorded(trade())
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         lc.close(t, by="0x" + "9" * 40, operator=OPERATOR)
     assert e.value.code == "not_allowed"
     by_seller, steps = lc.close(t, by=SELLER, reason="closed by the seller's site: its meter saw no export")
@@ -56,7 +56,7 @@ def test_buyer_seller_or_operator_closes():
     assert states(steps) == ["closed"] and not t2.live
     t3, steps = lc.close(t, by=OPERATOR, operator=OPERATOR, reason="operator")
     assert states(steps) == ["closed"]
-    with pytest.raises(Rejected) as e:
+    with pytest.raises(Refusal) as e:
         lc.close(t2, by=BUYER)
     assert e.value.code == "closed"
     t4, steps = lc.closed_on_chain(t2, delivered_wh=700, paid_wei=700)
@@ -71,7 +71,7 @@ def test_invalid_transitions_rejected():
     assert states(steps) == ["failed"]
     with pytest.raises(lc.InvalidTransition):
         lc.recorded(f)
-    with pytest.raises(Rejected):
+    with pytest.raises(Refusal):
         lc.close(f, by=BUYER)
     t, _ = lc.recorded(t)
     with pytest.raises(lc.InvalidTransition):

@@ -242,7 +242,7 @@ async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_c
         with pytest.raises(RequestError) as e:
             await m.call(cmd.CloseTrade(trade_id=tid, by=B1))
         assert e.value.code == "closed"
-        await chain_events.publish(ev.TradeClosedOnChain(trade_id=tid, delivered_wh=850, paid_wei=850, refunded_wei=1150,
+        await chain_events.publish(ev.TradeClosed(trade_id=tid, delivered_wh=850, paid_wei=850, refunded_wei=1150,
                                                   tx_hash="0x02"))
         await until(lambda: states()[-1] == "settled", what="settled")
         trade = (await m.call(cmd.ListTrades())).trades[0]
@@ -397,7 +397,7 @@ async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain
         with pytest.raises(RequestError) as e:  # the agreed trade holds the escrow until recorded
             await m.call(m.bid(later, B1, 1000))
         assert e.value.code == "unfunded"
-        await chain_events.publish(ev.TxUpdate(tx_hash="", kind="open", ref=f"t-{o}", account=B1, status="failed",
+        await chain_events.publish(ev.ChainTx(tx_hash="", kind="open", ref=f"t-{o}", account=B1, status="failed",
                                         reason="insufficient escrow"))
         await until(lambda: outbox(db, "trade.status")[-1]["state"] == "failed", what="failed")
         assert outbox(db, "trade.status")[-1]["reason"] == "insufficient escrow"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.auction.errors import Rejected
+from services.bus.refusals import Refusal
 from services.auction.service import AuctionService
 from services.bus import RequestError
 from services.bus import commands as cmd
@@ -180,7 +180,7 @@ async def test_a_winning_bid_that_cannot_be_opened_falls_back_to_the_next_funded
         def states(trade_id: str) -> list[str]:
             return [s["state"] for s in outbox(db, "trade.status") if s["trade_id"] == trade_id]
 
-        failed = await chain_events.publish(ev.TxUpdate(tx_hash="", kind="open", ref=tid, account=B3, status="failed",
+        failed = await chain_events.publish(ev.ChainTx(tx_hash="", kind="open", ref=tid, account=B3, status="failed",
                                                         reason="EnergyMarket: bid expired"))
         await until(lambda: len(outbox(db, "trade.agreed")) == 2, what="the next funded bid's trade agreed")
         agreed = outbox(db, "trade.agreed")[1]
@@ -202,7 +202,7 @@ async def test_a_winning_bid_that_cannot_be_opened_falls_back_to_the_next_funded
         assert env["cause"] == failed.id  # the failure led to it
 
         # that one fails too: B3 and B1 were tried, B2 is not funded: nothing more
-        await chain_events.publish(ev.TxUpdate(tx_hash="", kind="open", ref=f"{tid}-2", account=B1, status="failed",
+        await chain_events.publish(ev.ChainTx(tx_hash="", kind="open", ref=f"{tid}-2", account=B1, status="failed",
                                                reason="EnergyMarket: insufficient escrow"))
         await until(lambda: m.db().execute("SELECT fallback FROM trades WHERE trade_id = ?",
                                            (f"{tid}-2",)).fetchone()[0].startswith("none"), what="no bid left")
@@ -226,11 +226,11 @@ async def test_the_sellers_site_closes_a_trade_its_meter_flags_with_the_reason(
         # the buyer's site and a stranger cannot end it so, whatever they claim in the body
         applied = m.service.health()["applied"]
         for source in ("home-7/meter", "probe/meter"):
-            await chain_events.publish(ev.DeliveryMismatch(trade_id=tid, buyer_wh=10, seller_wh=900, tolerance=0.05,
+            await chain_events.publish(ev.MeterMismatch(trade_id=tid, buyer_wh=10, seller_wh=900, tolerance=0.05,
                                                            site="solar-1", reason="made up"), source=source)
         await until(lambda: m.service.health()["applied"] >= applied + 2, what="both mismatches heard")
         assert statuses()[-1][0] == "delivering"
-        await chain_events.publish(ev.DeliveryMismatch(
+        await chain_events.publish(ev.MeterMismatch(
             trade_id=tid, buyer_wh=400, seller_wh=900, tolerance=0.05, site="solar-1",
             reason="exported 900 Wh, the buyer's meter signed 400 Wh"), source="solar-1/meter")
         await until(lambda: statuses()[-1][0] == "closed", what="closed by the seller's site")
@@ -271,7 +271,7 @@ async def test_without_the_operators_deployment_nothing_signed_is_taken(grid: Gr
     assert kept is not None and deployment().model_dump_json() == kept[0]  # what a restart starts from
     svc = AuctionService(settings(grid, fake_chain.endpoint, data_dir=grid.root / "market-fresh"))
     try:
-        with pytest.raises(Rejected) as e:
+        with pytest.raises(Refusal) as e:
             svc._domain()
         assert e.value.code == "unavailable" and "chain.deployment" in e.value.message
     finally:

@@ -12,7 +12,7 @@ import time
 import zmq.asyncio
 
 from services.bus import Publisher, Store, envelope
-from services.bus.events import MiningChanged
+from services.bus.events import ChainMining
 from services.cli import Follow
 
 from .conftest import Grid
@@ -65,7 +65,7 @@ def test_publish_rejects_bad_input_clearly(grid: Grid) -> None:
 
 
 def _env(id_: str, cause: str | None) -> envelope.Envelope:
-    return envelope.make(MiningChanged(mining=True), source="market/chain", seq=1, id=id_, cause=cause)
+    return envelope.make(ChainMining(mining=True), source="market/chain", seq=1, id=id_, cause=cause)
 
 
 def test_follow_keeps_what_an_id_led_to_even_out_of_order() -> None:
@@ -84,11 +84,11 @@ async def test_tail_follow_prints_one_chain_of_causes(grid: Grid, secure, tmp_pa
     store = Store(tmp_path / "pub.sqlite")
     pub = Publisher(ctx, secure("market", ctx), store, source="market/chain", hub_pub=grid.hub_pub, heartbeat_s=0.2)
     await pub.start()
-    root = await pub.publish(MiningChanged(mining=True))
-    other = await pub.publish(MiningChanged(mining=False))
-    child = await pub.publish(MiningChanged(mining=False), cause=root.id)
-    await pub.publish(MiningChanged(mining=True), cause=other.id)
-    grandchild = await pub.publish(MiningChanged(mining=True), cause=child.id)
+    root = await pub.publish(ChainMining(mining=True))
+    other = await pub.publish(ChainMining(mining=False))
+    child = await pub.publish(ChainMining(mining=False), cause=root.id)
+    await pub.publish(ChainMining(mining=True), cause=other.id)
+    grandchild = await pub.publish(ChainMining(mining=True), cause=child.id)
     tail = await asyncio.create_subprocess_exec(*GT, "bus", "tail", "--follow", root.id, "--count", "3",
                                                 env=run_env(grid, "home-7"), stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE)

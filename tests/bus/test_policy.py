@@ -179,7 +179,7 @@ FORGERIES: list[tuple[str, ev.Message, str]] = [
                                 registry=THIEF, signature=SIG), "policy:meter.key"),
     ("probe/meter", ev.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=1000),
      "policy:meter.delivery"),
-    ("probe/meter", ev.RelayChanged(site="home-7", meter="m2", closed=True, trade_id="t-1"), "policy:meter.relay"),
+    ("probe/meter", ev.MeterRelay(site="home-7", meter="m2", closed=True, trade_id="t-1"), "policy:meter.relay"),
     # trade and market events from anyone but the market's auction
     ("probe/auction", ev.TradeAgreed(offer_id="o-1", **TRADE), "policy:trade.agreed"),
     ("probe/auction", ev.TradeStatus(state="delivering", **TRADE), "policy:trade.status"),
@@ -422,16 +422,16 @@ def test_every_event_type_declares_who_may_publish_it() -> None:
     assert all(isinstance(cls.ORIGIN, ev.Origin) for cls in ev.EVENTS.values())
     assert ev.permitted(ev.TradeAgreed(offer_id="o", **TRADE), "market/auction", auth)
     assert not ev.permitted(ev.TradeAgreed(offer_id="o", **TRADE), "market/chain", auth)
-    assert ev.permitted(ev.MiningChanged(mining=True), "market/chain", auth)
-    assert not ev.permitted(ev.MiningChanged(mining=True), "probe/chain", auth)
+    assert ev.permitted(ev.ChainMining(mining=True), "market/chain", auth)
+    assert not ev.permitted(ev.ChainMining(mining=True), "probe/chain", auth)
     assert ev.permitted(reading("solar-1"), "solar-1/gateway", auth)
     assert not ev.permitted(reading("solar-1"), "home-7/meter", auth)
     hb = Heartbeat(node="solar-1/meter", replay="tcp://x:1", site="solar-1", last={})
     assert ev.permitted(hb, "solar-1/meter", auth) and not ev.permitted(hb, "solar-1/cli", auth)
     # the market's parts may run at other sites
     elsewhere = Authority.of("market", auction_site="auct", chain_site="ops")
-    assert ev.permitted(ev.MiningChanged(mining=True), "ops/chain", elsewhere)
-    assert not ev.permitted(ev.MiningChanged(mining=True), "market/chain", elsewhere)
+    assert ev.permitted(ev.ChainMining(mining=True), "ops/chain", elsewhere)
+    assert not ev.permitted(ev.ChainMining(mining=True), "market/chain", elsewhere)
     with pytest.raises(TypeError, match="ORIGIN"):
         @ev.event
         class Undeclared(ev.Message):

@@ -27,7 +27,7 @@ from tests.chain_fixtures import anvil_url, start_anvil, stop_anvil  # noqa: F40
 from tests.conftest import Grid, Sources
 
 PASS = "correct horse battery staple"
-TX = (E.TxUpdate, E.WalletTx)  # a transaction's progress: the operator's or a wallet's
+TX = (E.ChainTx, E.WalletTx)  # a transaction's progress: the operator's or a wallet's
 
 
 Bus = Grid  # the shared hub of the root conftest; these tests call it `bus`

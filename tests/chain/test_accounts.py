@@ -13,7 +13,7 @@ from eth_account import Account
 from services.chain.__main__ import main
 from services.chain.errors import AccountLocked, BadPassphrase, KeystoreError, UnknownAccount
 from services.chain.keystore import Keystore
-from services.chain.sessions import Sessions
+from services.chain.unlocks import Sessions
 
 
 def test_keystore_roundtrip_scrypt_and_errors(tmp_path: pathlib.Path) -> None:

@@ -24,7 +24,7 @@ async def test_embedded_restart_is_a_fresh_chain(bus: Bus, tmp_path: pathlib.Pat
         peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
         await claimed(stack, alice, bob)
-        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.TxUpdate)
+        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.ChainTx)
                                                   if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         first = ledger.get_meta(stack.operator.store.conn, "deployment")
         await peer.request(C.SetMining(action="stop"), site="market")

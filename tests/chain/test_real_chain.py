@@ -19,7 +19,8 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from services.bus import commands as C
 from services.bus import events as E
-from services.chain import contracts
+from services.bus.prices import wei_for
+from services.chain import bindings
 from services.chain.keystore import Keystore
 from services.chain.node import ANVIL_DEV_KEY, connect
 from tests.chain_fixtures import start_anvil, stop_anvil
@@ -100,7 +101,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
     svc = stack.operator
     meters = [Meter("solar-1", seller, name=f"m{i}") for i in range(3)]
     home = Meter("home-7", buyer, name="m2")
-    mint_gone, open_cheap = bytes.fromhex(meters[1].address[2:]), contracts.id32("t-1")
+    mint_gone, open_cheap = bytes.fromhex(meters[1].address[2:]), bindings.id32("t-1")
     mint_call = keccak(text="mint(address,uint256,bytes)")[:4]
     refused: set[bytes] = set()
 
@@ -129,7 +130,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         await wait_until(lambda: len(svc.meters.accounts_of(svc.dep.registry_address)) == 4, timeout=90)
         for i, m in enumerate(meters):
             await peer.publish(m.production(d, 1000))
-            await ev.wait_for(lambda i=i: len([u for u in ev.of(E.TxUpdate) if u.kind == "mint"
+            await ev.wait_for(lambda i=i: len([u for u in ev.of(E.ChainTx) if u.kind == "mint"
                                                and u.status == "pending"]) > i, timeout=60)
         await ev.wait_for(lambda: len({m.meter for m in ev.of(E.Minted)}) == 3, timeout=90)
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18), site="home-7")
@@ -168,7 +169,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         await ev.wait_for(lambda: ev.of(E.Settled), timeout=90)
 
         await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
-        await ev.wait_for(lambda: ev.of(E.TradeClosedOnChain), timeout=90)
+        await ev.wait_for(lambda: ev.of(E.TradeClosed), timeout=90)
         await ev.wait_for(lambda: all_final(ev), timeout=90)
         await wait_until(lambda: not stack.pending(), timeout=60)
         proxy.fault_rate = 0.0
@@ -189,7 +190,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         assert stats.get("noop", 0) >= 1 and stats.get("replaced", 0) >= 2 and stats.get("reorged", 0) >= 1
         assert stats.get("resent", 0) >= 1
 
-        ups = ev.of(E.TxUpdate)
+        ups = ev.of(E.ChainTx)
         sent = [u.tx_hash for u in ups if u.status == "pending"]
         assert len(sent) == len(set(sent))
         finals = {h: [u for u in ups if u.tx_hash == h and u.status != "pending"] for h in sent}
@@ -208,24 +209,24 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
 
         assert sorted((m.meter, m.wh) for m in ev.of(E.Minted)) == sorted((m.address, 1000) for m in meters)
         assert len(ev.of(E.TradeRecorded)) == 1
-        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, contracts.cost(600, PRICE))]
-        assert [(c.delivered_wh, c.paid_wei) for c in ev.of(E.TradeClosedOnChain)] == [
-            (600, contracts.cost(600, PRICE))]
+        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, wei_for(600, PRICE))]
+        assert [(c.delivered_wh, c.paid_wei) for c in ev.of(E.TradeClosed)] == [
+            (600, wei_for(600, PRICE))]
 
         await assert_no_gaps(w3, [tmp_path / "market" / "chain.sqlite",
                                   *(tmp_path / site / "wallet.sqlite" for site in ("solar-1", "home-7"))],
                              {})
-        d = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address, svc.dep.registry_address)
+        d = bindings.attach(w3, svc.dep.token_address, svc.dep.market_address, svc.dep.registry_address)
         t, m = d.token.functions, d.market.functions
         assert await t.totalSupply().call() == 3000
         assert await t.balanceOf(seller).call() == 3000 - 600
         assert await t.balanceOf(buyer).call() == 600
         assert await t.balanceOf(d.market_address).call() == 0
-        assert await m.credit(seller).call() == contracts.cost(600, PRICE)
-        assert await m.freeEscrow(buyer).call() == 10**18 - contracts.cost(600, PRICE)
+        assert await m.credit(seller).call() == wei_for(600, PRICE)
+        assert await m.freeEscrow(buyer).call() == 10**18 - wei_for(600, PRICE)
         assert await m.lockedEscrow(buyer).call() == 0
     finally:
-        await contracts.close_provider(w3)
+        await bindings.close_provider(w3)
         stop_anvil(anvil)
 
 
@@ -318,7 +319,7 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
 
     try:
         assert [m.meter for m in ev.of(E.Minted)] == [m.address for m in meters]  # in order, once
-        ups = ev.of(E.TxUpdate)
+        ups = ev.of(E.ChainTx)
         sent = [u.tx_hash for u in ups if u.status == "pending"]
         assert len(sent) == len(set(sent))
         finals = [u for u in ups if u.status != "pending"]
@@ -343,12 +344,12 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         token, market, registry = (db.execute("SELECT value FROM chain_meta WHERE key = ?", (k,)).fetchone()[0]
                                    for k in ("token", "market", "registry"))
         db.close()
-        d = contracts.attach(w3, token, market, registry)
+        d = bindings.attach(w3, token, market, registry)
         assert await d.token.functions.totalSupply().call() == 4000
         assert await d.token.functions.balanceOf(seller).call() == 4000
         assert await w3.eth.get_balance(bob) == bob_start + 1
     finally:
-        await contracts.close_provider(w3)
+        await bindings.close_provider(w3)
         stop_anvil(anvil)
 
 
@@ -439,7 +440,7 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
         await mint(2)
         await wait_until(lambda: not op.txm.pending(), timeout=60)
         assert await generated(peer) == n * 1000
-        token = contracts.attach(w3, op.dep.token_address, op.dep.market_address, op.dep.registry_address).token
+        token = bindings.attach(w3, op.dep.token_address, op.dep.market_address, op.dep.registry_address).token
         assert await token.functions.balanceOf(seller).call() == n * 1000
         assert not await txpool(w3)
     finally:
@@ -449,7 +450,7 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
             await svc.stop()
         await op.stop()
         await proxy.stop()
-        await contracts.close_provider(w3)
+        await bindings.close_provider(w3)
         stop_anvil(anvil)
 
 

@@ -49,7 +49,7 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
         listed = {a.address: a.unlocked for a in (await peer.request(C.ListAccounts())).accounts}
         assert listed == {alice: True, bob: False}
         await claimed(stack, alice, bob)  # each claimed account is funded once on a dev chain
-        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.TxUpdate)
+        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.ChainTx)
                                                   if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         before = await peer.request(C.GetBalances(address=alice))
         assert before.ether_wei == stack.operator.settings.dev_fund_wei and before.site == "tester"
@@ -98,7 +98,7 @@ async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest
         peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
         await claimed(stack, alice, bob)
-        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.TxUpdate)
+        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.ChainTx)
                                                   if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         start = (await peer.request(C.GetBalances(address=bob))).ether_wei
         assert (await peer.request(C.SetMining(action="status"), site="market")).mining is True
@@ -111,14 +111,14 @@ async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest
         hashes = [(await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=n))).tx_hash for n in (5, 7)]
         pending = await peer.request(C.ListPending())
         assert [t.tx_hash for t in pending.txs] == hashes
-        await peer.listener.wait_for(lambda: peer.listener.of(E.MiningChanged))
+        await peer.listener.wait_for(lambda: peer.listener.of(E.ChainMining))
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start
         await peer.request(C.SetMining(action="start"), site="market")
         await peer.listener.wait_for(lambda: {u.tx_hash for u in peer.listener.of(E.WalletTx)
                                               if u.status == "confirmed"} >= set(hashes))
         assert (await peer.request(C.ListPending())).txs == []
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start + 12
-        assert [m.mining for m in peer.listener.of(E.MiningChanged)] == [False, True]
+        assert [m.mining for m in peer.listener.of(E.ChainMining)] == [False, True]
         assert ledger.pending_txs(svc.store.conn) == []
         assert all(u.site == "tester" for u in peer.listener.of(E.WalletTx))
     finally:

@@ -18,7 +18,8 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus.errors import RequestError
-from services.chain import contracts
+from services.bus.prices import wei_for
+from services.chain import bindings
 from services.chain.keystore import Keystore
 from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
 from tests.conftest import free_port
@@ -113,7 +114,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
             await peer.publish(m.announce(d))
         await peer.publish(solar.production(d, 1000))
         await ev.wait_for(lambda: ev.of(E.Minted))
-        await ev.wait_for(lambda: len([u for u in ev.of(E.TxUpdate) if u.kind == "fund" and u.status == "confirmed"])
+        await ev.wait_for(lambda: len([u for u in ev.of(E.ChainTx) if u.kind == "fund" and u.status == "confirmed"])
                           == 3)
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=10**18), site="home-7")
         appr = await peer.request(C.Approve(account=seller, wh=1000), site="solar-1")
@@ -160,7 +161,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         await peer.request(C.SetMining(action="start"), site="market")
         await ev.wait_for(lambda: ev.of(E.Settled))
         await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
-        await ev.wait_for(lambda: ev.of(E.TradeClosedOnChain))
+        await ev.wait_for(lambda: ev.of(E.TradeClosed))
         await wait_until(lambda: all(
             any(u.tx_hash == p.tx_hash and u.status != "pending" for u in ev.of(TX))
             for p in ev.of(TX) if p.status == "pending"))
@@ -182,8 +183,8 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
             assert [u.status for u in ups if u.tx_hash == h and u.status != "pending"] == ["confirmed"], h
         assert [(m.produced_wh, m.wh) for m in ev.of(E.Minted)] == [(1000, 1000), (2000, 1000)]
         assert len(ev.of(E.TradeRecorded)) == 1
-        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, contracts.cost(600, PRICE))]
-        assert len(ev.of(E.TradeClosedOnChain)) == 1
+        assert [(s.delivered_wh, s.paid_wei) for s in ev.of(E.Settled)] == [(600, wei_for(600, PRICE))]
+        assert len(ev.of(E.TradeClosed)) == 1
 
         import sqlite3
         db = sqlite3.connect(data / "chain.sqlite")
@@ -195,19 +196,19 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
             db = sqlite3.connect(tmp_path / site / "wallet.sqlite")
             op_rows += db.execute("SELECT account, COUNT(*) FROM chain_txs GROUP BY account").fetchall()
             db.close()
-        d = contracts.attach(w3, token, market, registry)
+        d = bindings.attach(w3, token, market, registry)
         t, m = d.token.functions, d.market.functions
         assert await t.totalSupply().call() == 2000
         assert await t.balanceOf(seller).call() == 2000 - 600
         assert await t.balanceOf(buyer).call() == 600
-        assert await m.credit(seller).call() == contracts.cost(600, PRICE)
-        assert await m.freeEscrow(buyer).call() == 10**18 - contracts.cost(600, PRICE)
+        assert await m.credit(seller).call() == wei_for(600, PRICE)
+        assert await m.freeEscrow(buyer).call() == 10**18 - wei_for(600, PRICE)
         assert await m.lockedEscrow(buyer).call() == 0
         assert await w3.eth.get_balance(bob) == bob_start + 1
         for account, n in op_rows:  # nothing sent beyond what the store knows (the admin key deploys)
             assert await w3.eth.get_transaction_count(account) == n
     finally:
-        await contracts.close_provider(w3)
+        await bindings.close_provider(w3)
         stop_anvil(anvil)
 
 

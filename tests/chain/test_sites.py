@@ -110,12 +110,12 @@ async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: 
         # forged ownership claims: another site's account for itself (no valid signature),
         # or a claim in another site's name (dropped by the publish policy)
         fake = Account.create()
-        forged = [E.AccountClaimed(site="probe", address=solar, signature=claims.sign(fake.key, "probe")),
-                  E.AccountClaimed(site="probe", address=home, signature="0x" + "11" * 65)]
+        forged = [E.WalletAccount(site="probe", address=solar, signature=claims.sign(fake.key, "probe")),
+                  E.WalletAccount(site="probe", address=home, signature="0x" + "11" * 65)]
         for n, body in enumerate(forged, 1):
             await peer.pub.publish(body, source="probe/forger")
             await wait_until(lambda n=n: stack.operator.claims.refused.get("bad_signature", 0) >= n)
-        await peer.pub.publish(E.AccountClaimed(site="solar-1", address=fake.address,
+        await peer.pub.publish(E.WalletAccount(site="solar-1", address=fake.address,
                                                 signature=claims.sign(fake.key, "solar-1")), source="probe/forger")
         await wait_until(lambda: stack.operator.health()["dropped"].get("policy:wallet.account"))
         assert stack.operator.claims.site_of(solar) == "solar-1" and stack.operator.claims.site_of(home) == "home-7"
@@ -250,10 +250,10 @@ def test_an_ownership_claim_is_the_account_keys_and_binds_once(tmp_path: pathlib
     assert not claims.valid("home-7", acct.address, "0x" + "00" * 65)
     conn = sqlite3.connect(":memory:")
     book = claims.Claims(conn)
-    assert book.apply(conn, E.AccountClaimed(site="home-7", address=acct.address, signature=kf.claim))
-    assert not book.apply(conn, E.AccountClaimed(site="home-7", address=acct.address, signature=kf.claim))
+    assert book.apply(conn, E.WalletAccount(site="home-7", address=acct.address, signature=kf.claim))
+    assert not book.apply(conn, E.WalletAccount(site="home-7", address=acct.address, signature=kf.claim))
     # the same key signing for another site later: refused, the first binds
-    assert not book.apply(conn, E.AccountClaimed(site="solar-1", address=acct.address,
+    assert not book.apply(conn, E.WalletAccount(site="solar-1", address=acct.address,
                                                  signature=claims.sign(acct.key, "solar-1")))
     assert book.site_of(acct.address.lower()) == "home-7" and book.refused == {"other_site": 1}
     assert claims.Claims(conn).site_of(acct.address) == "home-7"  # kept in the store

@@ -19,7 +19,8 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from services.bus import commands as C
 from services.bus import events as E
-from services.chain import contracts
+from services.bus.prices import wei_for
+from services.chain import bindings
 from tests.signing import Domains, Meter, agreed
 
 from .conftest import PASS, TX, Bus, rounds, site_keystore, start_stack, wait_until
@@ -103,22 +104,22 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
 
         status_closed = await peer.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
         await asyncio.sleep(1.0)  # the buyer's relay opens a moment after the close ...
-        assert not [u for u in peer.listener.of(E.TxUpdate) if u.kind == "close"]
+        assert not [u for u in peer.listener.of(E.ChainTx) if u.kind == "close"]
         deliveries.append(await peer.publish(home.delivery(d, "t-1", 1230, final=True)))  # ... its last reading
-        await peer.listener.wait_for(lambda: [u for u in peer.listener.of(E.TxUpdate)
+        await peer.listener.wait_for(lambda: [u for u in peer.listener.of(E.ChainTx)
                                               if u.kind == "close" and u.status == "confirmed"])
         # in the dispute window a higher signed delivery still settles
         deliveries.append(await peer.publish(home.delivery(d, "t-1", 1260, final=True)))
-        closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosedOnChain), timeout=60)
+        closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosed), timeout=60)
 
         if backend == "embedded":
             w3 = svc.node.w3  # the embedded chain lives inside the service's process
         else:
             reader = w3 = AsyncWeb3(AsyncHTTPProvider(url))
-        dd = contracts.attach(w3, svc.dep.token_address, svc.dep.market_address, svc.dep.registry_address)
+        dd = bindings.attach(w3, svc.dep.token_address, svc.dep.market_address, svc.dep.registry_address)
         m, t = dd.market.functions, dd.token.functions
         delivered = 1260
-        paid = contracts.cost(delivered, PRICE)
+        paid = wei_for(delivered, PRICE)
         assert await t.totalSupply().call() == 2000
         assert await t.balanceOf(seller).call() == 2000 - delivered
         assert await t.balanceOf(buyer).call() == delivered
@@ -126,16 +127,16 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         assert await m.freeEscrow(buyer).call() == DEPOSIT - paid
         assert await m.lockedEscrow(buyer).call() == 0
         assert await m.credit(seller).call() == paid
-        status = await m.trades(contracts.id32("t-1")).call()
-        assert (status[2], status[4]) == (contracts.STATUS_CLOSED, delivered)
+        status = await m.trades(bindings.id32("t-1")).call()
+        assert (status[2], status[4]) == (bindings.STATUS_CLOSED, delivered)
 
         ev = peer.listener
         assert sum(x.wh for x in ev.of(E.Minted)) == 2000 and max(x.produced_wh for x in ev.of(E.Minted)) == 2000
         assert len(ev.of(E.TradeRecorded)) == 1
         assert [(c.delivered_wh, c.paid_wei, c.refunded_wei) for c in closed] == [
-            (delivered, paid, contracts.cost(1500, PRICE) - paid)]
+            (delivered, paid, wei_for(1500, PRICE) - paid)]
         assert [s.delivered_wh for s in ev.of(E.Settled)][-1] == delivered
-        assert all(s.paid_wei == contracts.cost(s.delivered_wh, PRICE) for s in ev.of(E.Settled))
+        assert all(s.paid_wei == wei_for(s.delivered_wh, PRICE) for s in ev.of(E.Settled))
 
         bal = await peer.request(C.GetBalances(address=seller), site="solar-1")
         assert (bal.tokens_wh, bal.generated_wh, bal.credit_wei) == (2000 - delivered, 2000, paid)
@@ -150,12 +151,12 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeRecorded)] == [agreed_env.id]
         assert all(e.cause in {x.id for x in deliveries} | {status_closed.id}
                    for e in ev.envelopes if isinstance(e.body, E.Settled))
-        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeClosedOnChain)] == [status_closed.id]
+        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeClosed)] == [status_closed.id]
         assert {e.cause for e in ev.envelopes if isinstance(e.body, E.WalletTx) and e.body.tx_hash == dep.tx_hash} \
             == {"cmd-deposit"}  # the deposit's pending and confirmed updates: its command
     finally:
         if reader is not None:
-            await contracts.close_provider(reader)
+            await bindings.close_provider(reader)
         await stack.stop()
 
 
@@ -177,22 +178,22 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeRecorded)) >= 3)
         for tid in ids:  # full delivery on each: settled together, closed by the contract
             await peer.publish(home.delivery(dm, tid, 1000))
-        await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeClosedOnChain)) >= 3)
-        settles = [u for u in peer.listener.of(E.TxUpdate) if u.kind == "settle" and u.status == "confirmed"]
+        await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeClosed)) >= 3)
+        settles = [u for u in peer.listener.of(E.ChainTx) if u.kind == "settle" and u.status == "confirmed"]
         assert len(settles) < 3, "deliveries due together are settled in a batch"
         for tid in ids:  # fulfilled afterwards: nothing left to close, nothing published twice
             await peer.publish(E.TradeStatus(trade_id=tid, state="fulfilled", seller=seller, buyer=buyer,
                                                  seller_site="solar-1", buyer_site="home-7", wh=1000,
                                                  price_wei_per_kwh=PRICE, delivered_wh=1000))
         d = svc.dep
-        assert await d.market.functions.credit(seller).call() == 3 * contracts.cost(1000, PRICE)
+        assert await d.market.functions.credit(seller).call() == 3 * wei_for(1000, PRICE)
         assert await d.token.functions.balanceOf(buyer).call() == 3000
         await peer.listener.wait_for(lambda: True)
         await wait_until(lambda: svc.store.conn.execute(
             "SELECT MAX(seq) FROM bus_offsets WHERE topic LIKE 'trade.status%'").fetchone()[0] == 3)
         await rounds(svc)
-        assert len(peer.listener.of(E.TradeClosedOnChain)) == 3
-        assert not [u for u in peer.listener.of(E.TxUpdate) if u.kind == "close"]
+        assert len(peer.listener.of(E.TradeClosed)) == 3
+        assert not [u for u in peer.listener.of(E.ChainTx) if u.kind == "close"]
     finally:
         await stack.stop()
 
@@ -224,7 +225,7 @@ async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: st
         for tid in ("g-0", "g-1", "g-2"):
             await peer.publish(agree(tid))
         await ev.wait_for(lambda: len(ev.of(E.TradeRecorded)) >= 3)
-        opens = [u for u in ev.of(E.TxUpdate) if u.kind in ("open", "open_batch") and u.status == "confirmed"]
+        opens = [u for u in ev.of(E.ChainTx) if u.kind in ("open", "open_batch") and u.status == "confirmed"]
         assert [(u.kind, u.ref) for u in opens] == [("open_batch", "g-0,g-1,g-2")]
 
         # two honest and one whose bid signature is the offer's: the batch is refused, the honest two open alone
@@ -233,13 +234,13 @@ async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: st
         for body in (agree("h-0"), bad, agree("h-1")):
             await peer.publish(body)
         await ev.wait_for(lambda: {r.trade_id for r in ev.of(E.TradeRecorded)} >= {"h-0", "h-1"})
-        failed = await ev.wait_for(lambda: [u for u in ev.of(E.TxUpdate) if u.ref == "x-1" and u.status == "failed"])
+        failed = await ev.wait_for(lambda: [u for u in ev.of(E.ChainTx) if u.ref == "x-1" and u.status == "failed"])
         assert failed[0].kind == "open" and "bid not signed by buyer" in failed[0].reason
         assert "x-1" not in {r.trade_id for r in ev.of(E.TradeRecorded)}
         d = svc.dep
-        for tid, status in (("h-0", contracts.STATUS_OPEN), ("h-1", contracts.STATUS_OPEN),
-                            ("x-1", contracts.STATUS_NONE)):
-            assert (await d.market.functions.trades(contracts.id32(tid)).call())[2] == status
+        for tid, status in (("h-0", bindings.STATUS_OPEN), ("h-1", bindings.STATUS_OPEN),
+                            ("x-1", bindings.STATUS_NONE)):
+            assert (await d.market.functions.trades(bindings.id32(tid)).call())[2] == status
 
         # a reading below the step (settle_every_wh 1000) is held; a full one is settled
         await peer.publish(home.delivery(dm, "g-0", 300))
@@ -247,19 +248,19 @@ async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: st
         await ev.wait_for(lambda: [s for s in ev.of(E.Settled) if s.trade_id == "g-1"])
         await rounds(svc)
         assert not [s for s in ev.of(E.Settled) if s.trade_id == "g-0"]
-        assert (await d.market.functions.trades(contracts.id32("g-0")).call())[4] == 0
+        assert (await d.market.functions.trades(bindings.id32("g-0")).call())[4] == 0
         assert svc.settlements.held_back == 1
 
         # the buyer closes g-0 on-chain itself: its held reading is settled in the dispute window
         w3 = svc.node.w3
-        close = d.market.functions.close(contracts.id32("g-0"))
+        close = d.market.functions.close(bindings.id32("g-0"))
         tx = await close.build_transaction({"from": buyer, "nonce": await w3.eth.get_transaction_count(buyer)})
         raw = Account.sign_transaction(tx, buyer_key).raw_transaction
         receipt = await w3.eth.wait_for_transaction_receipt(await w3.eth.send_raw_transaction(raw))
         assert receipt["status"] == 1
         paid = await ev.wait_for(lambda: [s for s in ev.of(E.Settled) if s.trade_id == "g-0"])
-        assert [(s.delivered_wh, s.paid_wei) for s in paid] == [(300, contracts.cost(300, PRICE))]
-        t = await d.market.functions.trades(contracts.id32("g-0")).call()
-        assert (t[2], t[4]) == (contracts.STATUS_CLOSING, 300)
+        assert [(s.delivered_wh, s.paid_wei) for s in paid] == [(300, wei_for(300, PRICE))]
+        t = await d.market.functions.trades(bindings.id32("g-0")).call()
+        assert (t[2], t[4]) == (bindings.STATUS_CLOSING, 300)
     finally:
         await stack.stop()

@@ -12,8 +12,8 @@ import pytest
 from web3 import AsyncWeb3
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.bus.prices import wei_for
 
 from .conftest import DISPUTE_WINDOW_S, PRICE, Env, high_s, make_env, meter_key, new_id
 
@@ -234,8 +234,8 @@ async def test_closing_on_an_old_reading_does_not_pay_less(delivering: tuple[Env
     closed_at = (await env.w3.eth.get_block(r["blockNumber"]))["timestamp"]
     await env.at(closed_at + DISPUTE_WINDOW_S - 10)
     r = await env.tx(env.market.settle(k1, 1500, latest), env.seller)
-    assert env.events(r, env.d.market, "Settled")[0]["paidWei"] == cost(1500, PRICE) - cost(400, PRICE)
-    assert await env.market.credit(env.seller).call() == credit0 + cost(1500, PRICE) - cost(400, PRICE)
+    assert env.events(r, env.d.market, "Settled")[0]["paidWei"] == wei_for(1500, PRICE) - wei_for(400, PRICE)
+    assert await env.market.credit(env.seller).call() == credit0 + wei_for(1500, PRICE) - wei_for(400, PRICE)
     assert await env.reverts(env.market.finalize(k1), env.other) == M + "dispute window open"
 
     later = env.delivery(t1, 1800)
@@ -248,8 +248,8 @@ async def test_closing_on_an_old_reading_does_not_pay_less(delivering: tuple[Env
     r = await env.tx(env.market.finalize(k1), env.buyer)
     assert env.events(r, env.d.market, "TradeClosed") == [{
         "tradeId": k1, "closedBy": env.buyer, "deliveredWh": 1500,
-        "refundedWei": cost(2000, PRICE) - cost(1500, PRICE), "returnedWh": 500}]
-    assert await env.market.credit(env.seller).call() == credit0 + cost(1500, PRICE) - cost(400, PRICE)
+        "refundedWei": wei_for(2000, PRICE) - wei_for(1500, PRICE), "returnedWh": 500}]
+    assert await env.market.credit(env.seller).call() == credit0 + wei_for(1500, PRICE) - wei_for(400, PRICE)
 
 
 async def test_nothing_settles_after_finalize_or_full_delivery(delivering: tuple[Env, str, str]) -> None:
@@ -379,7 +379,7 @@ async def test_a_bad_entry_reverts_the_whole_batch(funded: Env, bad: str) -> Non
         reason = "trade exists"
     elif bad == "escrow spent by an earlier entry":  # each fits the buyer's escrow, not all of them
         free = (await env.escrow(env.buyer))[0]
-        dear = free - cost(500, PRICE)  # wei per kWh: 1000 Wh of it fits the escrow alone, not after the first entry
+        dear = free - wei_for(500, PRICE)  # wei per kWh: 1000 Wh of it fits the escrow alone, not after the first entry
         big, big_sig = await env.offer(1000, dear)
         big_bid, big_bsig = await env.bid(big, 1000, dear)
         extra = [c.opening(new_id(), big, big_sig, big_bid, big_bsig, 1000, dear)]
@@ -399,7 +399,7 @@ async def test_a_bad_entry_reverts_the_whole_batch(funded: Env, bad: str) -> Non
     opened = env.events(r, env.d.market, "TradeOpened")
     assert [e["tradeId"] for e in opened] == [e[0] for e in entries]
     assert [await fills(env, o, b) for o, _, b, _, _ in honest] == [(1000, 1000), (500, 500)]
-    assert (await env.escrow(env.buyer))[3] == cost(1000, PRICE) + cost(500, PRICE)
+    assert (await env.escrow(env.buyer))[3] == wei_for(1000, PRICE) + wei_for(500, PRICE)
     assert await env.tokens(env.d.market.address) == 1500
     for e, (o, _, b, _, wh) in zip(entries, honest):
         t = await env.market.trades(e[0]).call()
@@ -413,7 +413,7 @@ async def test_a_batch_opens_what_the_same_opens_one_by_one_would(w3: AsyncWeb3)
     results = []
     for env, batched in ((one, False), (many, True)):
         await env.fund(seller_wh=10_000, buyer_wei=10**18)
-        await env.tx(env.market.depositAndReserve(await env.now() + 3600), env.buyer, value=cost(1500, PRICE))
+        await env.tx(env.market.depositAndReserve(await env.now() + 3600), env.buyer, value=wei_for(1500, PRICE))
         offer, osig = await env.offer(3000, PRICE, offer_id="0x" + "11" * 32)
         any_bid, any_bsig = await env.bid(None, 2500, PRICE, bid_id="0x" + "22" * 32)
         rows = [("a", 1000), ("b", 1200)]

@@ -1,4 +1,4 @@
-"""services.chain.contracts: deploy with a key per role (from a local key too), attach and
+"""services.chain.bindings: deploy with a key per role (from a local key too), attach and
 discover, artifacts on chain, costs, revert reasons."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError
 
 from services.bus import typed
-from services.chain import contracts as c
+from services.bus.prices import wei_for
+from services.chain import bindings as c
 
 from .conftest import ETHER, Env, new_id
 
@@ -75,14 +76,14 @@ async def test_open_args_build_an_open(env: Env) -> None:
 
 
 def test_cost_rounds_down_like_the_contract() -> None:
-    assert c.cost(1, 999) == 0
-    assert c.cost(1, 1000) == 1
-    assert c.cost(1500, 3) == 4
+    assert wei_for(1, 999) == 0
+    assert wei_for(1, 1000) == 1
+    assert wei_for(1500, 3) == 4
 
 
 async def test_cost_matches_the_contract(env: Env) -> None:
     for wh, price in ((1, 999), (1500, 3), (4321, 123_456_789_012_345), (2**64 - 1, 2**128 - 1)):
-        assert await env.market.costOf(wh, price).call() == c.cost(wh, price)
+        assert await env.market.costOf(wh, price).call() == wei_for(wh, price)
 
 
 def test_revert_reason_reads_error_strings_and_ignores_other_errors() -> None:
@@ -164,7 +165,7 @@ async def test_a_new_market_next_to_an_existing_token_and_registry(env: Env) -> 
     sig = typed.sig_bytes(typed.sign_delivery(env.buyer_meter.key, dom, "moved-0", 1000))
     await env.tx(m.settle(typed.trade_key("moved-0"), 1000, sig), env.other)
     assert (await m.trades(typed.trade_key("moved-0")).call())[2] == c.STATUS_CLOSED
-    assert await m.credit(env.seller).call() == c.cost(1000, 10**15)
+    assert await m.credit(env.seller).call() == wei_for(1000, 10**15)
     # the old market's trade is untouched, and still settles there
     assert (await env.trade(old_trade))[2] == c.STATUS_OPEN
     await env.settle(old_trade, 1000)

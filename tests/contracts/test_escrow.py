@@ -10,7 +10,7 @@ from web3 import AsyncWeb3
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from services.bus import typed
-from services.chain import contracts as c
+from services.chain import bindings as c
 
 from .conftest import Env, fee, make_env
 

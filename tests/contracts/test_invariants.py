@@ -36,8 +36,8 @@ from web3 import EthereumTesterProvider, Web3
 from web3.logs import EventLogErrorFlags
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.bus.prices import wei_for
 
 from .conftest import ANVIL_MNEMONIC, high_s
 
@@ -224,7 +224,7 @@ class Model:
     def settle(self, tid: int, target: int, market: str) -> None:
         """Move trade `tid` to `target` Wh (checked by the caller)."""
         t = self.trades[tid]
-        paid = cost(target, t.price) - cost(t.delivered, t.price)
+        paid = wei_for(target, t.price) - wei_for(t.delivered, t.price)
         self.add("locked", t.buyer, -paid)
         self.add("credit", t.seller, paid)
         self.add("tokens", market, -(target - t.delivered))
@@ -637,7 +637,7 @@ class MarketMachine(RuleBasedStateMachine):
             bsig = high_s(bsig)
 
         t_now, free, reserved = self.now, m.free.get(bid.buyer, 0), m.reserved.get(bid.buyer, 0)
-        due = cost(wh, price)
+        due = wei_for(wh, price)
         offer_sig_ok = trick != "offer-tampered" and (trick != "offer-by-buyer" or offer.seller == bid.buyer)
         checks = [
             (tid in m.trades, M + "trade exists"),
@@ -764,7 +764,7 @@ class MarketMachine(RuleBasedStateMachine):
         sender = data.draw(st.sampled_from([ch.other, ch.operator, *ch.parties]), label="sender")
         self.call(ch.market.functions.finalize(typed.trade_key(f"trade-{tid}")), sender, expected)
         if expected is None:
-            refund = cost(t.wh, t.price) - cost(t.delivered, t.price)
+            refund = wei_for(t.wh, t.price) - wei_for(t.delivered, t.price)
             m.add("locked", t.buyer, -refund)
             m.add("free", t.buyer, refund)
             m.add("tokens", ch.market.address, -(t.wh - t.delivered))
@@ -855,7 +855,7 @@ class MarketMachine(RuleBasedStateMachine):
                 assert got[2] == c.STATUS_NONE
                 continue
             assert got == (t.seller, t.wh, t.status, t.buyer, t.delivered, t.price, t.deadline, t.closing_at), tid
-            assert self.paid.get(tid, 0) == cost(t.delivered, t.price)
+            assert self.paid.get(tid, 0) == wei_for(t.delivered, t.price)
             assert t.delivered <= self.signed_max.get(tid, 0)
         assert offer_filled == [m.offer_filled[k] for k in offers]
         assert bid_filled == [m.bid_filled[k] for k in bids]

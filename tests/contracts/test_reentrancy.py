@@ -9,7 +9,7 @@ import pytest
 import solcx
 
 from contracts import build
-from services.chain import contracts as c
+from services.chain import bindings as c
 
 from .conftest import Env
 

@@ -8,7 +8,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import AsyncWeb3
 
 from services.bus import typed
-from services.chain import contracts as c
+from services.chain import bindings as c
 
 from .conftest import Env, high_s, make_env, meter_key
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.bus.prices import wei_for
 
 from .conftest import DISPUTE_WINDOW_S, PRICE, Env, high_s, new_id
 
@@ -220,5 +220,5 @@ async def test_the_operator_may_close_and_closing_locks_nothing_new(opened: tupl
     r = await env.tx(env.market.close(key), env.operator)
     assert env.events(r, env.d.market, "TradeClosing")[0]["closedBy"] == env.operator
     assert await env.escrow(env.buyer) == (free, 0, 0, locked, 0)  # nothing moves before finalize
-    assert locked == cost(WH, PRICE) - cost(500, PRICE)
+    assert locked == wei_for(WH, PRICE) - wei_for(500, PRICE)
     assert (await env.trade(trade))[2] == c.STATUS_CLOSING

@@ -8,7 +8,7 @@ import pytest
 from web3 import AsyncWeb3
 
 from services.bus import typed
-from services.chain import contracts as c
+from services.chain import bindings as c
 
 from .conftest import Env, high_s, meter_key
 

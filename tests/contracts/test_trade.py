@@ -5,8 +5,8 @@ replayed reading skipped), a close, the dispute window, finalize, and the withdr
 from __future__ import annotations
 
 from services.bus import typed
-from services.chain import contracts as c
-from services.chain.contracts import cost
+from services.chain import bindings as c
+from services.bus.prices import wei_for
 
 from .conftest import DISPUTE_WINDOW_S, DURATION_S, ETHER, Env, fee, new_id
 
@@ -40,7 +40,7 @@ async def test_whole_trade_balances_are_exact(env: Env) -> None:
     trade = new_id()
     r = await env.tx(env.open(trade, offer, osig, bid, bsig, WH, PRICE), env.operator)
     opened_at = (await env.w3.eth.get_block(r["blockNumber"]))["timestamp"]
-    locked = cost(WH, PRICE)
+    locked = wei_for(WH, PRICE)
     assert locked == WH * PRICE // 1000
     assert env.events(r, m, "TradeOpened") == [{
         "tradeId": typed.trade_key(trade), "seller": env.seller, "buyer": env.buyer, "wh": WH,
@@ -54,25 +54,25 @@ async def test_whole_trade_balances_are_exact(env: Env) -> None:
     assert await env.market.offerFilled(env.seller, bytes.fromhex(offer.offer_id[2:])).call() == WH
     assert await env.market.bidFilled(env.buyer, bytes.fromhex(bid.bid_id[2:])).call() == WH
 
-    # signed cumulative deliveries, submitted by anyone; each pays cost(new) - cost(old)
+    # signed cumulative deliveries, submitted by anyone; each pays wei_for(new) - wei_for(old)
     paid = []
     r = await env.settle(trade, 1000)
     assert env.events(r, m, "Settled") == [
-        {"tradeId": typed.trade_key(trade), "deliveredWh": 1000, "deltaWh": 1000, "paidWei": cost(1000, PRICE)}
+        {"tradeId": typed.trade_key(trade), "deliveredWh": 1000, "deltaWh": 1000, "paidWei": wei_for(1000, PRICE)}
     ]
     paid += [e["paidWei"] for e in env.events(r, m, "Settled")]
     r_seller = await env.settle(trade, 1999, sender=env.seller)  # the seller may submit the buyer meter's reading
     paid += [e["paidWei"] for e in env.events(r_seller, m, "Settled")]
-    assert paid[-1] == cost(1999, PRICE) - cost(1000, PRICE)
+    assert paid[-1] == wei_for(1999, PRICE) - wei_for(1000, PRICE)
     key = typed.trade_key(trade)
     r = await env.tx(env.market.settleBatch([key], [2500], [env.delivery(trade, 2500)]), env.operator)
     paid += [e["paidWei"] for e in env.events(r, m, "Settled")]
     # the same reading again, in a batch: skipped, nothing paid
     r = await env.tx(env.market.settleBatch([key], [2500], [env.delivery(trade, 2500)]), env.operator)
     assert env.events(r, m, "Settled") == []
-    assert await env.market.credit(env.seller).call() == cost(2500, PRICE) == sum(paid)
+    assert await env.market.credit(env.seller).call() == wei_for(2500, PRICE) == sum(paid)
     assert await env.tokens(env.buyer) == 2500
-    assert await env.escrow(env.buyer) == (deposit - locked, 0, 0, locked - cost(2500, PRICE), cost(0, 0))
+    assert await env.escrow(env.buyer) == (deposit - locked, 0, 0, locked - wei_for(2500, PRICE), wei_for(0, 0))
 
     # the buyer closes; during the dispute window a later signed reading still settles
     r_close = await env.tx(env.market.close(key), env.buyer)
@@ -88,11 +88,11 @@ async def test_whole_trade_balances_are_exact(env: Env) -> None:
 
     await env.at(closed_at + DISPUTE_WINDOW_S)
     r = await env.tx(env.market.finalize(key), env.other)
-    refund = locked - cost(3333, PRICE)
+    refund = locked - wei_for(3333, PRICE)
     assert env.events(r, m, "TradeClosed") == [
         {"tradeId": key, "closedBy": env.other, "deliveredWh": 3333, "refundedWei": refund, "returnedWh": WH - 3333}
     ]
-    credited = cost(3333, PRICE)
+    credited = wei_for(3333, PRICE)
     assert sum(paid) == credited
     assert await env.escrow(env.seller) == (0, 0, 0, 0, credited)
     assert await env.escrow(env.buyer) == (deposit - credited, 0, 0, 0, 0)
@@ -145,7 +145,7 @@ async def test_settle_batch_settles_every_trade(funded: Env) -> None:
     sigs = [env.delivery(t, w) for t, w in zip(trades, delivered)]
     r = await env.tx(env.market.settleBatch(keys, delivered, sigs), env.other)
     assert [(e["tradeId"], e["deliveredWh"]) for e in env.events(r, env.d.market, "Settled")] == list(zip(keys, delivered))
-    assert await env.market.credit(env.seller).call() == sum(cost(w, p) for w, p in zip(delivered, prices))
+    assert await env.market.credit(env.seller).call() == sum(wei_for(w, p) for w, p in zip(delivered, prices))
     assert await env.tokens(env.buyer) == sum(delivered)
     for t, w in zip(trades, delivered):
         assert (await env.trade(t))[4] == w
@@ -164,7 +164,7 @@ async def test_one_offer_fills_several_trades_and_an_open_bid_any_offer(funded: 
     assert await env.market.offerFilled(env.seller, bytes.fromhex(offer1.offer_id[2:])).call() == 3000
     assert await env.market.offerFilled(env.seller, bytes.fromhex(offer2.offer_id[2:])).call() == 1000
     assert await env.market.bidFilled(env.buyer, bytes.fromhex(order.bid_id[2:])).call() == 2500
-    assert (await env.escrow(env.buyer))[3] == cost(1500, 1500) + cost(1000, 1200) + cost(1500, 1000)
+    assert (await env.escrow(env.buyer))[3] == wei_for(1500, 1500) + wei_for(1000, 1200) + wei_for(1500, 1000)
 
 
 async def test_open_takes_reserved_escrow_first(env: Env) -> None:

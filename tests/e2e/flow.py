@@ -142,7 +142,7 @@ async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | N
 
     # 6. relays close at both sites
     await grid.until("both relays to close for the trade", lambda: all(
-        grid.watch.of(E.RelayChanged, site=s, closed=True, trade_id=trade_id) for s in ("solar-1", "home-7")),
+        grid.watch.of(E.MeterRelay, site=s, closed=True, trade_id=trade_id) for s in ("solar-1", "home-7")),
         timeout=60)
 
     # 7. payments arrive per step: the seller's credit grows with the settled Wh
@@ -189,7 +189,7 @@ async def run_trade(grid: Grid, *, between: Callable[[str], Awaitable[None]] | N
     # 9. relays open at both sites
     def relays_open() -> bool:
         for s in ("solar-1", "home-7"):
-            last = [e for e in grid.watch.of(E.RelayChanged, site=s)]
+            last = [e for e in grid.watch.of(E.MeterRelay, site=s)]
             assert last and last[-1].closed is False, f"{s}: last relay event {last[-1:]}"
             h = grid.health(f"meter-{s}")
             assert h is not None and h["meters"]["main"]["relay_closed"] is False, h
@@ -303,11 +303,11 @@ def relay_audit(grid: Grid, trade_ids: set[str]) -> None:
                 ended_at.setdefault(b.trade_id, s.ts)
     for s in grid.watch.events:
         b = s.body
-        if isinstance(b, E.RelayChanged) and b.closed:
+        if isinstance(b, E.MeterRelay) and b.closed:
             assert b.trade_id in trade_ids, f"relay closed for an unknown trade: {b}"
             assert b.trade_id in live_since and live_since[b.trade_id] <= s.ts, f"relay closed before the trade was live: {b}"
             end = ended_at.get(b.trade_id)
             assert end is None or s.ts <= end, f"relay closed after the trade ended: {b} at {s.ts}, ended {end}"
     for site in ("solar-1", "home-7"):
-        last = grid.watch.of(E.RelayChanged, site=site)
+        last = grid.watch.of(E.MeterRelay, site=site)
         assert last and not last[-1].closed, f"{site}: relay left closed: {last[-1:]}"

@@ -32,7 +32,7 @@ from web3 import HTTPProvider, Web3
 from services import launcher
 from services.bus import Security, Subscriber, ensure_keys
 from services.bus.store import Store
-from services.chain.contracts import load_artifact
+from services.chain.bindings import load_artifact
 from tests.conftest import free_port_block
 
 TEST_SITE = "e2e-watch"

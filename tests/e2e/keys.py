@@ -120,7 +120,7 @@ async def hostile_site_gets_nothing(keys: pathlib.Path, hostile: str, wallets: d
         await pub.start()
         try:
             for address in accounts.values():
-                await pub.publish(E.AccountClaimed(site=hostile, address=address,
+                await pub.publish(E.WalletAccount(site=hostile, address=address,
                                                    signature=claims.sign(me.key, hostile)))
             deadline = asyncio.get_running_loop().time() + 60
             while claims_refused() < len(accounts):  # the operator saw and refused each

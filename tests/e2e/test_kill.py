@@ -72,7 +72,7 @@ def _nothing_twice(grid: Grid, trade_id: str, delivered: int) -> None:
     assert len(w.of(E.TradeRecorded, trade_id=trade_id)) == 1
     assert len(grid.market_events("TradeOpened")) == 1
     assert len(grid.market_events("TradeClosed")) == 1
-    closed = w.of(E.TradeClosedOnChain, trade_id=trade_id)
+    closed = w.of(E.TradeClosed, trade_id=trade_id)
     assert len(closed) == 1 and closed[0].delivered_wh == delivered and closed[0].paid_wei == cost(delivered, PRICE)
     # the trade's states, each once and in order
     states = [s.state for s in w.of(E.TradeStatus, trade_id=trade_id)]

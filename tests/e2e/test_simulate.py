@@ -23,7 +23,7 @@ from eth_utils import to_checksum_address
 from web3 import HTTPProvider, Web3
 
 from services import launcher
-from services.chain.contracts import load_artifact
+from services.chain.bindings import load_artifact
 from services.simulate.plan import SimOptions, ports_needed
 from services.simulate.run import Simulation
 from services.simulate.scenario import load

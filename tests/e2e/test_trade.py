@@ -41,7 +41,7 @@ async def test_trade_end_to_end(tmp_path: pathlib.Path) -> None:
         assert statuses == ["agreed", "recorded", "delivering", "closed", "settled"], statuses
         assert len(grid.watch.of(E.TradeAgreed, trade_id=out.trade_id)) == 1
         assert len(grid.watch.of(E.TradeRecorded, trade_id=out.trade_id)) == 1
-        closed = grid.watch.of(E.TradeClosedOnChain, trade_id=out.trade_id)
+        closed = grid.watch.of(E.TradeClosed, trade_id=out.trade_id)
         assert len(closed) == 1 and closed[0].delivered_wh == final["delivered"], closed
         assert closed[0].paid_wei == cost(final["delivered"], PRICE)
 

@@ -41,7 +41,7 @@ from eth_utils import keccak, to_checksum_address
 from web3 import HTTPProvider, Web3
 
 from services.bus import ensure_keys
-from services.chain.contracts import load_artifact
+from services.chain.bindings import load_artifact
 from services.chain.keystore import Keystore
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

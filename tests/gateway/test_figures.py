@@ -189,7 +189,7 @@ async def test_the_history_counts_readings_and_settlements_and_keeps_them(tmp_pa
         h.apply(conn, wall[0] + 2, trade("t1", ME, OTHER))
         h.apply(conn, wall[0] + 3, ev.Settled(trade_id="t1", delivered_wh=500, paid_wei=10**15, tx_hash="0x1"))
         h.apply(conn, wall[0] + 3, ev.Settled(trade_id="t1", delivered_wh=500, paid_wei=10**15, tx_hash="0x1"))
-        h.apply(conn, wall[0] + 4, ev.TradeClosedOnChain(trade_id="t1", delivered_wh=800, paid_wei=16 * 10**14,
+        h.apply(conn, wall[0] + 4, ev.TradeClosed(trade_id="t1", delivered_wh=800, paid_wei=16 * 10**14,
                                                          refunded_wei=4 * 10**14, tx_hash="0x2"))
         # another site's trade is not this site's figure
         h.apply(conn, wall[0] + 4, ev.TradeAgreed(
@@ -201,7 +201,7 @@ async def test_the_history_counts_readings_and_settlements_and_keeps_them(tmp_pa
             trade_id="t3", offer_id="o3", seller=ME, buyer=UTIL, seller_site="solar-1", buyer_site="utility", wh=300,
             price_wei_per_kwh=5 * 10**14))
         h.apply(conn, wall[0] + 5, ev.Settled(trade_id="t3", delivered_wh=200, paid_wei=10**14, tx_hash="0x4"))
-        h.apply(conn, wall[0] + 6, ev.TradeClosedOnChain(trade_id="t3", delivered_wh=300, paid_wei=15 * 10**13,
+        h.apply(conn, wall[0] + 6, ev.TradeClosed(trade_id="t3", delivered_wh=300, paid_wei=15 * 10**13,
                                                          refunded_wei=0, tx_hash="0x5"))
     wall[0] += 7
     before_write = h.figures(ME, DAY0, DAY0 + 86400, T)
@@ -246,7 +246,7 @@ async def test_a_store_from_before_the_settlements_named_their_sites(tmp_path: p
         h.apply(conn, DAY0 + 3000, ev.TradeAgreed(
             trade_id="t9", offer_id="o9", seller=UTIL, buyer=ME, seller_site="utility", buyer_site="home-7", wh=100,
             price_wei_per_kwh=3 * 10**15))
-        h.apply(conn, DAY0 + 3700, ev.TradeClosedOnChain(trade_id="t9", delivered_wh=100, paid_wei=3 * 10**14,
+        h.apply(conn, DAY0 + 3700, ev.TradeClosed(trade_id="t9", delivered_wh=100, paid_wei=3 * 10**14,
                                                          refunded_wei=0, tx_hash="0x9"))
     total = h.figures(ME, DAY0, DAY0 + 86400, T)[1]
     assert (total.bought_utility_mwh, total.bought_utility_wei, total.bought_local_wei) == (100_000, 3 * 10**14, 0)

@@ -12,7 +12,7 @@ import aiohttp
 from eth_utils import keccak, to_checksum_address
 from web3 import HTTPProvider, Web3
 
-from services.chain.contracts import STATUS_NONE, load_artifact
+from services.chain.bindings import STATUS_NONE, load_artifact
 
 from .conftest import CLEAR_INTERVAL_S, Stack, http, login
 from .test_api import error_of

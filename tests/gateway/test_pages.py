@@ -159,9 +159,9 @@ async def test_history_of_trades_and_transactions_in_json_and_csv(gw: Gateway) -
         async with h.post(base + "/api/trades/t-o-1/close", json={}) as r:
             assert r.status == 200
         apply(gw, T0 + 41, ev.TradeStatus(state="closed", reason="closed by the buyer", delivered_wh=412, **trade),
-              ev.DeliveryMismatch(trade_id="t-o-1", buyer_wh=412, seller_wh=520, tolerance=0.1, site="solar-1",
+              ev.MeterMismatch(trade_id="t-o-1", buyer_wh=412, seller_wh=520, tolerance=0.1, site="solar-1",
                                   reason="the seller's meter counted more"))
-        apply(gw, T0 + 43, ev.TradeClosedOnChain(trade_id="t-o-1", delivered_wh=412, paid_wei=824 * 10**12,
+        apply(gw, T0 + 43, ev.TradeClosed(trade_id="t-o-1", delivered_wh=412, paid_wei=824 * 10**12,
                                                  refunded_wei=2176 * 10**12, tx_hash="0x03"),
               ev.TradeStatus(state="settled", reason="closed by the buyer", delivered_wh=412, **trade))
         # Ether sent from this wallet: the gateway knows the amount; the wallet's events bring the rest
@@ -275,3 +275,11 @@ async def test_changed_balances_are_pushed_to_the_open_page(gw: Gateway) -> None
                 break
             await asyncio.sleep(0.02)
         assert not gw.clients
+
+
+async def test_the_page_gets_the_trade_states_generated_from_the_enum(gw: Gateway) -> None:
+    from services.bus.states import js_module
+
+    async with aiohttp.ClientSession() as h, h.get(gw.test_url + "/static/js/trade_states.js") as r:  # type: ignore
+        assert r.status == 200 and r.content_type == "text/javascript"
+        assert await r.text() == js_module()

@@ -101,7 +101,7 @@ def test_visibility() -> None:
     assert feed.visible(settled, account=A, site="solar-1", parties=p)
     assert feed.visible(settled, account=B.upper().replace("0X", "0x"), site="home-7", parties=p)
     assert not feed.visible(settled, account=C, site="home-7", parties=p)
-    tx = ev.TxUpdate(tx_hash="0x2", kind="transfer", account=A, status="pending")
+    tx = ev.ChainTx(tx_hash="0x2", kind="transfer", account=A, status="pending")
     assert feed.visible(tx, account=A, site="x", parties=p) and not feed.visible(tx, account=B, site="x", parties=p)
     reading = ev.MeterReading(site="solar-1", meter="m", role="producer", energy_wh=1, power_w=1, voltage_v=1,
                               current_a=1, relay_closed=False)

@@ -176,7 +176,7 @@ def test_a_trade_survives_ctrl_c_and_keys_stay_at_their_sites(tmp_path) -> None:
     the chain and from the API."""
     from web3 import HTTPProvider, Web3
 
-    from services.chain.contracts import load_artifact
+    from services.chain.bindings import load_artifact
     from tests.e2e.keys import assert_keys_stay_home
 
     base = free_port_block(100)  # the plan's ports and the wallets' HTTP ports at base+80, +81

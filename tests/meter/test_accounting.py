@@ -9,7 +9,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.meter.accounting import (CONFIRM_READS, COUNTER_STEP_WH, CounterState, TradeView, counter_delta,
+from services.meter.accounting import (CONFIRM_READS, COUNTER_STEP_WH, CounterState, MeteredTrade, counter_delta,
                                        interpolate, judge_reading, lagging, mismatch, production_steps,
                                        relay_decision)
 
@@ -56,8 +56,8 @@ def test_counter_delta_handles_first_reading_and_resets() -> None:
 
 
 def view(tid: str, state: str, heard: float, omitted: bool = False, seller: str = "solar-1",
-         buyer: str = "home-7") -> TradeView:
-    return TradeView(tid, state, seller, buyer, heard, omitted)
+         buyer: str = "home-7") -> MeteredTrade:
+    return MeteredTrade(tid, state, seller, buyer, heard, omitted)
 
 
 def test_relay_closes_only_for_a_fresh_live_trade_of_this_site() -> None:
@@ -81,7 +81,7 @@ def test_relay_closes_only_for_a_fresh_live_trade_of_this_site() -> None:
     for ended in ("fulfilled", "closed", "settled", "failed"):
         assert not relay_decision([view("t1", ended, now)], "home-7", now, 5).closed
     # a trade its seller flagged: the relay opens for it, another live trade is followed
-    flagged = TradeView("t1", "delivering", "solar-1", "home-7", now, flagged=True)
+    flagged = MeteredTrade("t1", "delivering", "solar-1", "home-7", now, flagged=True)
     d = relay_decision([flagged], "solar-1", now, 5)
     assert not d.closed and d.trade_id == "t1" and "flagged" in d.reason
     d = relay_decision([flagged, view("t2", "recorded", now)], "solar-1", now, 5)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from services.meter import lineproto as lp
 from services.meter import registers as rg
 from services.meter.errors import ProtocolError
-from services.meter.models import Counters
+from services.meter.physics import Counters
 
 counters = st.builds(
     Counters,

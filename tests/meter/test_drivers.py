@@ -14,7 +14,7 @@ from services.bus.retry import Backoff
 from services.meter.drivers import Driver, make_driver
 from services.meter.emulator import LineEmulator, ModbusEmulator, make_emulator
 from services.meter.errors import DriverError, MeterError, ProtocolError
-from services.meter.models import Counters
+from services.meter.physics import Counters
 from services.meter.sim import SimParams, SimSite
 
 NOON = "2024-06-21T10:00:00Z"

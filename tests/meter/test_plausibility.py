@@ -10,7 +10,7 @@ import pathlib
 import sqlite3
 
 from services.meter.emulator import LineEmulator, make_emulator
-from services.meter.models import Counters
+from services.meter.physics import Counters
 from services.meter.sim import SimParams, SimSite
 
 from .conftest import ACCOUNT, Bus, Grid, until

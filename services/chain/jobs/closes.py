@@ -18,8 +18,10 @@ from typing import Any
 from services.bus import events as E
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.prices import wei_for
+from services.bus.states import TradeState
 
-from .. import contracts
+from .. import bindings
 from . import Job
 from .opens import Opens
 
@@ -38,7 +40,7 @@ class Closes(Job):
 
     def record(self, env: Any, conn: Any) -> bool:
         body = env.body
-        if not isinstance(body, E.TradeStatus) or body.state not in ("closed", "fulfilled"):
+        if not isinstance(body, E.TradeStatus) or body.state not in (TradeState.CLOSED, TradeState.FULFILLED):
             return False
         Opens.insert(conn, body, env.id)
         conn.execute("UPDATE job_trades SET close_state = 'queued', close_wh = MAX(close_wh, ?), close_cause = ? "
@@ -81,15 +83,14 @@ class Closes(Job):
                         asyncio.get_running_loop().call_later(left, op.work.set)
                         continue
                 status, on_chain, _, _ = await op.opens.on_chain(tid)
-                if status != contracts.STATUS_OPEN:
+                if status != bindings.STATUS_OPEN:
                     await self.sync(tid, status, on_chain)
                     continue
                 async with op.store.atomic() as conn:
                     h, refused = await self.send(op.operator, kind="close", ref=tid, to=op.dep.market_address,
                                                  data=op.dep.market.encode_abi("close", args=[typed.trade_key(tid)]))
                     if h:
-                        conn.execute("UPDATE job_trades SET close_state = 'sent', close_tx = ? WHERE trade_id = ?",
-                                     (h, tid))
+                        conn.execute("UPDATE job_trades SET close_state = 'sent' WHERE trade_id = ?", (tid,))
                     elif refused:
                         conn.execute("UPDATE job_trades SET close_state = 'failed', reason = ? WHERE trade_id = ?",
                                      (refused[:500], tid))
@@ -103,7 +104,7 @@ class Closes(Job):
         for tid, cause in rows:
             with caused_by(cause):
                 status, on_chain, _, closing_at = await op.opens.on_chain(tid)
-                if status != contracts.STATUS_CLOSING:
+                if status != bindings.STATUS_CLOSING:
                     await self.sync(tid, status, on_chain)
                     continue
                 end = closing_at + window
@@ -115,8 +116,7 @@ class Closes(Job):
                                                  data=op.dep.market.encode_abi("finalize", args=[typed.trade_key(tid)]),
                                                  later_if=WINDOW_OPEN)
                     if h:
-                        conn.execute("UPDATE job_trades SET close_state = 'finalizing', close_tx = ? WHERE trade_id = ?",
-                                     (h, tid))
+                        conn.execute("UPDATE job_trades SET close_state = 'finalizing' WHERE trade_id = ?", (tid,))
                     elif refused:
                         conn.execute("UPDATE job_trades SET close_state = 'failed', reason = ? WHERE trade_id = ?",
                                      (refused[:500], tid))
@@ -128,11 +128,11 @@ class Closes(Job):
         submitted): catch up."""
         async with self.op.store.atomic() as conn:
             conn.execute("UPDATE job_trades SET settled_wh = MAX(settled_wh, ?) WHERE trade_id = ?", (on_chain, tid))
-            if status == contracts.STATUS_CLOSING:
+            if status == bindings.STATUS_CLOSING:
                 conn.execute("UPDATE job_trades SET close_state = 'closing' WHERE trade_id = ? "
                              "AND close_state IN ('none', 'queued', 'sent')", (tid,))
                 self.op.store.on_commit(self.op.work.set)
-            elif status == contracts.STATUS_CLOSED:
+            elif status == bindings.STATUS_CLOSED:
                 await self.closed(conn, tid, on_chain, "")
 
     async def closed(self, conn: Any, tid: str, delivered: int, tx_hash: str, refunded: int | None = None) -> None:
@@ -143,10 +143,10 @@ class Closes(Job):
         conn.execute("UPDATE job_trades SET close_state = 'done', closed_published = 1, settled_wh = MAX(settled_wh, ?)"
                      " WHERE trade_id = ?", (delivered, tid))
         if not published:
-            paid = contracts.cost(delivered, price)
-            await self.op.publish(E.TradeClosedOnChain(
+            paid = wei_for(delivered, price)
+            await self.op.publish(E.TradeClosed(
                 trade_id=tid, delivered_wh=delivered, paid_wei=paid, tx_hash=tx_hash,
-                refunded_wei=refunded if refunded is not None else contracts.cost(wh, price) - paid))
+                refunded_wei=refunded if refunded is not None else wei_for(wh, price) - paid))
 
     async def final(self, kind: str, row: dict[str, Any], receipt: Any, ok: bool, reason: str) -> None:
         op = self.op

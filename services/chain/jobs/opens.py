@@ -19,7 +19,7 @@ from services.bus import events as E
 from services.bus import typed
 from services.bus.envelope import caused_by
 
-from .. import contracts
+from .. import bindings
 from ..errors import TxRejected
 from ..node import guard
 from . import Job
@@ -35,12 +35,14 @@ CREATE TABLE IF NOT EXISTS job_trades (
     wh INTEGER NOT NULL, price TEXT NOT NULL, seq INTEGER NOT NULL,
     offer TEXT NOT NULL DEFAULT '', offer_sig TEXT NOT NULL DEFAULT '', bid TEXT NOT NULL DEFAULT '',
     bid_sig TEXT NOT NULL DEFAULT '',
-    open_state TEXT NOT NULL DEFAULT 'queued', open_tx TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+    open_state TEXT NOT NULL DEFAULT 'queued', reason TEXT NOT NULL DEFAULT '',
     deadline INTEGER NOT NULL DEFAULT 0,
     settled_wh INTEGER NOT NULL DEFAULT 0, settle_tx TEXT NOT NULL DEFAULT '',
-    close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0, close_tx TEXT NOT NULL DEFAULT '',
+    close_state TEXT NOT NULL DEFAULT 'none', close_wh INTEGER NOT NULL DEFAULT 0,
     closed_published INTEGER NOT NULL DEFAULT 0, cause TEXT, close_cause TEXT);
 """
+    # A trade's transactions are in chain_txs (ref: its id, or a batch's ids); a store made before they
+    # were dropped here keeps the unread open_tx and close_tx columns, filled by their defaults.
     # open_state: queued -> sent -> done | failed. close_state: none -> queued (the auction
     # closed it) -> sent -> closing (dispute window) -> finalizing -> done.
 
@@ -89,7 +91,7 @@ CREATE TABLE IF NOT EXISTS job_trades (
         for tid, buyer, wh, price, offer, offer_sig, bid, bid_sig, cause in rows:
             status, _, _, _ = await self.on_chain(tid)
             async with op.store.atomic() as conn, caused_by(cause):
-                if status != contracts.STATUS_NONE:
+                if status != bindings.STATUS_NONE:
                     conn.execute("UPDATE job_trades SET open_state = 'done' WHERE trade_id = ?", (tid,))
                     await op.publish(E.TradeRecorded(trade_id=tid, tx_hash=""))
                     continue
@@ -100,7 +102,7 @@ CREATE TABLE IF NOT EXISTS job_trades (
                     await op.fail_job("open", tid, buyer, why)
                     continue
             o, b = typed.Offer.model_validate_json(offer), typed.Bid.model_validate_json(bid)
-            ready.append((tid, buyer, contracts.opening(tid, o, offer_sig, b, bid_sig, int(wh), int(price)), cause))
+            ready.append((tid, buyer, bindings.opening(tid, o, offer_sig, b, bid_sig, int(wh), int(price)), cause))
         batch = [r for r in ready if r[0] not in self._alone][: op.settings.open_max_batch]
         if len(batch) > 1 and await self._open_batch(batch):
             opened = {r[0] for r in batch}
@@ -123,10 +125,9 @@ CREATE TABLE IF NOT EXISTS job_trades (
         tids = [tid for tid, _, _, _ in batch]
         causes = {tid: cause for tid, _, _, cause in batch}
         async with op.store.atomic() as conn, caused_by(batch[0][3]):  # a batch: its first trade's agreement
-            h = await op.txm.prepare(op.operator, tx, kind="open_batch", ref=",".join(tids)[:500],
-                                     meta={"trades": tids, "causes": causes})
-            conn.executemany("UPDATE job_trades SET open_state = 'sent', open_tx = ? WHERE trade_id = ?",
-                             [(h, tid) for tid in tids])
+            await op.txm.prepare(op.operator, tx, kind="open_batch", ref=",".join(tids)[:500],
+                                 meta={"trades": tids, "causes": causes})
+            conn.executemany("UPDATE job_trades SET open_state = 'sent' WHERE trade_id = ?", [(tid,) for tid in tids])
         return True
 
     async def _open_one(self, tid: str, buyer: str, entry: tuple[Any, ...], cause: str | None) -> None:
@@ -137,7 +138,7 @@ CREATE TABLE IF NOT EXISTS job_trades (
             h, refused = await self.send(op.operator, kind="open", ref=tid, to=op.dep.market_address, data=data,
                                          account=buyer)
             if h:
-                conn.execute("UPDATE job_trades SET open_state = 'sent', open_tx = ? WHERE trade_id = ?", (h, tid))
+                conn.execute("UPDATE job_trades SET open_state = 'sent' WHERE trade_id = ?", (tid,))
             elif refused:
                 conn.execute("UPDATE job_trades SET open_state = 'failed', reason = ? WHERE trade_id = ?",
                              (refused[:500], tid))

@@ -31,8 +31,9 @@ from web3 import AsyncWeb3
 from services.bus import events as E
 from services.bus import typed
 from services.bus.envelope import caused_by
+from services.bus.prices import wei_for
 
-from .. import contracts
+from .. import bindings
 from ..node import guard
 from . import Job
 
@@ -192,7 +193,7 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
                             "not settled", tid, delivered)
                 continue
             status, on_chain, _, _ = await op.opens.on_chain(tid)
-            if status not in (contracts.STATUS_OPEN, contracts.STATUS_CLOSING) or on_chain >= min(delivered, _wh):
+            if status not in (bindings.STATUS_OPEN, bindings.STATUS_CLOSING) or on_chain >= min(delivered, _wh):
                 with caused_by(cause):
                     await op.closes.sync(tid, status, on_chain)
                 continue
@@ -232,7 +233,7 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
                 if r is not None and delivered > int(r[1]):
                     conn.execute("UPDATE job_trades SET settled_wh = ? WHERE trade_id = ?", (delivered, tid))
                     await op.publish(E.Settled(trade_id=tid, delivered_wh=delivered,
-                                               paid_wei=contracts.cost(delivered, int(r[0])), tx_hash=row["tx_hash"]))
+                                               paid_wei=wei_for(delivered, int(r[0])), tx_hash=row["tx_hash"]))
         for ev in self.logs(op.dep.market, "TradeClosed", receipt) if ok else []:
             tid = keys.get(bytes(ev["args"]["tradeId"]))
             if tid is not None:  # a full delivery closes the trade in the contract

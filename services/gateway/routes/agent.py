@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.bus import commands as cmd
+from services.bus import refusals
 
 from .. import models as m
 from ..errors import ApiError
@@ -23,7 +24,7 @@ async def _ask_agent(gw: Gateway, req: cmd.Request, session: Session, cmd_id: st
         raise ApiError(404, "no_agent", "this site runs no agent: trade by hand on the Market page")
     st: cmd.AgentState = await gw.ask(gw.agent_client, "agent", req, cmd_id, timeout=AGENT_TIMEOUT_S)
     if st.account and st.account.lower() != session.address.lower():
-        raise ApiError(403, "not_your_account", "the site's agent trades for another account of this site")
+        raise ApiError.of(refusals.NotYourAccount, "the site's agent trades for another account of this site")
     return st
 
 

@@ -10,6 +10,8 @@ is reworded for the person (:func:`~services.gateway.errors.for_person`).
 
 from __future__ import annotations
 
+from services.bus import refusals
+
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -84,16 +86,16 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> Any:
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise ApiError(422, "invalid", "the body must be a JSON object")
+        raise ApiError.of(refusals.Invalid, "the body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ApiError(422, "invalid", validation_message(e)) from None
+        raise ApiError.of(refusals.Invalid, validation_message(e)) from None
 
 
 def match_id(request: web.Request, name: str) -> str:
     """The path's ``name`` (an offer's or a trade's id); 404 if it cannot be one."""
     value = request.match_info[name]
     if not _ID.match(value):
-        raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
+        raise ApiError.of(refusals.NotFound, f"no such {name.removesuffix('_id')}")
     return value

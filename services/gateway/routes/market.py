@@ -8,7 +8,7 @@ import math
 
 from aiohttp import web
 
-from services.bus import RequestError
+from services.bus import RequestError, refusals
 from services.bus import commands as cmd
 
 from .. import models as m
@@ -51,17 +51,17 @@ async def _open_offer(gw: Gateway, offer_id: str, me: str, price: int) -> tuple[
         closed = next((o for o in (await gw.ask_auction(cmd.ListOffers(include_closed=True))).offers
                        if o.offer_id == offer_id and o.market == "english"), None)
         if closed is None:
-            raise ApiError(404, "not_found", "no such offer")
-        raise ApiError(409, "closed", f"offer {offer_id} is {closed.state}")
+            raise ApiError.of(refusals.NotFound, "no such offer")
+        raise ApiError.of(refusals.Closed, f"offer {offer_id} is {closed.state}")
     if offer.seller.lower() == me.lower():
-        raise ApiError(409, "own_offer", "a seller cannot bid on their own offer")
+        raise ApiError.of(refusals.OwnOffer, "a seller cannot bid on their own offer")
     floor = offer.highest_bid_wei_per_kwh or offer.start_price_wei_per_kwh
     if price < floor:
         words = (f"the highest bid is {offer.highest_bid_wei_per_kwh} wei/kWh" if offer.highest_bid_wei_per_kwh
                  else f"the start bid is {offer.start_price_wei_per_kwh} wei/kWh")
-        raise ApiError(409, "too_low", f"{words}; nothing was done")
+        raise ApiError.of(refusals.TooLow, f"{words}; nothing was done")
     if not offer.signed_offer_id:
-        raise ApiError(409, "closed", f"offer {offer_id} carries no signed offer: it cannot be bid on")
+        raise ApiError.of(refusals.Closed, f"offer {offer_id} carries no signed offer: it cannot be bid on")
     return offer, offers
 
 
@@ -118,7 +118,7 @@ async def place_order(gw: Gateway, request: web.Request, session: Session, body:
     """An order for the double auction's current call: the wallet approves the tokens (a
     sell) or reserves the escrow (a buy) and signs it, valid past the call's clearing."""
     if gw.settings.auction_market == "english":
-        raise ApiError(409, "unsupported", "this market runs the english auction only: sell and bid on offers "
+        raise ApiError.of(refusals.Unsupported, "this market runs the english auction only: sell and bid on offers "
                                            "instead; nothing was done")
     interval = gw.settings.auction_clear_interval_s
     now = gw.clock()

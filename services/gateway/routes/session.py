@@ -12,7 +12,7 @@ import re
 
 from aiohttp import web
 
-from services.bus import RequestError
+from services.bus import RequestError, refusals
 from services.bus import commands as cmd
 
 from .. import models as m
@@ -25,6 +25,11 @@ from .api import BACKEND, Api
 log = logging.getLogger(__name__)
 
 api = Api()
+
+# what the chain service answers an unlock of a wrong account or passphrase (to a person: wrong credentials)
+WRONG_ACCOUNT = frozenset(r.code for r in (refusals.BadPassphrase, refusals.UnknownAccount, refusals.NotYourAccount,
+                                           refusals.NotYourSite, refusals.Invalid, refusals.BadRequest,
+                                           refusals.Keystore))
 
 
 @api(Route("GET", "/api/accounts", "list_accounts", "Local accounts for the login page", m.AccountsOut,
@@ -44,8 +49,7 @@ async def unlock_at_chain(gw: Gateway, request: web.Request, address: str, passp
     wait = gw.throttle.retry_after(keys, now)
     if wait > 0:
         gw.metrics.logins.labels("throttled").inc()
-        raise ApiError(429, "too_many_attempts",
-                       f"too many failed logins; try again in {int(wait) + 1} s",
+        raise ApiError.of(refusals.TooManyAttempts, f"too many failed logins; try again in {int(wait) + 1} s",
                        {"Retry-After": str(int(wait) + 1)})
     try:
         unlocked: cmd.Unlocked = await gw.chain.request(
@@ -53,16 +57,15 @@ async def unlock_at_chain(gw: Gateway, request: web.Request, address: str, passp
             timeout=gw.settings.gateway_rpc_timeout_s)
     except RequestError as e:
         # another site's account is refused by the chain service: to a person, a wrong account
-        if e.code in ("bad_passphrase", "unknown_account", "not_your_account", "not_your_site", "invalid",
-                      "bad_request", "keystore"):
+        if e.code in WRONG_ACCOUNT:
             gw.throttle.failed(keys, gw.clock())
             gw.metrics.logins.labels("failed").inc()
             raise ApiError(401, "bad_credentials", wrong) from None
-        if e.code == "too_many_attempts":  # the chain service's own throttle
+        if e.code == refusals.TooManyAttempts.code:  # the chain service's own throttle
             gw.metrics.logins.labels("throttled").inc()
             found = re.search(r"try again in (\d+) s", e.message)
             wait_s = found.group(1) if found else "60"
-            raise ApiError(429, "too_many_attempts", f"too many failed logins; try again in {wait_s} s",
+            raise ApiError.of(refusals.TooManyAttempts, f"too many failed logins; try again in {wait_s} s",
                            {"Retry-After": wait_s}) from None
         raise from_request_error(e, "chain") from None
     gw.throttle.succeeded([keys[0]])

@@ -8,6 +8,7 @@ import asyncio
 from aiohttp import web
 
 from services.bus import commands as cmd
+from services.bus import refusals
 
 from .. import models as m
 from ..errors import ApiError
@@ -51,7 +52,7 @@ async def pending(gw: Gateway, request: web.Request, session: Session) -> m.Pend
            body=m.TransferIn, status=202, errors=_SENDS))
 async def transfer(gw: Gateway, request: web.Request, session: Session, body: m.TransferIn) -> m.TxSentOut:
     if body.to.lower() == session.address.lower():
-        raise ApiError(422, "invalid", "to: that is your own account")
+        raise ApiError.of(refusals.Invalid, "to: that is your own account")
     sent: cmd.TxSent = await gw.ask_chain(
         cmd.Transfer(sender=session.address, to=body.to, amount_wei=body.amount_wei),
         gw.cmd_id(request, session, "transfer"))

@@ -6,6 +6,7 @@ import { initAgent, loadAgent, renderAgent } from './agent.js';
 import { api, ApiError } from './api.js';
 import { initOrders, loadOrders, onOrdersEvent, renderOrders, setOrdersMarket } from './orders.js';
 import { draw } from './charts.js';
+import { OPEN, TradeState } from './trade_states.js';
 import {
   checkAddress, costWei, countdown, energyText, energyUnit, etherText, etherUnit, exactEther, fmtEnergy, fmtEther,
   kw, loadPrefs, parseEnergy, parseEther, prefs, priceText, savePrefs, short, siteTime,
@@ -779,10 +780,10 @@ function offerEnded(b) {
 
 // --- trades: each card tells its story ---------------------------------------------------
 
-const LIVE = new Set(['agreed', 'recorded', 'delivering']);
 const STATE_WORDS = {
-  agreed: 'opening on the chain', recorded: 'delivering', delivering: 'delivering', fulfilled: 'all delivered',
-  closed: 'closed', settled: 'settled', failed: 'failed',
+  [TradeState.AGREED]: 'opening on the chain', [TradeState.RECORDED]: 'delivering',
+  [TradeState.DELIVERING]: 'delivering', [TradeState.FULFILLED]: 'all delivered', [TradeState.CLOSED]: 'closed',
+  [TradeState.SETTLED]: 'settled', [TradeState.FAILED]: 'failed',
 };
 
 export function closedBy(reason, st) {
@@ -790,11 +791,11 @@ export function closedBy(reason, st) {
   for (const who of ['buyer', 'seller', 'operator']) if (low.includes(`by the ${who}`) || low.includes(`by its ${who}`)) return who;
   if (low.includes('mismatch')) return 'mismatch';
   if (low.includes('on chain') || low.includes('deadline')) return 'chain';
-  return st === 'fulfilled' ? 'delivered' : '';
+  return st === TradeState.FULFILLED ? 'delivered' : '';
 }
 
 function story(t) {
-  if (t.state === 'failed') return `Could not be opened on the chain: ${t.close_reason || t.reason || 'no reason given'}.`;
+  if (t.state === TradeState.FAILED) return `Could not be opened on the chain: ${t.close_reason || t.reason || 'no reason given'}.`;
   const who = t.closed_by || closedBy(t.close_reason || t.reason, t.state);
   const at = t.closed_at ? ` at ${siteTime(simOf(t.closed_at))} site time` : '';
   const youBuy = mine(t.buyer);
@@ -806,7 +807,7 @@ function story(t) {
     mismatch: 'Closed because the two meters disagreed', delivered: 'All of it was delivered',
   }[who];
   if (words) return `${words}${at}.`;
-  if (LIVE.has(t.state)) {
+  if (OPEN.has(t.state)) {
     const started = t.agreed_at ? `Agreed at ${siteTime(simOf(t.agreed_at))} site time. ` : '';
     return `${started}${youBuy ? 'Energy flows to you while it runs; Close Connection ends it.' : 'Energy flows while it runs.'}`;
   }
@@ -828,7 +829,7 @@ function renderTrades() {
     const youSell = mine(t.seller);
     const closing = state.closing.has(t.trade_id);
     card.classList.toggle('mine', youBuy || youSell);
-    card.classList.toggle('ended', !LIVE.has(t.state) && !closing);
+    card.classList.toggle('ended', !OPEN.has(t.state) && !closing);
     card.dataset.state = t.state;
     card.dataset.closing = closing ? '1' : '';
     card.querySelector('.kwh').textContent = fmtEnergy(t.wh);
@@ -856,7 +857,7 @@ function renderTrades() {
       r.className = 'refunded';
       amount(r, t.refunded_wei, { unit: true });
       money.append(document.createTextNode(youBuy ? ' · refunded to your escrow ' : ' · refunded to the buyer '), r);
-    } else if (LIVE.has(t.state)) {
+    } else if (OPEN.has(t.state)) {
       const c = document.createElement('span');
       c.className = 'locked-cost';
       amount(c, cost.toString(), { unit: true });
@@ -873,7 +874,7 @@ function renderTrades() {
       flag.hidden = false;
     } else flag.hidden = true;
     const btn = card.querySelector('.close-btn');
-    btn.hidden = !(youBuy && (LIVE.has(t.state) || closing));
+    btn.hidden = !(youBuy && (OPEN.has(t.state) || closing));
     btn.disabled = closing;
     btn.textContent = closing ? 'Closing…' : 'Close Connection';
     return card;
@@ -1275,22 +1276,22 @@ function onEvent(msg) {
       break;
     case 'trade.agreed':
     case 'trade.status': {
-      const t = state.trades.get(b.trade_id) || { paid_wei: '0', delivered_wh: 0, state: 'agreed' };
+      const t = state.trades.get(b.trade_id) || { paid_wei: '0', delivered_wh: 0, state: TradeState.AGREED };
       const was = t.state;
       Object.assign(t, b);
       if (msg.type === 'trade.agreed') {
-        t.state = was || 'agreed';
+        t.state = was || TradeState.AGREED;
         t.agreed_at = t.agreed_at || msg.ts;
         t.sim_agreed_at = simOf(t.agreed_at);
         addPrice('trade', msg.ts, b.price_wei_per_kwh, b.trade_id);
       }
-      if (['closed', 'fulfilled', 'failed'].includes(b.state) && !t.closed_at) {
+      if ([TradeState.CLOSED, TradeState.FULFILLED, TradeState.FAILED].includes(b.state) && !t.closed_at) {
         t.closed_at = msg.ts;
-        t.close_reason = b.reason || (b.state === 'fulfilled' ? 'all delivered' : '');
+        t.close_reason = b.reason || (b.state === TradeState.FULFILLED ? 'all delivered' : '');
         t.closed_by = closedBy(t.close_reason, b.state);
       }
       state.trades.set(b.trade_id, t);
-      if (b.state === 'settled') closedNow(b.trade_id, 'The trade is settled: the relays are open and the unspent escrow is free again.');
+      if (b.state === TradeState.SETTLED) closedNow(b.trade_id, 'The trade is settled: the relays are open and the unspent escrow is free again.');
       renderTrades();
       refreshWallet();
       if (mine(b.buyer) || mine(b.seller)) refreshHistory();

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.meter.models import (Battery, BatteryConfig, Load, LoadConfig, PanelConfig, Site, panel_power_w,
+from services.meter.physics import (Battery, BatteryConfig, Load, LoadConfig, PanelConfig, Site, panel_power_w,
                                    site_counters)
 
 battery_cfgs = st.builds(

@@ -6,7 +6,8 @@ contracts check (meter registrations, production, deliveries, offers, bids) are 
 and recovered by ``services.bus.typed``; ``Deployment`` names the EIP-712 domain of each contract.
 
 Units: energy in Wh (the token's base unit, 3 decimals), prices in wei per kWh, amounts in wei.
-The Ether due for a cumulative delivery of `wh` at `price` is `cost(wh, price)` = wh * price // 1000.
+The Ether due for a cumulative delivery of `wh` at `price` is `services.bus.prices.wei_for(wh, price)`
+= wh * price // 1000.
 
 Roles are separate keys: the deployer holds only DEFAULT_ADMIN_ROLE (grants and revokes roles);
 the registrar registers meters, the operator opens trades (from signed offers and bids), the
@@ -59,11 +60,6 @@ def load_artifact(name: str) -> dict[str, Any]:
     """The committed build artifact of contract `name` (abi, bytecode, deployedBytecode, compiler...)."""
     path = resources.files("contracts").joinpath("artifacts", f"{name}.json")
     return json.loads(path.read_text())
-
-
-def cost(wh: int, price_wei_per_kwh: int) -> int:
-    """Wei due for `wh` Wh at `price_wei_per_kwh`, rounded down exactly as EnergyMarket does."""
-    return wh * price_wei_per_kwh // 1000
 
 
 def id32(text: str) -> bytes:
