@@ -50,7 +50,7 @@ from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.node import ANVIL_DEV_KEY  # noqa: E402
 from services.chain.operator import OperatorService  # noqa: E402
 from services.chain.wallet import WalletService  # noqa: E402
-from tests.signing import Domains, Meter, agreed  # noqa: E402 - signed as the sites sign
+from tests.support.signing import Domains, Meter, agreed  # noqa: E402 - signed as the sites sign
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PASS = "bench passphrase"

@@ -43,7 +43,7 @@ from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.operator import OperatorService  # noqa: E402
 from services.chain.wallet import WalletService  # noqa: E402
-from tests.signing import Domains, Meter  # noqa: E402 - signed as the site's meter signs
+from tests.support.signing import Domains, Meter  # noqa: E402 - signed as the site's meter signs
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from settlement import start_anvil, wait_for  # noqa: E402

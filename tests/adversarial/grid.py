@@ -43,7 +43,7 @@ from services.bus import ensure_keys
 from services.chain import contracts
 from services.chain.keystore import Keystore
 from tests.gateway.realstack import RealStack
-from tests.signing import Domains
+from tests.support.signing import Domains
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROBE = "probe"
@@ -344,6 +344,6 @@ def ev(type_: str, source: str, topic_site: str | None = None, **body: Any) -> d
 
 
 def frame(body: Any, source: str, topic_site: str | None = None, **change: Any) -> dict[str, Any]:
-    """An event body (a bus model, e.g. one made and signed by :class:`tests.signing.Meter`)
+    """An event body (a bus model, e.g. one made and signed by :class:`tests.support.signing.Meter`)
     as a frame for the hostile, with ``change`` applied after any signing."""
     return ev(body.TYPE, source, topic_site, **{**body.model_dump(mode="json"), **change})

@@ -1,7 +1,7 @@
 """A real hub with CURVE keys, a stand-in chain service answering GetBalances on a real
 socket (and announcing its deployment on the bus, as the operator does), and the auction
 service itself (in-process or as a subprocess). Offers and bids are signed by test
-accounts (tests/signing.py) in the market domain of that deployment."""
+accounts (tests/support/signing.py) in the market domain of that deployment."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from services.bus import Caller, RpcClient, RpcServer, Store
 from services.bus import commands as cmd
 from services.bus import typed
 from services.bus.errors import RequestError
-from tests.conftest import Grid, Sources  # noqa: F401 - the shared hub fixture `grid` builds it
-from tests.signing import TestAccount, account, deployment, later
+from tests.support.bus import Grid, Sources
+from tests.support.signing import TestAccount, account, deployment, later
 
 SELLER_ACCOUNT = account("seller")
 BUYER_ACCOUNTS = [account(f"buyer-{c}") for c in "bcd"]

@@ -20,8 +20,9 @@ import zmq.asyncio
 
 from services.bus import RequestError, RequestTimeout, RpcClient
 from services.bus import commands as cmd
-from tests.conftest import ROOT, free_port
-from tests.signing import later
+from tests.support.paths import ROOT
+from tests.support.ports import free_port
+from tests.support.signing import later
 
 from .conftest import BUYERS, FakeChain, Grid, key_of, offer
 

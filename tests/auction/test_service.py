@@ -17,7 +17,7 @@ from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
 
-from tests.signing import DOMAIN, later as later_s
+from tests.support.signing import DOMAIN, later as later_s
 
 from .conftest import (BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, Sources, account, key_of, offer, order,
                        outbox, settings, until)

@@ -9,7 +9,7 @@ import pytest
 from services.bus import RequestError
 from services.bus import commands as cmd
 
-from tests.signing import account
+from tests.support.signing import account
 
 from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, key_of, offer, order, outbox, settings, until
 from .test_service import snapshot

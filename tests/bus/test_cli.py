@@ -15,7 +15,7 @@ from services.bus import Publisher, Store, envelope
 from services.bus.events import MiningChanged
 from services.cli import Follow
 
-from .conftest import Grid
+from tests.support.bus import Grid
 from .test_pubsub import secure  # noqa: F401 - a fixture
 
 GT = [sys.executable, "-m", "services.cli"]

@@ -15,7 +15,7 @@ import zmq.asyncio
 from services.bus import Security, envelope
 from services.bus.hub import Hub
 
-from .conftest import Grid
+from tests.support.bus import Grid
 from .test_pubsub import reading, until
 
 

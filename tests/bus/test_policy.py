@@ -22,8 +22,8 @@ from services.bus import Store, Subscriber, envelope
 from services.bus import events as ev
 from services.bus.events import Authority, Heartbeat
 
-from .conftest import Grid
-from tests.conftest import Sources
+from tests.support.bus import Grid
+from tests.support.bus import Sources
 
 SELLER, BUYER, THIEF = "0x" + "5e" * 20, "0x" + "b0" * 20, "0x" + "66" * 20
 PREFIXES = ["meter.", "trade.", "market.", "chain."]

@@ -17,7 +17,7 @@ import zmq.asyncio
 from services.bus import Publisher, Store, Subscriber, envelope
 from services.bus.events import MeterReading
 
-from .conftest import Grid
+from tests.support.bus import Grid
 
 
 def reading(i: int, site: str = "solar-1") -> MeterReading:

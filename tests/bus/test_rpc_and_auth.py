@@ -13,7 +13,7 @@ import zmq.auth
 from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
 from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
 
-from .conftest import Grid
+from tests.support.bus import Grid
 from .test_pubsub import Recorder, reading, until
 
 ADDR = "0x" + "ab" * 20

@@ -15,8 +15,8 @@ import pytest
 
 from services.bus import BusError, Security
 
-from ..conftest import free_port
-from .conftest import Grid
+from tests.support.ports import free_port
+from tests.support.bus import Grid
 
 
 def get(url: str) -> tuple[int, bytes]:

@@ -24,8 +24,7 @@ from services.chain.keystore import Keystore
 from services.chain.operator import OperatorService
 from services.chain.service import ChainBase
 from services.chain.wallet import WalletService
-from tests.chain_fixtures import anvil_url, start_anvil, stop_anvil  # noqa: F401 - fixtures
-from tests.conftest import Grid, Sources
+from tests.support.bus import Grid, Sources
 
 PASS = "correct horse battery staple"
 TX = (E.TxUpdate, E.WalletTx)  # a transaction's progress: the operator's or a wallet's

@@ -21,9 +21,9 @@ from services.bus import events as E
 from services.chain import contracts
 from services.chain.keystore import Keystore
 from services.chain.node import ANVIL_DEV_KEY
-from tests.chain_fixtures import start_anvil, stop_anvil
+from tests.support.anvil import start_anvil, stop_anvil
 
-from tests.signing import Domains, Meter, agreed
+from tests.support.signing import Domains, Meter, agreed
 
 from .conftest import PASS, TX, Bus, chain_settings, site_keystore, start_chain, start_stack, wait_until
 from .rpc_proxy import RpcProxy, rpc, txpool

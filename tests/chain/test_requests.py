@@ -86,7 +86,7 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
 async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest.FixtureRequest, bus: Bus,
                                                    tmp_path: pathlib.Path, peer_factory: Any) -> None:
     if backend == "anvil":  # mining is switched on this node: use one of our own
-        from tests.chain_fixtures import start_anvil, stop_anvil
+        from tests.support.anvil import start_anvil, stop_anvil
         proc, url = start_anvil()
     else:
         proc, url = None, "embedded"

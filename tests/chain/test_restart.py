@@ -20,10 +20,11 @@ from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain import contracts
 from services.chain.keystore import Keystore
-from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
-from tests.conftest import free_port
+from tests.support.anvil import answers_rpc, start_anvil, stop_anvil
+from tests.support.paths import ROOT
+from tests.support.ports import free_port
 
-from tests.signing import Domains, Meter, agreed
+from tests.support.signing import Domains, Meter, agreed
 
 from .conftest import PASS, TX, Bus, site_keystore, start_stack, wait_until
 

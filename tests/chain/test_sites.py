@@ -21,7 +21,7 @@ from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain.keystore import KeyFile, Keystore, owner
 
-from tests.signing import Domains, Meter
+from tests.support.signing import Domains, Meter
 
 from .conftest import PASS, Bus, claimed, site_keystore, start_stack, wait_until
 

@@ -20,7 +20,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 from services.bus import commands as C
 from services.bus import events as E
 from services.chain import contracts
-from tests.signing import Domains, Meter, agreed
+from tests.support.signing import Domains, Meter, agreed
 
 from .conftest import PASS, TX, Bus, rounds, site_keystore, start_stack, wait_until
 

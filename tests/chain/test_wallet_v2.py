@@ -22,8 +22,8 @@ from services.bus import typed
 from services.bus.errors import RequestError
 from services.bus.transport import RpcClient
 from services.chain.wallet import WalletService, reserve_plan
-from tests.conftest import Sources
-from tests.signing import CHAIN_ID, DOMAIN, MARKET, deployment, later
+from tests.support.bus import Sources
+from tests.support.signing import CHAIN_ID, DOMAIN, MARKET, deployment, later
 
 from .conftest import PASS, Bus, chain_settings, claimed, site_keystore, start_stack, wait_until
 

@@ -23,7 +23,6 @@ from web3.types import TxReceipt
 
 from services.bus import typed
 from services.chain import contracts as c
-from tests.chain_fixtures import *  # noqa: F403 (anvil_url, anvil_w3, embedded_w3, w3, sync_anvil_w3)
 
 ETHER = 10**18
 DISPUTE_WINDOW_S = 3600

@@ -49,7 +49,8 @@ from web3 import HTTPProvider, Web3
 
 from services.bus import ensure_keys
 from services.bus import events as E
-from tests.conftest import ARTIFACTS, free_port_block
+from tests.support.paths import ARTIFACTS
+from tests.support.ports import free_port_block
 from tests.e2e.flow import CLOSE_AT_WH, check_final, relay_audit, retrying, run_trade
 from tests.e2e.harness import SIM_START, TEST_SITE, Grid, User, Watch
 from tests.e2e.test_kill import _nothing_twice

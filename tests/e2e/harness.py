@@ -34,7 +34,7 @@ from services.bus import Security, ensure_keys
 from services.bus.store import Store
 from services.bus.transport import Subscriber
 from services.chain.contracts import load_artifact
-from tests.conftest import free_port_block
+from tests.support.ports import free_port_block
 
 TEST_SITE = "e2e-watch"
 SIM_START = "2024-06-21T07:00:00+00:00"  # a clear June morning: production starts at once

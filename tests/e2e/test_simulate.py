@@ -27,7 +27,7 @@ from services.chain.contracts import load_artifact
 from services.simulate.plan import SimOptions, ports_needed
 from services.simulate.run import Simulation
 from services.simulate.scenario import load
-from tests.conftest import free_port_block
+from tests.support.ports import free_port_block
 
 from .harness import cost
 

@@ -27,8 +27,8 @@ import pytest
 
 from services import launcher
 from services.chain.keystore import Keystore
-from tests.chain_fixtures import answers_rpc
-from tests.conftest import free_port_block
+from tests.support.anvil import answers_rpc
+from tests.support.ports import free_port_block
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # a clear June morning in Berlin (the sim's default site): the panel produces at once

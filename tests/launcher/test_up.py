@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from services.launcher import Options, plan
-from tests.conftest import free_port_block
+from tests.support.ports import free_port_block
 
 
 def test_the_plan_names_every_part_once_with_its_own_ports() -> None:

@@ -15,7 +15,7 @@ import zmq.asyncio
 from services.bus import Publisher, Security, Store, Subscriber
 from services.bus.envelope import Envelope
 from services.bus.events import Deployment
-from tests.conftest import Grid  # noqa: F401 - the shared hub fixture `grid` builds it
+from tests.support.bus import Grid
 
 ACCOUNT = "0x" + "ab" * 20
 
