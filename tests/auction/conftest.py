@@ -21,6 +21,7 @@ from services.bus import commands as cmd
 from services.bus import typed
 from services.bus.errors import RequestError
 from tests.support.bus import Grid, Sources
+from tests.support.poll import until
 from tests.support.signing import TestAccount, account, deployment, later
 
 SELLER_ACCOUNT = account("seller")
@@ -205,15 +206,6 @@ def outbox(db_path: pathlib.Path, type_: str) -> list[dict]:  # type: ignore[typ
         rows = c.execute("SELECT data FROM bus_outbox WHERE topic LIKE ? ORDER BY seq", (type_ + ".%",)).fetchall()
     c.close()
     return [json.loads(r[0])["body"] for r in rows]
-
-
-async def until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

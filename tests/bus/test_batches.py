@@ -21,19 +21,12 @@ from services.bus import Publisher, Store, Subscriber, envelope
 from services.bus.events import MeterReading
 
 from tests.support.bus import Grid
+from tests.support.poll import until
 
 
 def reading(i: int, site: str) -> MeterReading:
     return MeterReading(site=site, meter="m1", role="producer", energy_wh=i, power_w=1.0, voltage_v=12.0,
                         current_a=0.1, relay_closed=False)
-
-
-async def until(cond, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 class Applied:
@@ -127,10 +120,10 @@ async def test_each_sources_events_are_applied_in_order_and_once_in_large_batche
     applied = Applied(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5)
     sub = subscriber(grid, actx, applied)
     await sub.start()
-    await until(sub.connected.is_set, what="subscribed")
+    await until(sub.connected.is_set, what="subscribed", timeout=60)
     for k in range(6):  # interleaved bursts of the three sources
         await asyncio.gather(*(publish(pub, site, 50 * k, 50) for site, pub in pubs.items()))
-    await until(lambda: sum(len(applied.seqs(f"{s}/meter")) for s in pubs) >= 900, what="all applied")
+    await until(lambda: sum(len(applied.seqs(f"{s}/meter")) for s in pubs) >= 900, what="all applied", timeout=60)
     await asyncio.sleep(0.6)  # a few more heartbeats: nothing may be applied twice
     for site in pubs:
         assert applied.seqs(f"{site}/meter") == list(range(1, 301)), site
@@ -146,10 +139,10 @@ async def test_a_handler_failing_on_one_event_of_a_batch_loses_and_doubles_none_
     applied = Applied(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5, fail_once=("solar-1/meter", 50))
     sub = subscriber(grid, actx, applied)
     await sub.start()
-    await until(sub.connected.is_set, what="subscribed")
+    await until(sub.connected.is_set, what="subscribed", timeout=60)
     await asyncio.gather(publish(solar, "solar-1", 0, 100), publish(home, "home-7", 0, 100))
     await until(lambda: len(applied.seqs("solar-1/meter")) + len(applied.seqs("home-7/meter")) >= 200,
-                what="all applied")
+                what="all applied", timeout=60)
     await asyncio.sleep(0.6)
     assert applied.seqs("solar-1/meter") == list(range(1, 101))
     assert applied.seqs("home-7/meter") == list(range(1, 101))
@@ -168,7 +161,7 @@ async def test_a_hostile_source_flooding_cannot_make_the_subscriber_skip_another
     applied = Applied(Store(tmp_path / "sub.sqlite"), fail_sources=("probe",))
     sub = subscriber(grid, actx, applied)
     await sub.start()
-    await until(sub.connected.is_set, what="subscribed")
+    await until(sub.connected.is_set, what="subscribed", timeout=60)
     # the probe site, with its own valid key: its own events in order (its handler fails on
     # each), gaps, duplicates, seqs far ahead, and readings naming another site
     hctx = zmq.asyncio.Context()
@@ -197,7 +190,7 @@ async def test_a_hostile_source_flooding_cannot_make_the_subscriber_skip_another
         for k in range(6):
             await publish(solar, "solar-1", 50 * k, 50)
             await asyncio.sleep(0.05)
-        await until(lambda: len(applied.seqs("solar-1/meter")) >= 300, what="solar-1's events applied")
+        await until(lambda: len(applied.seqs("solar-1/meter")) >= 300, what="solar-1's events applied", timeout=60)
     finally:
         flooding.cancel()
         await asyncio.gather(flooding, return_exceptions=True)
@@ -276,9 +269,9 @@ async def test_a_subscriber_sigkilled_mid_batch_applies_all_of_it_or_none_and_ea
         assert calls >= 2 and len(committed) <= calls - 2
         assert committed == list(range(1, len(committed) + 1))
         proc = await spawn(0)
-        await until(lambda: len(stored(db)) >= 600, what="all replayed after the restart")
+        await until(lambda: len(stored(db)) >= 600, what="all replayed after the restart", timeout=60)
         await publish(solar, "solar-1", 600, 100)  # and live ones after it
-        await until(lambda: len(stored(db)) >= 700, what="live events applied")
+        await until(lambda: len(stored(db)) >= 700, what="live events applied", timeout=60)
         await asyncio.sleep(0.6)
         assert stored(db) == list(range(1, 701))
     finally:

@@ -13,7 +13,9 @@ from services.bus.commands import CancelOffer, Ok, Ping, Pong
 from services.bus.events import OfferClosed
 
 from tests.support.bus import Grid
-from .test_pubsub import reading, secure, until  # noqa: F401 - secure is a fixture
+from tests.support.poll import until
+
+from .test_pubsub import reading
 
 
 def outbox(store: Store) -> list[envelope.Envelope]:

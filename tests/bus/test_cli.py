@@ -16,7 +16,6 @@ from services.bus.events import MiningChanged
 from services.cli import Follow
 
 from tests.support.bus import Grid
-from .test_pubsub import secure  # noqa: F401 - a fixture
 
 GT = [sys.executable, "-m", "services.cli"]
 

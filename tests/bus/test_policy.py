@@ -22,8 +22,8 @@ from services.bus import Store, Subscriber, envelope
 from services.bus import events as ev
 from services.bus.events import Authority, Heartbeat
 
-from tests.support.bus import Grid
-from tests.support.bus import Sources
+from tests.support.bus import Grid, Sources
+from tests.support.poll import until
 
 SELLER, BUYER, THIEF = "0x" + "5e" * 20, "0x" + "b0" * 20, "0x" + "66" * 20
 PREFIXES = ["meter.", "trade.", "market.", "chain."]
@@ -44,14 +44,6 @@ class Recorder:
 
     def of(self, source: str) -> list[tuple[str, int]]:
         return [(t, q) for s, t, q in self.rows() if s == source]
-
-
-async def until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 def reading(site: str, wh: int = 1) -> ev.MeterReading:

@@ -18,6 +18,7 @@ from services.bus import Publisher, Store, Subscriber, envelope
 from services.bus.events import MeterReading
 
 from tests.support.bus import Grid
+from tests.support.poll import until
 
 
 def reading(i: int, site: str = "solar-1") -> MeterReading:
@@ -48,35 +49,11 @@ def make_pub(grid: Grid, ctx: zmq.asyncio.Context, site: str, store: Store) -> P
     return Publisher(ctx, grid.security(site), store, source=f"{site}/meter", hub_pub=grid.hub_pub, heartbeat_s=0.2)
 
 
-async def until(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 async def started(*parts: object) -> None:
     for p in parts:
         sec = p.security  # type: ignore[attr-defined]
         await p.start()  # type: ignore[attr-defined]
         del sec
-
-
-@pytest.fixture
-def secure(grid: Grid):  # type: ignore[no-untyped-def]
-    """Security objects whose ZAP handlers run on the given context."""
-    made = []
-
-    def make(site: str, ctx: zmq.asyncio.Context):  # type: ignore[no-untyped-def]
-        s = grid.security(site)
-        s.start(ctx)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
 
 
 async def test_events_arrive_in_order_over_curve(grid: Grid, actx: zmq.asyncio.Context, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,9 @@ from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcSer
 from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
 
 from tests.support.bus import Grid
-from .test_pubsub import Recorder, reading, until
+from tests.support.poll import until
+
+from .test_pubsub import Recorder, reading
 
 ADDR = "0x" + "ab" * 20
 

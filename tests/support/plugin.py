@@ -68,6 +68,23 @@ async def probes(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Callable[.
 
 
 @pytest.fixture
+def secure(grid: Grid) -> Iterator[Callable[[str, zmq.asyncio.Context], Security]]:
+    """``secure(site, ctx)``: ``site``'s Security with its ZAP handler running on ``ctx``
+    (stopped at teardown)."""
+    made: list[Security] = []
+
+    def make(site: str, ctx: zmq.asyncio.Context) -> Security:
+        s = grid.security(site)
+        s.start(ctx)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture
 async def actx() -> AsyncIterator[zmq.asyncio.Context]:
     ctx = zmq.asyncio.Context()
     yield ctx
