@@ -24,7 +24,8 @@ from tests.support.paths import ROOT
 from tests.support.ports import free_port
 from tests.support.signing import later
 
-from .conftest import BUYERS, FakeChain, Grid, key_of, offer
+from tests.support.auction import BUYERS, FakeChain, key_of, offer
+from tests.support.bus import Grid
 
 KILLS = 3
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.gateway.realstack import CONSUMER_SITE, RealStack, attach_logs
+from tests.support.plan import CONSUMER_SITE, RealStack, attach_logs
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

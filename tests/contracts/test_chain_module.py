@@ -14,7 +14,7 @@ from web3.exceptions import ContractLogicError
 from services.bus import typed
 from services.chain import contracts as c
 
-from .conftest import ETHER, Env, new_id
+from tests.support.contracts import ETHER, Env, new_id
 
 ROLES = {"admin": c.DEFAULT_ADMIN_ROLE, "registrar": c.REGISTRAR_ROLE, "operator": c.OPERATOR_ROLE,
          "pauser": c.PAUSER_ROLE}

@@ -39,7 +39,7 @@ from services.bus import typed
 from services.chain import contracts as c
 from services.chain.contracts import cost
 
-from .conftest import ANVIL_MNEMONIC, high_s
+from tests.support.contracts import ANVIL_MNEMONIC, high_s
 
 N_TRADE_IDS = 10
 MAX_WH = 3000

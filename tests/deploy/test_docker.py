@@ -299,9 +299,8 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
     passphrases = {"solar-1 producer": secrets.token_urlsafe(12), "home-7 consumer": secrets.token_urlsafe(12)}
     session = requests.Session()
     w3 = Web3(HTTPProvider(rpc, session=session))
-    watch = Watch(keys, hub_sub, tmp_path / "watch.sqlite")
+    watch = Watch(keys, hub_sub, tmp_path / "watch")
     grid: ComposeGrid | None = None
-    watching = False
     try:
         # 1. each site's account, made in its own wallet's volume
         async def account(service: str, label: str, site: str) -> str:
@@ -334,7 +333,6 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
                          timeout=120)
         REPORT["seconds"]["start-up: up until all healthy, contracts deployed"] = round(time.monotonic() - t0, 1)
         await watch.start()
-        watching = True
         grid.attach_contracts()
         for u in (grid.producer, grid.consumer):
             await u.open()
@@ -422,11 +420,7 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
         if grid is not None:
             for u in (grid.producer, grid.consumer):
                 await u.close()
-        if watching:
-            await watch.stop()
-        else:
-            watch.store.conn.close()
-            watch.ctx.destroy(0)
+        await watch.stop()  # what it started, if anything; its store and context
         session.close()
         with contextlib.suppress(Exception):
             await project.run("down", "--volumes", "--remove-orphans", timeout=300, check=False)

@@ -15,7 +15,7 @@ from services.bus import commands as cmd
 from services.gateway import models as m
 from services.gateway.openapi import ROUTES
 
-from .conftest import Stack, http, login
+from tests.support.gateway import Stack, http, login
 
 
 

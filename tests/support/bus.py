@@ -98,6 +98,7 @@ class BusProbe:
 
     def __init__(self, grid: Grid, root: pathlib.Path, *, site: str, prefixes: list[str] | tuple[str, ...],
                  name: str = "probe") -> None:
+        """``grid``: the hub's addresses and keys (``hub_pub`` is only needed to publish)."""
         self.grid, self.root, self.site = grid, root, site
         root.mkdir(parents=True, exist_ok=True)
         self.events: list[Envelope] = []
@@ -105,11 +106,11 @@ class BusProbe:
         self.on_event: Callable[[Envelope], None] | None = None
         self.ctx = zmq.asyncio.Context()
         self.security = grid.security(site)
-        self.security.start(self.ctx)  # one ZAP authenticator per context: the probe's own
         self.store = Store(root / f"{name}-sub.sqlite")
         self.sub = Subscriber(self.ctx, self.security, self.store, hub_sub=grid.hub_sub, prefixes=list(prefixes),
                               handler=self._handle, name=name)
         self.sources = Sources(grid, root)
+        self.started = False
 
     def _handle(self, env: Envelope, conn: object) -> None:
         self.events.append(env)
@@ -119,14 +120,19 @@ class BusProbe:
 
     async def start(self, timeout: float = 60) -> BusProbe:
         """Subscribe, and wait until the subscription is live."""
+        self.security.start(self.ctx)  # one ZAP authenticator per context: the probe's own
+        self.started = True
         await self.sub.start()
         await until(self.sub.connected.is_set, what=f"the {self.site} probe to connect to the hub", timeout=timeout)
         return self
 
     async def stop(self) -> None:
-        await self.sub.stop()
+        """Stop what was started and close the rest (a probe never started too)."""
+        if self.started:
+            await self.sub.stop()
         await self.sources.stop()
-        self.security.stop()
+        if self.started:
+            self.security.stop()
         self.store.close()
         self.ctx.destroy(linger=0)
 
