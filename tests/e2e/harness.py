@@ -58,7 +58,7 @@ def Watch(keys: pathlib.Path, hub_sub: str, root: pathlib.Path) -> BusProbe:  # 
     """Every event with the ``WATCHED`` prefixes, applied once each (a real subscriber with
     the ``TEST_SITE`` key; it only listens)."""
     return BusProbe(HubAddress(keys=keys, hub_pub="", hub_sub=hub_sub, root=root), root, site=TEST_SITE,
-                    prefixes=WATCHED, name="e2e-watch")
+                    prefixes=WATCHED, name="e2e-watch", wait_connected=False)
 
 
 # --- one person at one gateway ------------------------------------------------------------

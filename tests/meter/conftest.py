@@ -13,4 +13,4 @@ from tests.support.bus import BusProbe
 
 @pytest.fixture
 async def bus(probes: Callable[..., Awaitable[BusProbe]]) -> BusProbe:
-    return await probes("market", ["meter.", "trade."])
+    return await probes("market", ["meter.", "trade."], speaks_as=("market/auction", "market/chain"))

@@ -97,9 +97,14 @@ class BusProbe:
     at each event; ``on_event`` (if set) is called with each envelope as it is applied."""
 
     def __init__(self, grid: Grid, root: pathlib.Path, *, site: str, prefixes: list[str] | tuple[str, ...],
-                 name: str = "probe") -> None:
-        """``grid``: the hub's addresses and keys (``hub_pub`` is only needed to publish)."""
+                 name: str = "probe", speaks_as: tuple[str, ...] = (), wait_connected: bool = True) -> None:
+        """``grid``: the hub's addresses and keys (``hub_pub`` is only needed to publish).
+        ``speaks_as``: sources whose publishers start with the probe (the others start when
+        first used). ``wait_connected``: ``start`` returns once the subscription is live,
+        which the probe knows from the first heartbeat it hears: from a service already on
+        the bus, or from one of its own publishers."""
         self.grid, self.root, self.site = grid, root, site
+        self.speaks_as, self.wait_connected = speaks_as, wait_connected
         root.mkdir(parents=True, exist_ok=True)
         self.events: list[Envelope] = []
         self.changed = asyncio.Event()
@@ -119,11 +124,16 @@ class BusProbe:
         self.changed.set()
 
     async def start(self, timeout: float = 60) -> BusProbe:
-        """Subscribe, and wait until the subscription is live."""
+        """Subscribe and start the publishers of ``speaks_as``; wait until the subscription is
+        live (if ``wait_connected``)."""
         self.security.start(self.ctx)  # one ZAP authenticator per context: the probe's own
         self.started = True
         await self.sub.start()
-        await until(self.sub.connected.is_set, what=f"the {self.site} probe to connect to the hub", timeout=timeout)
+        for source in self.speaks_as:
+            await self.sources.publisher(source)
+        if self.wait_connected:
+            await until(self.sub.connected.is_set, what=f"the {self.site} probe to hear a heartbeat",
+                        timeout=timeout)
         return self
 
     async def stop(self) -> None:

@@ -54,11 +54,14 @@ def grid(tmp_path: pathlib.Path) -> Iterator[Grid]:
 
 @pytest.fixture
 async def probes(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., Awaitable[BusProbe]]]:
-    """``await probes(site, prefixes)``: a started probe with ``site``'s key."""
+    """``await probes(site, prefixes, speaks_as=...)``: a started probe with ``site``'s key
+    (see :class:`~tests.support.bus.BusProbe`)."""
     made: list[BusProbe] = []
 
-    async def make(site: str, prefixes: list[str] | tuple[str, ...], timeout: float = 60) -> BusProbe:
-        p = BusProbe(grid, tmp_path / f"probe-{site}-{len(made)}", site=site, prefixes=prefixes)
+    async def make(site: str, prefixes: list[str] | tuple[str, ...], timeout: float = 60,
+                   speaks_as: tuple[str, ...] = ()) -> BusProbe:
+        p = BusProbe(grid, tmp_path / f"probe-{site}-{len(made)}", site=site, prefixes=prefixes,
+                     speaks_as=speaks_as)
         made.append(p)
         return await p.start(timeout)
 
