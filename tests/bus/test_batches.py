@@ -20,7 +20,7 @@ import zmq.asyncio
 from services.bus import Publisher, Store, Subscriber, envelope
 from services.bus.events import MeterReading
 
-from tests.support.bus import Grid
+from tests.support.bus import Applied, Grid
 from tests.support.poll import until
 
 
@@ -29,30 +29,26 @@ def reading(i: int, site: str) -> MeterReading:
                         current_a=0.1, relay_closed=False)
 
 
-class Applied:
+class Counting(Applied):
     """What a subscriber applied (in its store, in the bus transaction) and every call of
-    its handler (in memory: what a handler does outside the store)."""
+    its handler (in memory: what a handler does outside the store); it may be slow on the
+    first event, fail once on one, or fail on every event of some sources."""
 
     def __init__(self, store: Store, slow_first_s: float = 0.0, fail_once: tuple[str, int] | None = None,
                  fail_sources: tuple[str, ...] = ()) -> None:
-        self.store = store
-        store.conn.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT, seq INTEGER)")
+        super().__init__(store)
         self.calls: Counter[tuple[str, int]] = Counter()
         self.slow_first_s, self.fail_once, self.fail_sources = slow_first_s, fail_once, fail_sources
 
-    async def handler(self, env: envelope.Envelope, conn: sqlite3.Connection) -> None:
+    async def handler(self, env: envelope.Envelope, conn: sqlite3.Connection) -> None:  # type: ignore[override]
         self.calls[(env.source, env.seq)] += 1
-        conn.execute("INSERT INTO applied VALUES (?, ?)", (env.source, env.seq))
+        super().handler(env, conn)
         if self.slow_first_s and sum(self.calls.values()) == 1:
             await asyncio.sleep(self.slow_first_s)  # the others queue up meanwhile: the next batch is large
         if self.fail_once == (env.source, env.seq) and self.calls[(env.source, env.seq)] == 1:
             raise RuntimeError("a handler failing once on this event")
         if env.source.split("/", 1)[0] in self.fail_sources:
             raise ValueError("a handler failing on this source's events")
-
-    def seqs(self, source: str) -> list[int]:
-        return [q for (q,) in self.store.conn.execute("SELECT seq FROM applied WHERE source = ? ORDER BY rowid",
-                                                      (source,))]
 
 
 @pytest.fixture
@@ -77,7 +73,7 @@ async def publishers(grid: Grid, tmp_path: pathlib.Path):  # type: ignore[no-unt
         ctx.destroy(linger=0)
 
 
-def subscriber(grid: Grid, actx: zmq.asyncio.Context, applied: Applied) -> Subscriber:
+def subscriber(grid: Grid, actx: zmq.asyncio.Context, applied: Counting) -> Subscriber:
     return Subscriber(actx, grid.security("market"), applied.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                       handler=applied.handler, name="market-sub", replay_timeout_s=2.0)
 
@@ -117,7 +113,7 @@ def test_a_failed_savepoint_undoes_its_own_writes_and_staged_events_only(tmp_pat
 async def test_each_sources_events_are_applied_in_order_and_once_in_large_batches(
         grid: Grid, actx: zmq.asyncio.Context, publishers, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     pubs = {site: await publishers(site) for site in ("solar-1", "home-7", "tester")}
-    applied = Applied(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5)
+    applied = Counting(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5)
     sub = subscriber(grid, actx, applied)
     await sub.start()
     await until(sub.connected.is_set, what="subscribed", timeout=60)
@@ -136,7 +132,7 @@ async def test_each_sources_events_are_applied_in_order_and_once_in_large_batche
 async def test_a_handler_failing_on_one_event_of_a_batch_loses_and_doubles_none_of_the_others(
         grid: Grid, actx: zmq.asyncio.Context, publishers, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     solar, home = await publishers("solar-1"), await publishers("home-7")
-    applied = Applied(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5, fail_once=("solar-1/meter", 50))
+    applied = Counting(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5, fail_once=("solar-1/meter", 50))
     sub = subscriber(grid, actx, applied)
     await sub.start()
     await until(sub.connected.is_set, what="subscribed", timeout=60)
@@ -158,7 +154,7 @@ async def test_a_handler_failing_on_one_event_of_a_batch_loses_and_doubles_none_
 async def test_a_hostile_source_flooding_cannot_make_the_subscriber_skip_another_sources_events(
         grid: Grid, actx: zmq.asyncio.Context, publishers, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     solar = await publishers("solar-1")
-    applied = Applied(Store(tmp_path / "sub.sqlite"), fail_sources=("probe",))
+    applied = Counting(Store(tmp_path / "sub.sqlite"), fail_sources=("probe",))
     sub = subscriber(grid, actx, applied)
     await sub.start()
     await until(sub.connected.is_set, what="subscribed", timeout=60)

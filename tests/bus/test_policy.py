@@ -22,28 +22,11 @@ from services.bus import Store, Subscriber, envelope
 from services.bus import events as ev
 from services.bus.events import Authority, Heartbeat
 
-from tests.support.bus import Grid, Sources
+from tests.support.bus import Applied, Grid, Sources
 from tests.support.poll import until
 
 SELLER, BUYER, THIEF = "0x" + "5e" * 20, "0x" + "b0" * 20, "0x" + "66" * 20
 PREFIXES = ["meter.", "trade.", "market.", "chain."]
-
-
-class Recorder:
-    """What an honest subscriber applied, written in the bus transaction."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        store.conn.execute("CREATE TABLE applied (source TEXT, type TEXT, seq INTEGER)")
-
-    def handler(self, env: envelope.Envelope, conn: object) -> None:
-        conn.execute("INSERT INTO applied VALUES (?, ?, ?)", (env.source, env.type, env.seq))  # type: ignore[attr-defined]
-
-    def rows(self) -> list[tuple[str, str, int]]:
-        return list(self.store.conn.execute("SELECT source, type, seq FROM applied ORDER BY rowid"))
-
-    def of(self, source: str) -> list[tuple[str, int]]:
-        return [(t, q) for s, t, q in self.rows() if s == source]
 
 
 def reading(site: str, wh: int = 1) -> ev.MeterReading:
@@ -128,9 +111,9 @@ async def sources(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Sources]:
 
 @pytest.fixture
 async def honest(grid: Grid, actx: zmq.asyncio.Context, tmp_path: pathlib.Path,
-                 sources: Sources) -> AsyncIterator[tuple[Subscriber, Recorder]]:
+                 sources: Sources) -> AsyncIterator[tuple[Subscriber, Applied]]:
     await sources.publisher("market/auction")  # its heartbeats tell the subscriber it is connected
-    rec = Recorder(Store(tmp_path / "honest.sqlite"))
+    rec = Applied(Store(tmp_path / "honest.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=PREFIXES,
                      handler=rec.handler, name="home-7 sub", replay_timeout_s=2.0)
     await sub.start()
@@ -184,7 +167,7 @@ HONEST: list[tuple[str, ev.Message]] = [
 
 
 async def test_forgeries_of_a_site_with_a_valid_key_are_counted_and_never_applied(
-        grid: Grid, honest: tuple[Subscriber, Recorder], sources: Sources, hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], sources: Sources, hostile: Hostile) -> None:
     sub, rec = honest
     # a heartbeat for the market's auction (a huge last, to make the subscriber skip its
     # events) and one of the probe's own node claiming the market's site
@@ -225,7 +208,7 @@ async def test_the_policy_holds_for_replayed_events_too(grid: Grid, actx: zmq.as
         await sources.publish(body, source=source)
     for source, body in HONEST:
         await sources.publish(body, source=source)
-    rec = Recorder(Store(tmp_path / "late.sqlite"))
+    rec = Applied(Store(tmp_path / "late.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=PREFIXES,
                      handler=rec.handler, name="late sub")
     await sub.start()
@@ -247,7 +230,7 @@ async def test_the_policy_holds_for_replayed_events_too(grid: Grid, actx: zmq.as
 
 
 async def test_a_silent_replay_endpoint_stalls_no_other_source(
-        grid: Grid, honest: tuple[Subscriber, Recorder], sources: Sources, hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], sources: Sources, hostile: Hostile) -> None:
     sub, rec = honest
     hostile.mode = "silent"
     # the probe's own node, with a huge last and a replay endpoint that never answers
@@ -271,7 +254,7 @@ async def test_a_silent_replay_endpoint_stalls_no_other_source(
 
 
 async def test_a_restarted_source_is_replayed_at_its_new_endpoint_without_the_old_backoff(
-        grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], hostile: Hostile) -> None:
     """A publisher that restarts beats with a new replay endpoint: the backoff earned by
     the endpoint that went silent must not hold back the replay from the new one."""
     sub, _ = honest
@@ -296,7 +279,7 @@ async def test_a_restarted_source_is_replayed_at_its_new_endpoint_without_the_ol
 
 
 async def test_a_heartbeats_last_alone_never_skips_events(
-        grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], hostile: Hostile) -> None:
     """A replay that returns nothing while its head says there is more proves nothing:
     the offset stays, and the events that do come are applied (not taken as duplicates)."""
     sub, rec = honest
@@ -309,7 +292,7 @@ async def test_a_heartbeats_last_alone_never_skips_events(
 
 
 async def test_a_replay_serving_another_sources_events_is_refused(
-        grid: Grid, honest: tuple[Subscriber, Recorder], sources: Sources, hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], sources: Sources, hostile: Hostile) -> None:
     """Replay data is not vouched for by the hub: rows must be the asked source's own."""
     sub, rec = honest
     hostile.mode = "foreign"

@@ -8,7 +8,6 @@ the report close their energy balance and show what the chain settled."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import os
@@ -27,6 +26,7 @@ from services.chain.contracts import load_artifact
 from services.simulate.plan import SimOptions, ports_needed
 from services.simulate.run import Simulation
 from services.simulate.scenario import load
+from tests.support import poll
 from tests.support.ports import free_port_block
 
 from .harness import cost
@@ -45,18 +45,7 @@ def health(url: str | None) -> dict[str, Any] | None:
 
 
 async def until(what: str, check: Any, timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = check()
-            if last:
-                return last
-        except (AssertionError, OSError, ValueError) as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:.0f} s for {what}; last: {last!r}")
-        await asyncio.sleep(every)
+    return await poll.until(check, what=what, timeout=timeout, every=every, retry_on=(AssertionError, OSError, ValueError))
 
 
 class Chain:

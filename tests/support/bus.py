@@ -87,6 +87,35 @@ class Sources:
         self.pubs.clear()
 
 
+class Applied:
+    """A subscriber's state under test: its handler writes each event it applies into the
+    subscriber's own ``store``, in the bus transaction, so what was applied exactly once is
+    what the rows show (unlike :class:`BusProbe`, which records in memory)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.conn.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT, type TEXT, seq INTEGER, wh INTEGER)")
+
+    def handler(self, env: Envelope, conn: Any) -> None:
+        conn.execute("INSERT INTO applied VALUES (?, ?, ?, ?)",
+                     (env.source, env.type, env.seq, getattr(env.body, "energy_wh", None)))
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        """(source, type, seq) of each event applied, in order."""
+        return list(self.store.conn.execute("SELECT source, type, seq FROM applied ORDER BY rowid"))
+
+    def of(self, source: str) -> list[tuple[str, int]]:
+        """(type, seq) of each event of ``source`` applied, in order."""
+        return [(t, q) for s, t, q in self.rows() if s == source]
+
+    def seqs(self, source: str) -> list[int]:
+        return [q for _, q in self.of(source)]
+
+    def values(self) -> list[int]:
+        """The ``energy_wh`` of each reading applied, in order."""
+        return [r[0] for r in self.store.conn.execute("SELECT wh FROM applied ORDER BY rowid")]
+
+
 class BusProbe:
     """A test's ear and mouth on the bus: a real subscriber with ``site``'s key that records
     every event it applies under ``prefixes`` (``events``: the envelopes, in order), and
