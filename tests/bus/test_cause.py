@@ -12,10 +12,8 @@ from services.bus import DecodeError, Publisher, RpcClient, RpcServer, Store, Su
 from services.bus.commands import CancelOffer, Ok, Ping, Pong
 from services.bus.events import OfferClosed
 
-from tests.support.bus import Grid
+from tests.support.bus import Grid, reading
 from tests.support.poll import until
-
-from .test_pubsub import reading
 
 
 def outbox(store: Store) -> list[envelope.Envelope]:

@@ -15,10 +15,8 @@ import zmq.asyncio
 from services.bus import Security, envelope
 from services.bus.hub import Hub
 
-from tests.support.bus import Grid
+from tests.support.bus import Grid, reading
 from tests.support.poll import until
-
-from .test_pubsub import reading
 
 
 def frames_of(site: str, topic_site: str | None = None) -> list[bytes]:

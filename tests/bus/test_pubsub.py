@@ -15,15 +15,9 @@ import zmq
 import zmq.asyncio
 
 from services.bus import Publisher, Store, Subscriber, envelope
-from services.bus.events import MeterReading
 
-from tests.support.bus import Applied, Grid
+from tests.support.bus import Applied, Grid, reading
 from tests.support.poll import until
-
-
-def reading(i: int, site: str = "solar-1") -> MeterReading:
-    return MeterReading(site=site, meter="m1", role="producer", energy_wh=i, power_w=1.0, voltage_v=12.0,
-                        current_a=0.1, relay_closed=False)
 
 
 def make_sub(grid: Grid, ctx: zmq.asyncio.Context, site: str, rec: Applied, prefixes: list[str]) -> Subscriber:

@@ -13,10 +13,8 @@ import zmq.auth
 from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
 from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
 
-from tests.support.bus import Applied, Grid
+from tests.support.bus import Applied, Grid, reading
 from tests.support.poll import until
-
-from .test_pubsub import reading
 
 ADDR = "0x" + "ab" * 20
 

@@ -38,7 +38,6 @@ import pathlib
 import secrets
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +49,7 @@ from web3 import HTTPProvider, Web3
 from services.bus import ensure_keys
 from services.bus import events as E
 from tests.support.paths import ARTIFACTS
+from tests.support.plan import health_at
 from tests.support.ports import free_port_block
 from tests.e2e.flow import CLOSE_AT_WH, check_final, relay_audit, retrying, run_trade
 from tests.e2e.harness import SIM_START, TEST_SITE, Grid, User, Watch
@@ -194,12 +194,7 @@ class ComposeGrid(Grid):
     urls: dict[str, str] = field(default_factory=dict)  # service -> its /healthz
 
     def health(self, name: str) -> dict[str, Any] | None:
-        url = self.urls[ALIASES.get(name, name)]
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
-                return json.loads(r.read())
-        except (OSError, ValueError):
-            return None
+        return health_at(self.urls[ALIASES.get(name, name)])
 
     def log_tails(self, lines: int = 40) -> str:
         assert self.project is not None

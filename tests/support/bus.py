@@ -15,12 +15,18 @@ import zmq.asyncio
 
 from services.bus import BusSettings, Publisher, Security, Store, Subscriber
 from services.bus.envelope import Envelope
-from services.bus.events import Authority, Message, Origin
+from services.bus.events import Authority, MeterReading, Message, Origin
 
 from .poll import until
 
 SITES = ("market", "solar-1", "home-7", "probe", "tester")
 """The sites with CURVE keys on the ``grid`` fixture's hub."""
+
+
+def reading(wh: int, site: str = "solar-1") -> MeterReading:
+    """A reading of ``site``'s meter (its counter at ``wh``): the event the bus tests send."""
+    return MeterReading(site=site, meter="m1", role="producer", energy_wh=wh, power_w=1.0, voltage_v=12.0,
+                        current_a=0.1, relay_closed=False)
 
 
 @dataclass

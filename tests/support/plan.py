@@ -47,6 +47,17 @@ class Person:
     name: str
 
 
+def health_at(url: str | None) -> dict[str, Any] | None:
+    """What a service answers at its /healthz ``url`` (None: no answer, or no URL)."""
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
+            return dict(json.loads(r.read()))
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class ChainView:
     """The node and the operator's contracts, read straight."""
@@ -71,14 +82,7 @@ class PlanGrid:
 
     def health(self, name: str) -> dict[str, Any] | None:
         """What ``name`` answers on /healthz (None: no answer, or no health URL)."""
-        url = self.proc(name).health_url
-        if url is None:
-            return None
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
-                return dict(json.loads(r.read()))
-        except (OSError, ValueError):
-            return None
+        return health_at(self.proc(name).health_url)
 
     def log_tails(self, lines: int = 40) -> str:
         out = []
