@@ -52,7 +52,7 @@ from tests.support.paths import ARTIFACTS
 from tests.support.plan import health_at
 from tests.support.ports import free_port_block
 from tests.e2e.flow import CLOSE_AT_WH, check_final, relay_audit, retrying, run_trade
-from tests.e2e.harness import SIM_START, TEST_SITE, Grid, User, Watch
+from tests.e2e.harness import SIM_START, TEST_SITE, Grid, User, watch_bus
 from tests.e2e.test_kill import _nothing_twice
 
 from .engine import (CA_BUNDLE, REPORT, Engine, Ports, Project, Unavailable, build, health_target, image_size,
@@ -294,7 +294,7 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
     passphrases = {"solar-1 producer": secrets.token_urlsafe(12), "home-7 consumer": secrets.token_urlsafe(12)}
     session = requests.Session()
     w3 = Web3(HTTPProvider(rpc, session=session))
-    watch = Watch(keys, hub_sub, tmp_path / "watch")
+    watch = watch_bus(keys, hub_sub, tmp_path / "watch")
     grid: ComposeGrid | None = None
     try:
         # 1. each site's account, made in its own wallet's volume

@@ -54,7 +54,7 @@ def id32(text: str) -> bytes:
 WATCHED = ("meter.relay", "meter.delivery", "meter.energy_produced", "trade.", "chain.", "market.")
 
 
-def Watch(keys: pathlib.Path, hub_sub: str, root: pathlib.Path) -> BusProbe:  # noqa: N802 - what it was
+def watch_bus(keys: pathlib.Path, hub_sub: str, root: pathlib.Path) -> BusProbe:
     """Every event with the ``WATCHED`` prefixes, applied once each (a real subscriber with
     the ``TEST_SITE`` key; it only listens)."""
     return BusProbe(HubAddress(keys=keys, hub_pub="", hub_sub=hub_sub, root=root), root, site=TEST_SITE,
@@ -252,7 +252,7 @@ async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env
     session = requests.Session()
     w3 = Web3(HTTPProvider(anvil.extra["rpc"], session=session))
     common = next(p for p in procs if p.name == "hub").env
-    watch = Watch(data.resolve() / "keys", common["GRIDTRADE_HUB_SUB"], tmp / "watch")
+    watch = watch_bus(data.resolve() / "keys", common["GRIDTRADE_HUB_SUB"], tmp / "watch")
     gw = {p.env["GRIDTRADE_SITE"]: p.public_url for p in procs if p.public_url}
     grid = Grid(data=data, options=opts, procs=procs, runner=runner, passphrases=passphrases, w3=w3, http=session,
                 watch=watch,
