@@ -32,7 +32,8 @@ def wait_for(url: str, proc: subprocess.Popen) -> tuple[int, bytes]:  # type: ig
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         return get(url)
 
-    return wait(answer, what=f"{url} to answer", timeout=30, every=0.1, retry_on=(OSError,))  # type: ignore[no-any-return]
+    return wait(answer, what=f"{url} to answer", timeout=30, every=0.1,  # type: ignore[no-any-return]
+                retry_on=(OSError,))
 
 
 def test_hub_process_health_metrics_and_clean_stop(grid: Grid) -> None:

@@ -36,7 +36,8 @@ HOUR = 3600
 
 
 async def until(what: str, check: Any, timeout: float, every: float = 0.5) -> Any:
-    return await poll.until(check, what=what, timeout=timeout, every=every, retry_on=(AssertionError, OSError, ValueError))
+    return await poll.until(check, what=what, timeout=timeout, every=every,
+                            retry_on=(AssertionError, OSError, ValueError))
 
 
 class Chain:

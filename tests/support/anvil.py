@@ -35,14 +35,15 @@ def answers_rpc(url: str) -> bool:
         return False
 
 
-def start_anvil() -> tuple[subprocess.Popen[bytes], str]:
-    """Start anvil on a free port in its own process group; return it and its URL once it answers."""
+def start_anvil(*options: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start anvil on a free port in its own process group (with more command-line
+    ``options``, e.g. ``"--block-time", "2"``); return it and its URL once it answers."""
     if not ANVIL.exists():
         raise RuntimeError(f"{ANVIL} is missing; run `npm ci` in {ROOT}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [str(ANVIL), "--port", str(port), "--silent"],
+        [str(ANVIL), "--port", str(port), "--silent", *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,

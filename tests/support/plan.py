@@ -1,9 +1,9 @@
 """The processes of ``launcher.plan()`` as a test sees them (:class:`PlanGrid`: find one,
 ask its health, read its logs, wait for something and fail with the logs' tails, read the
 operator's contracts), and :class:`RealStack`, the real micro-grid for the gateway,
-browser and adversarial tests: the processes of ``launcher.plan()`` (anvil, hub, the market's operator, auction, each site's wallet and
-simulated meter, and for the browser the two gateways) as real subprocesses on a random
-block of loopback ports, with their logs in ``<data>/logs``. Each site's accounts are in
+browser and adversarial tests: the processes of ``launcher.plan()`` (anvil, hub, the
+market's operator, auction, each site's wallet and simulated meter, and for the browser
+the two gateways) as real subprocesses on a random block of loopback ports, with their logs in ``<data>/logs``. Each site's accounts are in
 its own wallet's keystore.
 
 Nothing is timed: every wait is bounded and fails with what it waited for and the tails
