@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.support.gateway import CLEAR_INTERVAL_S, SERVICES, Stack
-from tests.support.plan import CONSUMER_SITE, RealStack, attach_logs
+from tests.support.plan import CONSUMER_SITE, RealStack
 
 
 @pytest.fixture(scope="package")
@@ -46,9 +46,3 @@ async def stack(real_grid: RealStack, tmp_path: pathlib.Path) -> AsyncIterator[S
         yield s
     finally:
         await s.aclose()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    attach_logs(item, call, outcome.get_result())  # type: ignore[attr-defined]

@@ -246,10 +246,3 @@ class RealStack(PlanGrid):
     def wallet_rpc(self, site: str) -> str:
         """The request endpoint of ``site``'s wallet."""
         return self.proc(f"wallet-{site}").env["GRIDTRADE_WALLET_RPC"]
-
-
-def attach_logs(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
-    """On a failed test that used a real grid, add the tails of its service logs to the report."""
-    grid = getattr(item, "funcargs", {}).get("real_grid")
-    if report.failed and isinstance(grid, RealStack):
-        report.sections.append(("service log tails", grid.log_tails()))

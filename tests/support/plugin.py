@@ -9,6 +9,9 @@
   own contracts and measure balance changes rather than absolute balances.
 - ``data_dir``, ``artifacts_dir``; and, for every test, a guard that fails a test which
   leaves asyncio tasks or threads running.
+
+A failed test that used a grid of plan processes (:class:`~.plan.PlanGrid`, or a holder of
+one as ``.stack``, or of that as ``.g``) gets the tails of its service logs in its report.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from services.chain.contracts import close_provider
 from .anvil import start_anvil, stop_anvil
 from .bus import SITES, BusProbe, Grid
 from .paths import ARTIFACTS
+from .plan import PlanGrid
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -149,6 +153,18 @@ def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
 def artifacts_dir() -> pathlib.Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            grid = getattr(getattr(value, "g", value), "stack", getattr(value, "g", value))
+            if isinstance(grid, PlanGrid):
+                report.sections.append(("service log tails", grid.log_tails()))
+                break
 
 
 @pytest.fixture(autouse=True)
