@@ -56,7 +56,7 @@ from contracts import build  # noqa: E402
 from services.bus import typed  # noqa: E402
 from services.bus.prices import wei_for  # noqa: E402
 from services.chain import bindings as c  # noqa: E402
-from tests.chain_fixtures import start_anvil, stop_anvil  # noqa: E402
+from tests.support.anvil import start_anvil, stop_anvil  # noqa: E402
 
 ETHER = 10**18
 PRICE = 150 * 10**12  # wei per kWh

@@ -312,7 +312,7 @@ async def gas_run(trades: int, kwh: int) -> tuple[float, float]:
     from web3 import AsyncHTTPProvider, AsyncWeb3
 
     from services.chain import bindings
-    from tests.chain_fixtures import start_anvil, stop_anvil  # as bench/gas.py
+    from tests.support.anvil import start_anvil, stop_anvil  # as bench/gas.py
 
     proc, url = start_anvil()
     w3 = AsyncWeb3(AsyncHTTPProvider(url))

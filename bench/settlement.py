@@ -23,9 +23,6 @@ import argparse
 import asyncio
 import os
 import pathlib
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,33 +46,18 @@ from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.node import ANVIL_DEV_KEY  # noqa: E402
 from services.chain.operator import OperatorService  # noqa: E402
 from services.chain.wallet import WalletService  # noqa: E402
-from tests.signing import Domains, Meter, agreed  # noqa: E402 - signed as the sites sign
+from tests.support.anvil import start_anvil, stop_anvil  # noqa: E402
+from tests.support.poll import until  # noqa: E402
+from tests.support.signing import Domains, Meter, agreed  # noqa: E402 - signed as the sites sign
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PASS = "bench passphrase"
 PRICE = 10**16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_anvil(block_time: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    interval = ["--block-time", f"{block_time:g}"] if block_time else []
-    proc = subprocess.Popen([str(ROOT / "node_modules/.bin/anvil"), "--port", str(port), "--silent", *interval],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-async def wait_for(pred: Any, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("bench step did not finish")
-        await asyncio.sleep(0.01)
+async def step(done: Any) -> None:
+    """Until the bench step is done (``done()`` true), for at most 300 s."""
+    await until(done, what="the bench step", timeout=300, every=0.01)
 
 
 async def baseline(url: str, n: int) -> float:
@@ -148,7 +130,7 @@ async def run(trades: int, steps: int, block_time: float = 0.0, confirmations: i
 
 
 async def measure(trades: int, steps: int, block_time: float = 0.0, confirmations: int = 0) -> Result:
-    anvil, url = start_anvil(block_time)
+    anvil, url = start_anvil(*(["--block-time", f"{block_time:g}"] if block_time else []))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="gridtrade-bench-"))
     keys = tmp / "keys"
     for site in ("market", "bench"):
@@ -205,15 +187,15 @@ async def measure(trades: int, steps: int, block_time: float = 0.0, confirmation
         for m in (solar, home):
             await pub.publish(m.announce(d))
         await pub.publish(solar.production(d, trades * 1000))
-        await wait_for(lambda: sum(m.wh for m in of(E.Minted)) >= trades * 1000)
+        await step(lambda: sum(m.wh for m in of(E.Minted)) >= trades * 1000)
         await client.request(C.Escrow(account=buyer, action="deposit", amount_wei=trades * PRICE), timeout=30)
         await client.request(C.Approve(account=seller, wh=trades * 1000), timeout=30)
-        await wait_for(lambda: not svc.txm.pending() and not wallet.txm.pending())
+        await step(lambda: not svc.txm.pending() and not wallet.txm.pending())
         t_open = time.perf_counter()
         for i in range(trades):
             await auction.publish(agreed(d, f"t{i}", seller_key, buyer_key, 1000, PRICE, seller_site="bench",
                                          buyer_site="bench"))
-        await wait_for(lambda: len(of(E.TradeRecorded)) >= trades)
+        await step(lambda: len(of(E.TradeRecorded)) >= trades)
         opened_s = time.perf_counter() - t_open
 
         t0 = time.perf_counter()
@@ -221,7 +203,7 @@ async def measure(trades: int, steps: int, block_time: float = 0.0, confirmation
             for i in range(trades):
                 await pub.publish(home.delivery(d, f"t{i}", 1000 * k // steps))
             await asyncio.sleep(0.05)  # the meter reports over time, not all at once
-        await wait_for(lambda: len(of(E.TradeClosed)) >= trades)
+        await step(lambda: len(of(E.TradeClosed)) >= trades)
         elapsed = time.perf_counter() - t0
         settled = of(E.Settled)
         rows = svc.store.conn.execute(
@@ -242,8 +224,7 @@ async def measure(trades: int, steps: int, block_time: float = 0.0, confirmation
         await wallet.stop()
         await svc.stop()
         hub.stop()
-        os.killpg(anvil.pid, signal.SIGTERM)
-        anvil.wait()
+        stop_anvil(anvil)
 
     return Result(trades=trades, steps=steps, opened_s=opened_s, settled=len(settled), settle_txs=settle_txs,
                   settle_gas=settle_gas, elapsed=elapsed, baseline_s=base)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import pathlib
-import signal
 import sys
 import tempfile
 import time
@@ -42,10 +40,9 @@ from services.chain.config import ChainSettings  # noqa: E402
 from services.chain.keystore import Keystore  # noqa: E402
 from services.chain.operator import OperatorService  # noqa: E402
 from services.chain.wallet import WalletService  # noqa: E402
-from tests.signing import Domains, Meter  # noqa: E402 - signed as the site's meter signs
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from settlement import start_anvil, wait_for  # noqa: E402
+from tests.support.anvil import start_anvil, stop_anvil  # noqa: E402
+from tests.support.poll import until  # noqa: E402
+from tests.support.signing import Domains, Meter  # noqa: E402 - signed as the site's meter signs
 
 PASS = "bench passphrase"
 SITE = "solar-1"
@@ -120,8 +117,9 @@ async def run(chain: str, seconds: float, readers: int, mints: int) -> None:
         await pub.publish(meter.announce(d))
         for i in range(1, mints + 1):  # one mint each: the next counter once the last is minted
             await pub.publish(meter.production(d, i * 1000))
-            await wait_for(lambda i=i: op.store.conn.execute(
-                "SELECT COALESCE(MAX(minted_wh), 0) FROM job_production").fetchone()[0] >= i * 1000, 600)
+            await until(lambda i=i: op.store.conn.execute(
+                "SELECT COALESCE(MAX(minted_wh), 0) FROM job_production").fetchone()[0] >= i * 1000,
+                what=f"mint {i}", timeout=600, every=0.01)
         await reads(clients, holder, 1.0)  # warm up
         base_n, base_slow = await reads(clients, holder, seconds)
         stop = asyncio.Event()
@@ -140,8 +138,7 @@ async def run(chain: str, seconds: float, readers: int, mints: int) -> None:
         await op.stop()
         hub.stop()
         if anvil is not None:
-            os.killpg(anvil.pid, signal.SIGTERM)
-            anvil.wait()
+            stop_anvil(anvil)
 
     base_rate, burst_rate = base_n / seconds, burst_n / seconds
     print(f"chain: {chain}, {mints} mints on it, {readers} concurrent readers, {seconds:g} s per phase")

@@ -1,7 +1,7 @@
 """The real grid for the adversarial tests, and the hostile process run against it.
 
 The grid is the processes of ``launcher.plan()`` (without the gateways but the
-consumer's) started as real subprocesses by :class:`~tests.gateway.realstack.RealStack`
+consumer's) started as real subprocesses by :class:`~tests.support.plan.RealStack`
 on an anvil node: the hub, the market's operator and auction, and per site its wallet and
 meter. A third site ('probe') has its own CURVE key on the grid's allow-list and an
 account in its own keystore (``data/probe/keystore``), served by a wallet of its own
@@ -31,7 +31,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from eth_account import Account
@@ -42,8 +41,9 @@ from services import launcher
 from services.bus import ensure_keys
 from services.chain import bindings
 from services.chain.keystore import Keystore
-from tests.gateway.realstack import RealStack
-from tests.signing import Domains
+from tests.support.plan import ChainView, RealStack
+from tests.support.poll import wait
+from tests.support.signing import Domains
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROBE = "probe"
@@ -87,14 +87,6 @@ def grid_processes(root: pathlib.Path) -> list[str]:
     plan = launcher.plan(launcher.Options(data=root))
     return [p.name for p in plan if module_of(p) in SERVICE_MODULES and p.argv[3:4] != ["emulate"]
             or p.name == "anvil" or module_of(p) == "services.gateway" and p.env["GRIDTRADE_SITE"] == launcher.CONSUMER]
-
-
-@dataclass(frozen=True)
-class ChainView:
-    w3: Web3
-    token: Any
-    market: Any
-    registry: Any
 
 
 class AdvGrid:
@@ -212,13 +204,12 @@ class AdvGrid:
             d = deltas()
             return all(d[name][k] >= n for name, kv in want.items() for k, n in kv.items())
 
-        end = time.monotonic() + timeout
-        while not reached():
-            if time.monotonic() > end:
-                d = deltas()
-                got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
-                self.stack.fail(f"waited {timeout:.0f} s for the counts {want}; they grew by {got}")
-            time.sleep(0.2)
+        def short(msg: str) -> None:
+            d = deltas()
+            got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
+            self.stack.fail(f"waited {timeout:.0f} s for the counts {want}; they grew by {got}")
+
+        wait(reached, what=f"the counts {want}", timeout=timeout, every=0.2, fail=short)
         time.sleep(1.0)
         d = deltas()
         got = {name: {k: d[name][k] for k in kv} for name, kv in want.items()}
@@ -232,14 +223,7 @@ class AdvGrid:
         address the operator reports)."""
         if self._view is None:
             rpc = next(p.extra["rpc"] for p in self.stack.procs if p.name == "anvil")
-            w3 = Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": 30}))
-            market = w3.eth.contract(address=Web3.to_checksum_address(self.health(self.chain)["market"]),
-                                     abi=bindings.load_artifact(bindings.MARKET)["abi"])
-            token = w3.eth.contract(address=market.functions.token().call(),
-                                    abi=bindings.load_artifact(bindings.TOKEN)["abi"])
-            registry = w3.eth.contract(address=market.functions.registry().call(),
-                                       abi=bindings.load_artifact(bindings.REGISTRY)["abi"])
-            self._view = ChainView(w3, token, market, registry)
+            self._view = self.stack.chain_view(Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": 30})))
         return self._view
 
     def send(self, key: bytes, call: Any, gas: int = 300_000) -> Any:
@@ -344,6 +328,6 @@ def ev(type_: str, source: str, topic_site: str | None = None, **body: Any) -> d
 
 
 def frame(body: Any, source: str, topic_site: str | None = None, **change: Any) -> dict[str, Any]:
-    """An event body (a bus model, e.g. one made and signed by :class:`tests.signing.Meter`)
+    """An event body (a bus model, e.g. one made and signed by :class:`tests.support.signing.Meter`)
     as a frame for the hostile, with ``change`` applied after any signing."""
     return ev(body.TYPE, source, topic_site, **{**body.model_dump(mode="json"), **change})

@@ -45,8 +45,8 @@ from services.chain import bindings
 from services.chain.keystore import Keystore
 from services.chain.operator import CONSUMED as OPERATOR_CONSUMES
 from services.gateway.feed import PREFIXES as GATEWAY_CONSUMES
-from tests.gateway.realstack import CONSUMER_SITE
-from tests.signing import Meter
+from tests.support.plan import CONSUMER_SITE
+from tests.support.signing import Meter
 
 from .grid import PROBE, PROBE_PASS, AdvGrid, ev, frame, module_of, req, store_of
 

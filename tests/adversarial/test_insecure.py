@@ -26,7 +26,7 @@ from eth_account import Account
 from services import launcher
 from services.bus import claims
 from services.bus import events as E
-from tests.signing import Meter
+from tests.support.signing import Meter
 
 from .grid import AdvGrid, frame, grid_processes, module_of, req, store_of
 

@@ -14,7 +14,8 @@ from services.agent.service import AgentService
 from services.bus import RequestError, RpcClient
 from services.bus import commands as cmd
 
-from ..conftest import Grid, free_port
+from tests.support.bus import Grid
+from tests.support.ports import free_port
 
 
 def settings(grid: Grid, bind: str) -> AgentSettings:

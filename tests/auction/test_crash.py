@@ -20,10 +20,12 @@ import zmq.asyncio
 
 from services.bus import RequestError, RequestTimeout, RpcClient
 from services.bus import commands as cmd
-from tests.conftest import ROOT, free_port
-from tests.signing import later
+from tests.support.paths import ROOT
+from tests.support.ports import free_port
+from tests.support.signing import later
 
-from .conftest import BUYERS, FakeChain, Grid, key_of, offer
+from tests.support.auction import BUYERS, FakeChain, key_of, offer
+from tests.support.bus import Grid
 
 KILLS = 3
 

@@ -10,7 +10,10 @@ import time
 from services.auction import book, double
 from services.bus import commands as cmd
 
-from .conftest import BUYERS, FakeChain, Grid, Running, account, key_of, order, settings, until
+from tests.support.auction import BUYERS, FakeChain, Running, key_of, order, settings
+from tests.support.bus import Grid
+from tests.support.poll import until
+from tests.support.signing import account
 
 
 def _order(order_id: str, side: str, wh: int, price: int, account_: str = "0x" + "1" * 40) -> double.Order:

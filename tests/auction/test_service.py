@@ -17,10 +17,13 @@ from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
 
-from tests.signing import DOMAIN, later as later_s
+from tests.support.signing import DOMAIN, later as later_s
 
-from .conftest import (BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, Sources, account, key_of, offer, order,
-                       outbox, settings, until)
+from tests.support.auction import (BUYERS, OPERATOR, SELLER, FakeChain, Running, key_of, offer, order, outbox,
+                                   settings)
+from tests.support.bus import Grid, Sources
+from tests.support.poll import until
+from tests.support.signing import account
 
 B1, B2, B3 = BUYERS
 

@@ -14,10 +14,12 @@ from services.bus import RequestError
 from services.bus import commands as cmd
 from services.bus import events as ev
 from services.bus import typed
-from tests.signing import CHAIN_ID, DOMAIN, MARKET, account, deployment, later, sign
+from tests.support.signing import CHAIN_ID, DOMAIN, MARKET, account, deployment, later, sign
 
-from .conftest import (BUYERS, SELLER, SELLER_ACCOUNT, FakeChain, Grid, Running, Sources, key_of, offer, order,
-                       outbox, settings, until)
+from tests.support.auction import (BUYERS, SELLER, SELLER_ACCOUNT, FakeChain, Running, key_of, offer, order,
+                                   outbox, settings)
+from tests.support.bus import Grid, Sources
+from tests.support.poll import until
 from .test_service import envelopes, snapshot
 
 B1, B2, B3 = BUYERS

@@ -9,9 +9,11 @@ import pytest
 from services.bus import RequestError
 from services.bus import commands as cmd
 
-from tests.signing import account
+from tests.support.signing import account
 
-from .conftest import BUYERS, OPERATOR, SELLER, FakeChain, Grid, Running, key_of, offer, order, outbox, settings, until
+from tests.support.auction import BUYERS, OPERATOR, SELLER, FakeChain, Running, key_of, offer, order, outbox, settings
+from tests.support.bus import Grid
+from tests.support.poll import until
 from .test_service import snapshot
 
 B1, B2, _ = BUYERS

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.gateway.realstack import CONSUMER_SITE, RealStack, attach_logs
+from tests.support.plan import CONSUMER_SITE, RealStack
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -47,9 +47,3 @@ async def browser() -> AsyncIterator[Any]:
             await b.close()
     # Playwright hands file writes (screenshots) to the loop's default executor: join its threads
     await asyncio.get_running_loop().shutdown_default_executor()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    attach_logs(item, call, outcome.get_result())  # type: ignore[attr-defined]

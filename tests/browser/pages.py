@@ -16,7 +16,7 @@ from playwright.async_api import Locator, Page, expect
 
 from services.bus import RpcClient, Security
 from services.bus import commands as cmd
-from tests.gateway.realstack import Person, RealStack
+from tests.support.plan import Person, RealStack
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 AXE = pathlib.Path(__file__).resolve().parent / "vendor" / "axe.min.js"

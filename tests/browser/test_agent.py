@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.async_api import expect
 
-from tests.gateway.realstack import CONSUMER_SITE, RealStack
+from tests.support.plan import CONSUMER_SITE, RealStack
 
 from .pages import MOBILE, WAIT, audit, fits, go, open_wallet, shot
 

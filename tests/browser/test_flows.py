@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.async_api import expect
 
-from tests.gateway.realstack import RealStack
+from tests.support.plan import RealStack
 
 from .pages import WAIT, number, open_wallet, shot
 

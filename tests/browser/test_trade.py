@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from playwright.async_api import expect
 
-from tests.gateway.realstack import RealStack
+from tests.support.plan import RealStack
 
 from .pages import ROOT, MOBILE, WAIT, audit, fits, go, number, open_wallet, shot, toast, wei
 

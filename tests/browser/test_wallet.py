@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from playwright.async_api import expect
 
-from tests.gateway.realstack import RealStack
+from tests.support.plan import RealStack
 
 from .pages import MOBILE, VIEWS, WAIT, audit, fits, go, number, open_wallet, set_mining_as_market, shot, toast, wei
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.browser
 ETH = 10**18
 ELSEWHERE = "0xdbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB"  # EIP-55 valid, outside this grid
 WRONG_CHECKSUM = ELSEWHERE[:-1] + ELSEWHERE[-1].lower()  # one letter's case changed
-SUNNY_SIM = 1718953200  # the grid's simulated start, 2024-06-21 07:00 UTC (realstack.SUNNY)
+SUNNY_SIM = 1718953200  # the grid's simulated start, 2024-06-21 07:00 UTC (tests/support/plan.py SUNNY)
 
 
 @pytest.mark.timeout(480)

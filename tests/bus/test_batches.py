@@ -18,48 +18,31 @@ import zmq
 import zmq.asyncio
 
 from services.bus import Publisher, Store, Subscriber, envelope
-from services.bus.events import MeterReading
 
-from .conftest import Grid
-
-
-def reading(i: int, site: str) -> MeterReading:
-    return MeterReading(site=site, meter="m1", role="producer", energy_wh=i, power_w=1.0, voltage_v=12.0,
-                        current_a=0.1, relay_closed=False)
+from tests.support.bus import Applied, Grid, reading
+from tests.support.poll import until
 
 
-async def until(cond, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout} s")
-
-
-class Applied:
+class Counting(Applied):
     """What a subscriber applied (in its store, in the bus transaction) and every call of
-    its handler (in memory: what a handler does outside the store)."""
+    its handler (in memory: what a handler does outside the store); it may be slow on the
+    first event, fail once on one, or fail on every event of some sources."""
 
     def __init__(self, store: Store, slow_first_s: float = 0.0, fail_once: tuple[str, int] | None = None,
                  fail_sources: tuple[str, ...] = ()) -> None:
-        self.store = store
-        store.conn.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT, seq INTEGER)")
+        super().__init__(store)
         self.calls: Counter[tuple[str, int]] = Counter()
         self.slow_first_s, self.fail_once, self.fail_sources = slow_first_s, fail_once, fail_sources
 
-    async def handler(self, env: envelope.Envelope, conn: sqlite3.Connection) -> None:
+    async def handler(self, env: envelope.Envelope, conn: sqlite3.Connection) -> None:  # type: ignore[override]
         self.calls[(env.source, env.seq)] += 1
-        conn.execute("INSERT INTO applied VALUES (?, ?)", (env.source, env.seq))
+        super().handler(env, conn)
         if self.slow_first_s and sum(self.calls.values()) == 1:
             await asyncio.sleep(self.slow_first_s)  # the others queue up meanwhile: the next batch is large
         if self.fail_once == (env.source, env.seq) and self.calls[(env.source, env.seq)] == 1:
             raise RuntimeError("a handler failing once on this event")
         if env.source.split("/", 1)[0] in self.fail_sources:
             raise ValueError("a handler failing on this source's events")
-
-    def seqs(self, source: str) -> list[int]:
-        return [q for (q,) in self.store.conn.execute("SELECT seq FROM applied WHERE source = ? ORDER BY rowid",
-                                                      (source,))]
 
 
 @pytest.fixture
@@ -84,7 +67,7 @@ async def publishers(grid: Grid, tmp_path: pathlib.Path):  # type: ignore[no-unt
         ctx.destroy(linger=0)
 
 
-def subscriber(grid: Grid, actx: zmq.asyncio.Context, applied: Applied) -> Subscriber:
+def subscriber(grid: Grid, actx: zmq.asyncio.Context, applied: Counting) -> Subscriber:
     return Subscriber(actx, grid.security("market"), applied.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                       handler=applied.handler, name="market-sub", replay_timeout_s=2.0)
 
@@ -124,13 +107,13 @@ def test_a_failed_savepoint_undoes_its_own_writes_and_staged_events_only(tmp_pat
 async def test_each_sources_events_are_applied_in_order_and_once_in_large_batches(
         grid: Grid, actx: zmq.asyncio.Context, publishers, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     pubs = {site: await publishers(site) for site in ("solar-1", "home-7", "tester")}
-    applied = Applied(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5)
+    applied = Counting(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5)
     sub = subscriber(grid, actx, applied)
     await sub.start()
-    await until(sub.connected.is_set, what="subscribed")
+    await until(sub.connected.is_set, what="subscribed", timeout=60)
     for k in range(6):  # interleaved bursts of the three sources
         await asyncio.gather(*(publish(pub, site, 50 * k, 50) for site, pub in pubs.items()))
-    await until(lambda: sum(len(applied.seqs(f"{s}/meter")) for s in pubs) >= 900, what="all applied")
+    await until(lambda: sum(len(applied.seqs(f"{s}/meter")) for s in pubs) >= 900, what="all applied", timeout=60)
     await asyncio.sleep(0.6)  # a few more heartbeats: nothing may be applied twice
     for site in pubs:
         assert applied.seqs(f"{site}/meter") == list(range(1, 301)), site
@@ -143,13 +126,13 @@ async def test_each_sources_events_are_applied_in_order_and_once_in_large_batche
 async def test_a_handler_failing_on_one_event_of_a_batch_loses_and_doubles_none_of_the_others(
         grid: Grid, actx: zmq.asyncio.Context, publishers, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     solar, home = await publishers("solar-1"), await publishers("home-7")
-    applied = Applied(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5, fail_once=("solar-1/meter", 50))
+    applied = Counting(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5, fail_once=("solar-1/meter", 50))
     sub = subscriber(grid, actx, applied)
     await sub.start()
-    await until(sub.connected.is_set, what="subscribed")
+    await until(sub.connected.is_set, what="subscribed", timeout=60)
     await asyncio.gather(publish(solar, "solar-1", 0, 100), publish(home, "home-7", 0, 100))
     await until(lambda: len(applied.seqs("solar-1/meter")) + len(applied.seqs("home-7/meter")) >= 200,
-                what="all applied")
+                what="all applied", timeout=60)
     await asyncio.sleep(0.6)
     assert applied.seqs("solar-1/meter") == list(range(1, 101))
     assert applied.seqs("home-7/meter") == list(range(1, 101))
@@ -165,10 +148,10 @@ async def test_a_handler_failing_on_one_event_of_a_batch_loses_and_doubles_none_
 async def test_a_hostile_source_flooding_cannot_make_the_subscriber_skip_another_sources_events(
         grid: Grid, actx: zmq.asyncio.Context, publishers, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     solar = await publishers("solar-1")
-    applied = Applied(Store(tmp_path / "sub.sqlite"), fail_sources=("probe",))
+    applied = Counting(Store(tmp_path / "sub.sqlite"), fail_sources=("probe",))
     sub = subscriber(grid, actx, applied)
     await sub.start()
-    await until(sub.connected.is_set, what="subscribed")
+    await until(sub.connected.is_set, what="subscribed", timeout=60)
     # the probe site, with its own valid key: its own events in order (its handler fails on
     # each), gaps, duplicates, seqs far ahead, and readings naming another site
     hctx = zmq.asyncio.Context()
@@ -197,7 +180,7 @@ async def test_a_hostile_source_flooding_cannot_make_the_subscriber_skip_another
         for k in range(6):
             await publish(solar, "solar-1", 50 * k, 50)
             await asyncio.sleep(0.05)
-        await until(lambda: len(applied.seqs("solar-1/meter")) >= 300, what="solar-1's events applied")
+        await until(lambda: len(applied.seqs("solar-1/meter")) >= 300, what="solar-1's events applied", timeout=60)
     finally:
         flooding.cancel()
         await asyncio.gather(flooding, return_exceptions=True)
@@ -276,9 +259,9 @@ async def test_a_subscriber_sigkilled_mid_batch_applies_all_of_it_or_none_and_ea
         assert calls >= 2 and len(committed) <= calls - 2
         assert committed == list(range(1, len(committed) + 1))
         proc = await spawn(0)
-        await until(lambda: len(stored(db)) >= 600, what="all replayed after the restart")
+        await until(lambda: len(stored(db)) >= 600, what="all replayed after the restart", timeout=60)
         await publish(solar, "solar-1", 600, 100)  # and live ones after it
-        await until(lambda: len(stored(db)) >= 700, what="live events applied")
+        await until(lambda: len(stored(db)) >= 700, what="live events applied", timeout=60)
         await asyncio.sleep(0.6)
         assert stored(db) == list(range(1, 701))
     finally:

@@ -12,8 +12,8 @@ from services.bus import DecodeError, Publisher, RpcClient, RpcServer, Store, Su
 from services.bus.commands import CancelOffer, Ok, Ping, Pong
 from services.bus.events import OfferClosed
 
-from .conftest import Grid
-from .test_pubsub import reading, secure, until  # noqa: F401 - secure is a fixture
+from tests.support.bus import Grid, reading
+from tests.support.poll import until
 
 
 def outbox(store: Store) -> list[envelope.Envelope]:

@@ -15,8 +15,7 @@ from services.bus import Publisher, Store, envelope
 from services.bus.events import ChainMining
 from services.cli import Follow
 
-from .conftest import Grid
-from .test_pubsub import secure  # noqa: F401 - a fixture
+from tests.support.bus import Grid
 
 GT = [sys.executable, "-m", "services.cli"]
 

@@ -15,8 +15,8 @@ import zmq.asyncio
 from services.bus import Security, envelope
 from services.bus.hub import Hub
 
-from .conftest import Grid
-from .test_pubsub import reading, until
+from tests.support.bus import Grid, reading
+from tests.support.poll import until
 
 
 def frames_of(site: str, topic_site: str | None = None) -> list[bytes]:

@@ -23,41 +23,11 @@ from services.bus import Store, Subscriber, envelope, replay
 from services.bus import events as ev
 from services.bus.events import Authority, Heartbeat
 
-from .conftest import Grid
-from tests.conftest import Sources
+from tests.support.bus import Applied, Grid, Sources, reading
+from tests.support.poll import until
 
 SELLER, BUYER, THIEF = "0x" + "5e" * 20, "0x" + "b0" * 20, "0x" + "66" * 20
 PREFIXES = ["meter.", "trade.", "market.", "chain."]
-
-
-class Recorder:
-    """What an honest subscriber applied, written in the bus transaction."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        store.conn.execute("CREATE TABLE applied (source TEXT, type TEXT, seq INTEGER)")
-
-    def handler(self, env: envelope.Envelope, conn: object) -> None:
-        conn.execute("INSERT INTO applied VALUES (?, ?, ?)", (env.source, env.type, env.seq))  # type: ignore[attr-defined]
-
-    def rows(self) -> list[tuple[str, str, int]]:
-        return list(self.store.conn.execute("SELECT source, type, seq FROM applied ORDER BY rowid"))
-
-    def of(self, source: str) -> list[tuple[str, int]]:
-        return [(t, q) for s, t, q in self.rows() if s == source]
-
-
-async def until(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.05)
-
-
-def reading(site: str, wh: int = 1) -> ev.MeterReading:
-    return ev.MeterReading(site=site, meter="m1", role="producer", energy_wh=wh, power_w=1.0, voltage_v=12.0,
-                           current_a=0.1, relay_closed=False)
 
 
 TRADE = dict(trade_id="t-1", seller=SELLER, buyer=BUYER, seller_site="solar-1", buyer_site="home-7", wh=1000,
@@ -150,9 +120,9 @@ async def sources(grid: Grid, tmp_path: pathlib.Path) -> AsyncIterator[Sources]:
 
 @pytest.fixture
 async def honest(grid: Grid, actx: zmq.asyncio.Context, tmp_path: pathlib.Path,
-                 sources: Sources) -> AsyncIterator[tuple[Subscriber, Recorder]]:
+                 sources: Sources) -> AsyncIterator[tuple[Subscriber, Applied]]:
     await sources.publisher("market/auction")  # its heartbeats tell the subscriber it is connected
-    rec = Recorder(Store(tmp_path / "honest.sqlite"))
+    rec = Applied(Store(tmp_path / "honest.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=PREFIXES,
                      handler=rec.handler, name="home-7 sub", replay_timeout_s=2.0)
     await sub.start()
@@ -173,7 +143,7 @@ def produced(site: str) -> ev.EnergyProduced:
 
 FORGERIES: list[tuple[str, ev.Message, str]] = [
     # meter events naming another site: mint for it, pay from another's escrow, its relay
-    ("probe/meter", reading("solar-1"), "policy:meter.reading"),
+    ("probe/meter", reading(1, "solar-1"), "policy:meter.reading"),
     ("probe/meter", produced("solar-1"), "policy:meter.energy_produced"),
     ("probe/meter", ev.MeterKey(site="solar-1", meter="m1", address=THIEF, account=THIEF, chain_id=1,
                                 registry=THIEF, signature=SIG), "policy:meter.key"),
@@ -197,7 +167,7 @@ HONEST: list[tuple[str, ev.Message]] = [
     ("market/auction", ev.TradeAgreed(offer_id="o-1", **TRADE)),
     ("market/auction", ev.TradeStatus(state="recorded", **TRADE)),
     ("market/auction", ev.TradeHeartbeat(live=["t-1"], sites={"t-1": ["solar-1", "home-7"]})),
-    ("solar-1/meter", reading("solar-1", 5)),
+    ("solar-1/meter", reading(5, "solar-1")),
     ("solar-1/meter", produced("solar-1")),
     ("home-7/meter", ev.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=400)),
     ("market/chain", ev.Settled(trade_id="t-1", delivered_wh=400, paid_wei=4 * 10**15, tx_hash="0x3")),
@@ -206,7 +176,7 @@ HONEST: list[tuple[str, ev.Message]] = [
 
 
 async def test_forgeries_of_a_site_with_a_valid_key_are_counted_and_never_applied(
-        grid: Grid, honest: tuple[Subscriber, Recorder], sources: Sources, hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], sources: Sources, hostile: Hostile) -> None:
     sub, rec = honest
     # a heartbeat for the market's auction (a huge last, to make the subscriber skip its
     # events) and one of the probe's own node claiming the market's site
@@ -214,7 +184,7 @@ async def test_forgeries_of_a_site_with_a_valid_key_are_counted_and_never_applie
     hostile.beat_forever("probe/y", node="probe/y", site="market", last={"trade.agreed.probe": 10**9})
     for source, body, _ in FORGERIES:
         await sources.publish(body, source=source)
-    await sources.publish(reading("probe", 7), source="probe/meter")  # its own reading, after a refused one
+    await sources.publish(reading(7, "probe"), source="probe/meter")  # its own reading, after a refused one
     for source, body in HONEST:
         await sources.publish(body, source=source)
 
@@ -247,7 +217,7 @@ async def test_the_policy_holds_for_replayed_events_too(grid: Grid, actx: zmq.as
         await sources.publish(body, source=source)
     for source, body in HONEST:
         await sources.publish(body, source=source)
-    rec = Recorder(Store(tmp_path / "late.sqlite"))
+    rec = Applied(Store(tmp_path / "late.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=PREFIXES,
                      handler=rec.handler, name="late sub")
     await sub.start()
@@ -269,7 +239,7 @@ async def test_the_policy_holds_for_replayed_events_too(grid: Grid, actx: zmq.as
 
 
 async def test_a_silent_replay_endpoint_stalls_no_other_source(
-        grid: Grid, honest: tuple[Subscriber, Recorder], sources: Sources, hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], sources: Sources, hostile: Hostile) -> None:
     sub, rec = honest
     hostile.mode = "silent"
     # the probe's own node, with a huge last and a replay endpoint that never answers
@@ -278,7 +248,7 @@ async def test_a_silent_replay_endpoint_stalls_no_other_source(
     await until(lambda: "probe/auction" in sub.replaying, what="the probe's replay under way")
     for i in range(30):
         await sources.publish(ev.TradeStatus(state="delivering", delivered_wh=i, **TRADE))
-        await sources.publish(reading("solar-1", i))
+        await sources.publish(reading(i, "solar-1"))
     # every event of the others applied while the probe's replay is still hanging (a state, not a time)
     await until(lambda: len(rec.of("market/auction")) == 30 and len(rec.of("solar-1/meter")) == 30
                 and "probe/auction" in sub.replaying, timeout=sub.replay_timeout_s * 0.9,
@@ -293,7 +263,7 @@ async def test_a_silent_replay_endpoint_stalls_no_other_source(
 
 
 async def test_a_restarted_source_is_replayed_at_its_new_endpoint_without_the_old_backoff(
-        grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], hostile: Hostile) -> None:
     """A publisher that restarts beats with a new replay endpoint: the backoff earned by
     the endpoint that went silent must not hold back the replay from the new one."""
     sub, _ = honest
@@ -318,7 +288,7 @@ async def test_a_restarted_source_is_replayed_at_its_new_endpoint_without_the_ol
 
 
 async def test_a_heartbeats_last_alone_never_skips_events(
-        grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], hostile: Hostile) -> None:
     """A replay that returns nothing while its head says there is more proves nothing:
     the offset stays, and the events that do come are applied (not taken as duplicates)."""
     sub, rec = honest
@@ -326,12 +296,12 @@ async def test_a_heartbeats_last_alone_never_skips_events(
     hostile.beat_forever("probe/meter", node="probe/meter", site="probe", last={"meter.reading.probe": 10**9})
     await until(lambda: sub.drops.counts["replay_unproven"] >= 1, what="the empty replay")
     assert sub.offsets.get(("probe/meter", "meter.reading.probe"), 0) == 0
-    await hostile.send(reading("probe", 1), "probe/meter", seq=1)  # in order: applied
+    await hostile.send(reading(1, "probe"), "probe/meter", seq=1)  # in order: applied
     await until(lambda: rec.of("probe/meter") == [("meter.reading", 1)], what="seq 1 applied")
 
 
 async def test_a_replay_serving_another_sources_events_is_refused(
-        grid: Grid, honest: tuple[Subscriber, Recorder], sources: Sources, hostile: Hostile) -> None:
+        grid: Grid, honest: tuple[Subscriber, Applied], sources: Sources, hostile: Hostile) -> None:
     """Replay data is not vouched for by the hub: rows must be the asked source's own."""
     sub, rec = honest
     hostile.mode = "foreign"
@@ -424,8 +394,8 @@ def test_every_event_type_declares_who_may_publish_it() -> None:
     assert not ev.permitted(ev.TradeAgreed(offer_id="o", **TRADE), "market/chain", auth)
     assert ev.permitted(ev.ChainMining(mining=True), "market/chain", auth)
     assert not ev.permitted(ev.ChainMining(mining=True), "probe/chain", auth)
-    assert ev.permitted(reading("solar-1"), "solar-1/gateway", auth)
-    assert not ev.permitted(reading("solar-1"), "home-7/meter", auth)
+    assert ev.permitted(reading(1, "solar-1"), "solar-1/gateway", auth)
+    assert not ev.permitted(reading(1, "solar-1"), "home-7/meter", auth)
     hb = Heartbeat(node="solar-1/meter", replay="tcp://x:1", site="solar-1", last={})
     assert ev.permitted(hb, "solar-1/meter", auth) and not ev.permitted(hb, "solar-1/cli", auth)
     # the market's parts may run at other sites

@@ -15,45 +15,18 @@ import zmq
 import zmq.asyncio
 
 from services.bus import Publisher, Store, Subscriber, envelope
-from services.bus.events import MeterReading
 
-from .conftest import Grid
-
-
-def reading(i: int, site: str = "solar-1") -> MeterReading:
-    return MeterReading(site=site, meter="m1", role="producer", energy_wh=i, power_w=1.0, voltage_v=12.0,
-                        current_a=0.1, relay_closed=False)
+from tests.support.bus import Applied, Grid, reading
+from tests.support.poll import until
 
 
-class Recorder:
-    """A subscriber's state: the events it applied, written in the bus transaction."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        store.conn.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT, seq INTEGER, i INTEGER)")
-
-    def handler(self, env: envelope.Envelope, conn: object) -> None:
-        conn.execute("INSERT INTO applied VALUES (?, ?, ?)", (env.source, env.seq, env.body.energy_wh))  # type: ignore[attr-defined]
-
-    def values(self) -> list[int]:
-        return [r[0] for r in self.store.conn.execute("SELECT i FROM applied ORDER BY rowid")]
-
-
-def make_sub(grid: Grid, ctx: zmq.asyncio.Context, site: str, rec: Recorder, prefixes: list[str]) -> Subscriber:
+def make_sub(grid: Grid, ctx: zmq.asyncio.Context, site: str, rec: Applied, prefixes: list[str]) -> Subscriber:
     return Subscriber(ctx, grid.security(site), rec.store, hub_sub=grid.hub_sub, prefixes=prefixes,
                       handler=rec.handler, name=f"{site}-sub")
 
 
 def make_pub(grid: Grid, ctx: zmq.asyncio.Context, site: str, store: Store) -> Publisher:
     return Publisher(ctx, grid.security(site), store, source=f"{site}/meter", hub_pub=grid.hub_pub, heartbeat_s=0.2)
-
-
-async def until(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 async def started(*parts: object) -> None:
@@ -63,25 +36,9 @@ async def started(*parts: object) -> None:
         del sec
 
 
-@pytest.fixture
-def secure(grid: Grid):  # type: ignore[no-untyped-def]
-    """Security objects whose ZAP handlers run on the given context."""
-    made = []
-
-    def make(site: str, ctx: zmq.asyncio.Context):  # type: ignore[no-untyped-def]
-        s = grid.security(site)
-        s.start(ctx)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
-
-
 async def test_events_arrive_in_order_over_curve(grid: Grid, actx: zmq.asyncio.Context, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
     sec = secure("solar-1", actx)
-    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    rec = Applied(Store(tmp_path / "sub.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                      handler=rec.handler)
     pub = Publisher(actx, sec, Store(tmp_path / "pub.sqlite"), source="solar-1/meter", hub_pub=grid.hub_pub,
@@ -105,7 +62,7 @@ async def test_subscriber_restarted_mid_stream_applies_each_event_once(grid: Gri
     sub_store = tmp_path / "sub.sqlite"
 
     async def run_sub():  # type: ignore[no-untyped-def]
-        rec = Recorder(Store(sub_store))
+        rec = Applied(Store(sub_store))
         sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub,
                          prefixes=["meter.reading.solar-1"], handler=rec.handler)
         await sub.start()
@@ -157,7 +114,7 @@ PUBLISHER = textwrap.dedent("""
 
 
 async def test_publisher_sigkilled_and_restarted_loses_and_doubles_nothing(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    rec = Applied(Store(tmp_path / "sub.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                      handler=rec.handler)
     await sub.start()
@@ -199,7 +156,7 @@ hub's own drops (other site's topic, frame count) are in test_hub_identity.py.""
 
 
 async def test_bad_frames_are_dropped_and_counted_and_the_subscriber_keeps_working(grid: Grid, actx, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    rec = Applied(Store(tmp_path / "sub.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                      handler=rec.handler)
     await sub.start()
@@ -235,7 +192,7 @@ async def test_events_of_an_open_transaction_are_neither_announced_nor_replayed(
     sec = secure("solar-1", actx)
     store = Store(tmp_path / "pub.sqlite")
     pub = Publisher(actx, sec, store, source="solar-1/meter", hub_pub=grid.hub_pub, heartbeat_s=0.1)
-    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    rec = Applied(Store(tmp_path / "sub.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                      handler=rec.handler)
     await sub.start()
@@ -269,7 +226,7 @@ async def test_a_subscriber_behind_a_pruned_outbox_is_told_and_carries_on(grid: 
         await pub.publish(reading(i))
     with store.transaction() as conn:
         assert pub.outbox.prune(conn, 100) == 200
-    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    rec = Applied(Store(tmp_path / "sub.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                      handler=rec.handler)
     await sub.start()

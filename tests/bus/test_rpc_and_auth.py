@@ -14,8 +14,8 @@ import zmq.auth
 from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
 from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
 
-from .conftest import Grid
-from .test_pubsub import Recorder, reading, until
+from tests.support.bus import Applied, Grid, reading
+from tests.support.poll import until
 
 ADDR = "0x" + "ab" * 20
 
@@ -185,7 +185,7 @@ async def test_a_peer_without_an_allowed_key_gets_nothing_and_sends_nothing(grid
         return s
 
     # a legitimate subscriber and a legitimate publisher
-    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    rec = Applied(Store(tmp_path / "sub.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                      handler=rec.handler)
     await sub.start()
@@ -381,7 +381,7 @@ async def test_a_site_put_on_the_allow_list_while_the_hub_runs_joins_without_a_r
     still be writing their keys)."""
     from services.bus import Publisher, ensure_keys
 
-    rec = Recorder(Store(tmp_path / "sub.sqlite"))
+    rec = Applied(Store(tmp_path / "sub.sqlite"))
     sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
                      handler=rec.handler)
     await sub.start()

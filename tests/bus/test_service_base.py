@@ -8,15 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from services.bus import BusError, Security
 
-from ..conftest import free_port
-from .conftest import Grid
+from tests.support.bus import Grid
+from tests.support.poll import wait
+from tests.support.ports import free_port
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -28,13 +28,12 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def wait_for(url: str, proc: subprocess.Popen) -> tuple[int, bytes]:  # type: ignore[type-arg]
-    for _ in range(300):
+    def answer() -> tuple[int, bytes]:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        try:
-            return get(url)
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
+        return get(url)
+
+    return wait(answer, what=f"{url} to answer", timeout=30, every=0.1,  # type: ignore[no-any-return]
+                retry_on=(OSError,))
 
 
 def test_hub_process_health_metrics_and_clean_stop(grid: Grid) -> None:

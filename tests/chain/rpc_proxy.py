@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from web3 import AsyncWeb3
 
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 
 class RpcProxy:

@@ -13,18 +13,20 @@ from services.bus import commands as C
 from services.bus import events as E
 from services.chain import ledger
 
-from .conftest import PASS, Bus, claimed, site_keystore, start_stack, wait_until
+from tests.support.bus import Grid
+from tests.support.chain import PASS, claimed, site_keystore, start_stack
+from tests.support.poll import until
 
 
-async def test_embedded_restart_is_a_fresh_chain(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
+async def test_embedded_restart_is_a_fresh_chain(grid: Grid, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     ks = site_keystore(tmp_path, "tester")
     alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    stack = await start_stack(bus, tmp_path, f"embedded:{uuid.uuid4().hex}")
+    stack = await start_stack(grid, tmp_path, f"embedded:{uuid.uuid4().hex}")
     try:
         peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
         await claimed(stack, alice, bob)
-        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.ChainTx)
+        await peer.probe.wait_for(lambda: len([u for u in peer.probe.of(E.ChainTx)
                                                   if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         first = ledger.get_meta(stack.operator.store.conn, "deployment")
         await peer.request(C.SetMining(action="stop"), site="market")
@@ -32,23 +34,23 @@ async def test_embedded_restart_is_a_fresh_chain(bus: Bus, tmp_path: pathlib.Pat
     finally:
         await peer.close_clients()
         await stack.stop()
-    stack = await start_stack(bus, tmp_path, f"embedded:{uuid.uuid4().hex}")  # the same stores, a new chain
+    stack = await start_stack(grid, tmp_path, f"embedded:{uuid.uuid4().hex}")  # the same stores, a new chain
     peer.stack = stack
     try:
         assert ledger.get_meta(stack.operator.store.conn, "deployment") != first  # redeployed, not trusted
-        await wait_until(lambda: stack.wallet("tester").deployment.deployment != first)
-        await peer.listener.wait_for(lambda: [u for u in peer.listener.of(E.WalletTx)
+        await until(lambda: stack.wallet("tester").deployment.deployment != first, timeout=60)
+        await peer.probe.wait_for(lambda: [u for u in peer.probe.of(E.WalletTx)
                                               if u.tx_hash == stale and u.status == "failed"])
-        failed = [u for u in peer.listener.of(E.WalletTx) if u.tx_hash == stale and u.status != "pending"]
+        failed = [u for u in peer.probe.of(E.WalletTx) if u.tx_hash == stale and u.status != "pending"]
         assert len(failed) == 1 and "chain reset" in failed[0].reason
         await peer.request(C.Unlock(address=alice, passphrase=PASS))  # the wallet restarted: locked
         # funded again on the new chain (the operator knows the claims from its store)
-        await wait_until(lambda: len(stack.operator.store.conn.execute(
-            "SELECT * FROM chain_funded WHERE chain = ?", (stack.operator.chain_key,)).fetchall()) == 2)
-        await wait_until(lambda: not stack.pending())
+        await until(lambda: len(stack.operator.store.conn.execute(
+            "SELECT * FROM chain_funded WHERE chain = ?", (stack.operator.chain_key,)).fetchall()) == 2, timeout=60)
+        await until(lambda: not stack.pending(), timeout=60)
         assert (await peer.request(C.GetBalances(address=alice))).ether_wei == stack.operator.settings.dev_fund_wei
         h = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=2))).tx_hash
-        await peer.listener.wait_for(lambda: any(u.tx_hash == h and u.status == "confirmed"
-                                                 for u in peer.listener.of(E.WalletTx)))
+        await peer.probe.wait_for(lambda: any(u.tx_hash == h and u.status == "confirmed"
+                                                 for u in peer.probe.of(E.WalletTx)))
     finally:
         await stack.stop()

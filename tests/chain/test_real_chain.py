@@ -23,11 +23,13 @@ from services.bus.prices import wei_for
 from services.chain import bindings
 from services.chain.keystore import Keystore
 from services.chain.node import ANVIL_DEV_KEY, connect
-from tests.chain_fixtures import start_anvil, stop_anvil
+from tests.support.anvil import start_anvil, stop_anvil
 
-from tests.signing import Domains, Meter, agreed
+from tests.support.signing import Domains, Meter, agreed
 
-from .conftest import PASS, TX, Bus, chain_settings, site_keystore, start_chain, start_stack, wait_until
+from tests.support.bus import Grid
+from tests.support.chain import PASS, TX, chain_settings, site_keystore, start_chain, start_stack
+from tests.support.poll import until
 from .rpc_proxy import RpcProxy, rpc, txpool
 
 pytestmark = pytest.mark.anvil
@@ -85,7 +87,7 @@ async def assert_no_gaps(w3: AsyncWeb3, db_paths: list[pathlib.Path], deployed: 
         assert nexts[account] == count, (account, nexts[account], count)
 
 
-async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_path: pathlib.Path,
+async def test_interval_mining_fees_drops_reorg_and_rate_limits(grid: Grid, tmp_path: pathlib.Path,
                                                                 peer_factory: Any) -> None:
     anvil, url = start_anvil()
     proxy = RpcProxy(url)
@@ -95,7 +97,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
     seller = solar_ks.new(PASS, site="solar-1").address
     buyer = home_ks.new(PASS, site="home-7").address
     seller_key, buyer_key = solar_ks.decrypt(seller, PASS), home_ks.decrypt(buyer, PASS)
-    stack = await start_stack(bus, tmp_path, purl, sites=("solar-1", "home-7"), confirmation_depth=2,
+    stack = await start_stack(grid, tmp_path, purl, sites=("solar-1", "home-7"), confirmation_depth=2,
                               replace_after_s=1.0, rpc_timeout_s=1.0, rpc_retries=8, close_grace_s=0.0,
                               dispute_window_s=2)
     svc = stack.operator
@@ -115,7 +117,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
 
     try:
         peer = await peer_factory(stack)
-        ev = peer.listener
+        ev = peer.probe
         await blocks_every_second(w3)
         proxy.fault_rate = 0.06
         proxy.refuse = refuse
@@ -127,7 +129,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         d = Domains.of(svc)
         for m in (*meters, home):
             await peer.publish(m.announce(d))
-        await wait_until(lambda: len(svc.meters.accounts_of(svc.dep.registry_address)) == 4, timeout=90)
+        await until(lambda: len(svc.meters.accounts_of(svc.dep.registry_address)) == 4, timeout=90)
         for i, m in enumerate(meters):
             await peer.publish(m.production(d, 1000))
             await ev.wait_for(lambda i=i: len([u for u in ev.of(E.ChainTx) if u.kind == "mint"
@@ -163,7 +165,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         def mined_settle() -> Any:
             return svc.store.conn.execute("SELECT block FROM chain_txs WHERE kind = 'settle' AND status = 'mined'"
                                           ).fetchone()
-        row = await wait_until(mined_settle, timeout=60, every=0.01)
+        row = await until(mined_settle, timeout=60, every=0.01)
         head = await w3.eth.block_number
         await rpc(w3, "anvil_reorg", head - row[0] + 1, [])
         await ev.wait_for(lambda: ev.of(E.Settled), timeout=90)
@@ -171,7 +173,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
         await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
         await ev.wait_for(lambda: ev.of(E.TradeClosed), timeout=90)
         await ev.wait_for(lambda: all_final(ev), timeout=90)
-        await wait_until(lambda: not stack.pending(), timeout=60)
+        await until(lambda: not stack.pending(), timeout=60)
         proxy.fault_rate = 0.0
         stats = dict(svc.txm.stats)
         injected = dict(proxy.injected)
@@ -231,7 +233,7 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(bus: Bus, tmp_pa
 
 
 async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
-        bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
+        grid: Grid, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     from .test_restart import ChainProcess, up
 
     anvil, url = start_anvil()
@@ -239,8 +241,8 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
     data = tmp_path / "chain"
     seller = Keystore(tmp_path / "solar-1" / "keystore", scrypt_n=1024).new(PASS, site="solar-1").address
     bob = Keystore(tmp_path / "home-7" / "keystore", scrypt_n=1024).new(PASS, site="home-7").address
-    svc = ChainProcess(bus, data, url, tmp_path / "chain.log")
-    wallet = ChainProcess(bus, tmp_path / "solar-1", url, tmp_path / "wallet-solar-1.log", site="solar-1",
+    svc = ChainProcess(grid, data, url, tmp_path / "chain.log")
+    wallet = ChainProcess(grid, tmp_path / "solar-1", url, tmp_path / "wallet-solar-1.log", site="solar-1",
                           operator=svc.endpoint)
     for p in (svc, wallet):
         p.env.update(GRIDTRADE_CONFIRMATION_DEPTH="1", GRIDTRADE_REPLACE_AFTER_S="1")
@@ -258,7 +260,7 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         peer.endpoints = {"operator": (svc.endpoint, "market"), "solar-1": (wallet.endpoint, "solar-1")}
         await up(peer)
         await up(peer, "solar-1", "solar-1")
-        ev = peer.listener
+        ev = peer.probe
         await blocks_every_second(w3)
         await peer.request(C.Unlock(address=seller, passphrase=PASS), site="solar-1")
         d = Domains.of((await ev.wait_for(lambda: ev.of(E.Deployment)))[-1])
@@ -353,7 +355,7 @@ async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         stop_anvil(anvil)
 
 
-async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus, tmp_path: pathlib.Path,
+async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(grid: Grid, tmp_path: pathlib.Path,
                                                                         peer_factory: Any) -> None:
     anvil, url = start_anvil()
     proxy = RpcProxy(url)
@@ -361,8 +363,8 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
     w3 = AsyncWeb3(AsyncHTTPProvider(url, request_kwargs={"timeout": 120}))
     seller = site_keystore(tmp_path, "solar-1").new(PASS, site="solar-1").address
     # the operator on its own line to anvil; the site's wallet (whose view is measured) behind the proxy
-    op = await start_chain(chain_settings(bus, tmp_path / "market", url, logs_range=250))
-    settings = chain_settings(bus, tmp_path / "solar-1", purl, site="solar-1", chain_role="site",
+    op = await start_chain(chain_settings(grid, tmp_path / "market", url, logs_range=250))
+    settings = chain_settings(grid, tmp_path / "solar-1", purl, site="solar-1", chain_role="site",
                               chain_rpc=op.servers[0].endpoint, logs_range=250)
     svc = await start_chain(settings)
     svc2 = None
@@ -378,8 +380,8 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
         for _ in range(count):
             n += 1
             await meters.publish(meter.production(d, n * 1000))
-            await meters.listener.wait_for(lambda: max(m.produced_wh for m in meters.listener.of(E.Minted)) >= n * 1000
-                                           if meters.listener.of(E.Minted) else False, timeout=120)
+            await meters.probe.wait_for(lambda: max(m.produced_wh for m in meters.probe.of(E.Minted)) >= n * 1000
+                                           if meters.probe.of(E.Minted) else False, timeout=120)
 
     async def generated(peer: Any) -> int:
         return int((await peer.request(C.GetBalances(address=seller), site="solar-1")).generated_wh)
@@ -438,7 +440,7 @@ async def test_wallet_view_on_a_long_chain_reads_logs_in_bounded_ranges(bus: Bus
         assert await generated(peer) == (n - 1) * 1000
         assert svc2.minted.rewinds >= 1
         await mint(2)
-        await wait_until(lambda: not op.txm.pending(), timeout=60)
+        await until(lambda: not op.txm.pending(), timeout=60)
         assert await generated(peer) == n * 1000
         token = bindings.attach(w3, op.dep.token_address, op.dep.market_address, op.dep.registry_address).token
         assert await token.functions.balanceOf(seller).call() == n * 1000

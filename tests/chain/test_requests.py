@@ -15,7 +15,8 @@ from services.bus import commands as C
 from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain import ledger
-from .conftest import PASS, Bus, claimed, site_keystore, start_stack
+from tests.support.bus import Grid
+from tests.support.chain import PASS, claimed, site_keystore, start_stack
 
 
 async def error_of(peer: Any, req: Any) -> str:
@@ -26,7 +27,7 @@ async def error_of(peer: Any, req: Any) -> str:
 
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
 async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
-        backend: str, request: pytest.FixtureRequest, bus: Bus, tmp_path: pathlib.Path, peer_factory: Any,
+        backend: str, request: pytest.FixtureRequest, grid: Grid, tmp_path: pathlib.Path, peer_factory: Any,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
@@ -36,7 +37,7 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
     alice = ks.add(key, PASS, name="alice", site="tester").address
     bob = ks.new(PASS, site="tester").address
     stranger = Account.create().address
-    stack = await start_stack(bus, tmp_path, url)
+    stack = await start_stack(grid, tmp_path, url)
     svc = stack.wallet("tester")
     try:
         peer = await peer_factory(stack)
@@ -49,7 +50,7 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
         listed = {a.address: a.unlocked for a in (await peer.request(C.ListAccounts())).accounts}
         assert listed == {alice: True, bob: False}
         await claimed(stack, alice, bob)  # each claimed account is funded once on a dev chain
-        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.ChainTx)
+        await peer.probe.wait_for(lambda: len([u for u in peer.probe.of(E.ChainTx)
                                                   if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         before = await peer.request(C.GetBalances(address=alice))
         assert before.ether_wei == stack.operator.settings.dev_fund_wei and before.site == "tester"
@@ -83,22 +84,22 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
 
 
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
-async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest.FixtureRequest, bus: Bus,
+async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest.FixtureRequest, grid: Grid,
                                                    tmp_path: pathlib.Path, peer_factory: Any) -> None:
     if backend == "anvil":  # mining is switched on this node: use one of our own
-        from tests.chain_fixtures import start_anvil, stop_anvil
+        from tests.support.anvil import start_anvil, stop_anvil
         proc, url = start_anvil()
     else:
         proc, url = None, "embedded"
     ks = site_keystore(tmp_path, "tester")
     alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    stack = await start_stack(bus, tmp_path, url)
+    stack = await start_stack(grid, tmp_path, url)
     svc = stack.wallet("tester")
     try:
         peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
         await claimed(stack, alice, bob)
-        await peer.listener.wait_for(lambda: len([u for u in peer.listener.of(E.ChainTx)
+        await peer.probe.wait_for(lambda: len([u for u in peer.probe.of(E.ChainTx)
                                                   if u.kind == "fund" and u.status == "confirmed"]) >= 2)
         start = (await peer.request(C.GetBalances(address=bob))).ether_wei
         assert (await peer.request(C.SetMining(action="status"), site="market")).mining is True
@@ -111,16 +112,16 @@ async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest
         hashes = [(await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=n))).tx_hash for n in (5, 7)]
         pending = await peer.request(C.ListPending())
         assert [t.tx_hash for t in pending.txs] == hashes
-        await peer.listener.wait_for(lambda: peer.listener.of(E.ChainMining))
+        await peer.probe.wait_for(lambda: peer.probe.of(E.ChainMining))
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start
         await peer.request(C.SetMining(action="start"), site="market")
-        await peer.listener.wait_for(lambda: {u.tx_hash for u in peer.listener.of(E.WalletTx)
+        await peer.probe.wait_for(lambda: {u.tx_hash for u in peer.probe.of(E.WalletTx)
                                               if u.status == "confirmed"} >= set(hashes))
         assert (await peer.request(C.ListPending())).txs == []
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == start + 12
-        assert [m.mining for m in peer.listener.of(E.ChainMining)] == [False, True]
+        assert [m.mining for m in peer.probe.of(E.ChainMining)] == [False, True]
         assert ledger.pending_txs(svc.store.conn) == []
-        assert all(u.site == "tester" for u in peer.listener.of(E.WalletTx))
+        assert all(u.site == "tester" for u in peer.probe.of(E.WalletTx))
     finally:
         await stack.stop()
         if proc is not None:

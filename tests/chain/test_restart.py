@@ -21,24 +21,27 @@ from services.bus.errors import RequestError
 from services.bus.prices import wei_for
 from services.chain import bindings
 from services.chain.keystore import Keystore
-from tests.chain_fixtures import ROOT, answers_rpc, start_anvil, stop_anvil
-from tests.conftest import free_port
+from tests.support.anvil import answers_rpc, start_anvil, stop_anvil
+from tests.support.paths import ROOT
+from tests.support.ports import free_port
 
-from tests.signing import Domains, Meter, agreed
+from tests.support.signing import Domains, Meter, agreed
 
-from .conftest import PASS, TX, Bus, site_keystore, start_stack, wait_until
+from tests.support.bus import Grid
+from tests.support.chain import PASS, TX, site_keystore, start_stack
+from tests.support.poll import until
 
 pytestmark = pytest.mark.anvil
 PRICE = 10**16
 
 
 class ChainProcess:
-    def __init__(self, bus: Bus, data_dir: pathlib.Path, url: str, log: pathlib.Path, site: str = "market",
+    def __init__(self, grid: Grid, data_dir: pathlib.Path, url: str, log: pathlib.Path, site: str = "market",
                  operator: str = "") -> None:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.site = site
-        self.env = {**os.environ, **bus.env(site), "GRIDTRADE_DATA_DIR": str(data_dir),
+        self.env = {**os.environ, **grid.env(site), "GRIDTRADE_DATA_DIR": str(data_dir),
                     "GRIDTRADE_CHAIN_URL": url, "GRIDTRADE_CHAIN_BIND": self.endpoint, "GRIDTRADE_SCRYPT_N": "1024",
                     "GRIDTRADE_POLL_S": "0.05", "GRIDTRADE_RESEND_AFTER_S": "0.5", "GRIDTRADE_SETTLE_WINDOW_S": "0.2",
                     "GRIDTRADE_LOG_LEVEL": "INFO", "GRIDTRADE_BACKOFF_MAX_S": "1", "GRIDTRADE_DISPUTE_WINDOW_S": "2"}
@@ -82,7 +85,7 @@ async def txpool_size(w3: AsyncWeb3) -> int:
     return sum(len(v) for v in pool.values())
 
 
-async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
+async def test_sigkill_while_transactions_pending(grid: Grid, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     anvil, url = start_anvil()
     data = tmp_path / "chain"
     solar_ks = Keystore(tmp_path / "solar-1" / "keystore", scrypt_n=1024)
@@ -90,8 +93,8 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
     home = Keystore(tmp_path / "home-7" / "keystore", scrypt_n=1024)
     buyer, bob = home.new(PASS, site="home-7").address, home.new(PASS, site="home-7").address
     seller_key, buyer_key = solar_ks.decrypt(seller, PASS), home.decrypt(buyer, PASS)
-    svc = ChainProcess(bus, data, url, tmp_path / "chain.log")
-    wallets = {site: ChainProcess(bus, tmp_path / site, url, tmp_path / f"wallet-{site}.log", site=site,
+    svc = ChainProcess(grid, data, url, tmp_path / "chain.log")
+    wallets = {site: ChainProcess(grid, tmp_path / site, url, tmp_path / f"wallet-{site}.log", site=site,
                                   operator=svc.endpoint) for site in ("solar-1", "home-7")}
     w3 = AsyncWeb3(AsyncHTTPProvider(url))
     try:
@@ -104,7 +107,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         await up(peer)
         for site in wallets:
             await up(peer, site, site)
-        ev = peer.listener
+        ev = peer.probe
         for a, site in ((seller, "solar-1"), (buyer, "home-7")):
             await peer.request(C.Unlock(address=a, passphrase=PASS), site=site)
         deployment = await ev.wait_for(lambda: ev.of(E.Deployment))
@@ -162,9 +165,9 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         await ev.wait_for(lambda: ev.of(E.Settled))
         await peer.publish(E.TradeStatus(state="closed", delivered_wh=600, **trade))
         await ev.wait_for(lambda: ev.of(E.TradeClosed))
-        await wait_until(lambda: all(
+        await until(lambda: all(
             any(u.tx_hash == p.tx_hash and u.status != "pending" for u in ev.of(TX))
-            for p in ev.of(TX) if p.status == "pending"))
+            for p in ev.of(TX) if p.status == "pending"), timeout=60)
     except BaseException:
         print(svc.log.read_text()[-6000:])
         for w in wallets.values():
@@ -212,7 +215,7 @@ async def test_sigkill_while_transactions_pending(bus: Bus, tmp_path: pathlib.Pa
         stop_anvil(anvil)
 
 
-async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib.Path, peer_factory: Any) -> None:
+async def test_anvil_restart_reconnects_with_backoff(grid: Grid, tmp_path: pathlib.Path, peer_factory: Any) -> None:
     state = tmp_path / "anvil-state.json"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -231,19 +234,19 @@ async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib
     anvil = run_anvil()
     ks = site_keystore(tmp_path, "tester")
     alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    stack = await start_stack(bus, tmp_path, url)
+    stack = await start_stack(grid, tmp_path, url)
     svc = stack.wallet("tester")
     try:
         peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
-        await wait_until(lambda: len(stack.operator.store.conn.execute("SELECT * FROM chain_funded").fetchall()) == 2
-                         and not stack.pending())
+        await until(lambda: len(stack.operator.store.conn.execute("SELECT * FROM chain_funded").fetchall()) == 2
+                         and not stack.pending(), timeout=60)
         market = svc.dep.market_address
         h1 = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=3))).tx_hash
-        await peer.listener.wait_for(lambda: any(u.tx_hash == h1 and u.status == "confirmed"
-                                                 for u in peer.listener.of(E.WalletTx)))
+        await peer.probe.wait_for(lambda: any(u.tx_hash == h1 and u.status == "confirmed"
+                                                 for u in peer.probe.of(E.WalletTx)))
         stop_anvil(anvil)  # SIGTERM: anvil dumps its state to the file
-        await wait_until(lambda: not svc.connected.is_set() and not stack.operator.connected.is_set())
+        await until(lambda: not svc.connected.is_set() and not stack.operator.connected.is_set(), timeout=60)
         with pytest.raises(RequestError) as ei:
             await peer.request(C.GetBalances(address=alice))
         assert ei.value.code == "chain_unavailable"
@@ -254,8 +257,8 @@ async def test_anvil_restart_reconnects_with_backoff(bus: Bus, tmp_path: pathlib
         assert svc.dep.market_address == market  # same chain (state kept): same contracts
         assert stack.operator.dep.market_address == market
         h2 = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=4))).tx_hash
-        await peer.listener.wait_for(lambda: any(u.tx_hash == h2 and u.status == "confirmed"
-                                                 for u in peer.listener.of(E.WalletTx)))
+        await peer.probe.wait_for(lambda: any(u.tx_hash == h2 and u.status == "confirmed"
+                                                 for u in peer.probe.of(E.WalletTx)))
         assert (await peer.request(C.GetBalances(address=bob))).ether_wei == 100 * 10**18 + 7
         assert svc.reconnects >= 1
     finally:

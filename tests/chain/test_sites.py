@@ -21,9 +21,11 @@ from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain.keystore import KeyFile, Keystore, owner
 
-from tests.signing import Domains, Meter
+from tests.support.signing import Domains, Meter
 
-from .conftest import PASS, Bus, claimed, site_keystore, start_stack, wait_until
+from tests.support.bus import Grid
+from tests.support.chain import PASS, claimed, site_keystore, start_stack
+from tests.support.poll import until
 
 
 async def refused(peer: Any, req: Any, site: str) -> str:
@@ -54,12 +56,12 @@ async def refused_at(peer: Any, req: Any, site: str, to: str) -> str:
     return ei.value.code
 
 
-async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: Bus, tmp_path: pathlib.Path,
+async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(grid: Grid, tmp_path: pathlib.Path,
                                                                           peer_factory: Any) -> None:
     solar = site_keystore(tmp_path, "solar-1").new(PASS, name="solar-1 producer", site="solar-1").address
     home = site_keystore(tmp_path, "home-7").new(PASS, name="home-7 consumer", site="home-7").address
     mine = site_keystore(tmp_path, "probe").new(PASS, name="probe's own", site="probe").address
-    stack = await start_stack(bus, tmp_path, "embedded", sites=("solar-1", "home-7", "probe"))
+    stack = await start_stack(grid, tmp_path, "embedded", sites=("solar-1", "home-7", "probe"))
     try:
         peer = await peer_factory(stack)
         wallet = stack.wallet("solar-1")
@@ -69,10 +71,10 @@ async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: 
         await peer.request(C.Unlock(address=mine, passphrase=PASS), site="probe")
         assert decrypts.calls == 1
         await claimed(stack, solar, home, mine)
-        await wait_until(lambda: not stack.pending() and len(stack.operator.store.conn.execute(
-            "SELECT * FROM chain_funded").fetchall()) == 3)
+        await until(lambda: not stack.pending() and len(stack.operator.store.conn.execute(
+            "SELECT * FROM chain_funded").fetchall()) == 3, timeout=60)
         await peer.request(C.Escrow(account=solar, action="deposit", amount_wei=10**15), site="solar-1")
-        await wait_until(lambda: not stack.pending())
+        await until(lambda: not stack.pending(), timeout=60)
         nonce = await wallet.node.nonce(solar, "latest")
         before = await peer.request(C.GetBalances(address=solar), site="solar-1")
         txs_before = [w.store.conn.execute("SELECT COUNT(*) FROM chain_txs").fetchone()[0]
@@ -113,11 +115,11 @@ async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: 
         forged = [E.WalletAccount(site="probe", address=solar, signature=claims.sign(fake.key, "probe")),
                   E.WalletAccount(site="probe", address=home, signature="0x" + "11" * 65)]
         for n, body in enumerate(forged, 1):
-            await peer.pub.publish(body, source="probe/forger")
-            await wait_until(lambda n=n: stack.operator.claims.refused.get("bad_signature", 0) >= n)
-        await peer.pub.publish(E.WalletAccount(site="solar-1", address=fake.address,
+            await peer.probe.publish(body, source="probe/forger")
+            await until(lambda n=n: stack.operator.claims.refused.get("bad_signature", 0) >= n, timeout=60)
+        await peer.probe.publish(E.WalletAccount(site="solar-1", address=fake.address,
                                                 signature=claims.sign(fake.key, "solar-1")), source="probe/forger")
-        await wait_until(lambda: stack.operator.health()["dropped"].get("policy:wallet.account"))
+        await until(lambda: stack.operator.health()["dropped"].get("policy:wallet.account"), timeout=60)
         assert stack.operator.claims.site_of(solar) == "solar-1" and stack.operator.claims.site_of(home) == "home-7"
         assert stack.operator.claims.site_of(fake.address) == ""
         # a meter key of probe's registered for solar-1's account: refused (the account is
@@ -128,8 +130,8 @@ async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: 
             await peer.publish(m.announce(d))
         await peer.publish(thief.production(d, 5000))
         await peer.publish(own.production(d, 1000))
-        await peer.listener.wait_for(lambda: peer.listener.of(E.Minted))
-        assert [(m.account, m.wh) for m in peer.listener.of(E.Minted)] == [(mine, 1000)]
+        await peer.probe.wait_for(lambda: peer.probe.of(E.Minted))
+        assert [(m.account, m.wh) for m in peer.probe.of(E.Minted)] == [(mine, 1000)]
         assert stack.operator.store.conn.execute(
             "SELECT state, reason FROM job_meters WHERE meter = ?", (thief.address,)).fetchone()[0] == "failed"
 
@@ -163,11 +165,11 @@ async def test_a_site_cannot_make_any_wallet_act_for_another_sites_account(bus: 
         await stack.stop()
 
 
-async def test_unlock_guessing_is_throttled_before_scrypt(bus: Bus, tmp_path: pathlib.Path,
+async def test_unlock_guessing_is_throttled_before_scrypt(grid: Grid, tmp_path: pathlib.Path,
                                                           peer_factory: Any) -> None:
     ks = site_keystore(tmp_path, "probe")
     first, second = ks.new(PASS, site="probe").address, ks.new(PASS, site="probe").address
-    stack = await start_stack(bus, tmp_path, "embedded", sites=("probe",), unlock_max_failures=5,
+    stack = await start_stack(grid, tmp_path, "embedded", sites=("probe",), unlock_max_failures=5,
                               unlock_site_max_failures=8, unlock_window_s=300)
     svc = stack.wallet("probe")
     try:
@@ -194,11 +196,11 @@ async def test_unlock_guessing_is_throttled_before_scrypt(bus: Bus, tmp_path: pa
         await stack.stop()
 
 
-async def test_a_flood_from_one_site_is_busy_while_another_site_is_served(bus: Bus, tmp_path: pathlib.Path,
+async def test_a_flood_from_one_site_is_busy_while_another_site_is_served(grid: Grid, tmp_path: pathlib.Path,
                                                                           peer_factory: Any) -> None:
     mine = site_keystore(tmp_path, "probe").new(PASS, site="probe").address
     solar = site_keystore(tmp_path, "solar-1").new(PASS, site="solar-1").address
-    stack = await start_stack(bus, tmp_path, "embedded", sites=("probe", "solar-1"), rpc_max_inflight_per_site=3,
+    stack = await start_stack(grid, tmp_path, "embedded", sites=("probe", "solar-1"), rpc_max_inflight_per_site=3,
                               unlock_max_failures=100, unlock_site_max_failures=100)
     svc = stack.wallet("probe")
     gate = threading.Event()

@@ -21,17 +21,19 @@ from services.bus import commands as C
 from services.bus import events as E
 from services.bus.prices import wei_for
 from services.chain import bindings
-from tests.signing import Domains, Meter, agreed
+from tests.support.signing import Domains, Meter, agreed
 
-from .conftest import PASS, TX, Bus, rounds, site_keystore, start_stack, wait_until
+from tests.support.bus import Grid
+from tests.support.chain import PASS, TX, rounds, site_keystore, start_stack
+from tests.support.poll import until
 
 PRICE = 10**16  # wei per kWh
 DEPOSIT = 10**18
 
 
 async def settled(peer: Any, hashes: list[str]) -> None:
-    await peer.listener.wait_for(lambda: all(
-        any(isinstance(e, TX) and e.tx_hash == h and e.status == "confirmed" for e in peer.listener.events)
+    await peer.probe.wait_for(lambda: all(
+        any(isinstance(e, TX) and e.tx_hash == h and e.status == "confirmed" for e in peer.probe.bodies())
         for h in hashes))
 
 
@@ -52,7 +54,7 @@ async def ready_to_trade(peer: Any, svc: Any, seller: str, buyer: str, wh: int) 
     for m in (solar, home):
         await peer.publish(m.announce(dm))
     await peer.publish(solar.production(dm, wh))
-    await peer.listener.wait_for(lambda: sum(x.wh for x in peer.listener.of(E.Minted)) >= wh)
+    await peer.probe.wait_for(lambda: sum(x.wh for x in peer.probe.of(E.Minted)) >= wh)
     dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7")
     appr = await peer.request(C.Approve(account=seller, wh=wh), site="solar-1")
     await settled(peer, [dep.tx_hash, appr.tx_hash])
@@ -60,13 +62,13 @@ async def ready_to_trade(peer: Any, svc: Any, seller: str, buyer: str, wh: int) 
 
 
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
-async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureRequest, bus: Bus,
+async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureRequest, grid: Grid,
                                           tmp_path: pathlib.Path, peer_factory: Any) -> None:
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
     seller, seller_key = keys(tmp_path, "solar-1", "solar")
     buyer, buyer_key = keys(tmp_path, "home-7", "home")
     # an early close waits for the buyer meter's final reading, not for a grace period
-    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), close_grace_s=600,
+    stack = await start_stack(grid, tmp_path, url, sites=("solar-1", "home-7"), close_grace_s=600,
                               dispute_window_s=3)
     svc = stack.operator
     reader: AsyncWeb3 | None = None
@@ -81,7 +83,7 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
 
         # cumulative production 1000, then 2000, then 1000 again (old): 2000 tokens in all
         produced = [await peer.publish(solar.production(d, wh)) for wh in (1000, 2000, 1000)]
-        await peer.listener.wait_for(lambda: sum(m.wh for m in peer.listener.of(E.Minted)) >= 2000)
+        await peer.probe.wait_for(lambda: sum(m.wh for m in peer.probe.of(E.Minted)) >= 2000)
 
         dep = await peer.request(C.Escrow(account=buyer, action="deposit", amount_wei=DEPOSIT), site="home-7",
                                  cmd_id="cmd-deposit")
@@ -92,7 +94,7 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
                      wh=1500, price_wei_per_kwh=PRICE)
         agreement = agreed(d, "t-1", seller_key, buyer_key, 1500, PRICE, seller_site="solar-1", buyer_site="home-7")
         agreed_env = await peer.publish(agreement)
-        await peer.listener.wait_for(lambda: peer.listener.of(E.TradeRecorded))
+        await peer.probe.wait_for(lambda: peer.probe.of(E.TradeRecorded))
 
         # the buyer's meter pays; the seller's meter (even signing a consumer reading) and an
         # unsigned reading do not
@@ -100,17 +102,17 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         await peer.publish(Meter("solar-1", seller, key=solar.key).delivery(d, "t-1", 1400))
         await peer.publish(E.Delivery(trade_id="t-1", site="home-7", meter="m2", role="consumer", delivered_wh=1450))
         deliveries = [await peer.publish(home.delivery(d, "t-1", wh)) for wh in (400, 1000)]
-        await peer.listener.wait_for(lambda: any(s.delivered_wh == 1000 for s in peer.listener.of(E.Settled)))
+        await peer.probe.wait_for(lambda: any(s.delivered_wh == 1000 for s in peer.probe.of(E.Settled)))
 
         status_closed = await peer.publish(E.TradeStatus(state="closed", delivered_wh=1200, **trade))
         await asyncio.sleep(1.0)  # the buyer's relay opens a moment after the close ...
-        assert not [u for u in peer.listener.of(E.ChainTx) if u.kind == "close"]
+        assert not [u for u in peer.probe.of(E.ChainTx) if u.kind == "close"]
         deliveries.append(await peer.publish(home.delivery(d, "t-1", 1230, final=True)))  # ... its last reading
-        await peer.listener.wait_for(lambda: [u for u in peer.listener.of(E.ChainTx)
+        await peer.probe.wait_for(lambda: [u for u in peer.probe.of(E.ChainTx)
                                               if u.kind == "close" and u.status == "confirmed"])
         # in the dispute window a higher signed delivery still settles
         deliveries.append(await peer.publish(home.delivery(d, "t-1", 1260, final=True)))
-        closed = await peer.listener.wait_for(lambda: peer.listener.of(E.TradeClosed), timeout=60)
+        closed = await peer.probe.wait_for(lambda: peer.probe.of(E.TradeClosed), timeout=60)
 
         if backend == "embedded":
             w3 = svc.node.w3  # the embedded chain lives inside the service's process
@@ -130,7 +132,7 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
         status = await m.trades(bindings.id32("t-1")).call()
         assert (status[2], status[4]) == (bindings.STATUS_CLOSED, delivered)
 
-        ev = peer.listener
+        ev = peer.probe
         assert sum(x.wh for x in ev.of(E.Minted)) == 2000 and max(x.produced_wh for x in ev.of(E.Minted)) == 2000
         assert len(ev.of(E.TradeRecorded)) == 1
         assert [(c.delivered_wh, c.paid_wei, c.refunded_wei) for c in closed] == [
@@ -147,12 +149,12 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
             [(u.kind, u.ref, u.status) for u in ups]
 
         # each chain event names the bus event (or command) whose job it finished
-        assert {e.cause for e in ev.envelopes if isinstance(e.body, E.Minted)} <= {p.id for p in produced[:2]}
-        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeRecorded)] == [agreed_env.id]
+        assert {e.cause for e in ev.events if isinstance(e.body, E.Minted)} <= {p.id for p in produced[:2]}
+        assert [e.cause for e in ev.events if isinstance(e.body, E.TradeRecorded)] == [agreed_env.id]
         assert all(e.cause in {x.id for x in deliveries} | {status_closed.id}
-                   for e in ev.envelopes if isinstance(e.body, E.Settled))
-        assert [e.cause for e in ev.envelopes if isinstance(e.body, E.TradeClosed)] == [status_closed.id]
-        assert {e.cause for e in ev.envelopes if isinstance(e.body, E.WalletTx) and e.body.tx_hash == dep.tx_hash} \
+                   for e in ev.events if isinstance(e.body, E.Settled))
+        assert [e.cause for e in ev.events if isinstance(e.body, E.TradeClosed)] == [status_closed.id]
+        assert {e.cause for e in ev.events if isinstance(e.body, E.WalletTx) and e.body.tx_hash == dep.tx_hash} \
             == {"cmd-deposit"}  # the deposit's pending and confirmed updates: its command
     finally:
         if reader is not None:
@@ -161,12 +163,12 @@ async def test_trade_driven_by_bus_events(backend: str, request: pytest.FixtureR
 
 
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
-async def test_batched_settlement_and_full_delivery_closes(backend: str, request: pytest.FixtureRequest, bus: Bus,
+async def test_batched_settlement_and_full_delivery_closes(backend: str, request: pytest.FixtureRequest, grid: Grid,
                                                            tmp_path: pathlib.Path, peer_factory: Any) -> None:
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
     seller, seller_key = keys(tmp_path, "solar-1")
     buyer, buyer_key = keys(tmp_path, "home-7")
-    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), settle_window_s=0.5)
+    stack = await start_stack(grid, tmp_path, url, sites=("solar-1", "home-7"), settle_window_s=0.5)
     svc = stack.operator
     try:
         peer = await peer_factory(stack)
@@ -175,11 +177,11 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         for tid in ids:
             await peer.publish(agreed(dm, tid, seller_key, buyer_key, 1000, PRICE, seller_site="solar-1",
                                       buyer_site="home-7"))
-        await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeRecorded)) >= 3)
+        await peer.probe.wait_for(lambda: len(peer.probe.of(E.TradeRecorded)) >= 3)
         for tid in ids:  # full delivery on each: settled together, closed by the contract
             await peer.publish(home.delivery(dm, tid, 1000))
-        await peer.listener.wait_for(lambda: len(peer.listener.of(E.TradeClosed)) >= 3)
-        settles = [u for u in peer.listener.of(E.ChainTx) if u.kind == "settle" and u.status == "confirmed"]
+        await peer.probe.wait_for(lambda: len(peer.probe.of(E.TradeClosed)) >= 3)
+        settles = [u for u in peer.probe.of(E.ChainTx) if u.kind == "settle" and u.status == "confirmed"]
         assert len(settles) < 3, "deliveries due together are settled in a batch"
         for tid in ids:  # fulfilled afterwards: nothing left to close, nothing published twice
             await peer.publish(E.TradeStatus(trade_id=tid, state="fulfilled", seller=seller, buyer=buyer,
@@ -188,19 +190,19 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         d = svc.dep
         assert await d.market.functions.credit(seller).call() == 3 * wei_for(1000, PRICE)
         assert await d.token.functions.balanceOf(buyer).call() == 3000
-        await peer.listener.wait_for(lambda: True)
-        await wait_until(lambda: svc.store.conn.execute(
-            "SELECT MAX(seq) FROM bus_offsets WHERE topic LIKE 'trade.status%'").fetchone()[0] == 3)
+        await peer.probe.wait_for(lambda: True)
+        await until(lambda: svc.store.conn.execute(
+            "SELECT MAX(seq) FROM bus_offsets WHERE topic LIKE 'trade.status%'").fetchone()[0] == 3, timeout=60)
         await rounds(svc)
-        assert len(peer.listener.of(E.TradeClosed)) == 3
-        assert not [u for u in peer.listener.of(E.ChainTx) if u.kind == "close"]
+        assert len(peer.probe.of(E.TradeClosed)) == 3
+        assert not [u for u in peer.probe.of(E.ChainTx) if u.kind == "close"]
     finally:
         await stack.stop()
 
 
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("anvil", marks=pytest.mark.anvil)])
 async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: str, request: pytest.FixtureRequest,
-                                                                     bus: Bus, tmp_path: pathlib.Path,
+                                                                     grid: Grid, tmp_path: pathlib.Path,
                                                                      peer_factory: Any) -> None:
     """Agreements that arrive together are opened in one openBatch; one the contract refuses
     (a bid signature that is not the buyer's) does not keep the others from opening: they are
@@ -210,13 +212,13 @@ async def test_opens_batched_a_bad_agreement_alone_and_held_readings(backend: st
     url = "embedded" if backend == "embedded" else request.getfixturevalue("anvil_url")
     seller, seller_key = keys(tmp_path, "solar-1")
     buyer, buyer_key = keys(tmp_path, "home-7")
-    stack = await start_stack(bus, tmp_path, url, sites=("solar-1", "home-7"), open_window_s=1.0,
+    stack = await start_stack(grid, tmp_path, url, sites=("solar-1", "home-7"), open_window_s=1.0,
                               dispute_window_s=3600)
     svc = stack.operator
     try:
         peer = await peer_factory(stack)
         dm, solar, home = await ready_to_trade(peer, svc, seller, buyer, 6000)
-        ev = peer.listener
+        ev = peer.probe
 
         def agree(tid: str) -> E.TradeAgreed:
             return agreed(dm, tid, seller_key, buyer_key, 1000, PRICE, seller_site="solar-1", buyer_site="home-7")

@@ -21,10 +21,11 @@ from services.bus import commands as C
 from services.bus import typed
 from services.bus.errors import RequestError
 from services.chain.wallet import WalletService, reserve_plan
-from tests.conftest import Sources
-from tests.signing import CHAIN_ID, DOMAIN, MARKET, deployment, later
+from tests.support.signing import CHAIN_ID, DOMAIN, MARKET, deployment, later
 
-from .conftest import PASS, Bus, chain_settings, claimed, site_keystore, start_stack, wait_until
+from tests.support.bus import Grid, Sources
+from tests.support.chain import PASS, chain_settings, claimed, site_keystore, start_stack
+from tests.support.poll import until
 
 
 
@@ -34,22 +35,22 @@ async def code_of(client: RpcClient, req: Any) -> tuple[str, str]:
     return ei.value.code, ei.value.message
 
 
-async def test_the_wallet_signs_offers_and_bids_of_its_own_unlocked_accounts_only(bus: Bus,
+async def test_the_wallet_signs_offers_and_bids_of_its_own_unlocked_accounts_only(grid: Grid,
                                                                                  tmp_path: pathlib.Path) -> None:
     ks = site_keystore(tmp_path, "solar-1")
     mine = ks.new(PASS, name="seller", site="solar-1").address
     locked = ks.new(PASS, name="second", site="solar-1").address
     site_keystore(tmp_path, "probe").new(PASS, name="probe's own", site="probe")
     url = f"embedded:{uuid.uuid4().hex}"  # no contracts at the announced market: signing needs none
-    wallets = {site: WalletService(chain_settings(bus, tmp_path / site, url, site=site, chain_role="site"))
+    wallets = {site: WalletService(chain_settings(grid, tmp_path / site, url, site=site, chain_role="site"))
                for site in ("solar-1", "probe")}
     ctx = zmq.asyncio.Context()
-    sources = Sources(bus, tmp_path / "sources")
+    sources = Sources(grid, tmp_path / "sources")
     clients: list[RpcClient] = []
 
     def client(as_site: str, wallet: str) -> RpcClient:
         w = wallets[wallet]
-        c = RpcClient(ctx, Security(bus.keys, as_site), w.servers[0].endpoint, server_site=w.settings.site)
+        c = RpcClient(ctx, Security(grid.keys, as_site), w.servers[0].endpoint, server_site=w.settings.site)
         clients.append(c)
         return c
 
@@ -64,7 +65,7 @@ async def test_the_wallet_signs_offers_and_bids_of_its_own_unlocked_accounts_onl
         assert code == "chain_unavailable" and "chain.deployment" in msg
 
         await sources.publish(deployment())
-        await wait_until(lambda: wallets["solar-1"].deployment is not None, timeout=30)
+        await until(lambda: wallets["solar-1"].deployment is not None, timeout=30)
 
         signed: C.SignedOffer = await me.request(offer_req, cmd_id="offer-1", timeout=30)
         o = signed.offer
@@ -180,12 +181,12 @@ async def exercise_reserve(ask: ReserveAsk, balances: Callable[[], Awaitable[tup
     assert txs() == before + 1  # the withdrawal
 
 
-async def test_reserve_tops_up_extends_and_refuses_when_free_escrow_is_short(bus: Bus, tmp_path: pathlib.Path,
+async def test_reserve_tops_up_extends_and_refuses_when_free_escrow_is_short(grid: Grid, tmp_path: pathlib.Path,
                                                                               peer_factory: Any) -> None:
     """On the real v2 contracts, deployed by the operator (which also answers the balance
     reads and funds the account on the dev chain)."""
     home = site_keystore(tmp_path, "home-7").new(PASS, name="home-7 consumer", site="home-7").address
-    stack = await start_stack(bus, tmp_path, "embedded", sites=("home-7",))
+    stack = await start_stack(grid, tmp_path, "embedded", sites=("home-7",))
     try:
         peer = await peer_factory(stack)
 
@@ -197,12 +198,12 @@ async def test_reserve_tops_up_extends_and_refuses_when_free_escrow_is_short(bus
             return b.escrow_free_wei, b.escrow_reserved_wei, b.reserved_until
 
         async def settled() -> None:
-            await wait_until(lambda: not stack.pending())
+            await until(lambda: not stack.pending(), timeout=60)
 
         await ask(C.Unlock(address=home, passphrase=PASS))
         await claimed(stack, home)
-        await wait_until(lambda: not stack.pending() and stack.operator.store.conn.execute(
-            "SELECT COUNT(*) FROM chain_funded").fetchone()[0] == 1)
+        await until(lambda: not stack.pending() and stack.operator.store.conn.execute(
+            "SELECT COUNT(*) FROM chain_funded").fetchone()[0] == 1, timeout=60)
         await exercise_reserve(ask, balances, settled, stack.wallet("home-7"), home)
     finally:
         await stack.stop()

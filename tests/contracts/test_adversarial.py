@@ -15,7 +15,7 @@ from services.bus import typed
 from services.chain import bindings as c
 from services.bus.prices import wei_for
 
-from .conftest import DISPUTE_WINDOW_S, PRICE, Env, high_s, make_env, meter_key, new_id
+from tests.support.contracts import DISPUTE_WINDOW_S, PRICE, Env, high_s, make_env, meter_key, new_id
 
 M = "EnergyMarket: "
 

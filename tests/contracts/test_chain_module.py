@@ -15,7 +15,7 @@ from services.bus import typed
 from services.bus.prices import wei_for
 from services.chain import bindings as c
 
-from .conftest import ETHER, Env, new_id
+from tests.support.contracts import ETHER, Env, new_id
 
 ROLES = {"admin": c.DEFAULT_ADMIN_ROLE, "registrar": c.REGISTRAR_ROLE, "operator": c.OPERATOR_ROLE,
          "pauser": c.PAUSER_ROLE}

@@ -13,7 +13,7 @@ from eth_utils import keccak, to_checksum_address
 
 from services.bus import typed
 
-from .conftest import Env, meter_key
+from tests.support.contracts import Env, meter_key
 
 EDGES_256 = [0, 1, 999, 1000, 2**64 - 1, 2**64, 2**128 - 1, 2**255, 2**256 - 1]
 EDGES_64 = [0, 1, 2**32, 2**64 - 1]

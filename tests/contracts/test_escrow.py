@@ -12,7 +12,7 @@ from web3.providers.eth_tester import AsyncEthereumTesterProvider
 from services.bus import typed
 from services.chain import bindings as c
 
-from .conftest import Env, fee, make_env
+from tests.support.contracts import Env, fee, make_env
 
 M = "EnergyMarket: "
 

@@ -39,7 +39,7 @@ from services.bus import typed
 from services.chain import bindings as c
 from services.bus.prices import wei_for
 
-from .conftest import ANVIL_MNEMONIC, high_s
+from tests.support.contracts import ANVIL_MNEMONIC, high_s
 
 N_TRADE_IDS = 10
 MAX_WH = 3000

@@ -11,7 +11,7 @@ import solcx
 from contracts import build
 from services.chain import bindings as c
 
-from .conftest import Env
+from tests.support.contracts import Env
 
 REENTERER = """// SPDX-License-Identifier: MIT
 pragma solidity ^0.8.24;

@@ -9,7 +9,7 @@ from services.bus import typed
 from services.chain import bindings as c
 from services.bus.prices import wei_for
 
-from .conftest import DISPUTE_WINDOW_S, PRICE, Env, high_s, new_id
+from tests.support.contracts import DISPUTE_WINDOW_S, PRICE, Env, high_s, new_id
 
 M = "EnergyMarket: "
 WH = 2000

@@ -10,7 +10,7 @@ from web3 import AsyncWeb3
 from services.bus import typed
 from services.chain import bindings as c
 
-from .conftest import Env, high_s, meter_key
+from tests.support.contracts import Env, high_s, meter_key
 
 ZERO = "0x" + "00" * 20
 

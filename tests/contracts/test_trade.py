@@ -8,7 +8,7 @@ from services.bus import typed
 from services.chain import bindings as c
 from services.bus.prices import wei_for
 
-from .conftest import DISPUTE_WINDOW_S, DURATION_S, ETHER, Env, fee, new_id
+from tests.support.contracts import DISPUTE_WINDOW_S, DURATION_S, ETHER, Env, fee, new_id
 
 PRICE = 123_456_789_012_345  # wei per kWh: not a multiple of 1000, so rounding matters
 WH = 4321

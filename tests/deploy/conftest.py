@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import ARTIFACTS
+from tests.support.paths import ARTIFACTS
 
 from .engine import REPORT
 

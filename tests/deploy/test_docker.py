@@ -38,7 +38,6 @@ import pathlib
 import secrets
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,9 +48,11 @@ from web3 import HTTPProvider, Web3
 
 from services.bus import ensure_keys
 from services.bus import events as E
-from tests.conftest import ARTIFACTS, free_port_block
+from tests.support.paths import ARTIFACTS
+from tests.support.plan import health_at
+from tests.support.ports import free_port_block
 from tests.e2e.flow import CLOSE_AT_WH, check_final, relay_audit, retrying, run_trade
-from tests.e2e.harness import SIM_START, TEST_SITE, Grid, User, Watch
+from tests.e2e.harness import SIM_START, TEST_SITE, Grid, User, watch_bus
 from tests.e2e.test_kill import _nothing_twice
 
 from .engine import (CA_BUNDLE, REPORT, Engine, Ports, Project, Unavailable, build, health_target, image_size,
@@ -193,12 +194,7 @@ class ComposeGrid(Grid):
     urls: dict[str, str] = field(default_factory=dict)  # service -> its /healthz
 
     def health(self, name: str) -> dict[str, Any] | None:
-        url = self.urls[ALIASES.get(name, name)]
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
-                return json.loads(r.read())
-        except (OSError, ValueError):
-            return None
+        return health_at(self.urls[ALIASES.get(name, name)])
 
     def log_tails(self, lines: int = 40) -> str:
         assert self.project is not None
@@ -298,9 +294,8 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
     passphrases = {"solar-1 producer": secrets.token_urlsafe(12), "home-7 consumer": secrets.token_urlsafe(12)}
     session = requests.Session()
     w3 = Web3(HTTPProvider(rpc, session=session))
-    watch = Watch(keys, hub_sub, tmp_path / "watch.sqlite")
+    watch = watch_bus(keys, hub_sub, tmp_path / "watch")
     grid: ComposeGrid | None = None
-    watching = False
     try:
         # 1. each site's account, made in its own wallet's volume
         async def account(service: str, label: str, site: str) -> str:
@@ -333,7 +328,6 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
                          timeout=120)
         REPORT["seconds"]["start-up: up until all healthy, contracts deployed"] = round(time.monotonic() - t0, 1)
         await watch.start()
-        watching = True
         grid.attach_contracts()
         for u in (grid.producer, grid.consumer):
             await u.open()
@@ -421,11 +415,7 @@ async def test_sites_trade_in_compose(images: Images, tmp_path: pathlib.Path) ->
         if grid is not None:
             for u in (grid.producer, grid.consumer):
                 await u.close()
-        if watching:
-            await watch.stop()
-        else:
-            watch.store.conn.close()
-            watch.ctx.destroy(0)
+        await watch.stop()  # what it started, if anything; its store and context
         session.close()
         with contextlib.suppress(Exception):
             await project.run("down", "--volumes", "--remove-orphans", timeout=300, check=False)

@@ -16,24 +16,20 @@ import json
 import os
 import pathlib
 import signal
-import time
-import urllib.request
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import pytest
 import requests
-import zmq.asyncio
 from eth_utils import keccak, to_checksum_address
 from web3 import HTTPProvider, Web3
 
 from services import launcher
-from services.bus import Security, Subscriber, ensure_keys
-from services.bus.store import Store
-from services.chain.bindings import load_artifact
-from tests.conftest import free_port_block
+from services.bus import ensure_keys
+from tests.support.bus import BusProbe
+from tests.support.bus import Grid as HubAddress
+from tests.support.plan import PlanGrid
+from tests.support.ports import free_port_block
 
 TEST_SITE = "e2e-watch"
 SIM_START = "2024-06-21T07:00:00+00:00"  # a clear June morning: production starts at once
@@ -53,53 +49,16 @@ def id32(text: str) -> bytes:
 
 
 
-class Timeout(AssertionError):
-    pass
-
-
 # --- the bus, as the test sees it -------------------------------------------------------
 
-
-@dataclass
-class Seen:
-    source: str
-    ts: float
-    body: Any
-    at: float  # monotonic time the test applied it
+WATCHED = ("meter.relay", "meter.delivery", "meter.energy_produced", "trade.", "chain.", "market.")
 
 
-class Watch:
-    """Every event with the given prefixes, applied once each (a real Subscriber)."""
-
-    PREFIXES = ("meter.relay", "meter.delivery", "meter.energy_produced", "trade.", "chain.", "market.")
-
-    def __init__(self, keys: pathlib.Path, hub_sub: str, store_path: pathlib.Path) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.store = Store(store_path)
-        self.events: list[Seen] = []
-        self.changed = asyncio.Event()
-        self.sub = Subscriber(self.ctx, Security(keys, TEST_SITE), self.store, hub_sub=hub_sub,
-                              prefixes=self.PREFIXES, handler=self._handle, name="e2e-watch")
-        self.on_event: Callable[[Seen], None] | None = None
-
-    def _handle(self, env: Any, conn: Any) -> None:
-        seen = Seen(env.source, env.ts, env.body, time.monotonic())
-        self.events.append(seen)
-        if self.on_event is not None:
-            self.on_event(seen)
-        self.changed.set()
-
-    async def start(self) -> None:
-        await self.sub.start()
-
-    async def stop(self) -> None:
-        await self.sub.stop()
-        self.ctx.destroy(0)
-        self.store.conn.close()
-
-    def of(self, cls: type, **match: Any) -> list[Any]:
-        return [s.body for s in self.events if isinstance(s.body, cls)
-                and all(getattr(s.body, k) == v for k, v in match.items())]
+def watch_bus(keys: pathlib.Path, hub_sub: str, root: pathlib.Path) -> BusProbe:
+    """Every event with the ``WATCHED`` prefixes, applied once each (a real subscriber with
+    the ``TEST_SITE`` key; it only listens)."""
+    return BusProbe(HubAddress(keys=keys, hub_pub="", hub_sub=hub_sub, root=root), root, site=TEST_SITE,
+                    prefixes=WATCHED, name="e2e-watch", wait_connected=False)
 
 
 # --- one person at one gateway ------------------------------------------------------------
@@ -162,7 +121,15 @@ class User:
 
 
 @dataclass
-class Grid:
+class Grid(PlanGrid):
+    """The plan's processes run by ``launcher.Runner``, both users, the watch and a reader of
+    the chain (what :class:`~tests.support.plan.PlanGrid` offers, with the ``until`` of a
+    user: a refused connection, a timeout or a bad answer while a service restarts counts as
+    "not yet")."""
+
+    retry_on = (AssertionError, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
+    every = 0.3
+
     data: pathlib.Path
     options: launcher.Options
     procs: list[launcher.Proc]
@@ -170,7 +137,7 @@ class Grid:
     passphrases: dict[str, str]
     w3: Web3
     http: requests.Session
-    watch: Watch
+    watch: BusProbe
     producer: User
     consumer: User
     token: Any = None
@@ -178,18 +145,6 @@ class Grid:
     kills: list[str] = field(default_factory=list)
 
     # -- processes --
-
-    def proc(self, name: str) -> launcher.Proc:
-        return next(p for p in self.procs if p.name == name)
-
-    def health(self, name: str) -> dict[str, Any] | None:
-        url = self.proc(name).health_url
-        assert url is not None
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
-                return json.loads(r.read())
-        except (OSError, ValueError):
-            return None
 
     async def kill(self, name: str) -> None:
         """SIGKILL the process (its whole group) and reap it."""
@@ -211,39 +166,6 @@ class Grid:
         await self.kill(name)
         await self.start(name)
 
-    # -- waiting and failing --
-
-    def log_tails(self, lines: int = 40) -> str:
-        out = []
-        for p in self.procs:
-            if p.log is None or not p.log.exists():
-                continue
-            tail = p.log.read_text(errors="replace").splitlines()[-lines:]
-            out.append(f"----- {p.name} ({p.log}) -----\n" + "\n".join(tail))
-        return "\n".join(out)
-
-    def fail(self, msg: str) -> None:
-        pytest.fail(f"{msg}\n\nservice log tails:\n{self.log_tails()}", pytrace=False)
-
-    async def until(self, what: str, check: Callable[[], Awaitable[Any]] | Callable[[], Any],
-                    timeout: float = 60, every: float = 0.3) -> Any:
-        """Poll ``check`` until it returns something truthy (exceptions count as not yet)."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            try:
-                r = check()
-                if asyncio.iscoroutine(r) or isinstance(r, Awaitable):
-                    r = await r
-                if r:
-                    return r
-                last = r
-            except (AssertionError, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
-                last = e
-            if time.monotonic() > deadline:
-                self.fail(f"waited {timeout:.0f} s for {what}; last: {last!r}")
-            await asyncio.sleep(every)
-
     async def login(self, user: User, timeout: float = 90) -> None:
         """Log in, again while the gateway or chain is busy or restarting (scrypt is slow on
         a loaded machine: the gateway then answers 503 and a person tries again)."""
@@ -262,11 +184,8 @@ class Grid:
     # -- the chain, read straight --
 
     def attach_contracts(self) -> None:
-        h = self.health("chain")
-        assert h and h.get("market"), h
-        m_art, t_art = load_artifact("EnergyMarket"), load_artifact("EnergyToken")
-        self.market = self.w3.eth.contract(address=to_checksum_address(h["market"]), abi=m_art["abi"])
-        self.token = self.w3.eth.contract(address=self.market.functions.token().call(), abi=t_art["abi"])
+        view = self.chain_view(self.w3)
+        self.market, self.token = view.market, view.token
 
     def onchain(self, address: str, block: int | str = "latest") -> dict[str, int]:
         a = to_checksum_address(address)
@@ -333,7 +252,7 @@ async def start_grid(tmp: pathlib.Path, *, time_scale: float = 1440.0, meter_env
     session = requests.Session()
     w3 = Web3(HTTPProvider(anvil.extra["rpc"], session=session))
     common = next(p for p in procs if p.name == "hub").env
-    watch = Watch(data.resolve() / "keys", common["GRIDTRADE_HUB_SUB"], tmp / "watch.sqlite")
+    watch = watch_bus(data.resolve() / "keys", common["GRIDTRADE_HUB_SUB"], tmp / "watch")
     gw = {p.env["GRIDTRADE_SITE"]: p.public_url for p in procs if p.public_url}
     grid = Grid(data=data, options=opts, procs=procs, runner=runner, passphrases=passphrases, w3=w3, http=session,
                 watch=watch,

@@ -8,14 +8,11 @@ the report close their energy balance and show what the chain settled."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import json
 import os
 import pathlib
 import signal
 import time
-import urllib.request
 from typing import Any
 
 import pytest
@@ -27,7 +24,9 @@ from services.chain.bindings import load_artifact
 from services.simulate.plan import SimOptions, ports_needed
 from services.simulate.run import Simulation
 from services.simulate.scenario import load
-from tests.conftest import free_port_block
+from tests.support import poll
+from tests.support.plan import health_at
+from tests.support.ports import free_port_block
 
 from .harness import cost
 
@@ -36,27 +35,9 @@ SCALE = 720.0  # a simulated day in 120 s of wall time
 HOUR = 3600
 
 
-def health(url: str | None) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
-            return json.loads(r.read())
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 async def until(what: str, check: Any, timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = check()
-            if last:
-                return last
-        except (AssertionError, OSError, ValueError) as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:.0f} s for {what}; last: {last!r}")
-        await asyncio.sleep(every)
+    return await poll.until(check, what=what, timeout=timeout, every=every,
+                            retry_on=(AssertionError, OSError, ValueError))
 
 
 class Chain:
@@ -98,7 +79,7 @@ async def sigkill_and_restarted(sim: Simulation, name: str) -> None:
     await child.wait()
     url = sim.proc(name).health_url
     await until(f"{name} to be restarted and ready",
-                lambda: sim.runner.running[name] is not child and (health(url) or {}).get("ready"), timeout=90)
+                lambda: sim.runner.running[name] is not child and (health_at(url) or {}).get("ready"), timeout=90)
 
 
 @pytest.mark.slow
@@ -114,7 +95,7 @@ async def test_village_20_trades_a_day_through_kills_of_the_auction_and_the_chai
         await sim.start()
         c = sim.collector
         assert c is not None
-        chain = Chain(sim.proc("anvil").extra["rpc"], health(sim.proc("chain").health_url)["market"])
+        chain = Chain(sim.proc("anvil").extra["rpc"], health_at(sim.proc("chain").health_url)["market"])
         t0 = sim.start_sim
 
         async def at_site_time(hours: float) -> None:

@@ -43,6 +43,7 @@ from web3 import HTTPProvider, Web3
 from services.bus import ensure_keys
 from services.chain.bindings import load_artifact
 from services.chain.keystore import Keystore
+from tests.support.poll import wait
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
@@ -78,19 +79,9 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def until(what: str, check: Callable[[], Any], *, timeout: float, every: float = 0.3,
           logs: Callable[[], str] = lambda: "") -> Any:
     """Poll ``check`` until it returns something truthy; errors count as 'not yet'."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            r = check()
-            if r:
-                return r
-            last = r
-        except (AssertionError, OSError, ValueError, KeyError, requests.RequestException) as e:
-            last = e
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout:.0f} s for {what}; last: {last!r}\n{logs()}", pytrace=False)
-        time.sleep(every)
+    return wait(check, what=what, timeout=timeout, every=every,
+                retry_on=(AssertionError, OSError, ValueError, KeyError, requests.RequestException),
+                fail=lambda msg: pytest.fail(f"{msg}\n{logs()}", pytrace=False))
 
 
 # --- the network ------------------------------------------------------------------------

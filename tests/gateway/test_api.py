@@ -15,7 +15,7 @@ from services.bus import commands as cmd
 from services.gateway import models as m
 from services.gateway.routes import ROUTES
 
-from .conftest import Stack, http, login
+from tests.support.gateway import Stack, http, login
 
 
 
@@ -235,7 +235,7 @@ async def test_failed_logins_are_throttled_per_address_and_per_ip(stack: Stack) 
 
 
 async def test_a_backing_service_that_does_not_answer_is_a_503(stack: Stack) -> None:
-    from tests.conftest import free_port
+    from tests.support.ports import free_port
 
     # a gateway whose wallet and auction addresses lead nowhere (nobody listens there)
     gw = await stack.add_gateway("home-7", name="lonely", wallet_rpc=f"tcp://127.0.0.1:{free_port()}",

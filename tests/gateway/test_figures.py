@@ -25,7 +25,7 @@ from services.bus.store import Store
 from services.gateway import figures as fig
 from services.gateway.history import History
 
-from .conftest import Stack, http, login
+from tests.support.gateway import Stack, http, login
 
 T = fig.Tariffs(retail_wei_per_kwh=3 * 10**15, feed_in_wei_per_kwh=5 * 10**14)
 DAY0 = 1_718_928_000  # 2024-06-21 00:00 UTC

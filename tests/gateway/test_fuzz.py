@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from .conftest import Stack, http, login
+from tests.support.gateway import Stack, http, login
 
 
 EXAMPLES = 20

@@ -14,7 +14,7 @@ from web3 import HTTPProvider, Web3
 
 from services.chain.bindings import STATUS_NONE, load_artifact
 
-from .conftest import CLEAR_INTERVAL_S, Stack, http, login
+from tests.support.gateway import CLEAR_INTERVAL_S, Stack, http, login
 from .test_api import error_of
 
 PRICE_SELL = 1000  # wei/kWh: the producer's least price

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import Stack, http, login
-from .realstack import RealStack
+from tests.support.gateway import Stack, http, login
+from tests.support.plan import RealStack
 
 from .test_api import error_of
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from services.launcher import Options, plan
-from tests.conftest import free_port_block
+from tests.support import poll
+from tests.support.ports import free_port_block
 
 
 def test_the_plan_names_every_part_once_with_its_own_ports() -> None:
@@ -152,18 +153,8 @@ class Api:
 
 
 def wait(what: str, check: Any, timeout: float = 120, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            r = check()
-            if r:
-                return r
-            last = r
-        except (AssertionError, OSError, KeyError) as e:
-            last = e
-        time.sleep(every)
-    pytest.fail(f"waited {timeout:.0f} s for {what}; last: {last!r}")
+    return poll.wait(check, what=what, timeout=timeout, every=every, retry_on=(AssertionError, OSError, KeyError),
+                     fail=pytest.fail)
 
 
 @pytest.mark.slow

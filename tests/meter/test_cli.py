@@ -13,7 +13,7 @@ from services.meter.config import MeterConfig, MeterSettings
 from services.meter.drivers import make_driver
 from services.meter.sim import SimParams
 
-from .conftest import ROOT_DIR
+from tests.support.paths import ROOT
 
 
 @pytest.mark.parametrize("kind", ["line", "modbus"])
@@ -21,7 +21,7 @@ async def test_emulate_prints_a_pty_a_meter_can_read(kind: str, tmp_path) -> Non
     link = tmp_path / "meter.tty"
     env = {**os.environ, "GRIDTRADE_LOG_LEVEL": "WARNING", "GRIDTRADE_SIM__TIME_SCALE": "720"}
     proc = subprocess.Popen([sys.executable, "-m", "services.meter", "emulate", "--driver", kind, "--role",
-                             "consumer", "--link", str(link)], cwd=ROOT_DIR, env=env, stdout=subprocess.PIPE,
+                             "consumer", "--link", str(link)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

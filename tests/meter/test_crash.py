@@ -14,7 +14,10 @@ import sys
 
 from services.bus import envelope, typed
 
-from .conftest import ACCOUNT, ROOT_DIR, Bus, Grid, until
+from tests.support.bus import BusProbe, Grid
+from tests.support.meter import ACCOUNT, deploy
+from tests.support.paths import ROOT
+from tests.support.poll import until
 
 
 def in_outbox(db: pathlib.Path, topic: str) -> list:
@@ -32,8 +35,8 @@ def produced_in_outbox(db: pathlib.Path) -> list[int]:
     return [b.produced_wh for b in in_outbox(db, "meter.energy_produced.solar-1")]
 
 
-async def test_sigkill_and_restart_never_announces_a_step_twice_or_skips_one(grid: Grid, bus: Bus) -> None:
-    dep = await bus.deploy()
+async def test_sigkill_and_restart_never_announces_a_step_twice_or_skips_one(grid: Grid, bus: BusProbe) -> None:
+    dep = await deploy(bus)
     env = {**os.environ, **grid.env("solar-1"), "GRIDTRADE_ACCOUNT": ACCOUNT,
            "GRIDTRADE_METERS": json.dumps([{"name": "pv", "role": "producer"}]),
            "GRIDTRADE_SIM": json.dumps({"time_scale": 20000, "start": "2024-06-21T08:00:00Z",
@@ -44,7 +47,7 @@ async def test_sigkill_and_restart_never_announces_a_step_twice_or_skips_one(gri
     kills, upto = 0, 0
     for round_ in range(4):
         before = len(produced_in_outbox(db))
-        proc = subprocess.Popen([sys.executable, "-m", "services.meter"], cwd=ROOT_DIR, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "services.meter"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             await until(lambda: len(produced_in_outbox(db)) >= before + 2 + round_, timeout=60,

@@ -18,7 +18,9 @@ from services.meter.keys import load_or_create, passphrase
 from services.meter.service import MeterService
 from services.meter.sim import SimParams
 
-from .conftest import ACCOUNT, Bus, Grid, until
+from tests.support.bus import BusProbe, Grid
+from tests.support.meter import ACCOUNT, deploy
+from tests.support.poll import until
 from .test_service import NOON, Heartbeats, running, settings, status
 
 METERS = [{"name": "pv", "role": "producer"}, {"name": "grid", "role": "consumer"},
@@ -78,22 +80,21 @@ async def test_keys_are_kept_encrypted_at_the_site_and_survive_a_restart(
     await svc.stop()
 
 
-async def test_what_a_meter_signs_recovers_to_the_address_it_announced(grid: Grid, bus: Bus) -> None:
+async def test_what_a_meter_signs_recovers_to_the_address_it_announced(grid: Grid, bus: BusProbe) -> None:
     """A site with a producer and a consumer meter, buying in one trade and selling in
     another (each meter follows its own side's trade): each key is announced for the site's
     account (registry domain); production (token domain), the consumer's delivery and the
     producer's export (market domain) recover to the announced keys."""
-    assert bus.pub is not None
     sim = SimParams(time_scale=20000, start=NOON, battery={"capacity_wh": 200000, "soc": 0.5})
     s = settings(grid, "home-7", account=ACCOUNT, meters=METERS, sim=sim, delivery_granularity_wh=0)
-    dep = await bus.deploy()
+    dep = await deploy(bus)
     hb = Heartbeats(bus, ["t1", "t2"])
     try:
         async with running(s):
             await until(lambda: len(bus.of("meter.key")) == 2, what="two keys announced")
-            await bus.pub.publish(status("t1", "recorded"))  # home-7 buys: its consumer meter counts
+            await bus.publish(status("t1", "recorded"))  # home-7 buys: its consumer meter counts
             sale = status("t2", "recorded").model_copy(update={"seller_site": "home-7", "buyer_site": "solar-1"})
-            await bus.pub.publish(sale)  # home-7 sells: its producer meter counts the export
+            await bus.publish(sale)  # home-7 sells: its producer meter counts the export
             await until(lambda: bus.of("meter.delivery", meter="grid") and bus.of("meter.delivery", meter="pv")
                         and bus.of("meter.energy_produced"), what="production, delivery and export")
     finally:

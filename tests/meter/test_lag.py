@@ -8,7 +8,9 @@ import asyncio
 
 from services.meter.sim import SimParams
 
-from .conftest import Bus, Grid, until
+from tests.support.bus import BusProbe, Grid
+from tests.support.meter import deploy
+from tests.support.poll import until
 from .test_service import BUYER, NOON, SELLER, Heartbeats, running, settings, status
 
 COMMON = dict(time_scale=360, start=NOON, line_loss=0.03)  # 500 W over the line: 50 Wh a second
@@ -23,19 +25,18 @@ def sites(grid: Grid, *, buyer_account: str | None):  # type: ignore[no-untyped-
     return seller, buyer
 
 
-def seller_opened(bus: Bus) -> list:
+def seller_opened(bus: BusProbe) -> list:
     return [r for r in bus.of("meter.relay", site="solar-1", closed=False) if "flagged" in r.reason]
 
 
-async def test_a_silent_buyer_is_flagged_and_the_sellers_relay_opens(grid: Grid, bus: Bus) -> None:
-    assert bus.pub is not None
+async def test_a_silent_buyer_is_flagged_and_the_sellers_relay_opens(grid: Grid, bus: BusProbe) -> None:
     seller, buyer = sites(grid, buyer_account=BUYER)
     hb = Heartbeats(bus, ["t1"])
-    await bus.deploy()
+    await deploy(bus)
     try:
         async with running(seller) as s, running(buyer) as b:
             await until(lambda: len(bus.of("meter.key", site="home-7")) == 1, what="the buyer's key announced")
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: len(bus.of("meter.delivery", trade_id="t1", site="home-7")) >= 20
                         and len(bus.of("meter.delivery", trade_id="t1", site="solar-1")) >= 20, what="deliveries")
             await asyncio.sleep(4)  # longer than lag_s: a buyer that is heard is never late
@@ -57,16 +58,15 @@ async def test_a_silent_buyer_is_flagged_and_the_sellers_relay_opens(grid: Grid,
     assert [r.closed for r in bus.of("meter.relay", site="solar-1")][-2:] == [True, False]
 
 
-async def test_a_delivery_signed_by_a_key_never_announced_is_not_believed(grid: Grid, bus: Bus) -> None:
+async def test_a_delivery_signed_by_a_key_never_announced_is_not_believed(grid: Grid, bus: BusProbe) -> None:
     """The buyer has no account configured, so its meter key was never announced: its
     deliveries are signed but not believed at the seller, which flags the lag."""
-    assert bus.pub is not None
     seller, buyer = sites(grid, buyer_account=None)
     hb = Heartbeats(bus, ["t1"])
-    await bus.deploy()
+    await deploy(bus)
     try:
         async with running(seller) as s, running(buyer):
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: bus.of("meter.mismatch", trade_id="t1"), what="the lag flagged")
             await until(lambda: seller_opened(bus), what="the seller's relay opened for it")
             health = s.health()

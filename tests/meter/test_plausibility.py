@@ -13,7 +13,9 @@ from services.meter.emulator import LineEmulator, make_emulator
 from services.meter.physics import Counters
 from services.meter.sim import SimParams, SimSite
 
-from .conftest import ACCOUNT, Bus, Grid, until
+from tests.support.bus import BusProbe, Grid
+from tests.support.meter import ACCOUNT, deploy
+from tests.support.poll import until
 from .test_service import NOON, Heartbeats, running, settings, status
 
 RATED = {"time_scale": 3600, "rated_w": 1000}
@@ -64,7 +66,7 @@ def meter_health(svc, name: str) -> dict:  # type: ignore[no-untyped-def]
     return svc.health()["meters"][name]
 
 
-async def test_a_reset_a_step_back_and_a_jump_deliver_no_burst(grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+async def test_a_reset_a_step_back_and_a_jump_deliver_no_burst(grid: Grid, bus: BusProbe, tmp_path: pathlib.Path) -> None:
     """During a live trade the buyer's counter is reset to 0, then steps back 200 Wh, then
     jumps to near 2^63: each is confirmed by consecutive readings and counting goes on from
     there; the delivery never exceeds what really came in over the line, and the relay
@@ -73,12 +75,11 @@ async def test_a_reset_a_step_back_and_a_jump_deliver_no_burst(grid: Grid, bus: 
     emu = await LineEmulator(meter, link=tmp_path / "home.tty").start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
                                            "timeout_s": 0.5, **RATED}], delivery_granularity_wh=0)
-    assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
-    await bus.deploy()
+    await deploy(bus)
     try:
         async with running(s) as svc:
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: meter.relay_closed, what="relay closed")
 
             def delivered() -> int:
@@ -97,7 +98,7 @@ async def test_a_reset_a_step_back_and_a_jump_deliver_no_burst(grid: Grid, bus: 
             assert health["refused"]["backwards"] >= 4 and health["refused"]["too_fast"] >= 2
             assert bus.of("meter.relay", closed=False) == []
             assert meter.relay_closed
-            await bus.pub.publish(status("t1", "fulfilled"))
+            await bus.publish(status("t1", "fulfilled"))
             await until(lambda: bus.of("meter.relay", closed=False), what="relay open at the end")
             await until(lambda: any(d.final for d in bus.of("meter.delivery", trade_id="t1")), what="final delivery")
     finally:
@@ -115,7 +116,7 @@ async def test_a_reset_a_step_back_and_a_jump_deliver_no_burst(grid: Grid, bus: 
     assert sum(b - a > 10**6 for a, b in zip(shown, shown[1:])) == 1
 
 
-async def test_a_jump_to_2_63_mints_nothing_and_the_kwh_go_on(grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+async def test_a_jump_to_2_63_mints_nothing_and_the_kwh_go_on(grid: Grid, bus: BusProbe, tmp_path: pathlib.Path) -> None:
     """A producer's counter leaps to 2^63 - 1 - 10^9: its production does not leap (not a
     mountain of tokens), nor grow on every tick; once confirmed it is the new baseline and
     the production goes on in steps. The counter at 2^63 itself is refused by the line
@@ -126,7 +127,7 @@ async def test_a_jump_to_2_63_mints_nothing_and_the_kwh_go_on(grid: Grid, bus: B
     s = settings(grid, "solar-1", account=ACCOUNT, meters=[{"name": "pv", "role": "producer", "driver": "line",
                                                             "port": emu.path, "timeout_s": 0.5, "trade": False,
                                                             "time_scale": 3600}])
-    await bus.deploy()
+    await deploy(bus)
     try:
         async with running(s) as svc:
             await until(lambda: len(bus.of("meter.energy_produced")) >= 2, what="kWh announced")
@@ -149,7 +150,7 @@ async def test_a_jump_to_2_63_mints_nothing_and_the_kwh_go_on(grid: Grid, bus: B
 
 
 async def test_the_relay_opens_on_implausible_readings_and_on_read_errors(
-        grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+        grid: Grid, bus: BusProbe, tmp_path: pathlib.Path) -> None:
     """A live trade; the buyer's counter races far past the meter's rating (each reading
     another 100 kWh on): refused, never confirmed, the relay opens; once the readings are
     plausible again (the new level confirmed) the relay closes. A counter the protocol
@@ -158,12 +159,11 @@ async def test_the_relay_opens_on_implausible_readings_and_on_read_errors(
     emu = await make_emulator("line", meter, link=tmp_path / "home.tty").start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
                                            "timeout_s": 0.5, **RATED}], delivery_granularity_wh=0)
-    assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
-    await bus.deploy()
+    await deploy(bus)
     try:
         async with running(s) as svc:
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: meter.relay_closed, what="relay closed")
             await until(lambda: bus.of("meter.delivery", trade_id="t1"), what="delivery counted")
             meter.race_wh = 100_000
@@ -189,7 +189,7 @@ async def test_the_relay_opens_on_implausible_readings_and_on_read_errors(
 
 
 async def test_failed_bookkeeping_opens_the_relay_and_never_holds_it(
-        grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+        grid: Grid, bus: BusProbe, tmp_path: pathlib.Path) -> None:
     """The meter's store refuses every update of its counters (a trigger, from another
     connection to the same file): the reads go on, the relay is still driven, and after
     three failed transactions in a row it opens. Once the store works again the relay
@@ -198,13 +198,12 @@ async def test_failed_bookkeeping_opens_the_relay_and_never_holds_it(
     emu = await LineEmulator(meter, link=tmp_path / "home.tty").start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
                                            "timeout_s": 0.5, **RATED}])
-    assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
     db: sqlite3.Connection | None = None
     try:
         async with running(s) as svc:
             db = sqlite3.connect(grid.root / "home-7" / "meter.sqlite", isolation_level=None)
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: meter.relay_closed, what="relay closed")
             db.execute("CREATE TRIGGER broken BEFORE UPDATE ON meter_counters"
                        " BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")

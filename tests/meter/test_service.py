@@ -16,7 +16,9 @@ from services.meter.emulator import LineEmulator, make_emulator
 from services.meter.service import MeterService
 from services.meter.sim import SimParams, SimSite
 
-from .conftest import ACCOUNT, Bus, Grid, until
+from tests.support.bus import BusProbe, Grid
+from tests.support.meter import ACCOUNT, deploy
+from tests.support.poll import until
 
 SELLER, BUYER = "0x" + "11" * 20, "0x" + "22" * 20
 NOON = "2024-06-21T10:00:00Z"
@@ -48,15 +50,14 @@ def status(trade_id: str, state: str, **kw: object) -> TradeStatus:
 class Heartbeats:
     """The auction's trade heartbeat, switchable."""
 
-    def __init__(self, bus: Bus, live: list[str]) -> None:
+    def __init__(self, bus: BusProbe, live: list[str]) -> None:
         self.bus, self.live, self.on = bus, live, True
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        assert self.bus.pub is not None
         while True:
             if self.on:
-                await self.bus.pub.publish(TradeHeartbeat(live=list(self.live)))
+                await self.bus.publish(TradeHeartbeat(live=list(self.live)))
             await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
@@ -77,10 +78,10 @@ def signed_by_the_key(produced: list[EnergyProduced], key: MeterKey) -> bool:
                for p in produced)
 
 
-async def test_producer_signs_its_production_at_each_step(grid: Grid, bus: Bus) -> None:
+async def test_producer_signs_its_production_at_each_step(grid: Grid, bus: BusProbe) -> None:
     sim = SimParams(time_scale=20000, start=NOON, battery={"capacity_wh": 200000, "soc": 0.1})
     s = settings(grid, "solar-1", account=ACCOUNT, meters=[{"name": "pv", "role": "producer"}], sim=sim)
-    dep = await bus.deploy()
+    dep = await deploy(bus)
     async with running(s) as svc:
         await until(lambda: len(bus.of("meter.energy_produced")) >= 5, what="5 kWh announced")
         await until(lambda: bus.of("meter.reading"), what="a reading")
@@ -106,7 +107,7 @@ async def test_producer_signs_its_production_at_each_step(grid: Grid, bus: Bus) 
 
 
 async def test_production_counts_before_the_deployment_and_each_deployment_hears_the_key_once(
-        grid: Grid, bus: Bus) -> None:
+        grid: Grid, bus: BusProbe) -> None:
     """No deployment known: production is counted, nothing is signed. Once it is known the
     key is announced and the production caught up in one signed step; a restart announces
     the key no more; a new deployment hears it again, and the same cumulative production
@@ -117,7 +118,7 @@ async def test_production_counts_before_the_deployment_and_each_deployment_hears
         await until(lambda: any(r.energy_wh > 2500 for r in bus.of("meter.reading")), what="2.5 kWh counted")
     assert bus.of("meter.energy_produced") == [] and bus.of("meter.key") == []
     counted = bus.of("meter.reading")[-1].energy_wh
-    d1 = await bus.deploy(1)
+    d1 = await deploy(bus, 1)
     async with running(s):
         await until(lambda: len(bus.of("meter.energy_produced")) >= 2, what="the production caught up")
     first = bus.of("meter.energy_produced")[0]
@@ -126,7 +127,7 @@ async def test_production_counts_before_the_deployment_and_each_deployment_hears
         n = len(bus.of("meter.energy_produced"))
         await until(lambda: len(bus.of("meter.energy_produced")) >= n + 2, what="more after a restart")
         assert len(bus.of("meter.key")) == 1
-        d2 = await bus.deploy(2)
+        d2 = await deploy(bus, 2)
         await until(lambda: len(bus.of("meter.key")) == 2, what="the key announced to the new deployment")
         await until(lambda: len(bus.of("meter.energy_produced", token=d2.token)) >= 2, what="production for d2")
     k1, k2 = bus.of("meter.key")
@@ -140,7 +141,7 @@ async def test_production_counts_before_the_deployment_and_each_deployment_hears
 
 @pytest.mark.parametrize("kind", ["line", "modbus"])
 async def test_consumer_relay_follows_the_trade_and_fails_safe(
-        kind: str, grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+        kind: str, grid: Grid, bus: BusProbe, tmp_path: pathlib.Path) -> None:
     """A consumer meter on a real serial protocol (emulator on a pty): the relay closes while
     the trade is live, opens when its heartbeat stops, closes again when it is back, opens
     when the trade ends; Delivery counts exactly what the meter measured."""
@@ -149,14 +150,13 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": kind, "port": emu.path,
                                            "timeout_s": 0.5, "time_scale": 3600, "rated_w": 1000}],
                  delivery_granularity_wh=10)
-    assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
-    dep = await bus.deploy()
+    dep = await deploy(bus)
     try:
         async with running(s) as svc:
             await until(lambda: bus.of("meter.reading", meter="grid"), what="a reading")
             assert model.site.state.relay_closed is False
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: bus.of("meter.relay", closed=True), what="relay closed")
             assert model.site.state.relay_closed is True
             assert bus.of("meter.relay", closed=True)[0].trade_id == "t1"
@@ -168,7 +168,7 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
             assert model.site.state.relay_closed is False
             hb.on = True
             await until(lambda: len(bus.of("meter.relay", closed=True)) >= 2, what="closed again")
-            await bus.pub.publish(status("t1", "fulfilled", delivered_wh=0))
+            await bus.publish(status("t1", "fulfilled", delivered_wh=0))
             await until(lambda: len(bus.of("meter.relay", closed=False)) >= 2, what="open at the end")
             await asyncio.sleep(0.5)
             assert model.site.state.relay_closed is False
@@ -197,10 +197,9 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
     assert len(small) <= 2
 
 
-async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
+async def test_seller_cross_checks_the_buyer(grid: Grid, bus: BusProbe) -> None:
     """Two sites, two meter services: matching ends raise no flag; a buyer that measures
     far less than the seller gave is flagged once, at the seller."""
-    assert bus.pub is not None
     common = dict(time_scale=360, start=NOON, line_loss=0.03)
     seller = settings(grid, "solar-1", account=SELLER, meters=[{"name": "out", "role": "producer", "mint": False}],
                       sim=SimParams(**common, line_w=500, battery={"capacity_wh": 50000, "soc": 0.9}),
@@ -208,22 +207,22 @@ async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
     buyer = settings(grid, "home-7", account=BUYER, meters=[{"name": "in", "role": "consumer"}],
                      sim=SimParams(**common, line_w=500), delivery_granularity_wh=0)
     hb = Heartbeats(bus, ["t1", "t2"])
-    dep = await bus.deploy()
+    dep = await deploy(bus)
     try:
         async with running(seller), running(buyer) as b:
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: len(bus.of("meter.delivery", trade_id="t1", site="home-7")) >= 15
                         and len(bus.of("meter.delivery", trade_id="t1", site="solar-1")) >= 15, what="deliveries")
             assert bus.of("meter.mismatch") == []
-            await bus.pub.publish(status("t1", "closed"))
+            await bus.publish(status("t1", "closed"))
             await until(lambda: len(bus.of("meter.relay", site="home-7", closed=False)) >= 1, what="buyer open")
             # the buyer now draws twice what the seller gives
             for r in b.runners:
                 r.driver.sim.site.line_w = 1000  # type: ignore[attr-defined]
-            await bus.pub.publish(status("t2", "recorded"))
+            await bus.publish(status("t2", "recorded"))
             await until(lambda: bus.of("meter.mismatch", trade_id="t2"), what="mismatch flagged")
             await asyncio.sleep(0.5)
-            await bus.pub.publish(status("t2", "closed"))
+            await bus.publish(status("t2", "closed"))
     finally:
         await hb.stop()
     assert bus.of("meter.mismatch", trade_id="t1") == []
@@ -243,7 +242,7 @@ async def test_seller_cross_checks_the_buyer(grid: Grid, bus: Bus) -> None:
 
 
 async def test_a_failing_meter_publishes_nothing_wrong_and_keeps_the_relay_safe(
-        grid: Grid, bus: Bus, tmp_path: pathlib.Path) -> None:
+        grid: Grid, bus: BusProbe, tmp_path: pathlib.Path) -> None:
     """During a live trade: damaged replies make the service command the relay open; an
     unplugged port leaves it to the meter's watchdog; once the meter answers again the
     relay follows the trade again. Readings stay exact and the service stays up."""
@@ -251,12 +250,11 @@ async def test_a_failing_meter_publishes_nothing_wrong_and_keeps_the_relay_safe(
     emu = await LineEmulator(model, link=tmp_path / "home.tty", watchdog_s=0.6).start()
     s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
                                            "timeout_s": 0.2, "time_scale": 3600, "rated_w": 1000}])
-    assert bus.pub is not None
     hb = Heartbeats(bus, ["t1"])
-    await bus.deploy()
+    await deploy(bus)
     try:
         async with running(s) as svc:
-            await bus.pub.publish(status("t1", "recorded"))
+            await bus.publish(status("t1", "recorded"))
             await until(lambda: model.site.state.relay_closed, what="relay closed")
             # every reply damaged for a while: after 3 failed reads the relay is commanded open
             emu.corrupt("checksum", 3)

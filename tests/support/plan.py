@@ -1,7 +1,9 @@
-"""The real micro-grid for the gateway and browser tests: the processes of
-``launcher.plan()`` (anvil, hub, the market's operator, auction, each site's wallet and
-simulated meter, and for the browser the two gateways) as real subprocesses on a random
-block of loopback ports, with their logs in ``<data>/logs``. Each site's accounts are in
+"""The processes of ``launcher.plan()`` as a test sees them (:class:`PlanGrid`: find one,
+ask its health, read its logs, wait for something and fail with the logs' tails, read the
+operator's contracts), and :class:`RealStack`, the real micro-grid for the gateway,
+browser and adversarial tests: the processes of ``launcher.plan()`` (anvil, hub, the
+market's operator, auction, each site's wallet and simulated meter, and for the browser
+the two gateways) as real subprocesses on a random block of loopback ports, with their logs in ``<data>/logs``. Each site's accounts are in
 its own wallet's keystore.
 
 Nothing is timed: every wait is bounded and fails with what it waited for and the tails
@@ -10,27 +12,28 @@ of the service logs. ``stop()`` ends every process it started (its whole process
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import pathlib
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+from web3 import Web3
 
 from services import launcher
+from services.chain import bindings
 from services.chain.keystore import Keystore
-from tests.chain_fixtures import answers_rpc
-from tests.conftest import free_port_block
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from .anvil import answers_rpc, child_pids
+from .paths import ROOT
+from .poll import until, wait
+from .ports import free_port_block
 # a clear June morning in Berlin (the sim's default site): the panel produces at once
 SUNNY = "2024-06-21T07:00:00+00:00"
 # the consumer site has no PV and a low battery: it takes what the line brings
@@ -44,7 +47,79 @@ class Person:
     name: str
 
 
-class RealStack:
+def health_at(url: str | None) -> dict[str, Any] | None:
+    """What a service answers at its /healthz ``url`` (None: no answer, or no URL)."""
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback
+            return dict(json.loads(r.read()))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ChainView:
+    """The node and the operator's contracts, read straight."""
+
+    w3: Web3
+    token: Any
+    market: Any
+    registry: Any
+
+
+class PlanGrid:
+    """What every grid of plan processes offers a test (``procs``: the plan). Waits fail with
+    the tails of the service logs; ``until`` counts the exceptions in ``retry_on`` as "not
+    yet", ``wait`` (blocking) none."""
+
+    procs: list[launcher.Proc]
+    retry_on: tuple[type[BaseException], ...] = (AssertionError,)
+    every: float = 0.2
+
+    def proc(self, name: str) -> launcher.Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def health(self, name: str) -> dict[str, Any] | None:
+        """What ``name`` answers on /healthz (None: no answer, or no health URL)."""
+        return health_at(self.proc(name).health_url)
+
+    def log_tails(self, lines: int = 40) -> str:
+        out = []
+        for p in self.procs:
+            if p.log is not None and p.log.exists():
+                tail = p.log.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"----- {p.name} ({p.log}) -----\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def fail(self, msg: str) -> NoReturn:
+        pytest.fail(f"{msg}\n\nservice log tails:\n{self.log_tails()}", pytrace=False)
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 60, every: float | None = None) -> Any:
+        """Block until ``check`` returns something truthy (an exception fails at once)."""
+        return wait(check, what=what, timeout=timeout, every=every or self.every, fail=self.fail)
+
+    async def until(self, what: str, check: Callable[[], Awaitable[Any] | Any], timeout: float = 60,
+                    every: float | None = None) -> Any:
+        """Poll ``check`` (sync or async) until it returns something truthy."""
+        return await until(check, what=what, timeout=timeout, every=every or self.every, retry_on=self.retry_on,
+                           fail=self.fail)
+
+    def chain_view(self, w3: Web3) -> ChainView:
+        """The operator's contracts (token, market and registry, from the market address the
+        operator reports) on the node ``w3`` reaches."""
+        h = self.health("chain")
+        assert h and h.get("market"), h
+        market = w3.eth.contract(address=Web3.to_checksum_address(h["market"]),
+                                 abi=bindings.load_artifact(bindings.MARKET)["abi"])
+        token = w3.eth.contract(address=market.functions.token().call(),
+                                abi=bindings.load_artifact(bindings.TOKEN)["abi"])
+        registry = w3.eth.contract(address=market.functions.registry().call(),
+                                   abi=bindings.load_artifact(bindings.REGISTRY)["abi"])
+        return ChainView(w3, token, market, registry)
+
+
+class RealStack(PlanGrid):
     """Start the plan's processes (``only``: a subset by name), stop them all."""
 
     def __init__(self, root: pathlib.Path, *, chain_url: str = "anvil", time_scale: float = 1440.0,
@@ -116,9 +191,6 @@ class RealStack:
             self.wait("the chain service to deploy the contracts", lambda: (self.health("chain") or {}).get("market"),
                       timeout=90)
 
-    def proc(self, name: str) -> launcher.Proc:
-        return next(p for p in self.procs if p.name == name)
-
     def spawn(self, name: str) -> None:
         p = self.proc(name)
         assert p.log is not None
@@ -145,7 +217,7 @@ class RealStack:
             return
         if child.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                kids = _children(child.pid) if name == "anvil" else []
+                kids = child_pids(child.pid) if name == "anvil" else []
                 for pid in kids:
                     os.kill(pid, sig)
                 if not kids:
@@ -174,65 +246,3 @@ class RealStack:
     def wallet_rpc(self, site: str) -> str:
         """The request endpoint of ``site``'s wallet."""
         return self.proc(f"wallet-{site}").env["GRIDTRADE_WALLET_RPC"]
-
-    def health(self, name: str) -> dict[str, Any] | None:
-        url = self.proc(name).health_url
-        if url is None:
-            return None
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return dict(json.loads(r.read()))
-        except (OSError, ValueError):
-            return None
-
-    def log_tails(self, lines: int = 40) -> str:
-        out = []
-        for p in self.procs:
-            if p.log is not None and p.log.exists():
-                tail = p.log.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"----- {p.name} ({p.log}) -----\n" + "\n".join(tail))
-        return "\n".join(out)
-
-    def fail(self, msg: str) -> None:
-        pytest.fail(f"{msg}\n\nservice log tails:\n{self.log_tails()}", pytrace=False)
-
-    def wait(self, what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (r := check()):
-            if time.monotonic() > deadline:
-                self.fail(f"waited {timeout:.0f} s for {what}")
-            time.sleep(every)
-        return r
-
-    async def until(self, what: str, check: Callable[[], Awaitable[Any] | Any], timeout: float = 60,
-                    every: float = 0.2) -> Any:
-        """Poll ``check`` (sync or async) until it returns something truthy; AssertionError counts as not yet."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            try:
-                r = check()
-                if asyncio.iscoroutine(r):
-                    r = await r
-                if r:
-                    return r
-                last = r
-            except AssertionError as e:
-                last = e
-            if time.monotonic() > deadline:
-                self.fail(f"waited {timeout:.0f} s for {what}; last: {last!r}")
-            await asyncio.sleep(every)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def attach_logs(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
-    """On a failed test that used a real grid, add the tails of its service logs to the report."""
-    grid = getattr(item, "funcargs", {}).get("real_grid")
-    if report.failed and isinstance(grid, RealStack):
-        report.sections.append(("service log tails", grid.log_tails()))
