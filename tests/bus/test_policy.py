@@ -326,7 +326,7 @@ async def test_a_malformed_replay_reply_is_refused_and_changes_nothing(
     moves no offset; the source is backed off, and its live events in order still apply."""
     sub, rec = honest
     hostile.mode = mode
-    hostile.foreign = [envelope.encode(envelope.make(reading("probe", 1), source="probe/meter", seq=1))[1]]
+    hostile.foreign = [envelope.encode(envelope.make(reading(1, "probe"), source="probe/meter", seq=1))[1]]
     with caplog.at_level("WARNING"):
         hostile.beat_forever("probe/meter", node="probe/meter", site="probe", last={"meter.reading.probe": 5})
         await until(lambda: sub.drops.counts[cause] >= 1, what=f"the {mode} reply refused")
@@ -335,7 +335,7 @@ async def test_a_malformed_replay_reply_is_refused_and_changes_nothing(
     assert sub.offsets.get(("probe/meter", "meter.reading.probe"), 0) == 0
     if mode == "version 1":
         assert any("replay version 1" in r.getMessage() and "upgrade" in r.getMessage() for r in caplog.records)
-    await hostile.send(reading("probe", 1), "probe/meter", seq=1)
+    await hostile.send(reading(1, "probe"), "probe/meter", seq=1)
     await until(lambda: rec.of("probe/meter") == [("meter.reading", 1)], what="seq 1 applied live")
 
 
@@ -361,7 +361,7 @@ async def test_a_malformed_replay_request_is_refused_and_changes_nothing(
     serves nothing, and goes on serving well-formed requests."""
     pub = await sources.publisher("solar-1/meter")
     for i in range(3):
-        await pub.publish(reading("solar-1", i))
+        await pub.publish(reading(i, "solar-1"))
     outbox = list(pub.store.conn.execute("SELECT topic, seq, data FROM bus_outbox ORDER BY topic, seq"))
     sec = grid.security("probe")
     sec.start(actx)
