@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from services.bus import run_service
+from services.bus.service import service_main
 
 from .config import AgentSettings
 from .service import AgentService
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gridtrade agent",
+    return service_main(
+        AgentService, AgentSettings, prog="gridtrade agent", argv=argv,
         description="Run a site's agent: it sells the site's forecast surplus and buys its forecast deficit within "
                     "the owner's limits, signing through the site's own wallet. Configured by GRIDTRADE_* "
                     "environment variables, e.g. GRIDTRADE_SITE, GRIDTRADE_AGENT_ACCOUNT, GRIDTRADE_AGENT_ENABLED, "
                     "GRIDTRADE_AGENT_RESERVE_SOC, GRIDTRADE_AGENT_MAX_TRADE_WH, GRIDTRADE_TARIFF_RETAIL_WEI_PER_KWH.")
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_service(AgentService, AgentSettings())
 
 
 if __name__ == "__main__":

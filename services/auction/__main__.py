@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from services.bus import run_service
+from services.bus.service import service_main
 
 from .config import AuctionSettings
 from .service import AuctionService
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gridtrade auction",
+    return service_main(
+        AuctionService, AuctionSettings, prog="gridtrade auction", argv=argv,
         description="Run the auction service: english auctions (default) and/or the double auction, and the "
                     "trade lifecycle. Configured by GRIDTRADE_* environment variables, e.g. "
                     "GRIDTRADE_AUCTION_MARKET=english|double|both, GRIDTRADE_AUCTION_MIN_INCREMENT_WEI_PER_KWH, "
                     "GRIDTRADE_AUCTION_CLEAR_INTERVAL_S, GRIDTRADE_AUCTION_OPERATOR, GRIDTRADE_AUCTION_BIND.")
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_service(AuctionService, AuctionSettings())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the bus parts it asks for, and a ``/healthz`` + ``/metrics`` endpoint."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -224,6 +225,14 @@ class Service:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.settings.metrics_host, self.settings.metrics_port).start()
+
+
+def service_main(cls: type[Service], settings: Callable[[], BusSettings], *, prog: str, description: str,
+                 argv: list[str] | None = None) -> int:
+    """The whole ``main()`` of a service configured by its environment alone: ``--help`` says
+    ``description``; then :func:`run_service`."""
+    argparse.ArgumentParser(prog=prog, description=description).parse_args(sys.argv[1:] if argv is None else argv)
+    return run_service(cls, settings())
 
 
 def run_service(cls: type[Service], settings: BusSettings) -> int:
