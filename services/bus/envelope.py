@@ -163,7 +163,7 @@ SHARED_TYPES = (b"bus.heartbeat.",)
 once per process, however many subscribers it runs (a simulation's site host runs a few
 hundred), instead of once per subscriber."""
 SHARED_KEEP = 4096
-_shared: dict[bytes, Envelope] = {}
+_shared: dict[tuple[bytes, bytes], Envelope] = {}
 
 
 def decode(frames: list[bytes]) -> Envelope:
@@ -171,12 +171,13 @@ def decode(frames: list[bytes]) -> Envelope:
     of a :data:`SHARED_TYPES` topic give the same envelope (frozen, read only) in this
     process; a frame that does not decode is never kept."""
     if len(frames) == 2 and frames[0].startswith(SHARED_TYPES):
-        env = _shared.get(frames[1])
+        key = (bytes(frames[0]), bytes(frames[1]))  # the topic too: it is checked against the envelope
+        env = _shared.get(key)
         if env is None:
             env = _decode(frames)
             if len(_shared) >= SHARED_KEEP:
                 del _shared[next(iter(_shared))]  # the oldest: dicts keep insertion order
-            _shared[frames[1]] = env
+            _shared[key] = env
         return env
     return _decode(frames)
 

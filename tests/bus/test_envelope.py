@@ -64,6 +64,8 @@ def test_a_heartbeat_is_decoded_once_per_process_whatever_the_number_of_subscrib
     assert envelope.decode(again) is not first and envelope.decode(again).seq == 10
     ev = envelope.encode(envelope.make(Delivery(**DELIVERY), source="home-7/meter", seq=7))
     assert envelope.decode(ev) is not envelope.decode(ev)  # a handler's event is its own
+    with pytest.raises(DecodeError):  # the same envelope under another site's topic: still refused
+        envelope.decode([b"bus.heartbeat.solar-1", frames[1]])
     bad = [frames[0], frames[1].replace(b'"seq":9', b'"seq":0')]
     for _ in range(2):
         with pytest.raises(DecodeError):
