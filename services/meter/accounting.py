@@ -100,6 +100,12 @@ def judge(state: CounterState, value: int, t_start: float, t_end: float, rate_w:
         avail = min(state.credit_wh, COUNTER_STEP_WH) + allowance_wh(rate_w, t_end - state.t)
         if delta <= avail:
             return Judgement(CounterState(value, t_start, min(avail - delta, COUNTER_STEP_WH)), delta, "ok")
+        if delta <= avail + COUNTER_STEP_WH and state.suspect is None:
+            # one whole-Wh step more than the time allows: the counter's rounding (a step
+            # crossed just after the baseline, as after a re-base, which carries no credit).
+            # Counted later, not now: the baseline stays, so the next reading counts it
+            # within its longer window, and nothing is ever counted beyond the allowance.
+            return Judgement(state, 0, "ok")
     # not believed (yet): one more reading of a run that agrees with itself?
     s = state.suspect
     if s is not None and 0 <= value - s.value <= COUNTER_STEP_WH + allowance_wh(rate_w, t_end - s.t):
