@@ -195,4 +195,4 @@ class Hub:
         self.xsub.close(0)
         self.xpub.close(0)
         self.security.stop()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)

@@ -195,7 +195,7 @@ class Service:
         self.security.stop()
         await asyncio.sleep(0)
         self.store.close()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # closes a socket a part left open, where term() would wait for it for ever
         self.m_up.set(0)
 
     async def run(self) -> None:

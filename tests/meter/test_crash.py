@@ -61,7 +61,7 @@ async def test_sigkill_and_restart_never_announces_a_step_twice_or_skips_one(gri
                 upto = len(produced_in_outbox(db))
                 await until(lambda: len(bus.of("meter.energy_produced")) >= upto, timeout=30, what="bus caught up")
                 proc.send_signal(signal.SIGTERM)
-            await until(lambda: proc.poll() is not None, timeout=20, what="the service exited")
+            await until(lambda: proc.poll() is not None, timeout=60, what="the service exited")
         finally:
             if proc.poll() is None:
                 proc.kill()
