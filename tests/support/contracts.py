@@ -172,8 +172,6 @@ class Env:
             [await self.trade(t) for t in trade_ids],
         )
 
-    # ------------------------------------------------------------ time
-
     @contextlib.asynccontextmanager
     async def books_unchanged(self, *trade_ids: str) -> AsyncIterator[None]:
         """What runs inside moves nothing: :meth:`books` (of these trades) reads the same after as before."""
@@ -181,6 +179,8 @@ class Env:
         yield
         after = await self.books(*trade_ids)
         assert after == before, (before, after)
+
+    # ------------------------------------------------------------ time
 
     async def now(self) -> int:
         return int((await self.w3.eth.get_block("latest"))["timestamp"])
