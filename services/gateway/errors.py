@@ -8,6 +8,8 @@ offer one).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -75,3 +77,13 @@ def from_request_error(e: RequestError, service: str) -> ApiError:
     if e.code == refusals.Internal.code:
         return ApiError(status, "upstream_error", f"the {service} service failed: {e.message}")
     return ApiError(status, e.code, e.message)
+
+
+@contextlib.contextmanager
+def refused_by(service: str) -> Iterator[None]:
+    """Around requests to other services: a refusal as the HTTP error :func:`from_request_error`
+    makes of it, named for the service that refused (``service`` when the refusal does not say)."""
+    try:
+        yield
+    except RequestError as e:
+        raise from_request_error(e, e.service or service) from None

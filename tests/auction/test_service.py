@@ -21,7 +21,7 @@ from tests.support.signing import DOMAIN, later as later_s
 
 from tests.support.auction import (BUYERS, OPERATOR, SELLER, FakeChain, Running, key_of, offer, order, outbox,
                                    settings)
-from tests.support.bus import Grid, Sources
+from tests.support.bus import Grid, Sources, raw_socket
 from tests.support.poll import until
 from tests.support.signing import account
 
@@ -98,11 +98,7 @@ def snapshot(m: Running) -> dict[str, list]:  # type: ignore[type-arg]
 async def raw(endpoint: str, grid: Grid, data: bytes) -> dict:  # type: ignore[type-arg]
     """Send bytes that no typed client would send; return the decoded reply."""
     ctx = zmq.asyncio.Context()
-    sec = grid.security("home-7")
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sec.connect_to(sock, endpoint, "market")
-    sock.connect(endpoint)
+    sock = raw_socket(ctx, grid, "home-7", zmq.DEALER, endpoint)
     try:
         await sock.send(data)
         assert await sock.poll(10_000), "no reply to a malformed request"

@@ -215,10 +215,7 @@ async def test_the_sellers_site_closes_a_trade_its_meter_flags_with_the_reason(
         grid: Grid, fake_chain: FakeChain, chain_events: Sources) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
-        o = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-        await m.call(m.bid(o, B1, 1000))
-        tid = f"t-{o}"
-        await until(lambda: outbox(db, "trade.agreed"))
+        tid = await m.agreed()
         await chain_events.publish(ev.TradeRecorded(trade_id=tid, tx_hash="0x01"))
 
         def statuses() -> list[tuple[str, str]]:
@@ -245,10 +242,7 @@ async def test_the_sellers_site_closes_a_trade_its_meter_flags_with_the_reason(
 async def test_the_seller_may_close_its_own_trade(grid: Grid, fake_chain: FakeChain) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
-        o = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-        await m.call(m.bid(o, B1, 1000))
-        tid = f"t-{o}"
-        await until(lambda: outbox(db, "trade.agreed"))
+        tid = await m.agreed()
         # only from the seller's own site
         assert (await refused(m, cmd.CloseTrade(trade_id=tid, by=SELLER), site="home-7"))[0] == "not_allowed"
         assert (await refused(m, cmd.CloseTrade(trade_id=tid, by=SELLER), site="probe"))[0] == "not_allowed"

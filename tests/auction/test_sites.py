@@ -77,9 +77,7 @@ async def test_a_site_cannot_act_for_another_sites_accounts_offers_or_trades(gri
 async def test_the_market_site_may_close_a_trade_as_the_operator(grid: Grid, fake_chain: FakeChain) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
-        o = (await m.call(offer(wh=1000, duration=0.3))).offer_id
-        await m.call(m.bid(o, B1, 1000))
-        await until(lambda: outbox(db, "trade.agreed"), what="trade agreed")
-        assert await m.call(cmd.CloseTrade(trade_id=f"t-{o}", by=OPERATOR), site="market") == cmd.Ok()
+        tid = await m.agreed()
+        assert await m.call(cmd.CloseTrade(trade_id=tid, by=OPERATOR), site="market") == cmd.Ok()
         closed = [s for s in outbox(db, "trade.status") if s["state"] == "closed"]
         assert [c["reason"] for c in closed] == ["closed by the operator"]

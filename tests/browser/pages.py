@@ -4,11 +4,13 @@ test-artifacts/, and to docs/ for the README), and reading amounts the page show
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
 import shutil
 from decimal import Decimal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import zmq.asyncio
@@ -46,6 +48,20 @@ async def open_wallet(browser: Any, url: str, who: Person, viewport: dict[str, i
     await expect(page.locator("#view-wallet")).to_be_visible(timeout=WAIT)
     await expect(page.locator("#live")).to_have_text("live", timeout=WAIT)
     return ctx, page
+
+
+@contextlib.asynccontextmanager
+async def both_wallets(browser: Any, grid: RealStack,
+                       buyer_viewport: dict[str, int] = DESKTOP) -> AsyncIterator[tuple[Page, Page]]:
+    """The producer's wallet on solar-1 and the consumer's on home-7, each in its own browser
+    context (closed on leaving): ``(seller, buyer)``."""
+    pctx, seller = await open_wallet(browser, grid.url("solar-1"), grid.people["producer"])
+    cctx, buyer = await open_wallet(browser, grid.url("home-7"), grid.people["consumer"], viewport=buyer_viewport)
+    try:
+        yield seller, buyer
+    finally:
+        await pctx.close()
+        await cctx.close()
 
 
 async def go(page: Page, view: str) -> None:

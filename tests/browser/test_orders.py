@@ -16,7 +16,7 @@ from playwright.async_api import Page, expect
 
 from tests.support.plan import CONSUMER_SITE, RealStack
 
-from .pages import MOBILE, WAIT, audit, fits, go, number, open_wallet, shot
+from .pages import MOBILE, WAIT, audit, both_wallets, fits, go, number, shot
 
 pytestmark = pytest.mark.browser
 
@@ -41,10 +41,7 @@ async def left_in_call(page: Page) -> float:
 async def test_orders_from_the_form_reach_the_book_and_the_cleared_call_the_chart(
         browser: Any, double_grid: RealStack, artifacts_dir: pathlib.Path) -> None:
     grid = double_grid
-    producer, consumer = grid.people["producer"], grid.people["consumer"]
-    pctx, seller = await open_wallet(browser, grid.url("solar-1"), producer)
-    cctx, buyer = await open_wallet(browser, grid.url("home-7"), consumer, viewport=MOBILE)
-    try:
+    async with both_wallets(browser, grid, buyer_viewport=MOBILE) as (seller, buyer):
         await number(grid, seller.locator("#tokens"), "the producer's tokens to reach 1 kWh", lambda n: n >= 1,
                      timeout=120)
         # the consumer's escrow to buy with
@@ -106,9 +103,6 @@ async def test_orders_from_the_form_reach_the_book_and_the_cleared_call_the_char
         await fits(buyer, "market page after the call at 375 px")
         await audit(seller, "market page with the cleared call")
         assert not seller.errors and not buyer.errors, (seller.errors, buyer.errors)  # type: ignore[attr-defined]
-    finally:
-        await pctx.close()
-        await cctx.close()
 
 
 async def _roomy(page: Page) -> bool:

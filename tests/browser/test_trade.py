@@ -22,7 +22,7 @@ from playwright.async_api import expect
 
 from tests.support.plan import RealStack
 
-from .pages import ROOT, MOBILE, WAIT, audit, fits, go, number, open_wallet, shot, toast, wei
+from .pages import ROOT, MOBILE, WAIT, audit, both_wallets, fits, go, number, open_wallet, shot, toast, wei
 
 pytestmark = pytest.mark.browser
 
@@ -35,9 +35,7 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
                                                             artifacts_dir: pathlib.Path) -> None:
     grid = real_grid
     producer, consumer = grid.people["producer"], grid.people["consumer"]
-    pctx, seller = await open_wallet(browser, grid.url("solar-1"), producer)
-    cctx, buyer = await open_wallet(browser, grid.url("home-7"), consumer)
-    try:
+    async with both_wallets(browser, grid) as (seller, buyer):
         # pages by role: the producer sees tokens, earnings and Sell first; the consumer escrow and offers
         await expect(seller.locator("#role-name")).to_have_text("producer", timeout=WAIT)
         await expect(seller.locator("#tokens-title")).to_be_visible()
@@ -210,6 +208,3 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
             await mctx.close()
         assert Decimal(paid) > 0
         assert not seller.errors and not buyer.errors, (seller.errors, buyer.errors)  # type: ignore[attr-defined]
-    finally:
-        await pctx.close()
-        await cctx.close()

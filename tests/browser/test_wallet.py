@@ -20,7 +20,8 @@ from playwright.async_api import expect
 
 from tests.support.plan import RealStack
 
-from .pages import MOBILE, VIEWS, WAIT, audit, fits, go, number, open_wallet, set_mining_as_market, shot, toast, wei
+from .pages import (MOBILE, VIEWS, WAIT, audit, both_wallets, fits, go, number, open_wallet, set_mining_as_market, shot,
+                    toast, wei)
 
 pytestmark = pytest.mark.browser
 ETH = 10**18
@@ -33,10 +34,8 @@ SUNNY_SIM = 1718953200  # the grid's simulated start, 2024-06-21 07:00 UTC (test
 async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(browser: Any, real_grid: RealStack,
                                                                          artifacts_dir: pathlib.Path) -> None:
     grid = real_grid
-    producer, consumer = grid.people["producer"], grid.people["consumer"]
-    pctx, seller = await open_wallet(browser, grid.url("solar-1"), producer)
-    cctx, buyer = await open_wallet(browser, grid.url("home-7"), consumer)
-    try:
+    consumer = grid.people["consumer"]
+    async with both_wallets(browser, grid) as (seller, buyer):
         # the consumer's page: escrow, explained in one sentence; no tokens or Sell
         await expect(buyer.locator("#role-name")).to_have_text("consumer", timeout=WAIT)
         await expect(buyer.locator("#escrow-explained")).to_be_visible()
@@ -235,6 +234,3 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         await expect(buyer.locator("#login-error")).to_have_text("")
         await expect(buyer.locator("#toasts .toast.bad")).to_have_count(0)
         assert not seller.errors and not buyer.errors, (seller.errors, buyer.errors)  # type: ignore[attr-defined]
-    finally:
-        await pctx.close()
-        await cctx.close()

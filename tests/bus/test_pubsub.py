@@ -14,19 +14,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from services.bus import Publisher, Store, Subscriber, envelope
+from services.bus import Publisher, Store, envelope
 
-from tests.support.bus import Applied, Grid, reading
+from tests.support.bus import Applied, Grid, raw_socket, reading
 from tests.support.poll import until
-
-
-def make_sub(grid: Grid, ctx: zmq.asyncio.Context, site: str, rec: Applied, prefixes: list[str]) -> Subscriber:
-    return Subscriber(ctx, grid.security(site), rec.store, hub_sub=grid.hub_sub, prefixes=prefixes,
-                      handler=rec.handler, name=f"{site}-sub")
-
-
-def make_pub(grid: Grid, ctx: zmq.asyncio.Context, site: str, store: Store) -> Publisher:
-    return Publisher(ctx, grid.security(site), store, source=f"{site}/meter", hub_pub=grid.hub_pub, heartbeat_s=0.2)
 
 
 async def started(*parts: object) -> None:
@@ -39,8 +30,7 @@ async def started(*parts: object) -> None:
 async def test_events_arrive_in_order_over_curve(grid: Grid, actx: zmq.asyncio.Context, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
     sec = secure("solar-1", actx)
     rec = Applied(Store(tmp_path / "sub.sqlite"))
-    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                     handler=rec.handler)
+    sub = rec.subscriber(actx, grid)
     pub = Publisher(actx, sec, Store(tmp_path / "pub.sqlite"), source="solar-1/meter", hub_pub=grid.hub_pub,
                     heartbeat_s=0.2)
     await sub.start()
@@ -63,8 +53,7 @@ async def test_subscriber_restarted_mid_stream_applies_each_event_once(grid: Gri
 
     async def run_sub():  # type: ignore[no-untyped-def]
         rec = Applied(Store(sub_store))
-        sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub,
-                         prefixes=["meter.reading.solar-1"], handler=rec.handler)
+        sub = rec.subscriber(actx, grid, prefixes=["meter.reading.solar-1"])
         await sub.start()
         return rec, sub
 
@@ -115,8 +104,7 @@ PUBLISHER = textwrap.dedent("""
 
 async def test_publisher_sigkilled_and_restarted_loses_and_doubles_nothing(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rec = Applied(Store(tmp_path / "sub.sqlite"))
-    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                     handler=rec.handler)
+    sub = rec.subscriber(actx, grid)
     await sub.start()
     args = [sys.executable, "-c", PUBLISHER, str(grid.keys), grid.hub_pub, str(tmp_path / "pub.sqlite"), "600"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -157,13 +145,9 @@ hub's own drops (other site's topic, frame count) are in test_hub_identity.py.""
 
 async def test_bad_frames_are_dropped_and_counted_and_the_subscriber_keeps_working(grid: Grid, actx, secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rec = Applied(Store(tmp_path / "sub.sqlite"))
-    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                     handler=rec.handler)
+    sub = rec.subscriber(actx, grid)
     await sub.start()
-    raw = actx.socket(zmq.PUB)
-    raw.linger = 0
-    grid.security("solar-1").connect_to(raw, grid.hub_pub, "market")
-    raw.connect(grid.hub_pub)
+    raw = raw_socket(actx, grid, "solar-1", zmq.PUB, grid.hub_pub)
     sec = secure("solar-1", actx)
     pub = Publisher(actx, sec, Store(tmp_path / "pub.sqlite"), source="solar-1/meter", hub_pub=grid.hub_pub, heartbeat_s=0.2)
     await pub.start()
@@ -193,8 +177,7 @@ async def test_events_of_an_open_transaction_are_neither_announced_nor_replayed(
     store = Store(tmp_path / "pub.sqlite")
     pub = Publisher(actx, sec, store, source="solar-1/meter", hub_pub=grid.hub_pub, heartbeat_s=0.1)
     rec = Applied(Store(tmp_path / "sub.sqlite"))
-    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                     handler=rec.handler)
+    sub = rec.subscriber(actx, grid)
     await sub.start()
     await pub.start()
     await until(sub.connected.is_set)
@@ -227,8 +210,7 @@ async def test_a_subscriber_behind_a_pruned_outbox_is_told_and_carries_on(grid: 
     with store.transaction() as conn:
         assert pub.outbox.prune(conn, 100) == 200
     rec = Applied(Store(tmp_path / "sub.sqlite"))
-    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                     handler=rec.handler)
+    sub = rec.subscriber(actx, grid)
     await sub.start()
     await until(lambda: len(rec.values()) == 100)
     await pub.publish(reading(300))

@@ -11,22 +11,30 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store, Subscriber
+from services.bus import Caller, RequestError, RequestTimeout, RpcClient, RpcServer, Security, Store
 from services.bus.commands import CancelOffer, Ok, Ping, Pong, ReplyEnvelope, wrap
 
-from tests.support.bus import Applied, Grid, reading
+from tests.support.bus import Applied, Grid, raw_socket, reading
 from tests.support.poll import until
 
 ADDR = "0x" + "ab" * 20
 
 
-@pytest.fixture
-async def server(grid: Grid, actx: zmq.asyncio.Context, tmp_path):  # type: ignore[no-untyped-def]
+def market_server(grid: Grid, actx: zmq.asyncio.Context, tmp_path, cancels: str = "",  # type: ignore[no-untyped-def]
+                  **kw: Any) -> tuple[Security, Store, RpcServer]:
+    """The market's RPC server on a random loopback port (its key started, not yet serving),
+    with a store of its own; ``cancels``: the columns of a ``cancels`` table to create in it."""
     sec = grid.security("market")
     sec.start(actx)
     store = Store(tmp_path / "srv.sqlite")
-    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
-    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+    if cancels:
+        store.conn.execute(f"CREATE TABLE cancels ({cancels})")
+    return sec, store, RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*", **kw)
+
+
+@pytest.fixture
+async def server(grid: Grid, actx: zmq.asyncio.Context, tmp_path):  # type: ignore[no-untyped-def]
+    sec, store, srv = market_server(grid, actx, tmp_path, "offer TEXT")
 
     async def cancel(req: CancelOffer, caller: Caller) -> Ok:
         if req.offer_id == "bad":
@@ -84,10 +92,7 @@ async def test_errors_are_clear_and_change_nothing(server, grid: Grid, actx) -> 
         await client.request(CancelOffer(offer_id="boom", seller=ADDR))
     assert e.value.code == "closed"
     assert cancels(store) == []
-    raw = actx.socket(zmq.DEALER)
-    raw.linger = 0
-    grid.security("home-7").connect_to(raw, srv.endpoint, "market")
-    raw.connect(srv.endpoint)
+    raw = raw_socket(actx, grid, "home-7", zmq.DEALER, srv.endpoint)
     for junk in (b"not json", b'{"v":1,"type":"auction.cancel","cmd_id":"x","body":{"offer_id":"o"}}',
                  b'{"v":1,"type":"nope","cmd_id":"y","body":{}}', b'{"v":7,"type":"ping","cmd_id":"z","body":{}}'):
         await raw.send(junk)
@@ -100,11 +105,7 @@ async def test_errors_are_clear_and_change_nothing(server, grid: Grid, actx) -> 
 
 
 async def test_timeout_then_retry_with_the_same_id_executes_once(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    sec = grid.security("market")
-    sec.start(actx)
-    store = Store(tmp_path / "srv.sqlite")
-    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
-    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+    sec, store, srv = market_server(grid, actx, tmp_path, "offer TEXT")
     gate = asyncio.Event()
 
     async def slow_cancel(req: CancelOffer, caller: Caller) -> Ok:
@@ -186,13 +187,9 @@ async def test_a_peer_without_an_allowed_key_gets_nothing_and_sends_nothing(grid
 
     # a legitimate subscriber and a legitimate publisher
     rec = Applied(Store(tmp_path / "sub.sqlite"))
-    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                     handler=rec.handler)
+    sub = rec.subscriber(actx, grid)
     await sub.start()
-    legit = actx.socket(zmq.PUB)
-    legit.linger = 0
-    grid.security("solar-1").connect_to(legit, grid.hub_pub, "market")
-    legit.connect(grid.hub_pub)
+    legit = raw_socket(actx, grid, "solar-1", zmq.PUB, grid.hub_pub)
     # the stranger listens on the hub and tries to publish and to call the server
     spy = stranger(zmq.SUB)
     spy.subscribe(b"")
@@ -219,11 +216,7 @@ async def test_a_peer_without_an_allowed_key_gets_nothing_and_sends_nothing(grid
 
 
 async def test_prefetch_runs_outside_the_transaction_and_a_retry_skips_it(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    sec = grid.security("market")
-    sec.start(actx)
-    store = Store(tmp_path / "srv.sqlite")
-    store.conn.execute("CREATE TABLE cancels (offer TEXT, seen TEXT)")
-    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+    sec, store, srv = market_server(grid, actx, tmp_path, "offer TEXT, seen TEXT")
     fetched: list[str] = []
 
     async def prefetch(req: CancelOffer, caller: Caller) -> str:
@@ -254,10 +247,7 @@ async def test_prefetch_runs_outside_the_transaction_and_a_retry_skips_it(grid: 
 
 
 async def test_a_handler_knows_which_site_asked_whatever_the_body_says(grid: Grid, actx, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    sec = grid.security("market")
-    sec.start(actx)
-    store = Store(tmp_path / "srv.sqlite")
-    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*")
+    sec, store, srv = market_server(grid, actx, tmp_path)
     seen: list[tuple[str, str | None]] = []
 
     async def cancel(req: CancelOffer, caller: Caller) -> Ok:
@@ -291,11 +281,7 @@ async def test_a_handler_knows_which_site_asked_whatever_the_body_says(grid: Gri
 
 def cancels_server(grid: Grid, actx, tmp_path, **kw) -> tuple[Any, Store, RpcServer]:  # type: ignore[no-untyped-def]
     """A market-keyed request server whose CancelOffer records the offer in ``cancels``."""
-    sec = grid.security("market")
-    sec.start(actx)
-    store = Store(tmp_path / "srv.sqlite")
-    store.conn.execute("CREATE TABLE cancels (offer TEXT)")
-    srv = RpcServer(actx, sec, store, bind="tcp://127.0.0.1:*", **kw)
+    sec, store, srv = market_server(grid, actx, tmp_path, "offer TEXT", **kw)
 
     async def cancel(req: CancelOffer, caller: Caller) -> Ok:
         store.conn.execute("INSERT INTO cancels VALUES (?)", (req.offer_id,))
@@ -382,8 +368,7 @@ async def test_a_site_put_on_the_allow_list_while_the_hub_runs_joins_without_a_r
     from services.bus import Publisher, ensure_keys
 
     rec = Applied(Store(tmp_path / "sub.sqlite"))
-    sub = Subscriber(actx, grid.security("home-7"), rec.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                     handler=rec.handler)
+    sub = rec.subscriber(actx, grid)
     await sub.start()
     await asyncio.sleep(1.1)  # the hub's handler read allowed/ longer ago than it waits between reads
     ensure_keys(grid.keys, "late")

@@ -14,20 +14,16 @@ from services.bus import events as E
 from services.chain import ledger
 
 from tests.support.bus import Grid
-from tests.support.chain import PASS, claimed, site_keystore, start_stack
+from tests.support.chain import PASS, stack_with_two_accounts, start_stack
 from tests.support.poll import until
 
 
 async def test_embedded_restart_is_a_fresh_chain(grid: Grid, tmp_path: pathlib.Path, peer_factory: Any) -> None:
-    ks = site_keystore(tmp_path, "tester")
-    alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    stack = await start_stack(grid, tmp_path, f"embedded:{uuid.uuid4().hex}")
+    stack, alice, bob = await stack_with_two_accounts(grid, tmp_path, f"embedded:{uuid.uuid4().hex}")
     try:
         peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
-        await claimed(stack, alice, bob)
-        await peer.probe.wait_for(lambda: len([u for u in peer.probe.of(E.ChainTx)
-                                                  if u.kind == "fund" and u.status == "confirmed"]) >= 2)
+        await peer.funded(alice, bob)
         first = ledger.get_meta(stack.operator.store.conn, "deployment")
         await peer.request(C.SetMining(action="stop"), site="market")
         stale = (await peer.request(C.Transfer(sender=alice, to=bob, amount_wei=1))).tx_hash

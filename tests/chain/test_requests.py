@@ -16,7 +16,7 @@ from services.bus import events as E
 from services.bus.errors import RequestError
 from services.chain import ledger
 from tests.support.bus import Grid
-from tests.support.chain import PASS, claimed, site_keystore, start_stack
+from tests.support.chain import PASS, site_keystore, stack_with_two_accounts, start_stack
 
 
 async def error_of(peer: Any, req: Any) -> str:
@@ -49,9 +49,7 @@ async def test_bad_requests_send_nothing_and_secrets_stay_out_of_logs(
         assert unlocked.address == alice
         listed = {a.address: a.unlocked for a in (await peer.request(C.ListAccounts())).accounts}
         assert listed == {alice: True, bob: False}
-        await claimed(stack, alice, bob)  # each claimed account is funded once on a dev chain
-        await peer.probe.wait_for(lambda: len([u for u in peer.probe.of(E.ChainTx)
-                                                  if u.kind == "fund" and u.status == "confirmed"]) >= 2)
+        await peer.funded(alice, bob)  # each claimed account is funded once on a dev chain
         before = await peer.request(C.GetBalances(address=alice))
         assert before.ether_wei == stack.operator.settings.dev_fund_wei and before.site == "tester"
         nonce_before = await svc.node.nonce(alice, "latest")
@@ -91,16 +89,12 @@ async def test_mining_stop_keeps_transfers_pending(backend: str, request: pytest
         proc, url = start_anvil()
     else:
         proc, url = None, "embedded"
-    ks = site_keystore(tmp_path, "tester")
-    alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    stack = await start_stack(grid, tmp_path, url)
+    stack, alice, bob = await stack_with_two_accounts(grid, tmp_path, url)
     svc = stack.wallet("tester")
     try:
         peer = await peer_factory(stack)
         await peer.request(C.Unlock(address=alice, passphrase=PASS))
-        await claimed(stack, alice, bob)
-        await peer.probe.wait_for(lambda: len([u for u in peer.probe.of(E.ChainTx)
-                                                  if u.kind == "fund" and u.status == "confirmed"]) >= 2)
+        await peer.funded(alice, bob)
         start = (await peer.request(C.GetBalances(address=bob))).ether_wei
         assert (await peer.request(C.SetMining(action="status"), site="market")).mining is True
         # a site's wallet shows the status and refuses to stop mining: the market's operator controls it

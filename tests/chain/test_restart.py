@@ -28,7 +28,7 @@ from tests.support.ports import free_port
 from tests.support.signing import Domains, Meter, agreed
 
 from tests.support.bus import Grid
-from tests.support.chain import PASS, TX, site_keystore, start_stack
+from tests.support.chain import PASS, TX, stack_with_two_accounts
 from tests.support.poll import until
 
 pytestmark = pytest.mark.anvil
@@ -232,9 +232,7 @@ async def test_anvil_restart_reconnects_with_backoff(grid: Grid, tmp_path: pathl
         raise AssertionError("anvil did not start")
 
     anvil = run_anvil()
-    ks = site_keystore(tmp_path, "tester")
-    alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
-    stack = await start_stack(grid, tmp_path, url)
+    stack, alice, bob = await stack_with_two_accounts(grid, tmp_path, url)
     svc = stack.wallet("tester")
     try:
         peer = await peer_factory(stack)

@@ -33,19 +33,16 @@ async def test_operator_cannot_open_an_unsigned_trade(funded: Env) -> None:
     await env.tx(env.market.deposit(), env.other, value=10**18)  # a second buyer to charge, too
     offer, osig = await env.offer(1000)
     bid, bsig = await env.bid(offer, 1000)
-    before = await env.books()
-    for o_sig, b_sig in ((b"", b""), (b"\0" * 65, b"\0" * 65), (osig, b""), (b"", bsig)):
-        reason = await env.reverts(env.open(new_id(), offer, o_sig, bid, b_sig, 1000, PRICE), env.operator)
-        assert reason == M + "bad signature"
-    # signed by the operator's own key, as if it were the parties'
-    op_key = env.keys[env.operator]
-    forged_o = typed.sig_bytes(typed.sign_offer(op_key, env.market_domain, offer))
-    forged_b = typed.sig_bytes(typed.sign_bid(op_key, env.market_domain, bid))
-    assert await env.reverts(env.open(new_id(), offer, forged_o, bid, bsig, 1000, PRICE), env.operator) == (
-        M + "offer not signed by seller")
-    assert await env.reverts(env.open(new_id(), offer, osig, bid, forged_b, 1000, PRICE), env.operator) == (
-        M + "bid not signed by buyer")
-    assert await env.books() == before
+    async with env.books_unchanged():
+        for o_sig, b_sig in ((b"", b""), (b"\0" * 65, b"\0" * 65), (osig, b""), (b"", bsig)):
+            reason = await env.open_reverts(offer, o_sig, bid, b_sig, 1000, PRICE)
+            assert reason == M + "bad signature"
+        # signed by the operator's own key, as if it were the parties'
+        op_key = env.keys[env.operator]
+        forged_o = typed.sig_bytes(typed.sign_offer(op_key, env.market_domain, offer))
+        forged_b = typed.sig_bytes(typed.sign_bid(op_key, env.market_domain, bid))
+        assert await env.open_reverts(offer, forged_o, bid, bsig, 1000, PRICE) == M + "offer not signed by seller"
+        assert await env.open_reverts(offer, osig, bid, forged_b, 1000, PRICE) == M + "bid not signed by buyer"
     assert await fills(env, offer, bid) == (0, 0)
 
 
@@ -75,11 +72,10 @@ async def test_operator_cannot_alter_a_signed_offer_or_bid(funded: Env, field: s
         altered_offer = offer.model_copy(update={"duration_s": 10**9})
     else:
         altered_bid = bid.model_copy(update={"offer_id": typed.ZERO_ID})
-    before = await env.books()
-    reason = await env.reverts(env.open(new_id(), altered_offer, osig, altered_bid, bsig, wh, price), env.operator)
-    expected = "offer not signed by seller" if altered_offer is not offer else "bid not signed by buyer"
-    assert reason == M + expected
-    assert await env.books() == before
+    async with env.books_unchanged():
+        reason = await env.open_reverts(altered_offer, osig, altered_bid, bsig, wh, price)
+        expected = "offer not signed by seller" if altered_offer is not offer else "bid not signed by buyer"
+        assert reason == M + expected
     assert await fills(env, offer, bid) == (0, 0)
 
 
@@ -89,15 +85,12 @@ async def test_signed_terms_for_another_market_or_chain_do_not_open_here(funded:
                  typed.market_domain(env.chain_id + 1, env.d.market_address)]
     offer, osig = await env.offer(1000)
     bid, bsig = await env.bid(offer, 1000)
-    before = await env.books()
-    for domain in elsewhere:
-        o = typed.sig_bytes(typed.sign_offer(env.keys[env.seller], domain, offer))
-        b = typed.sig_bytes(typed.sign_bid(env.keys[env.buyer], domain, bid))
-        assert await env.reverts(env.open(new_id(), offer, o, bid, bsig, 1000, PRICE), env.operator) == (
-            M + "offer not signed by seller")
-        assert await env.reverts(env.open(new_id(), offer, osig, bid, b, 1000, PRICE), env.operator) == (
-            M + "bid not signed by buyer")
-    assert await env.books() == before
+    async with env.books_unchanged():
+        for domain in elsewhere:
+            o = typed.sig_bytes(typed.sign_offer(env.keys[env.seller], domain, offer))
+            b = typed.sig_bytes(typed.sign_bid(env.keys[env.buyer], domain, bid))
+            assert await env.open_reverts(offer, o, bid, bsig, 1000, PRICE) == M + "offer not signed by seller"
+            assert await env.open_reverts(offer, osig, bid, b, 1000, PRICE) == M + "bid not signed by buyer"
 
 
 async def test_expired_offer_or_bid(funded: Env) -> None:
@@ -108,13 +101,10 @@ async def test_expired_offer_or_bid(funded: Env) -> None:
     later_offer, later_osig = await env.offer(1000, expiry=now + 1000)
     bid, bsig = await env.bid(later_offer, 1000, expiry=now + 200)
     await env.at(now + 150)
-    before = await env.books()
-    assert await env.reverts(env.open(new_id(), offer, osig, any_bid, any_bsig, 1000, PRICE), env.operator) == (
-        M + "offer expired")
-    await env.at(now + 250)
-    assert await env.reverts(env.open(new_id(), later_offer, later_osig, bid, bsig, 1000, PRICE), env.operator) == (
-        M + "bid expired")
-    assert await env.books() == before
+    async with env.books_unchanged():
+        assert await env.open_reverts(offer, osig, any_bid, any_bsig, 1000, PRICE) == M + "offer expired"
+        await env.at(now + 250)
+        assert await env.open_reverts(later_offer, later_osig, bid, bsig, 1000, PRICE) == M + "bid expired"
 
 
 async def test_an_offer_or_a_bid_is_never_over_filled_across_trades(funded: Env) -> None:
@@ -126,7 +116,7 @@ async def test_an_offer_or_a_bid_is_never_over_filled_across_trades(funded: Env)
     await env.tx(env.open(t1, offer, osig, bid_a, bsig_a, 1000, PRICE), env.operator)
     before = await env.books(t1)
     # the offer has 500 Wh left: 501 over-fills it, whichever bid
-    reason = await env.reverts(env.open(new_id(), offer, osig, bid_b, bsig_b, 501, PRICE), env.operator)
+    reason = await env.open_reverts(offer, osig, bid_b, bsig_b, 501, PRICE)
     assert reason == M + "offer overfilled"
     # bid_a is used up: reusing it on another offer over-fills it
     offer2, osig2 = await env.offer(1000)
@@ -134,9 +124,9 @@ async def test_an_offer_or_a_bid_is_never_over_filled_across_trades(funded: Env)
     await env.tx(env.open(new_id(), offer2, osig2, any_bid, any_bsig, 700, PRICE), env.operator)
     mid = await env.books(t1)
     offer3, osig3 = await env.offer(1000)  # room on the offer side; the bid has 500 Wh left
-    reason = await env.reverts(env.open(new_id(), offer3, osig3, any_bid, any_bsig, 501, PRICE), env.operator)
+    reason = await env.open_reverts(offer3, osig3, any_bid, any_bsig, 501, PRICE)
     assert reason == M + "bid overfilled"
-    reason = await env.reverts(env.open(new_id(), offer, osig, bid_a, bsig_a, 1, PRICE), env.operator)
+    reason = await env.open_reverts(offer, osig, bid_a, bsig_a, 1, PRICE)
     assert reason == M + "bid overfilled"
     # a retried open of the same trade id cannot take a second share
     reason = await env.reverts(env.open(t1, offer, osig, bid_b, bsig_b, 500, PRICE), env.operator)
@@ -216,10 +206,9 @@ async def test_forged_replayed_and_foreign_deliveries(delivering: tuple[Env, str
     # a revoked buyer meter's readings, even ones signed before, settle nothing more
     signed_before = env.delivery(t1, 1500)
     await env.tx(env.registry.revoke(env.buyer_meter.address), env.registrar)
-    before = await env.books(t1, t2)
-    assert await env.reverts(env.market.settle(k1, 1500, signed_before), env.seller) == (
-        M + "signer is not the buyer's meter")
-    assert await env.books(t1, t2) == before
+    async with env.books_unchanged(t1, t2):
+        assert await env.reverts(env.market.settle(k1, 1500, signed_before), env.seller) == (
+            M + "signer is not the buyer's meter")
 
 
 async def test_closing_on_an_old_reading_does_not_pay_less(delivering: tuple[Env, str, str]) -> None:
@@ -240,11 +229,10 @@ async def test_closing_on_an_old_reading_does_not_pay_less(delivering: tuple[Env
 
     later = env.delivery(t1, 1800)
     await env.at(closed_at + DISPUTE_WINDOW_S)
-    before = await env.books(t1)
-    assert await env.reverts(env.market.settle(k1, 1800, later), env.seller) == M + "dispute window over"
-    r = await env.tx(env.market.settleBatch([k1], [1800], [later]), env.seller)
-    assert env.events(r, env.d.market, "Settled") == []
-    assert await env.books(t1) == before
+    async with env.books_unchanged(t1):
+        assert await env.reverts(env.market.settle(k1, 1800, later), env.seller) == M + "dispute window over"
+        r = await env.tx(env.market.settleBatch([k1], [1800], [later]), env.seller)
+        assert env.events(r, env.d.market, "Settled") == []
     r = await env.tx(env.market.finalize(k1), env.buyer)
     assert env.events(r, env.d.market, "TradeClosed") == [{
         "tradeId": k1, "closedBy": env.buyer, "deliveredWh": 1500,
@@ -259,14 +247,13 @@ async def test_nothing_settles_after_finalize_or_full_delivery(delivering: tuple
     await env.tx(env.market.close(k1), env.buyer)
     await env.advance(DISPUTE_WINDOW_S)
     await env.tx(env.market.finalize(k1), env.other)
-    before = await env.books(t1, t2)
-    for t in (t1, t2):
-        key = typed.trade_key(t)
-        assert await env.reverts(env.market.settle(key, 2000, env.delivery(t, 2000)), env.seller) == (
-            M + "trade not open")
-        assert await env.reverts(env.market.close(key), env.buyer) == M + "trade not open"
-        assert await env.reverts(env.market.finalize(key), env.other) == M + "trade not closing"
-    assert await env.books(t1, t2) == before
+    async with env.books_unchanged(t1, t2):
+        for t in (t1, t2):
+            key = typed.trade_key(t)
+            assert await env.reverts(env.market.settle(key, 2000, env.delivery(t, 2000)), env.seller) == (
+                M + "trade not open")
+            assert await env.reverts(env.market.close(key), env.buyer) == M + "trade not open"
+            assert await env.reverts(env.market.finalize(key), env.other) == M + "trade not closing"
 
 
 # ------------------------------------------------------------------ escrow and closing
@@ -277,11 +264,10 @@ async def test_reserved_escrow_cannot_leave_before_its_time(funded: Env) -> None
     free = (await env.escrow(env.buyer))[0]
     until = await env.now() + 1000
     await env.tx(env.market.reserve(free, until), env.buyer)  # a bid's escrow
-    before = await env.books()
-    assert await env.reverts(env.market.withdraw(1), env.buyer) == M + "amount exceeds withdrawable escrow"
-    assert await env.reverts(env.market.release(1), env.buyer) == M + "escrow reserved until later"
-    await env.tx(env.market.reserve(0, 0), env.buyer)  # an earlier time never shortens the reservation
-    assert await env.books() == before
+    async with env.books_unchanged():
+        assert await env.reverts(env.market.withdraw(1), env.buyer) == M + "amount exceeds withdrawable escrow"
+        assert await env.reverts(env.market.release(1), env.buyer) == M + "escrow reserved until later"
+        await env.tx(env.market.reserve(0, 0), env.buyer)  # an earlier time never shortens the reservation
     assert (await env.escrow(env.buyer))[2] == until
 
 
@@ -307,13 +293,12 @@ async def test_pause_blocks_open_and_mint_but_not_withdraw(funded: Env) -> None:
     await env.tx(env.token.pause(), env.pauser)
     offer, osig = await env.offer(1000)
     bid, bsig = await env.bid(offer, 1000)
-    before = await env.books(trade)
-    assert await env.reverts(env.open(new_id(), offer, osig, bid, bsig, 1000, PRICE), env.operator) == M + "paused"
-    minted = await env.token.mintedOf(env.seller_meter.address).call()
-    reason = await env.reverts(env.token.mint(env.seller_meter.address, minted + 1,
-                                              env.production(env.seller_meter, minted + 1)), env.other)
-    assert reason == "EnergyToken: paused"
-    assert await env.books(trade) == before
+    async with env.books_unchanged(trade):
+        assert await env.open_reverts(offer, osig, bid, bsig, 1000, PRICE) == M + "paused"
+        minted = await env.token.mintedOf(env.seller_meter.address).call()
+        reason = await env.reverts(env.token.mint(env.seller_meter.address, minted + 1,
+                                                  env.production(env.seller_meter, minted + 1)), env.other)
+        assert reason == "EnergyToken: paused"
     free = (await env.escrow(env.buyer))[0]
     await env.tx(env.market.withdraw(free), env.buyer)
     await env.tx(env.market.withdrawCredit(), env.seller)
@@ -328,12 +313,11 @@ async def test_only_the_operator_opens_a_batch(funded: Env) -> None:
     offer, osig = await env.offer(1000)
     bid, bsig = await env.bid(offer, 1000)
     entry = c.opening(new_id(), offer, osig, bid, bsig, 1000, PRICE)
-    before = await env.books()
-    for who in (env.seller, env.buyer, env.other, env.admin, env.pauser):
-        assert await env.reverts(env.market.openBatch([entry]), who) == M + "caller is not the operator"
-    await env.tx(env.market.pause(), env.pauser)
-    assert await env.reverts(env.market.openBatch([entry]), env.operator) == M + "paused"
-    assert await env.books() == before
+    async with env.books_unchanged():
+        for who in (env.seller, env.buyer, env.other, env.admin, env.pauser):
+            assert await env.reverts(env.market.openBatch([entry]), who) == M + "caller is not the operator"
+        await env.tx(env.market.pause(), env.pauser)
+        assert await env.reverts(env.market.openBatch([entry]), env.operator) == M + "paused"
     assert await fills(env, offer, bid) == (0, 0)
 
 

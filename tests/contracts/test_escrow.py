@@ -12,7 +12,7 @@ from web3.providers.eth_tester import AsyncEthereumTesterProvider
 from services.bus import typed
 from services.chain import bindings as c
 
-from tests.support.contracts import Env, fee, make_env
+from tests.support.contracts import Env, constructor_reverts, fee, make_env
 
 M = "EnergyMarket: "
 
@@ -48,11 +48,10 @@ async def test_reserved_escrow_stays_until_its_time(env: Env) -> None:
     until = await env.now() + 1000
     await env.tx(env.market.deposit(), env.buyer, value=100)
     await env.tx(env.market.depositAndReserve(until), env.buyer, value=900)
-    before = await env.books()
-    assert await env.reverts(env.market.release(1), env.buyer) == M + "escrow reserved until later"
-    assert await env.reverts(env.market.withdraw(101), env.buyer) == M + "amount exceeds withdrawable escrow"
-    assert await env.reverts(env.market.withdraw(1000), env.buyer) == M + "amount exceeds withdrawable escrow"
-    assert await env.books() == before
+    async with env.books_unchanged():
+        assert await env.reverts(env.market.release(1), env.buyer) == M + "escrow reserved until later"
+        assert await env.reverts(env.market.withdraw(101), env.buyer) == M + "amount exceeds withdrawable escrow"
+        assert await env.reverts(env.market.withdraw(1000), env.buyer) == M + "amount exceeds withdrawable escrow"
     await env.tx(env.market.withdraw(100), env.buyer)  # the free part is always withdrawable
 
     await env.at(until)
@@ -70,14 +69,13 @@ async def test_reserved_escrow_stays_until_its_time(env: Env) -> None:
 
 async def test_escrow_refusals(env: Env) -> None:
     await env.tx(env.market.deposit(), env.buyer, value=100)
-    before = await env.books()
-    assert await env.reverts(env.market.deposit(), env.buyer, value=0) == M + "zero deposit"
-    assert await env.reverts(env.market.depositAndReserve(0), env.buyer, value=0) == M + "zero deposit"
-    assert await env.reverts(env.market.withdraw(0), env.buyer) == M + "zero amount"
-    assert await env.reverts(env.market.withdraw(1), env.other) == M + "amount exceeds withdrawable escrow"
-    assert await env.reverts(env.market.reserve(101, 0), env.buyer) == M + "amount exceeds free escrow"
-    assert await env.reverts(env.market.withdrawCredit(), env.seller) == M + "no credit"
-    assert await env.books() == before
+    async with env.books_unchanged():
+        assert await env.reverts(env.market.deposit(), env.buyer, value=0) == M + "zero deposit"
+        assert await env.reverts(env.market.depositAndReserve(0), env.buyer, value=0) == M + "zero deposit"
+        assert await env.reverts(env.market.withdraw(0), env.buyer) == M + "zero amount"
+        assert await env.reverts(env.market.withdraw(1), env.other) == M + "amount exceeds withdrawable escrow"
+        assert await env.reverts(env.market.reserve(101, 0), env.buyer) == M + "amount exceeds free escrow"
+        assert await env.reverts(env.market.withdrawCredit(), env.seller) == M + "no credit"
 
 
 async def test_plain_ether_to_the_market_is_refused(env: Env) -> None:
@@ -100,14 +98,13 @@ async def test_pause_stops_new_commitments_never_a_withdrawal(funded: Env) -> No
     r = await env.tx(env.market.pause(), env.pauser)
     assert env.events(r, env.d.market, "Paused") == [{"account": env.pauser}]
     assert await env.reverts(env.market.pause(), env.pauser) == M + "paused"
-    before = await env.books(trade)
-    assert await env.reverts(env.market.reserve(1, 0), env.buyer) == M + "paused"
-    assert await env.reverts(env.market.depositAndReserve(0), env.buyer, value=1) == M + "paused"
-    offer, osig = await env.offer(1000)
-    bid, bsig = await env.bid(offer, 1000)
-    assert await env.reverts(env.open("p-1", offer, osig, bid, bsig, 1000, offer.min_price_wei_per_kwh),
-                             env.operator) == M + "paused"
-    assert await env.books(trade) == before
+    async with env.books_unchanged(trade):
+        assert await env.reverts(env.market.reserve(1, 0), env.buyer) == M + "paused"
+        assert await env.reverts(env.market.depositAndReserve(0), env.buyer, value=1) == M + "paused"
+        offer, osig = await env.offer(1000)
+        bid, bsig = await env.bid(offer, 1000)
+        assert await env.reverts(env.open("p-1", offer, osig, bid, bsig, 1000, offer.min_price_wei_per_kwh),
+                                 env.operator) == M + "paused"
 
     # what is already committed runs its course, and everyone can take their Ether out
     await env.tx(env.market.deposit(), env.buyer, value=1)
@@ -145,16 +142,9 @@ async def test_escrow_amounts_beyond_uint128_are_refused() -> None:
 
 async def test_constructor_refuses_zero_addresses(env: Env) -> None:
     w3, dev, zero = env.w3, env.admin, "0x" + "00" * 20
-    art = c.load_artifact(c.MARKET)
-    factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
     t, r = env.d.token_address, env.d.registry_address
     cases = [((zero, r, dev, dev, dev, 1), M + "zero contract"), ((t, zero, dev, dev, dev, 1), M + "zero contract"),
              ((t, r, zero, dev, dev, 1), M + "zero address"), ((t, r, dev, zero, dev, 1), M + "zero address"),
              ((t, r, dev, dev, zero, 1), M + "zero address")]
     for args, expected in cases:
-        try:
-            await c.send(w3, factory.constructor(*args), dev)
-        except Exception as exc:
-            assert c.revert_reason(exc) == expected
-        else:
-            pytest.fail("deployed")
+        assert await constructor_reverts(w3, c.MARKET, args, dev) == expected

@@ -35,11 +35,10 @@ async def test_open_by_anyone_but_the_operator(funded: Env) -> None:
     env = funded
     offer, osig = await env.offer(1000)
     bid, bsig = await env.bid(offer, 1000)
-    before = await env.books()
-    for who in (env.admin, env.registrar, env.pauser, env.seller, env.buyer, env.other):
-        reason = await env.reverts(env.open(new_id(), offer, osig, bid, bsig, 1000, PRICE), who)
-        assert reason == M + "caller is not the operator"
-    assert await env.books() == before
+    async with env.books_unchanged():
+        for who in (env.admin, env.registrar, env.pauser, env.seller, env.buyer, env.other):
+            reason = await env.open_reverts(offer, osig, bid, bsig, 1000, PRICE, sender=who)
+            assert reason == M + "caller is not the operator"
     assert await fills(env, offer, bid) == (0, 0)
 
 
@@ -76,14 +75,13 @@ async def test_open_refusals(opened: tuple[Env, str]) -> None:
         ((t2, offer, osig, bid, bsig, 100, 3001), "price above bid"),
         ((t2, offer, osig, rich_bid, rich_bsig, 100, 2**128), "price too large"),
     ]
-    before = await env.books(trade)
-    for args, expected in cases:
-        reason = await env.reverts(env.open(*args), env.operator)
-        assert reason == M + expected, (expected, reason)
-    reason = await env.reverts(env.market.open(b"\0" * 32, offer.as_tuple(), osig, bid.as_tuple(), bsig, 100, 2000),
-                               env.operator)
-    assert reason == M + "zero trade id"
-    assert await env.books(trade) == before
+    async with env.books_unchanged(trade):
+        for args, expected in cases:
+            reason = await env.reverts(env.open(*args), env.operator)
+            assert reason == M + expected, (expected, reason)
+        reason = await env.reverts(env.market.open(b"\0" * 32, offer.as_tuple(), osig, bid.as_tuple(), bsig, 100, 2000),
+                                   env.operator)
+        assert reason == M + "zero trade id"
     assert await fills(env, offer, bid) == (0, 0)
 
 
@@ -91,10 +89,8 @@ async def test_open_with_a_bid_over_what_is_left(funded: Env) -> None:
     env = funded
     offer, osig = await env.offer(3000)
     bid, bsig = await env.bid(offer, 1000)
-    before = await env.books()
-    assert await env.reverts(env.open(new_id(), offer, osig, bid, bsig, 1001, PRICE), env.operator) == (
-        M + "bid overfilled")
-    assert await env.books() == before
+    async with env.books_unchanged():
+        assert await env.open_reverts(offer, osig, bid, bsig, 1001, PRICE) == M + "bid overfilled"
 
 
 async def test_open_with_a_duration_beyond_uint64(funded: Env) -> None:
@@ -104,7 +100,7 @@ async def test_open_with_a_duration_beyond_uint64(funded: Env) -> None:
     bid, bsig = await env.bid(offer, 1000)
     huge = offer.model_copy(update={"duration_s": 2**64 - 1})
     osig = typed.sig_bytes(typed.sign_offer(env.keys[env.seller], env.market_domain, huge))
-    reason = await env.reverts(env.open(new_id(), huge, osig, bid, bsig, 1000, PRICE), env.operator)
+    reason = await env.open_reverts(huge, osig, bid, bsig, 1000, PRICE)
     assert reason == M + "duration too large"
 
 
@@ -115,7 +111,7 @@ async def test_open_not_covered_by_escrow_or_tokens(opened: tuple[Env, str]) -> 
     offer, osig = await env.offer(1000, 1)
     bid, bsig = await env.bid(offer, 1000, price)
     before = await env.books(trade)
-    reason = await env.reverts(env.open(new_id(), offer, osig, bid, bsig, 1000, price), env.operator)
+    reason = await env.open_reverts(offer, osig, bid, bsig, 1000, price)
     assert reason == M + "escrow does not cover trade"
     assert await env.books(trade) == before
     assert await fills(env, offer, bid) == (0, 0)
@@ -126,13 +122,12 @@ async def test_open_not_covered_by_escrow_or_tokens(opened: tuple[Env, str]) -> 
     spare = await env.tokens(env.seller)
     offer, osig = await env.offer(spare + 1, 1)
     bid, bsig = await env.bid(offer, spare + 1, 1)
-    before = await env.books(trade)
-    reason = await env.reverts(env.open(new_id(), offer, osig, bid, bsig, spare + 1, 1), env.operator)
-    assert reason == "ERC20: transfer amount exceeds balance"
-    await env.tx(env.token.approve(env.d.market.address, 10), env.seller)
-    reason = await env.reverts(env.open(new_id(), offer, osig, bid, bsig, 11, 1), env.operator)
-    assert reason == "ERC20: insufficient allowance"
-    assert await env.books(trade) == before
+    async with env.books_unchanged(trade):
+        reason = await env.open_reverts(offer, osig, bid, bsig, spare + 1, 1)
+        assert reason == "ERC20: transfer amount exceeds balance"
+        await env.tx(env.token.approve(env.d.market.address, 10), env.seller)
+        reason = await env.open_reverts(offer, osig, bid, bsig, 11, 1)
+        assert reason == "ERC20: insufficient allowance"
     assert await fills(env, offer, bid) == (0, 0)
 
 
@@ -142,21 +137,20 @@ async def test_open_not_covered_by_escrow_or_tokens(opened: tuple[Env, str]) -> 
 async def test_settle_refusals(opened: tuple[Env, str]) -> None:
     env, trade = opened
     key = typed.trade_key(trade)
-    before = await env.books(trade)
-    cases = [
-        (key, 500, env.delivery(trade, 500), "reading not above settled"),
-        (key, 499, env.delivery(trade, 499), "reading not above settled"),
-        (key, 900, env.delivery(trade, 900)[:64], "bad signature"),
-        (key, 900, high_s(env.delivery(trade, 900)), "bad signature"),
-        (key, 900, env.delivery(trade, 900, env.seller_meter), "signer is not the buyer's meter"),
-        (key, 900, env.delivery(trade, 800), "signer is not the buyer's meter"),
-        (typed.trade_key("nope"), 900, env.delivery("nope", 900), "trade not open"),
-    ]
-    for trade_key, delivered, sig, expected in cases:
-        for sender in (env.other, env.operator):
-            reason = await env.reverts(env.market.settle(trade_key, delivered, sig), sender)
-            assert reason == M + expected, expected
-    assert await env.books(trade) == before
+    async with env.books_unchanged(trade):
+        cases = [
+            (key, 500, env.delivery(trade, 500), "reading not above settled"),
+            (key, 499, env.delivery(trade, 499), "reading not above settled"),
+            (key, 900, env.delivery(trade, 900)[:64], "bad signature"),
+            (key, 900, high_s(env.delivery(trade, 900)), "bad signature"),
+            (key, 900, env.delivery(trade, 900, env.seller_meter), "signer is not the buyer's meter"),
+            (key, 900, env.delivery(trade, 800), "signer is not the buyer's meter"),
+            (typed.trade_key("nope"), 900, env.delivery("nope", 900), "trade not open"),
+        ]
+        for trade_key, delivered, sig, expected in cases:
+            for sender in (env.other, env.operator):
+                reason = await env.reverts(env.market.settle(trade_key, delivered, sig), sender)
+                assert reason == M + expected, expected
 
 
 async def test_settle_after_the_dispute_window_or_the_end(opened: tuple[Env, str]) -> None:
@@ -165,12 +159,11 @@ async def test_settle_after_the_dispute_window_or_the_end(opened: tuple[Env, str
     r = await env.tx(env.market.close(key), env.buyer)
     closed_at = (await env.w3.eth.get_block(r["blockNumber"]))["timestamp"]
     await env.at(closed_at + DISPUTE_WINDOW_S)
-    before = await env.books(trade)
-    reason = await env.reverts(env.market.settle(key, 900, env.delivery(trade, 900)), env.other)
-    assert reason == M + "dispute window over"
-    r = await env.tx(env.market.settleBatch([key], [900], [env.delivery(trade, 900)]), env.other)
-    assert env.events(r, env.d.market, "Settled") == []  # skipped
-    assert await env.books(trade) == before
+    async with env.books_unchanged(trade):
+        reason = await env.reverts(env.market.settle(key, 900, env.delivery(trade, 900)), env.other)
+        assert reason == M + "dispute window over"
+        r = await env.tx(env.market.settleBatch([key], [900], [env.delivery(trade, 900)]), env.other)
+        assert env.events(r, env.d.market, "Settled") == []  # skipped
     await env.tx(env.market.finalize(key), env.other)
     reason = await env.reverts(env.market.settle(key, 900, env.delivery(trade, 900)), env.other)
     assert reason == M + "trade not open"
@@ -180,17 +173,16 @@ async def test_settle_batch_reverts_whole_on_a_bad_signature(opened: tuple[Env, 
     env, trade = opened
     t2 = await env.open_trade(100)
     k1, k2 = typed.trade_key(trade), typed.trade_key(t2)
-    before = await env.books(trade, t2)
-    cases = [
-        (([k1, k2], [600, 50], [env.delivery(trade, 600), env.delivery(t2, 50, env.seller_meter)]),
-         "signer is not the buyer's meter"),
-        (([k1, k2], [600, 50], [env.delivery(trade, 600), high_s(env.delivery(t2, 50))]), "bad signature"),
-        (([k1], [600, 50], [env.delivery(trade, 600)]), "length mismatch"),
-        (([k1, k2], [600, 50], [env.delivery(trade, 600)]), "length mismatch"),
-    ]
-    for args, expected in cases:
-        assert await env.reverts(env.market.settleBatch(*args), env.other) == M + expected
-    assert await env.books(trade, t2) == before
+    async with env.books_unchanged(trade, t2):
+        cases = [
+            (([k1, k2], [600, 50], [env.delivery(trade, 600), env.delivery(t2, 50, env.seller_meter)]),
+             "signer is not the buyer's meter"),
+            (([k1, k2], [600, 50], [env.delivery(trade, 600), high_s(env.delivery(t2, 50))]), "bad signature"),
+            (([k1], [600, 50], [env.delivery(trade, 600)]), "length mismatch"),
+            (([k1, k2], [600, 50], [env.delivery(trade, 600)]), "length mismatch"),
+        ]
+        for args, expected in cases:
+            assert await env.reverts(env.market.settleBatch(*args), env.other) == M + expected
 
 
 # ------------------------------------------------------------------ close and finalize
@@ -207,10 +199,9 @@ async def test_close_refusals(opened: tuple[Env, str]) -> None:
     assert await env.books(trade) == before
 
     await env.tx(env.market.close(key), env.seller)  # a party may close at any time
-    before = await env.books(trade)
-    assert await env.reverts(env.market.close(key), env.buyer) == M + "trade not open"
-    assert await env.reverts(env.market.finalize(key), env.other) == M + "dispute window open"
-    assert await env.books(trade) == before
+    async with env.books_unchanged(trade):
+        assert await env.reverts(env.market.close(key), env.buyer) == M + "trade not open"
+        assert await env.reverts(env.market.finalize(key), env.other) == M + "dispute window open"
 
 
 async def test_the_operator_may_close_and_closing_locks_nothing_new(opened: tuple[Env, str]) -> None:

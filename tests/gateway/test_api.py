@@ -286,13 +286,7 @@ async def test_the_websocket_pushes_what_the_user_may_see(stack: Stack) -> None:
                 return {e["type"] for e in got[who]}
 
             await stack.until("hello on both websockets", lambda: "hello" in types("seller") and "hello" in types("buyer"))
-            async with seller.post(stack.url("solar-1") + "/api/offers",
-                                   json={"wh": 1000, "start_price_wei_per_kwh": "5000", "duration_s": 3}) as r:
-                assert r.status == 201, await r.text()
-                oid = (await r.json())["offer_id"]
-            async with buyer.post(stack.url("home-7") + f"/api/offers/{oid}/bids",
-                                  json={"price_wei_per_kwh": "6000"}) as r:
-                assert r.status == 201, await r.text()
+            oid = await stack.sell_and_bid(seller, buyer, 6000)
             # the buyer sends a transaction of its own too (chain.tx of its account)
             async with buyer.post(stack.url("home-7") + "/api/escrow/deposit", json={"amount_wei": "1000"}) as r:
                 assert r.status == 202, await r.text()

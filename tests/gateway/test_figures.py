@@ -332,13 +332,7 @@ async def test_figures_in_json_and_csv_match_the_chains_settlements(stack: Stack
             async with aiohttp.ClientSession() as anon, anon.get(stack.url("home-7") + "/api/figures.csv") as r:
                 assert r.status == 401
             # a trade
-            async with seller.post(stack.url("solar-1") + "/api/offers",
-                                   json={"wh": 1000, "start_price_wei_per_kwh": "5000", "duration_s": 3}) as r:
-                assert r.status == 201, await r.text()
-                oid = (await r.json())["offer_id"]
-            async with buyer.post(stack.url("home-7") + f"/api/offers/{oid}/bids",
-                                  json={"price_wei_per_kwh": "7000"}) as r:
-                assert r.status == 201, await r.text()
+            await stack.sell_and_bid(seller, buyer, 7000)
             await stack.until("a payment of the trade on the chain", lambda: any(settled.values()))
             tid = next(t for t, v in settled.items() if v)
 

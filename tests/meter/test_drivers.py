@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import random
@@ -24,14 +25,21 @@ def model(role: str = "producer", scale: float = 3600) -> SimSite:
     return SimSite(SimParams(time_scale=scale, start=NOON, battery={"capacity_wh": 100000, "soc": 0.5}), role)
 
 
-async def pair(kind: str, tmp_path: pathlib.Path, role: str = "producer", **cfg: object):  # type: ignore[no-untyped-def]
+@contextlib.asynccontextmanager
+async def paired(kind: str, tmp_path: pathlib.Path, role: str = "producer", **cfg: object):  # type: ignore[no-untyped-def]
+    """A simulated site's meter emulated on a pty and a driver of ``kind`` for it:
+    ``(model, emulator, driver)``, the driver and then the emulator closed on leaving."""
     m = model(role)
     # the link's folder need not exist yet (a site's data dir on its first start)
     emu = await make_emulator(kind, m, link=tmp_path / "site" / f"{kind}.tty").start()
     conf = {"name": "m", "role": role, "driver": kind, "port": emu.path, "timeout_s": 0.3,
             "export_registers": True, **cfg}
     drv = make_driver(MeterConfig(**conf), m.params, backoff=Backoff(0.05, 0.4))  # type: ignore[arg-type]
-    return m, emu, drv
+    try:
+        yield m, emu, drv
+    finally:
+        await drv.close()
+        await emu.close()
 
 
 def wire(c: Counters, export: bool = True) -> Counters:
@@ -43,9 +51,8 @@ def wire(c: Counters, export: bool = True) -> Counters:
     ("line", "producer", True), ("line", "consumer", True),
     ("modbus", "producer", True), ("modbus", "producer", False), ("modbus", "consumer", False)])
 async def test_readings_are_decoded_exactly(kind: str, role: str, export: bool, tmp_path: pathlib.Path) -> None:
-    m, emu, drv = await pair(kind, tmp_path, role, export_registers=export)
-    m.set_relay(True)  # energy flows through both kinds of meter
-    try:
+    async with paired(kind, tmp_path, role, export_registers=export) as (m, emu, drv):
+        m.set_relay(True)  # energy flows through both kinds of meter
         seen = set()
         for _ in range(5):
             c = await drv.read()
@@ -57,15 +64,11 @@ async def test_readings_are_decoded_exactly(kind: str, role: str, export: bool, 
         assert len(seen) > 1  # the model moved on between reads: these are live values
         assert pathlib.Path(emu.path).resolve() == pathlib.Path(emu.device)
         assert emu.device.startswith("/dev/pts/")
-    finally:
-        await drv.close()
-        await emu.close()
 
 
 @pytest.mark.parametrize("kind", ["line", "modbus"])
 async def test_relay_commands_take_effect(kind: str, tmp_path: pathlib.Path) -> None:
-    m, emu, drv = await pair(kind, tmp_path, "consumer")
-    try:
+    async with paired(kind, tmp_path, "consumer") as (m, emu, drv):
         assert (await drv.read()).relay_closed is False
         await drv.set_relay(True)
         assert m.site.state.relay_closed is True
@@ -75,15 +78,11 @@ async def test_relay_commands_take_effect(kind: str, tmp_path: pathlib.Path) -> 
         await drv.set_relay(False)
         assert m.site.state.relay_closed is False
         assert (await drv.read()).relay_closed is False
-    finally:
-        await drv.close()
-        await emu.close()
 
 
 @pytest.mark.parametrize("kind", ["line", "modbus"])
 async def test_port_unplugged_and_back_reconnects_with_capped_backoff(kind: str, tmp_path: pathlib.Path) -> None:
-    m, emu, drv = await pair(kind, tmp_path)
-    try:
+    async with paired(kind, tmp_path) as (m, emu, drv):
         await drv.read()
         first_device = emu.device
         emu.unplug()
@@ -108,16 +107,12 @@ async def test_port_unplugged_and_back_reconnects_with_capped_backoff(kind: str,
         c = await drv.read()
         assert c == wire(emu.served)  # type: ignore[arg-type]
         assert drv.connected and drv.connects == 2 and drv.backoff.delay == 0  # type: ignore[attr-defined]
-    finally:
-        await drv.close()
-        await emu.close()
 
 
 @pytest.mark.parametrize("kind", ["line", "modbus"])
 @pytest.mark.parametrize("fault", ["checksum", "short", "garbage", "drop"])
 async def test_damaged_replies_are_counted_and_never_returned(kind: str, fault: str, tmp_path: pathlib.Path) -> None:
-    m, emu, drv = await pair(kind, tmp_path)
-    try:
+    async with paired(kind, tmp_path) as (m, emu, drv):
         await drv.read()
         emu.corrupt(fault)
         with pytest.raises(ProtocolError):
@@ -126,17 +121,13 @@ async def test_damaged_replies_are_counted_and_never_returned(kind: str, fault: 
         assert drv.connected  # a bad frame is not a reason to drop the port
         c = await drv.read()
         assert c == wire(emu.served)  # type: ignore[arg-type]
-    finally:
-        await drv.close()
-        await emu.close()
 
 
 @pytest.mark.parametrize("kind", ["line", "modbus"])
 async def test_noise_on_the_line_never_turns_into_a_reading(kind: str, tmp_path: pathlib.Path) -> None:
-    m, emu, drv = await pair(kind, tmp_path)
-    rng = random.Random(7)
-    good = bad = 0
-    try:
+    async with paired(kind, tmp_path) as (m, emu, drv):
+        rng = random.Random(7)
+        good = bad = 0
         for i in range(30):
             if i % 3 == 0:
                 emu.inject(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))))
@@ -151,9 +142,6 @@ async def test_noise_on_the_line_never_turns_into_a_reading(kind: str, tmp_path:
                 continue
             good += 1
             assert c == wire(emu.served)  # type: ignore[arg-type]
-    finally:
-        await drv.close()
-        await emu.close()
     assert good >= 10 and bad >= 1
     assert sum(drv.errors.values()) >= bad
 

@@ -16,10 +16,7 @@ from services.meter.sim import SimParams, SimSite
 from tests.support.bus import BusProbe, Grid
 from tests.support.meter import ACCOUNT, deploy
 from tests.support.poll import until
-from .test_service import NOON, Heartbeats, running, settings, status
-
-RATED = {"time_scale": 3600, "rated_w": 1000}
-"""The emulated sites run an hour per second; the meters are rated 1 kW (the line gives 500 W)."""
+from .test_service import NOON, Heartbeats, consumer_settings, in_a_live_trade, running, settings, status
 
 
 class Tampered:
@@ -73,37 +70,27 @@ async def test_a_reset_a_step_back_and_a_jump_deliver_no_burst(grid: Grid, bus: 
     stays closed (a confirmed reset is no failure)."""
     meter = Tampered(SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer"), offset=50_000)
     emu = await LineEmulator(meter, link=tmp_path / "home.tty").start()
-    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
-                                           "timeout_s": 0.5, **RATED}], delivery_granularity_wh=0)
-    hb = Heartbeats(bus, ["t1"])
-    await deploy(bus)
-    try:
-        async with running(s) as svc:
-            await bus.publish(status("t1", "recorded"))
-            await until(lambda: meter.relay_closed, what="relay closed")
+    s = consumer_settings(grid, emu.path, delivery_granularity_wh=0)
+    async with in_a_live_trade(bus, s, emu, lambda: meter.relay_closed) as svc:
+        def delivered() -> int:
+            d = bus.of("meter.delivery", trade_id="t1")
+            return d[-1].delivered_wh if d else 0
 
-            def delivered() -> int:
-                d = bus.of("meter.delivery", trade_id="t1")
-                return d[-1].delivered_wh if d else 0
-
-            await until(lambda: delivered() > 300, what="delivery counted")
-            for change, verdict, n in ((meter.reset, "reset", 1), (lambda: meter.jump_to(meter.shown() - 200), "reset", 2),
-                                       (lambda: meter.jump_to(2**63 - 1 - 10**9), "jump", 1)):
-                change()
-                await until(lambda: meter_health(svc, "grid")["confirmed"].get(verdict, 0) >= n,
-                            what=f"{verdict} confirmed")
-                before = delivered()
-                await until(lambda: delivered() > before + 200, what=f"counting on after the {verdict}")
-            health = meter_health(svc, "grid")
-            assert health["refused"]["backwards"] >= 4 and health["refused"]["too_fast"] >= 2
-            assert bus.of("meter.relay", closed=False) == []
-            assert meter.relay_closed
-            await bus.publish(status("t1", "fulfilled"))
-            await until(lambda: bus.of("meter.relay", closed=False), what="relay open at the end")
-            await until(lambda: any(d.final for d in bus.of("meter.delivery", trade_id="t1")), what="final delivery")
-    finally:
-        await hb.stop()
-        await emu.close()
+        await until(lambda: delivered() > 300, what="delivery counted")
+        for change, verdict, n in ((meter.reset, "reset", 1), (lambda: meter.jump_to(meter.shown() - 200), "reset", 2),
+                                   (lambda: meter.jump_to(2**63 - 1 - 10**9), "jump", 1)):
+            change()
+            await until(lambda: meter_health(svc, "grid")["confirmed"].get(verdict, 0) >= n,
+                        what=f"{verdict} confirmed")
+            before = delivered()
+            await until(lambda: delivered() > before + 200, what=f"counting on after the {verdict}")
+        health = meter_health(svc, "grid")
+        assert health["refused"]["backwards"] >= 4 and health["refused"]["too_fast"] >= 2
+        assert bus.of("meter.relay", closed=False) == []
+        assert meter.relay_closed
+        await bus.publish(status("t1", "fulfilled"))
+        await until(lambda: bus.of("meter.relay", closed=False), what="relay open at the end")
+        await until(lambda: any(d.final for d in bus.of("meter.delivery", trade_id="t1")), what="final delivery")
     values = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1")]
     assert values == sorted(values)
     # no burst: never more than the energy that came in over the line (the true counter);
@@ -157,32 +144,23 @@ async def test_the_relay_opens_on_implausible_readings_and_on_read_errors(
     cannot carry (2^63) fails the reads: the relay opens again."""
     meter = Tampered(SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer"))
     emu = await make_emulator("line", meter, link=tmp_path / "home.tty").start()
-    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
-                                           "timeout_s": 0.5, **RATED}], delivery_granularity_wh=0)
-    hb = Heartbeats(bus, ["t1"])
-    await deploy(bus)
-    try:
-        async with running(s) as svc:
-            await bus.publish(status("t1", "recorded"))
-            await until(lambda: meter.relay_closed, what="relay closed")
-            await until(lambda: bus.of("meter.delivery", trade_id="t1"), what="delivery counted")
-            meter.race_wh = 100_000
-            await until(lambda: any("implausible" in r.reason for r in bus.of("meter.relay", closed=False)),
-                        what="relay opened on implausible readings")
-            assert not meter.relay_closed
-            racing = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1")]
-            meter.race_wh = 0
-            await until(lambda: len(bus.of("meter.relay", closed=True)) >= 2, what="closed again")
-            assert meter_health(svc, "grid")["confirmed"].get("jump", 0) >= 1
-            meter.fixed = 2**63
-            await until(lambda: any("meter errors" in r.reason for r in bus.of("meter.relay", closed=False)),
-                        what="relay opened on read errors")
-            assert not meter.relay_closed
-            meter.fixed = None
-            await until(lambda: len(bus.of("meter.relay", closed=True)) >= 3, what="closed again after errors")
-    finally:
-        await hb.stop()
-        await emu.close()
+    s = consumer_settings(grid, emu.path, delivery_granularity_wh=0)
+    async with in_a_live_trade(bus, s, emu, lambda: meter.relay_closed) as svc:
+        await until(lambda: bus.of("meter.delivery", trade_id="t1"), what="delivery counted")
+        meter.race_wh = 100_000
+        await until(lambda: any("implausible" in r.reason for r in bus.of("meter.relay", closed=False)),
+                    what="relay opened on implausible readings")
+        assert not meter.relay_closed
+        racing = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1")]
+        meter.race_wh = 0
+        await until(lambda: len(bus.of("meter.relay", closed=True)) >= 2, what="closed again")
+        assert meter_health(svc, "grid")["confirmed"].get("jump", 0) >= 1
+        meter.fixed = 2**63
+        await until(lambda: any("meter errors" in r.reason for r in bus.of("meter.relay", closed=False)),
+                    what="relay opened on read errors")
+        assert not meter.relay_closed
+        meter.fixed = None
+        await until(lambda: len(bus.of("meter.relay", closed=True)) >= 3, what="closed again after errors")
     values = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1")]
     assert values == sorted(values) and values[-1] <= meter.true_wh + 1
     assert racing and racing[-1] <= meter.true_wh + 1
@@ -196,8 +174,7 @@ async def test_failed_bookkeeping_opens_the_relay_and_never_holds_it(
     follows the trade again, and the changes it missed are announced."""
     meter = Tampered(SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer"))
     emu = await LineEmulator(meter, link=tmp_path / "home.tty").start()
-    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
-                                           "timeout_s": 0.5, **RATED}])
+    s = consumer_settings(grid, emu.path)
     hb = Heartbeats(bus, ["t1"])
     db: sqlite3.Connection | None = None
     try:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+from collections.abc import Callable
 
 import pytest
 
 from services.bus import typed
 from services.bus.events import Delivery, EnergyProduced, MeterKey, MeterReading, TradeHeartbeat, TradeStatus
 from services.meter.config import MeterSettings
-from services.meter.emulator import LineEmulator, make_emulator
+from services.meter.emulator import LineEmulator, ModbusEmulator, make_emulator
 from services.meter.service import MeterService
 from services.meter.sim import SimParams, SimSite
 
@@ -64,6 +65,32 @@ class Heartbeats:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+
+def consumer_settings(grid: Grid, port: str, *, driver: str = "line", timeout_s: float = 0.5,
+                      **kw: object) -> MeterSettings:
+    """home-7 with one consumer meter, "grid", on the emulator at ``port``: rated 1 kW, its
+    site running an hour per second."""
+    return settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": driver, "port": port,
+                                            "timeout_s": timeout_s, "time_scale": 3600, "rated_w": 1000}], **kw)
+
+
+@contextlib.asynccontextmanager
+async def in_a_live_trade(bus: BusProbe, s: MeterSettings, emu: LineEmulator | ModbusEmulator,  # type: ignore[no-untyped-def]
+                          relay_closed: Callable[[], bool]):
+    """The meter service of ``s`` for the deployment, with trade t1 recorded and kept live by
+    its heartbeat, once the relay has closed (``relay_closed`` reads the meter); yields the
+    service. On leaving: the service stops, then the heartbeat, then the emulator."""
+    hb = Heartbeats(bus, ["t1"])
+    await deploy(bus)
+    try:
+        async with running(s) as svc:
+            await bus.publish(status("t1", "recorded"))
+            await until(relay_closed, what="relay closed")
+            yield svc
+    finally:
+        await hb.stop()
+        await emu.close()
 
 
 def steps_in_order(produced: list[EnergyProduced], step: int = 1000) -> bool:
@@ -147,9 +174,7 @@ async def test_consumer_relay_follows_the_trade_and_fails_safe(
     when the trade ends; Delivery counts exactly what the meter measured."""
     model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
     emu = await make_emulator(kind, model, link=tmp_path / "home.tty").start()
-    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": kind, "port": emu.path,
-                                           "timeout_s": 0.5, "time_scale": 3600, "rated_w": 1000}],
-                 delivery_granularity_wh=10)
+    s = consumer_settings(grid, emu.path, driver=kind, delivery_granularity_wh=10)
     hb = Heartbeats(bus, ["t1"])
     dep = await deploy(bus)
     try:
@@ -248,32 +273,23 @@ async def test_a_failing_meter_publishes_nothing_wrong_and_keeps_the_relay_safe(
     relay follows the trade again. Readings stay exact and the service stays up."""
     model = SimSite(SimParams(time_scale=3600, start=NOON, line_w=500), "consumer")
     emu = await LineEmulator(model, link=tmp_path / "home.tty", watchdog_s=0.6).start()
-    s = settings(grid, "home-7", meters=[{"name": "grid", "role": "consumer", "driver": "line", "port": emu.path,
-                                           "timeout_s": 0.2, "time_scale": 3600, "rated_w": 1000}])
-    hb = Heartbeats(bus, ["t1"])
-    await deploy(bus)
-    try:
-        async with running(s) as svc:
-            await bus.publish(status("t1", "recorded"))
-            await until(lambda: model.site.state.relay_closed, what="relay closed")
-            # every reply damaged for a while: after 3 failed reads the relay is commanded open
-            emu.corrupt("checksum", 3)
-            await until(lambda: any("meter errors" in r.reason for r in bus.of("meter.relay", closed=False)),
-                        what="relay opened on errors")
-            await until(lambda: len(bus.of("meter.relay", closed=True)) >= 2, what="closed again after recovery")
-            # the port disappears: nobody can command the meter, its watchdog opens the relay
-            emu.unplug()
-            await until(lambda: not model.site.state.relay_closed, what="watchdog opened the relay")
-            await asyncio.sleep(0.5)
-            assert svc.health()["meters"]["grid"]["connected"] is False
-            emu.replug()
-            await until(lambda: model.site.state.relay_closed, timeout=10, what="closed again after replug")
-            health = svc.health()["meters"]["grid"]
-            assert health["errors"]["checksum"] >= 3 and health["errors"]["io"] >= 1
-            assert health["connects"] >= 2
-    finally:
-        await hb.stop()
-        await emu.close()
+    s = consumer_settings(grid, emu.path, timeout_s=0.2)
+    async with in_a_live_trade(bus, s, emu, lambda: model.site.state.relay_closed) as svc:
+        # every reply damaged for a while: after 3 failed reads the relay is commanded open
+        emu.corrupt("checksum", 3)
+        await until(lambda: any("meter errors" in r.reason for r in bus.of("meter.relay", closed=False)),
+                    what="relay opened on errors")
+        await until(lambda: len(bus.of("meter.relay", closed=True)) >= 2, what="closed again after recovery")
+        # the port disappears: nobody can command the meter, its watchdog opens the relay
+        emu.unplug()
+        await until(lambda: not model.site.state.relay_closed, what="watchdog opened the relay")
+        await asyncio.sleep(0.5)
+        assert svc.health()["meters"]["grid"]["connected"] is False
+        emu.replug()
+        await until(lambda: model.site.state.relay_closed, timeout=10, what="closed again after replug")
+        health = svc.health()["meters"]["grid"]
+        assert health["errors"]["checksum"] >= 3 and health["errors"]["io"] >= 1
+        assert health["connects"] >= 2
     readings = [r.energy_wh for r in bus.of("meter.reading", meter="grid")]
     assert readings == sorted(readings)
     deliveries = [d.delivered_wh for d in bus.of("meter.delivery", trade_id="t1")]

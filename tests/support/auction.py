@@ -169,6 +169,14 @@ class Running:
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.settings.data_dir / "auction.sqlite")
 
+    async def agreed(self) -> str:
+        """A 1 kWh offer of 0.3 s and the first buyer's bid on it, until the trade is agreed:
+        the trade's id."""
+        o = (await self.call(offer(wh=1000, duration=0.3))).offer_id
+        await self.call(self.bid(o, BUYERS[0], 1000))
+        await until(lambda: outbox(self.settings.data_dir / "auction.sqlite", "trade.agreed"), what="trade agreed")
+        return f"t-{o}"
+
 
 def outbox(db_path: pathlib.Path, type_: str) -> list[dict]:  # type: ignore[type-arg]
     """The bodies of the events of one type in the service's durable outbox, in order."""

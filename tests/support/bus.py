@@ -51,6 +51,17 @@ class Grid:
                 "GRIDTRADE_HUB_SUB": self.hub_sub, "GRIDTRADE_HEARTBEAT_S": "0.2"}
 
 
+def raw_socket(actx: zmq.asyncio.Context, grid: Grid, site: str, kind: int, endpoint: str,
+               server: str = "market") -> zmq.asyncio.Socket:
+    """A bare socket of ``kind`` with ``site``'s CURVE key, connected to ``endpoint`` (served
+    with ``server``'s key), linger 0: for frames no typed client would send."""
+    sock = actx.socket(kind)
+    sock.linger = 0
+    grid.security(site).connect_to(sock, endpoint, server)
+    sock.connect(endpoint)
+    return sock
+
+
 class Sources:
     """Publishes each event as the source its publish policy allows, with that site's own
     key: meter events as ``<body.site>/meter``, market and trade events as the market's
@@ -116,6 +127,12 @@ class Applied:
 
     def seqs(self, source: str) -> list[int]:
         return [q for _, q in self.of(source)]
+
+    def subscriber(self, actx: zmq.asyncio.Context, grid: Grid, prefixes: list[str] | None = None) -> Subscriber:
+        """home-7's subscriber on ``grid``'s hub (to ``meter.reading`` unless ``prefixes``),
+        applying what it hears into this store; not started."""
+        return Subscriber(actx, grid.security("home-7"), self.store, hub_sub=grid.hub_sub,
+                          prefixes=prefixes or ["meter.reading"], handler=self.handler)
 
     def values(self) -> list[int]:
         """The ``energy_wh`` of each reading applied, in order."""

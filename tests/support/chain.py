@@ -93,6 +93,14 @@ async def start_stack(grid: Grid, root: pathlib.Path, url: str, sites: tuple[str
     return Stack(root, op, wallets, url)
 
 
+async def stack_with_two_accounts(grid: Grid, root: pathlib.Path, url: str) -> tuple[Stack, str, str]:
+    """``start_stack`` once two new accounts (alice and bob to the tests) are in the keystore
+    of the 'tester' wallet: ``(stack, alice, bob)``."""
+    ks = site_keystore(root, "tester")
+    alice, bob = ks.new(PASS, site="tester").address, ks.new(PASS, site="tester").address
+    return await start_stack(grid, root, url), alice, bob
+
+
 async def claimed(stack: Stack, *addresses: str, timeout: float = 30) -> None:
     """Until the operator knows whose each address is (from the wallets' announcements)."""
     await until(lambda: all(stack.operator.claims.site_of(a) for a in addresses), timeout=timeout,
@@ -152,6 +160,14 @@ class Peer:
     async def request(self, req: Any, *, site: str | None = None, to: str | None = None, **kw: Any) -> Any:
         as_site = site or "tester"
         return await self.client_of(as_site, to or self.route(req, as_site)).request(req, timeout=30, **kw)
+
+    async def funded(self, *addresses: str) -> None:
+        """Until the operator knows whose each address is and has confirmed as many fundings
+        (each claimed account is funded once on a dev chain)."""
+        assert self.stack is not None
+        await claimed(self.stack, *addresses)
+        await self.probe.wait_for(lambda: len([u for u in self.probe.of(E.ChainTx)
+                                               if u.kind == "fund" and u.status == "confirmed"]) >= len(addresses))
 
     async def close_clients(self) -> None:
         for c in self.clients.values():

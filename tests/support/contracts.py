@@ -10,7 +10,9 @@ sends transactions, it only signs).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,18 @@ def high_s(sig: bytes) -> bytes:
 def new_id() -> str:
     """A fresh off-chain id (offer, bid or trade)."""
     return f"t-{next(_ids)}-{typed.new_id()[2:10]}"
+
+
+async def constructor_reverts(w3: AsyncWeb3, name: str, args: tuple[Any, ...], sender: str) -> str | None:
+    """Deploy the contract ``name`` with constructor ``args``, which must revert: the revert
+    reason (None when none can be read)."""
+    art = c.load_artifact(name)
+    factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    try:
+        await c.send(w3, factory.constructor(*args), sender)
+    except Exception as exc:  # the backend decides the exception type; revert_reason reads both
+        return c.revert_reason(exc)
+    pytest.fail("deployed")
 
 
 @dataclass
@@ -158,6 +172,14 @@ class Env:
             [await self.trade(t) for t in trade_ids],
         )
 
+    @contextlib.asynccontextmanager
+    async def books_unchanged(self, *trade_ids: str) -> AsyncIterator[None]:
+        """What runs inside moves nothing: :meth:`books` (of these trades) reads the same after as before."""
+        before = await self.books(*trade_ids)
+        yield
+        after = await self.books(*trade_ids)
+        assert after == before, (before, after)
+
     # ------------------------------------------------------------ time
 
     async def now(self) -> int:
@@ -217,6 +239,13 @@ class Env:
              wh: int, price: int) -> Any:
         return self.market.open(typed.trade_key(trade_id), offer.as_tuple(), offer_sig, bid.as_tuple(), bid_sig,
                                 wh, price)
+
+    async def open_reverts(self, offer: typed.Offer, offer_sig: bytes, bid: typed.Bid, bid_sig: bytes, wh: int,
+                           price: int, sender: str | None = None) -> str:
+        """Open a trade of a new id, sent by the operator unless ``sender``; it must revert:
+        return its revert reason."""
+        return await self.reverts(self.open(new_id(), offer, offer_sig, bid, bid_sig, wh, price),
+                                  sender or self.operator)
 
     async def fund(self, seller_wh: int = 10_000, buyer_wei: int = ETHER) -> None:
         """The seller holds `seller_wh` tokens (minted by its meter) and approved the market for

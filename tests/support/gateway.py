@@ -78,6 +78,20 @@ class Stack:
             return w if not w["pending"] else None
         return dict(await self.until(f"the transactions at {site} to be mined", quiet))
 
+    async def sell_and_bid(self, seller: aiohttp.ClientSession, buyer: aiohttp.ClientSession, bid_wei_per_kwh: int,
+                           duration_s: int = 3) -> str:
+        """The producer (``seller``, at solar-1) offers 1 kWh from 5000 wei/kWh for ``duration_s``
+        seconds and the consumer (``buyer``, at home-7) bids ``bid_wei_per_kwh`` on it; both
+        accepted (201). Returns the offer's id."""
+        async with seller.post(self.url("solar-1") + "/api/offers",
+                               json={"wh": 1000, "start_price_wei_per_kwh": "5000", "duration_s": duration_s}) as r:
+            assert r.status == 201, await r.text()
+            oid: str = (await r.json())["offer_id"]
+        async with buyer.post(self.url("home-7") + f"/api/offers/{oid}/bids",
+                              json={"price_wei_per_kwh": str(bid_wei_per_kwh)}) as r:
+            assert r.status == 201, await r.text()
+        return oid
+
     async def prepare(self) -> None:
         """Once per grid: the consumer and the third account fund escrow; the producer has tokens."""
         async with http() as c, http() as t, http() as p:

@@ -14,9 +14,10 @@ grid passes one that adds its service logs); by default it raises :class:`Timeou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 
@@ -38,6 +39,14 @@ class _Poll:
         self.deadline = time.monotonic() + timeout
         self.last: Any = None
 
+    @contextlib.contextmanager
+    def trying(self) -> Iterator[None]:
+        """Around one try: an exception of a ``retry_on`` type is its result (not yet)."""
+        try:
+            yield
+        except self.retry_on as e:
+            self.last = e
+
     def give_up_if_late(self) -> None:
         """After a falsy try: past the deadline, fail."""
         if time.monotonic() > self.deadline:
@@ -50,15 +59,13 @@ async def until(check: Callable[[], Any], *, what: str = "condition", timeout: f
     """Await ``check()``'s first truthy result (``check`` may be async)."""
     p = _Poll(what, timeout, retry_on, fail)
     while True:
-        try:
+        with p.trying():
             r = check()
             if inspect.isawaitable(r):
                 r = await r
             if r:
                 return r
             p.last = r
-        except retry_on as e:
-            p.last = e
         p.give_up_if_late()
         await asyncio.sleep(every)
 
@@ -68,12 +75,9 @@ def wait(check: Callable[[], Any], *, what: str = "condition", timeout: float = 
     """Block until ``check()`` returns something truthy, and return it."""
     p = _Poll(what, timeout, retry_on, fail)
     while True:
-        try:
-            r = check()
-            if r:
+        with p.trying():
+            if r := check():
                 return r
             p.last = r
-        except retry_on as e:
-            p.last = e
         p.give_up_if_late()
         time.sleep(every)

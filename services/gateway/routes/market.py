@@ -8,17 +8,20 @@ import math
 
 from aiohttp import web
 
-from services.bus import RequestError, refusals
+from services.bus import refusals
 from services.bus import commands as cmd
 
 from .. import models as m
-from ..errors import ApiError, from_request_error
+from ..errors import ApiError, refused_by
 from ..openapi import Route
 from ..sessions import Session
 from ..state import Gateway
 from .api import BACKEND, SESSION_ERRORS, Api, match_id
 
 api = Api()
+
+ON_AN_ITEM = (400, 401, 403, 404, 409, 415, 422, *BACKEND)
+"""What a POST on one offer or trade (by its id) may answer besides success."""
 
 
 @api(Route("GET", "/api/offers", "list_offers", "Open offers with their highest bids", m.OffersOut,
@@ -34,11 +37,9 @@ async def list_offers(gw: Gateway, request: web.Request, session: Session) -> m.
 async def sell(gw: Gateway, request: web.Request, session: Session, body: m.SellIn) -> m.OfferPlacedOut:
     """Approve the tokens for the market, have the wallet sign the offer (valid until the
     auction's end plus a grace period, for a trade of the configured duration), place it."""
-    try:
+    with refused_by("chain"):
         placed = await gw.trader.sell(session.address, body.energy_wh, body.start_price_wei_per_kwh,
                                       body.duration_s, now=gw.clock(), cmd_id=gw.cmd_id(request, session, "sell"))
-    except RequestError as e:
-        raise from_request_error(e, e.service or "chain") from None
     return m.OfferPlacedOut(offer_id=placed.offer_id, ends_at=placed.ends_at, wh=body.energy_wh)
 
 
@@ -68,23 +69,21 @@ async def _open_offer(gw: Gateway, offer_id: str, me: str, price: int) -> tuple[
 @api(Route("POST", "/api/offers/{offer_id}/bids", "bid",
            "Bid on an offer: the site's wallet reserves the escrow the bid and the account's other winning bids "
            "need until the bid expires, then signs the bid", m.BidOut, body=m.BidIn, status=201,
-           errors=(400, 401, 403, 404, 409, 415, 422, *BACKEND), tag="market"))
+           errors=ON_AN_ITEM, tag="market"))
 async def bid(gw: Gateway, request: web.Request, session: Session, body: m.BidIn) -> m.BidOut:
     """Reserve the escrow this bid and the account's other live bids need until the bid
     expires (the wallet tops up from free escrow and answers once in a block), have the
     wallet sign the bid, place it."""
     offer_id = match_id(request, "offer_id")
     offer, offers = await _open_offer(gw, offer_id, session.address, body.price_wei_per_kwh)
-    try:
+    with refused_by("chain"):
         r = await gw.trader.bid(session.address, offer, offers, body.price_wei_per_kwh,
                                 cmd_id=gw.cmd_id(request, session, "bid"))
-    except RequestError as e:
-        raise from_request_error(e, e.service or "chain") from None
     return m.BidOut(bid_id=r.bid_id)
 
 
 @api(Route("POST", "/api/offers/{offer_id}/cancel", "cancel_offer", "Cancel an own offer without bids", m.OkOut,
-           body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *BACKEND), tag="market"))
+           body=m.Empty, errors=ON_AN_ITEM, tag="market"))
 async def cancel_offer(gw: Gateway, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:
     offer_id = match_id(request, "offer_id")
     await gw.ask_auction(cmd.CancelOffer(offer_id=offer_id, seller=session.address),
@@ -124,12 +123,10 @@ async def place_order(gw: Gateway, request: web.Request, session: Session, body:
     now = gw.clock()
     # valid through the call being collected and the next one (the clock may just have cleared this one)
     duration = max(1, math.ceil((math.floor(now / interval) + 2) * interval - now))
-    try:
+    with refused_by("chain"):
         placed = await gw.trader.order(session.address, body.side, body.energy_wh, body.limit_price_wei_per_kwh,
                                        now=now, duration_s=duration,
                                        cmd_id=gw.cmd_id(request, session, f"order-{body.side}"))
-    except RequestError as e:
-        raise from_request_error(e, e.service or "chain") from None
     return m.OrderPlacedOut(order_id=placed.order_id, side=body.side, wh=body.energy_wh,
                             limit_price_wei_per_kwh=body.limit_price_wei_per_kwh)
 
@@ -145,7 +142,7 @@ async def list_trades(gw: Gateway, request: web.Request, session: Session) -> m.
 
 
 @api(Route("POST", "/api/trades/{trade_id}/close", "close_trade", "Close Connection: end a live trade", m.OkOut,
-           body=m.Empty, errors=(400, 401, 403, 404, 409, 415, 422, *BACKEND), tag="market"))
+           body=m.Empty, errors=ON_AN_ITEM, tag="market"))
 async def close_trade(gw: Gateway, request: web.Request, session: Session, body: m.Empty) -> m.OkOut:
     trade_id = match_id(request, "trade_id")
     await gw.ask_auction(cmd.CloseTrade(trade_id=trade_id, by=session.address),
