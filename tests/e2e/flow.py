@@ -251,7 +251,9 @@ async def check_final(grid: Grid, out: Outcome) -> dict[str, Any]:
     assert closed[0]["returnedWh"] == SELL_WH - delivered
 
     # mints: only from the producer meter's signed counters, each the delta since the last
-    mints = grid.minted()
+    # read at one block: the producer's meter goes on minting while this runs
+    block = grid.w3.eth.block_number
+    mints = grid.minted(to_block=block)
     assert mints and all(m["to"] == grid.w3.to_checksum_address(prod) for m in mints)
     counters = [m["producedWh"] for m in mints]
     assert counters == sorted(set(counters)), "a counter was minted twice or out of order"
@@ -264,14 +266,14 @@ async def check_final(grid: Grid, out: Outcome) -> dict[str, Any]:
     await grid.until("every minted counter among those the producer's meter signed", all_announced, timeout=30)
     minted_wh = counters[-1]
 
-    p, c = grid.onchain(prod), grid.onchain(cons)
+    p, c = grid.onchain(prod, block), grid.onchain(cons, block)
     assert c["free"] == DEPOSIT - cost(delivered, PRICE), c
     assert c["locked"] == 0 and c["reserved"] == 0, c
     assert p["credit"] == cost(delivered, PRICE), p
     assert c["tokens"] == delivered, c
     assert p["tokens"] == minted_wh - delivered, (p, minted_wh)
-    assert grid.token.functions.balanceOf(grid.market.address).call() == 0
-    assert grid.w3.eth.get_balance(grid.market.address) == c["free"] + c["reserved"] + c["locked"] + p["credit"]
+    assert grid.token.functions.balanceOf(grid.market.address).call(block_identifier=block) == 0
+    assert grid.w3.eth.get_balance(grid.market.address, block) == c["free"] + c["reserved"] + c["locked"] + p["credit"]
     assert p["ether"] == grid.ether_from_history(prod)
     assert c["ether"] == grid.ether_from_history(cons)
     deposits = grid.market_events("Deposited")
