@@ -163,6 +163,7 @@ class MeterRunner:
         self.fails = 0
         self.fail_why = ""
         self.reads = 0
+        self.stopped = False  # set by the service's stop: the loop ends at its next turn
         self.last: Counters | None = None
         self.relay_state: bool | None = None  # as last read or commanded; None: unknown
         self.decision = RelayDecision(False, None, "starting")
@@ -186,7 +187,7 @@ class MeterRunner:
 
     async def run(self) -> None:
         interval = self.svc.settings.reading_interval_s
-        while True:
+        while not self.stopped:
             started = time.monotonic()
             try:
                 await self.tick()
@@ -612,9 +613,17 @@ class MeterService(Service):
         return self.pub.stage(body)
 
     async def stopping(self) -> None:
-        for t in self._loops:
+        for r in self.runners:
+            r.stopped = True
+        pending = set(self._loops)
+        for t in pending:
             t.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        while pending:
+            # cancelled again until it ends: Python 3.11's wait_for can swallow a cancellation
+            # that meets its inner task's end (the tick's bookkeeping), and the stop waited for ever
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+            for t in pending:
+                t.cancel()
         for r in self.runners:  # a clean stop leaves no relay closed
             if r.cfg.trade:
                 with contextlib.suppress(MeterError, Exception):
