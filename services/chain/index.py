@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import logging
 import time
@@ -48,6 +49,12 @@ class MintedIndex:
         self._verified: tuple[int, str] | None = None  # the head at the last reorg check
         self._verified_at = 0.0
 
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def _accounts_key(wanted: tuple[str, ...]) -> str:
+        """A short, stable name of a set of accounts (made once per set: asked on every read)."""
+        return hashlib.sha256(",".join(wanted).encode()).hexdigest()[:16]
+
     def _load(self, key: str, deploy_block: int) -> None:
         conn = self.store.conn
         self.totals = dict(conn.execute("SELECT account, wh FROM chain_generated WHERE chain = ?", (key,)).fetchall())
@@ -65,7 +72,7 @@ class MintedIndex:
         is another index, read from the deployment (or from what was stored for that set)."""
         if accounts is not None:
             wanted = sorted({AsyncWeb3.to_checksum_address(a) for a in accounts})
-            key = f"{key}:{hashlib.sha256(','.join(wanted).encode()).hexdigest()[:16]}"
+            key = f"{key}:{self._accounts_key(tuple(wanted))}"
         async with self.lock:  # one catch-up at a time; the others then find it done
             if self.key != key:  # first use on this chain (or for these accounts): from what is stored
                 self._load(key, deploy_block)

@@ -112,7 +112,6 @@ class Simulation:
     collector: rep.Collector | None = None
     started: float = 0.0
     ended: float = 0.0
-    not_handed: list[str] = dataclasses.field(default_factory=list)  # sites whose hand-over failed: no agent trades
     _watcher: asyncio.Task | None = None
 
     @property
@@ -188,7 +187,6 @@ class Simulation:
         if failed:  # the run goes on without them: those agents wait, as after a wallet's restart
             say(f"{len(failed)} site(s) not handed to their agents (they will not trade): "
                 + "; ".join(f"{site}: {e}" for site, e in sorted(failed.items())))
-        self.not_handed = sorted(failed)
 
     def bar(self, sim: float | None) -> str:
         c = self.collector

@@ -137,14 +137,12 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         return (every == 0 or tid in self._unseen or final or target >= wh or close_state != "none"
                 or tid in self._closing or target - settled >= every)
 
-    async def _follow_closings(self, held_back: bool) -> None:
+    async def _follow_closings(self) -> None:
         """While a reading is held back, the market's TradeClosing logs since the last look (a
         few blocks again each time: a reorg may move a close to a block already read) make
         that trade's reading due: a party may close on-chain without the auction."""
         op = self.op
         assert op.dep is not None and op.node is not None
-        if self._closing_block is not None and not held_back:
-            return  # nothing held back: the logs are read from the same block when something is
         now = time.monotonic()
         if now - self._closings_read < min(1.0, op.dispute_window_s / 4):
             return  # not every round: a node's logs once a second are soon enough for any dispute window
@@ -171,7 +169,8 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
         op = self.op
         assert op.dep is not None and op.txm is not None and op.operator is not None
         held = self._held()  # read once a round: what is due is decided in memory
-        await self._follow_closings(held_back=not all(self._is_due(h) for h in held))
+        if not all(self._is_due(h) for h in held) or self._closing_block is None:
+            await self._follow_closings()  # a close seen there makes its trade's reading due
         due = [h[:8] for h in held if self._is_due(h)]
         self.held_back = len(held) - len(due)
         self._started = True
