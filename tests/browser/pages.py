@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq.asyncio
 from playwright.async_api import Locator, Page, expect
+from web3 import HTTPProvider, Web3
 
 from services.bus import RpcClient, Security
 from services.bus import commands as cmd
@@ -143,3 +144,43 @@ async def set_mining_as_market(grid: RealStack, action: str) -> None:
     finally:
         await client.close()
         ctx.destroy(linger=0)
+
+
+async def confirmed(grid: RealStack, page: Page, status: Locator, *, site: str) -> None:
+    """The transaction under ``status`` (sent from ``site``'s wallet) shows confirmed. If it does
+    not in time, the failure says where the transaction is: in the wallet's open list, in the
+    page's history, on the node, and in the wallet's log."""
+    try:
+        await expect(status).to_have_attribute("data-state", "confirmed", timeout=WAIT)
+    except AssertionError as e:
+        where = await whereabouts(grid, page, await status.get_attribute("data-hash"), site=site)
+        raise AssertionError(f"{e}\n\nwhere the transaction is:\n{where}") from None
+
+
+async def whereabouts(grid: RealStack, page: Page, tx_hash: str | None, *, site: str) -> str:
+    if not tx_hash:
+        return "the page shows no transaction hash"
+    out = [f"hash {tx_hash}"]
+    for what, path, key, field in (("the wallet's open list", "/api/pending", "txs", "tx_hash"),
+                                   ("the history", "/api/history", "rows", "id")):
+        try:
+            got = await page.evaluate(f"fetch('{path}').then(r => r.json())")
+            out.append(f"{what}: {[r for r in got.get(key, []) if r.get(field) == tx_hash]}")
+        except Exception as e:  # noqa: BLE001 - a report of what could be seen
+            out.append(f"{what}: not readable ({e})")
+    try:
+        w3 = Web3(HTTPProvider(grid.proc("chain").env["GRIDTRADE_CHAIN_URL"], request_kwargs={"timeout": 10}))
+        tx = w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+        receipt = w3.eth.get_transaction_receipt(tx_hash) if tx["blockNumber"] is not None else None  # type: ignore
+        base = w3.eth.get_block("latest").get("baseFeePerGas")
+        automine = w3.provider.make_request("anvil_getAutomine", []).get("result")  # type: ignore[arg-type]
+        out.append(f"the node: block {tx['blockNumber']}, nonce {tx['nonce']}, max fee {tx.get('maxFeePerGas')}, "
+                   f"receipt status {receipt and receipt['status']}; head {w3.eth.block_number}, base fee {base}, "
+                   f"automine {automine}, pool {w3.provider.make_request('txpool_status', []).get('result')}")  # type: ignore
+    except Exception as e:  # noqa: BLE001
+        out.append(f"the node: {type(e).__name__}: {e}")
+    log = grid.proc(f"wallet-{site}").log
+    if log is not None and log.exists():
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if tx_hash[2:18] in ln]
+        out.append(f"the wallet's log: {lines[-10:] or 'nothing about it'}")
+    return "\n".join(out)

@@ -1,11 +1,13 @@
 """Sessions in a real browser against the real micro-grid (every service a real process
 from ``launcher.plan()`` on a real anvil node): a session outlives a restart of the site's
-gateway, and a restart of the site's wallet asks for the passphrase again. The wallet
-pages and the trade flow are in test_wallet.py and test_trade.py."""
+gateway, a restart of the site's wallet asks for the passphrase again, and a transaction
+whose news never reaches the page still ends there. The wallet pages and the trade flow are
+in test_wallet.py and test_trade.py."""
 
 from __future__ import annotations
 
 import pathlib
+import re
 import signal
 from typing import Any
 
@@ -14,7 +16,7 @@ from playwright.async_api import expect
 
 from tests.support.plan import RealStack
 
-from .pages import WAIT, number, open_wallet, shot
+from .pages import WAIT, confirmed, number, open_wallet, shot, toast
 
 pytestmark = pytest.mark.browser
 
@@ -70,6 +72,39 @@ async def test_a_session_outlives_a_gateway_restart_and_a_wallet_restart_asks_fo
         # the deposit that met the locked key was made once the key was unlocked again
         await expect(page.locator("#escrow-free")).to_have_text("0.03", timeout=WAIT)
         await expect(page.locator("#view-login")).to_be_hidden()
+        assert not page.errors, page.errors  # type: ignore[attr-defined]
+    finally:
+        await ctx.close()
+
+
+@pytest.mark.timeout(300)
+async def test_a_transaction_whose_news_never_reaches_the_page_still_ends_there(browser: Any,
+                                                                                real_grid: RealStack) -> None:
+    """Between the gateway and the page, every message about a transaction is dropped (as on a
+    websocket that came back after them): the page finds the outcome in the wallet's history."""
+    grid = real_grid
+    ctx, page = await open_wallet(browser, grid.url("home-7"), grid.people["consumer"])
+    dropped: list[str | bytes] = []
+
+    def without_tx_news(ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def to_page(message: str | bytes) -> None:
+            if '"chain.tx"' in str(message):
+                dropped.append(message)
+            else:
+                ws.send(message)
+        server.on_message(to_page)
+
+    try:
+        await page.route_web_socket(re.compile(r"/api/ws$"), without_tx_news)
+        await page.reload()
+        await expect(page.locator("#live")).to_have_text("live", timeout=WAIT)
+        await page.fill("#deposit-amount", "0.01")
+        await page.click("#deposit-btn")
+        await confirmed(grid, page, page.locator("#deposit-status"), site="home-7")
+        await toast(page, "Deposit of 0.01 Ether: confirmed.")
+        assert dropped, "the gateway sent no news of the transaction: the route dropped nothing"
         assert not page.errors, page.errors  # type: ignore[attr-defined]
     finally:
         await ctx.close()

@@ -16,7 +16,7 @@ from playwright.async_api import Page, expect
 
 from tests.support.plan import CONSUMER_SITE, RealStack
 
-from .pages import MOBILE, WAIT, audit, both_wallets, fits, go, number, shot
+from .pages import MOBILE, WAIT, audit, both_wallets, confirmed, fits, go, number, shot
 
 pytestmark = pytest.mark.browser
 
@@ -47,7 +47,7 @@ async def test_orders_from_the_form_reach_the_book_and_the_cleared_call_the_char
         # the consumer's escrow to buy with
         await buyer.fill("#deposit-amount", "0.01")
         await buyer.click("#deposit-btn")
-        await expect(buyer.locator("#deposit-status")).to_have_attribute("data-state", "confirmed", timeout=WAIT)
+        await confirmed(grid, buyer, buyer.locator("#deposit-status"), site="home-7")
 
         await go(seller, "market")
         await go(buyer, "market")

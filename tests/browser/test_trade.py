@@ -22,7 +22,8 @@ from playwright.async_api import expect
 
 from tests.support.plan import RealStack
 
-from .pages import ROOT, MOBILE, WAIT, audit, both_wallets, fits, go, number, open_wallet, shot, toast, wei
+from .pages import (ROOT, MOBILE, WAIT, audit, both_wallets, confirmed, fits, go, number, open_wallet, shot, toast,
+                    wei)
 
 pytestmark = pytest.mark.browser
 
@@ -97,7 +98,7 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
         await expect(buyer.locator("#deposit-amount")).to_be_focused()
         await buyer.fill("#deposit-amount", "0.01")
         await buyer.click("#deposit-btn")
-        await expect(buyer.locator("#deposit-status")).to_have_attribute("data-state", "confirmed", timeout=WAIT)
+        await confirmed(grid, buyer, buyer.locator("#deposit-status"), site="home-7")
 
         await go(buyer, "market")
         await card.locator(".bid-price").fill("0.002")
@@ -190,8 +191,7 @@ async def test_a_trade_from_offer_to_history_for_both_roles(browser: Any, real_g
         await go(seller, "wallet")
         await expect(seller.locator("#credit")).to_have_attribute("data-wei", str(paid), timeout=WAIT)
         await seller.click("#withdraw-credit")
-        await expect(seller.locator("#withdraw-credit-status")).to_have_attribute("data-state", "confirmed",
-                                                                                  timeout=WAIT)
+        await confirmed(grid, seller, seller.locator("#withdraw-credit-status"), site="solar-1")
         await toast(seller, re.compile(r"Withdrawing your earnings of .*: confirmed\."))
         await expect(seller.locator("#credit")).to_have_attribute("data-wei", "0", timeout=WAIT)
         await shot(seller, artifacts_dir, "producer-wallet", docs="trade-wallet-producer-desktop")

@@ -20,8 +20,8 @@ from playwright.async_api import expect
 
 from tests.support.plan import RealStack
 
-from .pages import (MOBILE, VIEWS, WAIT, audit, both_wallets, fits, go, number, open_wallet, set_mining_as_market, shot,
-                    toast, wei)
+from .pages import (MOBILE, VIEWS, WAIT, audit, both_wallets, confirmed, fits, go, number, open_wallet,
+                    set_mining_as_market, shot, toast, wei)
 
 pytestmark = pytest.mark.browser
 ETH = 10**18
@@ -58,7 +58,7 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         await expect(status).to_contain_text(re.compile(r"Deposit of 0\.01 Ether: (sending|pending|confirmed)"),
                                              timeout=WAIT)
         await expect(status).to_have_attribute("data-hash", re.compile(r"^0x[0-9a-f]{64}$"), timeout=WAIT)
-        await expect(status).to_have_attribute("data-state", "confirmed", timeout=WAIT)
+        await confirmed(grid, buyer, status, site="home-7")
         await toast(buyer, "Deposit of 0.01 Ether: confirmed.")
         await expect(buyer.locator("#escrow-free")).to_have_text("0.01", timeout=WAIT)
         deposit_hash = await status.get_attribute("data-hash")
@@ -77,7 +77,7 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         await buyer.fill("#withdraw-amount", "")
         await buyer.click("#withdraw-all")
         await buyer.click("#withdraw-btn")
-        await expect(buyer.locator("#withdraw-status")).to_have_attribute("data-state", "confirmed", timeout=WAIT)
+        await confirmed(grid, buyer, buyer.locator("#withdraw-status"), site="home-7")
         await expect(buyer.locator("#escrow-free")).to_have_attribute("data-wei", "0", timeout=WAIT)
 
         # addresses: the page's own messages, no browser bubble, nothing sent
@@ -100,7 +100,7 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         await buyer.click("#transfer-btn")
         await expect(buyer.locator("#transfer-status")).to_contain_text(
             f"Sending 0.5 Ether to {ELSEWHERE[:8]}", timeout=WAIT)
-        await expect(buyer.locator("#transfer-status")).to_have_attribute("data-state", "confirmed", timeout=WAIT)
+        await confirmed(grid, buyer, buyer.locator("#transfer-status"), site="home-7")
         await toast(buyer, re.compile(r"Sending 0\.5 Ether to .*: confirmed\."))
         await number(grid, buyer.locator("#balance"), "the balance to drop by 0.5 Ether and gas",
                      lambda n: start - Decimal("0.52") < n <= start - Decimal("0.5"))
@@ -130,7 +130,7 @@ async def test_wallets_units_progress_history_figures_on_desktop_and_mobile(brow
         await seller.fill("#transfer-to", consumer.address)
         await seller.fill("#transfer-amount", "1.25")
         await seller.click("#transfer-btn")
-        await expect(seller.locator("#transfer-status")).to_have_attribute("data-state", "confirmed", timeout=WAIT)
+        await confirmed(grid, seller, seller.locator("#transfer-status"), site="solar-1")
         await toast(buyer, "You received 1.25 Ether.")
         await expect(buyer.locator("#balance")).to_have_attribute("data-wei", str(before + 125 * 10**16),
                                                                   timeout=WAIT)

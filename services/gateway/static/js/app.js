@@ -963,8 +963,15 @@ function renderHistory() {
   // Your transactions: the recent ones the history knows, also after a reload (no notice for those)
   let added = false;
   for (const r of rows.slice(0, 20)) {
-    if (!['sent', 'deposit', 'withdraw', 'withdraw_credit'].includes(r.kind) || state.txs.has(r.id)
-      || r.status === 'pending') continue;  // open ones come from the wallet's own list, with their depth
+    if (!['sent', 'deposit', 'withdraw', 'withdraw_credit'].includes(r.kind) || r.status === 'pending') continue;
+    // open ones come from the wallet's own list, with their depth
+    const known = state.txs.get(r.id);
+    if (known) {  // followed here, and its end was never heard (an event lost, the page offline): the history's word
+      if (known.status === 'pending') {
+        track(r.id, { update: { status: r.status, reason: r.status === 'failed' ? r.detail : '' } });
+      }
+      continue;
+    }
     const kind = r.kind === 'sent' ? 'transfer' : r.kind;
     const what = r.kind === 'sent' && r.amount_wei ? `Sending ${etherText(r.amount_wei)} to ${short(r.counterparty)}` : '';
     state.txs.set(r.id, { hash: r.id, status: r.status, kind, ref: r.amount_wei || '', what, at: r.at || 0,
@@ -1220,7 +1227,12 @@ function connect() {
   if (state.ws || !state.me) return;
   const ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/api/ws`);
   state.ws = ws;
-  ws.onopen = () => { state.wsRetry = 0; setLive(true); };
+  ws.onopen = () => {
+    setLive(true);
+    // back after a gap (a restart, or closed for being too slow): news of open transactions may be lost
+    if (state.wsRetry > 0 && [...state.txs.values()].some((t) => t.status === 'pending')) loadHistory();
+    state.wsRetry = 0;
+  };
   ws.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (e) { console.warn('bad event', e); } };
   ws.onclose = (ev) => {
     state.ws = null;
