@@ -123,10 +123,9 @@ async def _sites(mode: str, keys: pathlib.Path, hub_pub: str, n: int, slots: int
         beats = [envelope.encode(envelope.make(Heartbeat(node=f"{site}/meter", replay="", site=site, last={}),
                                                source=f"{site}/meter", seq=1)) for site in sites]
     q.put(("ready", before, rss_kib()))
-    while not go.is_set():  # raw: probes and heartbeats until the subscriber has heard every site
+    while not go.is_set():  # raw: heartbeats until the subscriber has heard every site
         if mode == "raw":
-            for site, sock, beat in zip(sites, parts, beats):
-                await sock.send_multipart([f"meter.reading.{site}".encode(), b"probe"])
+            for sock, beat in zip(parts, beats):
                 await sock.send_multipart(beat)
         await asyncio.sleep(0.05)
     cpu = time.process_time()
@@ -185,9 +184,10 @@ async def bus_run(mode: str, keys: pathlib.Path, hub_pub: str, hub_sub: str, n: 
             sock.linger = 0
             sec.connect_to(sock, hub_sub, "market")
             sock.subscribe(b"meter.reading")
+            sock.subscribe(b"bus.heartbeat")
             sock.connect(hub_sub)
             heard: set[bytes] = set()
-            while len(heard) < n:
+            while len(heard) < n:  # a heartbeat of every site: its subscription is live
                 frames = await sock.recv_multipart()
                 heard.add(frames[0])
             go.set()
@@ -197,7 +197,7 @@ async def bus_run(mode: str, keys: pathlib.Path, hub_pub: str, hub_sub: str, n: 
             while got < total:
                 frames = await sock.recv_multipart()
                 while True:
-                    if frames[1] != b"probe":
+                    if frames[0].startswith(b"meter.reading"):  # not a heartbeat still on its way
                         got += 1
                     try:
                         frames = drain(zmq.NOBLOCK)
@@ -211,8 +211,9 @@ async def bus_run(mode: str, keys: pathlib.Path, hub_pub: str, hub_sub: str, n: 
             def handler(env: envelope.Envelope, conn: sqlite3.Connection) -> None:
                 conn.execute("INSERT INTO readings VALUES (?, ?)", (env.body.site, env.body.energy_wh))  # type: ignore[attr-defined]
 
+            # replayable, as the operator's subscriber (its jobs only record in the store)
             sub = Subscriber(ctx, sec, store, hub_sub=hub_sub, prefixes=["meter.reading"], handler=handler,
-                             name="market", max_batch=max_batch)
+                             name="market", max_batch=max_batch, replayable=True)
             await sub.start()
             while len(sub.replay_at) < n:  # a heartbeat of every site: the subscriptions are live
                 await asyncio.sleep(0.05)
@@ -394,6 +395,9 @@ async def main_async(a: argparse.Namespace) -> None:
         print(f"{n:>5} sites: {bus_rows[n]['outbox'].rss_per_site_kib:8.0f} KiB per site "
               f"(raw PUB sockets only: {bus_rows[n]['raw'].rss_per_site_kib:.0f} KiB)")
 
+    if profiles:
+        print(f"\n== where the market process's time goes applying {max(sizes)} sites' readings (cProfile, tottime)")
+        print("\n".join(profiles[0].splitlines()[:30]))
     print("\n== market: every site's order each slot through the auction's book (SQLite) and the double "
           "auction's clearing, one transaction a slot")
     print(f"{'sites':>5} {'orders':>7} {'trades':>7} {'orders/s':>9} {'trades/s':>9} {'sorted() orders/s':>17} "
@@ -451,9 +455,6 @@ async def main_async(a: argparse.Namespace) -> None:
     chain_slot = tps * per_trade_s
     print(f"chain keeps up with {big} sites ({tps:.0f} trades a slot opened and settled within {BUDGET_S:.0f} s): "
           f"{chain_slot:.2f} s a slot -> {ok(chain_slot <= BUDGET_S)}")
-    if profiles:
-        print(f"\n== where the market process's time goes applying {big} sites' readings (cProfile, tottime)")
-        print("\n".join(profiles[0].splitlines()[:30]))
 
 
 def main(argv: list[str] | None = None) -> None:

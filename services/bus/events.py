@@ -12,34 +12,24 @@ seconds, accounts as 0x-prefixed checksummed or lowercase hex addresses.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .states import TradeState
 from .typed import Bid, Offer
 
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
-
-def _address(value: str) -> str:
-    if not _ADDRESS.match(value):
-        raise ValueError("not a 20-byte hex address (0x followed by 40 hex digits)")
-    return value
-
-
-def _name(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError("names are 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit")
-    return value
-
-
-Address = Annotated[str, AfterValidator(_address)]
+# checked by pydantic-core's own regex engine, not by a Python validator: every event decoded
+# checks its names (a Python call each was a fifth of a subscriber's CPU with 300 sites)
+Address = Annotated[str, Field(pattern=ADDRESS_PATTERN,
+                               description="an Ethereum account address: 0x followed by 40 hex digits")]
 """An Ethereum account address."""
-Name = Annotated[str, AfterValidator(_name)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="1-63 of a-z, 0-9, '-' and '_', starting with a "
+                                                             "letter or digit")]
 """A site, meter or service name: safe in topics, file names and URLs."""
 Wei = Annotated[int, Field(ge=0, lt=2**256)]
 Wh = Annotated[int, Field(ge=0, lt=2**63)]

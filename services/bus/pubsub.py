@@ -210,6 +210,13 @@ class Subscriber:
     outbox like the failed one, on the source's next heartbeat) and the others commit,
     each applied once. Heartbeats in a batch are looked at after it commits, and replays
     start only then, so a replay never races the batch for the same events.
+
+    ``replayable=True`` says that the handler's effects are all in the store or in the
+    store's commit and rollback hooks (nothing sent, pushed or counted directly), so that it
+    may run again on an event whose effects were rolled back. A batch is then applied
+    without a savepoint per event; if a handler fails, the whole batch is rolled back and
+    applied again, each event in its own savepoint as above. Same outcome, fewer statements
+    (a savepoint per event was a tenth of a subscriber's CPU).
     """
 
     LATEST_LOOKBACK = 200
@@ -223,7 +230,8 @@ class Subscriber:
     def __init__(self, ctx: zmq.asyncio.Context, security: Security, store: Store, *, hub_sub: str,
                  hub_site: str = "market", prefixes: Iterable[str], handler: Handler,
                  start: str = "earliest", replay_timeout_s: float = 3.0, name: str = "subscriber",
-                 authority: Authority | None = None, max_batch: int | None = None) -> None:
+                 authority: Authority | None = None, max_batch: int | None = None,
+                 replayable: bool = False) -> None:
         if start not in ("earliest", "latest"):
             raise ValueError("start is 'earliest' or 'latest'")
         self.ctx, self.security, self.store = ctx, security, store
@@ -231,6 +239,7 @@ class Subscriber:
         self.authority = authority or Authority.of(hub_site)
         self.prefixes = [p for p in prefixes]
         self.handler = handler
+        self.replayable = replayable
         self.start_mode = start
         self.replay_timeout_s = replay_timeout_s
         self.max_batch = max(1, max_batch or self.MAX_BATCH)
@@ -397,10 +406,19 @@ class Subscriber:
         read past. An event its publisher may not publish is only read past. A handler
         that fails undoes its own event (a savepoint) and holds back the later events of
         that (source, topic); if the transaction itself fails, none of the batch counts."""
+        if self.replayable:
+            try:
+                return await self._apply(batch, isolate=False)
+            except _Failed:
+                pass  # nothing of the batch was kept: again, each event on its own
+        return await self._apply(batch, isolate=True)
+
+    async def _apply(self, batch: list[tuple[Envelope, tuple[str, str]]], *, isolate: bool) -> int:
         done: dict[tuple[str, str], int] = {}
         held: set[tuple[str, str]] = set()
         applied = held_back = 0
         handler = self.handler
+        savepoint = self.store.savepoint if isolate else _no_savepoint
         try:
             async with self.store.atomic() as conn:
                 for env, key in batch:
@@ -415,14 +433,16 @@ class Subscriber:
                         done[key] = env.seq
                         continue
                     try:
-                        with self.store.savepoint(), envelope.caused_by(env.id):
+                        with savepoint(), envelope.caused_by(env.id):
                             # what the handler publishes was caused by env
                             result = handler(env, conn)
                             if result is not None and inspect.isawaitable(result):
                                 await result
                     except asyncio.CancelledError:
                         raise
-                    except Exception:  # noqa: BLE001 - not applied: retried from the outbox later
+                    except Exception as e:  # noqa: BLE001 - not applied: retried from the outbox later
+                        if not isolate:
+                            raise _Failed from e
                         held.add(key)
                         held_back += 1
                         self.failed += 1
@@ -432,10 +452,8 @@ class Subscriber:
                         continue
                     done[key] = env.seq
                     applied += 1
-                conn.executemany("INSERT INTO bus_offsets (source, topic, seq) VALUES (?, ?, ?) "
-                                 "ON CONFLICT (source, topic) DO UPDATE SET seq = excluded.seq",
-                                 [(s, t, q) for (s, t), q in done.items()])
-        except asyncio.CancelledError:
+                self.store.log_offsets(conn, done)
+        except (asyncio.CancelledError, _Failed):
             raise
         except Exception:  # noqa: BLE001 - nothing of the batch was applied: retried from the outbox
             self.failed += 1
@@ -447,3 +465,14 @@ class Subscriber:
         self.largest_batch = max(self.largest_batch, len(batch))
         return len(batch) - held_back
 
+
+
+class _Failed(Exception):
+    """A handler failed in a batch applied without savepoints: the batch was rolled back."""
+
+
+_NO_SAVEPOINT = contextlib.nullcontext()
+
+
+def _no_savepoint() -> contextlib.nullcontext[None]:
+    return _NO_SAVEPOINT

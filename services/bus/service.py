@@ -95,10 +95,13 @@ class Service:
                                  heartbeat_s=s.heartbeat_s, keep=s.outbox_keep)
         return self.pub
 
-    def subscribe(self, prefixes: Iterable[str], handler: Handler, *, start: str = "earliest") -> Subscriber:
+    def subscribe(self, prefixes: Iterable[str], handler: Handler, *, start: str = "earliest",
+                  replayable: bool = False) -> Subscriber:
+        """Apply the events of ``prefixes`` with ``handler`` in this service's store (see
+        :class:`~.pubsub.Subscriber` for ``replayable``)."""
         sub = Subscriber(self.ctx, self.security, self.store, hub_sub=self.settings.hub_sub,
                          hub_site=self.settings.hub_site, prefixes=prefixes, handler=handler, start=start,
-                         name=f"{self.source} sub", authority=self.settings.authority)
+                         name=f"{self.source} sub", authority=self.settings.authority, replayable=replayable)
         self.subscribers.append(sub)
         return sub
 

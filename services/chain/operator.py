@@ -83,7 +83,7 @@ class OperatorService(ChainBase):
                                  strict=True))
 
     def register(self, srv: RpcServer) -> None:
-        self.subscribe(list(self.consumes), self.on_event)
+        self.subscribe(list(self.consumes), self.on_event, replayable=True)  # jobs record in the store only
         self.subscribe([E.WalletAccount.TYPE], self.on_claim)
         for req, fn in ((C.GetBalances, self.balances), (C.GetTokensLocked, self.tokens_locked),
                         (C.SetMining, self.set_mining), (C.ListPending, self.list_pending)):

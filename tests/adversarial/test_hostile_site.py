@@ -486,7 +486,7 @@ def test_trade_and_market_events_from_a_site_open_nothing_and_switch_no_relay(wo
 
 
 def offsets(w: World, p: Any, name: str) -> dict[tuple[str, str], int]:
-    return {(s, t): q for s, t, q in w.g.rows(p, name, "SELECT source, topic, seq FROM bus_offsets")}
+    return {(s, t): q for s, t, q in w.g.rows(p, name, "SELECT source, topic, seq FROM bus_offsets_now")}
 
 
 def db_name(p: Any) -> str:

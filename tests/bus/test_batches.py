@@ -32,11 +32,14 @@ class Counting(Applied):
                  fail_sources: tuple[str, ...] = ()) -> None:
         super().__init__(store)
         self.calls: Counter[tuple[str, int]] = Counter()
+        self.committed: Counter[tuple[str, int]] = Counter()  # what the handler did through a commit hook
         self.slow_first_s, self.fail_once, self.fail_sources = slow_first_s, fail_once, fail_sources
 
     async def handler(self, env: envelope.Envelope, conn: sqlite3.Connection) -> None:  # type: ignore[override]
-        self.calls[(env.source, env.seq)] += 1
+        key = (env.source, env.seq)
+        self.calls[key] += 1
         super().handler(env, conn)
+        self.store.on_commit(lambda: self.committed.update([key]))
         if self.slow_first_s and sum(self.calls.values()) == 1:
             await asyncio.sleep(self.slow_first_s)  # the others queue up meanwhile: the next batch is large
         if self.fail_once == (env.source, env.seq) and self.calls[(env.source, env.seq)] == 1:
@@ -67,9 +70,9 @@ async def publishers(grid: Grid, tmp_path: pathlib.Path):  # type: ignore[no-unt
         ctx.destroy(linger=0)
 
 
-def subscriber(grid: Grid, actx: zmq.asyncio.Context, applied: Counting) -> Subscriber:
+def subscriber(grid: Grid, actx: zmq.asyncio.Context, applied: Counting, replayable: bool = False) -> Subscriber:
     return Subscriber(actx, grid.security("market"), applied.store, hub_sub=grid.hub_sub, prefixes=["meter.reading"],
-                      handler=applied.handler, name="market-sub", replay_timeout_s=2.0)
+                      handler=applied.handler, name="market-sub", replay_timeout_s=2.0, replayable=replayable)
 
 
 async def publish(pub: Publisher, site: str, first: int, n: int) -> None:
@@ -102,6 +105,36 @@ def test_a_failed_savepoint_undoes_its_own_writes_and_staged_events_only(tmp_pat
         raise RuntimeError
     assert outbox.last == {"meter.reading.solar-1": 1}
     store.close()
+
+
+def test_offsets_logged_per_batch_are_folded_and_survive_a_reopen_and_a_rolled_back_batch(
+        tmp_path: pathlib.Path) -> None:
+    """A batch's offsets are one row of the log; every FOLD_EVERY rows go into bus_offsets. The
+    offsets read (by a subscriber starting, or through the view) are the highest of either, a
+    rolled-back batch's are not there, and one row never moves an offset back."""
+    path = tmp_path / "sub.sqlite"
+    store = Store(path)
+    want: dict[tuple[str, str], int] = {}
+    for k in range(Store.FOLD_EVERY * 2 + 5):  # two folds and some rows after them
+        moved = {(f"site-{i}/meter", f"meter.reading.site-{i}"): k + 1 for i in range(k % 7, k % 7 + 3)}
+        with store.transaction() as conn:
+            store.log_offsets(conn, moved)
+        want.update(moved)
+    with store.transaction() as conn:
+        store.log_offsets(conn, {("site-0/meter", "meter.reading.site-0"): 1})  # behind: moves nothing
+    with pytest.raises(RuntimeError), store.transaction() as conn:
+        store.log_offsets(conn, {("site-9/meter", "meter.reading.site-9"): 10**6})
+        raise RuntimeError("the batch fails to commit")
+    logged = store.conn.execute("SELECT COUNT(*) FROM bus_offset_log").fetchone()[0]
+    assert 0 < logged < Store.FOLD_EVERY  # folded twice, the rows since then still in the log
+    assert store.offsets() == want
+    folded = dict(((s, t), q) for s, t, q in store.conn.execute("SELECT source, topic, seq FROM bus_offsets"))
+    assert folded and all(q <= want[k] for k, q in folded.items())
+    store.close()
+    again = Store(path)
+    assert again.offsets() == want
+    assert dict(((s, t), q) for s, t, q in again.conn.execute("SELECT * FROM bus_offsets_now")) == want
+    again.close()
 
 
 async def test_each_sources_events_are_applied_in_order_and_once_in_large_batches(
@@ -142,6 +175,36 @@ async def test_a_handler_failing_on_one_event_of_a_batch_loses_and_doubles_none_
     twice = {k for k, n in applied.calls.items() if n != 1}
     assert twice == {("solar-1/meter", 50)} and applied.calls[("solar-1/meter", 50)] == 2
     assert sub.largest_batch >= 100  # the failure was in the middle of a batch
+    await sub.stop()
+
+
+async def test_a_replayable_handler_failing_in_a_batch_runs_it_again_and_each_event_counts_once(
+        grid: Grid, actx: zmq.asyncio.Context, publishers, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """Without a savepoint per event, a failure rolls the whole batch back; it is applied again,
+    each event in its own savepoint: the store and the commit hooks see every event once, and a
+    source whose handler always fails is held back alone, as with savepoints."""
+    solar, home, probe = await publishers("solar-1"), await publishers("home-7"), await publishers("probe")
+    applied = Counting(Store(tmp_path / "sub.sqlite"), slow_first_s=0.5, fail_once=("solar-1/meter", 50),
+                       fail_sources=("probe",))
+    sub = subscriber(grid, actx, applied, replayable=True)
+    await sub.start()
+    await until(sub.connected.is_set, what="subscribed", timeout=60)
+    await asyncio.gather(publish(solar, "solar-1", 0, 100), publish(home, "home-7", 0, 100))
+    await until(lambda: len(applied.seqs("solar-1/meter")) + len(applied.seqs("home-7/meter")) >= 200,
+                what="all applied", timeout=60)
+    await publish(probe, "probe", 0, 3)
+    await publish(home, "home-7", 100, 20)
+    await until(lambda: len(applied.seqs("home-7/meter")) >= 120, what="home-7's later events", timeout=60)
+    await asyncio.sleep(0.6)
+    assert applied.seqs("solar-1/meter") == list(range(1, 101))
+    assert applied.seqs("home-7/meter") == list(range(1, 121))
+    assert applied.seqs("probe/meter") == []
+    good = {k: n for k, n in applied.committed.items() if not k[0].startswith("probe/")}
+    assert len(good) == 220 and set(good.values()) == {1}  # every hook once: none from a rolled-back run
+    assert not any(k[0].startswith("probe/") for k in applied.committed)
+    assert applied.calls[("solar-1/meter", 50)] == 2  # failed once, then applied in the batch's second run
+    assert max(applied.calls.values()) >= 2 and sub.failed > 0  # the probe's events: held back, each time
+    assert sub.largest_batch >= 100
     await sub.stop()
 
 

@@ -192,7 +192,7 @@ async def test_batched_settlement_and_full_delivery_closes(backend: str, request
         assert await d.token.functions.balanceOf(buyer).call() == 3000
         await peer.probe.wait_for(lambda: True)
         await until(lambda: svc.store.conn.execute(
-            "SELECT MAX(seq) FROM bus_offsets WHERE topic LIKE 'trade.status%'").fetchone()[0] == 3, timeout=60)
+            "SELECT MAX(seq) FROM bus_offsets_now WHERE topic LIKE 'trade.status%'").fetchone()[0] == 3, timeout=60)
         await rounds(svc)
         assert len(peer.probe.of(E.TradeClosed)) == 3
         assert not [u for u in peer.probe.of(E.ChainTx) if u.kind == "close"]

@@ -61,6 +61,11 @@ class Job:
     def conn(self) -> Any:
         return self.op.store.conn
 
+    def count(self, counts: dict[str, int], site: str) -> None:
+        """One more in ``counts[site]`` once the subscriber's transaction commits (``record``
+        may run again on an event whose batch was rolled back: it counts once)."""
+        self.op.store.on_commit(lambda: counts.__setitem__(site, counts.get(site, 0) + 1))
+
     def create(self, conn: Any) -> None:
         if self.SCHEMA:
             conn.executescript(self.SCHEMA)

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS job_meters (
         domain = typed.registry_domain(body.chain_id, body.registry)
         if typed.recover_registration(domain, body.address, body.account, body.signature) != \
                 AsyncWeb3.to_checksum_address(body.address):
-            self.refused[env.site] = self.refused.get(env.site, 0) + 1
+            self.count(self.refused, env.site)
             log.warning("meter key %s of site %s: the signature is not the key's; ignored", body.address, env.site)
             return False
         seq = int(conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM job_meters").fetchone()[0])

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS job_production (
         meter = AsyncWeb3.to_checksum_address(body.meter_address)
         domain = typed.token_domain(body.chain_id, body.token)
         if typed.recover_production(domain, meter, body.produced_wh, body.signature) != meter:
-            self.refused[env.site] = self.refused.get(env.site, 0) + 1
+            self.count(self.refused, env.site)
             log.warning("production %s Wh of meter %s from site %s: not signed by that meter; ignored",
                         body.produced_wh, meter, env.site)
             return False

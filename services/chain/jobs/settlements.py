@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS job_deliveries (
             return False  # the seller's meter only cross-checks; the buyer's meter pays
         why = self._unbelieved(conn, body)
         if why:
-            self.refused[env.site] = self.refused.get(env.site, 0) + 1
+            self.count(self.refused, env.site)
             log.warning("trade %s: a delivery of %s Wh from site %s is not kept: %s", body.trade_id,
                         body.delivered_wh, env.site, why)
             return False
