@@ -466,7 +466,6 @@ class Subscriber:
         return len(batch) - held_back
 
 
-
 class _Failed(Exception):
     """A handler failed in a batch applied without savepoints: the batch was rolled back."""
 

@@ -50,9 +50,9 @@ class Store:
     per source and batch was a tenth of a subscriber's time with 300 sites); every
     ``FOLD_EVERY`` rows are folded into ``bus_offsets``. A seq only grows, so the offsets
     are the highest seq of each (source, topic) in either (the view ``bus_offsets_now``,
-    and ``offsets()``). The request server keeps the replies of executed command ids in ``bus_commands``
-    (keyed ``<calling site>|<cmd_id>``, pruned by age), inside the same transaction as
-    the state change they go with.
+    and ``offsets()``). The request server keeps the replies of executed command ids in
+    ``bus_commands`` (keyed ``<calling site>|<cmd_id>``, pruned by age), inside the same
+    transaction as the state change they go with.
     """
 
     FOLD_EVERY = 32
