@@ -63,6 +63,7 @@ from services.auction import book, double  # noqa: E402
 from services.auction.lifecycle import Trade  # noqa: E402
 from services.bus import Publisher, Security, Store, Subscriber, ensure_keys, envelope  # noqa: E402
 from services.bus.events import Heartbeat, MeterReading  # noqa: E402
+from services.bus.service import tune_gc  # noqa: E402
 
 SLOT_S = 15 * 60
 TIME_SCALE = 60
@@ -92,6 +93,7 @@ def reading(site: str, slot: int) -> MeterReading:
 def _sites_process(mode: str, keys: pathlib.Path, hub_pub: str, n: int, slots: int, root: str,
                    q: mp.Queue, go: mp.Event, done: mp.Event) -> None:  # type: ignore[type-arg]
     """N sites publishing one reading each per slot: ``outbox`` (Publisher) or ``raw`` (PUB)."""
+    tune_gc()  # as a site's service process runs
     asyncio.run(_sites(mode, keys, hub_pub, n, slots, pathlib.Path(root), q, go, done))
 
 
@@ -468,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=0, help="runs of the raw and batched bus paths, the best kept "
                                                           "(default 3; 1 with --quick)")
     a = p.parse_args(argv)
+    tune_gc()  # the market's subscriber runs here, as in a service process
     asyncio.run(main_async(a))
 
 

@@ -29,7 +29,7 @@ from services.agent.config import AgentSettings
 from services.agent.service import AgentService
 from services.bus import Service
 from services.bus.config import BusSettings
-from services.bus.service import configure_logging, health_routes
+from services.bus.service import configure_logging, health_routes, tune_gc
 from services.chain.config import ChainSettings
 from services.chain.wallet import WalletService
 from services.meter.config import MeterSettings
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = BusSettings()
     configure_logging(settings.log_level)
+    tune_gc()
     spec = HostSpec.model_validate_json(pathlib.Path(argv[0]).read_text())
     asyncio.run(serve(spec, settings))
     return 0

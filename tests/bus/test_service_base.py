@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from services.bus import BusError, Security
+from services.bus.service import GC_THRESHOLD
 
 from tests.support.bus import Grid
 from tests.support.poll import wait
@@ -48,6 +49,8 @@ def test_hub_process_health_metrics_and_clean_stop(grid: Grid) -> None:
         assert status == 200 and health["ready"] and health["service"] == "hub"
         assert health["endpoints"] == [f"tcp://127.0.0.1:{p1}", f"tcp://127.0.0.1:{p2}"]
         assert health["identity_checked"] is True and health["hub_dropped"] == {}
+        # a service process collects cyclic garbage less often than Python's default (700, 10, 10)
+        assert health["gc"]["threshold"] == list(GC_THRESHOLD) != [700, 10, 10]
         status, metrics = get(f"http://127.0.0.1:{mport}/metrics")
         assert status == 200 and b"gridtrade_up 1.0" in metrics and b"gridtrade_hub_forwarded_total" in metrics
         proc.send_signal(signal.SIGTERM)
