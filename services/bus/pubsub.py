@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -429,7 +430,9 @@ class Subscriber:
                         done[key] = env.seq
                         continue
                     if not events.permitted(env.body, env.source, self.authority):
-                        self.drops.drop(f"policy:{env.type}", f"{env.source} seq {env.seq}")
+                        # counted once the batch commits (a replayable batch may be read twice)
+                        self.store.on_commit(functools.partial(self.drops.drop, f"policy:{env.type}",
+                                                               f"{env.source} seq {env.seq}"))
                         done[key] = env.seq
                         continue
                     try:

@@ -18,18 +18,18 @@ CREATE TABLE IF NOT EXISTS bus_commands (cmd_id TEXT PRIMARY KEY, type TEXT NOT 
                                          ts REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS bus_commands_ts ON bus_commands (ts);
 CREATE TABLE IF NOT EXISTS bus_offset_log (id INTEGER PRIMARY KEY, offsets TEXT NOT NULL);
+CREATE VIEW IF NOT EXISTS bus_offsets_logged AS
+  SELECT json_extract(e.value, '$[0]') AS source, json_extract(e.value, '$[1]') AS topic,
+         json_extract(e.value, '$[2]') AS seq
+    FROM bus_offset_log AS l, json_each(l.offsets) AS e;
 CREATE VIEW IF NOT EXISTS bus_offsets_now AS
   SELECT source, topic, MAX(seq) AS seq FROM (
-    SELECT source, topic, seq FROM bus_offsets
-    UNION ALL
-    SELECT json_extract(e.value, '$[0]'), json_extract(e.value, '$[1]'), json_extract(e.value, '$[2]')
-      FROM bus_offset_log AS l, json_each(l.offsets) AS e)
+    SELECT source, topic, seq FROM bus_offsets UNION ALL SELECT source, topic, seq FROM bus_offsets_logged)
   GROUP BY source, topic;
 """
 _FOLD = """
 INSERT INTO bus_offsets (source, topic, seq)
-  SELECT json_extract(e.value, '$[0]'), json_extract(e.value, '$[1]'), MAX(json_extract(e.value, '$[2]'))
-    FROM bus_offset_log AS l, json_each(l.offsets) AS e GROUP BY 1, 2
+  SELECT source, topic, MAX(seq) FROM bus_offsets_logged GROUP BY source, topic
   ON CONFLICT (source, topic) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > bus_offsets.seq
 """
 
