@@ -115,13 +115,15 @@ async def test_mined_revert_raises_transaction_reverted(env: Env) -> None:
     gas = [await env.market.withdraw(1000).estimate_gas({"from": env.buyer}) for _ in range(2)]
     await w3.provider.make_request("evm_setAutomine", [False])
     try:
-        first = asyncio.create_task(c.send(w3, env.market.withdraw(1000), env.buyer, gas=gas[0]))
-        second = asyncio.create_task(c.send(w3, env.market.withdraw(1000), env.buyer, gas=gas[1]))
-        while (await w3.provider.make_request("txpool_status", []))["result"]["pending"] != "0x2":
-            for t in (first, second):  # a send that failed before the block would leave this waiting
-                if t.done() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-            await asyncio.sleep(0.01)
+        sends: list[asyncio.Task[object]] = []
+        for k in range(2):  # one after the other into the pool: sent at once, the node gave both the same nonce
+            sends.append(asyncio.create_task(c.send(w3, env.market.withdraw(1000), env.buyer, gas=gas[k])))
+            while (await w3.provider.make_request("txpool_status", []))["result"]["pending"] != hex(k + 1):
+                for t in sends:  # a send that failed before the block would leave this waiting
+                    if t.done() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                await asyncio.sleep(0.01)
+        first, second = sends
         await w3.provider.make_request("evm_mine", [])
         results = await asyncio.gather(first, second, return_exceptions=True)
     finally:
