@@ -204,8 +204,9 @@ class Grid(PlanGrid):
         return {"seller": seller, "wh": wh, "status": status, "buyer": buyer, "delivered": delivered, "price": price,
                 "deadline": deadline, "closing_at": closing_at}
 
-    def minted(self, to_block: int | str = "latest") -> list[dict[str, Any]]:
-        return [dict(ev["args"]) for ev in self.token.events.Minted().get_logs(from_block=0, to_block=to_block)]
+    def minted(self, to_block: int | str = "latest", from_block: int = 0) -> list[dict[str, Any]]:
+        return [dict(ev["args"]) for ev in self.token.events.Minted().get_logs(from_block=from_block,
+                                                                                to_block=to_block)]
 
     def market_events(self, name: str, to_block: int | str = "latest") -> list[dict[str, Any]]:
         return [dict(ev["args"]) for ev in getattr(self.market.events, name)().get_logs(from_block=0,
