@@ -41,7 +41,6 @@ import asyncio
 import cProfile
 import io
 import multiprocessing as mp
-import os
 import pathlib
 import pstats
 import random

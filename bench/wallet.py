@@ -25,7 +25,6 @@ import pathlib
 import sys
 import tempfile
 import time
-from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -33,7 +32,6 @@ import zmq.asyncio  # noqa: E402
 
 from services.bus import Publisher, RpcClient, Security, ensure_keys  # noqa: E402
 from services.bus import commands as C  # noqa: E402
-from services.bus import events as E  # noqa: E402
 from services.bus.hub import Hub  # noqa: E402
 from services.bus.store import Store  # noqa: E402
 from services.chain.config import ChainSettings  # noqa: E402

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import json
 import signal
 import sys
 from typing import Any

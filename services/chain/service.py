@@ -35,7 +35,6 @@ from services.bus import Caller, Service, RpcServer
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus import refusals
-from services.bus.errors import RequestError
 from services.bus.retry import Backoff, LogThrottle, worth_logging
 
 from . import bindings, ledger

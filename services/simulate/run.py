@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import os
 import pathlib
 import secrets
 import shutil

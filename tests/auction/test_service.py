@@ -19,8 +19,8 @@ from services.bus import typed
 
 from tests.support.signing import DOMAIN, later as later_s
 
-from tests.support.auction import (BUYERS, OPERATOR, SELLER, FakeChain, Running, key_of, offer, order, outbox,
-                                   settings)
+from tests.support.auction import (BUYERS, OPERATOR, SELLER, FakeChain, Running, envelopes, key_of, offer, order,
+                                   outbox, settings, snapshot)
 from tests.support.bus import Grid, Sources, raw_socket
 from tests.support.poll import until
 from tests.support.signing import account
@@ -82,17 +82,6 @@ async def test_english_auction_live_on_the_bus(grid: Grid, fake_chain: FakeChain
         page.sub.store.close()
         sec.stop()
         ctx.destroy(linger=0)
-
-
-def snapshot(m: Running) -> dict[str, list]:  # type: ignore[type-arg]
-    with m.db() as c:
-        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        out = {t: sorted(map(repr, c.execute(f"SELECT * FROM {t}"))) for t in tables}
-        # the trade heartbeat ticks on its own, whatever the commands do
-        out["bus_outbox"] = sorted(map(repr, c.execute(
-            "SELECT * FROM bus_outbox WHERE topic NOT LIKE 'trade.heartbeat.%'")))
-    c.close()
-    return out
 
 
 async def raw(endpoint: str, grid: Grid, data: bytes) -> dict:  # type: ignore[type-arg]
@@ -423,13 +412,6 @@ async def test_a_slow_chain_holds_up_only_the_bid_that_waits_for_it(grid: Grid, 
         assert (await slow).bid_id
         offers = {o.offer_id: o for o in (await m.call(cmd.ListOffers(include_closed=True))).offers}
         assert (offers[waiting].highest_bidder, offers[other].state) == (B1, "cancelled")
-
-
-def envelopes(db_path, type_: str) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
-    with sqlite3.connect(db_path) as c:
-        rows = c.execute("SELECT data FROM bus_outbox WHERE topic LIKE ? ORDER BY seq", (type_ + ".%",)).fetchall()
-    c.close()
-    return [json.loads(r[0]) for r in rows]
 
 
 async def test_each_step_names_its_cause(grid: Grid, fake_chain: FakeChain) -> None:

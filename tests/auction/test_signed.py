@@ -16,11 +16,10 @@ from services.bus import events as ev
 from services.bus import typed
 from tests.support.signing import CHAIN_ID, DOMAIN, MARKET, account, deployment, later, sign
 
-from tests.support.auction import (BUYERS, SELLER, SELLER_ACCOUNT, FakeChain, Running, key_of, offer, order,
-                                   outbox, settings)
+from tests.support.auction import (BUYERS, SELLER, SELLER_ACCOUNT, FakeChain, Running, envelopes, key_of, offer,
+                                   order, outbox, settings, snapshot)
 from tests.support.bus import Grid, Sources
 from tests.support.poll import until
-from .test_service import envelopes, snapshot
 
 B1, B2, B3 = BUYERS
 OTHER_CHAIN = typed.market_domain(CHAIN_ID + 1, MARKET)

@@ -11,10 +11,10 @@ from services.bus import commands as cmd
 
 from tests.support.signing import account
 
-from tests.support.auction import BUYERS, OPERATOR, SELLER, FakeChain, Running, key_of, offer, order, outbox, settings
+from tests.support.auction import (BUYERS, OPERATOR, SELLER, FakeChain, Running, key_of, offer, order, outbox, settings,
+                                   snapshot)
 from tests.support.bus import Grid
 from tests.support.poll import until
-from .test_service import snapshot
 
 B1, B2, _ = BUYERS
 PROBE = account("probe").address  # probe's own account

@@ -22,7 +22,7 @@ from playwright.async_api import expect
 
 from tests.support.plan import RealStack
 
-from .pages import (ROOT, MOBILE, WAIT, audit, both_wallets, confirmed, fits, go, number, open_wallet, shot, toast,
+from .pages import (MOBILE, WAIT, audit, both_wallets, confirmed, fits, go, number, open_wallet, shot, toast,
                     wei)
 
 pytestmark = pytest.mark.browser

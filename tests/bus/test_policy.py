@@ -319,7 +319,7 @@ async def test_a_replay_serving_another_sources_events_is_refused(
     ("other range", "replay_invalid"), ("short", "replay_invalid"),
 ])
 async def test_a_malformed_replay_reply_is_refused_and_changes_nothing(
-        grid: Grid, honest: tuple[Subscriber, Recorder], hostile: Hostile, mode: str, cause: str,
+        grid: Grid, honest: tuple[Subscriber, Applied], hostile: Hostile, mode: str, cause: str,
         caplog: pytest.LogCaptureFixture) -> None:
     """An answer that does not decode, speaks the untyped replay of version 1, refuses, or
     does not match what was asked applies nothing (even a valid row that came with it) and

@@ -28,7 +28,7 @@ from tests.support.anvil import start_anvil, stop_anvil
 from tests.support.signing import Domains, Meter, agreed
 
 from tests.support.bus import Grid
-from tests.support.chain import PASS, TX, chain_settings, site_keystore, start_chain, start_stack
+from tests.support.chain import PASS, TX, ChainProcess, chain_settings, site_keystore, start_chain, start_stack, up
 from tests.support.poll import until
 from .rpc_proxy import RpcProxy, rpc, txpool
 
@@ -234,8 +234,6 @@ async def test_interval_mining_fees_drops_reorg_and_rate_limits(grid: Grid, tmp_
 
 async def test_sigkill_with_pending_nonces_then_restart_under_a_higher_base_fee(
         grid: Grid, tmp_path: pathlib.Path, peer_factory: Any) -> None:
-    from .test_restart import ChainProcess, up
-
     anvil, url = start_anvil()
     w3 = AsyncWeb3(AsyncHTTPProvider(url))
     data = tmp_path / "chain"

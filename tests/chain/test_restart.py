@@ -5,11 +5,8 @@ anvil node stopped and started again."""
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
-import signal
 import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -28,56 +25,11 @@ from tests.support.ports import free_port
 from tests.support.signing import Domains, Meter, agreed
 
 from tests.support.bus import Grid
-from tests.support.chain import PASS, TX, stack_with_two_accounts
+from tests.support.chain import PASS, TX, ChainProcess, stack_with_two_accounts, up
 from tests.support.poll import until
 
 pytestmark = pytest.mark.anvil
 PRICE = 10**16
-
-
-class ChainProcess:
-    def __init__(self, grid: Grid, data_dir: pathlib.Path, url: str, log: pathlib.Path, site: str = "market",
-                 operator: str = "") -> None:
-        self.port = free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.site = site
-        self.env = {**os.environ, **grid.env(site), "GRIDTRADE_DATA_DIR": str(data_dir),
-                    "GRIDTRADE_CHAIN_URL": url, "GRIDTRADE_CHAIN_BIND": self.endpoint, "GRIDTRADE_SCRYPT_N": "1024",
-                    "GRIDTRADE_POLL_S": "0.05", "GRIDTRADE_RESEND_AFTER_S": "0.5", "GRIDTRADE_SETTLE_WINDOW_S": "0.2",
-                    "GRIDTRADE_LOG_LEVEL": "INFO", "GRIDTRADE_BACKOFF_MAX_S": "1", "GRIDTRADE_DISPUTE_WINDOW_S": "2"}
-        if operator:
-            self.env["GRIDTRADE_CHAIN_RPC"] = operator
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.chain"], cwd=ROOT, env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-async def up(peer: Any, to: str = "operator", site: str = "market") -> None:
-    """Until the (re)started service answers and is connected to the chain."""
-    for _ in range(300):
-        try:
-            await peer.client_of(site, to).request(C.GetBalances(address="0x" + "00" * 20), timeout=1.0)
-            return
-        except RequestError:
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"the chain service ({to}) did not come up")
 
 
 async def txpool_size(w3: AsyncWeb3) -> int:

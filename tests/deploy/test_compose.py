@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from pydantic import BaseModel
-from pydantic_settings import BaseSettings
 
 from services import cli, healthcheck
 from services.auction.config import AuctionSettings

@@ -14,7 +14,7 @@ import pytest
 from services.bus import commands as C
 
 from .harness import start_grid, stop_grid
-from .test_agents import AGENT_ENV, DEPOSIT, FEED_IN, MAX_TRADE_WH, RETAIL, money_adds_up, trades_at, utility_agent
+from .agents import AGENT_ENV, DEPOSIT, FEED_IN, MAX_TRADE_WH, RETAIL, money_adds_up, trades_at, utility_agent
 
 DOUBLE_ENV = {**AGENT_ENV, "GRIDTRADE_AUCTION_MARKET": "double", "GRIDTRADE_AGENT_MARKET": "double",
               "GRIDTRADE_AUCTION_CLEAR_INTERVAL_S": "5"}

@@ -15,7 +15,7 @@ from services.bus import commands as cmd
 from services.gateway import models as m
 from services.gateway.routes import ROUTES
 
-from tests.support.gateway import Stack, http, login
+from tests.support.gateway import Stack, error_of, http, login
 
 
 
@@ -32,14 +32,6 @@ def sample_body(route: Any, stack: Stack) -> dict[str, Any] | None:
 
 def concrete(path: str) -> str:
     return path.replace("{offer_id}", "o-1").replace("{trade_id}", "t-1")
-
-
-async def error_of(r: aiohttp.ClientResponse) -> dict[str, Any]:
-    assert r.content_type == "application/json", await r.text()
-    body = await r.json()
-    assert set(body) == {"error"} and set(body["error"]) - {"fix"} == {"code", "message"}, body
-    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
-    return body["error"]
 
 
 async def test_without_a_session_every_route_but_login_answers_401(stack: Stack) -> None:

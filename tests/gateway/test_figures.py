@@ -25,7 +25,7 @@ from services.bus.store import Store
 from services.gateway import figures as fig
 from services.gateway.history import History
 
-from tests.support.gateway import Stack, http, login
+from tests.support.gateway import Stack, balance_closes, http, login
 
 T = fig.Tariffs(retail_wei_per_kwh=3 * 10**15, feed_in_wei_per_kwh=5 * 10**14)
 DAY0 = 1_718_928_000  # 2024-06-21 00:00 UTC
@@ -254,14 +254,6 @@ async def test_a_store_from_before_the_settlements_named_their_sites(tmp_path: p
 
 
 # --- the API on the real grid ---------------------------------------------------------------------
-
-
-def balance_closes(d: dict[str, Any]) -> bool:
-    """A figures row of the API closes its energy balance, to the mWh."""
-    def mwh(key: str) -> int:
-        return int(Decimal(str(d[key])) * 1000)
-    return (mwh("produced_wh") + mwh("bought_local_wh") + mwh("bought_utility_wh") + mwh("unmatched_import_wh")
-            == mwh("consumed_wh") + mwh("sold_local_wh") + mwh("sold_utility_wh") + mwh("unmatched_export_wh"))
 
 
 async def figures_of(h: aiohttp.ClientSession, base: str, query: str = "") -> tuple[dict[str, Any], list[list[str]]]:

@@ -14,8 +14,7 @@ from web3 import HTTPProvider, Web3
 
 from services.chain.bindings import STATUS_NONE, load_artifact
 
-from tests.support.gateway import CLEAR_INTERVAL_S, Stack, http, login
-from .test_api import error_of
+from tests.support.gateway import CLEAR_INTERVAL_S, Stack, error_of, http, login
 
 PRICE_SELL = 1000  # wei/kWh: the producer's least price
 PRICE_BUY = 3000   # wei/kWh: the consumer's most

@@ -14,10 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.gateway import Stack, http, login
+from tests.support.gateway import Stack, error_of, http, login
 from tests.support.plan import RealStack
 
-from .test_api import error_of
 
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from services.meter.config import MeterConfig
 from services.bus.retry import Backoff
-from services.meter.drivers import Driver, make_driver
-from services.meter.emulator import LineEmulator, ModbusEmulator, make_emulator
+from services.meter.drivers import make_driver
+from services.meter.emulator import LineEmulator, make_emulator
 from services.meter.errors import DriverError, MeterError, ProtocolError
 from services.meter.physics import Counters
 from services.meter.sim import SimParams, SimSite

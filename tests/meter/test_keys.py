@@ -19,9 +19,8 @@ from services.meter.service import MeterService
 from services.meter.sim import SimParams
 
 from tests.support.bus import BusProbe, Grid
-from tests.support.meter import ACCOUNT, deploy
+from tests.support.meter import ACCOUNT, NOON, Heartbeats, deploy, running, settings, status
 from tests.support.poll import until
-from .test_service import NOON, Heartbeats, running, settings, status
 
 METERS = [{"name": "pv", "role": "producer"}, {"name": "grid", "role": "consumer"},
           {"name": "aux", "role": "consumer", "trade": False}]  # neither mints nor trades: no key

@@ -9,9 +9,8 @@ import asyncio
 from services.meter.sim import SimParams
 
 from tests.support.bus import BusProbe, Grid
-from tests.support.meter import deploy
+from tests.support.meter import BUYER, NOON, SELLER, Heartbeats, deploy, running, settings, status
 from tests.support.poll import until
-from .test_service import BUYER, NOON, SELLER, Heartbeats, running, settings, status
 
 COMMON = dict(time_scale=360, start=NOON, line_loss=0.03)  # 500 W over the line: 50 Wh a second
 

@@ -14,9 +14,9 @@ from services.meter.physics import Counters
 from services.meter.sim import SimParams, SimSite
 
 from tests.support.bus import BusProbe, Grid
-from tests.support.meter import ACCOUNT, deploy
+from tests.support.meter import (ACCOUNT, NOON, Heartbeats, consumer_settings, deploy, in_a_live_trade, running,
+                                 settings, status)
 from tests.support.poll import until
-from .test_service import NOON, Heartbeats, consumer_settings, in_a_live_trade, running, settings, status
 
 
 class Tampered:

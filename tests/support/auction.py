@@ -178,9 +178,26 @@ class Running:
         return f"t-{o}"
 
 
-def outbox(db_path: pathlib.Path, type_: str) -> list[dict]:  # type: ignore[type-arg]
-    """The bodies of the events of one type in the service's durable outbox, in order."""
+def envelopes(db_path: pathlib.Path, type_: str) -> list[dict]:  # type: ignore[type-arg]
+    """The envelopes of the events of one type in the service's durable outbox, in order."""
     with sqlite3.connect(db_path) as c:
         rows = c.execute("SELECT data FROM bus_outbox WHERE topic LIKE ? ORDER BY seq", (type_ + ".%",)).fetchall()
     c.close()
-    return [json.loads(r[0])["body"] for r in rows]
+    return [json.loads(r[0]) for r in rows]
+
+
+def outbox(db_path: pathlib.Path, type_: str) -> list[dict]:  # type: ignore[type-arg]
+    """The bodies of the events of one type in the service's durable outbox, in order."""
+    return [e["body"] for e in envelopes(db_path, type_)]
+
+
+def snapshot(m: Running) -> dict[str, list]:  # type: ignore[type-arg]
+    """Every table of the service's store, the outbox without the heartbeats (they tick on
+    their own, whatever the commands do): what must not change when a command is refused."""
+    with m.db() as c:
+        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        out = {t: sorted(map(repr, c.execute(f"SELECT * FROM {t}"))) for t in tables}
+        out["bus_outbox"] = sorted(map(repr, c.execute(
+            "SELECT * FROM bus_outbox WHERE topic NOT LIKE 'trade.heartbeat.%'")))
+    c.close()
+    return out

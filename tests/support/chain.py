@@ -5,7 +5,11 @@ wallet per site, on one embedded chain shared in this process or on an anvil nod
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
+import signal
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +18,7 @@ from services.bus import Security
 from services.bus import commands as C
 from services.bus import events as E
 from services.bus import RpcClient
+from services.bus.errors import RequestError
 from services.chain.config import ChainSettings
 from services.chain.keystore import Keystore
 from services.chain.operator import OperatorService
@@ -21,7 +26,9 @@ from services.chain.service import ChainBase
 from services.chain.wallet import WalletService
 
 from .bus import BusProbe, Grid
+from .paths import ROOT
 from .poll import until
+from .ports import free_port
 
 PASS = "correct horse battery staple"
 TX = (E.ChainTx, E.WalletTx)  # a transaction's progress: the operator's or a wallet's
@@ -173,3 +180,51 @@ class Peer:
         for c in self.clients.values():
             await c.close()
         self.clients.clear()
+
+
+class ChainProcess:
+    """``python -m services.chain`` as its own process (the operator, or a site's wallet with
+    ``site`` and ``operator``) on the node at ``url``, quick to poll and resend: to be killed."""
+
+    def __init__(self, grid: Grid, data_dir: pathlib.Path, url: str, log: pathlib.Path, site: str = "market",
+                 operator: str = "") -> None:
+        self.port = free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.site = site
+        self.env = {**os.environ, **grid.env(site), "GRIDTRADE_DATA_DIR": str(data_dir),
+                    "GRIDTRADE_CHAIN_URL": url, "GRIDTRADE_CHAIN_BIND": self.endpoint, "GRIDTRADE_SCRYPT_N": "1024",
+                    "GRIDTRADE_POLL_S": "0.05", "GRIDTRADE_RESEND_AFTER_S": "0.5", "GRIDTRADE_SETTLE_WINDOW_S": "0.2",
+                    "GRIDTRADE_LOG_LEVEL": "INFO", "GRIDTRADE_BACKOFF_MAX_S": "1", "GRIDTRADE_DISPUTE_WINDOW_S": "2"}
+        if operator:
+            self.env["GRIDTRADE_CHAIN_RPC"] = operator
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.chain"], cwd=ROOT, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def up(peer: Any, to: str = "operator", site: str = "market") -> None:
+    """Until the (re)started service answers and is connected to the chain."""
+    for _ in range(300):
+        try:
+            await peer.client_of(site, to).request(C.GetBalances(address="0x" + "00" * 20), timeout=1.0)
+            return
+        except RequestError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the chain service ({to}) did not come up")

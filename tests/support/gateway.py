@@ -5,6 +5,7 @@ person's HTTP session with it (:func:`http`, :func:`login`)."""
 from __future__ import annotations
 
 import pathlib
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -116,3 +117,21 @@ class Stack:
     async def aclose(self) -> None:
         for gw in self.gateways.values():
             await gw.stop()
+
+
+async def error_of(r: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The error of a refused request, checked to have the gateway's one shape: a code, a
+    message (never a traceback) and perhaps a fix."""
+    assert r.content_type == "application/json", await r.text()
+    body = await r.json()
+    assert set(body) == {"error"} and set(body["error"]) - {"fix"} == {"code", "message"}, body
+    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def balance_closes(d: dict[str, Any]) -> bool:
+    """A figures row of the API closes its energy balance, to the mWh."""
+    def mwh(key: str) -> int:
+        return int(Decimal(str(d[key])) * 1000)
+    return (mwh("produced_wh") + mwh("bought_local_wh") + mwh("bought_utility_wh") + mwh("unmatched_import_wh")
+            == mwh("consumed_wh") + mwh("sold_local_wh") + mwh("sold_utility_wh") + mwh("unmatched_export_wh"))
