@@ -122,12 +122,18 @@ def cost(wh: int, price: int) -> int:
     return wei_for(wh, price)
 
 
-def sell(g: AdvGrid, wh: int, price: int, auction_s: float) -> dict[str, Any]:
-    """The producer's site offers ``wh``: its wallet signs the offer, the auction takes it."""
+def sign_offer(g: AdvGrid, wh: int, price: int, auction_s: float) -> dict[str, Any]:
+    """The producer's wallet signs an offer of ``wh`` for an auction of ``auction_s``."""
+    return dict(ok(g.requests(SOLAR, f"wallet:{SOLAR}", req(
+        "chain.sign_offer", account=g.producer.address, wh=wh, min_price_wei_per_kwh=price,
+        expiry=int(time.time() + auction_s + GRACE_S), duration_s=TRADE_S)))[0]["result"])
+
+
+def sell(g: AdvGrid, wh: int, price: int, auction_s: float, signed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The producer's site offers ``wh``: its wallet signs the offer (unless ``signed`` already,
+    by :func:`sign_offer`), the auction takes it."""
     p = g.producer.address
-    signed = ok(g.requests(SOLAR, f"wallet:{SOLAR}", req(
-        "chain.sign_offer", account=p, wh=wh, min_price_wei_per_kwh=price, expiry=int(time.time() + auction_s + GRACE_S),
-        duration_s=TRADE_S)))[0]["result"]
+    signed = signed or sign_offer(g, wh, price, auction_s)
     placed = ok(g.requests(SOLAR, "auction", req(
         "auction.offer", seller=p, seller_site=SOLAR, wh=wh, start_price_wei_per_kwh=price, duration_s=auction_s,
         offer=signed["offer"], signature=signed["signature"])))[0]["result"]
@@ -182,11 +188,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         ok(g.requests(HOME, f"wallet:{HOME}", req("chain.reserve", account=consumer.address,
                                                   total_wei=cost(TRADE_WH, PRICE),
                                                   until=int(time.time() + SOLD_AUCTION_S + GRACE_S + 600))))
-        sold = sell(g, TRADE_WH, PRICE // 2, SOLD_AUCTION_S)
-        # ... signs the bid; the auction takes it
-        expiry = int(sold["ends_at"] + GRACE_S)
-        ok(g.requests(HOME, "auction", bid_req(sold, consumer.address, HOME, PRICE,
-                                               sign_bid(g, HOME, consumer.address, sold, PRICE, expiry))))
+        # the offer and the consumer's bid are both signed before the auction starts: each
+        # request here is a process of its own, slow to start on a loaded machine, and two of
+        # them between the offer and the bid once outlasted the auction
+        offer = sign_offer(g, TRADE_WH, PRICE // 2, SOLD_AUCTION_S)
+        bid = sign_bid(g, HOME, consumer.address, {"signed": offer, "wh": TRADE_WH}, PRICE,
+                       int(time.time() + SOLD_AUCTION_S + GRACE_S))
+        sold = sell(g, TRADE_WH, PRICE // 2, SOLD_AUCTION_S, signed=offer)
+        # ... the auction takes the bid
+        ok(g.requests(HOME, "auction", bid_req(sold, consumer.address, HOME, PRICE, bid)))
         trade_id = f"t-{sold['offer_id']}"
         g.wait("the trade to be opened on-chain", lambda: g.rows(
             chain, "chain", "SELECT 1 FROM job_trades WHERE trade_id = ? AND open_state = 'done'", (trade_id,)),
