@@ -51,7 +51,7 @@ async def test_english_auction_live_on_the_bus(grid: Grid, fake_chain: FakeChain
     await page.sub.start()
     try:
         async with Running(grid, settings(grid, fake_chain.endpoint, auction_min_increment_wei_per_kwh=10)) as m:
-            placed = await m.call(offer(wh=2500, price=1000, duration=1.5))
+            placed = await m.call(offer(wh=2500, price=1000, duration=4.0))  # three calls within it, loaded
             await m.call(m.bid(placed.offer_id, B1, 1000))
             await m.call(m.bid(placed.offer_id, B2, 1010))
             listed = (await m.call(cmd.ListOffers())).offers
@@ -202,7 +202,7 @@ async def test_trade_lifecycle_follows_chain_and_meter_events(grid: Grid, fake_c
     # events as the chain service and the buyer's meter would publish them
     async with Running(grid, settings(grid, fake_chain.endpoint, auction_trade_heartbeat_s=0.1)) as m:
         db = m.settings.data_dir / "auction.sqlite"
-        o = (await m.call(offer(wh=2000, duration=0.5))).offer_id
+        o = (await m.call(offer(wh=2000, duration=1.5))).offer_id
         await m.call(m.bid(o, B1, 1000))
         tid = f"t-{o}"
         await until(lambda: outbox(db, "trade.agreed"))
@@ -273,7 +273,8 @@ async def test_deadlines_survive_a_restart(grid: Grid, fake_chain: FakeChain) ->
     s = settings(grid, fake_chain.endpoint)
     db = s.data_dir / "auction.sqlite"
     async with Running(grid, s) as m:
-        short = await m.call(offer(duration=1.0))
+        # long enough for the calls and the stop below on a loaded machine (at 1 s, once not)
+        short = await m.call(offer(duration=4.0))
         long = await m.call(offer(duration=120.0))
         await m.call(m.bid(short.offer_id, B1, 1200))
         await m.call(m.bid(long.offer_id, B2, 1300))
@@ -378,7 +379,7 @@ async def test_a_trade_the_chain_refuses_fails(grid: Grid, fake_chain: FakeChain
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
         fake_chain.set(B1, escrow_reserved_wei=2000)  # exactly one 2000 Wh trade at 1000 wei/kWh
-        o = (await m.call(offer(wh=2000, duration=0.3))).offer_id
+        o = (await m.call(offer(wh=2000, duration=1.5))).offer_id
         await m.call(m.bid(o, B1, 1000))
         await until(lambda: outbox(db, "trade.agreed"))
         later = (await m.call(offer(wh=2000))).offer_id
@@ -420,7 +421,7 @@ async def test_each_step_names_its_cause(grid: Grid, fake_chain: FakeChain) -> N
     s = settings(grid, fake_chain.endpoint, auction_min_increment_wei_per_kwh=10)
     db = s.data_dir / "auction.sqlite"
     async with Running(grid, s) as m:
-        sold = await m.call(offer(duration=1.0), cmd_id="cmd-offer")
+        sold = await m.call(offer(duration=3.0), cmd_id="cmd-offer")  # three calls within it
         unsold = await m.call(offer(wh=1000, duration=1.0), cmd_id="cmd-offer-2")
         await m.call(m.bid(sold.offer_id, B1, 1000), cmd_id="cmd-bid-1")
         await m.call(m.bid(sold.offer_id, B2, 1010), cmd_id="cmd-bid-2")

@@ -169,7 +169,7 @@ async def test_a_winning_bid_that_cannot_be_opened_falls_back_to_the_next_funded
         grid: Grid, fake_chain: FakeChain, chain_events: Sources) -> None:
     async with Running(grid, settings(grid, fake_chain.endpoint)) as m:
         db = m.settings.data_dir / "auction.sqlite"
-        o = (await m.call(offer(wh=2000, price=1000, duration=2.0))).offer_id
+        o = (await m.call(offer(wh=2000, price=1000, duration=4.0))).offer_id  # three bids within it, loaded
         b1 = m.bid(o, B1, 1000)
         for req in (b1, m.bid(o, B2, 1100), m.bid(o, B3, 1200)):
             await m.call(req)

@@ -33,7 +33,7 @@ async def test_a_site_cannot_act_for_another_sites_accounts_offers_or_trades(gri
                                       auction_clear_interval_s=3600)) as m:
         db = m.settings.data_dir / "auction.sqlite"
         live = (await m.call(offer())).offer_id  # solar-1's offer
-        ending = (await m.call(offer(wh=1000, duration=0.5))).offer_id
+        ending = (await m.call(offer(wh=1000, duration=1.5))).offer_id
         await m.call(m.bid(ending, B1, 1000))  # home-7's bid wins: a trade of home-7's
         await until(lambda: outbox(db, "trade.agreed"), what="trade agreed")
         trade_id = f"t-{ending}"
