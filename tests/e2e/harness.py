@@ -205,6 +205,10 @@ class Grid(PlanGrid):
                 "deadline": deadline, "closing_at": closing_at}
 
     def minted(self, to_block: int | str = "latest", from_block: int = 0) -> list[dict[str, Any]]:
+        """The token's mints in the blocks from ``from_block`` to ``to_block`` (none in an empty
+        range: the node refuses a range that starts past its head)."""
+        if isinstance(to_block, int) and from_block > to_block:
+            return []
         return [dict(ev["args"]) for ev in self.token.events.Minted().get_logs(from_block=from_block,
                                                                                 to_block=to_block)]
 
